@@ -1,0 +1,20 @@
+"""Build the compiled core; everything else is in pyproject.toml.
+
+The extension needs no zmq.h and links no libzmq: it resolves libzmq's functions at
+import time from the copy pyzmq already loaded (see src/fastbroker/_zmqdl.h).
+A compiler error fails the build; the pure core is a run-time choice, not a fallback
+for a broken build.
+"""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extension = Extension(
+    "fastbroker._core",
+    ["src/fastbroker/_core.pyx"],
+    include_dirs=["src/fastbroker"],
+    libraries=["dl"],
+    extra_compile_args=["-O2"],
+)
+
+setup(ext_modules=cythonize([extension], language_level=3, compiler_directives={"embedsignature": True}))

@@ -1,0 +1,91 @@
+"""Constants, errors and argument checks shared by both cores and the Python layer."""
+
+from __future__ import annotations
+
+import math
+
+TASK_ID_SIZE = 16
+"""Task ids sent to workers: 8-byte broker epoch + 4-byte slot + 4-byte generation."""
+
+MAX_FRAMES = 4096
+"""A message with more frames than this is dropped as malformed (bounds memory)."""
+
+RECV_BATCH = 512
+"""Messages taken from one socket per loop turn, so no endpoint starves the others."""
+
+# Values returned by BrokerCore.run().
+RUN_TIMEOUT = 0  # max_wait elapsed
+RUN_WOKEN = 1  # the wake fd became readable or a signal interrupted the poll
+RUN_DROP = 2  # a message was dropped and stop_on_drop was set
+
+# Why a message was dropped; index into DROP_REASONS.
+DROP_REQUEST_NO_DELIMITER = 0
+DROP_REQUEST_NO_PAYLOAD = 1
+DROP_READY_NO_DELIMITER = 2
+DROP_READY_BAD_FRAMES = 3
+DROP_ANSWER_TOO_SHORT = 4
+DROP_ANSWER_BAD_ID = 5
+DROP_ANSWER_UNKNOWN = 6
+DROP_TOO_MANY_FRAMES = 7
+DROP_OUT_OF_MEMORY = 8
+
+DROP_REASONS = (
+    "request without an empty delimiter frame",
+    "request without payload frames",
+    "worker ready message without an empty delimiter frame",
+    "worker ready message with other than one body frame",
+    "answer with fewer than two frames",
+    "answer whose task id is malformed",
+    "answer for an unknown or already answered task",
+    "message with too many frames",
+    "message dropped for lack of memory",
+)
+
+# Keys of BrokerCore.stats(); the order is the compiled core's counter array.
+COUNTERS = (
+    "requests",  # requests accepted into the queue
+    "dispatched",  # attempts sent to a worker
+    "answered",  # requests answered to their client
+    "late_answers",  # answered while waiting for a retry, after a timeout
+    "timeouts",  # attempts whose deadline passed
+    "retried",  # timed-out requests put back in the queue
+    "aborted",  # requests given up after their last try (empty answer sent)
+    "ready",  # worker ready messages accepted
+    "unreachable_workers",  # idle workers found gone when a job was sent to them
+    "dropped",  # malformed or unknown messages dropped (sum of the reasons)
+)
+GAUGES = ("queued", "running", "idle_workers")
+
+
+class BrokerError(Exception):
+    """Base of fastbroker's own errors."""
+
+
+class ConfigError(BrokerError, ValueError):
+    """An invalid broker or worker setting."""
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """Return a valid per-attempt timeout in seconds, or raise ConfigError."""
+    if timeout is None:
+        return None
+    try:
+        value = float(timeout)
+    except (TypeError, ValueError):
+        raise ConfigError(f"timeout must be a number of seconds, not {timeout!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"timeout must be a finite number >= 0, not {timeout!r}")
+    return value
+
+
+def check_tries(tries: int | None) -> int | None:
+    """Return a valid number of tries, or raise ConfigError."""
+    if tries is None:
+        return None
+    if isinstance(tries, bool) or not isinstance(tries, int):
+        raise ConfigError(f"tries must be a whole number, not {tries!r}")
+    if tries <= 0:
+        raise ConfigError(f"tries must be at least 1, not {tries}")
+    if tries > 2**31 - 1:
+        raise ConfigError(f"tries must be below 2**31, not {tries}")
+    return tries

@@ -1,0 +1,1117 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled broker core: the routing loop and its three structures, run without the GIL.
+
+Same public interface as ``_core_py`` (see ``_common`` for the shared constants);
+``tests/test_core_api.py`` checks that the two stay in step.
+"""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memcmp, memset
+from libc.errno cimport EINTR, EAGAIN, EHOSTUNREACH
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+import os
+
+import zmq
+import zmq.backend.cython._zmq as _pyzmq_backend
+
+from fastbroker import _common
+from fastbroker._common import check_timeout, check_tries
+
+cdef extern from "_zmqdl.h" nogil:
+    ctypedef struct zmsg "fb_zmq_msg_t":
+        pass
+    ctypedef struct zpollitem "fb_zmq_pollitem_t":
+        void *socket
+        int fd
+        short events
+        short revents
+    int ZPOLLIN "FBZ_POLLIN"
+    int ZDONTWAIT "FBZ_DONTWAIT"
+    int ZSNDMORE "FBZ_SNDMORE"
+    int ZETERM "FBZ_ETERM"
+    int zmsg_init "fbz_msg_init"(zmsg *m)
+    int zmsg_init_size "fbz_msg_init_size"(zmsg *m, size_t size)
+    void *zmsg_data "fbz_msg_data"(zmsg *m)
+    size_t zmsg_size "fbz_msg_size"(const zmsg *m)
+    int zmsg_more "fbz_msg_more"(const zmsg *m)
+    int zmsg_close "fbz_msg_close"(zmsg *m)
+    int zmsg_copy "fbz_msg_copy"(zmsg *dest, zmsg *src)
+    int zmsg_move "fbz_msg_move"(zmsg *dest, zmsg *src)
+    int zmsg_send "fbz_msg_send"(zmsg *m, void *socket, int flags)
+    int zmsg_recv "fbz_msg_recv"(zmsg *m, void *socket, int flags)
+    int zpoll "fbz_poll"(zpollitem *items, int n, long timeout)
+    int zerrno "fbz_errno"()
+    const char *fbz_load(const char *path)
+
+cdef const char *_load_error = fbz_load(os.fsencode(_pyzmq_backend.__file__))
+if _load_error != NULL:
+    raise ImportError("fastbroker._core: " + (<bytes>_load_error).decode())
+
+# Compile-time copies of _common's constants, checked against it below.
+cdef enum:
+    TASK_ID_SIZE = 16
+    MAX_FRAMES = 4096
+    RECV_BATCH = 512
+    N_COUNTERS = 10
+    RECV_DROPPED = 0x7FFFFFFF  # _recv's "message read and dropped"
+
+cdef enum:
+    RUN_TIMEOUT = 0
+    RUN_WOKEN = 1
+    RUN_DROP = 2
+
+cdef enum:
+    DROP_REQUEST_NO_DELIMITER = 0
+    DROP_REQUEST_NO_PAYLOAD = 1
+    DROP_READY_NO_DELIMITER = 2
+    DROP_READY_BAD_FRAMES = 3
+    DROP_ANSWER_TOO_SHORT = 4
+    DROP_ANSWER_BAD_ID = 5
+    DROP_ANSWER_UNKNOWN = 6
+    DROP_TOO_MANY_FRAMES = 7
+    DROP_OUT_OF_MEMORY = 8
+
+# Counter indexes, in the order of _common.COUNTERS.
+cdef enum:
+    C_REQUESTS = 0
+    C_DISPATCHED = 1
+    C_ANSWERED = 2
+    C_LATE = 3
+    C_TIMEOUTS = 4
+    C_RETRIED = 5
+    C_ABORTED = 6
+    C_READY = 7
+    C_UNREACHABLE = 8
+    C_DROPPED = 9
+
+assert len(_common.COUNTERS) == N_COUNTERS
+assert (TASK_ID_SIZE, MAX_FRAMES, RECV_BATCH) == (
+    _common.TASK_ID_SIZE, _common.MAX_FRAMES, _common.RECV_BATCH)
+assert (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP) == (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP)
+assert [DROP_REQUEST_NO_DELIMITER, DROP_REQUEST_NO_PAYLOAD, DROP_READY_NO_DELIMITER,
+        DROP_READY_BAD_FRAMES, DROP_ANSWER_TOO_SHORT, DROP_ANSWER_BAD_ID, DROP_ANSWER_UNKNOWN,
+        DROP_TOO_MANY_FRAMES, DROP_OUT_OF_MEMORY] == [
+    _common.DROP_REQUEST_NO_DELIMITER, _common.DROP_REQUEST_NO_PAYLOAD,
+    _common.DROP_READY_NO_DELIMITER, _common.DROP_READY_BAD_FRAMES,
+    _common.DROP_ANSWER_TOO_SHORT, _common.DROP_ANSWER_BAD_ID, _common.DROP_ANSWER_UNKNOWN,
+    _common.DROP_TOO_MANY_FRAMES, _common.DROP_OUT_OF_MEMORY]
+
+cdef uint32_t NO_SLOT = 0xFFFFFFFFU  # end of a free list
+
+cdef enum ReqState:
+    FREE = 0
+    QUEUED = 1
+    RUNNING = 2
+
+
+cdef inline double monotonic_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+def monotonic():
+    """The clock deadlines are measured on (CLOCK_MONOTONIC, seconds)."""
+    return monotonic_now()
+
+
+cdef void close_msgs(zmsg *msgs, int n) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        zmsg_close(&msgs[i])
+
+
+cdef inline uint64_t hash_bytes(const uint8_t *p, size_t n) noexcept nogil:
+    # FNV-1a: identities are short and chosen by peers; this only spreads them.
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef size_t i
+    for i in range(n):
+        h = (h ^ p[i]) * 1099511628211ULL
+    return h
+
+
+# --------------------------------------------------------------------------
+# Ring: a growable FIFO of 64-bit handles (slot << 32 | generation).
+# A handle whose generation no longer matches its slot is a tombstone.
+# --------------------------------------------------------------------------
+
+cdef struct Ring:
+    uint64_t *buf
+    size_t cap  # power of two
+    size_t head
+    size_t count
+
+
+cdef int ring_push(Ring *r, uint64_t v) noexcept nogil:
+    cdef uint64_t *nbuf
+    cdef size_t ncap, i
+    if r.count == r.cap:
+        ncap = r.cap * 2 if r.cap else 16
+        nbuf = <uint64_t *>malloc(ncap * sizeof(uint64_t))
+        if nbuf == NULL:
+            return -1
+        for i in range(r.count):
+            nbuf[i] = r.buf[(r.head + i) & (r.cap - 1)]
+        free(r.buf)
+        r.buf = nbuf
+        r.cap = ncap
+        r.head = 0
+    r.buf[(r.head + r.count) & (r.cap - 1)] = v
+    r.count += 1
+    return 0
+
+
+cdef inline uint64_t ring_front(Ring *r) noexcept nogil:
+    return r.buf[r.head]
+
+
+cdef inline void ring_drop_front(Ring *r) noexcept nogil:
+    r.head = (r.head + 1) & (r.cap - 1)
+    r.count -= 1
+
+
+cdef inline uint64_t make_handle(uint32_t slot, uint32_t gen) noexcept nogil:
+    return (<uint64_t>slot << 32) | gen
+
+
+# --------------------------------------------------------------------------
+# Idle workers: FIFO of ready workers with O(1) removal by address.
+# --------------------------------------------------------------------------
+
+cdef struct Wk:
+    uint32_t gen
+    uint32_t next_free
+    bint used
+    zmsg *env  # routing frames including the empty delimiter
+    int nenv
+    uint8_t *key  # the routing frames before the delimiter, length-prefixed
+    size_t keylen
+    uint64_t hash
+
+
+cdef class IdleWorkers:
+    """Workers that asked for a job, oldest first.
+
+    A worker is known by its address (the routing frames before the delimiter);
+    a second "ready" from the same address replaces its first one in O(1).
+    """
+
+    cdef Wk *slots
+    cdef uint32_t cap
+    cdef uint32_t free_head
+    cdef Ring ring
+    cdef size_t live
+    cdef uint32_t *table  # open addressing: slot + 1, 0 = empty
+    cdef size_t table_cap  # power of two
+
+    def __cinit__(self):
+        self.free_head = NO_SLOT
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        for i in range(self.cap):
+            if self.slots[i].used:
+                close_msgs(self.slots[i].env, self.slots[i].nenv)
+                free(self.slots[i].env)
+                free(self.slots[i].key)
+        free(self.slots)
+        free(self.ring.buf)
+        free(self.table)
+
+    cdef int _find(self, const uint8_t *key, size_t keylen, uint64_t h) noexcept nogil:
+        """Table index holding this key, or -1."""
+        cdef size_t i, mask
+        cdef Wk *w
+        if self.table_cap == 0:
+            return -1
+        mask = self.table_cap - 1
+        i = h & mask
+        while self.table[i]:
+            w = &self.slots[self.table[i] - 1]
+            if w.hash == h and w.keylen == keylen and memcmp(w.key, key, keylen) == 0:
+                return <int>i
+            i = (i + 1) & mask
+        return -1
+
+    cdef int _table_insert(self, uint32_t slot) noexcept nogil:
+        cdef size_t i, ncap, mask
+        cdef uint32_t *old = self.table
+        cdef size_t old_cap = self.table_cap
+        if (self.live + 1) * 2 > self.table_cap:
+            ncap = self.table_cap * 2 if self.table_cap else 16
+            self.table = <uint32_t *>malloc(ncap * sizeof(uint32_t))
+            if self.table == NULL:
+                self.table = old
+                return -1
+            memset(self.table, 0, ncap * sizeof(uint32_t))
+            self.table_cap = ncap
+            mask = ncap - 1
+            for i in range(old_cap):
+                if old[i]:
+                    self._table_place(old[i] - 1, mask)
+            free(old)
+        self._table_place(slot, self.table_cap - 1)
+        return 0
+
+    cdef inline void _table_place(self, uint32_t slot, size_t mask) noexcept nogil:
+        cdef size_t i = self.slots[slot].hash & mask
+        while self.table[i]:
+            i = (i + 1) & mask
+        self.table[i] = slot + 1
+
+    cdef void _table_delete(self, size_t i) noexcept nogil:
+        # Backward-shift deletion keeps probe chains intact without tombstones.
+        cdef size_t mask = self.table_cap - 1
+        cdef size_t j = i, k
+        self.table[i] = 0
+        while True:
+            j = (j + 1) & mask
+            if not self.table[j]:
+                return
+            k = self.slots[self.table[j] - 1].hash & mask
+            if (i <= j and (k <= i or k > j)) or (i > j and k <= i and k > j):
+                self.table[i] = self.table[j]
+                self.table[j] = 0
+                i = j
+
+    cdef int _alloc(self) noexcept nogil:
+        cdef uint32_t s, ncap, i
+        cdef Wk *nslots
+        if self.free_head == NO_SLOT:
+            ncap = self.cap * 2 if self.cap else 16
+            nslots = <Wk *>realloc(self.slots, ncap * sizeof(Wk))
+            if nslots == NULL:
+                return -1
+            self.slots = nslots
+            memset(&self.slots[self.cap], 0, (ncap - self.cap) * sizeof(Wk))
+            for i in range(self.cap, ncap):
+                self.slots[i].next_free = i + 1 if i + 1 < ncap else NO_SLOT
+            self.free_head = self.cap
+            self.cap = ncap
+        s = self.free_head
+        self.free_head = self.slots[s].next_free
+        self.slots[s].used = True
+        return <int>s
+
+    cdef void release(self, uint32_t s) noexcept nogil:
+        """Forget worker slot s (it was popped or removed)."""
+        cdef Wk *w = &self.slots[s]
+        cdef int i = self._find(w.key, w.keylen, w.hash)
+        if i >= 0:
+            self._table_delete(i)
+        close_msgs(w.env, w.nenv)
+        free(w.env)
+        free(w.key)
+        w.env = NULL
+        w.key = NULL
+        w.nenv = 0
+        w.used = False
+        w.gen += 1
+        w.next_free = self.free_head
+        self.free_head = s
+
+    cdef int push_env(self, zmsg *frames, int nenv) noexcept nogil:
+        """Take ownership of nenv routing frames (delimiter included) of a ready worker.
+        Returns 0, or -1 when out of memory (the frames are then left to the caller)."""
+        cdef size_t keylen = 0, off = 0, sz
+        cdef int i, s, found
+        cdef uint8_t *key
+        cdef zmsg *env
+        for i in range(nenv - 1):
+            keylen += 4 + zmsg_size(&frames[i])
+        key = <uint8_t *>malloc(keylen if keylen else 1)
+        env = <zmsg *>malloc(nenv * sizeof(zmsg))
+        if key == NULL or env == NULL:
+            free(key)
+            free(env)
+            return -1
+        for i in range(nenv - 1):
+            sz = zmsg_size(&frames[i])
+            key[off] = sz & 0xFF
+            key[off + 1] = (sz >> 8) & 0xFF
+            key[off + 2] = (sz >> 16) & 0xFF
+            key[off + 3] = (sz >> 24) & 0xFF
+            memcpy(key + off + 4, zmsg_data(&frames[i]), sz)
+            off += 4 + sz
+        cdef uint64_t h = hash_bytes(key, keylen)
+        found = self._find(key, keylen, h)
+        if found >= 0:
+            self._remove_slot(self.table[found] - 1)
+        s = self._alloc()
+        if s < 0:
+            free(key)
+            free(env)
+            return -1
+        self.slots[s].key = key
+        self.slots[s].keylen = keylen
+        self.slots[s].hash = h
+        self.slots[s].env = env
+        self.slots[s].nenv = nenv
+        if self._table_insert(s) < 0 or ring_push(&self.ring, make_handle(s, self.slots[s].gen)) < 0:
+            self.slots[s].env = NULL
+            self.slots[s].nenv = 0
+            self.release(s)
+            free(env)
+            return -1
+        for i in range(nenv):
+            zmsg_init(&env[i])
+            zmsg_move(&env[i], &frames[i])
+        self.live += 1
+        return 0
+
+    cdef void _remove_slot(self, uint32_t s) noexcept nogil:
+        # The ring entry becomes a tombstone: its generation no longer matches.
+        self.release(s)
+        self.live -= 1
+
+    cdef int pop_slot(self) noexcept nogil:
+        """Oldest live idle worker's slot, or -1. The caller releases it."""
+        cdef uint64_t h
+        cdef uint32_t s
+        while self.ring.count:
+            h = ring_front(&self.ring)
+            ring_drop_front(&self.ring)
+            s = <uint32_t>(h >> 32)
+            if self.slots[s].used and self.slots[s].gen == <uint32_t>h:
+                self.live -= 1
+                return <int>s
+        return -1
+
+    # -- Python interface (tests, benchmarks) ------------------------------
+
+    cdef int _key_slot(self, bytes address):
+        cdef size_t n = len(address)
+        cdef uint8_t key[260]
+        if n > 255:
+            raise ValueError("a worker address is at most 255 bytes")
+        key[0] = n & 0xFF
+        key[1] = key[2] = key[3] = 0
+        memcpy(key + 4, <const char *>address, n)
+        cdef int i = self._find(key, n + 4, hash_bytes(key, n + 4))
+        return self.table[i] - 1 if i >= 0 else -1
+
+    def push(self, bytes address):
+        """Mark the worker at `address` idle (again: its earlier entry is replaced)."""
+        cdef zmsg frames[2]
+        if len(address) > 255:
+            raise ValueError("a worker address is at most 255 bytes")
+        zmsg_init_size(&frames[0], len(address))
+        memcpy(zmsg_data(&frames[0]), <const char *>address, len(address))
+        zmsg_init(&frames[1])
+        rc = self.push_env(frames, 2)
+        close_msgs(frames, 2)
+        if rc < 0:
+            raise MemoryError()
+
+    def pop(self):
+        """Address of the oldest idle worker, removed; None if there is none."""
+        cdef int s = self.pop_slot()
+        if s < 0:
+            return None
+        cdef Wk *w = &self.slots[s]
+        address = (<char *>zmsg_data(&w.env[0]))[:zmsg_size(&w.env[0])]
+        self.release(s)
+        return address
+
+    def remove(self, bytes address):
+        """Forget an idle worker; False if it was not idle."""
+        cdef int s = self._key_slot(address)
+        if s < 0:
+            return False
+        self._remove_slot(s)
+        return True
+
+    def __contains__(self, bytes address):
+        return self._key_slot(address) >= 0
+
+    def __len__(self):
+        return self.live
+
+
+# --------------------------------------------------------------------------
+# Deadline heap: binary min-heap of (deadline, key) with a key -> position index,
+# so an answered attempt leaves the heap in O(log n) without a scan.
+# --------------------------------------------------------------------------
+
+cdef struct HeapEnt:
+    double deadline
+    uint32_t key
+
+
+cdef class DeadlineHeap:
+    """Attempt deadlines, soonest first; keys are small integers (request slots)."""
+
+    cdef HeapEnt *ents
+    cdef size_t count, cap
+    cdef int64_t *pos  # key -> index in ents, -1 when absent
+    cdef size_t pos_cap
+
+    def __dealloc__(self):
+        free(self.ents)
+        free(self.pos)
+
+    cdef inline void _place(self, size_t i, HeapEnt e) noexcept nogil:
+        self.ents[i] = e
+        self.pos[e.key] = <int64_t>i
+
+    cdef void _sift_up(self, size_t i) noexcept nogil:
+        cdef HeapEnt e = self.ents[i]
+        cdef size_t parent
+        while i > 0:
+            parent = (i - 1) >> 1
+            if self.ents[parent].deadline <= e.deadline:
+                break
+            self._place(i, self.ents[parent])
+            i = parent
+        self._place(i, e)
+
+    cdef void _sift_down(self, size_t i) noexcept nogil:
+        cdef HeapEnt e = self.ents[i]
+        cdef size_t child
+        while True:
+            child = 2 * i + 1
+            if child >= self.count:
+                break
+            if child + 1 < self.count and self.ents[child + 1].deadline < self.ents[child].deadline:
+                child += 1
+            if e.deadline <= self.ents[child].deadline:
+                break
+            self._place(i, self.ents[child])
+            i = child
+        self._place(i, e)
+
+    cdef int insert(self, uint32_t key, double deadline) noexcept nogil:
+        """Add or move key's deadline. Returns -1 when out of memory."""
+        cdef size_t ncap, i
+        cdef HeapEnt *nents
+        cdef int64_t *npos
+        if key >= self.pos_cap:
+            ncap = self.pos_cap * 2 if self.pos_cap else 16
+            while ncap <= key:
+                ncap *= 2
+            npos = <int64_t *>realloc(self.pos, ncap * sizeof(int64_t))
+            if npos == NULL:
+                return -1
+            for i in range(self.pos_cap, ncap):
+                npos[i] = -1
+            self.pos = npos
+            self.pos_cap = ncap
+        if self.pos[key] >= 0:
+            self.delete(key)
+        if self.count == self.cap:
+            ncap = self.cap * 2 if self.cap else 16
+            nents = <HeapEnt *>realloc(self.ents, ncap * sizeof(HeapEnt))
+            if nents == NULL:
+                return -1
+            self.ents = nents
+            self.cap = ncap
+        self.ents[self.count].deadline = deadline
+        self.ents[self.count].key = key
+        self.count += 1
+        self._sift_up(self.count - 1)
+        return 0
+
+    cdef bint delete(self, uint32_t key) noexcept nogil:
+        cdef int64_t i
+        cdef HeapEnt moved
+        if key >= self.pos_cap or self.pos[key] < 0:
+            return False
+        i = self.pos[key]
+        self.pos[key] = -1
+        self.count -= 1
+        if <size_t>i < self.count:
+            # Move the last entry into the hole, then restore heap order either way.
+            moved = self.ents[self.count]
+            self._place(<size_t>i, moved)
+            self._sift_down(<size_t>i)
+            self._sift_up(<size_t>self.pos[moved.key])
+        return True
+
+    cdef uint32_t pop_min(self) noexcept nogil:
+        """Remove and return the soonest key; the heap must not be empty."""
+        cdef uint32_t key = self.ents[0].key
+        self.delete(key)
+        return key
+
+    # -- Python interface ---------------------------------------------------
+
+    def push(self, key, double deadline):
+        """Set key's deadline (an existing one is replaced)."""
+        if not 0 <= key < 0xFFFFFFFF:
+            raise ValueError("key must be in [0, 2**32 - 1)")
+        if self.insert(<uint32_t>key, deadline) < 0:
+            raise MemoryError()
+
+    def remove(self, key):
+        """Forget key's deadline; False if it had none."""
+        if not 0 <= key < 0xFFFFFFFF:
+            return False
+        return self.delete(<uint32_t>key)
+
+    def peek(self):
+        """(deadline, key) of the soonest deadline, or None."""
+        if self.count == 0:
+            return None
+        return (self.ents[0].deadline, self.ents[0].key)
+
+    def pop(self):
+        """Remove and return (deadline, key) of the soonest deadline; IndexError if empty."""
+        if self.count == 0:
+            raise IndexError("pop from an empty DeadlineHeap")
+        cdef double d = self.ents[0].deadline
+        return (d, self.pop_min())
+
+    def __len__(self):
+        return self.count
+
+
+# --------------------------------------------------------------------------
+# Request table: slot array addressed by the task id itself, so lookup is O(1)
+# with no hashing; the generation makes stale ids (late twins) miss.
+# --------------------------------------------------------------------------
+
+cdef struct Req:
+    uint32_t gen
+    uint32_t next_free
+    ReqState state
+    int32_t tries_left  # -1: unlimited
+    uint32_t attempts
+    zmsg *frames  # routing envelope (delimiter included) then payload
+    int nenv
+    int nframes
+
+
+cdef class RequestTable:
+    """Requests in the broker, keyed by 16-byte task ids (epoch, slot, generation)."""
+
+    cdef Req *reqs
+    cdef uint32_t cap
+    cdef uint32_t free_head
+    cdef size_t count
+    cdef uint8_t epoch[8]
+
+    def __cinit__(self, bytes epoch=None):
+        if epoch is None:
+            epoch = os.urandom(8)
+        if len(epoch) != 8:
+            raise ValueError("epoch must be 8 bytes")
+        memcpy(self.epoch, <const char *>epoch, 8)
+        self.free_head = NO_SLOT
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        for i in range(self.cap):
+            if self.reqs[i].state != FREE:
+                close_msgs(self.reqs[i].frames, self.reqs[i].nframes)
+                free(self.reqs[i].frames)
+        free(self.reqs)
+
+    cdef int alloc(self) noexcept nogil:
+        """A free slot, marked QUEUED with no frames; -1 when out of memory."""
+        cdef uint32_t s, ncap, i
+        cdef Req *nreqs
+        if self.free_head == NO_SLOT:
+            if self.cap >= 0x7FFFFFFF:
+                return -1
+            ncap = self.cap * 2 if self.cap else 64
+            nreqs = <Req *>realloc(self.reqs, ncap * sizeof(Req))
+            if nreqs == NULL:
+                return -1
+            self.reqs = nreqs
+            memset(&self.reqs[self.cap], 0, (ncap - self.cap) * sizeof(Req))
+            for i in range(self.cap, ncap):
+                self.reqs[i].next_free = i + 1 if i + 1 < ncap else NO_SLOT
+            self.free_head = self.cap
+            self.cap = ncap
+        s = self.free_head
+        self.free_head = self.reqs[s].next_free
+        self.reqs[s].state = QUEUED
+        self.reqs[s].frames = NULL
+        self.reqs[s].nframes = 0
+        self.reqs[s].nenv = 0
+        self.reqs[s].attempts = 0
+        self.count += 1
+        return <int>s
+
+    cdef void release(self, uint32_t s) noexcept nogil:
+        cdef Req *r = &self.reqs[s]
+        close_msgs(r.frames, r.nframes)
+        free(r.frames)
+        r.frames = NULL
+        r.nframes = 0
+        r.state = FREE
+        r.gen += 1
+        r.next_free = self.free_head
+        self.free_head = s
+        self.count -= 1
+
+    cdef inline bint live(self, uint64_t handle) noexcept nogil:
+        cdef uint32_t s = <uint32_t>(handle >> 32)
+        return s < self.cap and self.reqs[s].state != FREE and self.reqs[s].gen == <uint32_t>handle
+
+    cdef void write_id(self, uint32_t s, uint8_t *out) noexcept nogil:
+        cdef uint32_t gen = self.reqs[s].gen
+        cdef int i
+        memcpy(out, self.epoch, 8)
+        for i in range(4):
+            out[8 + i] = (s >> (8 * i)) & 0xFF
+            out[12 + i] = (gen >> (8 * i)) & 0xFF
+
+    cdef int find(self, const uint8_t *tid, size_t n) noexcept nogil:
+        """Slot of the live request with this task id, or -1."""
+        cdef uint32_t s = 0, gen = 0
+        cdef int i
+        if n != TASK_ID_SIZE or memcmp(tid, self.epoch, 8) != 0:
+            return -1
+        for i in range(4):
+            s |= (<uint32_t>tid[8 + i]) << (8 * i)
+            gen |= (<uint32_t>tid[12 + i]) << (8 * i)
+        if self.live(make_handle(s, gen)):
+            return <int>s
+        return -1
+
+    # -- Python interface ---------------------------------------------------
+
+    def add(self):
+        """Register an (empty) request and return its task id."""
+        cdef int s = self.alloc()
+        if s < 0:
+            raise MemoryError()
+        cdef uint8_t tid[16]
+        self.write_id(s, tid)
+        return (<char *>tid)[:16]
+
+    def discard(self, bytes task_id):
+        """Forget a request; False if the id is unknown or stale."""
+        cdef int s = self.find(<const uint8_t *><const char *>task_id, len(task_id))
+        if s < 0:
+            return False
+        self.release(s)
+        return True
+
+    def __contains__(self, bytes task_id):
+        return self.find(<const uint8_t *><const char *>task_id, len(task_id)) >= 0
+
+    def __len__(self):
+        return self.count
+
+
+# --------------------------------------------------------------------------
+# The broker loop.
+# --------------------------------------------------------------------------
+
+cdef class BrokerCore:
+    """Routes requests to workers that asked, with per-attempt deadlines and tries.
+
+    ``run()`` polls the three sockets and a wake fd with the GIL released; it
+    returns to Python when the fd is readable, a signal interrupts the poll,
+    ``max_wait`` seconds pass, or (with ``stop_on_drop``) a message was dropped.
+    """
+
+    cdef object _sockets  # keeps the pyzmq sockets alive while we hold their handles
+    cdef void *s_requests
+    cdef void *s_workers
+    cdef void *s_answers
+    cdef RequestTable table
+    cdef IdleWorkers idle
+    cdef DeadlineHeap heap
+    cdef Ring waiting  # new requests, FIFO
+    cdef Ring retry  # timed-out requests, served before `waiting`
+    cdef size_t n_queued
+    cdef double _timeout  # < 0: none
+    cdef int32_t _tries  # -1: unlimited
+    cdef uint64_t counters[N_COUNTERS]
+    cdef uint64_t drops[16]
+    cdef int last_drop_reason
+    cdef zmsg *scratch
+    cdef int scratch_cap
+    cdef bint closed
+
+    def __cinit__(self, requests, workers, answers, timeout=None, tries=None, *, bytes epoch=None):
+        timeout = check_timeout(timeout)
+        tries = check_tries(tries)
+        self._sockets = (requests, workers, answers)
+        self.s_requests = <void *><size_t>requests.underlying
+        self.s_workers = <void *><size_t>workers.underlying
+        self.s_answers = <void *><size_t>answers.underlying
+        self.table = RequestTable(epoch)
+        self.idle = IdleWorkers()
+        self.heap = DeadlineHeap()
+        self._timeout = -1.0 if timeout is None else timeout
+        self._tries = -1 if tries is None else tries
+        self.last_drop_reason = -1
+        self.scratch_cap = 64
+        self.scratch = <zmsg *>malloc(self.scratch_cap * sizeof(zmsg))
+        if self.scratch == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.scratch)
+        free(self.waiting.buf)
+        free(self.retry.buf)
+
+    def close(self):
+        """Release every message the core holds (queued jobs, idle workers)."""
+        self.closed = True
+        self.table = RequestTable()
+        self.idle = IdleWorkers()
+        self.heap = DeadlineHeap()
+        self.waiting.count = self.retry.count = 0
+        self.n_queued = 0
+
+    @property
+    def timeout(self):
+        return None if self._timeout < 0 else self._timeout
+
+    @property
+    def tries(self):
+        return None if self._tries < 0 else self._tries
+
+    @property
+    def last_drop(self):
+        """Reason text of the latest dropped message, or None."""
+        return None if self.last_drop_reason < 0 else _common.DROP_REASONS[self.last_drop_reason]
+
+    def stats(self):
+        """Counters since start and current gauges, as a dict of ints."""
+        cdef int i
+        result = {name: self.counters[i] for i, name in enumerate(_common.COUNTERS)}
+        result["queued"] = self.n_queued
+        result["running"] = self.table.count - self.n_queued
+        result["idle_workers"] = self.idle.live
+        result["drops"] = {_common.DROP_REASONS[i]: self.drops[i]
+                           for i in range(len(_common.DROP_REASONS)) if self.drops[i]}
+        return result
+
+    def run(self, int wake_fd=-1, max_wait=None, bint stop_on_drop=False):
+        """Serve until woken; returns one of RUN_*. Raises zmq.ZMQError on a socket error."""
+        if self.closed:
+            raise RuntimeError("BrokerCore is closed")
+        cdef double wait = -1.0 if max_wait is None else max(0.0, float(max_wait))
+        cdef int rc
+        with nogil:
+            rc = self._loop(wake_fd, wait, stop_on_drop)
+        if rc < 0:
+            raise zmq.ZMQError(-rc)
+        return rc
+
+    # -- loop ---------------------------------------------------------------
+
+    cdef int _loop(self, int wake_fd, double max_wait, bint stop_on_drop) noexcept nogil:
+        cdef zpollitem items[4]
+        cdef double now = monotonic_now()
+        cdef double t_end = now + max_wait if max_wait >= 0 else -1.0
+        cdef double next_t
+        cdef long ms
+        cdef int rc, nitems = 4 if wake_fd >= 0 else 3
+        items[0].socket = self.s_requests
+        items[1].socket = self.s_workers
+        items[2].socket = self.s_answers
+        items[3].socket = NULL
+        items[3].fd = wake_fd
+        for rc in range(4):
+            items[rc].events = ZPOLLIN
+        self.last_drop_reason = -1
+        while True:
+            now = monotonic_now()
+            rc = self._expire(now)
+            if rc < 0:
+                return rc
+            rc = self._dispatch(now)
+            if rc < 0:
+                return rc
+            if stop_on_drop and self.last_drop_reason >= 0:
+                return RUN_DROP
+            next_t = t_end
+            if self.heap.count and (next_t < 0 or self.heap.ents[0].deadline < next_t):
+                next_t = self.heap.ents[0].deadline
+            if next_t < 0:
+                ms = -1
+            elif next_t <= now:
+                ms = 0
+            else:
+                # Round up: waking before the deadline would only spin.
+                ms = <long>((next_t - now) * 1000.0) + 1
+            for rc in range(4):
+                items[rc].revents = 0
+            rc = zpoll(items, nitems, ms)
+            if rc < 0:
+                rc = zerrno()
+                if rc == EINTR:
+                    return RUN_WOKEN
+                return -rc
+            if nitems == 4 and items[3].revents:
+                return RUN_WOKEN
+            # Ready messages first, so jobs arriving in the same turn find them.
+            if items[1].revents:
+                rc = self._drain(self.s_workers, 1)
+                if rc < 0:
+                    return rc
+            if items[2].revents:
+                rc = self._drain(self.s_answers, 2)
+                if rc < 0:
+                    return rc
+            if items[0].revents:
+                rc = self._drain(self.s_requests, 0)
+                if rc < 0:
+                    return rc
+            if t_end >= 0 and monotonic_now() >= t_end:
+                return RUN_TIMEOUT
+
+    cdef int _drain(self, void *sock, int which) noexcept nogil:
+        """Receive up to RECV_BATCH whole messages from sock and handle each."""
+        cdef int k, n, rc
+        for k in range(RECV_BATCH):
+            n = self._recv(sock)
+            if n == 0:
+                return 0
+            if n < 0:
+                return n
+            if n == RECV_DROPPED:
+                continue
+            if which == 0:
+                rc = self._on_request(n)
+            elif which == 1:
+                rc = self._on_ready(n)
+            else:
+                rc = self._on_answer(n)
+            # Frames a handler moved out are empty now; closing them is free.
+            close_msgs(self.scratch, n)
+            if rc < 0:
+                return rc
+        return 0
+
+    cdef int _recv(self, void *sock) noexcept nogil:
+        """Receive one multipart message into scratch. Returns its frame count,
+        0 if none is waiting, RECV_DROPPED if it was too large to keep, or -errno."""
+        cdef int n = 0, e, more
+        cdef zmsg *grown
+        cdef zmsg *slot
+        cdef zmsg sink
+        cdef bint overflow = False
+        while True:
+            if not overflow and n == self.scratch_cap:
+                grown = NULL
+                if n < MAX_FRAMES:
+                    grown = <zmsg *>realloc(self.scratch, 2 * self.scratch_cap * sizeof(zmsg))
+                if grown == NULL:
+                    overflow = True
+                else:
+                    self.scratch = grown
+                    self.scratch_cap *= 2
+            # Past the limit the rest of the message is read into a sink and discarded.
+            slot = &sink if overflow else &self.scratch[n]
+            zmsg_init(slot)
+            if zmsg_recv(slot, sock, ZDONTWAIT) < 0:
+                e = zerrno()
+                zmsg_close(slot)
+                close_msgs(self.scratch, n)
+                return 0 if (n == 0 and e == EAGAIN) else -e
+            more = zmsg_more(slot)
+            if overflow:
+                zmsg_close(slot)
+            else:
+                n += 1
+            if not more:
+                if overflow:
+                    close_msgs(self.scratch, n)
+                    self._drop(DROP_TOO_MANY_FRAMES)
+                    return RECV_DROPPED
+                return n
+
+    cdef inline void _drop(self, int reason) noexcept nogil:
+        self.counters[C_DROPPED] += 1
+        self.drops[reason] += 1
+        self.last_drop_reason = reason
+
+    cdef int _delimiter(self, int n) noexcept nogil:
+        cdef int i
+        for i in range(n):
+            if zmsg_size(&self.scratch[i]) == 0:
+                return i
+        return -1
+
+    cdef int _on_request(self, int n) noexcept nogil:
+        cdef int d = self._delimiter(n)
+        cdef int s, i
+        cdef Req *r
+        if d < 1:
+            self._drop(DROP_REQUEST_NO_DELIMITER)
+            return 0
+        if d == n - 1:
+            self._drop(DROP_REQUEST_NO_PAYLOAD)
+            return 0
+        s = self.table.alloc()
+        if s < 0:
+            self._drop(DROP_OUT_OF_MEMORY)
+            return 0
+        r = &self.table.reqs[s]
+        r.frames = <zmsg *>malloc(n * sizeof(zmsg))
+        if r.frames == NULL or ring_push(&self.waiting, make_handle(s, r.gen)) < 0:
+            self.table.release(s)
+            self._drop(DROP_OUT_OF_MEMORY)
+            return 0
+        for i in range(n):
+            zmsg_init(&r.frames[i])
+            zmsg_move(&r.frames[i], &self.scratch[i])
+        r.nframes = n
+        r.nenv = d + 1
+        r.tries_left = self._tries
+        self.n_queued += 1
+        self.counters[C_REQUESTS] += 1
+        return 0
+
+    cdef int _on_ready(self, int n) noexcept nogil:
+        cdef int d = self._delimiter(n)
+        if d < 1:
+            self._drop(DROP_READY_NO_DELIMITER)
+            return 0
+        if n != d + 2:
+            self._drop(DROP_READY_BAD_FRAMES)
+            return 0
+        if self.idle.push_env(self.scratch, d + 1) < 0:
+            self._drop(DROP_OUT_OF_MEMORY)
+            return 0
+        self.counters[C_READY] += 1
+        return 0
+
+    cdef int _on_answer(self, int n) noexcept nogil:
+        cdef int s, rc
+        cdef Req *r
+        if n < 2:
+            self._drop(DROP_ANSWER_TOO_SHORT)
+            return 0
+        if zmsg_size(&self.scratch[0]) != TASK_ID_SIZE:
+            self._drop(DROP_ANSWER_BAD_ID)
+            return 0
+        s = self.table.find(<const uint8_t *>zmsg_data(&self.scratch[0]), TASK_ID_SIZE)
+        if s < 0:
+            self._drop(DROP_ANSWER_UNKNOWN)
+            return 0
+        r = &self.table.reqs[s]
+        rc = self._send_to_client(r, &self.scratch[1], n - 1)
+        if r.state == QUEUED:
+            # Answered by an earlier attempt while waiting for a retry: the queue
+            # entry turns into a tombstone when the slot's generation moves on.
+            self.n_queued -= 1
+            self.counters[C_LATE] += 1
+        else:
+            self.heap.delete(<uint32_t>s)
+        self.table.release(<uint32_t>s)
+        self.counters[C_ANSWERED] += 1
+        return rc
+
+    cdef int _send_to_client(self, Req *r, zmsg *body, int nbody) noexcept nogil:
+        """Send r's envelope then body (moved). A client that is gone or not
+        reading loses its answer: ROUTER drops it, as in the original broker."""
+        cdef int i, e
+        for i in range(r.nenv):
+            if zmsg_send(&r.frames[i], self.s_requests, ZSNDMORE | ZDONTWAIT) < 0:
+                e = zerrno()
+                return -e if e == ZETERM else 0
+        for i in range(nbody):
+            if zmsg_send(&body[i], self.s_requests, (ZSNDMORE if i + 1 < nbody else 0) | ZDONTWAIT) < 0:
+                e = zerrno()
+                return -e if e == ZETERM else 0
+        return 0
+
+    cdef int _expire(self, double now) noexcept nogil:
+        cdef uint32_t s
+        cdef Req *r
+        cdef zmsg empty
+        cdef int rc
+        while self.heap.count and self.heap.ents[0].deadline <= now:
+            s = self.heap.pop_min()
+            r = &self.table.reqs[s]
+            self.counters[C_TIMEOUTS] += 1
+            if r.tries_left == 0:
+                zmsg_init(&empty)
+                rc = self._send_to_client(r, &empty, 1)
+                zmsg_close(&empty)
+                self.table.release(s)
+                self.counters[C_ABORTED] += 1
+                if rc < 0:
+                    return rc
+            else:
+                if ring_push(&self.retry, make_handle(s, r.gen)) < 0:
+                    # No memory to requeue: give up on it rather than lose track.
+                    zmsg_init(&empty)
+                    self._send_to_client(r, &empty, 1)
+                    zmsg_close(&empty)
+                    self.table.release(s)
+                    self.counters[C_ABORTED] += 1
+                    continue
+                r.state = QUEUED
+                self.n_queued += 1
+                self.counters[C_RETRIED] += 1
+        return 0
+
+    cdef Ring *_next_queue(self) noexcept nogil:
+        """The queue whose front is the request to dispatch next, or NULL.
+        Tombstones met on the way are dropped."""
+        cdef Ring *q = &self.retry
+        cdef uint64_t h
+        while True:
+            while q.count:
+                h = ring_front(q)
+                if self.table.live(h) and self.table.reqs[<uint32_t>(h >> 32)].state == QUEUED:
+                    return q
+                ring_drop_front(q)
+            if q == &self.waiting:
+                return NULL
+            q = &self.waiting
+
+    cdef int _dispatch(self, double now) noexcept nogil:
+        cdef int s, w, i, e, nenv
+        cdef Req *r
+        cdef Wk *wk
+        cdef zmsg part
+        cdef uint8_t *tid
+        cdef Ring *q
+        while self.idle.live:
+            q = self._next_queue()
+            if q == NULL:
+                return 0
+            s = <int>(ring_front(q) >> 32)
+            w = self.idle.pop_slot()
+            if w < 0:
+                return 0
+            wk = &self.idle.slots[w]
+            r = &self.table.reqs[s]
+            # ROUTER_MANDATORY makes the first frame fail for a worker that is gone;
+            # the job then stays at the front for the next idle worker.
+            if zmsg_send(&wk.env[0], self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
+                e = zerrno()
+                self.idle.release(w)
+                if e == ZETERM:
+                    return -e
+                self.counters[C_UNREACHABLE] += 1
+                continue
+            for i in range(1, wk.nenv):
+                zmsg_send(&wk.env[i], self.s_workers, ZSNDMORE | ZDONTWAIT)
+            self.idle.release(w)
+            zmsg_init_size(&part, TASK_ID_SIZE)
+            self.table.write_id(<uint32_t>s, <uint8_t *>zmsg_data(&part))
+            nenv = r.nenv
+            if zmsg_send(&part, self.s_workers, (ZSNDMORE if r.nframes > nenv else 0) | ZDONTWAIT) < 0:
+                zmsg_close(&part)
+            for i in range(nenv, r.nframes):
+                # zmq_msg_copy shares the payload buffer (reference count), so a
+                # retry can send it again without the bytes being copied.
+                zmsg_init(&part)
+                zmsg_copy(&part, &r.frames[i])
+                if zmsg_send(&part, self.s_workers, (ZSNDMORE if i + 1 < r.nframes else 0) | ZDONTWAIT) < 0:
+                    zmsg_close(&part)
+            ring_drop_front(q)
+            self.n_queued -= 1
+            r.state = RUNNING
+            r.attempts += 1
+            if r.tries_left > 0:
+                r.tries_left -= 1
+            if self._timeout >= 0:
+                # Without memory for a deadline the attempt simply has none.
+                self.heap.insert(<uint32_t>s, now + self._timeout)
+            self.counters[C_DISPATCHED] += 1
+        return 0

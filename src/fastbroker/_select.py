@@ -1,0 +1,54 @@
+"""Chooses the broker core: compiled by default, pure Python on request or as a fallback.
+
+This module alone reads FASTBROKER_PURE; everything else asks it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import Mapping, Optional
+
+PURE_ENV = "FASTBROKER_PURE"
+CORE_NAMES = ("compiled", "pure")
+
+
+def pure_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when FASTBROKER_PURE is set to anything but empty or 0."""
+    return environ.get(PURE_ENV, "").strip() not in ("", "0")
+
+
+def load(name: str) -> ModuleType:
+    """Import the core called `name` ("compiled" or "pure"); ImportError if unavailable."""
+    if name == "compiled":
+        from fastbroker import _core
+
+        return _core
+    if name == "pure":
+        from fastbroker import _core_py
+
+        return _core_py
+    raise ValueError(f"unknown core {name!r}: choose one of {', '.join(CORE_NAMES)}")
+
+
+def _default() -> tuple[ModuleType, str]:
+    if pure_requested():
+        return load("pure"), "pure"
+    try:
+        return load("compiled"), "compiled"
+    except ImportError as exc:
+        warnings.warn(
+            f"fastbroker: compiled core unavailable ({exc}); using the pure-Python core",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return load("pure"), "pure"
+
+
+core, core_name = _default()
+
+
+def resolve(name: Optional[str]) -> ModuleType:
+    """The core to use for an explicit choice, or the default one for None."""
+    return core if name is None else load(name)

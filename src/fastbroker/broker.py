@@ -1,0 +1,189 @@
+"""The Broker: binds the three endpoints and runs a core's loop until stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from types import TracebackType
+from typing import Optional, Tuple, Type
+
+import zmq
+
+from fastbroker import _common, _select
+from fastbroker._common import ConfigError, check_timeout, check_tries
+
+log = logging.getLogger("fastbroker.broker")
+
+LINGER_MS = 1000
+"""How long closing the broker may wait to flush answers already handed to ZeroMQ."""
+
+
+def _bind(socket: zmq.Socket, address: str, role: str) -> str:
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {exc.strerror}") from None
+    except (TypeError, UnicodeError, ValueError) as exc:
+        raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {exc}") from None
+    endpoint = socket.getsockopt(zmq.LAST_ENDPOINT)
+    return endpoint.decode() if isinstance(endpoint, bytes) and endpoint else address
+
+
+class Broker:
+    """Hands jobs to workers that ask for them, re-sends a job whose attempt
+    outlives `timeout` seconds, and answers the client with an empty frame after
+    `tries` failed attempts.
+
+    The arguments follow the original 2010 broker: ``Broker(context, timeout,
+    tries, requests_addr, workers_addr, answers_addr)``; ``context`` may be None.
+    ``core`` picks "compiled" or "pure" (default: fastbroker's live core).
+    """
+
+    def __init__(
+        self,
+        context: Optional[zmq.Context],
+        timeout: Optional[float],
+        tries: Optional[int],
+        requests_addr: str,
+        workers_addr: str,
+        answers_addr: str,
+        *,
+        core: Optional[str] = None,
+    ) -> None:
+        timeout = check_timeout(timeout)
+        tries = check_tries(tries)
+        try:
+            core_module = _select.resolve(core)
+        except ImportError as exc:
+            raise ConfigError(f"the {core} core is not available: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.core_name = core if core is not None else _select.core_name
+        self._own_context = context is None
+        self.context = context if context is not None else zmq.Context(1)
+        self._sockets: list[zmq.Socket] = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = threading.Event()
+        self._not_running = threading.Event()
+        self._not_running.set()
+        self._closed = False
+        try:
+            requests = self._socket(zmq.ROUTER)
+            workers = self._socket(zmq.ROUTER)
+            # A job sent to a worker that has gone fails at once instead of
+            # vanishing, and goes to the next idle worker.
+            workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            answers = self._socket(zmq.PULL)
+            self.endpoints: Tuple[str, str, str] = (
+                _bind(requests, requests_addr, "requests"),
+                _bind(workers, workers_addr, "workers"),
+                _bind(answers, answers_addr, "answers"),
+            )
+            self._core = core_module.BrokerCore(requests, workers, answers, timeout, tries)
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "broker on requests=%s workers=%s answers=%s (timeout=%s, tries=%s, core=%s)",
+            *self.endpoints, timeout, tries, self.core_name,
+        )
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        socket = self.context.socket(kind)
+        socket.setsockopt(zmq.LINGER, LINGER_MS)
+        self._sockets.append(socket)
+        return socket
+
+    @property
+    def timeout(self) -> Optional[float]:
+        return self._core.timeout
+
+    @property
+    def tries(self) -> Optional[int]:
+        return self._core.tries
+
+    @property
+    def wake_fd(self) -> int:
+        """Write end of the pipe that wakes the loop; fit for ``signal.set_wakeup_fd``."""
+        return self._wake_w
+
+    def run(self) -> None:
+        """Serve until stop() is called (from any thread or a signal handler)."""
+        if self._closed:
+            raise RuntimeError("the broker is closed")
+        debug = log.isEnabledFor(logging.DEBUG)
+        self._not_running.clear()
+        try:
+            while not self._stopping.is_set():
+                # The core returns on a wake-up (stop(), a signal) and, when debug
+                # logging is on, after each dropped message so it can be logged.
+                result = self._core.run(self._wake_r, None, debug)
+                self._drain_wake_pipe()
+                if result == _common.RUN_DROP:
+                    log.debug("dropped a message: %s", self._core.last_drop)
+        finally:
+            self._not_running.set()
+        log.info("broker stopped: %s", self._summary())
+
+    def step(self, max_wait: float = 0.0) -> None:
+        """Serve for at most `max_wait` seconds (0: handle what is pending) and return."""
+        self._core.run(self._wake_r, max_wait, False)
+        self._drain_wake_pipe()
+
+    def stop(self) -> None:
+        """Make run() return; safe from other threads and signal handlers."""
+        self._stopping.set()
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (already woken) or closed
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def stats(self) -> dict:
+        """Counters since start (see _common.COUNTERS) and gauges queued/running/idle_workers."""
+        return self._core.stats()
+
+    def _summary(self) -> str:
+        s = self.stats()
+        return ", ".join(f"{k}={s[k]}" for k in _common.COUNTERS + _common.GAUGES)
+
+    def close(self) -> None:
+        """Stop serving and release sockets; queued and running jobs are discarded."""
+        if self._closed:
+            return
+        # The loop must be out of the core before its memory is released.
+        self.stop()
+        self._not_running.wait()
+        self._closed = True
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.close()
+        for socket in self._sockets:
+            socket.close()
+        if self._own_context:
+            self.context.term()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "Broker":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
