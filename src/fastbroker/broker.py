@@ -23,7 +23,7 @@ def _bind(socket: zmq.Socket, address: str, role: str) -> str:
     try:
         socket.bind(address)
     except zmq.ZMQError as exc:
-        raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {exc.strerror}") from None
+        raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {zmq.strerror(exc.errno)}") from None
     except (TypeError, UnicodeError, ValueError) as exc:
         raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {exc}") from None
     endpoint = socket.getsockopt(zmq.LAST_ENDPOINT)

@@ -1,0 +1,37 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and
+# install fastbroker (building its compiled core) with its test extras first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.h' -o -name py.typed)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-compiled test-pure bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fastbroker demo
+
+# The whole suite twice: on the compiled core (which must be the one loaded),
+# then on the pure-Python core.
+test: test-compiled test-pure
+
+test-compiled: $(STAMP)
+	FASTBROKER_REQUIRE_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-pure: $(STAMP)
+	FASTBROKER_PURE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-only
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so .pytest_cache .benchmarks

@@ -1,0 +1,132 @@
+"""``fastbroker demo``: a broker, workers that drop jobs and clients, with a report.
+
+The workers drop a share of their jobs as the original article's test worker did,
+so the run shows attempts timing out, jobs re-sent to other workers and, after the
+last try, the empty answer that tells a client its request was aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+from fastbroker.broker import Broker
+from fastbroker.client import ReqClient, TaskAborted
+from fastbroker.worker import Worker
+
+CLIENT_THREADS = 4
+
+
+class DroppingWorker(Worker):
+    """Answers b"-" + data, but drops a share of its jobs (no answer at all)."""
+
+    class Dropped(Exception):
+        pass
+
+    def __init__(self, context, requests_addr: str, replies_addr: str, drop_rate: float = 0.0, seed: int = 0, name: str = "worker") -> None:
+        super().__init__(context, requests_addr, replies_addr)
+        self.drop_rate = drop_rate
+        self.name = name
+        self._random = random.Random(seed)
+
+    def process(self, data: bytes) -> bytes:
+        time.sleep(self._random.uniform(0.005, 0.03))
+        if self._random.random() < self.drop_rate:
+            print(f"  {self.name}: dropped {data.decode(errors='replace')}", flush=True)
+            raise DroppingWorker.Dropped()
+        return b"-" + data
+
+
+def _worker_main(requests_addr: str, answers_addr: str, drop_rate: float, seed: int, name: str) -> None:
+    # A dropped job is the point of the demo, not an error worth a traceback.
+    logging.getLogger("fastbroker.worker").setLevel(logging.CRITICAL)
+    worker = DroppingWorker(None, requests_addr, answers_addr, drop_rate, seed, name)
+    try:
+        worker.run()
+    finally:
+        worker.close()
+
+
+def run_demo(
+    jobs: int = 24,
+    workers: int = 3,
+    drop_rate: float = 0.4,
+    timeout: float = 0.3,
+    tries: int = 3,
+    core: Optional[str] = None,
+    seed: int = 2010,
+) -> int:
+    """Run the demo, print what happened, return 0 if every request got one outcome."""
+    with tempfile.TemporaryDirectory(prefix="fastbroker-demo-") as tmp:
+        addrs = [f"ipc://{os.path.join(tmp, name)}" for name in ("requests", "workers", "answers")]
+        broker = Broker(None, timeout, tries, *addrs, core=core)
+        print(
+            f"fastbroker demo: {broker.core_name} core, {workers} workers dropping {drop_rate:.0%} of jobs, "
+            f"attempt timeout {timeout} s, {tries} tries, {jobs} requests",
+            flush=True,
+        )
+        broker_thread = threading.Thread(target=broker.run, name="broker")
+        broker_thread.start()
+        mp = multiprocessing.get_context("fork")
+        procs = [
+            mp.Process(target=_worker_main, args=(addrs[1], addrs[2], drop_rate, seed + i, f"worker {i + 1}"))
+            for i in range(workers)
+        ]
+        for p in procs:
+            p.start()
+        outcomes: Dict[str, str] = {}
+        lock = threading.Lock()
+        payloads = [f"job-{n:02d}" for n in range(jobs)]
+        wait = timeout * tries + 10.0
+
+        def client(share: List[str]) -> None:
+            with ReqClient(addrs[0], timeout=wait) as c:
+                for payload in share:
+                    try:
+                        answer = c.request(payload.encode())
+                        line, outcome = f"client: {payload} -> {answer.decode()}", "answered"
+                        if answer != b"-" + payload.encode():
+                            outcome = "wrong"
+                    except TaskAborted:
+                        line, outcome = f"client: {payload} -> ABORTED after {tries} tries (empty answer)", "aborted"
+                    except TimeoutError:
+                        line, outcome = f"client: {payload} -> no answer within {wait} s", "lost"
+                    with lock:
+                        outcomes[payload] = outcome
+                        print(line, flush=True)
+
+        threads = [threading.Thread(target=client, args=(payloads[i::CLIENT_THREADS],)) for i in range(CLIENT_THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in procs:
+            p.terminate()  # SIGTERM: each worker finishes its job in hand and exits
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        broker.stop()
+        broker_thread.join()
+        stats = broker.stats()
+        broker.close()
+
+    counts = {k: sum(1 for v in outcomes.values() if v == k) for k in ("answered", "aborted", "wrong", "lost")}
+    print(
+        f"summary: {jobs} requests: {counts['answered']} answered, {counts['aborted']} aborted"
+        + (f", {counts['wrong']} WRONG" if counts["wrong"] else "")
+        + (f", {counts['lost']} LOST" if counts["lost"] else "")
+    )
+    print(
+        f"broker: {stats['dispatched']} attempts sent, {stats['timeouts']} timed out, "
+        f"{stats['retried']} re-sent to another worker, {stats['aborted']} aborted, "
+        f"{stats['late_answers']} answered late"
+    )
+    ok = counts["answered"] + counts["aborted"] == jobs and not counts["wrong"]
+    return 0 if ok else 1

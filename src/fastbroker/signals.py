@@ -1,0 +1,29 @@
+"""SIGINT/SIGTERM handling shared by the broker and worker commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable, Optional
+
+EXIT_SECOND_SIGNAL = 130
+
+
+def install_stop_handlers(stop: Callable[[], None], wake_fd: Optional[int] = None) -> None:
+    """First SIGINT or SIGTERM calls `stop`; a second one exits at once.
+
+    With `wake_fd`, a signal that lands while a loop waits in C without the GIL
+    is also written to that pipe, which the loop polls, so `stop` runs at once.
+    """
+    received = []
+
+    def handler(signum: int, frame: object) -> None:
+        if received:
+            os._exit(EXIT_SECOND_SIGNAL)
+        received.append(signum)
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if wake_fd is not None:
+        signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
