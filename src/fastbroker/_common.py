@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from types import TracebackType
+from typing import Optional, Type, TypeVar
 
 TASK_ID_SIZE = 16
 """Task ids sent to workers: 8-byte broker epoch + 4-byte slot + 4-byte generation."""
@@ -89,3 +91,24 @@ def check_tries(tries: int | None) -> int | None:
     if tries > 2**31 - 1:
         raise ConfigError(f"tries must be below 2**31, not {tries}")
     return tries
+
+
+_C = TypeVar("_C", bound="Closeable")
+
+
+class Closeable:
+    """`with obj:` calls obj.close() on the way out."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from types import TracebackType
-from typing import Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import zmq
 
 from fastbroker import _common, _select
-from fastbroker._common import ConfigError, check_timeout, check_tries
+from fastbroker._common import Closeable, ConfigError, check_timeout, check_tries
 
 log = logging.getLogger("fastbroker.broker")
 
@@ -30,7 +29,7 @@ def _bind(socket: zmq.Socket, address: str, role: str) -> str:
     return endpoint.decode() if isinstance(endpoint, bytes) and endpoint else address
 
 
-class Broker:
+class Broker(Closeable):
     """Hands jobs to workers that ask for them, re-sends a job whose attempt
     outlives `timeout` seconds, and answers the client with an empty frame after
     `tries` failed attempts.
@@ -176,14 +175,3 @@ class Broker:
                 os.close(fd)
             except OSError:
                 pass
-
-    def __enter__(self) -> "Broker":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()

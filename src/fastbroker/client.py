@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import List, Optional, Type, Union
+from typing import List, Optional, Union
 
 import zmq
 
-from fastbroker._common import BrokerError
+from fastbroker._common import BrokerError, Closeable
 
 Payload = Union[bytes, List[bytes]]
 
@@ -16,7 +15,7 @@ class TaskAborted(BrokerError):
     """The broker gave up on the request after its last try (the empty answer)."""
 
 
-class ReqClient:
+class ReqClient(Closeable):
     """Sends a request and waits for its answer, as a plain REQ client of the
     original broker would. ``timeout`` (seconds) bounds each wait; when it passes,
     the socket is replaced (a REQ socket cannot send twice) and TimeoutError is
@@ -57,14 +56,3 @@ class ReqClient:
         self._socket.close()
         if self._own_context:
             self.context.term()
-
-    def __enter__(self) -> "ReqClient":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()

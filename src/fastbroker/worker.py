@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from types import TracebackType
-from typing import List, Optional, Sequence, Type
+from typing import List, Optional, Sequence
 
 import zmq
 
-from fastbroker._common import BrokerError
+from fastbroker._common import BrokerError, Closeable
 
 log = logging.getLogger("fastbroker.worker")
 
@@ -17,7 +16,7 @@ READY = b"requesting task"
 """What the worker sends to ask for a job (the broker accepts any one frame)."""
 
 
-class Worker:
+class Worker(Closeable):
     """Asks the broker for a job when it is ready, processes it, pushes the answer.
 
     Subclasses override ``process(data) -> bytes`` or
@@ -123,14 +122,3 @@ class Worker:
         self.replies.close()
         if self._own_context:
             self.context.term()
-
-    def __enter__(self) -> "Worker":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
