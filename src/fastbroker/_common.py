@@ -7,7 +7,8 @@ from types import TracebackType
 from typing import Optional, Type, TypeVar
 
 TASK_ID_SIZE = 16
-"""Task ids sent to workers: 8-byte broker epoch + 4-byte slot + 4-byte generation."""
+"""Task ids sent to workers: an 8-byte random broker epoch, then 8 bytes the core
+chooses (compiled: slot + generation; pure: a counter). Opaque to workers."""
 
 MAX_FRAMES = 4096
 """A message with more frames than this is dropped as malformed (bounds memory)."""

@@ -890,7 +890,7 @@ cdef class BrokerCore:
         cdef zmsg *grown
         cdef zmsg *slot
         cdef zmsg sink
-        cdef bint overflow = False
+        cdef bint overflow = False, out_of_memory = False
         while True:
             if not overflow and n == self.scratch_cap:
                 grown = NULL
@@ -898,6 +898,8 @@ cdef class BrokerCore:
                     grown = <zmsg *>realloc(self.scratch, 2 * self.scratch_cap * sizeof(zmsg))
                 if grown == NULL:
                     overflow = True
+                    if n < MAX_FRAMES:
+                        out_of_memory = True
                 else:
                     self.scratch = grown
                     self.scratch_cap *= 2
@@ -917,7 +919,7 @@ cdef class BrokerCore:
             if not more:
                 if overflow:
                     close_msgs(self.scratch, n)
-                    self._drop(DROP_TOO_MANY_FRAMES)
+                    self._drop(DROP_OUT_OF_MEMORY if out_of_memory else DROP_TOO_MANY_FRAMES)
                     return RECV_DROPPED
                 return n
 

@@ -114,18 +114,26 @@ class Broker(Closeable):
         if self._closed:
             raise RuntimeError("the broker is closed")
         debug = log.isEnabledFor(logging.DEBUG)
+        drops = self._core.stats()["drops"]
         self._not_running.clear()
         try:
             while not self._stopping.is_set():
                 # The core returns on a wake-up (stop(), a signal) and, when debug
-                # logging is on, after each dropped message so it can be logged.
+                # logging is on, after a turn that dropped messages, to log them.
                 result = self._core.run(self._wake_r, None, debug)
                 self._drain_wake_pipe()
                 if result == _common.RUN_DROP:
-                    log.debug("dropped a message: %s", self._core.last_drop)
+                    drops = self._log_new_drops(drops)
         finally:
             self._not_running.set()
         log.info("broker stopped: %s", self._summary())
+
+    def _log_new_drops(self, before: dict) -> dict:
+        after = self._core.stats()["drops"]
+        for reason, count in after.items():
+            if count > before.get(reason, 0):
+                log.debug("dropped %d message(s): %s", count - before.get(reason, 0), reason)
+        return after
 
     def step(self, max_wait: float = 0.0) -> None:
         """Serve for at most `max_wait` seconds (0: handle what is pending) and return."""

@@ -65,9 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastbroker", description="ZeroMQ task broker: workers ask for jobs when ready.")
     parser.add_argument("--version", action="version", version=f"fastbroker {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    # -v is also accepted after the sub-command; both counts add up.
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("broker", help="run a broker", description="Run a broker until SIGINT or SIGTERM.")
+    p = sub.add_parser("broker", help="run a broker", description="Run a broker until SIGINT or SIGTERM.", parents=[verbose])
     p.add_argument("-t", "--tries", type=_tries, default=None, help="attempts per job before the client gets the empty answer (default: unlimited)")
     p.add_argument("-T", "--timeout", type=_timeout, default=None, help="seconds an attempt may take before the job is re-sent (default: none)")
     p.add_argument("--core", choices=CORE_NAMES, default=None, help="broker core (default: compiled unless FASTBROKER_PURE=1)")
@@ -75,13 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workers_addr", metavar="WORKERS_ADDR", help="where workers ask for jobs (ROUTER)")
     p.add_argument("answers_addr", metavar="ANSWERS_ADDR", help="where workers push answers (PULL)")
 
-    p = sub.add_parser("worker", help="run workers of a Worker subclass", description="Run Worker subclass instances until SIGINT or SIGTERM.")
+    p = sub.add_parser("worker", help="run workers of a Worker subclass", description="Run Worker subclass instances until SIGINT or SIGTERM.", parents=[verbose])
     p.add_argument("worker_class", metavar="MODULE:CLASS", help="the Worker subclass, e.g. mypkg.jobs:Resize")
     p.add_argument("requests_addr", metavar="REQUESTS_ADDR", help="the broker's workers endpoint")
     p.add_argument("answers_addr", metavar="ANSWERS_ADDR", help="the broker's answers endpoint")
     p.add_argument("-p", "--processes", type=_positive, default=1, help="worker processes to run (default: 1)")
 
-    p = sub.add_parser("demo", help="run broker, dropping workers and a client; show retries and aborts")
+    p = sub.add_parser("demo", help="run broker, dropping workers and a client; show retries and aborts", parents=[verbose])
     p.add_argument("--jobs", type=_positive, default=24, help="requests to send (default: 24)")
     p.add_argument("--workers", type=_positive, default=3, help="worker processes (default: 3)")
     p.add_argument("--drop-rate", type=_rate, default=0.4, help="share of jobs a worker drops (default: 0.4)")
@@ -105,6 +108,8 @@ def _fail(message: str) -> int:
 def cmd_broker(args: argparse.Namespace) -> int:
     from fastbroker.broker import Broker
 
+    if args.tries is not None and args.timeout is None:
+        print("fastbroker: warning: --tries has no effect without --timeout (attempts never expire)", file=sys.stderr)
     try:
         broker = Broker(None, args.timeout, args.tries, args.requests_addr, args.workers_addr, args.answers_addr, core=args.core)
     except ConfigError as exc:
@@ -173,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose + getattr(args, "sub_verbose", 0))
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

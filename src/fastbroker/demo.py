@@ -125,7 +125,7 @@ def run_demo(
     )
     print(
         f"broker: {stats['dispatched']} attempts sent, {stats['timeouts']} timed out, "
-        f"{stats['retried']} re-sent to another worker, {stats['aborted']} aborted, "
+        f"{stats['retried']} put back in the queue for another try, {stats['aborted']} aborted, "
         f"{stats['late_answers']} answered late"
     )
     ok = counts["answered"] + counts["aborted"] == jobs and not counts["wrong"]

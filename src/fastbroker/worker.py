@@ -46,6 +46,8 @@ class Worker(Closeable):
         self.requests.connect(requests_addr)
         self.replies.connect(replies_addr)
         self._stop = threading.Event()
+        self._not_running = threading.Event()
+        self._not_running.set()
         self._asked = False  # a "ready" is outstanding on the REQ socket
         self._closed = False
 
@@ -84,6 +86,8 @@ class Worker(Closeable):
         if not answer:
             log.error("job %s: process_multipart returned no frames; nothing sent", task_id.hex())
             return False
+        if answer == [b""]:
+            log.warning("job %s: the answer is one empty frame, which clients read as an abort", task_id.hex())
         self.replies.send_multipart([task_id] + answer)
         return True
 
@@ -101,8 +105,12 @@ class Worker(Closeable):
 
     def run(self) -> None:
         """Process jobs until stop() is called; the job in hand is finished first."""
-        while not self._stop.is_set():
-            self.request_and_process_task()
+        self._not_running.clear()
+        try:
+            while not self._stop.is_set():
+                self.request_and_process_task()
+        finally:
+            self._not_running.set()
 
     def stop(self) -> None:
         """Make run() return once the current job, if any, is answered.
@@ -114,9 +122,12 @@ class Worker(Closeable):
         return self._stop.is_set()
 
     def close(self) -> None:
-        """Close the sockets (answers already sent are still delivered)."""
+        """Stop, wait for run() (in any thread) to finish its job, close the sockets.
+        Answers already sent are still delivered (within linger_ms)."""
         if self._closed:
             return
+        self.stop()
+        self._not_running.wait()
         self._closed = True
         self.requests.close()
         self.replies.close()
