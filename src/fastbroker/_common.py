@@ -13,6 +13,11 @@ chooses (compiled: slot + generation; pure: a counter). Opaque to workers."""
 MAX_FRAMES = 4096
 """A message with more frames than this is dropped as malformed (bounds memory)."""
 
+HEAP_KEY_LIMIT = 1 << 24
+"""DeadlineHeap keys given through its Python API are below this. The broker's keys
+are request slots, dense from 0; the compiled heap indexes positions by key, so its
+index costs 8 bytes per key up to the largest one."""
+
 RECV_BATCH = 512
 """Messages taken from one socket per loop turn, so no endpoint starves the others."""
 

@@ -385,7 +385,7 @@ cdef class IdleWorkers:
         cdef size_t n = len(address)
         cdef uint8_t key[260]
         if n > 255:
-            raise ValueError("a worker address is at most 255 bytes")
+            return -1  # too long to have been pushed
         key[0] = n & 0xFF
         key[1] = key[2] = key[3] = 0
         memcpy(key + 4, <const char *>address, n)
@@ -539,14 +539,14 @@ cdef class DeadlineHeap:
 
     def push(self, key, double deadline):
         """Set key's deadline (an existing one is replaced)."""
-        if not 0 <= key < 0xFFFFFFFF:
-            raise ValueError("key must be in [0, 2**32 - 1)")
+        if not 0 <= key < _common.HEAP_KEY_LIMIT:
+            raise ValueError(f"key must be in [0, {_common.HEAP_KEY_LIMIT})")
         if self.insert(<uint32_t>key, deadline) < 0:
             raise MemoryError()
 
     def remove(self, key):
         """Forget key's deadline; False if it had none."""
-        if not 0 <= key < 0xFFFFFFFF:
+        if not 0 <= key < _common.HEAP_KEY_LIMIT:
             return False
         return self.delete(<uint32_t>key)
 
@@ -813,6 +813,7 @@ cdef class BrokerCore:
         items[3].fd = wake_fd
         for rc in range(4):
             items[rc].events = ZPOLLIN
+        cdef bint polled = False
         self.last_drop_reason = -1
         while True:
             now = monotonic_now()
@@ -824,6 +825,10 @@ cdef class BrokerCore:
                 return rc
             if stop_on_drop and self.last_drop_reason >= 0:
                 return RUN_DROP
+            # Poll at least once, and act on what was read before returning.
+            if polled and t_end >= 0 and now >= t_end:
+                return RUN_TIMEOUT
+            polled = True
             next_t = t_end
             if self.heap.count and (next_t < 0 or self.heap.ents[0].deadline < next_t):
                 next_t = self.heap.ents[0].deadline
@@ -857,8 +862,6 @@ cdef class BrokerCore:
                 rc = self._drain(self.s_requests, 0)
                 if rc < 0:
                     return rc
-            if t_end >= 0 and monotonic_now() >= t_end:
-                return RUN_TIMEOUT
 
     cdef int _drain(self, void *sock, int which) noexcept nogil:
         """Receive up to RECV_BATCH whole messages from sock and handle each."""

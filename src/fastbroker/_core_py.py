@@ -36,12 +36,12 @@ class IdleWorkers:
     def __init__(self) -> None:
         self._workers: "OrderedDict[bytes, list]" = OrderedDict()
 
-    def push_env(self, key: bytes, env: list) -> None:
+    def _push_env(self, key: bytes, env: list) -> None:
         # Re-inserting moves the address to the back: its earlier "ready" is stale.
         self._workers.pop(key, None)
         self._workers[key] = env
 
-    def pop_env(self) -> Optional[list]:
+    def _pop_env(self) -> Optional[list]:
         if not self._workers:
             return None
         return self._workers.popitem(last=False)[1]
@@ -50,11 +50,11 @@ class IdleWorkers:
         """Mark the worker at `address` idle (again: its earlier entry is replaced)."""
         if len(address) > 255:
             raise ValueError("a worker address is at most 255 bytes")
-        self.push_env(_address_key([address]), [address, b""])
+        self._push_env(_address_key([address]), [address, b""])
 
     def pop(self) -> Optional[bytes]:
         """Address of the oldest idle worker, removed; None if there is none."""
-        env = self.pop_env()
+        env = self._pop_env()
         return None if env is None else bytes(env[0])
 
     def remove(self, address: bytes) -> bool:
@@ -79,13 +79,13 @@ class DeadlineHeap:
 
     def push(self, key: int, deadline: float) -> None:
         """Set key's deadline (an existing one is replaced)."""
-        if not 0 <= key < 0xFFFFFFFF:
-            raise ValueError("key must be in [0, 2**32 - 1)")
-        self.insert(key, deadline)
+        if not 0 <= key < _common.HEAP_KEY_LIMIT:
+            raise ValueError(f"key must be in [0, {_common.HEAP_KEY_LIMIT})")
+        self._insert(key, deadline)
 
-    def insert(self, key: int, deadline: float) -> None:
+    def _insert(self, key: int, deadline: float) -> None:
         self.remove(key)
-        entry = [deadline, next(self._seq), key, True]
+        entry = [float(deadline), next(self._seq), key, True]
         self._entries[key] = entry
         heapq.heappush(self._heap, entry)
 
@@ -146,28 +146,28 @@ class RequestTable:
             raise ValueError("epoch must be 8 bytes")
         self._epoch = epoch
         self._counter = itertools.count(1)
-        self.requests: Dict[bytes, _Request] = {}
+        self._requests: Dict[bytes, _Request] = {}
 
-    def new(self, env: list, payload: list, tries_left: int) -> _Request:
+    def _new(self, env: list, payload: list, tries_left: int) -> _Request:
         key = next(self._counter)
         task_id = self._epoch + key.to_bytes(8, "little")
         request = _Request(key, task_id, env, payload, tries_left)
-        self.requests[task_id] = request
+        self._requests[task_id] = request
         return request
 
     def add(self) -> bytes:
         """Register an (empty) request and return its task id."""
-        return self.new([], [], -1).task_id
+        return self._new([], [], -1).task_id
 
     def discard(self, task_id: bytes) -> bool:
         """Forget a request; False if the id is unknown or stale."""
-        return self.requests.pop(task_id, None) is not None
+        return self._requests.pop(task_id, None) is not None
 
     def __contains__(self, task_id: bytes) -> bool:
-        return task_id in self.requests
+        return task_id in self._requests
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return len(self._requests)
 
 
 class BrokerCore:
@@ -252,12 +252,17 @@ class BrokerCore:
             poller.register(wake_fd, zmq.POLLIN)
         t_end = None if max_wait is None else monotonic() + max(0.0, max_wait)
         self._last_drop = None
+        polled = False
         while True:
             now = monotonic()
             self._expire(now)
             self._dispatch(now)
             if stop_on_drop and self._last_drop is not None:
                 return _common.RUN_DROP
+            # Poll at least once, and act on what was read before returning.
+            if polled and t_end is not None and now >= t_end:
+                return _common.RUN_TIMEOUT
+            polled = True
             next_t = t_end
             top = self._heap.peek()
             if top is not None and (next_t is None or top[0] < next_t):
@@ -284,8 +289,6 @@ class BrokerCore:
                 self._drain(self._answers, self._on_answer)
             if self._requests in ready:
                 self._drain(self._requests, self._on_request)
-            if t_end is not None and monotonic() >= t_end:
-                return _common.RUN_TIMEOUT
 
     # -- message handling -----------------------------------------------------
 
@@ -321,7 +324,7 @@ class BrokerCore:
             self._drop(_common.DROP_REQUEST_NO_PAYLOAD)
             return
         tries_left = -1 if self._tries is None else self._tries
-        request = self._table.new(frames[: d + 1], frames[d + 1 :], tries_left)
+        request = self._table._new(frames[: d + 1], frames[d + 1 :], tries_left)
         self._by_key[request.key] = request
         self._waiting.append(request)
         self._n_queued += 1
@@ -337,7 +340,7 @@ class BrokerCore:
             return
         # The same length-prefixed address key as the compiled core, so both treat
         # a second "ready" from one address alike.
-        self._idle.push_env(_address_key(frames[:d]), frames[: d + 1])
+        self._idle._push_env(_address_key(frames[:d]), frames[: d + 1])
         self._counters["ready"] += 1
 
     def _on_answer(self, frames: list) -> None:
@@ -348,7 +351,7 @@ class BrokerCore:
         if len(task_id) != _common.TASK_ID_SIZE:
             self._drop(_common.DROP_ANSWER_BAD_ID)
             return
-        request = self._table.requests.pop(task_id, None)
+        request = self._table._requests.pop(task_id, None)
         if request is None:
             self._drop(_common.DROP_ANSWER_UNKNOWN)
             return
@@ -390,14 +393,14 @@ class BrokerCore:
                 self._counters["retried"] += 1
 
     def _finish(self, request: _Request) -> None:
-        del self._table.requests[request.task_id]
+        del self._table._requests[request.task_id]
         del self._by_key[request.key]
 
     def _next_queue(self) -> Optional[Deque[_Request]]:
         for queue in (self._retry, self._waiting):
             while queue:
                 request = queue[0]
-                if request.state == _QUEUED and request.task_id in self._table.requests:
+                if request.state == _QUEUED and request.task_id in self._table._requests:
                     return queue
                 queue.popleft()
         return None
@@ -409,7 +412,7 @@ class BrokerCore:
             if queue is None:
                 return
             request = queue[0]
-            env = idle.pop_env()
+            env = idle._pop_env()
             # ROUTER_MANDATORY makes the send fail for a worker that is gone; the
             # job then stays at the front for the next idle worker.
             try:
@@ -427,7 +430,7 @@ class BrokerCore:
             if request.tries_left > 0:
                 request.tries_left -= 1
             if self._timeout is not None:
-                self._heap.insert(request.key, now + self._timeout)
+                self._heap._insert(request.key, now + self._timeout)
             self._counters["dispatched"] += 1
 
 

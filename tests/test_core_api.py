@@ -1,0 +1,226 @@
+"""API parity between the compiled core (fastbroker._core) and the pure one
+(fastbroker._core_py), and the core selection by FASTBROKER_PURE.
+
+This is the one test module that imports both cores directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import uuid
+
+import pytest
+import zmq
+
+import fastbroker
+from fastbroker import _common, _core_py, _select
+
+CLASSES = ("BrokerCore", "IdleWorkers", "DeadlineHeap", "RequestTable")
+EXPORTS = CLASSES + ("monotonic",)
+# Protocol methods the structures must share besides their public names.
+DUNDERS = {
+    "IdleWorkers": {"__contains__", "__len__"},
+    "DeadlineHeap": {"__len__"},
+    "RequestTable": {"__contains__", "__len__"},
+    "BrokerCore": set(),
+}
+
+
+def _load_compiled():
+    try:
+        from fastbroker import _core
+    except ImportError as exc:
+        if _select.pure_requested():
+            pytest.skip(f"compiled core unavailable under FASTBROKER_PURE=1: {exc}")
+        pytest.fail(f"the compiled core must import in a normal run: {exc}")
+    return _core
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return _load_compiled()
+
+
+@pytest.fixture(scope="module", params=["compiled", "pure"])
+def either(request):
+    return _load_compiled() if request.param == "compiled" else _core_py
+
+
+def _public(obj) -> set:
+    return {name for name in dir(obj) if not name.startswith("_")}
+
+
+def test_compiled_core_imports_in_normal_run():
+    if _select.pure_requested():
+        pytest.skip("FASTBROKER_PURE is set")
+    from fastbroker import _core  # noqa: F401  (ImportError fails the test)
+
+    assert _select.load("compiled") is _core
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_both_cores_export(compiled, name):
+    assert callable(getattr(compiled, name))
+    assert callable(getattr(_core_py, name))
+
+
+def test_all_lists_the_exports():
+    assert set(EXPORTS) <= set(_core_py.__all__)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_class_public_names_match(compiled, name):
+    compiled_names = _public(getattr(compiled, name))
+    pure_names = _public(getattr(_core_py, name))
+    assert compiled_names == pure_names, (
+        f"{name}: only compiled {sorted(compiled_names - pure_names)}, "
+        f"only pure {sorted(pure_names - compiled_names)}"
+    )
+
+
+@pytest.mark.parametrize("name", ["IdleWorkers", "DeadlineHeap", "RequestTable"])
+def test_instance_public_names_match(compiled, name):
+    compiled_names = _public(getattr(compiled, name)())
+    pure_names = _public(getattr(_core_py, name)())
+    assert compiled_names == pure_names, (
+        f"{name}(): only compiled {sorted(compiled_names - pure_names)}, "
+        f"only pure {sorted(pure_names - compiled_names)}"
+    )
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_class_protocols_match(compiled, name):
+    for dunder in DUNDERS[name]:
+        assert hasattr(getattr(compiled, name), dunder), (name, dunder)
+        assert hasattr(getattr(_core_py, name), dunder), (name, dunder)
+
+
+def _parameters(func):
+    sig = inspect.signature(func)
+    return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_method_signatures_match(compiled, name):
+    ccls, pcls = getattr(compiled, name), getattr(_core_py, name)
+    for attr in sorted(_public(ccls) & _public(pcls)):
+        cval, pval = inspect.getattr_static(ccls, attr), inspect.getattr_static(pcls, attr)
+        if isinstance(pval, property):
+            # Cython properties are getset descriptors: read-only data descriptors.
+            assert hasattr(cval, "__get__") and not callable(cval), (name, attr)
+            assert pval.fset is None, (name, attr)
+            continue
+        assert _parameters(getattr(ccls, attr)) == _parameters(getattr(pcls, attr)), (name, attr)
+
+
+def test_request_table_constructor_forms(either):
+    assert either.RequestTable(epoch=b"12345678").add()[:8] == b"12345678"
+    assert either.RequestTable(b"abcdefgh").add()[:8] == b"abcdefgh"
+    assert len(either.RequestTable(None).add()) == 16
+
+
+def test_monotonic_is_monotonic_and_matches_time_monotonic(either):
+    values = [either.monotonic() for _ in range(2_000)]
+    assert all(isinstance(v, float) for v in values[:10])
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    before = time.monotonic()
+    value = either.monotonic()
+    after = time.monotonic()
+    # Same clock (CLOCK_MONOTONIC): bracketed by time.monotonic up to rounding.
+    assert before - 0.001 <= value <= after + 0.001
+    time.sleep(0.02)
+    assert either.monotonic() - value >= 0.019
+
+
+# --- core selection -------------------------------------------------------------
+
+
+def test_core_name_matches_environment():
+    expected = "pure" if _select.pure_requested() else "compiled"
+    assert fastbroker.core_name == expected
+    assert _select.core_name == expected
+    assert _select.core is _select.load(expected)
+    assert _select.resolve(None) is _select.core
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, False),
+        ({"FASTBROKER_PURE": ""}, False),
+        ({"FASTBROKER_PURE": "0"}, False),
+        ({"FASTBROKER_PURE": " 0 "}, False),
+        ({"FASTBROKER_PURE": "  "}, False),
+        ({"FASTBROKER_PURE": "1"}, True),
+        ({"FASTBROKER_PURE": "yes"}, True),
+        ({"FASTBROKER_PURE": " 1\n"}, True),
+        ({"OTHER": "1"}, False),
+    ],
+)
+def test_pure_requested_parsing(environ, expected):
+    assert _select.pure_requested(environ) is expected
+
+
+def test_load_and_resolve(compiled):
+    assert _select.load("pure") is _core_py
+    assert _select.load("compiled") is compiled
+    assert _select.resolve("pure") is _core_py
+    assert _select.resolve("compiled") is compiled
+    with pytest.raises(ValueError):
+        _select.load("fast")
+
+
+# --- behaviour both cores must share ---------------------------------------------
+
+
+@pytest.fixture
+def sockets():
+    ctx = zmq.Context()
+    tag = uuid.uuid4().hex
+    req = ctx.socket(zmq.ROUTER)
+    wrk = ctx.socket(zmq.ROUTER)
+    wrk.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    ans = ctx.socket(zmq.PULL)
+    for sock, kind in ((req, "req"), (wrk, "wrk"), (ans, "ans")):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"inproc://api-{kind}-{tag}")
+    yield req, wrk, ans
+    for sock in (req, wrk, ans):
+        sock.close(0)
+    ctx.term()
+
+
+def test_fresh_core_stats_and_properties(either, sockets):
+    core = either.BrokerCore(*sockets, 1.5, 3, epoch=b"12345678")
+    try:
+        stats = core.stats()
+        assert list(stats) == list(_common.COUNTERS) + list(_common.GAUGES) + ["drops"]
+        assert all(stats[k] == 0 for k in _common.COUNTERS + _common.GAUGES)
+        assert stats["drops"] == {}
+        assert core.timeout == 1.5
+        assert core.tries == 3
+        assert core.last_drop is None
+        assert core.run(-1, 0) == _common.RUN_TIMEOUT
+    finally:
+        core.close()
+    plain = either.BrokerCore(*sockets)
+    try:
+        assert plain.timeout is None and plain.tries is None
+    finally:
+        plain.close()
+
+
+@pytest.mark.parametrize(
+    "timeout, tries",
+    [(-1, None), (float("nan"), None), (float("inf"), None), ("soon", None),
+     (None, 0), (None, -2), (None, 1.5), (None, True), (None, 2**31)],
+)
+def test_bad_settings_raise_config_error(either, sockets, timeout, tries):
+    with pytest.raises(_common.ConfigError):
+        either.BrokerCore(*sockets, timeout, tries)
+
+
+def test_bad_epoch_raises_value_error(either, sockets):
+    with pytest.raises(ValueError):
+        either.BrokerCore(*sockets, epoch=b"short")
