@@ -31,7 +31,7 @@ test-pure: $(STAMP)
 	FASTBROKER_PURE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pytest bench --benchmark-only
+	$(PY) -m pytest bench --benchmark-only $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so .pytest_cache .benchmarks
