@@ -1,0 +1,320 @@
+"""Workers and helpers for the tests that run real broker and worker processes.
+
+Importable as ``workers_for_tests`` (the ``subprocess_env`` fixture puts tests/ on
+PYTHONPATH), so ``fastbroker worker workers_for_tests:Echo ...`` runs these classes.
+
+Every worker here appends one line per event to the file named by FB_TEST_LOG
+(when set): ``PID EVENT MONOTONIC_TIME PAYLOAD``. ``time.monotonic`` is
+CLOCK_MONOTONIC, the same clock in every process, and each line is one O_APPEND
+write, so lines from several processes never mix. Tests read the file to see
+which process ran which job and how many times (``read_log``).
+
+The "original" peers at the end speak the 2010 protocol with plain pyzmq sockets,
+without any fastbroker class: they are Python 3 ports of the original
+testworker.py/worker.py and testclient.py. ``python -m workers_for_tests
+original-worker WORKERS_ADDR ANSWERS_ADDR DROP_RATE SEED`` runs the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
+
+import zmq
+
+from fastbroker import Worker
+
+LOG_ENV = "FB_TEST_LOG"
+EXTRA_DELAY_ENV = "FB_TEST_EXTRA_DELAY"
+HANG_LIMIT = 120.0
+"""A hanging job gives up after this long, in case a test's teardown failed to kill it."""
+
+
+# -- the event log -------------------------------------------------------------
+
+
+def log_event(event: str, payload: bytes) -> None:
+    """Append ``PID EVENT TIME PAYLOAD`` to $FB_TEST_LOG (nothing if unset)."""
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        return
+    text = payload.decode("ascii", "backslashreplace").replace(" ", "_").replace("\n", "_")
+    line = f"{os.getpid()} {event} {time.monotonic():.6f} {text}\n".encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+class Event(NamedTuple):
+    pid: int
+    event: str
+    time: float
+    payload: str
+
+
+def read_log(path: Path) -> List[Event]:
+    """The events logged so far (an absent file: none)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in text.splitlines():
+        pid, event, t, payload = line.split(" ", 3)
+        events.append(Event(int(pid), event, float(t), payload))
+    return events
+
+
+def runs(path: Path, payload: str, event: str = "start") -> List[int]:
+    """Pids of the processes that logged `event` for `payload`, in order."""
+    return [e.pid for e in read_log(path) if e.payload == payload and e.event == event]
+
+
+# -- Worker subclasses -----------------------------------------------------------
+
+
+class Echo(Worker):
+    """Answers b"-" + data at once."""
+
+    def process(self, data: bytes) -> bytes:
+        log_event("start", data)
+        log_event("done", data)
+        return b"-" + data
+
+
+class Slow(Worker):
+    """Payload ``SECONDS:TAG``: sleeps SECONDS (plus $FB_TEST_EXTRA_DELAY, which
+    makes the whole process a slow worker), then answers b"-" + data."""
+
+    def __init__(self, context, requests_addr: str, replies_addr: str) -> None:
+        super().__init__(context, requests_addr, replies_addr)
+        self.extra_delay = float(os.environ.get(EXTRA_DELAY_ENV, "0"))
+
+    def process(self, data: bytes) -> bytes:
+        log_event("start", data)
+        seconds = float(data.split(b":", 1)[0])
+        time.sleep(seconds + self.extra_delay)
+        log_event("done", data)
+        return b"-" + data
+
+
+class Hang(Worker):
+    """Takes a job and never answers it: waits to be killed (SIGTERM does not
+    stop it either: the worker finishes its job in hand first)."""
+
+    def process(self, data: bytes) -> bytes:
+        log_event("start", data)
+        deadline = time.monotonic() + HANG_LIMIT
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+        return b"-" + data
+
+
+class Dropper(Worker):
+    """Takes every job and fails it (no answer), then asks for the next one."""
+
+    class Dropped(Exception):
+        pass
+
+    def process(self, data: bytes) -> bytes:
+        log_event("start", data)
+        raise Dropper.Dropped(data)
+
+
+class NotAWorker:
+    """A class that is not a Worker subclass (for the CLI's MODULE:CLASS check)."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+
+# -- the original 2010 peers, plain pyzmq -----------------------------------------
+
+
+def original_worker(requests_addr: str, answers_addr: str, drop_rate: float = 0.0, seed: int = 0) -> None:
+    """testworker.TestWorker(worker.Worker).run(), ported to Python 3: REQ asks
+    with b"requesting task", the task is [task_id, payload...], the answer
+    task[:1] + [b"-" + payload] is PUSHed; a share of jobs is dropped (not
+    answered) as the original test worker did. Runs until killed."""
+    rng = random.Random(seed)
+    context = zmq.Context(1)
+    requests = context.socket(zmq.REQ)
+    requests.connect(requests_addr)
+    replies = context.socket(zmq.PUSH)
+    replies.connect(answers_addr)
+    while True:
+        requests.send(b"requesting task")
+        task = requests.recv_multipart()
+        data = b"".join(task[1:])  # functools.reduce(lambda a, b: a + b, request)
+        log_event("start", data)
+        if rng.random() < drop_rate:
+            log_event("drop", data)
+            continue
+        replies.send_multipart(task[:1] + [b"-" + data])
+
+
+class OriginalTestClient(threading.Thread):
+    """testclient.TestClient ported to Python 3: a REQ socket sends str(n) for
+    n in id*100 .. id*100+count-1 and receives one frame; b"" means failure.
+    The only change: each wait is bounded (poll) so a test cannot hang.
+    Results: list of (sent, answer) in ``self.results``; ``self.error`` if any."""
+
+    def __init__(self, context: zmq.Context, address: str, id: int, count: int = 100, wait: float = 30.0) -> None:
+        super().__init__(name=f"original-client-{id}")
+        self.context = context
+        self.id = id
+        self.count = count
+        self.wait = wait
+        self.results: List[tuple] = []
+        self.error: Optional[BaseException] = None
+        self.sock = context.socket(zmq.REQ)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def run(self) -> None:
+        try:
+            for data in range(self.id * 100, self.id * 100 + self.count):
+                sent = str(data).encode("ascii")
+                self.sock.send(sent)
+                if not self.sock.poll(int(self.wait * 1000)):
+                    raise TimeoutError(f"client {self.id}: no answer to {sent!r} within {self.wait} s")
+                self.results.append((sent, self.sock.recv()))
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.sock.close()
+
+
+# -- helpers for the tests -----------------------------------------------------------
+
+PYTHON = sys.executable
+
+
+def request(context: zmq.Context, address: str, frames: Sequence[bytes], wait: float = 20.0) -> List[bytes]:
+    """One request from a fresh REQ socket; the answer frames. TimeoutError after `wait` s."""
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send_multipart(list(frames))
+        if not sock.poll(int(wait * 1000)):
+            raise TimeoutError(f"no answer from {address} within {wait} s")
+        return sock.recv_multipart()
+    finally:
+        sock.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> List[int]:
+    """Pids of the live processes below `pid` (from /proc)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Processes:
+    """Starts ``python -m ...`` processes with output to files in `directory`,
+    and kills every one of them (and their descendants) in ``kill_all``."""
+
+    def __init__(self, directory: Path, env: Mapping[str, str]) -> None:
+        self.directory = Path(directory)
+        self.env = dict(env)
+        self.procs: List[subprocess.Popen] = []
+        self.names: Dict[int, str] = {}
+        self._count = 0
+
+    def start(self, args: Sequence[str], name: str, env: Optional[Mapping[str, str]] = None, module: str = "fastbroker") -> subprocess.Popen:
+        self._count += 1
+        stem = self.directory / f"{self._count:02d}-{name}"
+        full_env = dict(self.env)
+        full_env.update(env or {})
+        with open(f"{stem}.out", "wb") as out, open(f"{stem}.err", "wb") as err:
+            proc = subprocess.Popen(
+                [PYTHON, "-m", module, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=full_env,
+                cwd=str(self.directory),
+                start_new_session=True,
+            )
+        proc.stdout_path = Path(f"{stem}.out")  # type: ignore[attr-defined]
+        proc.stderr_path = Path(f"{stem}.err")  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        self.names[proc.pid] = name
+        return proc
+
+    def output(self) -> str:
+        """Every process's stdout and stderr, for failure messages."""
+        parts = []
+        for proc in self.procs:
+            for path in (proc.stdout_path, proc.stderr_path):  # type: ignore[attr-defined]
+                text = path.read_text(errors="replace") if path.exists() else ""
+                if text.strip():
+                    parts.append(f"--- {path.name} (rc={proc.poll()}) ---\n{text[-3000:]}")
+        return "\n".join(parts)
+
+    def kill_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                # Pool children leave the process group (setpgrp): kill them by pid.
+                for pid in descendants(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) == 5 and argv[0] == "original-worker":
+        original_worker(argv[1], argv[2], float(argv[3]), int(argv[4]))
+        return 0
+    print("usage: python -m workers_for_tests original-worker WORKERS_ADDR ANSWERS_ADDR DROP_RATE SEED", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
