@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import zmq
 
 import fastbroker
 from fastbroker import _select
@@ -66,3 +67,21 @@ def subprocess_env():
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def procs(tmp_path, subprocess_env):
+    """Starts processes; kills all of them (SIGKILL) at teardown, pass or fail."""
+    from workers_for_tests import Processes
+
+    p = Processes(tmp_path, subprocess_env)
+    yield p
+    p.kill_all()
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context destroyed with linger 0 at teardown."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)

@@ -22,21 +22,6 @@ WAIT = 20.0
 
 
 @pytest.fixture
-def procs(tmp_path, subprocess_env):
-    """Starts processes; kills all of them (SIGKILL) at teardown, pass or fail."""
-    p = Processes(tmp_path, subprocess_env)
-    yield p
-    p.kill_all()
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def addrs(tmp_path):
     return [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
 

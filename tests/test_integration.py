@@ -51,21 +51,6 @@ class RunningBroker(NamedTuple):
 
 
 @pytest.fixture
-def procs(tmp_path, subprocess_env):
-    """Starts processes; kills all of them (SIGKILL) at teardown, pass or fail."""
-    p = Processes(tmp_path, subprocess_env)
-    yield p
-    p.kill_all()
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def log_path(tmp_path):
     return tmp_path / "jobs.log"
 
