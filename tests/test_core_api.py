@@ -7,6 +7,8 @@ This is the one test module that imports both cores directly.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 import time
 import uuid
 
@@ -142,6 +144,25 @@ def test_core_name_matches_environment():
     assert _select.core_name == expected
     assert _select.core is _select.load(expected)
     assert _select.resolve(None) is _select.core
+
+
+def test_missing_extension_falls_back_to_pure_with_one_warning(subprocess_env):
+    """An unimportable extension: the pure core is live and one RuntimeWarning says why."""
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['fastbroker._core'] = None  # makes `import fastbroker._core` fail\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastbroker, fastbroker.broker, fastbroker.cli\n"
+        "print(fastbroker.core_name, len(caught), caught[0].category.__name__, caught[0].message)\n"
+    )
+    env = dict(subprocess_env)
+    env.pop("FASTBROKER_PURE", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    name, count, category, message = proc.stdout.split(" ", 3)
+    assert (name, count, category) == ("pure", "1", "RuntimeWarning")
+    assert "compiled core unavailable" in message
 
 
 @pytest.mark.parametrize(
