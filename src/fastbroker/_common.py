@@ -36,6 +36,8 @@ DROP_ANSWER_BAD_ID = 5
 DROP_ANSWER_UNKNOWN = 6
 DROP_TOO_MANY_FRAMES = 7
 DROP_OUT_OF_MEMORY = 8
+DROP_WORKER_BAD_COMMAND = 9
+DROP_WORKER_BAD_FRAMES = 10
 
 DROP_REASONS = (
     "request without an empty delimiter frame",
@@ -47,6 +49,8 @@ DROP_REASONS = (
     "answer for an unknown or already answered task",
     "message with too many frames",
     "message dropped for lack of memory",
+    "worker message with an unknown signature or command",
+    "worker command with the wrong frames",
 )
 
 # Keys of BrokerCore.stats(); the order is the compiled core's counter array.
@@ -61,8 +65,31 @@ COUNTERS = (
     "ready",  # worker ready messages accepted
     "unreachable_workers",  # idle workers found gone when a job was sent to them
     "dropped",  # malformed or unknown messages dropped (sum of the reasons)
+    "failed",  # FAILED reports from workers (each counts a try)
+    "workers_joined",  # DEALER workers that sent READY while unknown
+    "workers_left",  # DEALER workers that sent DISCONNECT
+    "workers_dead",  # DEALER workers silent past liveness
+    "requeued",  # jobs put back in the queue because their worker died or left
 )
-GAUGES = ("queued", "running", "idle_workers")
+GAUGES = ("queued", "running", "idle_workers", "workers")
+
+# -- The worker protocol (DEALER workers), see docs/PROTOCOL.md ----------------
+# Every message is [envelope..., b"", WORKER_SIGNATURE, command, body...]; the
+# broker's ROUTER adds the envelope, the worker's DEALER sends from b"" on.
+WORKER_SIGNATURE = b"FBW01"
+CMD_READY = b"\x01"  # worker -> broker: [credit: 4-byte big-endian uint32]
+CMD_TASK = b"\x02"  # broker -> worker: [task_id, payload frames...]
+CMD_ANSWER = b"\x03"  # worker -> broker: [task_id, answer frames... (>= 1)]
+CMD_FAILED = b"\x04"  # worker -> broker: [task_id, exception type, message] (UTF-8)
+CMD_HEARTBEAT = b"\x05"  # both ways: []
+CMD_DISCONNECT = b"\x06"  # both ways: []
+
+MAX_CREDIT = 1 << 16
+
+DEFAULT_HEARTBEAT = 1.0
+"""Seconds between heartbeats, both ways."""
+DEFAULT_LIVENESS = 3
+"""Heartbeat intervals of silence after which a peer is taken for dead."""
 
 
 class BrokerError(Exception):
@@ -83,6 +110,26 @@ def check_timeout(timeout: float | None) -> float | None:
         raise ConfigError(f"timeout must be a number of seconds, not {timeout!r}") from None
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"timeout must be a finite number >= 0, not {timeout!r}")
+    return value
+
+
+def check_heartbeat(heartbeat: float) -> float:
+    """Return a valid heartbeat interval in seconds, or raise ConfigError."""
+    try:
+        value = float(heartbeat)
+    except (TypeError, ValueError):
+        raise ConfigError(f"heartbeat must be a number of seconds, not {heartbeat!r}") from None
+    if not math.isfinite(value) or not 0.001 <= value <= 3600:
+        raise ConfigError(f"heartbeat must be between 0.001 and 3600 seconds, not {heartbeat!r}")
+    return value
+
+
+def check_count(name: str, value: int, low: int, high: int) -> int:
+    """Return a valid whole number in [low, high], or raise ConfigError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
     return value
 
 

@@ -17,7 +17,7 @@ import zmq
 import zmq.backend.cython._zmq as _pyzmq_backend
 
 from fastbroker import _common
-from fastbroker._common import check_timeout, check_tries
+from fastbroker._common import check_count, check_heartbeat, check_timeout, check_tries
 
 cdef extern from "_zmqdl.h" nogil:
     ctypedef struct zmsg "fb_zmq_msg_t":
@@ -54,7 +54,8 @@ cdef enum:
     TASK_ID_SIZE = 16
     MAX_FRAMES = 4096
     RECV_BATCH = 512
-    N_COUNTERS = 10
+    N_COUNTERS = 15
+    SIGNATURE_SIZE = 5
     RECV_DROPPED = 0x7FFFFFFF  # _recv's "message read and dropped"
 
 cdef enum:
@@ -72,6 +73,16 @@ cdef enum:
     DROP_ANSWER_UNKNOWN = 6
     DROP_TOO_MANY_FRAMES = 7
     DROP_OUT_OF_MEMORY = 8
+    DROP_WORKER_BAD_COMMAND = 9
+    DROP_WORKER_BAD_FRAMES = 10
+
+cdef enum:
+    CMD_READY = 1
+    CMD_TASK = 2
+    CMD_ANSWER = 3
+    CMD_FAILED = 4
+    CMD_HEARTBEAT = 5
+    CMD_DISCONNECT = 6
 
 # Counter indexes, in the order of _common.COUNTERS.
 cdef enum:
@@ -85,6 +96,11 @@ cdef enum:
     C_READY = 7
     C_UNREACHABLE = 8
     C_DROPPED = 9
+    C_FAILED = 10
+    C_JOINED = 11
+    C_LEFT = 12
+    C_DEAD = 13
+    C_REQUEUED = 14
 
 assert len(_common.COUNTERS) == N_COUNTERS
 assert (TASK_ID_SIZE, MAX_FRAMES, RECV_BATCH) == (
@@ -92,11 +108,18 @@ assert (TASK_ID_SIZE, MAX_FRAMES, RECV_BATCH) == (
 assert (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP) == (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP)
 assert [DROP_REQUEST_NO_DELIMITER, DROP_REQUEST_NO_PAYLOAD, DROP_READY_NO_DELIMITER,
         DROP_READY_BAD_FRAMES, DROP_ANSWER_TOO_SHORT, DROP_ANSWER_BAD_ID, DROP_ANSWER_UNKNOWN,
-        DROP_TOO_MANY_FRAMES, DROP_OUT_OF_MEMORY] == [
+        DROP_TOO_MANY_FRAMES, DROP_OUT_OF_MEMORY, DROP_WORKER_BAD_COMMAND, DROP_WORKER_BAD_FRAMES] == [
     _common.DROP_REQUEST_NO_DELIMITER, _common.DROP_REQUEST_NO_PAYLOAD,
     _common.DROP_READY_NO_DELIMITER, _common.DROP_READY_BAD_FRAMES,
     _common.DROP_ANSWER_TOO_SHORT, _common.DROP_ANSWER_BAD_ID, _common.DROP_ANSWER_UNKNOWN,
-    _common.DROP_TOO_MANY_FRAMES, _common.DROP_OUT_OF_MEMORY]
+    _common.DROP_TOO_MANY_FRAMES, _common.DROP_OUT_OF_MEMORY,
+    _common.DROP_WORKER_BAD_COMMAND, _common.DROP_WORKER_BAD_FRAMES]
+assert [bytes([c]) for c in (CMD_READY, CMD_TASK, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT)] == [
+    _common.CMD_READY, _common.CMD_TASK, _common.CMD_ANSWER, _common.CMD_FAILED,
+    _common.CMD_HEARTBEAT, _common.CMD_DISCONNECT]
+cdef const char *SIGNATURE = b"FBW01"
+assert SIGNATURE[:SIGNATURE_SIZE] == _common.WORKER_SIGNATURE
+cdef uint32_t MAX_CREDIT = _common.MAX_CREDIT
 
 cdef uint32_t NO_SLOT = 0xFFFFFFFFU  # end of a free list
 
@@ -177,6 +200,122 @@ cdef inline uint64_t make_handle(uint32_t slot, uint32_t gen) noexcept nogil:
 
 
 # --------------------------------------------------------------------------
+# Address index: worker address (length-prefixed routing frames) -> slot.
+# Open addressing with linear probing; backward-shift deletion keeps probe
+# chains intact without tombstones. The index owns its keys.
+# --------------------------------------------------------------------------
+
+cdef struct AEnt:
+    uint64_t hash
+    uint8_t *key  # NULL: empty
+    size_t keylen
+    uint32_t value
+
+
+cdef struct AddrIndex:
+    AEnt *ents
+    size_t cap  # power of two
+    size_t count
+
+
+cdef uint8_t *make_key(zmsg *frames, int n, size_t *keylen) noexcept nogil:
+    """Malloc'd length-prefixed concatenation of n routing frames, or NULL."""
+    cdef size_t total = 0, off = 0, sz
+    cdef int i
+    cdef uint8_t *key
+    for i in range(n):
+        total += 4 + zmsg_size(&frames[i])
+    key = <uint8_t *>malloc(total if total else 1)
+    if key == NULL:
+        return NULL
+    for i in range(n):
+        sz = zmsg_size(&frames[i])
+        key[off] = sz & 0xFF
+        key[off + 1] = (sz >> 8) & 0xFF
+        key[off + 2] = (sz >> 16) & 0xFF
+        key[off + 3] = (sz >> 24) & 0xFF
+        memcpy(key + off + 4, zmsg_data(&frames[i]), sz)
+        off += 4 + sz
+    keylen[0] = total
+    return key
+
+
+cdef int aidx_find(AddrIndex *m, const uint8_t *key, size_t keylen, uint64_t h) noexcept nogil:
+    """Entry index holding key, or -1."""
+    cdef size_t i, mask
+    if m.cap == 0:
+        return -1
+    mask = m.cap - 1
+    i = h & mask
+    while m.ents[i].key != NULL:
+        if m.ents[i].hash == h and m.ents[i].keylen == keylen and memcmp(m.ents[i].key, key, keylen) == 0:
+            return <int>i
+        i = (i + 1) & mask
+    return -1
+
+
+cdef inline void aidx_place(AEnt *ents, size_t mask, AEnt e) noexcept nogil:
+    cdef size_t i = e.hash & mask
+    while ents[i].key != NULL:
+        i = (i + 1) & mask
+    ents[i] = e
+
+
+cdef int aidx_insert(AddrIndex *m, uint8_t *key, size_t keylen, uint64_t h, uint32_t value) noexcept nogil:
+    """Add key (not present) -> value, taking ownership of key. -1 when out of memory
+    (the key then stays the caller's)."""
+    cdef size_t i, ncap
+    cdef AEnt *nents
+    cdef AEnt e
+    if (m.count + 1) * 2 > m.cap:
+        ncap = m.cap * 2 if m.cap else 16
+        nents = <AEnt *>malloc(ncap * sizeof(AEnt))
+        if nents == NULL:
+            return -1
+        memset(nents, 0, ncap * sizeof(AEnt))
+        for i in range(m.cap):
+            if m.ents[i].key != NULL:
+                aidx_place(nents, ncap - 1, m.ents[i])
+        free(m.ents)
+        m.ents = nents
+        m.cap = ncap
+    e.hash = h
+    e.key = key
+    e.keylen = keylen
+    e.value = value
+    aidx_place(m.ents, m.cap - 1, e)
+    m.count += 1
+    return 0
+
+
+cdef void aidx_delete(AddrIndex *m, size_t i) noexcept nogil:
+    """Remove entry i and free its key."""
+    cdef size_t mask = m.cap - 1
+    cdef size_t j = i, k
+    free(m.ents[i].key)
+    m.ents[i].key = NULL
+    m.count -= 1
+    while True:
+        j = (j + 1) & mask
+        if m.ents[j].key == NULL:
+            return
+        k = m.ents[j].hash & mask
+        if (i <= j and (k <= i or k > j)) or (i > j and k <= i and k > j):
+            m.ents[i] = m.ents[j]
+            m.ents[j].key = NULL
+            i = j
+
+
+cdef void aidx_free(AddrIndex *m) noexcept nogil:
+    cdef size_t i
+    for i in range(m.cap):
+        free(m.ents[i].key)
+    free(m.ents)
+    m.ents = NULL
+    m.cap = m.count = 0
+
+
+# --------------------------------------------------------------------------
 # Idle workers: FIFO of ready workers with O(1) removal by address.
 # --------------------------------------------------------------------------
 
@@ -184,9 +323,10 @@ cdef struct Wk:
     uint32_t gen
     uint32_t next_free
     bint used
-    zmsg *env  # routing frames including the empty delimiter
+    zmsg *env  # routing frames including the empty delimiter (none for a DEALER worker)
     int nenv
-    uint8_t *key  # the routing frames before the delimiter, length-prefixed
+    int32_t session  # DEALER worker's session slot, -1 for an original REQ worker
+    const uint8_t *key  # owned by the index
     size_t keylen
     uint64_t hash
 
@@ -203,8 +343,7 @@ cdef class IdleWorkers:
     cdef uint32_t free_head
     cdef Ring ring
     cdef size_t live
-    cdef uint32_t *table  # open addressing: slot + 1, 0 = empty
-    cdef size_t table_cap  # power of two
+    cdef AddrIndex index
 
     def __cinit__(self):
         self.free_head = NO_SLOT
@@ -215,66 +354,9 @@ cdef class IdleWorkers:
             if self.slots[i].used:
                 close_msgs(self.slots[i].env, self.slots[i].nenv)
                 free(self.slots[i].env)
-                free(self.slots[i].key)
         free(self.slots)
         free(self.ring.buf)
-        free(self.table)
-
-    cdef int _find(self, const uint8_t *key, size_t keylen, uint64_t h) noexcept nogil:
-        """Table index holding this key, or -1."""
-        cdef size_t i, mask
-        cdef Wk *w
-        if self.table_cap == 0:
-            return -1
-        mask = self.table_cap - 1
-        i = h & mask
-        while self.table[i]:
-            w = &self.slots[self.table[i] - 1]
-            if w.hash == h and w.keylen == keylen and memcmp(w.key, key, keylen) == 0:
-                return <int>i
-            i = (i + 1) & mask
-        return -1
-
-    cdef int _table_insert(self, uint32_t slot) noexcept nogil:
-        cdef size_t i, ncap, mask
-        cdef uint32_t *old = self.table
-        cdef size_t old_cap = self.table_cap
-        if (self.live + 1) * 2 > self.table_cap:
-            ncap = self.table_cap * 2 if self.table_cap else 16
-            self.table = <uint32_t *>malloc(ncap * sizeof(uint32_t))
-            if self.table == NULL:
-                self.table = old
-                return -1
-            memset(self.table, 0, ncap * sizeof(uint32_t))
-            self.table_cap = ncap
-            mask = ncap - 1
-            for i in range(old_cap):
-                if old[i]:
-                    self._table_place(old[i] - 1, mask)
-            free(old)
-        self._table_place(slot, self.table_cap - 1)
-        return 0
-
-    cdef inline void _table_place(self, uint32_t slot, size_t mask) noexcept nogil:
-        cdef size_t i = self.slots[slot].hash & mask
-        while self.table[i]:
-            i = (i + 1) & mask
-        self.table[i] = slot + 1
-
-    cdef void _table_delete(self, size_t i) noexcept nogil:
-        # Backward-shift deletion keeps probe chains intact without tombstones.
-        cdef size_t mask = self.table_cap - 1
-        cdef size_t j = i, k
-        self.table[i] = 0
-        while True:
-            j = (j + 1) & mask
-            if not self.table[j]:
-                return
-            k = self.slots[self.table[j] - 1].hash & mask
-            if (i <= j and (k <= i or k > j)) or (i > j and k <= i and k > j):
-                self.table[i] = self.table[j]
-                self.table[j] = 0
-                i = j
+        aidx_free(&self.index)
 
     cdef int _alloc(self) noexcept nogil:
         cdef uint32_t s, ncap, i
@@ -298,12 +380,13 @@ cdef class IdleWorkers:
     cdef void release(self, uint32_t s) noexcept nogil:
         """Forget worker slot s (it was popped or removed)."""
         cdef Wk *w = &self.slots[s]
-        cdef int i = self._find(w.key, w.keylen, w.hash)
-        if i >= 0:
-            self._table_delete(i)
+        cdef int i
+        if w.key != NULL:
+            i = aidx_find(&self.index, w.key, w.keylen, w.hash)
+            if i >= 0:
+                aidx_delete(&self.index, i)
         close_msgs(w.env, w.nenv)
         free(w.env)
-        free(w.key)
         w.env = NULL
         w.key = NULL
         w.nenv = 0
@@ -312,56 +395,63 @@ cdef class IdleWorkers:
         w.next_free = self.free_head
         self.free_head = s
 
-    cdef int push_env(self, zmsg *frames, int nenv) noexcept nogil:
-        """Take ownership of nenv routing frames (delimiter included) of a ready worker.
-        Returns 0, or -1 when out of memory (the frames are then left to the caller)."""
-        cdef size_t keylen = 0, off = 0, sz
+    cdef int find(self, const uint8_t *key, size_t keylen) noexcept nogil:
+        """Slot of the idle worker with this address key, or -1."""
+        cdef int i = aidx_find(&self.index, key, keylen, hash_bytes(key, keylen))
+        return <int>self.index.ents[i].value if i >= 0 else -1
+
+    cdef int push_key(self, uint8_t *key, size_t keylen, zmsg *frames, int nenv, int32_t session) noexcept nogil:
+        """Append a worker: takes ownership of key and moves nenv frames in. A worker
+        already idle at that address is replaced. Returns 0, or -1 when out of memory
+        (key and frames then stay the caller's)."""
         cdef int i, s, found
-        cdef uint8_t *key
-        cdef zmsg *env
-        for i in range(nenv - 1):
-            keylen += 4 + zmsg_size(&frames[i])
-        key = <uint8_t *>malloc(keylen if keylen else 1)
-        env = <zmsg *>malloc(nenv * sizeof(zmsg))
-        if key == NULL or env == NULL:
-            free(key)
-            free(env)
-            return -1
-        for i in range(nenv - 1):
-            sz = zmsg_size(&frames[i])
-            key[off] = sz & 0xFF
-            key[off + 1] = (sz >> 8) & 0xFF
-            key[off + 2] = (sz >> 16) & 0xFF
-            key[off + 3] = (sz >> 24) & 0xFF
-            memcpy(key + off + 4, zmsg_data(&frames[i]), sz)
-            off += 4 + sz
+        cdef zmsg *env = NULL
         cdef uint64_t h = hash_bytes(key, keylen)
-        found = self._find(key, keylen, h)
+        if nenv:
+            env = <zmsg *>malloc(nenv * sizeof(zmsg))
+            if env == NULL:
+                return -1
+        found = aidx_find(&self.index, key, keylen, h)
         if found >= 0:
-            self._remove_slot(self.table[found] - 1)
+            self.remove_slot(self.index.ents[found].value)
         s = self._alloc()
         if s < 0:
-            free(key)
             free(env)
             return -1
-        self.slots[s].key = key
-        self.slots[s].keylen = keylen
-        self.slots[s].hash = h
-        self.slots[s].env = env
-        self.slots[s].nenv = nenv
-        if self._table_insert(s) < 0 or ring_push(&self.ring, make_handle(s, self.slots[s].gen)) < 0:
-            self.slots[s].env = NULL
-            self.slots[s].nenv = 0
+        # On failure below, releasing the slot moves its generation on, which
+        # turns a ring entry already pushed into a tombstone.
+        self.slots[s].key = NULL
+        if ring_push(&self.ring, make_handle(s, self.slots[s].gen)) < 0 or \
+                aidx_insert(&self.index, key, keylen, h, <uint32_t>s) < 0:
             self.release(s)
             free(env)
             return -1
         for i in range(nenv):
             zmsg_init(&env[i])
             zmsg_move(&env[i], &frames[i])
+        self.slots[s].key = key
+        self.slots[s].keylen = keylen
+        self.slots[s].hash = h
+        self.slots[s].env = env
+        self.slots[s].nenv = nenv
+        self.slots[s].session = session
         self.live += 1
         return 0
 
-    cdef void _remove_slot(self, uint32_t s) noexcept nogil:
+    cdef int push_env(self, zmsg *frames, int nenv) noexcept nogil:
+        """An original REQ worker is ready: take ownership of its nenv routing frames
+        (delimiter included). Returns 0, or -1 when out of memory."""
+        cdef size_t keylen
+        cdef uint8_t *key = make_key(frames, nenv - 1, &keylen)
+        cdef int rc
+        if key == NULL:
+            return -1
+        rc = self.push_key(key, keylen, frames, nenv, -1)
+        if rc < 0:
+            free(key)
+        return rc
+
+    cdef void remove_slot(self, uint32_t s) noexcept nogil:
         # The ring entry becomes a tombstone: its generation no longer matches.
         self.release(s)
         self.live -= 1
@@ -389,8 +479,7 @@ cdef class IdleWorkers:
         key[0] = n & 0xFF
         key[1] = key[2] = key[3] = 0
         memcpy(key + 4, <const char *>address, n)
-        cdef int i = self._find(key, n + 4, hash_bytes(key, n + 4))
-        return self.table[i] - 1 if i >= 0 else -1
+        return self.find(key, n + 4)
 
     def push(self, bytes address):
         """Mark the worker at `address` idle (again: its earlier entry is replaced)."""
@@ -411,7 +500,7 @@ cdef class IdleWorkers:
         if s < 0:
             return None
         cdef Wk *w = &self.slots[s]
-        address = (<char *>zmsg_data(&w.env[0]))[:zmsg_size(&w.env[0])]
+        address = (<char *>w.key)[4:w.keylen]
         self.release(s)
         return address
 
@@ -420,7 +509,7 @@ cdef class IdleWorkers:
         cdef int s = self._key_slot(address)
         if s < 0:
             return False
-        self._remove_slot(s)
+        self.remove_slot(s)
         return True
 
     def __contains__(self, bytes address):
@@ -581,6 +670,11 @@ cdef struct Req:
     zmsg *frames  # routing envelope (delimiter included) then payload
     int nenv
     int nframes
+    int32_t worker  # session slot of the DEALER worker running this attempt, -1
+    int32_t failed_on  # session slot whose FAILED caused the pending retry, -1
+    uint32_t failed_on_gen
+    uint32_t wprev  # neighbours in that worker's job list (request slots)
+    uint32_t wnext
 
 
 cdef class RequestTable:
@@ -632,6 +726,10 @@ cdef class RequestTable:
         self.reqs[s].nframes = 0
         self.reqs[s].nenv = 0
         self.reqs[s].attempts = 0
+        self.reqs[s].worker = -1
+        self.reqs[s].failed_on = -1
+        self.reqs[s].wprev = NO_SLOT
+        self.reqs[s].wnext = NO_SLOT
         self.count += 1
         return <int>s
 
@@ -702,6 +800,21 @@ cdef class RequestTable:
 # The broker loop.
 # --------------------------------------------------------------------------
 
+cdef struct Sess:
+    uint32_t gen
+    uint32_t next_free
+    bint used
+    zmsg *env  # routing frames and the empty delimiter; copies are sent
+    int nenv
+    const uint8_t *key  # owned by BrokerCore.sess_index
+    size_t keylen
+    uint64_t hash
+    uint32_t credit
+    uint32_t inflight
+    double expiry
+    uint32_t jobs  # first request slot of its job list, NO_SLOT if none
+
+
 cdef class BrokerCore:
     """Routes requests to workers that asked, with per-attempt deadlines and tries.
 
@@ -728,10 +841,27 @@ cdef class BrokerCore:
     cdef zmsg *scratch
     cdef int scratch_cap
     cdef bint closed
+    cdef double now  # the loop turn's clock reading, for handlers
+    # DEALER worker sessions
+    cdef Sess *sess
+    cdef uint32_t sess_cap
+    cdef uint32_t sess_free
+    cdef uint32_t n_sessions
+    cdef AddrIndex sess_index
+    cdef double _heartbeat
+    cdef int _liveness
+    cdef double next_tick
+    cdef uint8_t *keybuf  # the current worker message's address key
+    cdef size_t keybuf_cap
+    cdef size_t keylen
 
-    def __cinit__(self, requests, workers, answers, timeout=None, tries=None, *, bytes epoch=None):
+    def __cinit__(self, requests, workers, answers, timeout=None, tries=None, *,
+                  heartbeat=_common.DEFAULT_HEARTBEAT, liveness=_common.DEFAULT_LIVENESS, bytes epoch=None):
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
+        self._heartbeat = check_heartbeat(heartbeat)
+        self._liveness = check_count("liveness", liveness, 1, 1000)
+        self.sess_free = NO_SLOT
         self._sockets = (requests, workers, answers)
         self.s_requests = <void *><size_t>requests.underlying
         self.s_workers = <void *><size_t>workers.underlying
@@ -748,13 +878,40 @@ cdef class BrokerCore:
             raise MemoryError()
 
     def __dealloc__(self):
+        self._release_sessions()
+        free(self.sess)
+        free(self.keybuf)
         free(self.scratch)
         free(self.waiting.buf)
         free(self.retry.buf)
 
+    cdef void _release_sessions(self) noexcept nogil:
+        cdef uint32_t s
+        for s in range(self.sess_cap):
+            if self.sess[s].used:
+                close_msgs(self.sess[s].env, self.sess[s].nenv)
+                free(self.sess[s].env)
+                self.sess[s].used = False
+        aidx_free(&self.sess_index)
+        self.n_sessions = 0
+
+    def disconnect_workers(self):
+        """Send DISCONNECT to every DEALER worker and forget them; returns how many."""
+        cdef uint32_t s
+        cdef int count = 0
+        if self.closed:
+            return 0
+        for s in range(self.sess_cap):
+            if self.sess[s].used:
+                self._send_env(self.sess[s].env, self.sess[s].nenv, CMD_DISCONNECT, False)
+                self._forget(s)
+                count += 1
+        return count
+
     def close(self):
         """Release every message the core holds (queued jobs, idle workers)."""
         self.closed = True
+        self._release_sessions()
         self.table = RequestTable()
         self.idle = IdleWorkers()
         self.heap = DeadlineHeap()
@@ -770,6 +927,14 @@ cdef class BrokerCore:
         return None if self._tries < 0 else self._tries
 
     @property
+    def heartbeat(self):
+        return self._heartbeat
+
+    @property
+    def liveness(self):
+        return self._liveness
+
+    @property
     def last_drop(self):
         """Reason text of the latest dropped message, or None."""
         return None if self.last_drop_reason < 0 else _common.DROP_REASONS[self.last_drop_reason]
@@ -781,6 +946,7 @@ cdef class BrokerCore:
         result["queued"] = self.n_queued
         result["running"] = self.table.count - self.n_queued
         result["idle_workers"] = self.idle.live
+        result["workers"] = self.n_sessions
         result["drops"] = {_common.DROP_REASONS[i]: self.drops[i]
                            for i in range(len(_common.DROP_REASONS)) if self.drops[i]}
         return result
@@ -817,9 +983,14 @@ cdef class BrokerCore:
         self.last_drop_reason = -1
         while True:
             now = monotonic_now()
+            self.now = now
             rc = self._expire(now)
             if rc < 0:
                 return rc
+            if self.n_sessions and now >= self.next_tick:
+                rc = self._tick(now)
+                if rc < 0:
+                    return rc
             rc = self._dispatch(now)
             if rc < 0:
                 return rc
@@ -832,6 +1003,8 @@ cdef class BrokerCore:
             next_t = t_end
             if self.heap.count and (next_t < 0 or self.heap.ents[0].deadline < next_t):
                 next_t = self.heap.ents[0].deadline
+            if self.n_sessions and (next_t < 0 or self.next_tick < next_t):
+                next_t = self.next_tick
             if next_t < 0:
                 ms = -1
             elif next_t <= now:
@@ -849,6 +1022,7 @@ cdef class BrokerCore:
                 return -rc
             if nitems == 4 and items[3].revents:
                 return RUN_WOKEN
+            self.now = monotonic_now()
             # Ready messages first, so jobs arriving in the same turn find them.
             if items[1].revents:
                 rc = self._drain(self.s_workers, 1)
@@ -969,34 +1143,329 @@ cdef class BrokerCore:
         return 0
 
     cdef int _on_ready(self, int n) noexcept nogil:
+        """A message on the workers endpoint: an original REQ worker's ready, or FBW01."""
         cdef int d = self._delimiter(n)
+        cdef int nb, s, rc
+        cdef uint8_t command
         if d < 1:
             self._drop(DROP_READY_NO_DELIMITER)
             return 0
-        if n != d + 2:
+        nb = n - d - 1
+        if nb == 1:
+            if self.idle.push_env(self.scratch, d + 1) < 0:
+                self._drop(DROP_OUT_OF_MEMORY)
+                return 0
+            self.counters[C_READY] += 1
+            return 0
+        if nb == 0 or zmsg_size(&self.scratch[d + 1]) != SIGNATURE_SIZE or \
+                memcmp(zmsg_data(&self.scratch[d + 1]), SIGNATURE, SIGNATURE_SIZE) != 0:
             self._drop(DROP_READY_BAD_FRAMES)
             return 0
-        if self.idle.push_env(self.scratch, d + 1) < 0:
+        if zmsg_size(&self.scratch[d + 2]) != 1:
+            self._drop(DROP_WORKER_BAD_COMMAND)
+            return 0
+        command = (<const uint8_t *>zmsg_data(&self.scratch[d + 2]))[0]
+        if command < CMD_READY or command > CMD_DISCONNECT or command == CMD_TASK:
+            self._drop(DROP_WORKER_BAD_COMMAND)
+            return 0
+        if self._address_key(d) < 0:
             self._drop(DROP_OUT_OF_MEMORY)
             return 0
-        self.counters[C_READY] += 1
+        s = self._sess_find()
+        if s >= 0:
+            self.sess[s].expiry = self.now + self._heartbeat * self._liveness
+        if command == CMD_READY:
+            return self._worker_ready(s, d, nb)
+        if command == CMD_ANSWER:
+            if nb < 4:
+                self._drop(DROP_WORKER_BAD_FRAMES)
+                return 0
+            # Accepted even from a worker the broker has forgotten: the job may
+            # still be waiting for it. That worker is told to register again.
+            rc = self._answer(&self.scratch[d + 3], &self.scratch[d + 4], nb - 3)
+            if s < 0 and rc >= 0:
+                rc = self._send_env(self.scratch, d + 1, CMD_DISCONNECT, False)
+            return rc if rc < 0 else 0
+        if nb != (6 if command == CMD_FAILED else 2):
+            self._drop(DROP_WORKER_BAD_FRAMES)
+            return 0
+        if command == CMD_DISCONNECT:
+            if s >= 0:
+                self.counters[C_LEFT] += 1
+                return self._forget(<uint32_t>s)
+            return 0
+        if s < 0:
+            # HEARTBEAT or FAILED from a worker this broker does not know (it was
+            # restarted, or took the worker for dead): make it register again.
+            rc = self._send_env(self.scratch, d + 1, CMD_DISCONNECT, False)
+            if rc < 0:
+                return rc
+        if command == CMD_FAILED:
+            return self._worker_failed(s, d)
         return 0
 
-    cdef int _on_answer(self, int n) noexcept nogil:
-        cdef int s, rc
+    cdef int _address_key(self, int d) noexcept nogil:
+        """Write the length-prefixed routing frames scratch[0:d] into keybuf/keylen."""
+        cdef size_t total = 0, off = 0, sz
+        cdef int i
+        cdef uint8_t *grown
+        for i in range(d):
+            total += 4 + zmsg_size(&self.scratch[i])
+        if total > self.keybuf_cap:
+            grown = <uint8_t *>realloc(self.keybuf, total)
+            if grown == NULL:
+                return -1
+            self.keybuf = grown
+            self.keybuf_cap = total
+        for i in range(d):
+            sz = zmsg_size(&self.scratch[i])
+            self.keybuf[off] = sz & 0xFF
+            self.keybuf[off + 1] = (sz >> 8) & 0xFF
+            self.keybuf[off + 2] = (sz >> 16) & 0xFF
+            self.keybuf[off + 3] = (sz >> 24) & 0xFF
+            memcpy(self.keybuf + off + 4, zmsg_data(&self.scratch[i]), sz)
+            off += 4 + sz
+        self.keylen = total
+        return 0
+
+    cdef int _sess_find(self) noexcept nogil:
+        """Session slot of the worker whose key is in keybuf, or -1."""
+        cdef int i = aidx_find(&self.sess_index, self.keybuf, self.keylen, hash_bytes(self.keybuf, self.keylen))
+        return <int>self.sess_index.ents[i].value if i >= 0 else -1
+
+    cdef int _worker_ready(self, int s, int d, int nb) noexcept nogil:
+        cdef const uint8_t *c
+        cdef uint32_t credit
+        if nb != 3 or zmsg_size(&self.scratch[d + 3]) != 4:
+            self._drop(DROP_WORKER_BAD_FRAMES)
+            return 0
+        c = <const uint8_t *>zmsg_data(&self.scratch[d + 3])
+        credit = (<uint32_t>c[0] << 24) | (<uint32_t>c[1] << 16) | (<uint32_t>c[2] << 8) | c[3]
+        if credit > MAX_CREDIT:
+            self._drop(DROP_WORKER_BAD_FRAMES)
+            return 0
+        if s < 0:
+            s = self._sess_new(d)
+            if s < 0:
+                self._drop(DROP_OUT_OF_MEMORY)
+                return 0
+        self.sess[s].credit = credit
+        self.counters[C_READY] += 1
+        self._offer(<uint32_t>s)
+        return 0
+
+    cdef int _worker_failed(self, int s, int d) noexcept nogil:
+        cdef int rs
         cdef Req *r
+        if zmsg_size(&self.scratch[d + 3]) != TASK_ID_SIZE:
+            self._drop(DROP_ANSWER_BAD_ID)
+            return 0
+        rs = self.table.find(<const uint8_t *>zmsg_data(&self.scratch[d + 3]), TASK_ID_SIZE)
+        if rs < 0 or s < 0 or self.table.reqs[rs].worker != s:
+            # Not the attempt in progress (answered, timed out, or another worker's).
+            self._drop(DROP_ANSWER_UNKNOWN)
+            return 0
+        self.counters[C_FAILED] += 1
+        self.heap.delete(<uint32_t>rs)
+        self._detach(<uint32_t>rs)
+        r = &self.table.reqs[rs]
+        r.failed_on = s
+        r.failed_on_gen = self.sess[s].gen
+        return self._retry_or_abort(<uint32_t>rs)
+
+    # -- sessions ---------------------------------------------------------------
+
+    cdef int _sess_new(self, int d) noexcept nogil:
+        """Register the worker whose routing frames are scratch[0:d] (key in keybuf)."""
+        cdef uint32_t s, ncap, i
+        cdef Sess *grown
+        cdef Sess *w
+        cdef uint8_t *key
+        cdef size_t keylen = self.keylen
+        cdef uint64_t h = hash_bytes(self.keybuf, keylen)
+        if self.sess_free == NO_SLOT:
+            ncap = self.sess_cap * 2 if self.sess_cap else 16
+            grown = <Sess *>realloc(self.sess, ncap * sizeof(Sess))
+            if grown == NULL:
+                return -1
+            self.sess = grown
+            memset(&self.sess[self.sess_cap], 0, (ncap - self.sess_cap) * sizeof(Sess))
+            for i in range(self.sess_cap, ncap):
+                self.sess[i].next_free = i + 1 if i + 1 < ncap else NO_SLOT
+            self.sess_free = self.sess_cap
+            self.sess_cap = ncap
+        key = <uint8_t *>malloc(keylen if keylen else 1)
+        if key == NULL:
+            return -1
+        memcpy(key, self.keybuf, keylen)
+        s = self.sess_free
+        w = &self.sess[s]
+        w.env = <zmsg *>malloc((d + 1) * sizeof(zmsg))
+        if w.env == NULL or aidx_insert(&self.sess_index, key, keylen, h, s) < 0:
+            free(w.env)
+            w.env = NULL
+            free(key)
+            return -1
+        self.sess_free = w.next_free
+        for i in range(<uint32_t>(d + 1)):
+            zmsg_init(&w.env[i])
+            zmsg_copy(&w.env[i], &self.scratch[i])
+        w.nenv = d + 1
+        w.used = True
+        w.key = key
+        w.keylen = keylen
+        w.hash = h
+        w.credit = 0
+        w.inflight = 0
+        w.jobs = NO_SLOT
+        w.expiry = self.now + self._heartbeat * self._liveness
+        self.n_sessions += 1
+        if self.n_sessions == 1:
+            self.next_tick = self.now + self._heartbeat
+        self.counters[C_JOINED] += 1
+        return <int>s
+
+    cdef void _sess_release(self, uint32_t s) noexcept nogil:
+        cdef Sess *w = &self.sess[s]
+        cdef int i = aidx_find(&self.sess_index, w.key, w.keylen, w.hash)
+        if i >= 0:
+            aidx_delete(&self.sess_index, i)  # frees the key
+        close_msgs(w.env, w.nenv)
+        free(w.env)
+        w.env = NULL
+        w.key = NULL
+        w.nenv = 0
+        w.used = False
+        w.gen += 1
+        w.next_free = self.sess_free
+        self.sess_free = s
+        self.n_sessions -= 1
+
+    cdef void _offer(self, uint32_t s) noexcept nogil:
+        """Keep the worker in the idle FIFO exactly while it has spare credit."""
+        cdef Sess *w = &self.sess[s]
+        cdef int slot = self.idle.find(w.key, w.keylen)
+        cdef uint8_t *key
+        if w.inflight < w.credit:
+            if slot < 0:
+                key = <uint8_t *>malloc(w.keylen if w.keylen else 1)
+                if key != NULL:
+                    memcpy(key, w.key, w.keylen)
+                    if self.idle.push_key(key, w.keylen, NULL, 0, <int32_t>s) < 0:
+                        free(key)
+        elif slot >= 0:
+            self.idle.remove_slot(<uint32_t>slot)
+
+    cdef void _attach(self, uint32_t rs, uint32_t s) noexcept nogil:
+        cdef Req *r = &self.table.reqs[rs]
+        cdef Sess *w = &self.sess[s]
+        r.worker = <int32_t>s
+        r.wprev = NO_SLOT
+        r.wnext = w.jobs
+        if w.jobs != NO_SLOT:
+            self.table.reqs[w.jobs].wprev = rs
+        w.jobs = rs
+        w.inflight += 1
+
+    cdef void _detach(self, uint32_t rs) noexcept nogil:
+        """The attempt in progress is over: free its worker's credit."""
+        cdef Req *r = &self.table.reqs[rs]
+        cdef Sess *w
+        cdef int32_t s = r.worker
+        if s < 0:
+            return
+        w = &self.sess[s]
+        if r.wprev != NO_SLOT:
+            self.table.reqs[r.wprev].wnext = r.wnext
+        else:
+            w.jobs = r.wnext
+        if r.wnext != NO_SLOT:
+            self.table.reqs[r.wnext].wprev = r.wprev
+        w.inflight -= 1
+        r.worker = -1
+        r.wprev = NO_SLOT
+        r.wnext = NO_SLOT
+        self._offer(<uint32_t>s)
+
+    cdef int _forget(self, uint32_t s) noexcept nogil:
+        """The worker is gone: its jobs go back to the front of the queue at once."""
+        cdef uint32_t rs
+        cdef int rc, result = 0
+        self.sess[s].credit = 0  # so detaching its jobs does not offer it again
+        self._offer(s)
+        while self.sess[s].jobs != NO_SLOT:
+            rs = self.sess[s].jobs
+            self.heap.delete(rs)
+            self._detach(rs)
+            self.counters[C_REQUEUED] += 1
+            rc = self._retry_or_abort(rs)
+            if rc < 0:
+                result = rc
+        self._sess_release(s)
+        return result
+
+    cdef int _tick(self, double now) noexcept nogil:
+        """Every heartbeat interval: forget silent workers, heartbeat the others."""
+        cdef uint32_t s
+        cdef int rc
+        self.next_tick = now + self._heartbeat
+        for s in range(self.sess_cap):
+            if not self.sess[s].used:
+                continue
+            if now > self.sess[s].expiry:
+                self.counters[C_DEAD] += 1
+                rc = self._forget(s)
+            else:
+                rc = self._send_env(self.sess[s].env, self.sess[s].nenv, CMD_HEARTBEAT, False)
+            if rc < 0:
+                return rc
+        return 0
+
+    cdef int _send_env(self, zmsg *env, int nenv, int command, bint more) noexcept nogil:
+        """Send copies of env, the signature and a command to a worker; the body, if
+        any, follows (more=True). Returns 0, 1 if the worker is unreachable, or -errno."""
+        cdef zmsg part
+        cdef int i, e
+        for i in range(nenv):
+            zmsg_init(&part)
+            zmsg_copy(&part, &env[i])
+            if zmsg_send(&part, self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
+                e = zerrno()
+                zmsg_close(&part)
+                if e == ZETERM:
+                    return -e
+                return 1 if i == 0 else 0
+        zmsg_init_size(&part, SIGNATURE_SIZE)
+        memcpy(zmsg_data(&part), SIGNATURE, SIGNATURE_SIZE)
+        if zmsg_send(&part, self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
+            zmsg_close(&part)
+        zmsg_init_size(&part, 1)
+        (<uint8_t *>zmsg_data(&part))[0] = <uint8_t>command
+        if zmsg_send(&part, self.s_workers, (ZSNDMORE if more else 0) | ZDONTWAIT) < 0:
+            zmsg_close(&part)
+        return 0
+
+    # -- answers ------------------------------------------------------------------
+
+    cdef int _on_answer(self, int n) noexcept nogil:
         if n < 2:
             self._drop(DROP_ANSWER_TOO_SHORT)
             return 0
-        if zmsg_size(&self.scratch[0]) != TASK_ID_SIZE:
+        return self._answer(&self.scratch[0], &self.scratch[1], n - 1)
+
+    cdef int _answer(self, zmsg *tid, zmsg *body, int nbody) noexcept nogil:
+        """Deliver the first answer for a task; later ones are dropped."""
+        cdef int s, rc
+        cdef Req *r
+        if zmsg_size(tid) != TASK_ID_SIZE:
             self._drop(DROP_ANSWER_BAD_ID)
             return 0
-        s = self.table.find(<const uint8_t *>zmsg_data(&self.scratch[0]), TASK_ID_SIZE)
+        s = self.table.find(<const uint8_t *>zmsg_data(tid), TASK_ID_SIZE)
         if s < 0:
             self._drop(DROP_ANSWER_UNKNOWN)
             return 0
         r = &self.table.reqs[s]
-        rc = self._send_to_client(r, &self.scratch[1], n - 1)
+        rc = self._send_to_client(r, body, nbody)
         if r.state == QUEUED:
             # Answered by an earlier attempt while waiting for a retry: the queue
             # entry turns into a tombstone when the slot's generation moves on.
@@ -1004,6 +1473,7 @@ cdef class BrokerCore:
             self.counters[C_LATE] += 1
         else:
             self.heap.delete(<uint32_t>s)
+            self._detach(<uint32_t>s)
         self.table.release(<uint32_t>s)
         self.counters[C_ANSWERED] += 1
         return rc
@@ -1024,33 +1494,33 @@ cdef class BrokerCore:
 
     cdef int _expire(self, double now) noexcept nogil:
         cdef uint32_t s
-        cdef Req *r
-        cdef zmsg empty
         cdef int rc
         while self.heap.count and self.heap.ents[0].deadline <= now:
             s = self.heap.pop_min()
-            r = &self.table.reqs[s]
             self.counters[C_TIMEOUTS] += 1
-            if r.tries_left == 0:
-                zmsg_init(&empty)
-                rc = self._send_to_client(r, &empty, 1)
-                zmsg_close(&empty)
-                self.table.release(s)
-                self.counters[C_ABORTED] += 1
-                if rc < 0:
-                    return rc
-            else:
-                if ring_push(&self.retry, make_handle(s, r.gen)) < 0:
-                    # No memory to requeue: give up on it rather than lose track.
-                    zmsg_init(&empty)
-                    self._send_to_client(r, &empty, 1)
-                    zmsg_close(&empty)
-                    self.table.release(s)
-                    self.counters[C_ABORTED] += 1
-                    continue
-                r.state = QUEUED
-                self.n_queued += 1
-                self.counters[C_RETRIED] += 1
+            self._detach(s)
+            rc = self._retry_or_abort(s)
+            if rc < 0:
+                return rc
+        return 0
+
+    cdef int _retry_or_abort(self, uint32_t s) noexcept nogil:
+        """An attempt ended without an answer: queue the job ahead of new requests,
+        or, with no tries left, send the client the empty answer."""
+        cdef Req *r = &self.table.reqs[s]
+        cdef zmsg empty
+        cdef int rc
+        # Without memory to requeue, give up on the job rather than lose track of it.
+        if r.tries_left == 0 or ring_push(&self.retry, make_handle(s, r.gen)) < 0:
+            zmsg_init(&empty)
+            rc = self._send_to_client(r, &empty, 1)
+            zmsg_close(&empty)
+            self.table.release(s)
+            self.counters[C_ABORTED] += 1
+            return rc
+        r.state = QUEUED
+        self.n_queued += 1
+        self.counters[C_RETRIED] += 1
         return 0
 
     cdef Ring *_next_queue(self) noexcept nogil:
@@ -1069,11 +1539,10 @@ cdef class BrokerCore:
             q = &self.waiting
 
     cdef int _dispatch(self, double now) noexcept nogil:
-        cdef int s, w, i, e, nenv
+        cdef int s, w, w2, i, e, nenv, sidx, rc
         cdef Req *r
         cdef Wk *wk
         cdef zmsg part
-        cdef uint8_t *tid
         cdef Ring *q
         while self.idle.live:
             q = self._next_queue()
@@ -1083,20 +1552,42 @@ cdef class BrokerCore:
             w = self.idle.pop_slot()
             if w < 0:
                 return 0
-            wk = &self.idle.slots[w]
+            sidx = self.idle.slots[w].session
             r = &self.table.reqs[s]
+            if sidx >= 0 and r.failed_on == sidx and r.failed_on_gen == self.sess[sidx].gen and self.idle.live:
+                # Retry a failed job on another worker when one is idle.
+                w2 = self.idle.pop_slot()
+                self.idle.release(w)
+                self._offer(<uint32_t>sidx)
+                w = w2
+                sidx = self.idle.slots[w].session
+            wk = &self.idle.slots[w]
             # ROUTER_MANDATORY makes the first frame fail for a worker that is gone;
             # the job then stays at the front for the next idle worker.
-            if zmsg_send(&wk.env[0], self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
-                e = zerrno()
+            if sidx >= 0:
                 self.idle.release(w)
-                if e == ZETERM:
-                    return -e
-                self.counters[C_UNREACHABLE] += 1
-                continue
-            for i in range(1, wk.nenv):
-                zmsg_send(&wk.env[i], self.s_workers, ZSNDMORE | ZDONTWAIT)
-            self.idle.release(w)
+                rc = self._send_env(self.sess[sidx].env, self.sess[sidx].nenv, CMD_TASK, True)
+                if rc < 0:
+                    return rc
+                if rc == 1:
+                    self.counters[C_UNREACHABLE] += 1
+                    self.counters[C_DEAD] += 1
+                    rc = self._forget(<uint32_t>sidx)
+                    if rc < 0:
+                        return rc
+                    continue
+            else:
+                if zmsg_send(&wk.env[0], self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
+                    e = zerrno()
+                    self.idle.release(w)
+                    if e == ZETERM:
+                        return -e
+                    self.counters[C_UNREACHABLE] += 1
+                    continue
+                for i in range(1, wk.nenv):
+                    zmsg_send(&wk.env[i], self.s_workers, ZSNDMORE | ZDONTWAIT)
+                self.idle.release(w)
+            r = &self.table.reqs[s]
             zmsg_init_size(&part, TASK_ID_SIZE)
             self.table.write_id(<uint32_t>s, <uint8_t *>zmsg_data(&part))
             nenv = r.nenv
@@ -1113,10 +1604,14 @@ cdef class BrokerCore:
             self.n_queued -= 1
             r.state = RUNNING
             r.attempts += 1
+            r.failed_on = -1
             if r.tries_left > 0:
                 r.tries_left -= 1
             if self._timeout >= 0:
                 # Without memory for a deadline the attempt simply has none.
                 self.heap.insert(<uint32_t>s, now + self._timeout)
+            if sidx >= 0:
+                self._attach(<uint32_t>s, <uint32_t>sidx)
+                self._offer(<uint32_t>sidx)
             self.counters[C_DISPATCHED] += 1
         return 0

@@ -17,7 +17,22 @@ from typing import Deque, Dict, List, Optional, Tuple
 import zmq
 
 from fastbroker import _common
-from fastbroker._common import check_timeout, check_tries
+from fastbroker._common import (
+    CMD_ANSWER,
+    CMD_DISCONNECT,
+    CMD_FAILED,
+    CMD_HEARTBEAT,
+    CMD_READY,
+    CMD_TASK,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_LIVENESS,
+    MAX_CREDIT,
+    WORKER_SIGNATURE,
+    check_count,
+    check_heartbeat,
+    check_timeout,
+    check_tries,
+)
 
 monotonic = time.monotonic
 
@@ -125,7 +140,7 @@ class DeadlineHeap:
 
 
 class _Request:
-    __slots__ = ("key", "task_id", "env", "payload", "state", "tries_left")
+    __slots__ = ("key", "task_id", "env", "payload", "state", "tries_left", "worker", "failed_on")
 
     def __init__(self, key: int, task_id: bytes, env: list, payload: list, tries_left: int) -> None:
         self.key = key
@@ -134,6 +149,21 @@ class _Request:
         self.payload = payload
         self.state = _QUEUED
         self.tries_left = tries_left
+        self.worker: Optional[_Session] = None  # the DEALER worker running this attempt
+        self.failed_on: Optional[_Session] = None  # the worker whose FAILED caused the retry
+
+
+class _Session:
+    """A DEALER worker known to the broker: where it is, its credit, its jobs."""
+
+    __slots__ = ("key", "env", "credit", "jobs", "expiry")
+
+    def __init__(self, key: bytes, env: list) -> None:
+        self.key = key
+        self.env = env  # routing frames and the empty delimiter
+        self.credit = 0
+        self.jobs: Dict[int, _Request] = {}
+        self.expiry = 0.0
 
 
 class RequestTable:
@@ -186,10 +216,16 @@ class BrokerCore:
         timeout: Optional[float] = None,
         tries: Optional[int] = None,
         *,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        liveness: int = DEFAULT_LIVENESS,
         epoch: Optional[bytes] = None,
     ) -> None:
         self._timeout = check_timeout(timeout)
         self._tries = check_tries(tries)
+        self._heartbeat = check_heartbeat(heartbeat)
+        self._liveness = check_count("liveness", liveness, 1, 1000)
+        self._sessions: Dict[bytes, _Session] = {}
+        self._next_tick = 0.0
         self._requests = requests
         self._workers = workers
         self._answers = answers
@@ -214,6 +250,14 @@ class BrokerCore:
         return self._tries
 
     @property
+    def heartbeat(self) -> float:
+        return self._heartbeat
+
+    @property
+    def liveness(self) -> int:
+        return self._liveness
+
+    @property
     def last_drop(self) -> Optional[str]:
         """Reason text of the latest dropped message, or None."""
         return None if self._last_drop is None else _common.DROP_REASONS[self._last_drop]
@@ -224,14 +268,24 @@ class BrokerCore:
         result["queued"] = self._n_queued
         result["running"] = len(self._table) - self._n_queued
         result["idle_workers"] = len(self._idle)
+        result["workers"] = len(self._sessions)
         result["drops"] = {
             _common.DROP_REASONS[i]: n for i, n in enumerate(self._drops) if n
         }
         return result
 
+    def disconnect_workers(self) -> int:
+        """Send DISCONNECT to every DEALER worker and forget them; returns how many."""
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            self._send_command(session.env, CMD_DISCONNECT)
+            self._forget(session)
+        return len(sessions)
+
     def close(self) -> None:
         """Release every message the core holds (queued jobs, idle workers)."""
         self._closed = True
+        self._sessions.clear()
         self._table = RequestTable()
         self._idle = IdleWorkers()
         self._heap = DeadlineHeap()
@@ -256,6 +310,8 @@ class BrokerCore:
         while True:
             now = monotonic()
             self._expire(now)
+            if self._sessions and now >= self._next_tick:
+                self._tick(now)
             self._dispatch(now)
             if stop_on_drop and self._last_drop is not None:
                 return _common.RUN_DROP
@@ -267,6 +323,8 @@ class BrokerCore:
             top = self._heap.peek()
             if top is not None and (next_t is None or top[0] < next_t):
                 next_t = top[0]
+            if self._sessions and (next_t is None or self._next_tick < next_t):
+                next_t = self._next_tick
             if next_t is None:
                 ms = None
             elif next_t <= now:
@@ -331,23 +389,151 @@ class BrokerCore:
         self._counters["requests"] += 1
 
     def _on_ready(self, frames: list) -> None:
+        """A message on the workers endpoint: an original REQ worker's ready, or FBW01."""
         d = self._delimiter(frames)
         if d < 1:
             self._drop(_common.DROP_READY_NO_DELIMITER)
             return
-        if len(frames) != d + 2:
+        body = frames[d + 1 :]
+        if len(body) == 1:
+            # The same length-prefixed address key as the compiled core, so both treat
+            # a second "ready" from one address alike.
+            self._idle._push_env(_address_key(frames[:d]), frames[: d + 1])
+            self._counters["ready"] += 1
+            return
+        if not body or body[0].bytes != WORKER_SIGNATURE:
             self._drop(_common.DROP_READY_BAD_FRAMES)
             return
-        # The same length-prefixed address key as the compiled core, so both treat
-        # a second "ready" from one address alike.
-        self._idle._push_env(_address_key(frames[:d]), frames[: d + 1])
+        command = body[1].bytes
+        handler = self._commands.get(command)
+        if handler is None:
+            self._drop(_common.DROP_WORKER_BAD_COMMAND)
+            return
+        key = _address_key(frames[:d])
+        session = self._sessions.get(key)
+        if session is not None:
+            session.expiry = monotonic() + self._heartbeat * self._liveness
+        handler(self, key, session, frames[: d + 1], body[2:])
+
+    def _worker_ready(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
+        if len(args) != 1 or len(args[0]) != 4:
+            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            return
+        credit = int.from_bytes(args[0].bytes, "big")
+        if credit > MAX_CREDIT:
+            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            return
+        if session is None:
+            session = _Session(key, env)
+            session.expiry = monotonic() + self._heartbeat * self._liveness
+            self._sessions[key] = session
+            self._counters["workers_joined"] += 1
+            if len(self._sessions) == 1:
+                self._next_tick = monotonic() + self._heartbeat
+        session.credit = credit
         self._counters["ready"] += 1
+        self._offer(session)
+
+    def _worker_answer(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
+        if len(args) < 2:
+            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            return
+        # Accepted even from a worker the broker has forgotten: the job may still
+        # be waiting for it. That worker is then told to register again.
+        self._answer(args[0].bytes, args[1:])
+        if session is None:
+            self._send_command(env, CMD_DISCONNECT)
+
+    def _worker_failed(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
+        if len(args) != 3:
+            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            return
+        request = self._table._requests.get(args[0].bytes)
+        if session is None:
+            self._send_command(env, CMD_DISCONNECT)
+        if request is None or request.worker is not session or session is None:
+            # Not the attempt in progress (answered, timed out, or another worker's).
+            self._drop(_common.DROP_ANSWER_UNKNOWN)
+            return
+        self._counters["failed"] += 1
+        self._heap.remove(request.key)
+        self._detach(request)
+        request.failed_on = session
+        self._retry_or_abort(request)
+
+    def _worker_heartbeat(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
+        if args:
+            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+        elif session is None:
+            self._send_command(env, CMD_DISCONNECT)
+
+    def _worker_disconnect(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
+        if args:
+            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+        elif session is not None:
+            self._counters["workers_left"] += 1
+            self._forget(session)
+
+    _commands = {
+        CMD_READY: _worker_ready,
+        CMD_ANSWER: _worker_answer,
+        CMD_FAILED: _worker_failed,
+        CMD_HEARTBEAT: _worker_heartbeat,
+        CMD_DISCONNECT: _worker_disconnect,
+    }
+
+    def _send_command(self, env: list, command: bytes, body: Optional[list] = None) -> None:
+        try:
+            self._workers.send_multipart(env + [WORKER_SIGNATURE, command] + (body or []), zmq.DONTWAIT, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.ETERM:
+                raise
+            # A worker that is gone is found out by its silence.
+
+    def _offer(self, session: _Session) -> None:
+        """Keep the worker in the idle FIFO exactly while it has spare credit."""
+        if len(session.jobs) < session.credit:
+            if session.key not in self._idle._workers:
+                self._idle._push_env(session.key, session)
+        else:
+            self._idle._workers.pop(session.key, None)
+
+    def _detach(self, request: _Request) -> None:
+        """The attempt in progress is over: free its worker's credit."""
+        session = request.worker
+        if session is not None:
+            request.worker = None
+            del session.jobs[request.key]
+            if self._sessions.get(session.key) is session:
+                self._offer(session)
+
+    def _forget(self, session: _Session) -> None:
+        """The worker is gone: its jobs go back to the front of the queue at once."""
+        del self._sessions[session.key]
+        self._idle._workers.pop(session.key, None)
+        for request in list(session.jobs.values()):
+            self._heap.remove(request.key)
+            self._detach(request)
+            self._counters["requeued"] += 1
+            self._retry_or_abort(request)
+
+    def _tick(self, now: float) -> None:
+        """Every heartbeat interval: forget silent workers, heartbeat the others."""
+        self._next_tick = now + self._heartbeat
+        for session in list(self._sessions.values()):
+            if now > session.expiry:
+                self._counters["workers_dead"] += 1
+                self._forget(session)
+            else:
+                self._send_command(session.env, CMD_HEARTBEAT)
 
     def _on_answer(self, frames: list) -> None:
         if len(frames) < 2:
             self._drop(_common.DROP_ANSWER_TOO_SHORT)
             return
-        task_id = frames[0].bytes
+        self._answer(frames[0].bytes, frames[1:])
+
+    def _answer(self, task_id: bytes, body: list) -> None:
         if len(task_id) != _common.TASK_ID_SIZE:
             self._drop(_common.DROP_ANSWER_BAD_ID)
             return
@@ -356,7 +542,8 @@ class BrokerCore:
             self._drop(_common.DROP_ANSWER_UNKNOWN)
             return
         del self._by_key[request.key]
-        self._send_to_client(request, frames[1:])
+        self._detach(request)
+        self._send_to_client(request, body)
         if request.state == _QUEUED:
             # Answered by an earlier attempt while waiting for a retry; the queue
             # entry is skipped when it reaches the front (the request is gone).
@@ -382,15 +569,21 @@ class BrokerCore:
             heap.pop()
             request = self._by_key[top[1]]
             self._counters["timeouts"] += 1
-            if request.tries_left == 0:
-                self._finish(request)
-                self._send_to_client(request, [b""])
-                self._counters["aborted"] += 1
-            else:
-                request.state = _QUEUED
-                self._retry.append(request)
-                self._n_queued += 1
-                self._counters["retried"] += 1
+            self._detach(request)
+            self._retry_or_abort(request)
+
+    def _retry_or_abort(self, request: _Request) -> None:
+        """An attempt ended without an answer: queue the job ahead of new requests,
+        or, with no tries left, send the client the empty answer."""
+        if request.tries_left == 0:
+            self._finish(request)
+            self._send_to_client(request, [b""])
+            self._counters["aborted"] += 1
+        else:
+            request.state = _QUEUED
+            self._retry.append(request)
+            self._n_queued += 1
+            self._counters["retried"] += 1
 
     def _finish(self, request: _Request) -> None:
         del self._table._requests[request.task_id]
@@ -412,19 +605,35 @@ class BrokerCore:
             if queue is None:
                 return
             request = queue[0]
-            env = idle._pop_env()
+            worker = idle._pop_env()
+            if request.failed_on is not None and worker is request.failed_on and len(idle):
+                # Retry a failed job on another worker when one is idle.
+                other = idle._pop_env()
+                self._offer(worker)
+                worker = other
+            session = worker if isinstance(worker, _Session) else None
+            if session is None:
+                message = worker + [request.task_id] + request.payload
+            else:
+                message = session.env + [WORKER_SIGNATURE, CMD_TASK, request.task_id] + request.payload
             # ROUTER_MANDATORY makes the send fail for a worker that is gone; the
             # job then stays at the front for the next idle worker.
             try:
-                self._workers.send_multipart(
-                    env + [request.task_id] + request.payload, zmq.DONTWAIT, copy=False
-                )
+                self._workers.send_multipart(message, zmq.DONTWAIT, copy=False)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ETERM:
                     raise
                 self._counters["unreachable_workers"] += 1
+                if session is not None:
+                    self._counters["workers_dead"] += 1
+                    self._forget(session)
                 continue
             queue.popleft()
+            request.failed_on = None
+            if session is not None:
+                request.worker = session
+                session.jobs[request.key] = request
+                self._offer(session)
             self._n_queued -= 1
             request.state = _RUNNING
             if request.tries_left > 0:

@@ -10,7 +10,16 @@ from typing import Optional, Tuple
 import zmq
 
 from fastbroker import _common, _select
-from fastbroker._common import Closeable, ConfigError, check_timeout, check_tries
+from fastbroker._common import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_LIVENESS,
+    Closeable,
+    ConfigError,
+    check_count,
+    check_heartbeat,
+    check_timeout,
+    check_tries,
+)
 
 log = logging.getLogger("fastbroker.broker")
 
@@ -37,6 +46,8 @@ class Broker(Closeable):
     The arguments follow the original 2010 broker: ``Broker(context, timeout,
     tries, requests_addr, workers_addr, answers_addr)``; ``context`` may be None.
     ``core`` picks "compiled" or "pure" (default: fastbroker's live core).
+    ``heartbeat`` (seconds) and ``liveness`` (intervals) govern DEALER workers: the
+    broker heartbeats them and takes one silent for ``liveness * heartbeat`` s for dead.
     """
 
     def __init__(
@@ -49,9 +60,13 @@ class Broker(Closeable):
         answers_addr: str,
         *,
         core: Optional[str] = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        liveness: int = DEFAULT_LIVENESS,
     ) -> None:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
+        heartbeat = check_heartbeat(heartbeat)
+        liveness = check_count("liveness", liveness, 1, 1000)
         try:
             core_module = _select.resolve(core)
         except ImportError as exc:
@@ -81,13 +96,15 @@ class Broker(Closeable):
                 _bind(workers, workers_addr, "workers"),
                 _bind(answers, answers_addr, "answers"),
             )
-            self._core = core_module.BrokerCore(requests, workers, answers, timeout, tries)
+            self._core = core_module.BrokerCore(
+                requests, workers, answers, timeout, tries, heartbeat=heartbeat, liveness=liveness
+            )
         except BaseException:
             self.close()
             raise
         log.info(
-            "broker on requests=%s workers=%s answers=%s (timeout=%s, tries=%s, core=%s)",
-            *self.endpoints, timeout, tries, self.core_name,
+            "broker on requests=%s workers=%s answers=%s (timeout=%s, tries=%s, heartbeat=%s, liveness=%s, core=%s)",
+            *self.endpoints, timeout, tries, heartbeat, liveness, self.core_name,
         )
 
     def _socket(self, kind: int) -> zmq.Socket:
@@ -103,6 +120,14 @@ class Broker(Closeable):
     @property
     def tries(self) -> Optional[int]:
         return self._core.tries
+
+    @property
+    def heartbeat(self) -> float:
+        return self._core.heartbeat
+
+    @property
+    def liveness(self) -> int:
+        return self._core.liveness
 
     @property
     def wake_fd(self) -> int:
@@ -173,6 +198,10 @@ class Broker(Closeable):
         self._closed = True
         core = getattr(self, "_core", None)
         if core is not None:
+            # Workers told DISCONNECT reconnect and wait for a broker to come back.
+            told = core.disconnect_workers()
+            if told:
+                log.info("sent DISCONNECT to %d worker(s)", told)
             core.close()
         for socket in self._sockets:
             socket.close()
