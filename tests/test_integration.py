@@ -269,7 +269,7 @@ def test_malformed_messages_on_every_endpoint_are_dropped(transport, procs, ctx,
         (answers, [b"only one frame"], "answer with fewer than two frames"),
         (answers, [b"short id", b"answer"], "answer whose task id is malformed"),
         (answers, [b"\0" * 16, b"answer to nothing"], "answer for an unknown or already answered task"),
-        (ready, [b"", b"FBW01", b"\x09"], "worker message with an unknown signature or command"),
+        (ready, [b"", b"FBW01", b"\x09"], "worker message with an unknown command"),
         (ready, [b"", b"FBW01", b"\x01"], "worker command with the wrong frames"),
     ]
     assert {reason for _, _, reason in malformed} == {r for r in DROP_REASONS if "memory" not in r}

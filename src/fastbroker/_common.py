@@ -49,7 +49,7 @@ DROP_REASONS = (
     "answer for an unknown or already answered task",
     "message with too many frames",
     "message dropped for lack of memory",
-    "worker message with an unknown signature or command",
+    "worker message with an unknown command",
     "worker command with the wrong frames",
 )
 

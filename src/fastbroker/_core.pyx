@@ -1186,7 +1186,7 @@ cdef class BrokerCore:
             if s < 0 and rc >= 0:
                 rc = self._send_env(self.scratch, d + 1, CMD_DISCONNECT, False)
             return rc if rc < 0 else 0
-        if nb != (6 if command == CMD_FAILED else 2):
+        if nb != (5 if command == CMD_FAILED else 2):
             self._drop(DROP_WORKER_BAD_FRAMES)
             return 0
         if command == CMD_DISCONNECT:
@@ -1389,18 +1389,24 @@ cdef class BrokerCore:
 
     cdef int _forget(self, uint32_t s) noexcept nogil:
         """The worker is gone: its jobs go back to the front of the queue at once."""
-        cdef uint32_t rs
+        cdef uint32_t rs, prev
         cdef int rc, result = 0
         self.sess[s].credit = 0  # so detaching its jobs does not offer it again
         self._offer(s)
-        while self.sess[s].jobs != NO_SLOT:
-            rs = self.sess[s].jobs
+        # The list holds the newest job first; requeue the oldest first, so the
+        # jobs keep the order in which they were sent.
+        rs = self.sess[s].jobs
+        while rs != NO_SLOT and self.table.reqs[rs].wnext != NO_SLOT:
+            rs = self.table.reqs[rs].wnext
+        while rs != NO_SLOT:
+            prev = self.table.reqs[rs].wprev
             self.heap.delete(rs)
             self._detach(rs)
             self.counters[C_REQUEUED] += 1
             rc = self._retry_or_abort(rs)
             if rc < 0:
                 result = rc
+            rs = prev
         self._sess_release(s)
         return result
 

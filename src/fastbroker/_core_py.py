@@ -448,9 +448,12 @@ class BrokerCore:
         if len(args) != 3:
             self._drop(_common.DROP_WORKER_BAD_FRAMES)
             return
-        request = self._table._requests.get(args[0].bytes)
         if session is None:
             self._send_command(env, CMD_DISCONNECT)
+        if len(args[0]) != _common.TASK_ID_SIZE:
+            self._drop(_common.DROP_ANSWER_BAD_ID)
+            return
+        request = self._table._requests.get(args[0].bytes)
         if request is None or request.worker is not session or session is None:
             # Not the attempt in progress (answered, timed out, or another worker's).
             self._drop(_common.DROP_ANSWER_UNKNOWN)
