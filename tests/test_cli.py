@@ -4,6 +4,7 @@ the broker and the workers cleanly (exit 0), a worker finishing its job first.""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -15,7 +16,7 @@ import zmq
 
 import fastbroker
 from conftest import PYTHON, wait_until
-from workers_for_tests import LOG_ENV, Echo, Processes, pid_alive, read_log, request, runs
+from workers_for_tests import LOG_ENV, Echo, Processes, descendants, pid_alive, read_log, request, runs
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -89,6 +90,21 @@ ERROR_CASES = {
     "worker-bad-scheme": (["worker", "workers_for_tests:Echo", W, "bogus://x"], "bogus://x"),
     "worker-processes-0": (["worker", "workers_for_tests:Echo", W, A, "--processes", "0"], "at least 1"),
     "worker-too-few-args": (["worker", "workers_for_tests:Echo", W], "required"),
+    "worker-no-address": (["worker", "workers_for_tests:DealerEcho"], "required"),
+    "worker-req-credit": (["worker", "workers_for_tests:Echo", W, A, "--credit", "2"], "only for fastbroker.Worker"),
+    "worker-req-heartbeat": (["worker", "workers_for_tests:Echo", W, A, "--heartbeat", "0.5"], "only for fastbroker.Worker"),
+    "worker-dealer-credit-0": (["worker", "workers_for_tests:DealerEcho", W, "--credit", "0"], "credit"),
+    "worker-dealer-credit-huge": (["worker", "workers_for_tests:DealerEcho", W, "--credit", "99999999"], "credit"),
+    "worker-dealer-heartbeat-0": (["worker", "workers_for_tests:DealerEcho", W, "--heartbeat", "0"], "heartbeat"),
+    "worker-dealer-heartbeat-nan": (["worker", "workers_for_tests:DealerEcho", W, "--heartbeat", "nan"], "heartbeat"),
+    "worker-dealer-liveness-0": (["worker", "workers_for_tests:DealerEcho", W, "--liveness", "0"], "liveness"),
+    "worker-dealer-liveness-float": (["worker", "workers_for_tests:DealerEcho", W, "--liveness", "1.5"], "not a whole number"),
+    "worker-dealer-bad-scheme": (["worker", "workers_for_tests:DealerEcho", "bogus://x"], "bogus://x"),
+    "worker-dealer-bad-answers-address": (["worker", "workers_for_tests:DealerEcho", W, "nowhere"], "not a ZeroMQ address"),
+    "broker-heartbeat-0": (["broker", "--heartbeat", "0", R, W, A], "heartbeat"),
+    "broker-heartbeat-not-a-number": (["broker", "--heartbeat", "often", R, W, A], "not a number"),
+    "broker-liveness-0": (["broker", "--liveness", "0", R, W, A], "liveness"),
+    "broker-liveness-too-big": (["broker", "--liveness", "1001", R, W, A], "liveness"),
     "demo-drop-rate": (["demo", "--drop-rate", "1.5"], "between 0 and 1"),
     "demo-jobs-0": (["demo", "--jobs", "0"], "at least 1"),
 }
@@ -206,3 +222,116 @@ def test_demo_runs_and_prints_a_summary(tmp_path, subprocess_env, core_name):
     assert len(summary) == 1, result.stdout
     assert summary[0].startswith("summary: 8 requests:")
     assert "Traceback" not in result.stderr
+
+
+# -- DEALER workers (FBW01) through the CLI ------------------------------------------------
+
+
+def test_dealer_worker_sigterm_answers_jobs_in_hand_then_disconnects(procs, ctx, addrs, core_name, tmp_path):
+    log_path = tmp_path / "jobs.log"
+    broker = start_broker(procs, addrs, core_name, "--heartbeat", "0.2")
+    # No ANSWERS_ADDR: answers travel on the DEALER socket.
+    worker = procs.start(["worker", "workers_for_tests:DealerSlow", addrs[1], "--credit", "2", "--heartbeat", "0.2"], "worker", env={LOG_ENV: str(log_path)})
+    socks = []
+    try:
+        for tag in (b"a", b"b"):
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addrs[0])
+            sock.send(b"1.0:" + tag)
+            socks.append(sock)
+        # credit 2: both jobs run at once in the one worker process
+        wait_until(lambda: runs(log_path, "1.0:a") and runs(log_path, "1.0:b"), timeout=WAIT, message=f"both jobs to start\n{procs.output()}")
+        assert runs(log_path, "1.0:a") == runs(log_path, "1.0:b") == [worker.pid]
+        worker.send_signal(signal.SIGTERM)
+        for sock, tag in zip(socks, (b"a", b"b")):
+            assert sock.poll(int(WAIT * 1000)), f"a job in hand was not answered\n{procs.output()}"
+            assert sock.recv_multipart() == [b"-1.0:" + tag]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert worker.wait(WAIT) == 0, procs.output()
+    assert "Traceback" not in worker.stderr_path.read_text()
+    broker.send_signal(signal.SIGTERM)
+    assert broker.wait(WAIT) == 0, procs.output()
+    err = broker.stderr_path.read_text()
+    # The worker said DISCONNECT: it left, it did not die.
+    assert re.search(r"broker stopped: .*answered=2,.* workers_joined=1, workers_left=1, workers_dead=0", err), err
+
+
+def test_dealer_worker_failure_is_retried_at_once_not_after_the_timeout(procs, ctx, addrs, core_name, tmp_path):
+    log_path = tmp_path / "jobs.log"
+    # The attempt timeout is far beyond WAIT: only FAILED can make the retries happen in time.
+    start_broker(procs, addrs, core_name, "-T", "600", "-t", "3")
+    worker = procs.start(["-v", "worker", "workers_for_tests:DealerFailer", addrs[1]], "failer", env={LOG_ENV: str(log_path)})
+    with pytest.raises(fastbroker.TaskAborted):
+        with fastbroker.ReqClient(addrs[0], ctx, timeout=WAIT) as client:
+            client.request(b"doomed")
+    assert runs(log_path, "doomed") == [worker.pid] * 3
+    assert worker.poll() is None, "the worker survives its jobs' exceptions"
+    err = worker.stderr_path.read_text()
+    assert err.count("processing failed") == 3 and "Dropped: b'doomed'" in err, err
+
+
+def test_dealer_worker_reconnects_to_a_restarted_broker(procs, ctx, addrs, core_name, tmp_path):
+    log_path = tmp_path / "jobs.log"
+    first = start_broker(procs, addrs, core_name, "--heartbeat", "0.1")
+    worker = procs.start(["-v", "worker", "workers_for_tests:DealerEcho", addrs[1], "--heartbeat", "0.1", "--liveness", "3"], "worker", env={LOG_ENV: str(log_path)})
+    assert request(ctx, addrs[0], [b"before"], WAIT) == [b"-before"], procs.output()
+    first.send_signal(signal.SIGKILL)
+    first.wait(WAIT)
+    start_broker(procs, addrs, core_name, "--heartbeat", "0.1")
+    assert request(ctx, addrs[0], [b"after"], WAIT) == [b"-after"], procs.output()
+    assert runs(log_path, "after") == [worker.pid]
+    assert "reconnecting to" in worker.stderr_path.read_text()
+
+
+def test_worker_pool_restarts_a_child_that_dies(procs, ctx, addrs, core_name, tmp_path):
+    log_path = tmp_path / "jobs.log"
+    start_broker(procs, addrs, core_name)
+    pool = procs.start(["worker", "workers_for_tests:DealerSlow", addrs[1], "-p", "2"], "pool", env={LOG_ENV: str(log_path)})
+    children = wait_until(lambda: len(descendants(pool.pid)) == 2 and descendants(pool.pid), timeout=WAIT, message="two pool children")
+    victim = children[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in descendants(pool.pid) and len(descendants(pool.pid)) == 2, timeout=WAIT, message=f"the killed child to be replaced\n{procs.output()}")
+    replacement = (set(descendants(pool.pid)) - set(children)).pop()
+    assert "died unexpectedly" in pool.stderr_path.read_text()
+    # The replacement serves: two jobs at once, each long enough to keep its
+    # worker (credit 1) busy, go one to each child.
+    for n in range(10):
+        socks = [ctx.socket(zmq.REQ) for _ in range(2)]
+        try:
+            for sock, tag in zip(socks, (b"a", b"b")):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(addrs[0])
+                sock.send(b"0.3:%d%s" % (n, tag))
+            for sock, tag in zip(socks, (b"a", b"b")):
+                assert sock.poll(int(WAIT * 1000)), procs.output()
+                assert sock.recv() == b"-0.3:%d%s" % (n, tag)
+        finally:
+            for sock in socks:
+                sock.close()
+        if replacement in {e.pid for e in read_log(log_path)}:
+            break
+    else:
+        pytest.fail(f"the replacement {replacement} ran no job\n{procs.output()}")
+    pool.send_signal(signal.SIGTERM)
+    assert pool.wait(WAIT) == 0, procs.output()
+    # Stopped, not restarted: the children exit and none takes their place.
+    for pid in (replacement, children[1]):
+        wait_until(lambda: not pid_alive(pid), timeout=WAIT, message=f"pool child {pid} to exit")
+    assert pool.stderr_path.read_text().count("died unexpectedly") == 1, procs.output()
+
+
+def test_worker_pool_backs_off_restarting_a_child_that_dies_at_once(procs, addrs, tmp_path):
+    log_path = tmp_path / "jobs.log"
+    pool = procs.start(["worker", "workers_for_tests:DiesAtOnce", addrs[1], "-p", "2"], "pool", env={LOG_ENV: str(log_path)})
+    # Each death of a slot in a row doubles its delay: 0.5 s, then 1 s, then 2 s...
+    wait_until(lambda: pool.stderr_path.read_text().count("restarting in 1.0 s") == 2, timeout=WAIT, message=f"each slot's second restart\n{procs.output()}")
+    pool.send_signal(signal.SIGTERM)
+    assert pool.wait(WAIT) == 3, procs.output()  # the children's status
+    err = pool.stderr_path.read_text()
+    assert "restarting in 0.5 s" in err and "Traceback" not in err
+    # Each slot ran twice at least; a spinning pool would have run hundreds of
+    # children, a backing-off one needs over 15 s for 6 runs per slot.
+    assert 4 <= len(read_log(log_path)) <= 12, err

@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import zmq
 
-from fastbroker import Worker
+from fastbroker import ReqWorker, Worker
 
 LOG_ENV = "FB_TEST_LOG"
 EXTRA_DELAY_ENV = "FB_TEST_EXTRA_DELAY"
@@ -80,9 +80,12 @@ def runs(path: Path, payload: str, event: str = "start") -> List[int]:
 
 
 # -- Worker subclasses -----------------------------------------------------------
+# Each job behaviour is a mixin used twice: on a ReqWorker (original REQ/PUSH
+# protocol: Echo, Slow, Hang, Dropper) and on a DEALER Worker (FBW01:
+# DealerEcho, DealerSlow, DealerHang, DealerFailer).
 
 
-class Echo(Worker):
+class _EchoJob:
     """Answers b"-" + data at once."""
 
     def process(self, data: bytes) -> bytes:
@@ -91,23 +94,19 @@ class Echo(Worker):
         return b"-" + data
 
 
-class Slow(Worker):
+class _SlowJob:
     """Payload ``SECONDS:TAG``: sleeps SECONDS (plus $FB_TEST_EXTRA_DELAY, which
     makes the whole process a slow worker), then answers b"-" + data."""
-
-    def __init__(self, context, requests_addr: str, replies_addr: str) -> None:
-        super().__init__(context, requests_addr, replies_addr)
-        self.extra_delay = float(os.environ.get(EXTRA_DELAY_ENV, "0"))
 
     def process(self, data: bytes) -> bytes:
         log_event("start", data)
         seconds = float(data.split(b":", 1)[0])
-        time.sleep(seconds + self.extra_delay)
+        time.sleep(seconds + float(os.environ.get(EXTRA_DELAY_ENV, "0")))
         log_event("done", data)
         return b"-" + data
 
 
-class Hang(Worker):
+class _HangJob:
     """Takes a job and never answers it: waits to be killed (SIGTERM does not
     stop it either: the worker finishes its job in hand first)."""
 
@@ -119,19 +118,63 @@ class Hang(Worker):
         return b"-" + data
 
 
-class Dropper(Worker):
-    """Takes every job and fails it (no answer), then asks for the next one."""
+class Dropped(Exception):
+    pass
 
-    class Dropped(Exception):
-        pass
+
+class _DropJob:
+    """Fails every job: a ReqWorker leaves it unanswered (it times out), a
+    DEALER Worker reports FAILED (the broker retries it at once)."""
+
+    Dropped = Dropped
 
     def process(self, data: bytes) -> bytes:
         log_event("start", data)
-        raise Dropper.Dropped(data)
+        raise Dropped(data)
+
+
+class Echo(_EchoJob, ReqWorker):
+    """ReqWorker: answers b"-" + data at once."""
+
+
+class Slow(_SlowJob, ReqWorker):
+    """ReqWorker: ``SECONDS:TAG`` sleeps, then answers b"-" + data."""
+
+
+class Hang(_HangJob, ReqWorker):
+    """ReqWorker: never answers."""
+
+
+class Dropper(_DropJob, ReqWorker):
+    """ReqWorker: takes every job and drops it (no answer), then asks for the next one."""
+
+
+class DealerEcho(_EchoJob, Worker):
+    """DEALER Worker: answers b"-" + data at once."""
+
+
+class DealerSlow(_SlowJob, Worker):
+    """DEALER Worker: ``SECONDS:TAG`` sleeps, then answers b"-" + data (heartbeats go on)."""
+
+
+class DealerHang(_HangJob, Worker):
+    """DEALER Worker: never answers (but keeps heartbeating)."""
+
+
+class DealerFailer(_DropJob, Worker):
+    """DEALER Worker: raises on every job, so it reports FAILED."""
+
+
+class DiesAtOnce(Worker):
+    """A worker process that exits with status 3 as soon as it runs (for the pool's back-off)."""
+
+    def run(self) -> None:
+        log_event("run", b"")
+        os._exit(3)
 
 
 class NotAWorker:
-    """A class that is not a Worker subclass (for the CLI's MODULE:CLASS check)."""
+    """A class that is not a worker subclass (for the CLI's MODULE:CLASS check)."""
 
     def __init__(self, *args: object) -> None:
         pass

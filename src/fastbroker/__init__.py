@@ -6,7 +6,7 @@ from fastbroker._common import BrokerError, ConfigError
 from fastbroker._select import core_name
 from fastbroker.broker import Broker
 from fastbroker.client import ReqClient, TaskAborted
-from fastbroker.worker import Worker
+from fastbroker.worker import ReqWorker, Worker, WorkerBase
 
 __version__ = "0.1.0"
 
@@ -15,8 +15,10 @@ __all__ = [
     "BrokerError",
     "ConfigError",
     "ReqClient",
+    "ReqWorker",
     "TaskAborted",
     "Worker",
+    "WorkerBase",
     "core_name",
     "__version__",
 ]

@@ -85,6 +85,7 @@ CMD_HEARTBEAT = b"\x05"  # both ways: []
 CMD_DISCONNECT = b"\x06"  # both ways: []
 
 MAX_CREDIT = 1 << 16
+MAX_LIVENESS = 1000
 
 DEFAULT_HEARTBEAT = 1.0
 """Seconds between heartbeats, both ways."""

@@ -860,7 +860,7 @@ cdef class BrokerCore:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
-        self._liveness = check_count("liveness", liveness, 1, 1000)
+        self._liveness = check_count("liveness", liveness, 1, _common.MAX_LIVENESS)
         self.sess_free = NO_SLOT
         self._sockets = (requests, workers, answers)
         self.s_requests = <void *><size_t>requests.underlying

@@ -27,6 +27,7 @@ from fastbroker._common import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
     MAX_CREDIT,
+    MAX_LIVENESS,
     WORKER_SIGNATURE,
     check_count,
     check_heartbeat,
@@ -223,7 +224,7 @@ class BrokerCore:
         self._timeout = check_timeout(timeout)
         self._tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
-        self._liveness = check_count("liveness", liveness, 1, 1000)
+        self._liveness = check_count("liveness", liveness, 1, MAX_LIVENESS)
         self._sessions: Dict[bytes, _Session] = {}
         self._next_tick = 0.0
         self._requests = requests

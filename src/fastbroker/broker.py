@@ -13,6 +13,7 @@ from fastbroker import _common, _select
 from fastbroker._common import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
+    MAX_LIVENESS,
     Closeable,
     ConfigError,
     check_count,
@@ -66,7 +67,7 @@ class Broker(Closeable):
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
         heartbeat = check_heartbeat(heartbeat)
-        liveness = check_count("liveness", liveness, 1, 1000)
+        liveness = check_count("liveness", liveness, 1, MAX_LIVENESS)
         try:
             core_module = _select.resolve(core)
         except ImportError as exc:

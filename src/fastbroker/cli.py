@@ -14,7 +14,17 @@ import sys
 from typing import List, NoReturn, Optional, Sequence
 
 from fastbroker import __version__
-from fastbroker._common import ConfigError, check_timeout, check_tries
+from fastbroker._common import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_LIVENESS,
+    MAX_CREDIT,
+    MAX_LIVENESS,
+    ConfigError,
+    check_count,
+    check_heartbeat,
+    check_timeout,
+    check_tries,
+)
 from fastbroker._select import CORE_NAMES
 from fastbroker.signals import install_stop_handlers
 
@@ -51,6 +61,27 @@ def _positive(text: str) -> int:
     return value
 
 
+def _heartbeat(text: str) -> float:
+    try:
+        return check_heartbeat(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+
+
+def _count(name: str, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        try:
+            return check_count(name, value, 1, high)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -74,15 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tries", type=_tries, default=None, help="attempts per job before the client gets the empty answer (default: unlimited)")
     p.add_argument("-T", "--timeout", type=_timeout, default=None, help="seconds an attempt may take before the job is re-sent (default: none)")
     p.add_argument("--core", choices=CORE_NAMES, default=None, help="broker core (default: compiled unless FASTBROKER_PURE=1)")
+    p.add_argument("--heartbeat", type=_heartbeat, default=None, metavar="SECONDS", help=f"seconds between heartbeats to DEALER workers (default: {DEFAULT_HEARTBEAT})")
+    p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS), default=None, metavar="N", help=f"heartbeats of silence after which a DEALER worker is dead (default: {DEFAULT_LIVENESS})")
     p.add_argument("requests_addr", metavar="REQUESTS_ADDR", help="where clients send requests (ROUTER), e.g. tcp://*:5555")
     p.add_argument("workers_addr", metavar="WORKERS_ADDR", help="where workers ask for jobs (ROUTER)")
     p.add_argument("answers_addr", metavar="ANSWERS_ADDR", help="where workers push answers (PULL)")
 
-    p = sub.add_parser("worker", help="run workers of a Worker subclass", description="Run Worker subclass instances until SIGINT or SIGTERM.", parents=[verbose])
-    p.add_argument("worker_class", metavar="MODULE:CLASS", help="the Worker subclass, e.g. mypkg.jobs:Resize")
-    p.add_argument("requests_addr", metavar="REQUESTS_ADDR", help="the broker's workers endpoint")
-    p.add_argument("answers_addr", metavar="ANSWERS_ADDR", help="the broker's answers endpoint")
+    p = sub.add_parser(
+        "worker",
+        help="run workers of a Worker or ReqWorker subclass",
+        description="Run instances of a fastbroker.Worker (DEALER, FBW01) or fastbroker.ReqWorker (REQ/PUSH) subclass until SIGINT or SIGTERM.",
+        parents=[verbose],
+    )
+    p.add_argument("worker_class", metavar="MODULE:CLASS", help="the worker subclass, e.g. mypkg.jobs:Resize")
+    p.add_argument("requests_addr", metavar="WORKERS_ADDR", help="the broker's workers endpoint")
+    p.add_argument("answers_addr", metavar="ANSWERS_ADDR", nargs="?", default=None, help="the broker's answers endpoint (ReqWorker subclasses only)")
     p.add_argument("-p", "--processes", type=_positive, default=1, help="worker processes to run (default: 1)")
+    p.add_argument("--credit", type=_count("credit", MAX_CREDIT), default=None, metavar="N", help="jobs one Worker process takes at once, each in its own thread (default: 1)")
+    p.add_argument("--heartbeat", type=_heartbeat, default=None, metavar="SECONDS", help=f"seconds between heartbeats (Worker only; default: {DEFAULT_HEARTBEAT})")
+    p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS), default=None, metavar="N", help=f"heartbeats of broker silence before reconnecting (Worker only; default: {DEFAULT_LIVENESS})")
 
     p = sub.add_parser("demo", help="run broker, dropping workers and a client; show retries and aborts", parents=[verbose])
     p.add_argument("--jobs", type=_positive, default=24, help="requests to send (default: 24)")
@@ -110,8 +151,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     if args.tries is not None and args.timeout is None:
         print("fastbroker: warning: --tries has no effect without --timeout (attempts never expire)", file=sys.stderr)
+    # Only the options given are passed on: Broker keeps its own defaults.
+    options = {name: getattr(args, name) for name in ("heartbeat", "liveness") if getattr(args, name) is not None}
     try:
-        broker = Broker(None, args.timeout, args.tries, args.requests_addr, args.workers_addr, args.answers_addr, core=args.core)
+        broker = Broker(None, args.timeout, args.tries, args.requests_addr, args.workers_addr, args.answers_addr, core=args.core, **options)
     except ConfigError as exc:
         return _fail(str(exc))
     install_stop_handlers(broker.stop, broker.wake_fd)
@@ -124,8 +167,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def load_worker_class(spec: str) -> type:
-    """Import MODULE:CLASS and check it is a Worker subclass; ConfigError otherwise."""
-    from fastbroker.worker import Worker
+    """Import MODULE:CLASS and check it is a Worker or ReqWorker subclass; ConfigError otherwise."""
+    from fastbroker.worker import ReqWorker, Worker
 
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:
@@ -140,23 +183,33 @@ def load_worker_class(spec: str) -> type:
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ConfigError(f"module {module_name!r} has no attribute {class_name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, Worker)):
-        raise ConfigError(f"{spec} is not a subclass of fastbroker.Worker")
+    if not (isinstance(cls, type) and issubclass(cls, (Worker, ReqWorker))):
+        raise ConfigError(f"{spec} is not a subclass of fastbroker.Worker or fastbroker.ReqWorker")
     return cls
 
 
+def _check_address(addr: str) -> None:
+    if "://" not in addr:
+        raise ConfigError(f"not a ZeroMQ address: {addr!r} (expected e.g. tcp://host:port or ipc:///path)")
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
+    from fastbroker.worker import ReqWorker
     from fastbroker.workerpool import run_pool
 
+    options = {name: getattr(args, name) for name in ("credit", "heartbeat", "liveness") if getattr(args, name) is not None}
     try:
         cls = load_worker_class(args.worker_class)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    for addr in (args.requests_addr, args.answers_addr):
-        if "://" not in addr:
-            return _fail(f"not a ZeroMQ address: {addr!r} (expected e.g. tcp://host:port or ipc:///path)")
-    try:
-        return run_pool(cls, args.requests_addr, args.answers_addr, args.processes)
+        for addr in (args.requests_addr, args.answers_addr):
+            if addr is not None:
+                _check_address(addr)
+        if issubclass(cls, ReqWorker):
+            if args.answers_addr is None:
+                raise ConfigError(f"ANSWERS_ADDR is required: {args.worker_class} is a ReqWorker (REQ/PUSH) subclass")
+            if options:
+                given = ", ".join(f"--{name}" for name in options)
+                raise ConfigError(f"{given}: only for fastbroker.Worker subclasses; {args.worker_class} is a ReqWorker")
+        return run_pool(cls, args.requests_addr, args.answers_addr, args.processes, options)
     except ConfigError as exc:
         return _fail(str(exc))
 

@@ -1,8 +1,11 @@
-"""``fastbroker demo``: a broker, workers that drop jobs and clients, with a report.
+"""``fastbroker demo``: a broker, workers that drop or fail jobs and clients, with a report.
 
-The workers drop a share of their jobs as the original article's test worker did,
-so the run shows attempts timing out, jobs re-sent to other workers and, after the
-last try, the empty answer that tells a client its request was aborted.
+Half the workers (rounded up) are ``ReqWorker``s, on the original REQ/PUSH
+protocol, that drop a share of their jobs as the original article's test worker
+did: those attempts time out and the jobs are re-sent. The others are DEALER
+``Worker``s that raise on a share of their jobs: they report FAILED and the
+broker retries the job at once. After the last try a client gets the empty
+answer that tells it its request was aborted.
 """
 
 from __future__ import annotations
@@ -14,23 +17,29 @@ import random
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from fastbroker.broker import Broker
 from fastbroker.client import ReqClient, TaskAborted
-from fastbroker.worker import Worker
+from fastbroker.signals import install_stop_handlers
+from fastbroker.worker import ReqWorker, Worker
 
 CLIENT_THREADS = 4
+DEMO_HEARTBEAT = 0.5
+"""Seconds between heartbeats, the same on both sides: a worker takes the broker
+for gone after 3 silent intervals of its own."""
 
 
-class DroppingWorker(Worker):
-    """Answers b"-" + data, but drops a share of its jobs (no answer at all)."""
+class _Flaky:
+    """Answers b"-" + data after a short pause, except for a share of its jobs."""
 
     class Dropped(Exception):
         pass
 
-    def __init__(self, context, requests_addr: str, replies_addr: str, drop_rate: float = 0.0, seed: int = 0, name: str = "worker") -> None:
-        super().__init__(context, requests_addr, replies_addr)
+    name = "worker"
+    what = "dropped"
+
+    def setup(self, drop_rate: float, seed: int, name: str) -> None:
         self.drop_rate = drop_rate
         self.name = name
         self._random = random.Random(seed)
@@ -38,19 +47,45 @@ class DroppingWorker(Worker):
     def process(self, data: bytes) -> bytes:
         time.sleep(self._random.uniform(0.005, 0.03))
         if self._random.random() < self.drop_rate:
-            print(f"  {self.name}: dropped {data.decode(errors='replace')}", flush=True)
-            raise DroppingWorker.Dropped()
+            print(f"  {self.name}: {self.what} {data.decode(errors='replace')}", flush=True)
+            raise _Flaky.Dropped()
         return b"-" + data
 
 
-def _worker_main(requests_addr: str, answers_addr: str, drop_rate: float, seed: int, name: str) -> None:
+class DroppingWorker(_Flaky, ReqWorker):
+    """REQ/PUSH: a job that raises gets no answer; the broker re-sends it after its timeout."""
+
+    what = "dropped (times out)"
+
+    def __init__(self, context: Any, requests_addr: str, replies_addr: str, drop_rate: float = 0.0, seed: int = 0, name: str = "worker") -> None:
+        ReqWorker.__init__(self, context, requests_addr, replies_addr)
+        self.setup(drop_rate, seed, name)
+
+
+class FailingWorker(_Flaky, Worker):
+    """DEALER: a job that raises is reported FAILED; the broker retries it at once."""
+
+    what = "failed (FAILED: retried at once)"
+
+    def __init__(self, context: Any, requests_addr: str, replies_addr: Optional[str] = None, drop_rate: float = 0.0, seed: int = 0, name: str = "worker") -> None:
+        Worker.__init__(self, context, requests_addr, replies_addr, heartbeat=DEMO_HEARTBEAT)
+        self.setup(drop_rate, seed, name)
+
+
+def _worker_main(dealer: bool, requests_addr: str, answers_addr: str, drop_rate: float, seed: int, name: str) -> None:
     # A dropped job is the point of the demo, not an error worth a traceback.
     logging.getLogger("fastbroker.worker").setLevel(logging.CRITICAL)
-    worker = DroppingWorker(None, requests_addr, answers_addr, drop_rate, seed, name)
+    cls = FailingWorker if dealer else DroppingWorker
+    worker = cls(None, requests_addr, answers_addr, drop_rate, seed, name)
+    install_stop_handlers(worker.stop)  # SIGTERM: finish the jobs in hand, then leave
     try:
         worker.run()
     finally:
         worker.close()
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def run_demo(
@@ -65,9 +100,11 @@ def run_demo(
     """Run the demo, print what happened, return 0 if every request got one outcome."""
     with tempfile.TemporaryDirectory(prefix="fastbroker-demo-") as tmp:
         addrs = [f"ipc://{os.path.join(tmp, name)}" for name in ("requests", "workers", "answers")]
-        broker = Broker(None, timeout, tries, *addrs, core=core)
+        broker = Broker(None, timeout, tries, *addrs, core=core, heartbeat=DEMO_HEARTBEAT)
+        req_workers = (workers + 1) // 2
         print(
-            f"fastbroker demo: {broker.core_name} core, {workers} workers dropping {drop_rate:.0%} of jobs, "
+            f"fastbroker demo: {broker.core_name} core, {_n(req_workers, 'REQ worker')} dropping and "
+            f"{_n(workers - req_workers, 'DEALER worker')} failing {drop_rate:.0%} of jobs, "
             f"attempt timeout {timeout} s, {tries} tries, {jobs} requests",
             flush=True,
         )
@@ -75,7 +112,10 @@ def run_demo(
         broker_thread.start()
         mp = multiprocessing.get_context("fork")
         procs = [
-            mp.Process(target=_worker_main, args=(addrs[1], addrs[2], drop_rate, seed + i, f"worker {i + 1}"))
+            mp.Process(
+                target=_worker_main,
+                args=(i >= req_workers, addrs[1], addrs[2], drop_rate, seed + i, f"worker {i + 1} ({'DEALER' if i >= req_workers else 'REQ'})"),
+            )
             for i in range(workers)
         ]
         for p in procs:
@@ -107,7 +147,7 @@ def run_demo(
         for t in threads:
             t.join()
         for p in procs:
-            p.terminate()  # SIGTERM: each worker finishes its job in hand and exits
+            p.terminate()  # SIGTERM: each worker finishes its jobs in hand and exits
         for p in procs:
             p.join(5)
             if p.is_alive():
@@ -125,8 +165,8 @@ def run_demo(
     )
     print(
         f"broker: {stats['dispatched']} attempts sent, {stats['timeouts']} timed out, "
-        f"{stats['retried']} put back in the queue for another try, {stats['aborted']} aborted, "
-        f"{stats['late_answers']} answered late"
+        f"{stats.get('failed', 0)} failed, {stats['retried']} put back in the queue for another try, "
+        f"{stats['aborted']} aborted, {stats['late_answers']} answered late"
     )
     ok = counts["answered"] + counts["aborted"] == jobs and not counts["wrong"]
     return 0 if ok else 1

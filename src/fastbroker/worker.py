@@ -1,32 +1,81 @@
-"""The Worker base class, speaking the original protocol: REQ asks, PUSH answers."""
+"""Worker classes: subclass one and override ``process`` or ``process_multipart``.
+
+- ``Worker``: the DEALER worker of the FBW01 protocol (heartbeats, reconnection,
+  FAILED reports, credit, graceful hang-up). Its loop lives in ``worker_session``.
+- ``ReqWorker``: the original protocol: REQ asks for a job, PUSH answers.
+- ``WorkerBase``: what both share: the methods to override and ``Error``.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from typing import List, Optional, Sequence
 
 import zmq
 
-from fastbroker._common import BrokerError, Closeable
+from fastbroker._common import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_LIVENESS,
+    MAX_CREDIT,
+    MAX_LIVENESS,
+    BrokerError,
+    Closeable,
+    ConfigError,
+    check_count,
+    check_heartbeat,
+)
+from fastbroker.worker_session import Session, WorkerStats
 
 log = logging.getLogger("fastbroker.worker")
 
 READY = b"requesting task"
-"""What the worker sends to ask for a job (the broker accepts any one frame)."""
+"""What a ReqWorker sends to ask for a job (the broker accepts any one frame)."""
+
+"""Upper bound of `liveness`, the same as the broker's."""
 
 
-class Worker(Closeable):
-    """Asks the broker for a job when it is ready, processes it, pushes the answer.
+class WorkerBase(Closeable):
+    """What every worker class shares: the job methods to override and ``Error``.
 
     Subclasses override ``process(data) -> bytes`` or
-    ``process_multipart(frames) -> list of frames``. An exception raised there is
-    logged and the job is left unanswered: the broker re-sends it when its
-    attempt times out, as in the original. ``run()`` loops until ``stop()``.
+    ``process_multipart(frames) -> list of frames``.
     """
 
     class Error(BrokerError):
-        """Raised for misuse of the Worker class."""
+        """Raised for misuse of a worker class."""
+
+    def process_multipart(self, frames: List[bytes]) -> Sequence[bytes]:
+        """Process a job's payload frames; return the answer frames.
+        By default, joins the frames and calls ``process``."""
+        return [self.process(b"".join(frames))]
+
+    def process(self, data: bytes) -> bytes:
+        """Process a job's payload (frames joined); return the answer."""
+        raise WorkerBase.Error("override one of `process` or `process_multipart`")
+
+    # Every worker class runs until stopped; these are defined by each.
+    def run(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stop(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def stopping(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ReqWorker(WorkerBase):
+    """The original protocol: asks the broker for a job on REQ when it is ready,
+    processes it, pushes the answer on PUSH.
+
+    An exception raised by ``process`` is logged and the job is left unanswered:
+    the broker re-sends it when its attempt times out, as in the original.
+    ``run()`` loops until ``stop()``.
+    """
 
     poll_interval: float = 0.1
     """Seconds between checks of stop() while waiting for a job."""
@@ -50,19 +99,6 @@ class Worker(Closeable):
         self._not_running.set()
         self._asked = False  # a "ready" is outstanding on the REQ socket
         self._closed = False
-
-    # -- to override ---------------------------------------------------------
-
-    def process_multipart(self, frames: List[bytes]) -> Sequence[bytes]:
-        """Process a job's payload frames; return the answer frames.
-        By default, joins the frames and calls ``process``."""
-        return [self.process(b"".join(frames))]
-
-    def process(self, data: bytes) -> bytes:
-        """Process a job's payload (frames joined); return the answer."""
-        raise Worker.Error("override one of `process` or `process_multipart`")
-
-    # -- the protocol ----------------------------------------------------------
 
     def request_and_process_task(self, timeout: Optional[float] = None) -> bool:
         """Ask for a job (unless already asked), wait for it, process it and send
@@ -133,3 +169,170 @@ class Worker(Closeable):
         self.replies.close()
         if self._own_context:
             self.context.term()
+
+
+def _check_reconnect_max(value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"reconnect_max must be a number of seconds, not {value!r}") from None
+    if not math.isfinite(seconds) or not 0.001 <= seconds <= 3600:
+        raise ConfigError(f"reconnect_max must be between 0.001 and 3600 seconds, not {value!r}")
+    return seconds
+
+
+class Worker(WorkerBase):
+    """A DEALER worker speaking FBW01 on the broker's workers endpoint.
+
+    ``run()`` runs the socket's I/O loop in the calling thread and ``process``
+    in a pool of ``credit`` threads, so a long job never delays heartbeats. The
+    worker tells the broker how many jobs it takes at once (``credit``),
+    heartbeats every ``heartbeat`` seconds, reconnects when the broker is silent
+    for ``liveness`` heartbeats or says DISCONNECT, reports an exception raised
+    by ``process`` as FAILED (the broker retries the job at once), and on
+    ``stop()`` finishes and answers every job it holds before hanging up.
+
+    ``replies_addr`` is accepted for signature compatibility with ReqWorker and
+    unused: answers travel on the same socket.
+    """
+
+    linger_ms: int = 5000
+    """How long the final close may wait to deliver the last answers and DISCONNECT."""
+
+    stop_grace: float = 0.05
+    """Seconds a stopping worker keeps listening after READY(0) for jobs the
+    broker sent before reading it (the broker re-queues any it misses anyway)."""
+
+    def __init__(
+        self,
+        context: Optional[zmq.Context],
+        requests_addr: str,
+        replies_addr: Optional[str] = None,
+        *,
+        credit: int = 1,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        liveness: int = DEFAULT_LIVENESS,
+        reconnect_max: Optional[float] = None,
+    ) -> None:
+        self.requests_addr = requests_addr
+        self.replies_addr = replies_addr
+        self.credit = 1
+        self.heartbeat = DEFAULT_HEARTBEAT
+        self.liveness = DEFAULT_LIVENESS
+        self.reconnect_max: Optional[float] = None
+        self.configure(credit=credit, heartbeat=heartbeat, liveness=liveness, reconnect_max=reconnect_max)
+        self._own_context = context is None
+        self.context = context if context is not None else zmq.Context(1)
+        self._check_address(requests_addr)
+        # stop() may come from a signal handler or another thread while the
+        # loop sleeps in poll: the pipe wakes it; pool threads use it too.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._keep_wake_pipe = False
+        self._stop = threading.Event()
+        self._running = False
+        self._not_running = threading.Event()
+        self._not_running.set()
+        self._closed = False
+        self.stats = WorkerStats()
+        """Counters of this worker (jobs received/answered/failed, reconnects...)."""
+
+    def _check_address(self, address: str) -> None:
+        # Sockets are made by run(); a bad address must still fail here, where
+        # the caller (e.g. the CLI) can report it, not in the middle of run().
+        probe = self.context.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        error = None
+        try:
+            probe.connect(address)
+        except zmq.ZMQError as exc:
+            error = zmq.strerror(exc.errno)
+        except (TypeError, UnicodeError, ValueError) as exc:
+            error = str(exc)
+        probe.close()  # before a term() of our own context, which waits for every socket
+        if error is not None:
+            self._release_context()
+            raise ConfigError(f"cannot connect to {address!r}: {error}")
+
+    def configure(
+        self,
+        *,
+        credit: Optional[int] = None,
+        heartbeat: Optional[float] = None,
+        liveness: Optional[int] = None,
+        reconnect_max: Optional[float] = None,
+    ) -> "Worker":
+        """Change settings before run(); None leaves one unchanged. ConfigError if invalid."""
+        if getattr(self, "_running", False):
+            raise WorkerBase.Error("configure() must be called before run()")
+        if credit is not None:
+            self.credit = check_count("credit", credit, 1, MAX_CREDIT)
+        if heartbeat is not None:
+            self.heartbeat = check_heartbeat(heartbeat)
+        if liveness is not None:
+            self.liveness = check_count("liveness", liveness, 1, MAX_LIVENESS)
+        if reconnect_max is not None:
+            self.reconnect_max = _check_reconnect_max(reconnect_max)
+        return self
+
+    @property
+    def wake_fd(self) -> int:
+        """Write end of the pipe that wakes the loop; fit for ``signal.set_wakeup_fd``."""
+        return self._wake_w
+
+    def run(self) -> None:
+        """Serve jobs until stop(); then hang up gracefully and return."""
+        if self._closed:
+            raise WorkerBase.Error("the worker is closed")
+        if self._running:
+            raise WorkerBase.Error("run() is already running")
+        self._running = True
+        self._not_running.clear()
+        try:
+            Session(self).run()
+        finally:
+            self._running = False
+            self._not_running.set()
+
+    def stop(self) -> None:
+        """Ask run() to hang up: READY(0), finish and answer the jobs held,
+        DISCONNECT, return. Safe from other threads and signal handlers."""
+        self._stop.set()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the I/O loop (pool threads call this when a job is done)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the loop is already woken) or closed
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def close(self) -> None:
+        """Stop, wait for run() (in any thread) to return, release the context and pipe."""
+        if self._closed:
+            return
+        self.stop()
+        self._not_running.wait()
+        self._closed = True
+        self._release_context()
+        if self._keep_wake_pipe:
+            return  # run() failed with jobs still running; they may still wake us
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _release_context(self) -> None:
+        if self._own_context:
+            self.context.term()
+
+
+__all__ = ["WorkerBase", "ReqWorker", "Worker", "WorkerStats", "READY"]

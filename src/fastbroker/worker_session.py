@@ -1,0 +1,339 @@
+"""The I/O loop of a DEALER ``Worker`` (protocol FBW01): one connection to the
+broker at a time, heartbeats both ways, reconnection with back-off, jobs run in a
+thread pool, graceful hang-up. ``Worker.run()`` runs ``Session(worker).run()``.
+
+Only the loop's thread touches the socket; pool threads hand results back
+through a deque and wake the loop through the worker's pipe.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+
+import zmq
+
+from fastbroker._common import (
+    CMD_ANSWER,
+    CMD_DISCONNECT,
+    CMD_FAILED,
+    CMD_HEARTBEAT,
+    CMD_READY,
+    CMD_TASK,
+    RECV_BATCH,
+    WORKER_SIGNATURE,
+)
+
+log = logging.getLogger("fastbroker.worker")
+
+FAILED_TEXT_LIMIT = 2000
+"""Characters of an exception's message sent in FAILED (the full traceback is logged)."""
+
+
+@dataclass
+class WorkerStats:
+    """Counters of a DEALER worker, updated by its I/O loop only."""
+
+    received: int = 0  # TASKs received
+    answered: int = 0  # jobs answered (ANSWER queued for the broker)
+    failed: int = 0  # jobs whose process() raised (FAILED sent unless the connection was lost)
+    connects: int = 0  # sockets opened, the first one included
+    reconnects: int = 0  # sockets opened again after a silent broker or a DISCONNECT
+    disconnects: int = 0  # DISCONNECTs received from the broker
+    heartbeats_sent: int = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+
+# A job's outcome from a pool thread: (job number, task id, answer frames or None,
+# (exception type name, message) or None).
+_Result = Tuple[int, bytes, Optional[List[bytes]], Optional[Tuple[str, str]]]
+
+
+def _message(command: bytes, *body: bytes) -> List[bytes]:
+    return [b"", WORKER_SIGNATURE, command, *body]
+
+
+class Session:
+    """Runs one worker's loop until it has stopped and hung up."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.address: str = worker.requests_addr
+        self.heartbeat: float = worker.heartbeat
+        self.silence: float = worker.liveness * worker.heartbeat
+        self.reconnect_max: float = worker.reconnect_max or self.silence
+        self.credit: int = worker.credit
+        self.stats: WorkerStats = worker.stats
+        self.sock: Optional[zmq.Socket] = None
+        self.generation = 0  # sockets opened so far; each job remembers the one it came on
+        self.heard = False  # the broker has spoken on this socket
+        self.last_heard = 0.0
+        self.next_heartbeat = 0.0
+        self.announced: Optional[int] = None  # credit last sent in READY on this socket
+        self.failures = 0  # connections lost in a row without hearing the broker
+        self.reconnect_at: Optional[float] = None
+        self.quiet_at: Optional[float] = None  # a stopping worker expects no more jobs after this
+        self.stopping = False
+        self.next_job = 0
+        self.jobs: Dict[int, int] = {}  # job number -> generation of the socket it came on
+        self.results: Deque[_Result] = collections.deque()
+        # (generation, frames): an ANSWER (generation None) is sent on whatever
+        # socket comes next; a FAILED only on the socket its job came on.
+        self.outbox: Deque[Tuple[Optional[int], List[bytes]]] = collections.deque()
+        # ANSWERs sent since the broker last spoke: if the connection is lost now,
+        # they may still sit in the socket's queue, which closing (linger 0)
+        # discards; they are sent again on the next connection (a duplicate is
+        # harmless: the broker drops an answer to an answered task).
+        self.unconfirmed: List[List[bytes]] = []
+        self.pool = ThreadPoolExecutor(max_workers=self.credit, thread_name_prefix="fastbroker-job")
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        graceful = False
+        try:
+            if not self.worker.stopping:
+                self._open(time.monotonic())
+            while True:
+                now = time.monotonic()
+                self._drain_wake_pipe()
+                self._collect_results()
+                if self.worker.stopping and not self.stopping:
+                    self.stopping = True
+                    log.info("stopping: finishing %d job(s) in hand, then disconnecting", len(self.jobs))
+                if self.sock is None and self.reconnect_at is not None and now >= self.reconnect_at:
+                    self._open(now)
+                if self.sock is not None:
+                    # READY first on a new connection (the broker answers anything
+                    # else from an unknown worker with DISCONNECT) and READY(0)
+                    # before the last answers; a raised credit goes after them.
+                    if self.stopping or self.announced is None:
+                        self._announce_credit(now)
+                    self._flush(now)
+                    self._announce_credit(now)
+                    if now - self.last_heard > self.silence:
+                        self._lose(now, f"no word from the broker for {now - self.last_heard:.1f} s")
+                    elif now >= self.next_heartbeat:
+                        self._send(now, _message(CMD_HEARTBEAT))
+                        self.stats.heartbeats_sent += 1
+                        self.next_heartbeat = now + self.heartbeat
+                if self.stopping and self._finished(now):
+                    self._hang_up()
+                    graceful = True
+                    return
+                self._poll(now)
+        finally:
+            if not graceful:  # an error escaped the loop: release without waiting
+                if self.sock is not None:
+                    self.sock.close(linger=0)
+                    self.sock = None
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                if self.jobs:
+                    # Jobs still running will write to the wake pipe when done:
+                    # close() must not free its fds for reuse under them.
+                    self.worker._keep_wake_pipe = True
+
+    def _poll(self, now: float) -> None:
+        deadlines = []
+        items: List[Tuple[Any, int]] = [(self.worker._wake_r, zmq.POLLIN)]
+        if self.sock is not None:
+            items.append((self.sock, zmq.POLLIN | (zmq.POLLOUT if self.outbox else 0)))
+            deadlines += [self.next_heartbeat, self.last_heard + self.silence]
+        elif self.reconnect_at is not None:
+            deadlines.append(self.reconnect_at)
+        if self.quiet_at is not None and now < self.quiet_at:
+            deadlines.append(self.quiet_at)
+        wait = max(0.0, min(deadlines) - now) if deadlines else self.heartbeat
+        # Round up: waking a hair early would spin through a turn with nothing due.
+        ready = dict(zmq.zmq_poll(items, int(math.ceil(wait * 1000))))
+        if self.sock is not None and ready.get(self.sock, 0) & zmq.POLLIN:
+            self._receive()
+
+    def _finished(self, now: float) -> bool:
+        """A stopping worker may hang up: no job in hand, no answer to send, and the
+        grace for jobs racing READY(0) has passed."""
+        if self.jobs:
+            return False
+        if self.sock is None:
+            return True
+        return not self.outbox and (self.quiet_at is None or now >= self.quiet_at)
+
+    # -- the connection ----------------------------------------------------------------
+
+    def _open(self, now: float) -> None:
+        self.generation += 1
+        self.sock = self.worker.context.socket(zmq.DEALER)
+        # Abandoning a connection must not wait for it; the last close sets its own linger.
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.address)
+        self.heard = False
+        self.last_heard = now  # the broker gets `silence` seconds to speak first
+        self.next_heartbeat = now + self.heartbeat
+        self.announced = None
+        self.reconnect_at = None
+        self.stats.connects += 1
+        if self.stats.connects > 1:
+            self.stats.reconnects += 1
+        log.debug("connecting to %s (connection %d)", self.address, self.generation)
+
+    def _lose(self, now: float, reason: str) -> None:
+        """Drop the connection and schedule the next: at once after one loss, then
+        heartbeat/2 doubling up to reconnect_max while the broker stays silent."""
+        assert self.sock is not None
+        self.sock.close(linger=0)
+        self.sock = None
+        self.outbox.extendleft((None, frames) for frames in reversed(self.unconfirmed))
+        self.unconfirmed = []
+        delay = 0.0 if self.failures == 0 else min(self.heartbeat / 2 * 2 ** (self.failures - 1), self.reconnect_max)
+        self.failures += 1
+        self.reconnect_at = now + delay
+        log.info("reconnecting to %s in %.2f s: %s", self.address, delay, reason)
+
+    def _hang_up(self) -> None:
+        """The end of a graceful stop: deliver what is left, say DISCONNECT, close."""
+        self.pool.shutdown(wait=True)
+        if self.sock is None and any(gen is None for gen, _ in self.outbox):
+            # Answers finished while away: one last connection to deliver them.
+            self._open(time.monotonic())
+        if self.sock is None:
+            log.info("stopped (not connected to %s)", self.address)
+            return
+        now = time.monotonic()
+        self._announce_credit(now)
+        self._flush(now)
+        dropped = len(self.outbox)
+        self._send(now, _message(CMD_DISCONNECT))
+        # Bounded: a vanished broker must not keep the process alive.
+        self.sock.close(linger=self.worker.linger_ms)
+        self.sock = None
+        if dropped:
+            log.warning("%d answer(s) could not be queued for %s before disconnecting", dropped, self.address)
+        log.info("disconnected from %s", self.address)
+
+    def _announce_credit(self, now: float) -> None:
+        """Send READY when the credit the broker should use changes: on connect, on
+        stop (0), and when a job taken on an earlier connection finishes (the new
+        connection's credit leaves room for those still running)."""
+        if self.stopping:
+            credit = 0
+        else:
+            orphans = sum(1 for gen in self.jobs.values() if gen != self.generation)
+            credit = max(0, self.credit - orphans)
+        if credit == self.announced:
+            return
+        if self._send(now, _message(CMD_READY, credit.to_bytes(4, "big"))):
+            self.announced = credit
+            if self.stopping and self.quiet_at is None:
+                self.quiet_at = now + self.worker.stop_grace
+
+    def _send(self, now: float, frames: Sequence[bytes]) -> bool:
+        """Send without blocking; False when the socket's queue is full."""
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        # Any message tells the broker we are alive: the heartbeat can wait.
+        self.next_heartbeat = now + self.heartbeat
+        return True
+
+    def _flush(self, now: float) -> None:
+        while self.outbox and self.sock is not None:
+            gen, frames = self.outbox[0]
+            if gen is not None and gen != self.generation:
+                # The broker re-queues the jobs of a connection it lost; a
+                # FAILED on a new one would count a second try.
+                self.outbox.popleft()
+                continue
+            if not self._send(now, frames):
+                return  # full: the poll waits for POLLOUT
+            self.outbox.popleft()
+            if gen is None:
+                self.unconfirmed.append(frames)
+
+    def _receive(self) -> None:
+        for _ in range(RECV_BATCH):  # bounded, so results and timers get their turn
+            if self.sock is None:
+                return
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            self.last_heard = now
+            self.unconfirmed = []
+            if len(frames) < 3 or frames[0] != b"" or frames[1] != WORKER_SIGNATURE:
+                log.debug("ignored a message that is not FBW01 (%d frames)", len(frames))
+                continue
+            command = frames[2]
+            if command == CMD_DISCONNECT:
+                self.stats.disconnects += 1
+                self._lose(now, "the broker sent DISCONNECT")
+                return
+            if not self.heard:
+                # Not on DISCONNECT: a broker that keeps refusing us must meet the back-off.
+                self.heard = True
+                self.failures = 0
+                log.info("connected to %s", self.address)
+            if command == CMD_TASK:
+                self._start_job(frames[3:])
+            elif command != CMD_HEARTBEAT:
+                log.debug("ignored an unknown command %r", command)
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def _start_job(self, body: List[bytes]) -> None:
+        if not body:
+            log.warning("ignored a TASK without a task id")
+            return
+        self.stats.received += 1
+        self.next_job += 1
+        self.jobs[self.next_job] = self.generation
+        self.pool.submit(self._process, self.next_job, body[0], body[1:])
+
+    def _process(self, number: int, task_id: bytes, payload: List[bytes]) -> None:
+        """In a pool thread: run the user's code, hand the outcome to the loop."""
+        result: _Result
+        try:
+            answer = [bytes(frame) for frame in self.worker.process_multipart(payload)]
+            if not answer:
+                raise ValueError("process_multipart returned no frames")
+            if answer == [b""]:
+                log.warning("job %s: the answer is one empty frame, which clients read as an abort", task_id.hex())
+            result = (number, task_id, answer, None)
+        except BaseException as exc:  # anything the job raises is the job's failure, not the worker's
+            log.exception("job %s: processing failed; reporting FAILED so the broker retries it", task_id.hex())
+            result = (number, task_id, None, (type(exc).__name__, str(exc)[:FAILED_TEXT_LIMIT]))
+        self.results.append(result)
+        self.worker.wake()
+
+    def _collect_results(self) -> None:
+        while self.results:
+            number, task_id, answer, error = self.results.popleft()
+            generation = self.jobs.pop(number)
+            if answer is not None:
+                self.stats.answered += 1
+                self.outbox.append((None, _message(CMD_ANSWER, task_id, *answer)))
+                continue
+            self.stats.failed += 1
+            assert error is not None
+            if generation == self.generation and self.sock is not None:
+                name, text = error
+                self.outbox.append((generation, _message(CMD_FAILED, task_id, name.encode(), text.encode("utf-8", "replace"))))
+            else:
+                log.info("job %s failed after its connection was lost; the broker re-queues it", task_id.hex())
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self.worker._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
