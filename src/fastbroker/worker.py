@@ -34,8 +34,6 @@ log = logging.getLogger("fastbroker.worker")
 READY = b"requesting task"
 """What a ReqWorker sends to ask for a job (the broker accepts any one frame)."""
 
-"""Upper bound of `liveness`, the same as the broker's."""
-
 
 class WorkerBase(Closeable):
     """What every worker class shares: the job methods to override and ``Error``.
