@@ -118,6 +118,42 @@ class _HangJob:
         return b"-" + data
 
 
+GATE_ENV = "FB_TEST_GATE"
+
+
+class _GatedJob:
+    """Payload ``SECONDS:TAG``: when TAG starts with "gated" and $FB_TEST_GATE
+    names a file, waits until that file exists (the test opens the gate by
+    creating it; bounded by HANG_LIMIT); then sleeps SECONDS and answers
+    b"-" + data. Lets a test hold jobs in a worker for exactly as long as it
+    needs, whatever the machine's speed."""
+
+    def process(self, data: bytes) -> bytes:
+        log_event("start", data)
+        gate = os.environ.get(GATE_ENV)
+        if gate and data.split(b":", 1)[1].startswith(b"gated"):
+            deadline = time.monotonic() + HANG_LIMIT
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        time.sleep(float(data.split(b":", 1)[0]))
+        log_event("done", data)
+        return b"-" + data
+
+
+class _SpinJob:
+    """Payload ``SECONDS:TAG``: keeps the CPU busy in Python code (holding the
+    GIL but for the interpreter's switches) for SECONDS, then answers b"-" + data."""
+
+    def process(self, data: bytes) -> bytes:
+        log_event("start", data)
+        end = time.monotonic() + float(data.split(b":", 1)[0])
+        n = 0
+        while time.monotonic() < end:
+            n += sum(range(200))
+        log_event("done", data)
+        return b"-" + data
+
+
 class Dropped(Exception):
     pass
 
@@ -163,6 +199,14 @@ class DealerHang(_HangJob, Worker):
 
 class DealerFailer(_DropJob, Worker):
     """DEALER Worker: raises on every job, so it reports FAILED."""
+
+
+class DealerGated(_GatedJob, Worker):
+    """DEALER Worker: ``SECONDS:gated...`` waits for the $FB_TEST_GATE file; sleeps SECONDS, answers."""
+
+
+class DealerSpin(_SpinJob, Worker):
+    """DEALER Worker: ``SECONDS:TAG`` spins the CPU in Python for SECONDS, then answers."""
 
 
 class DiesAtOnce(Worker):
