@@ -850,7 +850,8 @@ cdef class BrokerCore:
     cdef AddrIndex sess_index
     cdef double _heartbeat
     cdef int _liveness
-    cdef double next_tick
+    cdef double next_tick  # next heartbeat to the workers
+    cdef double next_check  # earliest time a worker may have gone silent too long
     cdef uint8_t *keybuf  # the current worker message's address key
     cdef size_t keybuf_cap
     cdef size_t keylen
@@ -987,7 +988,7 @@ cdef class BrokerCore:
             rc = self._expire(now)
             if rc < 0:
                 return rc
-            if self.n_sessions and now >= self.next_tick:
+            if self.n_sessions and (now >= self.next_tick or now >= self.next_check):
                 rc = self._tick(now)
                 if rc < 0:
                     return rc
@@ -1005,6 +1006,8 @@ cdef class BrokerCore:
                 next_t = self.heap.ents[0].deadline
             if self.n_sessions and (next_t < 0 or self.next_tick < next_t):
                 next_t = self.next_tick
+            if self.n_sessions and self.next_check < next_t:
+                next_t = self.next_check
             if next_t < 0:
                 ms = -1
             elif next_t <= now:
@@ -1322,6 +1325,9 @@ cdef class BrokerCore:
         self.n_sessions += 1
         if self.n_sessions == 1:
             self.next_tick = self.now + self._heartbeat
+            self.next_check = w.expiry
+        elif w.expiry < self.next_check:
+            self.next_check = w.expiry
         self.counters[C_JOINED] += 1
         return <int>s
 
@@ -1411,20 +1417,29 @@ cdef class BrokerCore:
         return result
 
     cdef int _tick(self, double now) noexcept nogil:
-        """Every heartbeat interval: forget silent workers, heartbeat the others."""
+        """Forget workers silent past liveness, at the moment the earliest one may
+        be; heartbeat the others every interval. Expiries only move later, so the
+        earliest one seen in a scan is when the next scan is due."""
         cdef uint32_t s
-        cdef int rc
-        self.next_tick = now + self._heartbeat
+        cdef int rc = 0
+        cdef bint beat = now >= self.next_tick
+        cdef double earliest = now + self._heartbeat * self._liveness
+        if beat:
+            self.next_tick = now + self._heartbeat
         for s in range(self.sess_cap):
             if not self.sess[s].used:
                 continue
-            if now > self.sess[s].expiry:
+            if now >= self.sess[s].expiry:
                 self.counters[C_DEAD] += 1
                 rc = self._forget(s)
             else:
-                rc = self._send_env(self.sess[s].env, self.sess[s].nenv, CMD_HEARTBEAT, False)
+                if self.sess[s].expiry < earliest:
+                    earliest = self.sess[s].expiry
+                if beat:
+                    rc = self._send_env(self.sess[s].env, self.sess[s].nenv, CMD_HEARTBEAT, False)
             if rc < 0:
                 return rc
+        self.next_check = earliest
         return 0
 
     cdef int _send_env(self, zmsg *env, int nenv, int command, bint more) noexcept nogil:

@@ -226,7 +226,8 @@ class BrokerCore:
         self._heartbeat = check_heartbeat(heartbeat)
         self._liveness = check_count("liveness", liveness, 1, MAX_LIVENESS)
         self._sessions: Dict[bytes, _Session] = {}
-        self._next_tick = 0.0
+        self._next_tick = 0.0  # next heartbeat to the workers
+        self._next_check = 0.0  # earliest time a worker may have gone silent too long
         self._requests = requests
         self._workers = workers
         self._answers = answers
@@ -311,7 +312,7 @@ class BrokerCore:
         while True:
             now = monotonic()
             self._expire(now)
-            if self._sessions and now >= self._next_tick:
+            if self._sessions and (now >= self._next_tick or now >= self._next_check):
                 self._tick(now)
             self._dispatch(now)
             if stop_on_drop and self._last_drop is not None:
@@ -324,8 +325,8 @@ class BrokerCore:
             top = self._heap.peek()
             if top is not None and (next_t is None or top[0] < next_t):
                 next_t = top[0]
-            if self._sessions and (next_t is None or self._next_tick < next_t):
-                next_t = self._next_tick
+            if self._sessions:
+                next_t = min(t for t in (next_t, self._next_tick, self._next_check) if t is not None)
             if next_t is None:
                 ms = None
             elif next_t <= now:
@@ -431,6 +432,9 @@ class BrokerCore:
             self._counters["workers_joined"] += 1
             if len(self._sessions) == 1:
                 self._next_tick = monotonic() + self._heartbeat
+                self._next_check = session.expiry
+            else:
+                self._next_check = min(self._next_check, session.expiry)
         session.credit = credit
         self._counters["ready"] += 1
         self._offer(session)
@@ -522,14 +526,22 @@ class BrokerCore:
             self._retry_or_abort(request)
 
     def _tick(self, now: float) -> None:
-        """Every heartbeat interval: forget silent workers, heartbeat the others."""
-        self._next_tick = now + self._heartbeat
+        """Forget workers silent past liveness, at the moment the earliest one may
+        be; heartbeat the others every interval. Expiries only move later, so the
+        earliest one seen in a scan is when the next scan is due."""
+        beat = now >= self._next_tick
+        if beat:
+            self._next_tick = now + self._heartbeat
+        earliest = now + self._heartbeat * self._liveness
         for session in list(self._sessions.values()):
-            if now > session.expiry:
+            if now >= session.expiry:
                 self._counters["workers_dead"] += 1
                 self._forget(session)
             else:
-                self._send_command(session.env, CMD_HEARTBEAT)
+                earliest = min(earliest, session.expiry)
+                if beat:
+                    self._send_command(session.env, CMD_HEARTBEAT)
+        self._next_check = earliest
 
     def _on_answer(self, frames: list) -> None:
         if len(frames) < 2:
