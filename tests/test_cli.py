@@ -196,6 +196,18 @@ def test_worker_pool_serves_with_two_processes_and_stops_on_sigterm(procs, ctx, 
     assert broker.poll() is None
 
 
+def test_pool_stopped_while_its_workers_are_being_built_exits_0(procs, addrs, core_name, tmp_path):
+    """A SIGTERM forwarded to children still constructing their worker stops them
+    cleanly once built (they must not run the parent's forwarding handler)."""
+    log_path = tmp_path / "jobs.log"
+    start_broker(procs, addrs, core_name)
+    pool = procs.start(["worker", "workers_for_tests:DealerSlowStart", addrs[1], "--processes", "2"], "pool", env={LOG_ENV: str(log_path)})
+    wait_until(lambda: len(runs(log_path, "", event="building")) >= 2, timeout=WAIT, message="both children to start building")
+    pool.send_signal(signal.SIGTERM)
+    assert pool.wait(WAIT) == 0, procs.output()
+    assert "Traceback" not in procs.output()
+
+
 def test_worker_sigterm_during_job_answers_then_exits_0(procs, ctx, addrs, core_name, tmp_path):
     log_path = tmp_path / "jobs.log"
     start_broker(procs, addrs, core_name)

@@ -405,3 +405,13 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+class DealerSlowStart(DealerEcho):
+    """DEALER Worker that logs "building" and takes a while to construct (a stop
+    signal can land while it is being built)."""
+
+    def __init__(self, *args, **kwargs):
+        log_event("building", b"")
+        time.sleep(1.0)
+        super().__init__(*args, **kwargs)

@@ -85,6 +85,8 @@ CMD_HEARTBEAT = b"\x05"  # both ways: []
 CMD_DISCONNECT = b"\x06"  # both ways: []
 
 MAX_CREDIT = 1 << 16
+MIN_LIVENESS = 2
+"""With 1, a single heartbeat arriving a little late would end a healthy connection."""
 MAX_LIVENESS = 1000
 
 DEFAULT_HEARTBEAT = 1.0

@@ -861,7 +861,7 @@ cdef class BrokerCore:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
-        self._liveness = check_count("liveness", liveness, 1, _common.MAX_LIVENESS)
+        self._liveness = check_count("liveness", liveness, _common.MIN_LIVENESS, _common.MAX_LIVENESS)
         self.sess_free = NO_SLOT
         self._sockets = (requests, workers, answers)
         self.s_requests = <void *><size_t>requests.underlying
@@ -905,7 +905,8 @@ cdef class BrokerCore:
         for s in range(self.sess_cap):
             if self.sess[s].used:
                 self._send_env(self.sess[s].env, self.sess[s].nenv, CMD_DISCONNECT, False)
-                self._forget(s)
+                # Closing: a job on its last try must not be reported as aborted.
+                self._forget(s, False)
                 count += 1
         return count
 
@@ -1393,8 +1394,9 @@ cdef class BrokerCore:
         r.wnext = NO_SLOT
         self._offer(<uint32_t>s)
 
-    cdef int _forget(self, uint32_t s) noexcept nogil:
-        """The worker is gone: its jobs go back to the front of the queue at once."""
+    cdef int _forget(self, uint32_t s, bint requeue=True) noexcept nogil:
+        """The worker is gone: its jobs go back to the front of the queue at once
+        (unless the broker is closing: requeue=False leaves them to their fate)."""
         cdef uint32_t rs, prev
         cdef int rc, result = 0
         self.sess[s].credit = 0  # so detaching its jobs does not offer it again
@@ -1406,12 +1408,13 @@ cdef class BrokerCore:
             rs = self.table.reqs[rs].wnext
         while rs != NO_SLOT:
             prev = self.table.reqs[rs].wprev
-            self.heap.delete(rs)
             self._detach(rs)
-            self.counters[C_REQUEUED] += 1
-            rc = self._retry_or_abort(rs)
-            if rc < 0:
-                result = rc
+            if requeue:
+                self.heap.delete(rs)
+                self.counters[C_REQUEUED] += 1
+                rc = self._retry_or_abort(rs)
+                if rc < 0:
+                    result = rc
             rs = prev
         self._sess_release(s)
         return result

@@ -28,6 +28,7 @@ from fastbroker._common import (
     DEFAULT_LIVENESS,
     MAX_CREDIT,
     MAX_LIVENESS,
+    MIN_LIVENESS,
     WORKER_SIGNATURE,
     check_count,
     check_heartbeat,
@@ -224,7 +225,7 @@ class BrokerCore:
         self._timeout = check_timeout(timeout)
         self._tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
-        self._liveness = check_count("liveness", liveness, 1, MAX_LIVENESS)
+        self._liveness = check_count("liveness", liveness, MIN_LIVENESS, MAX_LIVENESS)
         self._sessions: Dict[bytes, _Session] = {}
         self._next_tick = 0.0  # next heartbeat to the workers
         self._next_check = 0.0  # earliest time a worker may have gone silent too long
@@ -281,7 +282,8 @@ class BrokerCore:
         sessions = list(self._sessions.values())
         for session in sessions:
             self._send_command(session.env, CMD_DISCONNECT)
-            self._forget(session)
+            # Closing: a job on its last try must not be reported as aborted.
+            self._forget(session, requeue=False)
         return len(sessions)
 
     def close(self) -> None:
@@ -515,15 +517,17 @@ class BrokerCore:
             if self._sessions.get(session.key) is session:
                 self._offer(session)
 
-    def _forget(self, session: _Session) -> None:
-        """The worker is gone: its jobs go back to the front of the queue at once."""
+    def _forget(self, session: _Session, requeue: bool = True) -> None:
+        """The worker is gone: its jobs go back to the front of the queue at once
+        (unless the broker is closing: requeue=False leaves them to their fate)."""
         del self._sessions[session.key]
         self._idle._workers.pop(session.key, None)
         for request in list(session.jobs.values()):
-            self._heap.remove(request.key)
             self._detach(request)
-            self._counters["requeued"] += 1
-            self._retry_or_abort(request)
+            if requeue:
+                self._heap.remove(request.key)
+                self._counters["requeued"] += 1
+                self._retry_or_abort(request)
 
     def _tick(self, now: float) -> None:
         """Forget workers silent past liveness, at the moment the earliest one may

@@ -14,6 +14,7 @@ from fastbroker._common import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
     MAX_LIVENESS,
+    MIN_LIVENESS,
     Closeable,
     ConfigError,
     check_count,
@@ -67,7 +68,7 @@ class Broker(Closeable):
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
         heartbeat = check_heartbeat(heartbeat)
-        liveness = check_count("liveness", liveness, 1, MAX_LIVENESS)
+        liveness = check_count("liveness", liveness, MIN_LIVENESS, MAX_LIVENESS)
         try:
             core_module = _select.resolve(core)
         except ImportError as exc:

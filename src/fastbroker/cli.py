@@ -19,6 +19,7 @@ from fastbroker._common import (
     DEFAULT_LIVENESS,
     MAX_CREDIT,
     MAX_LIVENESS,
+    MIN_LIVENESS,
     ConfigError,
     check_count,
     check_heartbeat,
@@ -68,14 +69,14 @@ def _heartbeat(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
 
 
-def _count(name: str, high: int):
+def _count(name: str, high: int, low: int = 1):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
         try:
-            return check_count(name, value, 1, high)
+            return check_count(name, value, low, high)
         except ConfigError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-T", "--timeout", type=_timeout, default=None, help="seconds an attempt may take before the job is re-sent (default: none)")
     p.add_argument("--core", choices=CORE_NAMES, default=None, help="broker core (default: compiled unless FASTBROKER_PURE=1)")
     p.add_argument("--heartbeat", type=_heartbeat, default=None, metavar="SECONDS", help=f"seconds between heartbeats to DEALER workers (default: {DEFAULT_HEARTBEAT})")
-    p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS), default=None, metavar="N", help=f"heartbeats of silence after which a DEALER worker is dead (default: {DEFAULT_LIVENESS})")
+    p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS), default=None, metavar="N", help=f"heartbeats of silence after which a DEALER worker is dead (default: {DEFAULT_LIVENESS})")
     p.add_argument("requests_addr", metavar="REQUESTS_ADDR", help="where clients send requests (ROUTER), e.g. tcp://*:5555")
     p.add_argument("workers_addr", metavar="WORKERS_ADDR", help="where workers ask for jobs (ROUTER)")
     p.add_argument("answers_addr", metavar="ANSWERS_ADDR", help="where workers push answers (PULL)")
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--processes", type=_positive, default=1, help="worker processes to run (default: 1)")
     p.add_argument("--credit", type=_count("credit", MAX_CREDIT), default=None, metavar="N", help="jobs one Worker process takes at once, each in its own thread (default: 1)")
     p.add_argument("--heartbeat", type=_heartbeat, default=None, metavar="SECONDS", help=f"seconds between heartbeats (Worker only; default: {DEFAULT_HEARTBEAT})")
-    p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS), default=None, metavar="N", help=f"heartbeats of broker silence before reconnecting (Worker only; default: {DEFAULT_LIVENESS})")
+    p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS), default=None, metavar="N", help=f"heartbeats of broker silence before reconnecting (Worker only; default: {DEFAULT_LIVENESS})")
 
     p = sub.add_parser("demo", help="run broker, dropping workers and a client; show retries and aborts", parents=[verbose])
     p.add_argument("--jobs", type=_positive, default=24, help="requests to send (default: 24)")
@@ -150,7 +151,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from fastbroker.broker import Broker
 
     if args.tries is not None and args.timeout is None:
-        print("fastbroker: warning: --tries has no effect without --timeout (attempts never expire)", file=sys.stderr)
+        print(
+            "fastbroker: warning: without --timeout, --tries only limits retries after FAILED "
+            "reports and lost DEALER workers (attempts never time out)",
+            file=sys.stderr,
+        )
     # Only the options given are passed on: Broker keeps its own defaults.
     options = {name: getattr(args, name) for name in ("heartbeat", "liveness") if getattr(args, name) is not None}
     try:

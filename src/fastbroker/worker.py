@@ -21,6 +21,7 @@ from fastbroker._common import (
     DEFAULT_LIVENESS,
     MAX_CREDIT,
     MAX_LIVENESS,
+    MIN_LIVENESS,
     BrokerError,
     Closeable,
     ConfigError,
@@ -271,7 +272,7 @@ class Worker(WorkerBase):
         if heartbeat is not None:
             self.heartbeat = check_heartbeat(heartbeat)
         if liveness is not None:
-            self.liveness = check_count("liveness", liveness, 1, MAX_LIVENESS)
+            self.liveness = check_count("liveness", liveness, MIN_LIVENESS, MAX_LIVENESS)
         if reconnect_max is not None:
             self.reconnect_max = _check_reconnect_max(reconnect_max)
         return self

@@ -65,8 +65,22 @@ def make_worker(cls: type, requests_addr: str, answers_addr: Optional[str], opti
 
 def run_one(cls: type, requests_addr: str, answers_addr: Optional[str], parent_pid: int = 0, options: Optional[Mapping[str, Any]] = None) -> int:
     """Run one worker in this process until SIGINT/SIGTERM; its jobs in hand are finished first."""
+    # Handlers first: a signal that arrives while the worker is being built must
+    # stop it once built, not reach the handler this process had before (a pool
+    # child inherits the parent's, which forwards signals to the children).
+    requested = threading.Event()
+    built: list = []
+
+    def stop() -> None:
+        requested.set()
+        if built:
+            built[0].stop()
+
+    install_stop_handlers(stop)
     worker = make_worker(cls, requests_addr, answers_addr, options)
-    install_stop_handlers(worker.stop)
+    built.append(worker)
+    if requested.is_set():
+        worker.stop()
     if parent_pid:
         threading.Thread(target=_stop_when_orphaned, args=(worker, parent_pid), daemon=True).start()
     try:
