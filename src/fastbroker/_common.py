@@ -116,15 +116,20 @@ def check_timeout(timeout: float | None) -> float | None:
     return value
 
 
+def check_seconds(name: str, value: float, low: float = 0.001, high: float = 3600) -> float:
+    """Return a valid duration in seconds within [low, high], or raise ConfigError naming `name`."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
+    if not math.isfinite(seconds) or not low <= seconds <= high:
+        raise ConfigError(f"{name} must be between {low} and {high} seconds, not {value!r}")
+    return seconds
+
+
 def check_heartbeat(heartbeat: float) -> float:
     """Return a valid heartbeat interval in seconds, or raise ConfigError."""
-    try:
-        value = float(heartbeat)
-    except (TypeError, ValueError):
-        raise ConfigError(f"heartbeat must be a number of seconds, not {heartbeat!r}") from None
-    if not math.isfinite(value) or not 0.001 <= value <= 3600:
-        raise ConfigError(f"heartbeat must be between 0.001 and 3600 seconds, not {heartbeat!r}")
-    return value
+    return check_seconds("heartbeat", heartbeat)
 
 
 def check_count(name: str, value: int, low: int, high: int) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Optional, Tuple
 
 import zmq
 
 from fastbroker import _common, _select
+from fastbroker.wakepipe import WakePipe
 from fastbroker._common import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
@@ -79,9 +79,7 @@ class Broker(Closeable):
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
         self._sockets: list[zmq.Socket] = []
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake = WakePipe()
         self._stopping = threading.Event()
         self._not_running = threading.Event()
         self._not_running.set()
@@ -134,7 +132,7 @@ class Broker(Closeable):
     @property
     def wake_fd(self) -> int:
         """Write end of the pipe that wakes the loop; fit for ``signal.set_wakeup_fd``."""
-        return self._wake_w
+        return self._wake.write_fd
 
     def run(self) -> None:
         """Serve until stop() is called (from any thread or a signal handler)."""
@@ -147,8 +145,8 @@ class Broker(Closeable):
             while not self._stopping.is_set():
                 # The core returns on a wake-up (stop(), a signal) and, when debug
                 # logging is on, after a turn that dropped messages, to log them.
-                result = self._core.run(self._wake_r, None, debug)
-                self._drain_wake_pipe()
+                result = self._core.run(self._wake.read_fd, None, debug)
+                self._wake.drain()
                 if result == _common.RUN_DROP:
                     drops = self._log_new_drops(drops)
         finally:
@@ -164,23 +162,13 @@ class Broker(Closeable):
 
     def step(self, max_wait: float = 0.0) -> None:
         """Serve for at most `max_wait` seconds (0: handle what is pending) and return."""
-        self._core.run(self._wake_r, max_wait, False)
-        self._drain_wake_pipe()
+        self._core.run(self._wake.read_fd, max_wait, False)
+        self._wake.drain()
 
     def stop(self) -> None:
         """Make run() return; safe from other threads and signal handlers."""
         self._stopping.set()
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (already woken) or closed
-
-    def _drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        self._wake.wake()
 
     def stats(self) -> dict:
         """Counters since start (see _common.COUNTERS) and gauges queued/running/idle_workers."""
@@ -209,8 +197,4 @@ class Broker(Closeable):
             socket.close()
         if self._own_context:
             self.context.term()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wake.close()

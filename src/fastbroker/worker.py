@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 from typing import List, Optional, Sequence
 
@@ -27,7 +25,9 @@ from fastbroker._common import (
     ConfigError,
     check_count,
     check_heartbeat,
+    check_seconds,
 )
+from fastbroker.wakepipe import WakePipe
 from fastbroker.worker_session import Session, WorkerStats
 
 log = logging.getLogger("fastbroker.worker")
@@ -171,15 +171,7 @@ class ReqWorker(WorkerBase):
 
 
 def _check_reconnect_max(value: Optional[float]) -> Optional[float]:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"reconnect_max must be a number of seconds, not {value!r}") from None
-    if not math.isfinite(seconds) or not 0.001 <= seconds <= 3600:
-        raise ConfigError(f"reconnect_max must be between 0.001 and 3600 seconds, not {value!r}")
-    return seconds
+    return None if value is None else check_seconds("reconnect_max", value)
 
 
 class Worker(WorkerBase):
@@ -227,9 +219,7 @@ class Worker(WorkerBase):
         self._check_address(requests_addr)
         # stop() may come from a signal handler or another thread while the
         # loop sleeps in poll: the pipe wakes it; pool threads use it too.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self.wake_pipe = WakePipe()
         self._keep_wake_pipe = False
         self._stop = threading.Event()
         self._running = False
@@ -280,7 +270,7 @@ class Worker(WorkerBase):
     @property
     def wake_fd(self) -> int:
         """Write end of the pipe that wakes the loop; fit for ``signal.set_wakeup_fd``."""
-        return self._wake_w
+        return self.wake_pipe.write_fd
 
     def run(self) -> None:
         """Serve jobs until stop(); then hang up gracefully and return."""
@@ -304,10 +294,7 @@ class Worker(WorkerBase):
 
     def wake(self) -> None:
         """Wake the I/O loop (pool threads call this when a job is done)."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (the loop is already woken) or closed
+        self.wake_pipe.wake()
 
     @property
     def stopping(self) -> bool:
@@ -323,11 +310,7 @@ class Worker(WorkerBase):
         self._release_context()
         if self._keep_wake_pipe:
             return  # run() failed with jobs still running; they may still wake us
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.wake_pipe.close()
 
     def _release_context(self) -> None:
         if self._own_context:

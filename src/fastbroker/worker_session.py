@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -104,7 +103,7 @@ class Session:
                 self._open(time.monotonic())
             while True:
                 now = time.monotonic()
-                self._drain_wake_pipe()
+                self.worker.wake_pipe.drain()
                 self._collect_results()
                 if self.worker.stopping and not self.stopping:
                     self.stopping = True
@@ -143,7 +142,7 @@ class Session:
 
     def _poll(self, now: float) -> None:
         deadlines = []
-        items: List[Tuple[Any, int]] = [(self.worker._wake_r, zmq.POLLIN)]
+        items: List[Tuple[Any, int]] = [(self.worker.wake_pipe.read_fd, zmq.POLLIN)]
         if self.sock is not None:
             items.append((self.sock, zmq.POLLIN | (zmq.POLLOUT if self.outbox else 0)))
             deadlines += [self.next_heartbeat, self.last_heard + self.silence]
@@ -330,10 +329,3 @@ class Session:
                 self.outbox.append((generation, _message(CMD_FAILED, task_id, name.encode(), text.encode("utf-8", "replace"))))
             else:
                 log.info("job %s failed after its connection was lost; the broker re-queues it", task_id.hex())
-
-    def _drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self.worker._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
