@@ -32,6 +32,7 @@ from workers_for_tests import (
     OriginalTestClient,
     Processes,
     read_log,
+    concurrent_requests,
     request,
     runs,
 )
@@ -130,29 +131,9 @@ def test_slow_worker_gets_jobs_only_when_it_asks(transport, procs, ctx, log_path
     # 4 clients keep a request each in flight: the queue is never empty for long, so
     # a broker pushing jobs to workers that did not ask would load the slow one.
     n_clients, per_client = 4, 6
-    answers = {}
-    errors = []
-
-    def client(c: int) -> None:
-        sock = ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(broker.requests)
-        try:
-            for i in range(per_client):
-                payload = f"0.02:job-{c}-{i}".encode()
-                sock.send(payload)
-                if not sock.poll(int(WAIT * 1000)):
-                    errors.append(f"no answer to {payload!r}")
-                    return
-                answers[payload] = sock.recv_multipart()
-        finally:
-            sock.close()
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT * per_client)
+    answers, errors = concurrent_requests(
+        ctx, broker.requests, [[f"0.02:job-{c}-{i}".encode() for i in range(per_client)] for c in range(n_clients)], WAIT
+    )
     assert not errors, f"{errors}\n{procs.output()}"
     jobs = n_clients * per_client
     assert len(answers) == jobs
@@ -351,35 +332,10 @@ def test_many_concurrent_clients_each_answered_once(transport, procs, ctx, log_p
     assert request(ctx, broker.requests, [b"ready?"], WAIT) == [b"-ready?"]
 
     n_threads, per_thread = 8, 25
-    got = [[] for _ in range(n_threads)]
-    errors = []
-    barrier = threading.Barrier(n_threads)
-
-    def client(t: int) -> None:
-        sock = ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(broker.requests)
-        try:
-            barrier.wait(WAIT)
-            for i in range(per_thread):
-                sock.send(f"c{t}-{i}".encode())
-                if not sock.poll(int(WAIT * 1000)):
-                    errors.append(f"client {t}: no answer to request {i}")
-                    return
-                got[t].append(sock.recv_multipart())
-        except Exception as exc:
-            errors.append(f"client {t}: {exc!r}")
-        finally:
-            sock.close()
-
-    threads = [threading.Thread(target=client, args=(t,)) for t in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT * 4)
+    payloads = [[f"c{t}-{i}".encode() for i in range(per_thread)] for t in range(n_threads)]
+    answers, errors = concurrent_requests(ctx, broker.requests, payloads, WAIT)
     assert not errors, f"{errors}\n{procs.output()}"
-    for t in range(n_threads):
-        assert got[t] == [[f"-c{t}-{i}".encode()] for i in range(per_thread)]
+    assert answers == {p: [b"-" + p] for client in payloads for p in client}
     # No timeout is set, so each job ran exactly once, on one of the two workers.
     started = [e for e in read_log(log_path) if e.event == "start" and e.payload.startswith("c")]
     assert sorted(e.payload for e in started) == sorted(f"c{t}-{i}" for t in range(n_threads) for i in range(per_thread))

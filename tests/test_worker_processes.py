@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 import signal
-import threading
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -30,7 +29,7 @@ import pytest
 import zmq
 
 from conftest import wait_until
-from workers_for_tests import GATE_ENV, LOG_ENV, Event, Processes, read_log, request, runs
+from workers_for_tests import GATE_ENV, LOG_ENV, Event, Processes, concurrent_requests, read_log, request, runs
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -418,33 +417,11 @@ def test_req_and_dealer_workers_share_one_broker(procs, ctx, log_path, core_name
     warm_ups = len(events(log_path, prefix="0:warm-"))
 
     n_clients, per_client = 5, 8
-    answers: Dict[str, List[bytes]] = {}
-    errors: List[str] = []
-
-    def client(c: int) -> None:
-        sock = ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(broker.requests)
-        try:
-            for i in range(per_client):
-                payload = f"0.03:mixed-{c}-{i}".encode()
-                sock.send(payload)
-                if not sock.poll(int(WAIT * 1000)):
-                    errors.append(f"no answer to {payload!r}")
-                    return
-                answers[payload.decode()] = sock.recv_multipart()
-        except Exception as exc:
-            errors.append(f"client {c}: {exc!r}")
-        finally:
-            sock.close()
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT * 2)
-    assert not any(t.is_alive() for t in threads)
+    answers, errors = concurrent_requests(
+        ctx, broker.requests, [[f"0.03:mixed-{c}-{i}".encode() for i in range(per_client)] for c in range(n_clients)], WAIT
+    )
     assert not errors, f"{errors}\n{procs.output()}"
+    answers = {p.decode(): a for p, a in answers.items()}
     expected = sorted(f"0.03:mixed-{c}-{i}" for c in range(n_clients) for i in range(per_client))
     assert sorted(answers) == expected
     assert all(answer == [b"-" + p.encode()] for p, answer in answers.items())

@@ -286,6 +286,38 @@ class OriginalTestClient(threading.Thread):
 PYTHON = sys.executable
 
 
+def concurrent_requests(context: zmq.Context, address: str, payloads: Sequence[Sequence[bytes]], wait: float = 20.0):
+    """One REQ client thread per list in `payloads`, each sending its payloads one at
+    a time. Returns ({payload: answer frames}, [errors]); every wait is bounded."""
+    answers: Dict[bytes, List[bytes]] = {}
+    errors: List[str] = []
+
+    def client(c: int) -> None:
+        sock = context.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        try:
+            for payload in payloads[c]:
+                sock.send(payload)
+                if not sock.poll(int(wait * 1000)):
+                    errors.append(f"no answer to {payload!r}")
+                    return
+                answers[payload] = sock.recv_multipart()
+        except Exception as exc:
+            errors.append(f"client {c}: {exc!r}")
+        finally:
+            sock.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(wait * (len(payloads[0]) if payloads else 1) + wait)
+    if any(t.is_alive() for t in threads):
+        errors.append("a client thread did not finish in time")
+    return answers, errors
+
+
 def request(context: zmq.Context, address: str, frames: Sequence[bytes], wait: float = 20.0) -> List[bytes]:
     """One request from a fresh REQ socket; the answer frames. TimeoutError after `wait` s."""
     sock = context.socket(zmq.REQ)
