@@ -768,13 +768,42 @@ def test_answer_from_an_unknown_worker_for_a_running_job(make_rig):
     stranger.answer(task_id, b"from a stranger")
     assert rig.receive(client) == [b"from a stranger"]
     assert rig.next_message(stranger) == DISCONNECT_MSG
-    # The worker that held it has its credit back; its own answer is now a duplicate.
-    assert_stats(rig.stats(), answered=1, running=0, idle_workers=1, workers=1)
+    # The worker that held it is still busy with it: no job for it until it answers
+    # (its credit is a "ghost"); its own answer, a duplicate, frees the credit.
+    assert_stats(rig.stats(), answered=1, running=0, idle_workers=0, workers=1)
+    client.send(b"next")
+    rig.settle()
+    assert worker.inbox == []
     worker.answer(task_id, b"mine")
     rig.pump_stat("dropped", 1)
-    assert worker.inbox == []  # a known worker is not told to register again
-    client.send(b"next")
     next_id, payload = rig.task(worker)
+    assert payload == [b"next"]
+    assert DISCONNECT_MSG not in worker.inbox  # a known worker is not told to register again
+
+
+def test_timed_out_job_keeps_its_busy_worker_out_of_the_queue(make_rig):
+    """A slow worker whose attempt timed out is still working on it: the retry goes
+    to another worker, and the slow one gets nothing until it answers (then the late
+    answer is delivered and its credit is free again)."""
+    rig = make_rig(timeout=0.2, tries=3)
+    slow = rig.dealer()
+    rig.register(slow, 1)
+    client = rig.client()
+    client.send(b"job")
+    task_id, _ = rig.task(slow)
+    rig.pump_stat("timeouts", 1)
+    assert_stats(rig.stats(), retried=1, queued=1, idle_workers=0)
+    rig.settle()
+    assert slow.inbox == []  # not sent its own job again, nor anything else
+    other = rig.dealer()
+    rig.register(other, 1)
+    retry_id, _ = rig.task(other)
+    assert retry_id == task_id
+    slow.answer(task_id, b"late but first")
+    assert rig.receive(client) == [b"late but first"]
+    assert_stats(rig.stats(), late_answers=0, answered=1)
+    client.send(b"next")
+    next_id, payload = rig.task(slow)
     assert payload == [b"next"]
 
 

@@ -810,7 +810,8 @@ cdef struct Sess:
     size_t keylen
     uint64_t hash
     uint32_t credit
-    uint32_t inflight
+    uint32_t inflight  # jobs it holds, ghosts included
+    uint32_t ghosts  # jobs it still works on that ended without it (timed out, answered elsewhere)
     double expiry
     uint32_t jobs  # first request slot of its job list, NO_SLOT if none
 
@@ -1186,7 +1187,7 @@ cdef class BrokerCore:
                 return 0
             # Accepted even from a worker the broker has forgotten: the job may
             # still be waiting for it. That worker is told to register again.
-            rc = self._answer(&self.scratch[d + 3], &self.scratch[d + 4], nb - 3)
+            rc = self._answer(&self.scratch[d + 3], &self.scratch[d + 4], nb - 3, s)
             if s < 0 and rc >= 0:
                 rc = self._send_env(self.scratch, d + 1, CMD_DISCONNECT, False)
             return rc if rc < 0 else 0
@@ -1268,6 +1269,7 @@ cdef class BrokerCore:
         if rs < 0 or s < 0 or self.table.reqs[rs].worker != s:
             # Not the attempt in progress (answered, timed out, or another worker's).
             self._drop(DROP_ANSWER_UNKNOWN)
+            self._settle_ghost(s)
             return 0
         self.counters[C_FAILED] += 1
         self.heap.delete(<uint32_t>rs)
@@ -1321,6 +1323,7 @@ cdef class BrokerCore:
         w.hash = h
         w.credit = 0
         w.inflight = 0
+        w.ghosts = 0
         w.jobs = NO_SLOT
         w.expiry = self.now + self._heartbeat * self._liveness
         self.n_sessions += 1
@@ -1374,8 +1377,11 @@ cdef class BrokerCore:
         w.jobs = rs
         w.inflight += 1
 
-    cdef void _detach(self, uint32_t rs) noexcept nogil:
-        """The attempt in progress is over: free its worker's credit."""
+    cdef void _detach(self, uint32_t rs, bint by_worker=True) noexcept nogil:
+        """The attempt in progress is over. If its worker ended it (answer, FAILED,
+        death), its credit is free; if it ended without the worker (timeout, an
+        answer from another attempt), the worker is still busy with it: the credit
+        stays taken, as a ghost, until the worker answers or fails it."""
         cdef Req *r = &self.table.reqs[rs]
         cdef Sess *w
         cdef int32_t s = r.worker
@@ -1388,11 +1394,21 @@ cdef class BrokerCore:
             w.jobs = r.wnext
         if r.wnext != NO_SLOT:
             self.table.reqs[r.wnext].wprev = r.wprev
-        w.inflight -= 1
         r.worker = -1
         r.wprev = NO_SLOT
         r.wnext = NO_SLOT
-        self._offer(<uint32_t>s)
+        if by_worker:
+            w.inflight -= 1
+            self._offer(<uint32_t>s)
+        else:
+            w.ghosts += 1
+
+    cdef void _settle_ghost(self, int s) noexcept nogil:
+        """Worker s answered or failed a job that had ended without it: free that credit."""
+        if s >= 0 and self.sess[s].ghosts:
+            self.sess[s].ghosts -= 1
+            self.sess[s].inflight -= 1
+            self._offer(<uint32_t>s)
 
     cdef int _forget(self, uint32_t s, bint requeue=True) noexcept nogil:
         """The worker is gone: its jobs go back to the front of the queue at once
@@ -1475,11 +1491,13 @@ cdef class BrokerCore:
         if n < 2:
             self._drop(DROP_ANSWER_TOO_SHORT)
             return 0
-        return self._answer(&self.scratch[0], &self.scratch[1], n - 1)
+        return self._answer(&self.scratch[0], &self.scratch[1], n - 1, -1)
 
-    cdef int _answer(self, zmsg *tid, zmsg *body, int nbody) noexcept nogil:
-        """Deliver the first answer for a task; later ones are dropped."""
+    cdef int _answer(self, zmsg *tid, zmsg *body, int nbody, int from_s) noexcept nogil:
+        """Deliver the first answer for a task; later ones are dropped. from_s is
+        the answering DEALER worker's session, -1 for a PUSH answer."""
         cdef int s, rc
+        cdef bint own
         cdef Req *r
         if zmsg_size(tid) != TASK_ID_SIZE:
             self._drop(DROP_ANSWER_BAD_ID)
@@ -1487,8 +1505,12 @@ cdef class BrokerCore:
         s = self.table.find(<const uint8_t *>zmsg_data(tid), TASK_ID_SIZE)
         if s < 0:
             self._drop(DROP_ANSWER_UNKNOWN)
+            self._settle_ghost(from_s)
             return 0
         r = &self.table.reqs[s]
+        own = from_s >= 0 and r.worker == from_s
+        if not own:
+            self._settle_ghost(from_s)
         rc = self._send_to_client(r, body, nbody)
         if r.state == QUEUED:
             # Answered by an earlier attempt while waiting for a retry: the queue
@@ -1497,7 +1519,7 @@ cdef class BrokerCore:
             self.counters[C_LATE] += 1
         else:
             self.heap.delete(<uint32_t>s)
-            self._detach(<uint32_t>s)
+            self._detach(<uint32_t>s, own)
         self.table.release(<uint32_t>s)
         self.counters[C_ANSWERED] += 1
         return rc
@@ -1522,7 +1544,7 @@ cdef class BrokerCore:
         while self.heap.count and self.heap.ents[0].deadline <= now:
             s = self.heap.pop_min()
             self.counters[C_TIMEOUTS] += 1
-            self._detach(s)
+            self._detach(s, False)
             rc = self._retry_or_abort(s)
             if rc < 0:
                 return rc

@@ -158,13 +158,16 @@ class _Request:
 class _Session:
     """A DEALER worker known to the broker: where it is, its credit, its jobs."""
 
-    __slots__ = ("key", "env", "credit", "jobs", "expiry")
+    __slots__ = ("key", "env", "credit", "jobs", "ghosts", "expiry")
 
     def __init__(self, key: bytes, env: list) -> None:
         self.key = key
         self.env = env  # routing frames and the empty delimiter
         self.credit = 0
         self.jobs: Dict[int, _Request] = {}
+        # Jobs it still works on that ended without it (timed out, answered
+        # elsewhere): their credit stays taken until it answers or fails them.
+        self.ghosts = 0
         self.expiry = 0.0
 
 
@@ -447,7 +450,7 @@ class BrokerCore:
             return
         # Accepted even from a worker the broker has forgotten: the job may still
         # be waiting for it. That worker is then told to register again.
-        self._answer(args[0].bytes, args[1:])
+        self._answer(args[0].bytes, args[1:], session)
         if session is None:
             self._send_command(env, CMD_DISCONNECT)
 
@@ -464,6 +467,7 @@ class BrokerCore:
         if request is None or request.worker is not session or session is None:
             # Not the attempt in progress (answered, timed out, or another worker's).
             self._drop(_common.DROP_ANSWER_UNKNOWN)
+            self._settle_ghost(session)
             return
         self._counters["failed"] += 1
         self._heap.remove(request.key)
@@ -502,18 +506,30 @@ class BrokerCore:
 
     def _offer(self, session: _Session) -> None:
         """Keep the worker in the idle FIFO exactly while it has spare credit."""
-        if len(session.jobs) < session.credit:
+        if len(session.jobs) + session.ghosts < session.credit:
             if session.key not in self._idle._workers:
                 self._idle._push_env(session.key, session)
         else:
             self._idle._workers.pop(session.key, None)
 
-    def _detach(self, request: _Request) -> None:
-        """The attempt in progress is over: free its worker's credit."""
+    def _detach(self, request: _Request, by_worker: bool = True) -> None:
+        """The attempt in progress is over. If its worker ended it (answer, FAILED,
+        death), its credit is free; if it ended without the worker (timeout, an
+        answer from another attempt), the worker is still busy with it: the credit
+        stays taken, as a ghost, until the worker answers or fails it."""
         session = request.worker
         if session is not None:
             request.worker = None
             del session.jobs[request.key]
+            if not by_worker:
+                session.ghosts += 1
+            elif self._sessions.get(session.key) is session:
+                self._offer(session)
+
+    def _settle_ghost(self, session: Optional[_Session]) -> None:
+        """The worker answered or failed a job that had ended without it: free that credit."""
+        if session is not None and session.ghosts:
+            session.ghosts -= 1
             if self._sessions.get(session.key) is session:
                 self._offer(session)
 
@@ -551,18 +567,24 @@ class BrokerCore:
         if len(frames) < 2:
             self._drop(_common.DROP_ANSWER_TOO_SHORT)
             return
-        self._answer(frames[0].bytes, frames[1:])
+        self._answer(frames[0].bytes, frames[1:], None)
 
-    def _answer(self, task_id: bytes, body: list) -> None:
+    def _answer(self, task_id: bytes, body: list, session: Optional[_Session]) -> None:
+        """Deliver the first answer for a task; later ones are dropped. `session` is
+        the answering DEALER worker, None for a PUSH answer."""
         if len(task_id) != _common.TASK_ID_SIZE:
             self._drop(_common.DROP_ANSWER_BAD_ID)
             return
         request = self._table._requests.pop(task_id, None)
         if request is None:
             self._drop(_common.DROP_ANSWER_UNKNOWN)
+            self._settle_ghost(session)
             return
         del self._by_key[request.key]
-        self._detach(request)
+        own = session is not None and request.worker is session
+        if not own:
+            self._settle_ghost(session)
+        self._detach(request, own)
         self._send_to_client(request, body)
         if request.state == _QUEUED:
             # Answered by an earlier attempt while waiting for a retry; the queue
@@ -589,7 +611,7 @@ class BrokerCore:
             heap.pop()
             request = self._by_key[top[1]]
             self._counters["timeouts"] += 1
-            self._detach(request)
+            self._detach(request, by_worker=False)
             self._retry_or_abort(request)
 
     def _retry_or_abort(self, request: _Request) -> None:
