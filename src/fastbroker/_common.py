@@ -38,6 +38,8 @@ DROP_TOO_MANY_FRAMES = 7
 DROP_OUT_OF_MEMORY = 8
 DROP_WORKER_BAD_COMMAND = 9
 DROP_WORKER_BAD_FRAMES = 10
+DROP_CLIENT_BAD_COMMAND = 11
+DROP_CLIENT_BAD_ID = 12
 
 DROP_REASONS = (
     "request without an empty delimiter frame",
@@ -51,6 +53,8 @@ DROP_REASONS = (
     "message dropped for lack of memory",
     "worker message with an unknown command",
     "worker command with the wrong frames",
+    "client message with an unknown command or the wrong frames",
+    "client message whose request id is not 16 bytes",
 )
 
 # Keys of BrokerCore.stats(); the order is the compiled core's counter array.
@@ -70,8 +74,12 @@ COUNTERS = (
     "workers_left",  # DEALER workers that sent DISCONNECT
     "workers_dead",  # DEALER workers silent past liveness
     "requeued",  # jobs put back in the queue because their worker died or left
+    "cancelled",  # FBC01 requests cancelled by their client
+    "rejected",  # FBC01 SUBMITs answered REJECTED
+    "duplicates",  # FBC01 SUBMITs of an id the broker already had (not run again)
+    "expired_results",  # finished outcomes forgotten (retention time or memory bound)
 )
-GAUGES = ("queued", "running", "idle_workers", "workers")
+GAUGES = ("queued", "running", "idle_workers", "workers", "retained", "retained_bytes")
 
 # -- The worker protocol (DEALER workers), see docs/PROTOCOL.md ----------------
 # Every message is [envelope..., b"", WORKER_SIGNATURE, command, body...]; the
@@ -83,6 +91,56 @@ CMD_ANSWER = b"\x03"  # worker -> broker: [task_id, answer frames... (>= 1)]
 CMD_FAILED = b"\x04"  # worker -> broker: [task_id, exception type, message] (UTF-8)
 CMD_HEARTBEAT = b"\x05"  # both ways: []
 CMD_DISCONNECT = b"\x06"  # both ways: []
+CMD_CANCEL = b"\x07"  # broker -> worker: [task_id]; the client cancelled that job
+
+# -- The client protocol (DEALER clients), see docs/PROTOCOL.md section 11 -------
+# A client's DEALER sends [CLIENT_SIGNATURE, command, body...] with NO empty
+# delimiter, so the broker's ROUTER sees [identity, CLIENT_SIGNATURE, ...]: a REQ
+# client always has an empty frame there, so the two can never be mistaken.
+CLIENT_SIGNATURE = b"FBC01"
+REQUEST_ID_SIZE = 16
+# client -> broker
+C_SUBMIT = b"\x01"  # [id, options (0 or 9 bytes), payload frames (>= 1)]
+C_STATUS = b"\x02"  # [id]
+C_RESULT = b"\x03"  # [id]
+C_CANCEL = b"\x04"  # [id]
+# broker -> client; every reply's first body frame is the request id
+R_ACCEPTED = b"\x11"  # [id]
+R_REJECTED = b"\x12"  # [id, reason code (1 byte), reason text]
+R_OK = b"\x13"  # [id, answer frames (>= 1)]
+R_FAILED = b"\x14"  # [id, exception type, message]
+R_TIMED_OUT = b"\x15"  # [id]
+R_CANCELLED = b"\x16"  # [id]
+R_UNKNOWN = b"\x17"  # [id]
+R_STATUS = b"\x18"  # [id, state (1 byte), attempt (4 bytes BE), tries (4 bytes BE, 0: unlimited)]
+
+OPTIONS_SIZE = 9  # flags (1 byte), timeout in ms (4 bytes BE, 0: broker default), tries (4 bytes BE, 0: default)
+OPT_NO_ACK = 0x01  # flag: do not send ACCEPTED
+OPT_KNOWN_FLAGS = OPT_NO_ACK
+MAX_REQUEST_TIMEOUT_MS = 0xFFFFFFFE  # a larger value in the options frame is rejected
+MAX_REQUEST_TRIES = 1_000_000  # per-request tries above this are capped to it
+
+# STATUS states
+STATE_QUEUED = 1
+STATE_RUNNING = 2
+STATE_DONE = 3
+
+# REJECTED reason codes
+REJECT_BAD_OPTIONS = 1
+REJECT_TOO_LARGE = 2  # reserved: no payload size limit yet
+REJECT_QUEUE_FULL = 3  # reserved: no queue limit yet
+REJECT_REASONS = {1: "bad options", 2: "too large", 3: "queue full"}
+
+MAX_WAITERS = 8
+"""Client sockets told the outcome of one request (each SUBMIT/RESULT from a new
+socket adds one); beyond this the oldest is replaced."""
+
+DEFAULT_RETENTION = 600.0
+"""Seconds a finished outcome is kept for RESULT."""
+DEFAULT_RETENTION_BYTES = 64 << 20
+"""Memory bound on kept outcomes: answer bytes plus RESULT_OVERHEAD each."""
+RESULT_OVERHEAD = 128
+"""Bytes counted per kept outcome on top of its answer frames (record, index entry)."""
 
 MAX_CREDIT = 1 << 16
 MIN_LIVENESS = 2
@@ -152,6 +210,16 @@ def check_tries(tries: int | None) -> int | None:
     if tries > 2**31 - 1:
         raise ConfigError(f"tries must be below 2**31, not {tries}")
     return tries
+
+
+def check_retention(retention: float) -> float:
+    """Return a valid outcome retention in seconds (0 keeps none), or raise ConfigError."""
+    return check_seconds("retention", retention, 0.0, 30 * 86400.0)
+
+
+def check_retention_bytes(limit: int) -> int:
+    """Return a valid memory bound for kept outcomes, or raise ConfigError."""
+    return check_count("retention_bytes", limit, 0, 1 << 48)
 
 
 _C = TypeVar("_C", bound="Closeable")

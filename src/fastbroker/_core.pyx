@@ -54,8 +54,12 @@ cdef enum:
     TASK_ID_SIZE = 16
     MAX_FRAMES = 4096
     RECV_BATCH = 512
-    N_COUNTERS = 15
+    N_COUNTERS = 19
     SIGNATURE_SIZE = 5
+    REQUEST_ID_SIZE = 16
+    OPTIONS_SIZE = 9
+    MAX_WAITERS = 8
+    RESULT_OVERHEAD = 128
     RECV_DROPPED = 0x7FFFFFFF  # _recv's "message read and dropped"
 
 cdef enum:
@@ -75,6 +79,8 @@ cdef enum:
     DROP_OUT_OF_MEMORY = 8
     DROP_WORKER_BAD_COMMAND = 9
     DROP_WORKER_BAD_FRAMES = 10
+    DROP_CLIENT_BAD_COMMAND = 11
+    DROP_CLIENT_BAD_ID = 12
 
 cdef enum:
     CMD_READY = 1
@@ -83,6 +89,28 @@ cdef enum:
     CMD_FAILED = 4
     CMD_HEARTBEAT = 5
     CMD_DISCONNECT = 6
+    CMD_CANCEL = 7
+
+# The FBC01 client protocol (docs/PROTOCOL.md section 10).
+cdef enum:
+    C_SUBMIT = 1
+    C_STATUS = 2
+    C_RESULT = 3
+    C_CANCEL = 4
+    R_ACCEPTED = 0x11
+    R_REJECTED = 0x12
+    R_OK = 0x13
+    R_FAILED = 0x14
+    R_TIMED_OUT = 0x15
+    R_CANCELLED = 0x16
+    R_UNKNOWN = 0x17
+    R_STATUS = 0x18
+    OPT_NO_ACK = 1
+    OPT_KNOWN_FLAGS = 1
+    STATE_QUEUED = 1
+    STATE_RUNNING = 2
+    STATE_DONE = 3
+    REJECT_BAD_OPTIONS = 1
 
 # Counter indexes, in the order of _common.COUNTERS.
 cdef enum:
@@ -101,6 +129,10 @@ cdef enum:
     C_LEFT = 12
     C_DEAD = 13
     C_REQUEUED = 14
+    C_CANCELLED = 15
+    C_REJECTED = 16
+    C_DUPLICATES = 17
+    C_EXPIRED = 18
 
 assert len(_common.COUNTERS) == N_COUNTERS
 assert (TASK_ID_SIZE, MAX_FRAMES, RECV_BATCH) == (
@@ -114,6 +146,25 @@ assert [DROP_REQUEST_NO_DELIMITER, DROP_REQUEST_NO_PAYLOAD, DROP_READY_NO_DELIMI
     _common.DROP_ANSWER_TOO_SHORT, _common.DROP_ANSWER_BAD_ID, _common.DROP_ANSWER_UNKNOWN,
     _common.DROP_TOO_MANY_FRAMES, _common.DROP_OUT_OF_MEMORY,
     _common.DROP_WORKER_BAD_COMMAND, _common.DROP_WORKER_BAD_FRAMES]
+assert (DROP_CLIENT_BAD_COMMAND, DROP_CLIENT_BAD_ID) == (_common.DROP_CLIENT_BAD_COMMAND, _common.DROP_CLIENT_BAD_ID)
+assert [bytes([c]) for c in (C_SUBMIT, C_STATUS, C_RESULT, C_CANCEL, R_ACCEPTED, R_REJECTED, R_OK, R_FAILED,
+                             R_TIMED_OUT, R_CANCELLED, R_UNKNOWN, R_STATUS, CMD_CANCEL)] == [
+    _common.C_SUBMIT, _common.C_STATUS, _common.C_RESULT, _common.C_CANCEL, _common.R_ACCEPTED,
+    _common.R_REJECTED, _common.R_OK, _common.R_FAILED, _common.R_TIMED_OUT, _common.R_CANCELLED,
+    _common.R_UNKNOWN, _common.R_STATUS, _common.CMD_CANCEL]
+assert (REQUEST_ID_SIZE, OPTIONS_SIZE, MAX_WAITERS, RESULT_OVERHEAD, OPT_NO_ACK, OPT_KNOWN_FLAGS) == (
+    _common.REQUEST_ID_SIZE, _common.OPTIONS_SIZE, _common.MAX_WAITERS, _common.RESULT_OVERHEAD,
+    _common.OPT_NO_ACK, _common.OPT_KNOWN_FLAGS)
+assert (STATE_QUEUED, STATE_RUNNING, STATE_DONE, REJECT_BAD_OPTIONS) == (
+    _common.STATE_QUEUED, _common.STATE_RUNNING, _common.STATE_DONE, _common.REJECT_BAD_OPTIONS)
+cdef const char *CLIENT_SIGNATURE = b"FBC01"
+assert CLIENT_SIGNATURE[:SIGNATURE_SIZE] == _common.CLIENT_SIGNATURE
+cdef uint32_t MAX_REQUEST_TIMEOUT_MS = _common.MAX_REQUEST_TIMEOUT_MS
+cdef uint32_t MAX_REQUEST_TRIES = _common.MAX_REQUEST_TRIES
+cdef const char *BAD_OPTIONS_TEXT = b"bad options"
+cdef size_t BAD_OPTIONS_LEN = 11
+assert BAD_OPTIONS_TEXT[:BAD_OPTIONS_LEN] == _common.REJECT_REASONS[REJECT_BAD_OPTIONS].encode()
+cdef uint32_t DONE_BIT = 0x80000000U  # client index value: a kept outcome's slot, not a request's
 assert [bytes([c]) for c in (CMD_READY, CMD_TASK, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT)] == [
     _common.CMD_READY, _common.CMD_TASK, _common.CMD_ANSWER, _common.CMD_FAILED,
     _common.CMD_HEARTBEAT, _common.CMD_DISCONNECT]
@@ -675,6 +726,11 @@ cdef struct Req:
     uint32_t failed_on_gen
     uint32_t wprev  # neighbours in that worker's job list (request slots)
     uint32_t wnext
+    double timeout  # per attempt, < 0: none
+    int32_t tries  # as given, -1: unlimited (for STATUS)
+    bint client  # an FBC01 request: frames[0:nenv] are its waiters' identities
+    uint8_t cid[16]  # the client's request id
+    zmsg *fail  # FBC01: the latest FAILED's type and message, or NULL
 
 
 cdef class RequestTable:
@@ -700,6 +756,9 @@ cdef class RequestTable:
             if self.reqs[i].state != FREE:
                 close_msgs(self.reqs[i].frames, self.reqs[i].nframes)
                 free(self.reqs[i].frames)
+                if self.reqs[i].fail != NULL:
+                    close_msgs(self.reqs[i].fail, 2)
+                    free(self.reqs[i].fail)
         free(self.reqs)
 
     cdef int alloc(self) noexcept nogil:
@@ -730,6 +789,9 @@ cdef class RequestTable:
         self.reqs[s].failed_on = -1
         self.reqs[s].wprev = NO_SLOT
         self.reqs[s].wnext = NO_SLOT
+        self.reqs[s].client = False
+        self.reqs[s].fail = NULL
+        self.reqs[s].timeout = -1.0
         self.count += 1
         return <int>s
 
@@ -739,6 +801,10 @@ cdef class RequestTable:
         free(r.frames)
         r.frames = NULL
         r.nframes = 0
+        if r.fail != NULL:
+            close_msgs(r.fail, 2)
+            free(r.fail)
+            r.fail = NULL
         r.state = FREE
         r.gen += 1
         r.next_free = self.free_head
@@ -816,6 +882,19 @@ cdef struct Sess:
     uint32_t jobs  # first request slot of its job list, NO_SLOT if none
 
 
+cdef struct Done:
+    # A finished FBC01 request's outcome, kept for RESULT and duplicate SUBMITs.
+    uint32_t next_free
+    uint8_t cid[16]
+    uint8_t code
+    zmsg *body  # answer frames (OK) or type and message (FAILED); shared, not copied
+    int nbody
+    double finished
+    size_t size  # body bytes + RESULT_OVERHEAD
+    uint32_t attempts
+    int32_t tries
+
+
 cdef class BrokerCore:
     """Routes requests to workers that asked, with per-attempt deadlines and tries.
 
@@ -856,9 +935,22 @@ cdef class BrokerCore:
     cdef uint8_t *keybuf  # the current worker message's address key
     cdef size_t keybuf_cap
     cdef size_t keylen
+    # FBC01 clients: request id -> request slot, or kept outcome slot | DONE_BIT
+    cdef AddrIndex cids
+    cdef Done *done
+    cdef uint32_t done_cap
+    cdef uint32_t done_free
+    cdef Ring done_fifo  # kept outcome slots, oldest first (only the front leaves)
+    cdef size_t retained_bytes
+    cdef double retention
+    cdef size_t retention_bytes
 
     def __cinit__(self, requests, workers, answers, timeout=None, tries=None, *,
-                  heartbeat=_common.DEFAULT_HEARTBEAT, liveness=_common.DEFAULT_LIVENESS, bytes epoch=None):
+                  heartbeat=_common.DEFAULT_HEARTBEAT, liveness=_common.DEFAULT_LIVENESS, bytes epoch=None,
+                  retention=_common.DEFAULT_RETENTION, retention_bytes=_common.DEFAULT_RETENTION_BYTES):
+        self.retention = _common.check_retention(retention)
+        self.retention_bytes = _common.check_retention_bytes(retention_bytes)
+        self.done_free = NO_SLOT
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
@@ -881,6 +973,9 @@ cdef class BrokerCore:
 
     def __dealloc__(self):
         self._release_sessions()
+        self._release_outcomes()
+        free(self.done)
+        free(self.done_fifo.buf)
         free(self.sess)
         free(self.keybuf)
         free(self.scratch)
@@ -896,6 +991,19 @@ cdef class BrokerCore:
                 self.sess[s].used = False
         aidx_free(&self.sess_index)
         self.n_sessions = 0
+
+    cdef void _release_outcomes(self) noexcept nogil:
+        cdef uint32_t d
+        while self.done_fifo.count:
+            d = <uint32_t>ring_front(&self.done_fifo)
+            ring_drop_front(&self.done_fifo)
+            close_msgs(self.done[d].body, self.done[d].nbody)
+            free(self.done[d].body)
+            self.done[d].body = NULL
+            self.done[d].next_free = self.done_free
+            self.done_free = d
+        aidx_free(&self.cids)
+        self.retained_bytes = 0
 
     def disconnect_workers(self):
         """Send DISCONNECT to every DEALER worker and forget them; returns how many."""
@@ -915,6 +1023,7 @@ cdef class BrokerCore:
         """Release every message the core holds (queued jobs, idle workers)."""
         self.closed = True
         self._release_sessions()
+        self._release_outcomes()
         self.table = RequestTable()
         self.idle = IdleWorkers()
         self.heap = DeadlineHeap()
@@ -950,6 +1059,8 @@ cdef class BrokerCore:
         result["running"] = self.table.count - self.n_queued
         result["idle_workers"] = self.idle.live
         result["workers"] = self.n_sessions
+        result["retained"] = self.done_fifo.count
+        result["retained_bytes"] = self.retained_bytes
         result["drops"] = {_common.DROP_REASONS[i]: self.drops[i]
                            for i in range(len(_common.DROP_REASONS)) if self.drops[i]}
         return result
@@ -972,7 +1083,7 @@ cdef class BrokerCore:
         cdef zpollitem items[4]
         cdef double now = monotonic_now()
         cdef double t_end = now + max_wait if max_wait >= 0 else -1.0
-        cdef double next_t
+        cdef double next_t, t_done
         cdef long ms
         cdef int rc, nitems = 4 if wake_fd >= 0 else 3
         items[0].socket = self.s_requests
@@ -990,6 +1101,8 @@ cdef class BrokerCore:
             rc = self._expire(now)
             if rc < 0:
                 return rc
+            if self.done_fifo.count:
+                self._forget_outcomes(now)
             if self.n_sessions and (now >= self.next_tick or now >= self.next_check):
                 rc = self._tick(now)
                 if rc < 0:
@@ -1010,6 +1123,10 @@ cdef class BrokerCore:
                 next_t = self.next_tick
             if self.n_sessions and self.next_check < next_t:
                 next_t = self.next_check
+            if self.done_fifo.count:
+                t_done = self.done[<uint32_t>ring_front(&self.done_fifo)].finished + self.retention
+                if next_t < 0 or t_done < next_t:
+                    next_t = t_done
             if next_t < 0:
                 ms = -1
             elif next_t <= now:
@@ -1118,9 +1235,12 @@ cdef class BrokerCore:
         return -1
 
     cdef int _on_request(self, int n) noexcept nogil:
-        cdef int d = self._delimiter(n)
-        cdef int s, i
+        cdef int d, s, i
         cdef Req *r
+        if n >= 2 and zmsg_size(&self.scratch[1]) == SIGNATURE_SIZE and \
+                memcmp(zmsg_data(&self.scratch[1]), CLIENT_SIGNATURE, SIGNATURE_SIZE) == 0:
+            return self._on_client(n)
+        d = self._delimiter(n)
         if d < 1:
             self._drop(DROP_REQUEST_NO_DELIMITER)
             return 0
@@ -1143,6 +1263,8 @@ cdef class BrokerCore:
         r.nframes = n
         r.nenv = d + 1
         r.tries_left = self._tries
+        r.tries = self._tries
+        r.timeout = self._timeout
         self.n_queued += 1
         self.counters[C_REQUESTS] += 1
         return 0
@@ -1277,6 +1399,16 @@ cdef class BrokerCore:
         r = &self.table.reqs[rs]
         r.failed_on = s
         r.failed_on_gen = self.sess[s].gen
+        if r.client:
+            if r.fail == NULL:
+                r.fail = <zmsg *>malloc(2 * sizeof(zmsg))
+                if r.fail != NULL:
+                    zmsg_init(&r.fail[0])
+                    zmsg_init(&r.fail[1])
+            # Without memory for the text, the outcome is still FAILED-less: TIMED_OUT.
+            if r.fail != NULL:
+                zmsg_move(&r.fail[0], &self.scratch[d + 4])
+                zmsg_move(&r.fail[1], &self.scratch[d + 5])
         return self._retry_or_abort(<uint32_t>rs)
 
     # -- sessions ---------------------------------------------------------------
@@ -1485,6 +1617,317 @@ cdef class BrokerCore:
             zmsg_close(&part)
         return 0
 
+    # -- the FBC01 client protocol (docs/PROTOCOL.md section 10) -------------------
+
+    cdef int _on_client(self, int n) noexcept nogil:
+        cdef uint8_t command
+        cdef const uint8_t *cid
+        cdef int i
+        cdef uint32_t v
+        if n < 3 or zmsg_size(&self.scratch[2]) != 1:
+            self._drop(DROP_CLIENT_BAD_COMMAND)
+            return 0
+        command = (<const uint8_t *>zmsg_data(&self.scratch[2]))[0]
+        if command < C_SUBMIT or command > C_CANCEL:
+            self._drop(DROP_CLIENT_BAD_COMMAND)
+            return 0
+        if n < 4 or zmsg_size(&self.scratch[3]) != REQUEST_ID_SIZE:
+            self._drop(DROP_CLIENT_BAD_ID)
+            return 0
+        cid = <const uint8_t *>zmsg_data(&self.scratch[3])
+        if command == C_SUBMIT:
+            return self._client_submit(n, cid)
+        if n != 4:
+            self._drop(DROP_CLIENT_BAD_COMMAND)
+            return 0
+        i = aidx_find(&self.cids, cid, REQUEST_ID_SIZE, hash_bytes(cid, REQUEST_ID_SIZE))
+        if i < 0:
+            return self._reply(&self.scratch[0], R_UNKNOWN, cid, NULL, 0)
+        v = self.cids.ents[i].value
+        if command == C_STATUS:
+            return self._reply_status(cid, v)
+        if v & DONE_BIT:
+            # RESULT, or CANCEL of a finished request: its outcome.
+            return self._reply_outcome(&self.scratch[0], v & ~DONE_BIT)
+        if self._add_waiter(&self.table.reqs[v]) < 0:
+            self._drop(DROP_OUT_OF_MEMORY)
+            return 0
+        if command == C_RESULT:
+            return self._reply_status(cid, v)
+        return self._cancel(v)
+
+    cdef int _client_submit(self, int n, const uint8_t *cid) noexcept nogil:
+        cdef const uint8_t *o
+        cdef size_t olen
+        cdef uint32_t flags = 0, timeout_ms = 0, tries = 0, v
+        cdef uint64_t h
+        cdef int i, s, rc = 0
+        cdef Req *r
+        cdef uint8_t *key
+        cdef zmsg extra[2]
+        if n < 6:
+            self._drop(DROP_CLIENT_BAD_COMMAND)
+            return 0
+        olen = zmsg_size(&self.scratch[4])
+        o = <const uint8_t *>zmsg_data(&self.scratch[4])
+        if olen == OPTIONS_SIZE:
+            flags = o[0]
+            timeout_ms = (<uint32_t>o[1] << 24) | (<uint32_t>o[2] << 16) | (<uint32_t>o[3] << 8) | o[4]
+            tries = (<uint32_t>o[5] << 24) | (<uint32_t>o[6] << 16) | (<uint32_t>o[7] << 8) | o[8]
+        if (olen != 0 and olen != OPTIONS_SIZE) or (flags & ~(<uint32_t>OPT_KNOWN_FLAGS)) or \
+                timeout_ms > MAX_REQUEST_TIMEOUT_MS:
+            self.counters[C_REJECTED] += 1
+            zmsg_init_size(&extra[0], 1)
+            (<uint8_t *>zmsg_data(&extra[0]))[0] = REJECT_BAD_OPTIONS
+            zmsg_init_size(&extra[1], BAD_OPTIONS_LEN)
+            memcpy(zmsg_data(&extra[1]), BAD_OPTIONS_TEXT, BAD_OPTIONS_LEN)
+            rc = self._reply(&self.scratch[0], R_REJECTED, cid, extra, 2)
+            close_msgs(extra, 2)
+            return rc
+        h = hash_bytes(cid, REQUEST_ID_SIZE)
+        i = aidx_find(&self.cids, cid, REQUEST_ID_SIZE, h)
+        if i >= 0:
+            # The same id again: it runs once; this sender is told the outcome too.
+            self.counters[C_DUPLICATES] += 1
+            v = self.cids.ents[i].value
+            if not v & DONE_BIT and self._add_waiter(&self.table.reqs[v]) < 0:
+                self._drop(DROP_OUT_OF_MEMORY)
+                return 0
+            if not flags & OPT_NO_ACK:
+                rc = self._reply(&self.scratch[0], R_ACCEPTED, cid, NULL, 0)
+            if rc >= 0 and v & DONE_BIT:
+                rc = self._reply_outcome(&self.scratch[0], v & ~DONE_BIT)
+            return rc
+        s = self.table.alloc()
+        if s < 0:
+            self._drop(DROP_OUT_OF_MEMORY)
+            return 0
+        r = &self.table.reqs[s]
+        # Frames kept: the sender's identity (its first waiter), then the payload.
+        r.frames = <zmsg *>malloc((n - 4) * sizeof(zmsg))
+        key = <uint8_t *>malloc(REQUEST_ID_SIZE)
+        if r.frames == NULL or key == NULL:
+            free(key)
+            self.table.release(s)
+            self._drop(DROP_OUT_OF_MEMORY)
+            return 0
+        memcpy(key, cid, REQUEST_ID_SIZE)
+        if ring_push(&self.waiting, make_handle(s, r.gen)) < 0 or \
+                aidx_insert(&self.cids, key, REQUEST_ID_SIZE, h, <uint32_t>s) < 0:
+            free(key)
+            self.table.release(s)  # a ring entry already pushed turns into a tombstone
+            self._drop(DROP_OUT_OF_MEMORY)
+            return 0
+        zmsg_init(&r.frames[0])
+        zmsg_copy(&r.frames[0], &self.scratch[0])
+        for i in range(5, n):
+            zmsg_init(&r.frames[i - 4])
+            zmsg_move(&r.frames[i - 4], &self.scratch[i])
+        r.nframes = n - 4
+        r.nenv = 1
+        r.client = True
+        memcpy(r.cid, cid, REQUEST_ID_SIZE)
+        if tries == 0:
+            r.tries_left = self._tries
+        else:
+            r.tries_left = <int32_t>(tries if tries < MAX_REQUEST_TRIES else MAX_REQUEST_TRIES)
+        r.tries = r.tries_left
+        r.timeout = self._timeout if timeout_ms == 0 else timeout_ms / 1000.0
+        self.n_queued += 1
+        self.counters[C_REQUESTS] += 1
+        if not flags & OPT_NO_ACK:
+            return self._reply(&self.scratch[0], R_ACCEPTED, cid, NULL, 0)
+        return 0
+
+    cdef int _add_waiter(self, Req *r) noexcept nogil:
+        """Make the current message's sender (scratch[0]) one of r's waiters."""
+        cdef int i
+        cdef zmsg *grown
+        cdef zmsg *me = &self.scratch[0]
+        cdef size_t sz = zmsg_size(me)
+        for i in range(r.nenv):
+            if zmsg_size(&r.frames[i]) == sz and memcmp(zmsg_data(&r.frames[i]), zmsg_data(me), sz) == 0:
+                return 0
+        if r.nenv == MAX_WAITERS:
+            # Full: the oldest waiter gives way.
+            for i in range(1, r.nenv):
+                zmsg_move(&r.frames[i - 1], &r.frames[i])
+            zmsg_copy(&r.frames[r.nenv - 1], me)
+            return 0
+        grown = <zmsg *>realloc(r.frames, (r.nframes + 1) * sizeof(zmsg))
+        if grown == NULL:
+            return -1
+        r.frames = grown
+        # Shift the payload up one place to make room after the waiters.
+        zmsg_init(&r.frames[r.nframes])
+        i = r.nframes
+        while i > r.nenv:
+            zmsg_move(&r.frames[i], &r.frames[i - 1])
+            i -= 1
+        zmsg_copy(&r.frames[r.nenv], me)
+        r.nenv += 1
+        r.nframes += 1
+        return 0
+
+    cdef int _reply(self, zmsg *identity, int code, const uint8_t *cid, zmsg *body, int nbody) noexcept nogil:
+        """Send [identity, FBC01, code, cid, body...] to a client; every frame is a
+        copy (shared buffer). A client that is gone or not reading loses it."""
+        cdef zmsg part
+        cdef int i, e
+        zmsg_init(&part)
+        zmsg_copy(&part, identity)
+        if zmsg_send(&part, self.s_requests, ZSNDMORE | ZDONTWAIT) < 0:
+            e = zerrno()
+            zmsg_close(&part)
+            return -e if e == ZETERM else 0
+        zmsg_init_size(&part, SIGNATURE_SIZE)
+        memcpy(zmsg_data(&part), CLIENT_SIGNATURE, SIGNATURE_SIZE)
+        zmsg_send(&part, self.s_requests, ZSNDMORE | ZDONTWAIT)
+        zmsg_init_size(&part, 1)
+        (<uint8_t *>zmsg_data(&part))[0] = <uint8_t>code
+        zmsg_send(&part, self.s_requests, ZSNDMORE | ZDONTWAIT)
+        zmsg_init_size(&part, REQUEST_ID_SIZE)
+        memcpy(zmsg_data(&part), cid, REQUEST_ID_SIZE)
+        zmsg_send(&part, self.s_requests, (ZSNDMORE if nbody else 0) | ZDONTWAIT)
+        for i in range(nbody):
+            zmsg_init(&part)
+            zmsg_copy(&part, &body[i])
+            if zmsg_send(&part, self.s_requests, (ZSNDMORE if i + 1 < nbody else 0) | ZDONTWAIT) < 0:
+                zmsg_close(&part)
+        return 0
+
+    cdef int _reply_outcome(self, zmsg *identity, uint32_t d) noexcept nogil:
+        return self._reply(identity, self.done[d].code, self.done[d].cid, self.done[d].body, self.done[d].nbody)
+
+    cdef int _reply_status(self, const uint8_t *cid, uint32_t v) noexcept nogil:
+        cdef zmsg body[3]
+        cdef uint8_t *p
+        cdef uint32_t attempts, tries
+        cdef int state, rc, i
+        if v & DONE_BIT:
+            state = STATE_DONE
+            attempts = self.done[v & ~DONE_BIT].attempts
+            tries = <uint32_t>max(self.done[v & ~DONE_BIT].tries, 0)
+        else:
+            state = STATE_QUEUED if self.table.reqs[v].state == QUEUED else STATE_RUNNING
+            attempts = self.table.reqs[v].attempts
+            tries = <uint32_t>max(self.table.reqs[v].tries, 0)
+        zmsg_init_size(&body[0], 1)
+        (<uint8_t *>zmsg_data(&body[0]))[0] = <uint8_t>state
+        zmsg_init_size(&body[1], 4)
+        zmsg_init_size(&body[2], 4)
+        for i in range(4):
+            (<uint8_t *>zmsg_data(&body[1]))[i] = (attempts >> (24 - 8 * i)) & 0xFF
+            (<uint8_t *>zmsg_data(&body[2]))[i] = (tries >> (24 - 8 * i)) & 0xFF
+        rc = self._reply(&self.scratch[0], R_STATUS, cid, body, 3)
+        close_msgs(body, 3)
+        return rc
+
+    cdef int _cancel(self, uint32_t rs) noexcept nogil:
+        """The client cancelled request rs (the canceller is already a waiter)."""
+        cdef Req *r = &self.table.reqs[rs]
+        cdef zmsg part
+        cdef int rc
+        if r.state == QUEUED:
+            # Its queue entry turns into a tombstone when the slot is released.
+            self.n_queued -= 1
+        else:
+            self.heap.delete(rs)
+            if r.worker >= 0:
+                # Tell its FBW01 worker, which may abandon the job; the credit stays
+                # taken (a ghost) until the worker answers or fails it.
+                rc = self._send_env(self.sess[r.worker].env, self.sess[r.worker].nenv, CMD_CANCEL, True)
+                if rc < 0:
+                    return rc
+                if rc == 0:
+                    zmsg_init_size(&part, TASK_ID_SIZE)
+                    self.table.write_id(rs, <uint8_t *>zmsg_data(&part))
+                    if zmsg_send(&part, self.s_workers, ZDONTWAIT) < 0:
+                        zmsg_close(&part)
+            self._detach(rs, False)
+        self.counters[C_CANCELLED] += 1
+        rc = self._conclude(r, R_CANCELLED, NULL, 0)
+        self.table.release(rs)
+        return rc
+
+    cdef int _conclude(self, Req *r, int code, zmsg *body, int nbody) noexcept nogil:
+        """Tell every waiter of a finished FBC01 request its outcome, and keep the
+        outcome for RESULT (the caller releases the request)."""
+        cdef int w, rc, result = 0, i
+        cdef uint32_t d, ncap, k
+        cdef Done *grown
+        cdef Done *o
+        for w in range(r.nenv):
+            rc = self._reply(&r.frames[w], code, r.cid, body, nbody)
+            if rc < 0:
+                result = rc
+        i = aidx_find(&self.cids, r.cid, REQUEST_ID_SIZE, hash_bytes(r.cid, REQUEST_ID_SIZE))
+        if i < 0:
+            return result
+        if self.retention <= 0:
+            aidx_delete(&self.cids, <size_t>i)
+            return result
+        if self.done_free == NO_SLOT:
+            ncap = self.done_cap * 2 if self.done_cap else 64
+            grown = <Done *>realloc(self.done, ncap * sizeof(Done))
+            if grown == NULL:
+                aidx_delete(&self.cids, <size_t>i)  # not kept: the id is unknown again
+                return result
+            self.done = grown
+            memset(&self.done[self.done_cap], 0, (ncap - self.done_cap) * sizeof(Done))
+            for k in range(self.done_cap, ncap):
+                self.done[k].next_free = k + 1 if k + 1 < ncap else NO_SLOT
+            self.done_free = self.done_cap
+            self.done_cap = ncap
+        d = self.done_free
+        o = &self.done[d]
+        o.body = NULL
+        if nbody:
+            o.body = <zmsg *>malloc(nbody * sizeof(zmsg))
+        if (nbody and o.body == NULL) or ring_push(&self.done_fifo, d) < 0:
+            free(o.body)
+            o.body = NULL
+            aidx_delete(&self.cids, <size_t>i)
+            return result
+        self.done_free = o.next_free
+        memcpy(o.cid, r.cid, REQUEST_ID_SIZE)
+        o.code = <uint8_t>code
+        o.nbody = nbody
+        o.size = RESULT_OVERHEAD
+        for w in range(nbody):
+            zmsg_init(&o.body[w])
+            zmsg_copy(&o.body[w], &body[w])
+            o.size += zmsg_size(&body[w])
+        o.finished = self.now
+        o.attempts = r.attempts
+        o.tries = r.tries
+        self.cids.ents[i].value = d | DONE_BIT
+        self.retained_bytes += o.size
+        while self.retained_bytes > self.retention_bytes:
+            self._forget_first_outcome()
+        return result
+
+    cdef void _forget_first_outcome(self) noexcept nogil:
+        cdef uint32_t d = <uint32_t>ring_front(&self.done_fifo)
+        cdef Done *o = &self.done[d]
+        cdef int i = aidx_find(&self.cids, o.cid, REQUEST_ID_SIZE, hash_bytes(o.cid, REQUEST_ID_SIZE))
+        ring_drop_front(&self.done_fifo)
+        if i >= 0:
+            aidx_delete(&self.cids, <size_t>i)
+        close_msgs(o.body, o.nbody)
+        free(o.body)
+        o.body = NULL
+        o.nbody = 0
+        self.retained_bytes -= o.size
+        o.next_free = self.done_free
+        self.done_free = d
+        self.counters[C_EXPIRED] += 1
+
+    cdef void _forget_outcomes(self, double now) noexcept nogil:
+        while self.done_fifo.count and \
+                self.done[<uint32_t>ring_front(&self.done_fifo)].finished + self.retention <= now:
+            self._forget_first_outcome()
+
     # -- answers ------------------------------------------------------------------
 
     cdef int _on_answer(self, int n) noexcept nogil:
@@ -1528,6 +1971,8 @@ cdef class BrokerCore:
         """Send r's envelope then body (moved). A client that is gone or not
         reading loses its answer: ROUTER drops it, as in the original broker."""
         cdef int i, e
+        if r.client:
+            return self._conclude(r, R_OK, body, nbody)
         for i in range(r.nenv):
             if zmsg_send(&r.frames[i], self.s_requests, ZSNDMORE | ZDONTWAIT) < 0:
                 e = zerrno()
@@ -1558,9 +2003,14 @@ cdef class BrokerCore:
         cdef int rc
         # Without memory to requeue, give up on the job rather than lose track of it.
         if r.tries_left == 0 or ring_push(&self.retry, make_handle(s, r.gen)) < 0:
-            zmsg_init(&empty)
-            rc = self._send_to_client(r, &empty, 1)
-            zmsg_close(&empty)
+            if not r.client:
+                zmsg_init(&empty)
+                rc = self._send_to_client(r, &empty, 1)
+                zmsg_close(&empty)
+            elif r.fail != NULL:
+                rc = self._conclude(r, R_FAILED, r.fail, 2)
+            else:
+                rc = self._conclude(r, R_TIMED_OUT, NULL, 0)
             self.table.release(s)
             self.counters[C_ABORTED] += 1
             return rc
@@ -1653,9 +2103,9 @@ cdef class BrokerCore:
             r.failed_on = -1
             if r.tries_left > 0:
                 r.tries_left -= 1
-            if self._timeout >= 0:
+            if r.timeout >= 0:
                 # Without memory for a deadline the attempt simply has none.
-                self.heap.insert(<uint32_t>s, now + self._timeout)
+                self.heap.insert(<uint32_t>s, now + r.timeout)
             if sidx >= 0:
                 self._attach(<uint32_t>s, <uint32_t>sidx)
                 self._offer(<uint32_t>sidx)

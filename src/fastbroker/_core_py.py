@@ -18,7 +18,9 @@ import zmq
 
 from fastbroker import _common
 from fastbroker._common import (
+    CLIENT_SIGNATURE,
     CMD_ANSWER,
+    CMD_CANCEL,
     CMD_DISCONNECT,
     CMD_FAILED,
     CMD_HEARTBEAT,
@@ -26,12 +28,16 @@ from fastbroker._common import (
     CMD_TASK,
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
+    DEFAULT_RETENTION,
+    DEFAULT_RETENTION_BYTES,
     MAX_CREDIT,
     MAX_LIVENESS,
     MIN_LIVENESS,
     WORKER_SIGNATURE,
     check_count,
     check_heartbeat,
+    check_retention,
+    check_retention_bytes,
     check_timeout,
     check_tries,
 )
@@ -142,7 +148,10 @@ class DeadlineHeap:
 
 
 class _Request:
-    __slots__ = ("key", "task_id", "env", "payload", "state", "tries_left", "worker", "failed_on")
+    __slots__ = (
+        "key", "task_id", "env", "payload", "state", "tries_left", "worker", "failed_on",
+        "timeout", "tries", "attempts", "cid", "waiters", "failure",
+    )
 
     def __init__(self, key: int, task_id: bytes, env: list, payload: list, tries_left: int) -> None:
         self.key = key
@@ -153,6 +162,28 @@ class _Request:
         self.tries_left = tries_left
         self.worker: Optional[_Session] = None  # the DEALER worker running this attempt
         self.failed_on: Optional[_Session] = None  # the worker whose FAILED caused the retry
+        self.timeout: Optional[float] = None  # per attempt
+        self.tries = tries_left  # as given, -1: unlimited (for STATUS)
+        self.attempts = 0
+        # FBC01 requests only: the client's id, the identities told the outcome,
+        # and the latest FAILED's (type, message) frames.
+        self.cid: Optional[bytes] = None
+        self.waiters: List[bytes] = []
+        self.failure: Optional[list] = None
+
+
+class _Outcome:
+    """A finished FBC01 request's outcome, kept for RESULT and duplicate SUBMITs."""
+
+    __slots__ = ("code", "body", "finished", "size", "attempts", "tries")
+
+    def __init__(self, code: bytes, body: list, finished: float, attempts: int, tries: int) -> None:
+        self.code = code
+        self.body = body
+        self.finished = finished
+        self.size = sum(len(f) for f in body) + _common.RESULT_OVERHEAD
+        self.attempts = attempts
+        self.tries = tries
 
 
 class _Session:
@@ -224,7 +255,14 @@ class BrokerCore:
         heartbeat: float = DEFAULT_HEARTBEAT,
         liveness: int = DEFAULT_LIVENESS,
         epoch: Optional[bytes] = None,
+        retention: float = DEFAULT_RETENTION,
+        retention_bytes: int = DEFAULT_RETENTION_BYTES,
     ) -> None:
+        self._retention = check_retention(retention)
+        self._retention_bytes = check_retention_bytes(retention_bytes)
+        self._by_cid: Dict[bytes, _Request] = {}  # FBC01 requests in the broker
+        self._outcomes: "OrderedDict[bytes, _Outcome]" = OrderedDict()  # oldest first
+        self._retained_bytes = 0
         self._timeout = check_timeout(timeout)
         self._tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
@@ -275,6 +313,8 @@ class BrokerCore:
         result["running"] = len(self._table) - self._n_queued
         result["idle_workers"] = len(self._idle)
         result["workers"] = len(self._sessions)
+        result["retained"] = len(self._outcomes)
+        result["retained_bytes"] = self._retained_bytes
         result["drops"] = {
             _common.DROP_REASONS[i]: n for i, n in enumerate(self._drops) if n
         }
@@ -300,6 +340,9 @@ class BrokerCore:
         self._waiting.clear()
         self._retry.clear()
         self._n_queued = 0
+        self._by_cid.clear()
+        self._outcomes.clear()
+        self._retained_bytes = 0
 
     def run(self, wake_fd: int = -1, max_wait: Optional[float] = None, stop_on_drop: bool = False) -> int:
         """Serve until woken; returns one of _common.RUN_*. Raises zmq.ZMQError on a socket error."""
@@ -317,6 +360,8 @@ class BrokerCore:
         while True:
             now = monotonic()
             self._expire(now)
+            if self._outcomes:
+                self._forget_outcomes(now)
             if self._sessions and (now >= self._next_tick or now >= self._next_check):
                 self._tick(now)
             self._dispatch(now)
@@ -332,6 +377,9 @@ class BrokerCore:
                 next_t = top[0]
             if self._sessions:
                 next_t = min(t for t in (next_t, self._next_tick, self._next_check) if t is not None)
+            if self._outcomes:
+                first = next(iter(self._outcomes.values())).finished + self._retention
+                next_t = first if next_t is None else min(next_t, first)
             if next_t is None:
                 ms = None
             elif next_t <= now:
@@ -381,6 +429,9 @@ class BrokerCore:
         return -1
 
     def _on_request(self, frames: list) -> None:
+        if len(frames) >= 2 and len(frames[1]) == 5 and frames[1].bytes == CLIENT_SIGNATURE:
+            self._on_client(frames)
+            return
         d = self._delimiter(frames)
         if d < 1:
             self._drop(_common.DROP_REQUEST_NO_DELIMITER)
@@ -389,11 +440,181 @@ class BrokerCore:
             self._drop(_common.DROP_REQUEST_NO_PAYLOAD)
             return
         tries_left = -1 if self._tries is None else self._tries
-        request = self._table._new(frames[: d + 1], frames[d + 1 :], tries_left)
+        self._enqueue(frames[: d + 1], frames[d + 1 :], tries_left, self._timeout)
+
+    def _enqueue(self, env: list, payload: list, tries_left: int, timeout: Optional[float]) -> _Request:
+        request = self._table._new(env, payload, tries_left)
+        request.timeout = timeout
         self._by_key[request.key] = request
         self._waiting.append(request)
         self._n_queued += 1
         self._counters["requests"] += 1
+        return request
+
+    # -- the FBC01 client protocol (docs/PROTOCOL.md section 10) ---------------
+
+    def _on_client(self, frames: list) -> None:
+        if len(frames) < 3 or len(frames[2]) != 1:
+            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            return
+        handler = self._client_commands.get(frames[2].bytes)
+        if handler is None:
+            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            return
+        if len(frames) < 4 or len(frames[3]) != _common.REQUEST_ID_SIZE:
+            self._drop(_common.DROP_CLIENT_BAD_ID)
+            return
+        handler(self, frames[0].bytes, frames[3].bytes, frames[4:])
+
+    def _reply(self, identity: bytes, code: bytes, cid: bytes, body: Optional[list] = None) -> None:
+        # A client that is gone or not reading loses the reply: ROUTER drops it.
+        try:
+            self._requests.send_multipart([identity, CLIENT_SIGNATURE, code, cid] + (body or []), zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            pass
+
+    def _client_submit(self, identity: bytes, cid: bytes, body: list) -> None:
+        if len(body) < 2:
+            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            return
+        options = body[0].bytes
+        flags = timeout_ms = tries = 0
+        if len(options) == _common.OPTIONS_SIZE:
+            flags = options[0]
+            timeout_ms = int.from_bytes(options[1:5], "big")
+            tries = int.from_bytes(options[5:9], "big")
+        if (len(options) not in (0, _common.OPTIONS_SIZE) or flags & ~_common.OPT_KNOWN_FLAGS
+                or timeout_ms > _common.MAX_REQUEST_TIMEOUT_MS):
+            self._counters["rejected"] += 1
+            reason = _common.REJECT_BAD_OPTIONS
+            self._reply(identity, _common.R_REJECTED, cid,
+                        [bytes([reason]), _common.REJECT_REASONS[reason].encode()])
+            return
+        ack = not flags & _common.OPT_NO_ACK
+        request = self._by_cid.get(cid)
+        if request is not None:
+            self._counters["duplicates"] += 1
+            self._add_waiter(request, identity)
+            if ack:
+                self._reply(identity, _common.R_ACCEPTED, cid)
+            return
+        outcome = self._outcomes.get(cid)
+        if outcome is not None:
+            self._counters["duplicates"] += 1
+            if ack:
+                self._reply(identity, _common.R_ACCEPTED, cid)
+            self._reply(identity, outcome.code, cid, outcome.body)
+            return
+        if tries == 0:
+            tries_left = -1 if self._tries is None else self._tries
+        else:
+            tries_left = min(tries, _common.MAX_REQUEST_TRIES)
+        timeout = self._timeout if timeout_ms == 0 else timeout_ms / 1000.0
+        request = self._enqueue([], body[1:], tries_left, timeout)
+        request.cid = cid
+        request.waiters.append(identity)
+        self._by_cid[cid] = request
+        if ack:
+            self._reply(identity, _common.R_ACCEPTED, cid)
+
+    def _client_status(self, identity: bytes, cid: bytes, body: list) -> None:
+        if body:
+            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            return
+        self._reply_status(identity, cid)
+
+    def _reply_status(self, identity: bytes, cid: bytes) -> None:
+        request = self._by_cid.get(cid)
+        if request is not None:
+            state = _common.STATE_QUEUED if request.state == _QUEUED else _common.STATE_RUNNING
+            attempts, tries = request.attempts, request.tries
+        else:
+            outcome = self._outcomes.get(cid)
+            if outcome is None:
+                self._reply(identity, _common.R_UNKNOWN, cid)
+                return
+            state, attempts, tries = _common.STATE_DONE, outcome.attempts, outcome.tries
+        self._reply(identity, _common.R_STATUS, cid, [
+            bytes([state]), attempts.to_bytes(4, "big"), max(tries, 0).to_bytes(4, "big")])
+
+    def _client_result(self, identity: bytes, cid: bytes, body: list) -> None:
+        if body:
+            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            return
+        request = self._by_cid.get(cid)
+        if request is not None:
+            self._add_waiter(request, identity)
+            self._reply_status(identity, cid)
+            return
+        outcome = self._outcomes.get(cid)
+        if outcome is None:
+            self._reply(identity, _common.R_UNKNOWN, cid)
+        else:
+            self._reply(identity, outcome.code, cid, outcome.body)
+
+    def _client_cancel(self, identity: bytes, cid: bytes, body: list) -> None:
+        if body:
+            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            return
+        request = self._by_cid.get(cid)
+        if request is None:
+            outcome = self._outcomes.get(cid)
+            if outcome is None:
+                self._reply(identity, _common.R_UNKNOWN, cid)
+            else:
+                self._reply(identity, outcome.code, cid, outcome.body)
+            return
+        self._add_waiter(request, identity)
+        if request.state == _QUEUED:
+            # Its queue entry is skipped when it reaches the front (the request is gone).
+            self._n_queued -= 1
+        else:
+            self._heap.remove(request.key)
+            session = request.worker
+            if session is not None:
+                self._send_command(session.env, CMD_CANCEL, [request.task_id])
+            self._detach(request, by_worker=False)
+        self._finish(request)
+        self._counters["cancelled"] += 1
+        self._conclude(request, _common.R_CANCELLED, [])
+
+    _client_commands = {
+        _common.C_SUBMIT: _client_submit,
+        _common.C_STATUS: _client_status,
+        _common.C_RESULT: _client_result,
+        _common.C_CANCEL: _client_cancel,
+    }
+
+    @staticmethod
+    def _add_waiter(request: _Request, identity: bytes) -> None:
+        if identity not in request.waiters:
+            request.waiters.append(identity)
+            if len(request.waiters) > _common.MAX_WAITERS:
+                del request.waiters[0]
+
+    def _conclude(self, request: _Request, code: bytes, body: list) -> None:
+        """Tell every waiter of a finished FBC01 request its outcome, and keep it."""
+        cid = request.cid
+        for identity in request.waiters:
+            self._reply(identity, code, cid, body)
+        del self._by_cid[cid]
+        if self._retention <= 0:
+            return
+        outcome = _Outcome(code, body, monotonic(), request.attempts, request.tries)
+        self._outcomes[cid] = outcome
+        self._retained_bytes += outcome.size
+        while self._retained_bytes > self._retention_bytes:
+            self._forget_first_outcome()
+
+    def _forget_first_outcome(self) -> None:
+        _, outcome = self._outcomes.popitem(last=False)
+        self._retained_bytes -= outcome.size
+        self._counters["expired_results"] += 1
+
+    def _forget_outcomes(self, now: float) -> None:
+        limit = now - self._retention
+        while self._outcomes and next(iter(self._outcomes.values())).finished <= limit:
+            self._forget_first_outcome()
 
     def _on_ready(self, frames: list) -> None:
         """A message on the workers endpoint: an original REQ worker's ready, or FBW01."""
@@ -473,6 +694,8 @@ class BrokerCore:
         self._heap.remove(request.key)
         self._detach(request)
         request.failed_on = session
+        if request.cid is not None:
+            request.failure = args[1:3]
         self._retry_or_abort(request)
 
     def _worker_heartbeat(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
@@ -596,6 +819,9 @@ class BrokerCore:
         self._counters["answered"] += 1
 
     def _send_to_client(self, request: _Request, body: list) -> None:
+        if request.cid is not None:
+            self._conclude(request, _common.R_OK, body)
+            return
         # A client that is gone or not reading loses its answer: ROUTER drops it.
         try:
             self._requests.send_multipart(request.env + body, zmq.DONTWAIT, copy=False)
@@ -619,7 +845,12 @@ class BrokerCore:
         or, with no tries left, send the client the empty answer."""
         if request.tries_left == 0:
             self._finish(request)
-            self._send_to_client(request, [b""])
+            if request.cid is None:
+                self._send_to_client(request, [b""])
+            elif request.failure is not None:
+                self._conclude(request, _common.R_FAILED, request.failure)
+            else:
+                self._conclude(request, _common.R_TIMED_OUT, [])
             self._counters["aborted"] += 1
         else:
             request.state = _QUEUED
@@ -680,8 +911,9 @@ class BrokerCore:
             request.state = _RUNNING
             if request.tries_left > 0:
                 request.tries_left -= 1
-            if self._timeout is not None:
-                self._heap._insert(request.key, now + self._timeout)
+            request.attempts += 1
+            if request.timeout is not None:
+                self._heap._insert(request.key, now + request.timeout)
             self._counters["dispatched"] += 1
 
 

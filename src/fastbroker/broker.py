@@ -13,12 +13,16 @@ from fastbroker.wakepipe import WakePipe
 from fastbroker._common import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
+    DEFAULT_RETENTION,
+    DEFAULT_RETENTION_BYTES,
     MAX_LIVENESS,
     MIN_LIVENESS,
     Closeable,
     ConfigError,
     check_count,
     check_heartbeat,
+    check_retention,
+    check_retention_bytes,
     check_timeout,
     check_tries,
 )
@@ -50,6 +54,8 @@ class Broker(Closeable):
     ``core`` picks "compiled" or "pure" (default: fastbroker's live core).
     ``heartbeat`` (seconds) and ``liveness`` (intervals) govern DEALER workers: the
     broker heartbeats them and takes one silent for ``liveness * heartbeat`` s for dead.
+    ``retention`` (seconds) and ``retention_bytes`` bound how long and in how much
+    memory finished FBC01 outcomes are kept for RESULT (docs/PROTOCOL.md section 10.6).
     """
 
     def __init__(
@@ -64,11 +70,15 @@ class Broker(Closeable):
         core: Optional[str] = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         liveness: int = DEFAULT_LIVENESS,
+        retention: float = DEFAULT_RETENTION,
+        retention_bytes: int = DEFAULT_RETENTION_BYTES,
     ) -> None:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
         heartbeat = check_heartbeat(heartbeat)
         liveness = check_count("liveness", liveness, MIN_LIVENESS, MAX_LIVENESS)
+        retention = check_retention(retention)
+        retention_bytes = check_retention_bytes(retention_bytes)
         try:
             core_module = _select.resolve(core)
         except ImportError as exc:
@@ -97,7 +107,8 @@ class Broker(Closeable):
                 _bind(answers, answers_addr, "answers"),
             )
             self._core = core_module.BrokerCore(
-                requests, workers, answers, timeout, tries, heartbeat=heartbeat, liveness=liveness
+                requests, workers, answers, timeout, tries, heartbeat=heartbeat, liveness=liveness,
+                retention=retention, retention_bytes=retention_bytes,
             )
         except BaseException:
             self.close()
