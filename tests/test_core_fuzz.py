@@ -1,5 +1,6 @@
 """Hostile input, bounded: random multipart messages at every endpoint of the live
-core, among them valid and broken FBW01 commands and task ids that look real. The
+core, among them valid and broken FBW01 and FBC01 commands, request ids that repeat
+and task ids that look real. The
 core must survive each batch, serve a well-behaved client and worker afterwards,
 and account for every message it took in."""
 
@@ -13,7 +14,16 @@ from fastbroker import _common
 from test_core_loop import EPOCH, Rig
 
 SIGNATURE = _common.WORKER_SIGNATURE
-COMMANDS = [bytes([c]) for c in range(0, 9)]
+COMMANDS = [bytes([c]) for c in range(0, 9)] + [bytes([c]) for c in range(0x11, 0x19)]
+# A few request ids, so that duplicate SUBMITs, STATUS, RESULT and CANCEL hit live ones.
+REQUEST_IDS = [bytes([i]) * _common.REQUEST_ID_SIZE for i in range(4)]
+options = st.one_of(
+    st.just(b""),
+    st.tuples(st.integers(0, 3), st.integers(0, 200), st.integers(0, 3)).map(
+        lambda o: bytes([o[0]]) + o[1].to_bytes(4, "big") + o[2].to_bytes(4, "big")
+    ),
+    st.binary(max_size=12),
+)
 
 frame = st.one_of(
     st.just(b""),
@@ -26,8 +36,17 @@ frame = st.one_of(
         lambda sg: EPOCH + sg[0].to_bytes(4, "little") + sg[1].to_bytes(4, "little")
     ),
     st.integers(0, 2**32 - 1).map(lambda c: c.to_bytes(4, "big")),
+    st.just(_common.CLIENT_SIGNATURE),
+    st.sampled_from(REQUEST_IDS),
+    options,
 )
-message = st.lists(frame, min_size=0, max_size=8)
+# FBC01 messages as a client's DEALER sends them, well formed or nearly so.
+client_message = st.tuples(
+    st.sampled_from([_common.C_SUBMIT, _common.C_STATUS, _common.C_RESULT, _common.C_CANCEL, b"\x09"]),
+    st.sampled_from(REQUEST_IDS + [b"short"]),
+    st.lists(st.one_of(options, frame), max_size=3),
+).map(lambda m: [_common.CLIENT_SIGNATURE, m[0], m[1]] + m[2])
+message = st.one_of(st.lists(frame, min_size=0, max_size=8), client_message)
 endpoint = st.sampled_from(["requests", "workers", "answers"])
 batch = st.lists(st.tuples(endpoint, message), min_size=1, max_size=30)
 
@@ -39,7 +58,9 @@ def test_random_messages_never_break_the_core(core, batch):
     rig = Rig(core, ctx, timeout=0.05, tries=2)
     # Rebuilt with a short heartbeat so sessions the fuzz opens also expire.
     rig.core.close()
-    rig.core = core.BrokerCore(rig.requests, rig.workers, rig.answers, 0.05, 2, heartbeat=0.02, liveness=2, epoch=EPOCH)
+    # Short retention and a small memory bound, so kept outcomes are also forgotten.
+    rig.core = core.BrokerCore(rig.requests, rig.workers, rig.answers, 0.05, 2, heartbeat=0.02, liveness=2,
+                               epoch=EPOCH, retention=0.02, retention_bytes=600)
     try:
         senders = {
             "requests": rig.client(zmq.DEALER),
@@ -54,6 +75,8 @@ def test_random_messages_never_break_the_core(core, batch):
         stats = rig.core.stats()
         assert stats["dropped"] == sum(stats["drops"].values())
         assert stats["queued"] + stats["running"] >= 0
+        assert 0 <= stats["retained_bytes"] <= 600
+        assert stats["retained_bytes"] >= stats["retained"] * _common.RESULT_OVERHEAD
 
         # A well-behaved pair is still served; the worker first works off whatever
         # valid requests the batch queued (FIFO), answering each.

@@ -55,6 +55,12 @@ class WorkerBase(Closeable):
         """Process a job's payload (frames joined); return the answer."""
         raise WorkerBase.Error("override one of `process` or `process_multipart`")
 
+    def cancelled(self) -> bool:
+        """Whether the client cancelled the job running in the calling thread.
+        Always False here: only ``Worker`` (FBW01) is told of cancellations; a
+        REQ/PUSH worker is not (its answer is dropped by the broker)."""
+        return False
+
     # Every worker class runs until stopped; these are defined by each.
     def run(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -187,6 +193,16 @@ class Worker(WorkerBase):
 
     ``replies_addr`` is accepted for signature compatibility with ReqWorker and
     unused: answers travel on the same socket.
+
+    **Cancellation.** When a client cancels a job, the broker sends CANCEL. A job
+    not started yet is never run (the worker reports it FAILED ``Cancelled`` at
+    once). A running one is not interrupted: ``self.cancelled()`` turns True in
+    the job's thread, and a long job should poll it and return early or raise;
+    whatever it returns or raises is reported as usual (the broker drops it)::
+
+        for chunk in chunks:
+            if self.cancelled():
+                raise RuntimeError("cancelled")
     """
 
     linger_ms: int = 5000
@@ -228,6 +244,8 @@ class Worker(WorkerBase):
         self._closed = False
         self.stats = WorkerStats()
         """Counters of this worker (jobs received/answered/failed, reconnects...)."""
+        # Per pool thread: (task id, the session's set of cancelled ids) while a job runs.
+        self._job_local = threading.local()
 
     def _check_address(self, address: str) -> None:
         # Sockets are made by run(); a bad address must still fail here, where
@@ -266,6 +284,20 @@ class Worker(WorkerBase):
         if reconnect_max is not None:
             self.reconnect_max = _check_reconnect_max(reconnect_max)
         return self
+
+    def cancelled(self) -> bool:
+        """True once the broker has sent CANCEL for the job running in the calling
+        thread: its client cancelled it, and whatever it returns now is dropped.
+
+        A method, not a property: it answers for the current job at each call, and
+        is cheap enough (a set lookup, no lock) to poll in a job's inner loop. Only
+        meaningful in the thread running ``process``/``process_multipart`` (threads
+        the job starts itself are not its thread); elsewhere it is False. The job
+        decides what to do: return early or raise; either way the worker sends
+        ANSWER or FAILED for it, which the broker needs to free the worker's credit.
+        """
+        job = getattr(self._job_local, "job", None)
+        return job is not None and job[0] in job[1]
 
     @property
     def wake_fd(self) -> int:

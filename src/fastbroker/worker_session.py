@@ -1,9 +1,16 @@
 """The I/O loop of a DEALER ``Worker`` (protocol FBW01): one connection to the
 broker at a time, heartbeats both ways, reconnection with back-off, jobs run in a
-thread pool, graceful hang-up. ``Worker.run()`` runs ``Session(worker).run()``.
+thread pool, graceful hang-up, CANCEL from the broker. ``Worker.run()`` runs
+``Session(worker).run()``.
 
 Only the loop's thread touches the socket; pool threads hand results back
 through a deque and wake the loop through the worker's pipe.
+
+CANCEL (PROTOCOL.md 4.12): the broker has dropped the job and keeps its credit
+taken until we ANSWER or FAIL it. A job still waiting for a pool thread is
+withdrawn and FAILED at once (``Cancelled``); a running one is marked in
+``Session.cancelled``, which the job reads through ``Worker.cancelled()``, and is
+answered as usual when it returns.
 """
 
 from __future__ import annotations
@@ -12,14 +19,15 @@ import collections
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
 from fastbroker._common import (
     CMD_ANSWER,
+    CMD_CANCEL,
     CMD_DISCONNECT,
     CMD_FAILED,
     CMD_HEARTBEAT,
@@ -34,6 +42,10 @@ log = logging.getLogger("fastbroker.worker")
 FAILED_TEXT_LIMIT = 2000
 """Characters of an exception's message sent in FAILED (the full traceback is logged)."""
 
+CANCELLED_TYPE = b"Cancelled"
+CANCELLED_TEXT = b"cancelled by the client"
+"""The FAILED a worker sends for a job cancelled before it started (PROTOCOL.md 4.12)."""
+
 
 @dataclass
 class WorkerStats:
@@ -46,6 +58,8 @@ class WorkerStats:
     reconnects: int = 0  # sockets opened again after a silent broker or a DISCONNECT
     disconnects: int = 0  # DISCONNECTs received from the broker
     heartbeats_sent: int = 0
+    cancelled: int = 0  # CANCELs received for jobs in hand (started or not)
+    cancelled_unstarted: int = 0  # of which withdrawn before a pool thread took them (FAILED at once)
 
     def as_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -83,6 +97,13 @@ class Session:
         self.stopping = False
         self.next_job = 0
         self.jobs: Dict[int, int] = {}  # job number -> generation of the socket it came on
+        self.futures: Dict[int, "Future[None]"] = {}  # job number -> its pool future
+        # task id -> numbers of the jobs in hand with it: usually one, but a timed-out
+        # attempt still running here and a later try of the same job make two.
+        self.by_task: Dict[bytes, List[int]] = {}
+        # Task ids the broker cancelled while their job runs here. Written by this
+        # loop only; pool threads just test membership (Worker.cancelled()).
+        self.cancelled: Set[bytes] = set()
         self.results: Deque[_Result] = collections.deque()
         # (generation, frames): an ANSWER (generation None) is sent on whatever
         # socket comes next; a FAILED only on the socket its job came on.
@@ -284,6 +305,8 @@ class Session:
                 log.info("connected to %s", self.address)
             if command == CMD_TASK:
                 self._start_job(frames[3:])
+            elif command == CMD_CANCEL:
+                self._cancel(frames[3:])
             elif command != CMD_HEARTBEAT:
                 log.debug("ignored an unknown command %r", command)
 
@@ -295,12 +318,58 @@ class Session:
             return
         self.stats.received += 1
         self.next_job += 1
-        self.jobs[self.next_job] = self.generation
-        self.pool.submit(self._process, self.next_job, body[0], body[1:])
+        number, task_id = self.next_job, bytes(body[0])
+        self.jobs[number] = self.generation
+        self.by_task.setdefault(task_id, []).append(number)
+        self.futures[number] = self.pool.submit(self._process, number, task_id, body[1:])
+
+    def _cancel(self, body: List[bytes]) -> None:
+        """CANCEL from the broker: withdraw the job if no pool thread has taken it
+        yet (FAILED at once, so the broker frees its credit), else mark it so that
+        ``Worker.cancelled()`` tells the job; its ANSWER or FAILED is sent when it
+        ends. Never blocks."""
+        if len(body) != 1:
+            log.debug("ignored a CANCEL with %d body frames", len(body))
+            return
+        task_id = bytes(body[0])
+        numbers = self.by_task.get(task_id)
+        if not numbers:
+            # It may have just finished, its answer crossing the CANCEL.
+            log.debug("ignored a CANCEL for job %s, which is not in hand", task_id.hex())
+            return
+        for number in list(numbers):
+            self.stats.cancelled += 1
+            # Future.cancel() succeeds only while the job waits in the pool's queue;
+            # from then on the pool never runs it, so no result will come.
+            if not self.futures[number].cancel():
+                self.cancelled.add(task_id)
+                log.info("job %s cancelled by the client while running; answering it when it returns", task_id.hex())
+                continue
+            self.stats.cancelled_unstarted += 1
+            generation = self._forget(number, task_id)
+            log.info("job %s cancelled by the client before it started; not running it", task_id.hex())
+            # As for any FAILED, only on the connection the job came on: the broker
+            # has already put back the jobs of a connection it lost.
+            if generation == self.generation and self.sock is not None:
+                self.outbox.append((generation, _message(CMD_FAILED, task_id, CANCELLED_TYPE, CANCELLED_TEXT)))
+
+    def _forget(self, number: int, task_id: bytes) -> int:
+        """The job is no longer in hand; returns the generation it came on."""
+        generation = self.jobs.pop(number)
+        del self.futures[number]
+        numbers = self.by_task[task_id]
+        numbers.remove(number)
+        if not numbers:
+            del self.by_task[task_id]
+            self.cancelled.discard(task_id)
+        return generation
 
     def _process(self, number: int, task_id: bytes, payload: List[bytes]) -> None:
         """In a pool thread: run the user's code, hand the outcome to the loop."""
         result: _Result
+        local = self.worker._job_local
+        # What Worker.cancelled() reads in this thread while the job runs.
+        local.job = (task_id, self.cancelled)
         try:
             answer = [bytes(frame) for frame in self.worker.process_multipart(payload)]
             if not answer:
@@ -309,15 +378,21 @@ class Session:
                 log.warning("job %s: the answer is one empty frame, which clients read as an abort", task_id.hex())
             result = (number, task_id, answer, None)
         except BaseException as exc:  # anything the job raises is the job's failure, not the worker's
-            log.exception("job %s: processing failed; reporting FAILED so the broker retries it", task_id.hex())
+            if task_id in self.cancelled:
+                # The expected way for a job to stop early: no traceback.
+                log.info("job %s stopped after its cancellation (%s); reporting FAILED", task_id.hex(), type(exc).__name__)
+            else:
+                log.exception("job %s: processing failed; reporting FAILED so the broker retries it", task_id.hex())
             result = (number, task_id, None, (type(exc).__name__, str(exc)[:FAILED_TEXT_LIMIT]))
+        finally:
+            local.job = None
         self.results.append(result)
         self.worker.wake()
 
     def _collect_results(self) -> None:
         while self.results:
             number, task_id, answer, error = self.results.popleft()
-            generation = self.jobs.pop(number)
+            generation = self._forget(number, task_id)
             if answer is not None:
                 self.stats.answered += 1
                 self.outbox.append((None, _message(CMD_ANSWER, task_id, *answer)))
