@@ -1649,12 +1649,12 @@ cdef class BrokerCore:
         if v & DONE_BIT:
             # RESULT, or CANCEL of a finished request: its outcome.
             return self._reply_outcome(&self.scratch[0], v & ~DONE_BIT)
+        if command == C_CANCEL:
+            return self._cancel(v)
         if self._add_waiter(&self.table.reqs[v]) < 0:
             self._drop(DROP_OUT_OF_MEMORY)
             return 0
-        if command == C_RESULT:
-            return self._reply_status(cid, v)
-        return self._cancel(v)
+        return self._reply_status(cid, v)
 
     cdef int _client_submit(self, int n, const uint8_t *cid) noexcept nogil:
         cdef const uint8_t *o
@@ -1739,15 +1739,23 @@ cdef class BrokerCore:
             return self._reply(&self.scratch[0], R_ACCEPTED, cid, NULL, 0)
         return 0
 
+    cdef bint _is_waiter(self, Req *r) noexcept nogil:
+        """Whether the current message's sender (scratch[0]) is one of r's waiters."""
+        cdef int i
+        cdef zmsg *me = &self.scratch[0]
+        cdef size_t sz = zmsg_size(me)
+        for i in range(r.nenv):
+            if zmsg_size(&r.frames[i]) == sz and memcmp(zmsg_data(&r.frames[i]), zmsg_data(me), sz) == 0:
+                return True
+        return False
+
     cdef int _add_waiter(self, Req *r) noexcept nogil:
         """Make the current message's sender (scratch[0]) one of r's waiters."""
         cdef int i
         cdef zmsg *grown
         cdef zmsg *me = &self.scratch[0]
-        cdef size_t sz = zmsg_size(me)
-        for i in range(r.nenv):
-            if zmsg_size(&r.frames[i]) == sz and memcmp(zmsg_data(&r.frames[i]), zmsg_data(me), sz) == 0:
-                return 0
+        if self._is_waiter(r):
+            return 0
         if r.nenv == MAX_WAITERS:
             # Full: the oldest waiter gives way.
             for i in range(1, r.nenv):
@@ -1824,7 +1832,7 @@ cdef class BrokerCore:
         return rc
 
     cdef int _cancel(self, uint32_t rs) noexcept nogil:
-        """The client cancelled request rs (the canceller is already a waiter)."""
+        """The client (scratch[0]) cancelled request rs."""
         cdef Req *r = &self.table.reqs[rs]
         cdef zmsg part
         cdef int rc
@@ -1847,6 +1855,9 @@ cdef class BrokerCore:
             self._detach(rs, False)
         self.counters[C_CANCELLED] += 1
         rc = self._conclude(r, R_CANCELLED, NULL, 0)
+        # Not made a waiter: on a full list it would push out a submitter.
+        if rc >= 0 and not self._is_waiter(r):
+            rc = self._reply(&self.scratch[0], R_CANCELLED, r.cid, NULL, 0)
         self.table.release(rs)
         return rc
 
@@ -1855,6 +1866,7 @@ cdef class BrokerCore:
         outcome for RESULT (the caller releases the request)."""
         cdef int w, rc, result = 0, i
         cdef uint32_t d, ncap, k
+        cdef size_t size
         cdef Done *grown
         cdef Done *o
         for w in range(r.nenv):
@@ -1864,8 +1876,14 @@ cdef class BrokerCore:
         i = aidx_find(&self.cids, r.cid, REQUEST_ID_SIZE, hash_bytes(r.cid, REQUEST_ID_SIZE))
         if i < 0:
             return result
-        if self.retention <= 0:
+        size = RESULT_OVERHEAD
+        for w in range(nbody):
+            size += zmsg_size(&body[w])
+        if self.retention <= 0 or size > self.retention_bytes:
+            # Not kept (too big alone: forgotten at once, the others stay).
             aidx_delete(&self.cids, <size_t>i)
+            if self.retention > 0:
+                self.counters[C_EXPIRED] += 1
             return result
         if self.done_free == NO_SLOT:
             ncap = self.done_cap * 2 if self.done_cap else 64
@@ -1893,11 +1911,10 @@ cdef class BrokerCore:
         memcpy(o.cid, r.cid, REQUEST_ID_SIZE)
         o.code = <uint8_t>code
         o.nbody = nbody
-        o.size = RESULT_OVERHEAD
+        o.size = size
         for w in range(nbody):
             zmsg_init(&o.body[w])
             zmsg_copy(&o.body[w], &body[w])
-            o.size += zmsg_size(&body[w])
         o.finished = self.now
         o.attempts = r.attempts
         o.tries = r.tries

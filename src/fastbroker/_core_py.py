@@ -564,7 +564,6 @@ class BrokerCore:
             else:
                 self._reply(identity, outcome.code, cid, outcome.body)
             return
-        self._add_waiter(request, identity)
         if request.state == _QUEUED:
             # Its queue entry is skipped when it reaches the front (the request is gone).
             self._n_queued -= 1
@@ -577,6 +576,9 @@ class BrokerCore:
         self._finish(request)
         self._counters["cancelled"] += 1
         self._conclude(request, _common.R_CANCELLED, [])
+        # Not made a waiter: on a full list it would push out a submitter.
+        if identity not in request.waiters:
+            self._reply(identity, _common.R_CANCELLED, cid)
 
     _client_commands = {
         _common.C_SUBMIT: _client_submit,
@@ -601,6 +603,10 @@ class BrokerCore:
         if self._retention <= 0:
             return
         outcome = _Outcome(code, body, monotonic(), request.attempts, request.tries)
+        if outcome.size > self._retention_bytes:
+            # Too big to keep at all: forgotten at once, the others stay.
+            self._counters["expired_results"] += 1
+            return
         self._outcomes[cid] = outcome
         self._retained_bytes += outcome.size
         while self._retained_bytes > self._retention_bytes:
