@@ -1,4 +1,5 @@
-"""The ``fastbroker`` command: broker, worker and demo sub-commands.
+"""The ``fastbroker`` command: broker, worker, demo, and the client sub-commands
+submit, status and cancel.
 
 Bad input ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -17,12 +18,17 @@ from fastbroker import __version__
 from fastbroker._common import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
+    DEFAULT_RETENTION,
+    DEFAULT_RETENTION_BYTES,
     MAX_CREDIT,
     MAX_LIVENESS,
     MIN_LIVENESS,
     ConfigError,
     check_count,
     check_heartbeat,
+    check_seconds,
+    check_retention,
+    check_retention_bytes,
     check_timeout,
     check_tries,
 )
@@ -30,6 +36,15 @@ from fastbroker._select import CORE_NAMES
 from fastbroker.signals import install_stop_handlers
 
 EXIT_USAGE = 2
+# Exit statuses of `submit` (and `status`/`cancel`), by outcome.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_TIMED_OUT = 3
+EXIT_CANCELLED = 4
+EXIT_REJECTED = 5
+EXIT_NO_REPLY = 6
+DEFAULT_SUBMIT_WAIT = 60.0
+DEFAULT_QUERY_WAIT = 5.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +98,71 @@ def _count(name: str, high: int, low: int = 1):
     return parse
 
 
+def _retention(text: str) -> float:
+    try:
+        return check_retention(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _memory(text: str) -> int:
+    """Bytes, with an optional binary suffix: 65536, 64K, 64M, 1G (KiB, MiB... also accepted)."""
+    value = text.strip().upper()
+    for tail in ("IB", "B"):
+        if value.endswith(tail) and len(value) > len(tail):
+            value = value[: -len(tail)]
+            break
+    suffix = value[-1:] if value[-1:] in _SIZE_SUFFIXES else ""
+    number = value[: len(value) - len(suffix)]
+    try:
+        amount = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 64M, 1G): {text!r}") from None
+    if amount != amount or amount in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 64M, 1G): {text!r}")
+    try:
+        return check_retention_bytes(int(amount * _SIZE_SUFFIXES[suffix]))
+    except (ConfigError, OverflowError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _request_timeout(text: str) -> float:
+    from fastbroker.client_protocol import check_request_timeout
+
+    try:
+        return check_request_timeout(float(text))  # type: ignore[return-value]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+
+
+def _request_tries(text: str) -> int:
+    from fastbroker.client_protocol import check_request_tries
+
+    try:
+        return check_request_tries(int(text))  # type: ignore[return-value]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}")
+
+
+def _wait(text: str) -> float:
+    try:
+        return check_seconds("--wait", float(text), 0.001, 365 * 86400.0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+
+
+def _request_id(text: str) -> bytes:
+    from fastbroker.client_protocol import check_request_id
+
+    try:
+        return check_request_id(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -108,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--core", choices=CORE_NAMES, default=None, help="broker core (default: compiled unless FASTBROKER_PURE=1)")
     p.add_argument("--heartbeat", type=_heartbeat, default=None, metavar="SECONDS", help=f"seconds between heartbeats to DEALER workers (default: {DEFAULT_HEARTBEAT})")
     p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS), default=None, metavar="N", help=f"heartbeats of silence after which a DEALER worker is dead (default: {DEFAULT_LIVENESS})")
+    p.add_argument("--retention", type=_retention, default=DEFAULT_RETENTION, metavar="SECONDS", help=f"seconds a finished FBC01 outcome is kept for RESULT (default: {DEFAULT_RETENTION:g}; 0 keeps none)")
+    p.add_argument("--retention-memory", type=_memory, default=DEFAULT_RETENTION_BYTES, metavar="BYTES", help=f"memory bound on kept outcomes, e.g. 64M, 1G (default: {DEFAULT_RETENTION_BYTES >> 20}M)")
     p.add_argument("requests_addr", metavar="REQUESTS_ADDR", help="where clients send requests (ROUTER), e.g. tcp://*:5555")
     p.add_argument("workers_addr", metavar="WORKERS_ADDR", help="where workers ask for jobs (ROUTER)")
     p.add_argument("answers_addr", metavar="ANSWERS_ADDR", help="where workers push answers (PULL)")
@@ -125,6 +207,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credit", type=_count("credit", MAX_CREDIT), default=None, metavar="N", help="jobs one Worker process takes at once, each in its own thread (default: 1)")
     p.add_argument("--heartbeat", type=_heartbeat, default=None, metavar="SECONDS", help=f"seconds between heartbeats (Worker only; default: {DEFAULT_HEARTBEAT})")
     p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS), default=None, metavar="N", help=f"heartbeats of broker silence before reconnecting (Worker only; default: {DEFAULT_LIVENESS})")
+
+    p = sub.add_parser(
+        "submit",
+        help="send a request (FBC01) and print its answer",
+        description=(
+            "Send PAYLOAD (or stdin, when PAYLOAD is - or left out) to the broker's requests endpoint and write the "
+            "answer's bytes to stdout. Exit status: 0 ok, 1 failed (the worker's error on stderr), 2 bad input, "
+            "3 timed out, 4 cancelled, 5 rejected, 6 no outcome within --wait (the request goes on; -v prints its id)."
+        ),
+        parents=[verbose],
+    )
+    p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint, e.g. tcp://host:5555")
+    p.add_argument("payload", metavar="PAYLOAD", nargs="?", default="-", help="the request (default: - reads stdin)")
+    p.add_argument("-T", "--timeout", type=_request_timeout, default=None, metavar="SECONDS", help="seconds an attempt may take (default: the broker's)")
+    p.add_argument("-t", "--tries", type=_request_tries, default=None, metavar="N", help="most attempts (default: the broker's)")
+    p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_SUBMIT_WAIT, metavar="SECONDS", help=f"seconds to wait for the outcome (default: {DEFAULT_SUBMIT_WAIT:g})")
+
+    p = sub.add_parser(
+        "status",
+        help="print what the broker says about a request id",
+        description="Print the state of a request: queued, running (attempt N of M), done, or unknown (exit 1). Exit 6 if the broker does not answer within --wait.",
+        parents=[verbose],
+    )
+    p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
+    p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_QUERY_WAIT, metavar="SECONDS", help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})")
+
+    p = sub.add_parser(
+        "cancel",
+        help="cancel a request by id",
+        description=(
+            "Cancel a request and print what the broker answered: cancelled (exit 0); the outcome the request already "
+            "had (ok, failed..., exit 1); unknown (exit 1). Exit 6 if the broker does not answer within --wait."
+        ),
+        parents=[verbose],
+    )
+    p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
+    p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_QUERY_WAIT, metavar="SECONDS", help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})")
 
     p = sub.add_parser("demo", help="run broker, dropping workers and a client; show retries and aborts", parents=[verbose])
     p.add_argument("--jobs", type=_positive, default=24, help="requests to send (default: 24)")
@@ -159,7 +280,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     # Only the options given are passed on: Broker keeps its own defaults.
     options = {name: getattr(args, name) for name in ("heartbeat", "liveness") if getattr(args, name) is not None}
     try:
-        broker = Broker(None, args.timeout, args.tries, args.requests_addr, args.workers_addr, args.answers_addr, core=args.core, **options)
+        broker = Broker(
+            None, args.timeout, args.tries, args.requests_addr, args.workers_addr, args.answers_addr,
+            core=args.core, retention=args.retention, retention_bytes=args.retention_memory, **options,
+        )
     except ConfigError as exc:
         return _fail(str(exc))
     install_stop_handlers(broker.stop, broker.wake_fd)
@@ -219,6 +343,116 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def _read_payload(text: str) -> bytes:
+    if text == "-":
+        return sys.stdin.buffer.read()
+    return os.fsencode(text)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import zmq
+
+    from fastbroker.client import Client
+    from fastbroker.outcomes import Rejected, TaskCancelled, TaskFailed, TaskTimedOut
+
+    try:
+        _check_address(args.address)
+        payload = _read_payload(args.payload)
+        context = zmq.Context(1)
+        try:
+            client = Client(args.address, context, timeout=args.timeout, tries=args.tries)
+        except BaseException:
+            context.term()
+            raise
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot read the payload: {exc}")
+    try:
+        future = client.submit(payload)
+        request_id = future.request_id.hex()
+        if args.verbose + args.sub_verbose:
+            print(f"fastbroker: request id {request_id}", file=sys.stderr, flush=True)
+        try:
+            answer = future.result(args.wait)
+        except TaskFailed as exc:
+            print(f"fastbroker: failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except TaskTimedOut:
+            print(f"fastbroker: timed out: request {request_id} ran out of tries", file=sys.stderr)
+            return EXIT_TIMED_OUT
+        except TaskCancelled:
+            print(f"fastbroker: cancelled: request {request_id}", file=sys.stderr)
+            return EXIT_CANCELLED
+        except Rejected as exc:
+            print(f"fastbroker: {exc}", file=sys.stderr)
+            return EXIT_REJECTED
+        except TimeoutError:
+            print(f"fastbroker: no outcome within {args.wait:g} s; request {request_id} may still run", file=sys.stderr)
+            return EXIT_NO_REPLY
+        out = sys.stdout.buffer
+        out.write(answer)
+        out.flush()
+        return EXIT_OK
+    finally:
+        client.close()
+        context.term()
+
+
+def _one_shot(args: argparse.Namespace, make_message):
+    """Send one command about args.request_id; the broker's reply, or None after args.wait."""
+    import zmq
+
+    from fastbroker.client import connect_dealer
+    from fastbroker.client_protocol import request_once
+
+    _check_address(args.address)
+    context = zmq.Context(1)
+    try:
+        socket = connect_dealer(context, args.address)
+        try:
+            return request_once(socket, make_message(args.request_id), args.request_id, args.wait)
+        finally:
+            socket.close(0)
+    finally:
+        context.term()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fastbroker.client_protocol import status_message
+
+    try:
+        reply = _one_shot(args, status_message)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if reply is None or reply.status is None:
+        print(f"fastbroker: no answer from {args.address} within {args.wait:g} s", file=sys.stderr)
+        return EXIT_NO_REPLY
+    print(reply.status.describe())
+    return EXIT_OK if reply.status.state != "unknown" else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from fastbroker._common import R_CANCELLED
+    from fastbroker.client_protocol import cancel_message, describe_outcome
+
+    try:
+        reply = _one_shot(args, cancel_message)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if reply is None:
+        print(f"fastbroker: no answer from {args.address} within {args.wait:g} s", file=sys.stderr)
+        return EXIT_NO_REPLY
+    if reply.kind == R_CANCELLED:
+        print("cancelled")
+        return EXIT_OK
+    if reply.is_outcome:
+        print(f"already finished: {describe_outcome(reply)}")
+    else:
+        print(describe_outcome(reply))
+    return 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fastbroker.demo import run_demo
 
@@ -240,7 +474,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    commands = {"broker": cmd_broker, "worker": cmd_worker, "demo": cmd_demo}
+    commands = {
+        "broker": cmd_broker,
+        "worker": cmd_worker,
+        "demo": cmd_demo,
+        "submit": cmd_submit,
+        "status": cmd_status,
+        "cancel": cmd_cancel,
+    }
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -1,12 +1,37 @@
-"""A client for the original request protocol: a REQ socket, one request at a time."""
+"""Clients: ``Client`` (FBC01: a DEALER socket, many requests in flight, from any
+thread) and ``ReqClient`` (the original request protocol: a REQ socket, one
+request at a time)."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Union
+import concurrent.futures
+import logging
+import queue
+import sys
+import threading
+from collections import deque
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Union
 
 import zmq
 
-from fastbroker._common import BrokerError, Closeable
+from fastbroker._common import RECV_BATCH, BrokerError, Closeable, ConfigError, check_count, check_seconds
+from fastbroker.client_protocol import (
+    Payload as _Payload,
+    Progress,
+    RequestBook,
+    check_request_id,
+    check_request_timeout,
+    check_request_tries,
+    encode_options,
+    iter_with_len,
+    new_request_id,
+    payload_frames,
+    submit_message,
+)
+from fastbroker.outcomes import Status
+from fastbroker.wakepipe import WakePipe
+
+log = logging.getLogger("fastbroker.client")
 
 Payload = Union[bytes, List[bytes]]
 
@@ -56,3 +81,323 @@ class ReqClient(Closeable):
         self._socket.close()
         if self._own_context:
             self.context.term()
+
+
+def connect_dealer(context: zmq.Context, address: str) -> zmq.Socket:
+    """A DEALER socket connected to `address`; ConfigError for a bad address."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, Client.linger_ms)
+    try:
+        socket.connect(address)
+    except zmq.ZMQError as exc:
+        socket.close(0)
+        raise ConfigError(f"cannot connect to {address!r}: {zmq.strerror(exc.errno)}") from None
+    except (TypeError, UnicodeError, ValueError) as exc:
+        socket.close(0)
+        raise ConfigError(f"cannot connect to {address!r}: {exc}") from None
+    return socket
+
+
+class RequestFuture(concurrent.futures.Future):
+    """A Client's future for one request; ``request_id`` is its 16-byte id."""
+
+    request_id: bytes
+
+
+def _deliver(future: concurrent.futures.Future, value: Any, exc: Optional[BaseException]) -> None:
+    try:
+        if not future.set_running_or_notify_cancel():
+            return  # cancelled by its owner meanwhile
+        if exc is None:
+            future.set_result(value)
+        else:
+            future.set_exception(exc)
+    except (RuntimeError, concurrent.futures.InvalidStateError):
+        pass  # resolved already: a future is told its outcome once
+
+
+_CLOSE = ("close",)
+
+
+class Client(Closeable):
+    """An FBC01 client (docs/PROTOCOL.md section 10): a DEALER socket with many
+    requests in flight, each with its own id, timeout and tries.
+
+    Thread-safe: any number of threads submit through one Client. A thread of its
+    own owns the socket; the others hand it commands through a queue and a wake-up
+    pipe. ``timeout`` (seconds per attempt) and ``tries`` are the defaults of every
+    request (None: the broker's). With ``ack=False`` the broker sends no ACCEPTED.
+    When the broker has been silent for ``check_interval`` seconds while requests
+    are pending, the client asks their STATUS and submits again (same id) those the
+    broker lost (the lazy pirate, section 10.7).
+    """
+
+    linger_ms: int = 500
+    """How long closing may wait to deliver the last messages (e.g. a CANCEL)."""
+
+    def __init__(
+        self,
+        address: str,
+        context: Optional[zmq.Context] = None,
+        *,
+        timeout: Optional[float] = None,
+        tries: Optional[int] = None,
+        ack: bool = True,
+        check_interval: float = 2.0,
+    ) -> None:
+        self.address = address
+        self.timeout = check_request_timeout(timeout)
+        self.tries = check_request_tries(tries)
+        self.ack = bool(ack)
+        self.check_interval = check_seconds("check_interval", check_interval)
+        self._own_context = context is None
+        self.context = context if context is not None else zmq.Context(1)
+        try:
+            self._socket = connect_dealer(self.context, address)
+        except BaseException:
+            if self._own_context:
+                self.context.term()
+            raise
+        self._commands: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self._wake = WakePipe()
+        # Held while checking `_closed` and queueing, so nothing is queued after
+        # the close command (it would never be served).
+        self._lock = threading.Lock()
+        self._closed = False
+        self._outbox: Deque[List[bytes]] = deque()
+        self._book = RequestBook(self._outbox.append, _deliver, self.check_interval)
+        self._thread = threading.Thread(target=self._loop, name=f"fastbroker-client {address}", daemon=True)
+        self._thread.start()
+
+    # -- the API -------------------------------------------------------------------------
+
+    def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
+        timeout = self.timeout if timeout is None else timeout
+        tries = self.tries if tries is None else tries
+        return encode_options(timeout, tries, self.ack)
+
+    def submit(
+        self,
+        payload: _Payload,
+        *,
+        timeout: Optional[float] = None,
+        tries: Optional[int] = None,
+        request_id: Optional[bytes] = None,
+    ) -> RequestFuture:
+        """Send a request; the future's result is the answer (bytes joined for a bytes
+        payload, the list of frames for a sequence of frames) or one of TaskFailed,
+        TaskTimedOut, TaskCancelled, Rejected. ``future.cancel()`` cancels the request
+        at the broker too. ``request_id``: 16 bytes (default: a new uuid4)."""
+        frames, multipart = payload_frames(payload)
+        options = self._options(timeout, tries)
+        rid = new_request_id() if request_id is None else check_request_id(request_id)
+        future = RequestFuture()
+        future.request_id = rid
+        future.add_done_callback(self._on_request_done)
+        self._post(("submit", rid, submit_message(rid, options, frames), future, multipart))
+        return future
+
+    def call(
+        self,
+        payload: _Payload,
+        *,
+        timeout: Optional[float] = None,
+        tries: Optional[int] = None,
+        wait: Optional[float] = None,
+    ) -> Union[bytes, List[bytes]]:
+        """submit() and wait for the outcome: the answer, or the outcome's exception.
+        TimeoutError after `wait` seconds (None: no limit); the request is cancelled then."""
+        future = self.submit(payload, timeout=timeout, tries=tries)
+        try:
+            return future.result(wait)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no outcome from {self.address} within {wait} s") from None
+
+    def status(self, request_id: Any, wait: Optional[float] = 5.0) -> Status:
+        """What the broker says about the id; TimeoutError if it says nothing within `wait` s."""
+        rid = check_request_id(request_id)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._post(("query", rid, future))
+        try:
+            return future.result(wait)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no status from {self.address} within {wait} s") from None
+
+    def cancel(self, request_id: Any) -> None:
+        """Ask the broker to cancel the request (it need not be this client's); this
+        client's futures for it get TaskCancelled, or the outcome it already had."""
+        self._post(("cancel", check_request_id(request_id)))
+
+    def result(self, request_id: Any, *, multipart: bool = False) -> RequestFuture:
+        """A future for the outcome of an id, submitted by this client or another (e.g.
+        before a restart): RESULT. UnknownRequest if the broker does not know it.
+        Cancelling this future only stops waiting (the request goes on)."""
+        rid = check_request_id(request_id)
+        future = RequestFuture()
+        future.request_id = rid
+        future.add_done_callback(self._on_watch_done)
+        self._post(("watch", rid, future, multipart))
+        return future
+
+    def map(
+        self,
+        iterable: Iterable[_Payload],
+        *,
+        window: int = 64,
+        progress: bool = False,
+        timeout: Optional[float] = None,
+        tries: Optional[int] = None,
+    ) -> Iterator[Union[bytes, List[bytes]]]:
+        """The answers to the payloads, in their order, with at most `window` requests
+        in flight. Iterating raises the exception of the first request that failed
+        when it reaches it; requests still in flight are cancelled when iteration
+        stops early. ``progress``: a progress bar on stderr."""
+        window = check_count("window", window, 1, 1 << 20)
+        encode_options(timeout, tries)  # bad options fail here, not at the first next()
+        return self._map(iterable, window, progress, timeout, tries)
+
+    def _map(self, iterable: Iterable[_Payload], window: int, progress: bool, timeout: Optional[float], tries: Optional[int]) -> Iterator[Any]:
+        items, total = iter_with_len(iterable)
+        bar = Progress(sys.stderr, total) if progress else None
+        in_flight: Deque[RequestFuture] = deque()
+        source = iter(items)
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(in_flight) < window:
+                    try:
+                        payload = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    in_flight.append(self.submit(payload, timeout=timeout, tries=tries))
+                if not in_flight:
+                    return
+                answer = in_flight.popleft().result()
+                if bar is not None:
+                    bar.update()
+                yield answer
+        finally:
+            for future in in_flight:
+                future.cancel()
+            if bar is not None:
+                bar.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the I/O thread; futures still pending fail with BrokerError("client closed")."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._commands.put(_CLOSE)
+            self._wake.wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- between threads -----------------------------------------------------------------
+
+    def _post(self, command: tuple) -> None:
+        with self._lock:
+            if self._closed:
+                raise BrokerError("client closed")
+            self._commands.put(command)
+            self._wake.wake()
+
+    def _on_request_done(self, future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            try:
+                self._post(("forget", future.request_id, future, True))  # type: ignore[attr-defined]
+            except BrokerError:
+                pass  # closed: nothing to tell the broker any more
+
+    def _on_watch_done(self, future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            try:
+                self._post(("forget", future.request_id, future, False))  # type: ignore[attr-defined]
+            except BrokerError:
+                pass
+
+    # -- the I/O thread ------------------------------------------------------------------
+
+    def _serve_commands(self) -> bool:
+        """Run the queued commands; False once the close command is reached."""
+        book = self._book
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            kind = command[0]
+            if kind == "submit":
+                book.submit(command[1], command[2], command[3], command[4])
+            elif kind == "forget":
+                book.forget(command[1], command[2], command[3])
+            elif kind == "query":
+                book.query(command[1], command[2])
+            elif kind == "watch":
+                book.watch(command[1], command[2], command[3])
+            elif kind == "cancel":
+                book.cancel(command[1])
+            else:
+                return False
+
+    def _flush(self) -> None:
+        outbox, socket = self._outbox, self._socket
+        while outbox:
+            try:
+                socket.send_multipart(outbox[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the socket's queue is full: POLLOUT says when to go on
+            outbox.popleft()
+
+    def _loop(self) -> None:
+        socket, book = self._socket, self._book
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(self._wake.read_fd, zmq.POLLIN)
+        try:
+            running = True
+            while running:
+                due = book.next_check()
+                poller.modify(socket, zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0))
+                events = dict(poller.poll(None if due is None else max(1, int(due * 1000) + 1)))
+                if self._wake.read_fd in events:
+                    self._wake.drain()
+                running = self._serve_commands()
+                if events.get(socket, 0) & zmq.POLLIN:
+                    for _ in range(RECV_BATCH):
+                        try:
+                            frames = socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        book.on_message(frames)
+                book.tick()
+                self._flush()
+        except Exception:
+            log.exception("the client's I/O thread failed")
+        finally:
+            with self._lock:
+                self._closed = True
+            # Commands queued before the close command still wait for an answer.
+            self._serve_leftovers()
+            book.fail_all(BrokerError("client closed"))
+            socket.close()
+            if self._own_context:
+                self.context.term()
+            self._wake.close()
+
+    def _serve_leftovers(self) -> None:
+        closed = BrokerError("client closed")
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] in ("submit", "query", "watch"):
+                _deliver(command[3] if command[0] == "submit" else command[2], None, closed)

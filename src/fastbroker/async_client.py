@@ -1,0 +1,290 @@
+"""``AsyncClient``: the FBC01 client on asyncio (zmq.asyncio), one reader task per client.
+
+The same logic as ``fastbroker.Client`` (fastbroker.client_protocol.RequestBook:
+routing replies by id, the lazy pirate); only the loop around the socket differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import deque
+from types import TracebackType
+from typing import Any, AsyncIterable, AsyncIterator, Deque, Iterable, List, Optional, Type, Union
+
+import zmq
+import zmq.asyncio
+
+from fastbroker._common import RECV_BATCH, BrokerError, check_count, check_seconds
+from fastbroker.client import Client, connect_dealer
+from fastbroker.client_protocol import (
+    Payload,
+    Progress,
+    RequestBook,
+    check_request_id,
+    check_request_timeout,
+    check_request_tries,
+    encode_options,
+    iter_with_len,
+    new_request_id,
+    payload_frames,
+    submit_message,
+)
+from fastbroker.outcomes import Status
+
+log = logging.getLogger("fastbroker.async_client")
+
+
+class AsyncRequestFuture(asyncio.Future):
+    """An AsyncClient's future for one request; ``request_id`` is its 16-byte id."""
+
+    request_id: bytes
+
+
+def _deliver(future: asyncio.Future, value: Any, exc: Optional[BaseException]) -> None:
+    if future.done():
+        return  # cancelled by its owner meanwhile
+    if exc is None:
+        future.set_result(value)
+    else:
+        future.set_exception(exc)
+
+
+def _ignore_send_result(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("send failed: %s", future.exception())
+
+
+class AsyncClient:
+    """An FBC01 client for asyncio; see ``fastbroker.Client`` for the behaviour.
+
+    ``submit()`` and ``result()`` return an asyncio future (``await`` it for the
+    answer); ``call``, ``status``, ``cancel`` and ``close`` are coroutines; ``map``
+    is an async iterator. Use it from one event loop, e.g. ``async with
+    AsyncClient(address) as client: ...``. ``context`` may be a zmq.asyncio.Context
+    or a plain zmq.Context (shadowed).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        context: Optional[zmq.Context] = None,
+        *,
+        timeout: Optional[float] = None,
+        tries: Optional[int] = None,
+        ack: bool = True,
+        check_interval: float = 2.0,
+    ) -> None:
+        self.address = address
+        self.timeout = check_request_timeout(timeout)
+        self.tries = check_request_tries(tries)
+        self.ack = bool(ack)
+        self.check_interval = check_seconds("check_interval", check_interval)
+        self._own_context = context is None
+        if context is None:
+            self.context: zmq.asyncio.Context = zmq.asyncio.Context(1)
+        elif isinstance(context, zmq.asyncio.Context):
+            self.context = context
+        else:
+            self.context = zmq.asyncio.Context.shadow(context.underlying)
+        try:
+            self._socket = connect_dealer(self.context, address)
+        except BaseException:
+            if self._own_context:
+                self.context.term()
+            raise
+        self._book = RequestBook(self._send, _deliver, self.check_interval)
+        self._reader: Optional[asyncio.Task] = None
+        self._closed = False
+
+    # -- the API -------------------------------------------------------------------------
+
+    def _send(self, frames: List[bytes]) -> None:
+        # pyzmq sends at once when it can and queues in order when it cannot.
+        self._socket.send_multipart(frames).add_done_callback(_ignore_send_result)
+
+    def _start(self) -> None:
+        if self._closed:
+            raise BrokerError("client closed")
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"fastbroker-client {self.address}")
+
+    def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
+        timeout = self.timeout if timeout is None else timeout
+        tries = self.tries if tries is None else tries
+        return encode_options(timeout, tries, self.ack)
+
+    def submit(
+        self,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = None,
+        tries: Optional[int] = None,
+        request_id: Optional[bytes] = None,
+    ) -> AsyncRequestFuture:
+        """Send a request; await the future for the answer (or the outcome's exception).
+        Cancelling the future cancels the request at the broker too."""
+        frames, multipart = payload_frames(payload)
+        options = self._options(timeout, tries)
+        rid = new_request_id() if request_id is None else check_request_id(request_id)
+        self._start()
+        future = AsyncRequestFuture()
+        future.request_id = rid
+        future.add_done_callback(self._on_request_done)
+        self._book.submit(rid, submit_message(rid, options, frames), future, multipart)
+        return future
+
+    async def call(
+        self,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = None,
+        tries: Optional[int] = None,
+        wait: Optional[float] = None,
+    ) -> Union[bytes, List[bytes]]:
+        """submit() and await the outcome; TimeoutError after `wait` s (the request is cancelled then)."""
+        future = self.submit(payload, timeout=timeout, tries=tries)
+        try:
+            return await asyncio.wait_for(future, wait)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no outcome from {self.address} within {wait} s") from None
+
+    async def status(self, request_id: Any, wait: Optional[float] = 5.0) -> Status:
+        """What the broker says about the id; TimeoutError if it says nothing within `wait` s."""
+        rid = check_request_id(request_id)
+        self._start()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._book.query(rid, future)
+        try:
+            return await asyncio.wait_for(future, wait)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no status from {self.address} within {wait} s") from None
+
+    async def cancel(self, request_id: Any) -> None:
+        """Ask the broker to cancel the request; this client's futures for it get
+        TaskCancelled, or the outcome it already had."""
+        rid = check_request_id(request_id)
+        self._start()
+        self._book.cancel(rid)
+
+    def result(self, request_id: Any, *, multipart: bool = False) -> AsyncRequestFuture:
+        """A future for the outcome of an id submitted by this client or another
+        (RESULT). Cancelling it only stops waiting."""
+        rid = check_request_id(request_id)
+        self._start()
+        future = AsyncRequestFuture()
+        future.request_id = rid
+        future.add_done_callback(self._on_watch_done)
+        self._book.watch(rid, future, multipart)
+        return future
+
+    def map(
+        self,
+        iterable: Union[Iterable[Payload], AsyncIterable[Payload]],
+        *,
+        window: int = 64,
+        progress: bool = False,
+        timeout: Optional[float] = None,
+        tries: Optional[int] = None,
+    ) -> AsyncIterator[Union[bytes, List[bytes]]]:
+        """An async iterator of the answers in input order, at most `window` in flight
+        (see Client.map). `iterable` may be a plain or an async iterable."""
+        window = check_count("window", window, 1, 1 << 20)
+        encode_options(timeout, tries)
+        return self._map(iterable, window, progress, timeout, tries)
+
+    async def _map(self, iterable: Any, window: int, progress: bool, timeout: Optional[float], tries: Optional[int]) -> AsyncIterator[Any]:
+        is_async = hasattr(iterable, "__aiter__")
+        if is_async:
+            source: Any = iterable.__aiter__()
+            total = None
+        else:
+            items, total = iter_with_len(iterable)
+            source = iter(items)
+        bar = Progress(sys.stderr, total) if progress else None
+        in_flight: Deque[AsyncRequestFuture] = deque()
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(in_flight) < window:
+                    try:
+                        payload = await source.__anext__() if is_async else next(source)
+                    except (StopIteration, StopAsyncIteration):
+                        exhausted = True
+                        break
+                    in_flight.append(self.submit(payload, timeout=timeout, tries=tries))
+                if not in_flight:
+                    return
+                answer = await in_flight.popleft()
+                if bar is not None:
+                    bar.update()
+                yield answer
+        finally:
+            for future in in_flight:
+                future.cancel()
+            if bar is not None:
+                bar.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Stop the reader task; futures still pending fail with BrokerError("client closed")."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self._book.fail_all(BrokerError("client closed"))
+        self._socket.close(Client.linger_ms)
+        if self._own_context:
+            self.context.term()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        await self.close()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _on_request_done(self, future: asyncio.Future) -> None:
+        if future.cancelled() and not self._closed:
+            self._book.forget(future.request_id, future, True)  # type: ignore[attr-defined]
+
+    def _on_watch_done(self, future: asyncio.Future) -> None:
+        if future.cancelled() and not self._closed:
+            self._book.forget(future.request_id, future, False)  # type: ignore[attr-defined]
+
+    async def _read(self) -> None:
+        socket, book = self._socket, self._book
+        poller = zmq.asyncio.Poller()
+        poller.register(socket, zmq.POLLIN)
+        try:
+            while True:
+                due = book.next_check()
+                wait = self.check_interval if due is None else due
+                events = await poller.poll(max(1, int(wait * 1000) + 1))
+                if events:
+                    for _ in range(RECV_BATCH):
+                        try:
+                            frames = await socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        book.on_message(frames)
+                book.tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the client's reader task failed")
+            self._closed = True
+            self._book.fail_all(BrokerError("client closed"))
+
+
+__all__ = ["AsyncClient", "AsyncRequestFuture"]

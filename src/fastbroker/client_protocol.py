@@ -1,0 +1,541 @@
+"""The client side of FBC01 (docs/PROTOCOL.md section 10), without any I/O.
+
+Shared by ``fastbroker.Client`` (a thread owns the socket), ``fastbroker.AsyncClient``
+(an asyncio task owns it) and the CLI: message encoding and decoding, the checks of
+per-request options, and ``RequestBook``, the record of what a client waits for and
+the lazy pirate that keeps it alive across a lost broker (section 10.7). The book
+never touches a socket: it is given a ``send`` function and a ``deliver`` function,
+so both clients drive the same logic from their own loop.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+import uuid
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+from fastbroker._common import (
+    C_CANCEL,
+    C_RESULT,
+    C_STATUS,
+    C_SUBMIT,
+    CLIENT_SIGNATURE,
+    MAX_REQUEST_TIMEOUT_MS,
+    MAX_REQUEST_TRIES,
+    OPT_NO_ACK,
+    R_ACCEPTED,
+    R_CANCELLED,
+    R_FAILED,
+    R_OK,
+    R_REJECTED,
+    R_STATUS,
+    R_TIMED_OUT,
+    R_UNKNOWN,
+    REJECT_REASONS,
+    REQUEST_ID_SIZE,
+    STATE_DONE,
+    STATE_QUEUED,
+    STATE_RUNNING,
+    BrokerError,
+    ConfigError,
+)
+from fastbroker.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
+
+Payload = Union[bytes, Sequence[bytes]]
+
+MAX_TIMEOUT_SECONDS = MAX_REQUEST_TIMEOUT_MS / 1000
+CHECK_BATCH = 1000
+"""Most STATUS queries one lazy-pirate round sends (the others wait for later rounds)."""
+
+_OPTIONS = struct.Struct(">BII")
+_U32 = struct.Struct(">I")
+_STATES = {STATE_QUEUED: "queued", STATE_RUNNING: "running", STATE_DONE: "done"}
+OUTCOME_KINDS = frozenset((R_OK, R_FAILED, R_TIMED_OUT, R_CANCELLED))
+REPLY_NAMES = {
+    R_ACCEPTED: "ACCEPTED",
+    R_REJECTED: "REJECTED",
+    R_OK: "OK",
+    R_FAILED: "FAILED",
+    R_TIMED_OUT: "TIMED_OUT",
+    R_CANCELLED: "CANCELLED",
+    R_UNKNOWN: "UNKNOWN",
+    R_STATUS: "STATUS",
+}
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+def check_request_timeout(timeout: Optional[float]) -> Optional[float]:
+    """A valid per-request attempt timeout in seconds (None: the broker's), or ConfigError."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool):
+        raise ConfigError(f"timeout must be a number of seconds, not {timeout!r}")
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        raise ConfigError(f"timeout must be a number of seconds, not {timeout!r}") from None
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+        raise ConfigError(f"timeout must be above 0 and at most {MAX_TIMEOUT_SECONDS} seconds, not {timeout!r}")
+    return seconds
+
+
+def check_request_tries(tries: Optional[int]) -> Optional[int]:
+    """A valid per-request number of tries (None: the broker's), or ConfigError."""
+    if tries is None:
+        return None
+    if isinstance(tries, bool) or not isinstance(tries, int):
+        raise ConfigError(f"tries must be a whole number, not {tries!r}")
+    if not 1 <= tries <= MAX_REQUEST_TRIES:
+        raise ConfigError(f"tries must be between 1 and {MAX_REQUEST_TRIES}, not {tries}")
+    return tries
+
+
+def encode_options(timeout: Optional[float] = None, tries: Optional[int] = None, ack: bool = True) -> bytes:
+    """The SUBMIT options frame: empty when everything is the default, else 9 bytes."""
+    timeout = check_request_timeout(timeout)
+    tries = check_request_tries(tries)
+    if timeout is None and tries is None and ack:
+        return b""
+    # At least 1 ms: 0 would mean "the broker's timeout".
+    ms = 0 if timeout is None else min(MAX_REQUEST_TIMEOUT_MS, max(1, round(timeout * 1000)))
+    return _OPTIONS.pack(0 if ack else OPT_NO_ACK, ms, tries or 0)
+
+
+def check_request_id(request_id: Any) -> bytes:
+    """A request id as 16 bytes; accepts bytes, a uuid.UUID, or its text (32 hex or hyphenated)."""
+    if isinstance(request_id, uuid.UUID):
+        return request_id.bytes
+    if isinstance(request_id, (bytes, bytearray, memoryview)):
+        value = bytes(request_id)
+        if len(value) != REQUEST_ID_SIZE:
+            raise ConfigError(f"a request id is {REQUEST_ID_SIZE} bytes, not {len(value)}")
+        return value
+    if isinstance(request_id, str):
+        try:
+            return uuid.UUID(request_id.strip()).bytes
+        except ValueError:
+            raise ConfigError(f"not a request id (32 hex digits or a uuid): {request_id!r}") from None
+    raise ConfigError(f"a request id is 16 bytes or a uuid, not {type(request_id).__name__}")
+
+
+def new_request_id() -> bytes:
+    return uuid.uuid4().bytes
+
+
+def payload_frames(payload: Payload) -> Tuple[List[bytes], bool]:
+    """(frames, multipart): a bytes payload is one frame; a sequence is several (>= 1)."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return [bytes(payload)], False
+    if isinstance(payload, str):
+        raise TypeError("a payload is bytes or a sequence of bytes, not str (encode it first)")
+    frames = [bytes(frame) for frame in payload]
+    if not frames:
+        raise ValueError("a request needs at least one payload frame")
+    return frames, True
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+def submit_message(request_id: bytes, options: bytes, frames: Sequence[bytes]) -> List[bytes]:
+    return [CLIENT_SIGNATURE, C_SUBMIT, request_id, options, *frames]
+
+
+def status_message(request_id: bytes) -> List[bytes]:
+    return [CLIENT_SIGNATURE, C_STATUS, request_id]
+
+
+def result_message(request_id: bytes) -> List[bytes]:
+    return [CLIENT_SIGNATURE, C_RESULT, request_id]
+
+
+def cancel_message(request_id: bytes) -> List[bytes]:
+    return [CLIENT_SIGNATURE, C_CANCEL, request_id]
+
+
+class Reply(NamedTuple):
+    """A decoded broker reply. ``frames``: the body after the id (OK: the answer
+    frames); ``status``: for STATUS and UNKNOWN; ``error``: the exception a
+    non-OK outcome or REJECTED stands for."""
+
+    request_id: bytes
+    kind: bytes
+    frames: List[bytes]
+    status: Optional[Status] = None
+    error: Optional[BrokerError] = None
+
+    @property
+    def name(self) -> str:
+        return REPLY_NAMES.get(self.kind, "?")
+
+    @property
+    def is_outcome(self) -> bool:
+        return self.kind in OUTCOME_KINDS
+
+
+def _text(frame: bytes) -> str:
+    return frame.decode("utf-8", "replace")
+
+
+def decode_reply(frames: Sequence[bytes]) -> Optional[Reply]:
+    """The reply in ``[FBC01, kind, id, body...]`` (as a DEALER receives it), or None
+    when it is not a well-formed FBC01 reply."""
+    if len(frames) < 3 or frames[0] != CLIENT_SIGNATURE or len(frames[2]) != REQUEST_ID_SIZE:
+        return None
+    kind, request_id, body = bytes(frames[1]), bytes(frames[2]), [bytes(f) for f in frames[3:]]
+    if kind == R_OK:
+        return Reply(request_id, kind, body) if body else None
+    if kind == R_FAILED:
+        type_name = _text(body[0]) if body else "Exception"
+        message = _text(body[1]) if len(body) > 1 else ""
+        return Reply(request_id, kind, body, error=TaskFailed(type_name, message))
+    if kind == R_TIMED_OUT:
+        return Reply(request_id, kind, body, error=TaskTimedOut("every attempt of the request timed out"))
+    if kind == R_CANCELLED:
+        return Reply(request_id, kind, body, error=TaskCancelled("the request was cancelled"))
+    if kind == R_UNKNOWN:
+        return Reply(request_id, kind, body, status=Status("unknown"), error=UnknownRequest(f"the broker does not know request {request_id.hex()}"))
+    if kind == R_ACCEPTED:
+        return Reply(request_id, kind, body)
+    if kind == R_REJECTED:
+        code = body[0][0] if body and body[0] else 0
+        reason = _text(body[1]) if len(body) > 1 and body[1] else REJECT_REASONS.get(code, "rejected")
+        return Reply(request_id, kind, body, error=Rejected(code, reason))
+    if kind == R_STATUS:
+        # Three frames (unlike the options, one frame of 9 bytes).
+        if len(body) != 3 or len(body[0]) != 1 or len(body[1]) != 4 or len(body[2]) != 4:
+            return None
+        state, attempt, tries = body[0][0], _U32.unpack(body[1])[0], _U32.unpack(body[2])[0]
+        if state not in _STATES:
+            return None
+        return Reply(request_id, kind, body, status=Status(_STATES[state], attempt, tries or None))
+    return None
+
+
+def describe_outcome(reply: Reply) -> str:
+    """One line for people: "ok", "failed: ValueError: bad", "timed out", "cancelled", "unknown"..."""
+    if reply.kind == R_OK:
+        return "ok"
+    if reply.kind == R_FAILED:
+        return f"failed: {reply.error}"
+    if reply.kind == R_TIMED_OUT:
+        return "timed out"
+    if reply.kind == R_CANCELLED:
+        return "cancelled"
+    if reply.status is not None:
+        return reply.status.describe()
+    if reply.kind == R_REJECTED:
+        return f"rejected: {reply.error}"
+    return reply.name.lower()
+
+
+# -- the book of a client's requests -----------------------------------------------------
+
+Deliver = Callable[[Any, Any, Optional[BaseException]], None]
+"""deliver(future, value, exception): resolve a future (in the client's own way)."""
+
+
+class _Sink:
+    __slots__ = ("future", "multipart")
+
+    def __init__(self, future: Any, multipart: bool) -> None:
+        self.future = future
+        self.multipart = multipart
+
+
+class _Entry:
+    """An id this client waits for an outcome of."""
+
+    __slots__ = ("message", "sinks", "accepted", "cancelling")
+
+    def __init__(self, message: Optional[List[bytes]]) -> None:
+        # The SUBMIT message, kept to submit it again if the broker loses it;
+        # None for an id only watched with RESULT (it cannot be re-submitted).
+        self.message = message
+        self.sinks: List[_Sink] = []
+        self.accepted = False
+        self.cancelling = False
+
+
+class RequestBook:
+    """What a client waits for, and what it does with each reply.
+
+    Only the client's I/O loop calls it (never two threads at once). ``send(frames)``
+    sends a message to the broker; ``deliver(future, value, exc)`` resolves a future.
+    The loop calls ``on_message`` for every message received and ``tick()`` at
+    least every ``check_interval`` seconds (``next_check()`` says when it is due).
+    """
+
+    def __init__(
+        self,
+        send: Callable[[List[bytes]], None],
+        deliver: Deliver,
+        check_interval: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        check_batch: int = CHECK_BATCH,
+    ) -> None:
+        self._send = send
+        self._deliver = deliver
+        self.check_interval = check_interval
+        self._clock = clock
+        self._check_batch = check_batch
+        # Insertion-ordered: the lazy pirate checks the entries at the front and
+        # moves them to the back, so every round reaches the next ones.
+        self._entries: Dict[bytes, _Entry] = {}
+        self._queries: Dict[bytes, Deque[Any]] = {}
+        self._quiet_since = clock()
+        self.resubmitted = 0
+        """Requests submitted again after the broker said UNKNOWN (the lazy pirate)."""
+        self.checks = 0
+        """STATUS queries the lazy pirate sent."""
+
+    # -- from the client ---------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Ids waited for (an outcome or a STATUS reply)."""
+        return len(self._entries) + len(self._queries)
+
+    def _start_waiting(self) -> None:
+        if not self._entries and not self._queries:
+            # The silence that matters starts now, not when the last reply came.
+            self._quiet_since = self._clock()
+
+    def submit(self, request_id: bytes, message: List[bytes], future: Any, multipart: bool) -> None:
+        entry = self._entries.get(request_id)
+        if entry is None:
+            self._start_waiting()
+            entry = self._entries[request_id] = _Entry(message)
+        elif entry.message is not None:
+            # Submitted already by this client: the broker would only add the same
+            # socket as a waiter again; the future waits with the others.
+            entry.sinks.append(_Sink(future, multipart))
+            return
+        else:
+            entry.message = message
+        entry.sinks.append(_Sink(future, multipart))
+        self._send(message)
+
+    def watch(self, request_id: bytes, future: Any, multipart: bool) -> None:
+        """RESULT: wait for the outcome of an id (submitted by anyone)."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            self._start_waiting()
+            entry = self._entries[request_id] = _Entry(None)
+        entry.sinks.append(_Sink(future, multipart))
+        self._send(result_message(request_id))
+
+    def query(self, request_id: bytes, future: Any) -> None:
+        """STATUS: the future gets a Status."""
+        self._start_waiting()
+        self._queries.setdefault(request_id, deque()).append(future)
+        self._send(status_message(request_id))
+
+    def cancel(self, request_id: bytes) -> None:
+        """CANCEL: the futures waiting for the id get the broker's answer (CANCELLED,
+        or the outcome it already had)."""
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.cancelling = True
+        self._send(cancel_message(request_id))
+
+    def forget(self, request_id: bytes, future: Any, cancel: bool = True) -> None:
+        """A future cancelled by its owner waits no more; with `cancel`, the request
+        is cancelled at the broker too (the other futures waiting for it get CANCELLED)."""
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.sinks = [s for s in entry.sinks if s.future is not future]
+            if not entry.sinks:
+                del self._entries[request_id]
+            elif cancel:
+                entry.cancelling = True
+        if cancel:
+            self._send(cancel_message(request_id))
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Every future waiting gets `exc` (the client is closing)."""
+        entries, queries = self._entries, self._queries
+        self._entries, self._queries = {}, {}
+        for entry in entries.values():
+            for sink in entry.sinks:
+                self._deliver(sink.future, None, exc)
+        for futures in queries.values():
+            for future in futures:
+                self._deliver(future, None, exc)
+
+    # -- from the broker ---------------------------------------------------------------
+
+    def on_message(self, frames: Sequence[bytes]) -> Optional[Reply]:
+        """Handle one received message; returns the reply (None if malformed)."""
+        self._quiet_since = self._clock()
+        reply = decode_reply(frames)
+        if reply is None:
+            return None
+        request_id, kind = reply.request_id, reply.kind
+        if reply.status is not None:  # STATUS or UNKNOWN
+            futures = self._queries.get(request_id)
+            while futures:
+                future = futures.popleft()
+                if not future.done():
+                    self._deliver(future, reply.status, None)
+                    break
+            if futures is not None and not futures:
+                del self._queries[request_id]
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return reply  # a duplicate outcome, or about an id nobody here waits for
+        if kind == R_ACCEPTED:
+            entry.accepted = True
+        elif kind in OUTCOME_KINDS or kind == R_REJECTED:
+            self._finish(request_id, reply)
+        elif kind == R_UNKNOWN:
+            if entry.cancelling:
+                # The broker does not have it, so it will not run: as cancelled.
+                self._finish(request_id, reply._replace(kind=R_CANCELLED, error=TaskCancelled("the request was cancelled")))
+            elif entry.message is None:
+                self._finish(request_id, reply)  # RESULT of an id nobody can re-submit
+            else:
+                # The broker lost it (restarted without a store): submit it again,
+                # with the same id, so that it runs once however many times it is sent.
+                self.resubmitted += 1
+                entry.accepted = False
+                self._send(entry.message)
+        elif kind == R_STATUS:
+            entry.accepted = True
+            if reply.status is not None and reply.status.state == "done":
+                # It finished but its outcome did not reach this socket.
+                self._send(result_message(request_id))
+        return reply
+
+    def _finish(self, request_id: bytes, reply: Reply) -> None:
+        entry = self._entries.pop(request_id)
+        for sink in entry.sinks:
+            if reply.kind == R_OK:
+                value = reply.frames if sink.multipart else b"".join(reply.frames)
+                self._deliver(sink.future, value, None)
+            else:
+                self._deliver(sink.future, None, reply.error)
+
+    # -- the lazy pirate ---------------------------------------------------------------
+
+    def next_check(self) -> Optional[float]:
+        """Seconds until tick() has work (0: now), None while nothing is pending."""
+        if not self._entries:
+            return None
+        return max(0.0, self._quiet_since + self.check_interval - self._clock())
+
+    def tick(self) -> int:
+        """If the broker has been silent for check_interval while requests are
+        pending, ask STATUS for up to check_batch of them; returns how many."""
+        if not self._entries:
+            return 0
+        now = self._clock()
+        if now - self._quiet_since < self.check_interval:
+            return 0
+        self._quiet_since = now
+        batch = []
+        for request_id in self._entries:
+            batch.append(request_id)
+            if len(batch) >= self._check_batch:
+                break
+        for request_id in batch:
+            self._entries[request_id] = self._entries.pop(request_id)  # to the back
+            self._send(status_message(request_id))
+        self.checks += len(batch)
+        return len(batch)
+
+
+def request_once(socket: Any, message: List[bytes], request_id: bytes, wait: float, clock: Callable[[], float] = time.monotonic) -> Optional[Reply]:
+    """Send `message` on a connected DEALER socket and return the first well-formed
+    reply about `request_id` other than ACCEPTED within `wait` seconds (None if
+    none came): for one-shot commands (the CLI's status and cancel)."""
+    socket.send_multipart(message)
+    deadline = clock() + wait
+    while True:
+        remaining = deadline - clock()
+        if remaining <= 0 or not socket.poll(max(1, int(remaining * 1000))):
+            return None
+        reply = decode_reply(socket.recv_multipart())
+        if reply is not None and reply.request_id == request_id and reply.kind != R_ACCEPTED:
+            return reply
+
+
+def iter_with_len(iterable: Iterable[Any]) -> Tuple[Iterable[Any], Optional[int]]:
+    """(iterable, its length if it has one)."""
+    try:
+        return iterable, len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return iterable, None
+
+
+class Progress:
+    """A one-line progress bar on a text stream: ``done/total  rate/s`` (redrawn
+    at most every `interval` seconds, and once at the end)."""
+
+    def __init__(self, stream: Any, total: Optional[int], interval: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.total = total
+        self.interval = interval
+        self.clock = clock
+        self.done = 0
+        self.start = clock()
+        self._drawn = 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self._drawn >= self.interval:
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        self._drawn = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            width = 30
+            filled = int(width * min(self.done, self.total) / self.total)
+            line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+        else:
+            line = f"{self.done}"
+        try:
+            self.stream.write(f"\r{line}  {rate:,.1f}/s ")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must not break the results
+
+    def close(self) -> None:
+        self._draw(self.clock())
+        try:
+            self.stream.write("\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+__all__ = [
+    "CHECK_BATCH",
+    "MAX_TIMEOUT_SECONDS",
+    "Payload",
+    "Progress",
+    "Reply",
+    "RequestBook",
+    "cancel_message",
+    "check_request_id",
+    "check_request_timeout",
+    "check_request_tries",
+    "decode_reply",
+    "describe_outcome",
+    "encode_options",
+    "new_request_id",
+    "payload_frames",
+    "request_once",
+    "result_message",
+    "status_message",
+    "submit_message",
+]

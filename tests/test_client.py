@@ -1,0 +1,605 @@
+"""fastbroker.Client and AsyncClient (FBC01, docs/PROTOCOL.md section 10) against a
+real Broker run in a thread, with real DEALER workers (threads or processes).
+
+The first tests drive client_protocol's RequestBook directly: it is the logic both
+clients share (routing replies by id, the lazy pirate), and it does no I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import struct
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+import fastbroker
+from conftest import wait_until
+from fastbroker import AsyncClient, Broker, BrokerError, Client, ConfigError, Status, Worker
+from fastbroker._common import (
+    C_CANCEL,
+    C_RESULT,
+    C_STATUS,
+    C_SUBMIT,
+    CLIENT_SIGNATURE,
+    MAX_REQUEST_TIMEOUT_MS,
+    R_ACCEPTED,
+    R_CANCELLED,
+    R_FAILED,
+    R_OK,
+    R_REJECTED,
+    R_STATUS,
+    R_TIMED_OUT,
+    R_UNKNOWN,
+)
+from fastbroker.client_protocol import RequestBook, decode_reply, encode_options
+from workers_for_tests import GATE_ENV, LOG_ENV, DealerEcho, DealerFailer, DealerGated, runs
+
+WAIT = 20.0
+"""Bound of every wait for something that should take well under a second."""
+HEARTBEAT = 0.1
+
+
+# -- the shared logic, without sockets ---------------------------------------------------
+
+
+def test_options_frame_is_empty_for_defaults_and_9_bytes_otherwise():
+    assert encode_options() == b""
+    assert encode_options(1.5, 3) == struct.pack(">BII", 0, 1500, 3)
+    assert encode_options(ack=False) == struct.pack(">BII", 1, 0, 0)
+    assert encode_options(0.0001) == struct.pack(">BII", 0, 1, 0)  # never 0: that is "the broker's"
+    assert encode_options(MAX_REQUEST_TIMEOUT_MS / 1000) == struct.pack(">BII", 0, MAX_REQUEST_TIMEOUT_MS, 0)
+
+
+@pytest.mark.parametrize(
+    "timeout, tries, expected",
+    [
+        (0, None, "timeout must be above 0"),
+        (-1, None, "timeout must be above 0"),
+        (float("nan"), None, "timeout must be above 0"),
+        (MAX_REQUEST_TIMEOUT_MS / 1000 + 1, None, "at most"),
+        ("soon", None, "number of seconds"),
+        (None, 0, "tries must be between 1"),
+        (None, 1.5, "whole number"),
+        (None, True, "whole number"),
+        (None, 2_000_000, "tries must be between 1"),
+    ],
+)
+def test_bad_options_fail_in_the_client_with_config_error(timeout, tries, expected):
+    with pytest.raises(ConfigError, match=expected):
+        encode_options(timeout, tries)
+
+
+def test_decode_replies():
+    rid = uuid.uuid4().bytes
+    ok = decode_reply([CLIENT_SIGNATURE, R_OK, rid, b"a", b"b"])
+    assert ok.request_id == rid and ok.frames == [b"a", b"b"] and ok.error is None and ok.is_outcome
+    failed = decode_reply([CLIENT_SIGNATURE, R_FAILED, rid, b"ValueError", "bad \u00e9".encode()])
+    assert isinstance(failed.error, fastbroker.TaskFailed)
+    assert (failed.error.type_name, failed.error.message) == ("ValueError", "bad \u00e9")
+    assert isinstance(decode_reply([CLIENT_SIGNATURE, R_TIMED_OUT, rid]).error, fastbroker.TaskTimedOut)
+    assert isinstance(decode_reply([CLIENT_SIGNATURE, R_CANCELLED, rid]).error, fastbroker.TaskCancelled)
+    rejected = decode_reply([CLIENT_SIGNATURE, R_REJECTED, rid, b"\x01", b"bad options"])
+    assert isinstance(rejected.error, fastbroker.Rejected) and (rejected.error.code, rejected.error.reason) == (1, "bad options")
+    status = decode_reply([CLIENT_SIGNATURE, R_STATUS, rid, b"\x02", struct.pack(">I", 2), struct.pack(">I", 3)])
+    assert status.status == Status("running", 2, 3)
+    assert status.status.describe() == "running (attempt 2 of 3)"
+    unlimited = decode_reply([CLIENT_SIGNATURE, R_STATUS, rid, b"\x01", struct.pack(">I", 0), struct.pack(">I", 0)])
+    assert unlimited.status == Status("queued", 0, None)
+    assert decode_reply([CLIENT_SIGNATURE, R_UNKNOWN, rid]).status == Status("unknown")
+    # Malformed: no signature, short id, no answer frame, bad STATUS body, unknown kind.
+    for frames in (
+        [b"FBC02", R_OK, rid, b"x"],
+        [CLIENT_SIGNATURE, R_OK, rid[:15], b"x"],
+        [CLIENT_SIGNATURE, R_OK, rid],
+        [CLIENT_SIGNATURE, R_STATUS, rid, b"\x02"],
+        [CLIENT_SIGNATURE, R_STATUS, rid, b"\x09", b"\0\0\0\0", b"\0\0\0\0"],
+        [CLIENT_SIGNATURE, b"\x99", rid],
+    ):
+        assert decode_reply(frames) is None, frames
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Book:
+    """A RequestBook with recorded sends and deliveries."""
+
+    def __init__(self, check_interval: float = 1.0, check_batch: int = 1000) -> None:
+        self.sent: List[List[bytes]] = []
+        self.delivered: dict = {}
+        self.clock = FakeClock()
+        self.book = RequestBook(self.sent.append, self._deliver, check_interval, clock=self.clock, check_batch=check_batch)
+
+    def _deliver(self, future, value, exc):
+        assert future not in self.delivered, "a future was told twice"
+        self.delivered[future] = exc if exc is not None else value
+
+    def reply(self, kind: bytes, rid: bytes, *body: bytes):
+        return self.book.on_message([CLIENT_SIGNATURE, kind, rid, *body])
+
+
+def test_book_routes_outcomes_by_id_and_ignores_duplicates():
+    b = Book()
+    r1, r2 = uuid.uuid4().bytes, uuid.uuid4().bytes
+    m1 = [CLIENT_SIGNATURE, C_SUBMIT, r1, b"", b"one"]
+    b.book.submit(r1, m1, "f1", False)
+    b.book.submit(r2, [CLIENT_SIGNATURE, C_SUBMIT, r2, b"", b"a", b"b"], "f2", True)
+    assert b.sent[0] == m1 and len(b.sent) == 2
+    b.reply(R_ACCEPTED, r1)
+    b.reply(R_OK, r2, b"x", b"y")
+    b.reply(R_OK, r1, b"x", b"y")
+    assert b.delivered == {"f1": b"xy", "f2": [b"x", b"y"]}
+    b.reply(R_OK, r1, b"again")  # a duplicate outcome: nobody waits for it any more
+    b.reply(R_FAILED, r1, b"E", b"m")
+    assert b.delivered == {"f1": b"xy", "f2": [b"x", b"y"]}
+    assert b.book.pending == 0
+    r3 = uuid.uuid4().bytes
+    b.book.submit(r3, [CLIENT_SIGNATURE, C_SUBMIT, r3, b"\xff" * 9, b"x"], "f3", False)
+    b.reply(R_REJECTED, r3, b"\x01", b"bad options")
+    assert isinstance(b.delivered["f3"], fastbroker.Rejected) and b.delivered["f3"].code == 1
+
+
+def test_book_lazy_pirate_status_then_resubmit_or_result():
+    b = Book(check_interval=1.0)
+    lost, done, running = (uuid.uuid4().bytes for _ in range(3))
+    messages = {rid: [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", rid] for rid in (lost, done, running)}
+    for rid in (lost, done, running):
+        b.book.submit(rid, messages[rid], rid, False)
+    b.sent.clear()
+    b.clock.now += 0.9
+    assert b.book.tick() == 0 and b.sent == []  # not silent long enough
+    assert b.book.next_check() == pytest.approx(0.1)
+    b.clock.now += 0.1
+    assert b.book.tick() == 3
+    assert b.sent == [[CLIENT_SIGNATURE, C_STATUS, rid] for rid in (lost, done, running)]
+    b.sent.clear()
+    b.reply(R_UNKNOWN, lost)  # the broker lost it: the same SUBMIT again
+    b.reply(R_STATUS, done, b"\x03", struct.pack(">I", 1), struct.pack(">I", 0))  # its outcome went astray: RESULT
+    b.reply(R_STATUS, running, b"\x02", struct.pack(">I", 1), struct.pack(">I", 0))  # nothing to do
+    assert b.sent == [messages[lost], [CLIENT_SIGNATURE, C_RESULT, done]]
+    assert b.book.resubmitted == 1
+    # A reply restarts the silence: no check until check_interval has passed again.
+    assert b.book.tick() == 0
+    b.reply(R_OK, done, b"ok")
+    assert b.delivered == {done: b"ok"}
+
+
+def test_book_checks_at_most_a_batch_per_round_and_reaches_every_id():
+    b = Book(check_interval=1.0, check_batch=3)
+    ids = [uuid.uuid4().bytes for _ in range(7)]
+    for rid in ids:
+        b.book.submit(rid, [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"x"], rid, False)
+    asked = []
+    for _ in range(3):
+        b.sent.clear()
+        b.clock.now += 1.0
+        assert b.book.tick() == 3
+        asked += [m[2] for m in b.sent]
+    assert set(asked) == set(ids)  # 9 queries over 3 rounds reached all 7 ids
+
+
+def test_book_status_queries_unknown_result_and_cancel():
+    b = Book()
+    rid = uuid.uuid4().bytes
+    b.book.query(rid, FakeFuture("q"))
+    b.book.watch(rid, "w", False)
+    assert b.sent == [[CLIENT_SIGNATURE, C_STATUS, rid], [CLIENT_SIGNATURE, C_RESULT, rid]]
+    b.reply(R_UNKNOWN, rid)
+    # The STATUS query gets "unknown"; the RESULT cannot be re-submitted: UnknownRequest.
+    assert [type(v).__name__ for v in b.delivered.values()] == ["Status", "UnknownRequest"]
+    # CANCEL of a pending request: an UNKNOWN then means it will never run.
+    other = uuid.uuid4().bytes
+    b.book.submit(other, [CLIENT_SIGNATURE, C_SUBMIT, other, b"", b"x"], "f", False)
+    b.book.cancel(other)
+    assert b.sent[-1] == [CLIENT_SIGNATURE, C_CANCEL, other]
+    b.reply(R_UNKNOWN, other)
+    assert isinstance(b.delivered["f"], fastbroker.TaskCancelled)
+
+
+class FakeFuture(str):
+    def done(self) -> bool:
+        return False
+
+
+# -- a broker in a thread, workers in threads ---------------------------------------------
+
+
+class Rig:
+    """A Broker run in a thread on fixed ipc endpoints (so it can be restarted on
+    the same ones), and DEALER workers run in threads."""
+
+    def __init__(self, tmp_path: Path, **broker_options) -> None:
+        self.addrs = tuple(f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans"))
+        self.broker_options = {"heartbeat": HEARTBEAT, **broker_options}
+        self.broker: Optional[Broker] = None
+        self._broker_thread: Optional[threading.Thread] = None
+        self.workers: list = []
+        self.clients: list = []
+
+    @property
+    def address(self) -> str:
+        return self.addrs[0]
+
+    def start_broker(self, timeout=None, tries=None) -> Broker:
+        self.broker = Broker(None, timeout, tries, *self.addrs, **self.broker_options)
+        self._broker_thread = threading.Thread(target=self.broker.run, name="broker")
+        self._broker_thread.start()
+        return self.broker
+
+    def stop_broker(self) -> dict:
+        """Stop and close the broker (its requests are lost); its last stats."""
+        stats: dict = {}
+        if self.broker is not None:
+            self.broker.stop()
+            self._broker_thread.join(WAIT)
+            stats = self.broker.stats()  # read once the loop has stopped
+            self.broker.close()
+            self.broker = None
+        return stats
+
+    def worker(self, cls, credit: int = 1) -> Worker:
+        worker = cls(None, self.addrs[1], credit=credit, heartbeat=HEARTBEAT)
+        thread = threading.Thread(target=worker.run, name=f"worker-{cls.__name__}")
+        thread.start()
+        self.workers.append((worker, thread))
+        return worker
+
+    def client(self, **options) -> Client:
+        client = Client(self.address, **options)
+        self.clients.append(client)
+        return client
+
+    def stop_workers(self) -> None:
+        """Before the broker: a worker hangs up gracefully only while it is there."""
+        for worker, _ in self.workers:
+            worker.stop()
+        for worker, thread in self.workers:
+            thread.join(WAIT)
+            worker.close()
+        self.workers.clear()
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.stop_workers()
+        self.stop_broker()
+
+
+@pytest.fixture
+def log_path(tmp_path, monkeypatch):
+    path = tmp_path / "jobs.log"
+    monkeypatch.setenv(LOG_ENV, str(path))
+    return path
+
+
+@pytest.fixture
+def gate(tmp_path, monkeypatch):
+    """The file DealerGated workers wait for (``0:gated...`` jobs); opened at teardown
+    at the latest, so no worker thread is left waiting."""
+    path = tmp_path / "gate"
+    monkeypatch.setenv(GATE_ENV, str(path))
+    yield path
+    path.touch()
+
+
+@pytest.fixture
+def rig(tmp_path, gate):
+    r = Rig(tmp_path)
+    yield r
+    gate.touch()
+    r.close()
+
+
+def test_call_returns_the_answer(rig, log_path):
+    rig.start_broker()
+    rig.worker(DealerEcho)
+    client = rig.client()
+    assert client.call(b"hello", wait=WAIT) == b"-hello"
+    future = client.submit([b"a", b"b"])
+    assert len(future.request_id) == 16
+    assert future.result(WAIT) == [b"-ab"]  # frames in: frames out
+    rid = uuid.uuid4().bytes
+    assert client.submit(b"mine", request_id=rid).result(WAIT) == b"-mine"
+    assert client.status(rid) == Status("done", 1, None)
+    assert client.status(uuid.uuid4().bytes) == Status("unknown")
+
+
+def test_without_ack_requests_still_complete(rig):
+    rig.start_broker()
+    rig.worker(DealerEcho)
+    client = rig.client(ack=False, timeout=5, tries=2)
+    assert [client.submit(b"%d" % i) for i in range(20)][-1].result(WAIT) == b"-19"
+    assert client.call(b"x", wait=WAIT) == b"-x"
+
+
+def test_per_request_timeout_is_honoured_while_default_requests_succeed(rig, log_path):
+    # No broker timeout: only the request's own timeout can end its attempt.
+    rig.start_broker(timeout=None)
+    rig.worker(DealerGated, credit=4)
+    client = rig.client()
+    started = time.monotonic()
+    short = client.submit(b"0:gated-short", timeout=0.2, tries=1)
+    # A default request may take longer than 0.2 s and still succeed.
+    slow = client.submit(b"0.5:default")
+    with pytest.raises(fastbroker.TaskTimedOut):
+        short.result(WAIT)
+    assert time.monotonic() - started < WAIT / 2
+    assert slow.result(WAIT) == b"-0.5:default"
+    assert runs(log_path, "0:gated-short") != [] and runs(log_path, "0.5:default", "done") != []
+
+
+@pytest.mark.parametrize("tries", [1, 3])
+def test_per_request_tries_are_exact(rig, log_path, tries):
+    rig.start_broker(tries=None)  # unlimited at the broker: only the request's tries stop it
+    rig.worker(DealerFailer)
+    client = rig.client()
+    with pytest.raises(fastbroker.TaskFailed) as info:
+        client.call(b"doomed", tries=tries, wait=WAIT)
+    assert len(runs(log_path, "doomed")) == tries
+    assert info.value.type_name == "Dropped"
+    assert "doomed" in info.value.message
+
+
+def test_client_default_tries_apply_to_every_request(rig, log_path):
+    rig.start_broker()
+    rig.worker(DealerFailer)
+    client = rig.client(tries=2)
+    for n in range(2):
+        with pytest.raises(fastbroker.TaskFailed):
+            client.call(b"doomed-%d" % n, wait=WAIT)
+        assert len(runs(log_path, "doomed-%d" % n)) == 2
+
+
+def test_every_attempt_timing_out_ends_in_task_timed_out(rig, log_path):
+    rig.start_broker()
+    rig.worker(DealerGated, credit=4)
+    client = rig.client()
+    with pytest.raises(fastbroker.TaskTimedOut):
+        client.call(b"0:gated-stuck", timeout=0.2, tries=2, wait=WAIT)
+    assert len(runs(log_path, "0:gated-stuck")) == 2
+
+
+def test_cancelling_a_queued_request_means_it_never_runs(rig, log_path, gate):
+    rig.start_broker()
+    rig.worker(DealerGated, credit=1)
+    client = rig.client()
+    blocker = client.submit(b"0:gated-blocker")
+    wait_until(lambda: runs(log_path, "0:gated-blocker"), timeout=WAIT, message="the worker to take the blocker")
+    queued = client.submit(b"0:queued")
+    wait_until(lambda: client.status(queued.request_id).state == "queued", timeout=WAIT, message="the request to be queued")
+    assert queued.cancel()
+    wait_until(lambda: client.status(queued.request_id).state in ("done", "unknown"), timeout=WAIT, message="the broker to cancel it")
+    gate.touch()
+    assert blocker.result(WAIT) == b"-0:gated-blocker"
+    # The worker is free again and takes the next job, not the cancelled one.
+    assert client.call(b"0:after", wait=WAIT) == b"-0:after"
+    assert runs(log_path, "0:queued") == []
+    rig.stop_workers()
+    assert rig.stop_broker()["cancelled"] == 1
+
+
+def test_cancel_by_id_of_a_running_request_gives_task_cancelled(rig, log_path):
+    rig.start_broker()
+    rig.worker(DealerGated, credit=2)
+    client = rig.client()
+    future = client.submit(b"0:gated-running")
+    wait_until(lambda: runs(log_path, "0:gated-running"), timeout=WAIT, message="the job to start")
+    assert client.status(future.request_id) == Status("running", 1, None)
+    other = rig.client()
+    other.cancel(future.request_id)  # another client may cancel it by id
+    with pytest.raises(fastbroker.TaskCancelled):
+        future.result(WAIT)
+
+
+def test_a_thousand_futures_from_four_threads(rig, procs):
+    rig.start_broker()
+    for n in range(2):
+        procs.start(["worker", "workers_for_tests:DealerEcho", rig.addrs[1], "--credit", "8"], f"echo-{n}")
+    client = rig.client()
+    futures: dict = {}
+    errors: list = []
+
+    def submit(t: int) -> None:
+        try:
+            for i in range(250):
+                payload = b"%d-%d" % (t, i)
+                futures[payload] = client.submit(payload)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert not errors and len(futures) == 1000
+    done, not_done = concurrent.futures.wait(futures.values(), timeout=WAIT)
+    assert not not_done, f"{len(not_done)} requests unanswered\n{procs.output()}"
+    for payload, future in futures.items():
+        assert future.result() == b"-" + payload
+    assert len({f.request_id for f in futures.values()}) == 1000
+
+
+def test_async_client_gather_status_and_map(rig, log_path):
+    rig.start_broker()
+    rig.worker(DealerEcho, credit=4)
+
+    async def main():
+        async with AsyncClient(rig.address, check_interval=0.5) as client:
+            answers = await asyncio.gather(*(client.submit(b"%d" % i) for i in range(200)))
+            assert answers == [b"-%d" % i for i in range(200)]
+            assert await client.call([b"x", b"y"], wait=WAIT) == [b"-xy"]
+            future = client.submit(b"z")
+            assert await future == b"-z"
+            assert await client.status(future.request_id) == Status("done", 1, None)
+            assert await client.result(future.request_id) == b"-z"
+            assert [a async for a in client.map((b"m%d" % i for i in range(20)), window=4)] == [b"-m%d" % i for i in range(20)]
+            with pytest.raises(fastbroker.UnknownRequest):
+                await client.result(uuid.uuid4().bytes)
+            # Closing cancels the reader before it can read this one's answer.
+            pending = client.submit(b"pending-at-close")
+        with pytest.raises(BrokerError, match="client closed"):
+            await pending
+
+    asyncio.run(asyncio.wait_for(main(), WAIT))
+
+
+def test_async_client_timeout_and_cancel(rig, log_path):
+    rig.start_broker()
+    rig.worker(DealerGated, credit=4)
+
+    async def main():
+        async with AsyncClient(rig.address) as client:
+            with pytest.raises(fastbroker.TaskTimedOut):
+                await client.call(b"0:gated-too-slow", timeout=0.2, tries=1, wait=WAIT)
+            future = client.submit(b"0:gated-cancelled")
+            deadline = time.monotonic() + WAIT
+            while not runs(log_path, "0:gated-cancelled"):
+                assert time.monotonic() < deadline, "the job did not start"
+                await asyncio.sleep(0.01)
+            assert future.cancel()  # cancels the running request at the broker too
+            while (await client.status(future.request_id)).state != "done":
+                assert time.monotonic() < deadline, "the broker did not cancel the request"
+                await asyncio.sleep(0.01)
+            with pytest.raises(fastbroker.TaskCancelled):
+                await client.result(future.request_id)
+            with pytest.raises(TimeoutError):
+                await client.call(b"0:gated-waited-for", wait=0.1)
+
+    asyncio.run(asyncio.wait_for(main(), WAIT))
+
+
+class Concurrency(Worker):
+    """Records the most jobs it ran at once; ``SECONDS:TAG`` sleeps, answers b"-" + data."""
+
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+
+    def process(self, data: bytes) -> bytes:
+        cls = type(self)
+        with cls.lock:
+            cls.running += 1
+            cls.peak = max(cls.peak, cls.running)
+        try:
+            time.sleep(float(data.split(b":", 1)[0]))
+        finally:
+            with cls.lock:
+                cls.running -= 1
+        return b"-" + data
+
+
+def test_map_keeps_input_order_and_at_most_window_in_flight(rig, capsys):
+    rig.start_broker()
+    rig.worker(Concurrency, credit=16)  # room for far more than the window
+    client = rig.client()
+    # Later inputs finish first: the order of the answers is the input's, not completion's.
+    payloads = [b"%.2f:%d" % (0.05 * (3 - i % 3), i) for i in range(12)]
+    Concurrency.peak = 0
+    answers = list(client.map(payloads, window=3, progress=True))
+    assert answers == [b"-" + p for p in payloads]
+    assert Concurrency.peak == 3
+    err = capsys.readouterr().err
+    assert "12/12" in err and "/s" in err
+
+
+class FailsBad(Worker):
+    """Raises for payloads that start with b"bad"; answers b"-" + data otherwise."""
+
+    def process(self, data: bytes) -> bytes:
+        if data.startswith(b"bad"):
+            raise ValueError(data.decode())
+        return b"-" + data
+
+
+def test_map_raises_the_first_failure_when_it_reaches_it(rig):
+    rig.start_broker()
+    rig.worker(FailsBad, credit=4)
+    client = rig.client()
+    with pytest.raises(ConfigError):
+        client.map([b"a"], window=0)
+    results = client.map([b"ok-1", b"bad-2", b"ok-3", b"bad-4"], window=4, tries=1)
+    assert next(results) == b"-ok-1"
+    with pytest.raises(fastbroker.TaskFailed, match="bad-2"):
+        next(results)
+    with pytest.raises(StopIteration):
+        next(results)
+
+
+def test_result_of_an_id_after_the_client_restarted(rig, log_path, gate):
+    rig.start_broker()
+    rig.worker(DealerGated)
+    first = Client(rig.address)
+    future = first.submit(b"0:gated-outlives-its-client")
+    wait_until(lambda: runs(log_path, "0:gated-outlives-its-client"), timeout=WAIT, message="the job to start")
+    first.close()
+    with pytest.raises(BrokerError, match="client closed"):
+        future.result(0)
+    with pytest.raises(BrokerError, match="client closed"):
+        first.submit(b"too late")
+    second = rig.client()
+    outcome = second.result(future.request_id)
+    assert second.status(future.request_id).state == "running"
+    gate.touch()
+    assert outcome.result(WAIT) == b"-0:gated-outlives-its-client"
+    # Kept at the broker: a third client can still ask for it.
+    assert rig.client().result(future.request_id.hex()).result(WAIT) == b"-0:gated-outlives-its-client"
+    with pytest.raises(fastbroker.UnknownRequest):
+        second.result(uuid.uuid4()).result(WAIT)
+
+
+def test_lazy_pirate_resubmits_what_a_restarted_broker_lost(rig, log_path):
+    rig.start_broker()
+    client = rig.client(check_interval=0.2)
+    future = client.submit(b"survivor")
+    # No worker: the request waits in the first broker's queue...
+    wait_until(lambda: client.status(future.request_id).state == "queued", timeout=WAIT, message="the request to be queued")
+    rig.stop_broker()  # ...which is lost with it (an in-memory broker)
+    rig.start_broker()
+    rig.worker(DealerEcho)
+    assert future.result(WAIT) == b"-survivor"
+    assert runs(log_path, "survivor") != []
+    rig.stop_workers()
+    # The new broker got it once, by the re-submit.
+    assert rig.stop_broker()["requests"] == 1
+
+
+def test_call_wait_and_status_time_out_without_a_broker(tmp_path):
+    with Client(f"ipc://{tmp_path}/nobody", check_interval=0.05) as client:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            client.call(b"x", wait=0.3)
+        with pytest.raises(TimeoutError):
+            client.status(uuid.uuid4().bytes, wait=0.2)
+        assert time.monotonic() - started < WAIT
+        pending = client.submit(b"y")
+    with pytest.raises(BrokerError, match="client closed"):
+        pending.result(WAIT)
+
+
+def test_bad_arguments_fail_at_once():
+    with pytest.raises(ConfigError, match="timeout"):
+        Client("ipc:///tmp/x", timeout=0)
+    with pytest.raises(ConfigError, match="check_interval"):
+        Client("ipc:///tmp/x", check_interval=0)
+    with pytest.raises(ConfigError, match="cannot connect"):
+        Client("nowhere")
+    with Client("ipc:///tmp/fb-nobody-listens") as client:
+        with pytest.raises(ConfigError, match="tries"):
+            client.submit(b"x", tries=0)
+        with pytest.raises(ConfigError, match="16 bytes"):
+            client.submit(b"x", request_id=b"short")
+        with pytest.raises(TypeError):
+            client.submit("text")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            client.submit([])
