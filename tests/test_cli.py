@@ -230,9 +230,16 @@ def test_demo_runs_and_prints_a_summary(tmp_path, subprocess_env, core_name):
     result = run_cli(["demo", "--jobs", "8", "--workers", "2", "--core", core_name], subprocess_env, tmp_path, timeout=90)
     assert result.returncode == 0, result
     assert f"{core_name} core" in result.stdout
-    summary = [line for line in result.stdout.splitlines() if line.startswith("summary:")]
+    summary = [line for line in result.stdout.splitlines() if line.startswith("summary (REQ clients):")]
     assert len(summary) == 1, result.stdout
-    assert summary[0].startswith("summary: 8 requests:")
+    assert summary[0].startswith("summary (REQ clients): 8 requests:")
+    # The FBC01 part: one line per outcome kind it sets up, then map's answers in order.
+    for line in ("client: hello -> OK -hello", "client: slow (0.2 s timeout, 2 tries) -> TIMED_OUT",
+                 "client: slow, cancelled -> CANCELLED", "8 answers in order: -map-0 ... -map-7"):
+        assert line in result.stdout, result.stdout
+    # FAILED with the worker's text if a DEALER worker ran it; REQ workers can only time out.
+    assert ("client: broken (2 tries) -> FAILED: Dropped: this job always fails" in result.stdout
+            or "client: broken (2 tries) -> TIMED_OUT" in result.stdout), result.stdout
     assert "Traceback" not in result.stderr
 
 

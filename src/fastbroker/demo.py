@@ -6,10 +6,15 @@ did: those attempts time out and the jobs are re-sent. The others are DEALER
 ``Worker``s that raise on a share of their jobs: they report FAILED and the
 broker retries the job at once. After the last try a client gets the empty
 answer that tells it its request was aborted.
+
+Then a ``Client`` (the FBC01 protocol) shows what the original lacked: its own
+request ids, per-request timeout and tries, explicit outcomes (a worker's error
+text, "timed out"), a status query and cancellation.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import multiprocessing
 import os
@@ -20,7 +25,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 from fastbroker.broker import Broker
-from fastbroker.client import ReqClient, TaskAborted
+from fastbroker.client import Client, ReqClient, TaskAborted
+from fastbroker.outcomes import TaskCancelled, TaskFailed, TaskTimedOut
 from fastbroker.signals import install_stop_handlers
 from fastbroker.worker import ReqWorker, Worker
 
@@ -45,8 +51,20 @@ class _Flaky:
         self._random = random.Random(seed)
 
     def process(self, data: bytes) -> bytes:
+        if data.startswith(b"slow"):
+            # Long enough to time out; a DEALER worker stops early when cancelled.
+            for _ in range(40):
+                if self.cancelled():
+                    print(f"  {self.name}: {data.decode(errors='replace')} cancelled by its client, stopping", flush=True)
+                    return b""
+                time.sleep(0.025)
+            return b"-" + data
+        if data.startswith(b"broken"):
+            print(f"  {self.name}: {self.what} {data.decode(errors='replace')}", flush=True)
+            raise _Flaky.Dropped("this job always fails")
         time.sleep(self._random.uniform(0.005, 0.03))
-        if self._random.random() < self.drop_rate:
+        # Only the REQ clients' jobs are dropped at random; the Client part is scripted.
+        if data.startswith(b"job-") and self._random.random() < self.drop_rate:
             print(f"  {self.name}: {self.what} {data.decode(errors='replace')}", flush=True)
             raise _Flaky.Dropped()
         return b"-" + data
@@ -146,6 +164,7 @@ def run_demo(
             t.start()
         for t in threads:
             t.join()
+        client_ok = _client_phase(addrs[0], timeout)
         for p in procs:
             p.terminate()  # SIGTERM: each worker finishes its jobs in hand and exits
         for p in procs:
@@ -159,7 +178,7 @@ def run_demo(
 
     counts = {k: sum(1 for v in outcomes.values() if v == k) for k in ("answered", "aborted", "wrong", "lost")}
     print(
-        f"summary: {jobs} requests: {counts['answered']} answered, {counts['aborted']} aborted"
+        f"summary (REQ clients): {jobs} requests: {counts['answered']} answered, {counts['aborted']} aborted"
         + (f", {counts['wrong']} WRONG" if counts["wrong"] else "")
         + (f", {counts['lost']} LOST" if counts["lost"] else "")
     )
@@ -168,5 +187,49 @@ def run_demo(
         f"{stats.get('failed', 0)} failed, {stats['retried']} put back in the queue for another try, "
         f"{stats['aborted']} aborted, {stats['late_answers']} answered late"
     )
-    ok = counts["answered"] + counts["aborted"] == jobs and not counts["wrong"]
+    ok = counts["answered"] + counts["aborted"] == jobs and not counts["wrong"] and client_ok
     return 0 if ok else 1
+
+
+def _client_phase(address: str, timeout: float) -> bool:
+    """Requests through fastbroker.Client; True if each got exactly one outcome."""
+    print("FBC01 client: its own request ids, per-request timeout and tries, explicit outcomes", flush=True)
+    wait = 30.0
+    with Client(address) as client:
+        jobs = {
+            "hello": client.submit(b"hello"),
+            "broken (2 tries)": client.submit(b"broken", tries=2),
+            "slow (0.2 s timeout, 2 tries)": client.submit(b"slow", timeout=0.2, tries=2),
+        }
+        cancelled = client.submit(b"slow-cancel-me", timeout=5.0, tries=1)
+        jobs["slow, cancelled"] = cancelled
+        # Cancel it once it runs, so a DEALER worker running it sees cancelled().
+        deadline = time.monotonic() + 5.0
+        status = client.status(cancelled.request_id)
+        while status.state == "queued" and time.monotonic() < deadline:
+            time.sleep(0.02)
+            status = client.status(cancelled.request_id)
+        print(f"client: status of {cancelled.request_id.hex()}: {status.describe()}; cancelling it", flush=True)
+        cancelled.cancel()
+        outcomes = 0
+        for name, future in jobs.items():
+            try:
+                answer = future.result(wait)
+                line = f"OK {answer.decode(errors='replace')}"
+            except TaskFailed as exc:
+                line = f"FAILED: {exc.type_name}: {exc.message}"
+            except TaskTimedOut:
+                # "broken" too, when both tries went to REQ workers: they cannot report errors.
+                line = "TIMED_OUT (no try answered in time)"
+            except (TaskCancelled, concurrent.futures.CancelledError):
+                line = "CANCELLED"
+            except TimeoutError:
+                line = f"no outcome within {wait} s"
+                outcomes -= 1
+            outcomes += 1
+            print(f"client: {name} -> {line}", flush=True)
+        answers = list(client.map((f"map-{n}".encode() for n in range(8)), window=4))
+        print(f"client: map over 8 jobs, 4 in flight at most -> {len(answers)} answers in order: "
+              f"{answers[0].decode()} ... {answers[-1].decode()}", flush=True)
+    return outcomes == len(jobs) and len(answers) == 8
+
