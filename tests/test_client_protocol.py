@@ -118,14 +118,14 @@ class CRig(WRig):
 
     def __init__(self, core_module, ctx, timeout=None, tries=None, heartbeat=HEARTBEAT,
                  liveness=CALM_LIVENESS, retention=DEFAULT_RETENTION,
-                 retention_bytes=DEFAULT_RETENTION_BYTES):
+                 retention_bytes=DEFAULT_RETENTION_BYTES, max_queue=None):
         super().__init__(core_module, ctx, timeout, tries, heartbeat=heartbeat, liveness=liveness)
         # The parent's core never ran; replace it by one with this test's retention.
         self.core.close()
         self.core = core_module.BrokerCore(
             self.requests, self.workers, self.answers, timeout, tries,
             heartbeat=heartbeat, liveness=liveness, epoch=EPOCH,
-            retention=retention, retention_bytes=retention_bytes,
+            retention=retention, retention_bytes=retention_bytes, max_queue=max_queue,
         )
         self.fbc: list = []
 
@@ -1098,3 +1098,37 @@ def test_200_interleaved_submits_from_3_clients_each_get_their_own_answer(make_r
         assert sorted(acks) == sorted(rid for rid, v in mine.items() if v[2])
     assert_stats(rig.stats(), requests=200, answered=200, dispatched=200, duplicates=0,
                  dropped=0, running=0, queued=0)
+
+
+# ---------------------------------------------------------------------------
+# max_queue
+# ---------------------------------------------------------------------------
+
+
+def test_a_full_queue_rejects_new_requests_of_both_kinds_and_takes_them_again_when_it_drains(make_rig):
+    rig = make_rig(max_queue=2)
+    client = rig.fbclient()
+    queued = [new_id(), new_id()]
+    for rid in queued:
+        client.submit(rid, b"waits")
+        assert rig.reply(client) == reply(R_ACCEPTED, rid)
+    refused = new_id()
+    client.submit(refused, b"one too many")
+    assert rig.reply(client) == reply(R_REJECTED, refused, bytes([_common.REJECT_QUEUE_FULL]), b"queue full")
+    # A REQ client gets the original protocol's "no": the empty answer, at once.
+    req = rig.client()
+    req.send(b"also too many")
+    assert rig.receive(req) == [b""]
+    # A duplicate of a queued id is not a new request: accepted, not refused.
+    client.submit(queued[0], b"again")
+    assert rig.reply(client) == reply(R_ACCEPTED, queued[0])
+    assert_stats(rig.stats(), requests=2, rejected=2, duplicates=1, queued=2)
+    assert rig.ask(client, C_STATUS, refused) == reply(R_UNKNOWN, refused)
+    # Once a worker takes one, there is room again.
+    worker = rig.dealer()
+    rig.register(worker, 1)
+    task_id, payload = rig.task(worker)
+    assert payload == [b"waits"]
+    client.submit(refused, b"room now")
+    assert rig.reply(client) == reply(R_ACCEPTED, refused)
+    assert_stats(rig.stats(), requests=3, rejected=2, queued=2, running=1)

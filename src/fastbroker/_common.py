@@ -128,7 +128,7 @@ STATE_DONE = 3
 # REJECTED reason codes
 REJECT_BAD_OPTIONS = 1
 REJECT_TOO_LARGE = 2  # reserved: no payload size limit yet
-REJECT_QUEUE_FULL = 3  # reserved: no queue limit yet
+REJECT_QUEUE_FULL = 3  # the broker's max_queue requests are already waiting
 REJECT_REASONS = {1: "bad options", 2: "too large", 3: "queue full"}
 
 MAX_WAITERS = 8
@@ -215,6 +215,16 @@ def check_tries(tries: int | None) -> int | None:
 def check_retention(retention: float) -> float:
     """Return a valid outcome retention in seconds (0 keeps none), or raise ConfigError."""
     return check_seconds("retention", retention, 0.0, 30 * 86400.0)
+
+
+MAX_QUEUE_LIMIT = 1 << 31
+
+
+def check_max_queue(limit: int | None) -> int | None:
+    """Return a valid queue bound (None: unbounded), or raise ConfigError."""
+    if limit is None:
+        return None
+    return check_count("max_queue", limit, 1, MAX_QUEUE_LIMIT)
 
 
 def check_retention_bytes(limit: int) -> int:

@@ -7,7 +7,7 @@ Same public interface as ``_core_py`` (see ``_common`` for the shared constants)
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, memcmp, memset
+from libc.string cimport memcpy, memcmp, memset, strlen
 from libc.errno cimport EINTR, EAGAIN, EHOSTUNREACH
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -111,6 +111,7 @@ cdef enum:
     STATE_RUNNING = 2
     STATE_DONE = 3
     REJECT_BAD_OPTIONS = 1
+    REJECT_QUEUE_FULL = 3
 
 # Counter indexes, in the order of _common.COUNTERS.
 cdef enum:
@@ -162,8 +163,9 @@ assert CLIENT_SIGNATURE[:SIGNATURE_SIZE] == _common.CLIENT_SIGNATURE
 cdef uint32_t MAX_REQUEST_TIMEOUT_MS = _common.MAX_REQUEST_TIMEOUT_MS
 cdef uint32_t MAX_REQUEST_TRIES = _common.MAX_REQUEST_TRIES
 cdef const char *BAD_OPTIONS_TEXT = b"bad options"
-cdef size_t BAD_OPTIONS_LEN = 11
-assert BAD_OPTIONS_TEXT[:BAD_OPTIONS_LEN] == _common.REJECT_REASONS[REJECT_BAD_OPTIONS].encode()
+cdef const char *QUEUE_FULL_TEXT = b"queue full"
+assert (BAD_OPTIONS_TEXT[:11], QUEUE_FULL_TEXT[:10]) == (
+    _common.REJECT_REASONS[REJECT_BAD_OPTIONS].encode(), _common.REJECT_REASONS[REJECT_QUEUE_FULL].encode())
 cdef uint32_t DONE_BIT = 0x80000000U  # client index value: a kept outcome's slot, not a request's
 assert [bytes([c]) for c in (CMD_READY, CMD_TASK, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT)] == [
     _common.CMD_READY, _common.CMD_TASK, _common.CMD_ANSWER, _common.CMD_FAILED,
@@ -944,10 +946,14 @@ cdef class BrokerCore:
     cdef size_t retained_bytes
     cdef double retention
     cdef size_t retention_bytes
+    cdef size_t _max_queue  # SIZE_MAX: unbounded
 
     def __cinit__(self, requests, workers, answers, timeout=None, tries=None, *,
                   heartbeat=_common.DEFAULT_HEARTBEAT, liveness=_common.DEFAULT_LIVENESS, bytes epoch=None,
-                  retention=_common.DEFAULT_RETENTION, retention_bytes=_common.DEFAULT_RETENTION_BYTES):
+                  retention=_common.DEFAULT_RETENTION, retention_bytes=_common.DEFAULT_RETENTION_BYTES,
+                  max_queue=None):
+        max_queue = _common.check_max_queue(max_queue)
+        self._max_queue = <size_t>-1 if max_queue is None else max_queue
         self.retention = _common.check_retention(retention)
         self.retention_bytes = _common.check_retention_bytes(retention_bytes)
         self.done_free = NO_SLOT
@@ -1041,6 +1047,10 @@ cdef class BrokerCore:
     @property
     def heartbeat(self):
         return self._heartbeat
+
+    @property
+    def max_queue(self):
+        return None if self._max_queue == <size_t>-1 else self._max_queue
 
     @property
     def liveness(self):
@@ -1247,6 +1257,10 @@ cdef class BrokerCore:
         if d == n - 1:
             self._drop(DROP_REQUEST_NO_PAYLOAD)
             return 0
+        if self.n_queued >= self._max_queue:
+            # The original protocol's only "no": the empty answer, at once.
+            self.counters[C_REJECTED] += 1
+            return self._answer_empty(d + 1)
         s = self.table.alloc()
         if s < 0:
             self._drop(DROP_OUT_OF_MEMORY)
@@ -1664,7 +1678,6 @@ cdef class BrokerCore:
         cdef int i, s, rc = 0
         cdef Req *r
         cdef uint8_t *key
-        cdef zmsg extra[2]
         if n < 6:
             self._drop(DROP_CLIENT_BAD_COMMAND)
             return 0
@@ -1676,14 +1689,7 @@ cdef class BrokerCore:
             tries = (<uint32_t>o[5] << 24) | (<uint32_t>o[6] << 16) | (<uint32_t>o[7] << 8) | o[8]
         if (olen != 0 and olen != OPTIONS_SIZE) or (flags & ~(<uint32_t>OPT_KNOWN_FLAGS)) or \
                 timeout_ms > MAX_REQUEST_TIMEOUT_MS:
-            self.counters[C_REJECTED] += 1
-            zmsg_init_size(&extra[0], 1)
-            (<uint8_t *>zmsg_data(&extra[0]))[0] = REJECT_BAD_OPTIONS
-            zmsg_init_size(&extra[1], BAD_OPTIONS_LEN)
-            memcpy(zmsg_data(&extra[1]), BAD_OPTIONS_TEXT, BAD_OPTIONS_LEN)
-            rc = self._reply(&self.scratch[0], R_REJECTED, cid, extra, 2)
-            close_msgs(extra, 2)
-            return rc
+            return self._reject(cid, REJECT_BAD_OPTIONS, BAD_OPTIONS_TEXT)
         h = hash_bytes(cid, REQUEST_ID_SIZE)
         i = aidx_find(&self.cids, cid, REQUEST_ID_SIZE, h)
         if i >= 0:
@@ -1698,6 +1704,8 @@ cdef class BrokerCore:
             if rc >= 0 and v & DONE_BIT:
                 rc = self._reply_outcome(&self.scratch[0], v & ~DONE_BIT)
             return rc
+        if self.n_queued >= self._max_queue:
+            return self._reject(cid, REJECT_QUEUE_FULL, QUEUE_FULL_TEXT)
         s = self.table.alloc()
         if s < 0:
             self._drop(DROP_OUT_OF_MEMORY)
@@ -1737,6 +1745,33 @@ cdef class BrokerCore:
         self.counters[C_REQUESTS] += 1
         if not flags & OPT_NO_ACK:
             return self._reply(&self.scratch[0], R_ACCEPTED, cid, NULL, 0)
+        return 0
+
+    cdef int _reject(self, const uint8_t *cid, int reason, const char *text) noexcept nogil:
+        cdef zmsg extra[2]
+        cdef size_t n = strlen(text)
+        cdef int rc
+        self.counters[C_REJECTED] += 1
+        zmsg_init_size(&extra[0], 1)
+        (<uint8_t *>zmsg_data(&extra[0]))[0] = <uint8_t>reason
+        zmsg_init_size(&extra[1], n)
+        memcpy(zmsg_data(&extra[1]), text, n)
+        rc = self._reply(&self.scratch[0], R_REJECTED, cid, extra, 2)
+        close_msgs(extra, 2)
+        return rc
+
+    cdef int _answer_empty(self, int nenv) noexcept nogil:
+        """Send the empty answer to the REQ client whose envelope is scratch[0:nenv]."""
+        cdef zmsg part
+        cdef int i, e
+        for i in range(nenv + 1):
+            zmsg_init(&part)
+            if i < nenv:
+                zmsg_copy(&part, &self.scratch[i])
+            if zmsg_send(&part, self.s_requests, (ZSNDMORE if i < nenv else 0) | ZDONTWAIT) < 0:
+                e = zerrno()
+                zmsg_close(&part)
+                return -e if e == ZETERM else 0
         return 0
 
     cdef bint _is_waiter(self, Req *r) noexcept nogil:

@@ -36,6 +36,7 @@ from fastbroker._common import (
     WORKER_SIGNATURE,
     check_count,
     check_heartbeat,
+    check_max_queue,
     check_retention,
     check_retention_bytes,
     check_timeout,
@@ -257,7 +258,9 @@ class BrokerCore:
         epoch: Optional[bytes] = None,
         retention: float = DEFAULT_RETENTION,
         retention_bytes: int = DEFAULT_RETENTION_BYTES,
+        max_queue: Optional[int] = None,
     ) -> None:
+        self._max_queue = check_max_queue(max_queue)
         self._retention = check_retention(retention)
         self._retention_bytes = check_retention_bytes(retention_bytes)
         self._by_cid: Dict[bytes, _Request] = {}  # FBC01 requests in the broker
@@ -296,6 +299,13 @@ class BrokerCore:
     @property
     def heartbeat(self) -> float:
         return self._heartbeat
+
+    @property
+    def max_queue(self) -> Optional[int]:
+        return self._max_queue
+
+    def _queue_full(self) -> bool:
+        return self._max_queue is not None and self._n_queued >= self._max_queue
 
     @property
     def liveness(self) -> int:
@@ -439,6 +449,11 @@ class BrokerCore:
         if d == len(frames) - 1:
             self._drop(_common.DROP_REQUEST_NO_PAYLOAD)
             return
+        if self._queue_full():
+            # The original protocol's only "no": the empty answer, at once.
+            self._counters["rejected"] += 1
+            self._send_envelope(frames[: d + 1], [b""])
+            return
         tries_left = -1 if self._tries is None else self._tries
         self._enqueue(frames[: d + 1], frames[d + 1 :], tries_left, self._timeout)
 
@@ -485,10 +500,7 @@ class BrokerCore:
             tries = int.from_bytes(options[5:9], "big")
         if (len(options) not in (0, _common.OPTIONS_SIZE) or flags & ~_common.OPT_KNOWN_FLAGS
                 or timeout_ms > _common.MAX_REQUEST_TIMEOUT_MS):
-            self._counters["rejected"] += 1
-            reason = _common.REJECT_BAD_OPTIONS
-            self._reply(identity, _common.R_REJECTED, cid,
-                        [bytes([reason]), _common.REJECT_REASONS[reason].encode()])
+            self._reject(identity, cid, _common.REJECT_BAD_OPTIONS)
             return
         ack = not flags & _common.OPT_NO_ACK
         request = self._by_cid.get(cid)
@@ -505,6 +517,9 @@ class BrokerCore:
                 self._reply(identity, _common.R_ACCEPTED, cid)
             self._reply(identity, outcome.code, cid, outcome.body)
             return
+        if self._queue_full():
+            self._reject(identity, cid, _common.REJECT_QUEUE_FULL)
+            return
         if tries == 0:
             tries_left = -1 if self._tries is None else self._tries
         else:
@@ -516,6 +531,10 @@ class BrokerCore:
         self._by_cid[cid] = request
         if ack:
             self._reply(identity, _common.R_ACCEPTED, cid)
+
+    def _reject(self, identity: bytes, cid: bytes, reason: int) -> None:
+        self._counters["rejected"] += 1
+        self._reply(identity, _common.R_REJECTED, cid, [bytes([reason]), _common.REJECT_REASONS[reason].encode()])
 
     def _client_status(self, identity: bytes, cid: bytes, body: list) -> None:
         if body:
@@ -828,9 +847,12 @@ class BrokerCore:
         if request.cid is not None:
             self._conclude(request, _common.R_OK, body)
             return
+        self._send_envelope(request.env, body)
+
+    def _send_envelope(self, env: list, body: list) -> None:
         # A client that is gone or not reading loses its answer: ROUTER drops it.
         try:
-            self._requests.send_multipart(request.env + body, zmq.DONTWAIT, copy=False)
+            self._requests.send_multipart(env + body, zmq.DONTWAIT, copy=False)
         except zmq.Again:
             pass
 

@@ -21,6 +21,7 @@ from fastbroker._common import (
     ConfigError,
     check_count,
     check_heartbeat,
+    check_max_queue,
     check_retention,
     check_retention_bytes,
     check_timeout,
@@ -56,6 +57,8 @@ class Broker(Closeable):
     broker heartbeats them and takes one silent for ``liveness * heartbeat`` s for dead.
     ``retention`` (seconds) and ``retention_bytes`` bound how long and in how much
     memory finished FBC01 outcomes are kept for RESULT (docs/PROTOCOL.md section 10.6).
+    ``max_queue`` bounds the requests waiting for a worker: beyond it a new request is
+    refused at once (REJECTED "queue full"; a REQ client gets the empty answer).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Broker(Closeable):
         liveness: int = DEFAULT_LIVENESS,
         retention: float = DEFAULT_RETENTION,
         retention_bytes: int = DEFAULT_RETENTION_BYTES,
+        max_queue: Optional[int] = None,
     ) -> None:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
@@ -79,6 +83,7 @@ class Broker(Closeable):
         liveness = check_count("liveness", liveness, MIN_LIVENESS, MAX_LIVENESS)
         retention = check_retention(retention)
         retention_bytes = check_retention_bytes(retention_bytes)
+        max_queue = check_max_queue(max_queue)
         try:
             core_module = _select.resolve(core)
         except ImportError as exc:
@@ -108,7 +113,7 @@ class Broker(Closeable):
             )
             self._core = core_module.BrokerCore(
                 requests, workers, answers, timeout, tries, heartbeat=heartbeat, liveness=liveness,
-                retention=retention, retention_bytes=retention_bytes,
+                retention=retention, retention_bytes=retention_bytes, max_queue=max_queue,
             )
         except BaseException:
             self.close()
@@ -139,6 +144,10 @@ class Broker(Closeable):
     @property
     def liveness(self) -> int:
         return self._core.liveness
+
+    @property
+    def max_queue(self) -> Optional[int]:
+        return self._core.max_queue
 
     @property
     def wake_fd(self) -> int:
@@ -182,7 +191,7 @@ class Broker(Closeable):
         self._wake.wake()
 
     def stats(self) -> dict:
-        """Counters since start (see _common.COUNTERS) and gauges queued/running/idle_workers."""
+        """Counters since start (_common.COUNTERS), gauges (_common.GAUGES) and "drops"."""
         return self._core.stats()
 
     def _summary(self) -> str:

@@ -7,6 +7,7 @@ Bad input ends in one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
 import logging
 import os
@@ -387,7 +388,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         except Rejected as exc:
             print(f"fastbroker: {exc}", file=sys.stderr)
             return EXIT_REJECTED
-        except TimeoutError:
+        except (TimeoutError, concurrent.futures.TimeoutError):  # one class from 3.11 on
             print(f"fastbroker: no outcome within {args.wait:g} s; request {request_id} may still run", file=sys.stderr)
             return EXIT_NO_REPLY
         out = sys.stdout.buffer

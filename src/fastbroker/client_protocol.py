@@ -334,8 +334,17 @@ class RequestBook:
     def query(self, request_id: bytes, future: Any) -> None:
         """STATUS: the future gets a Status."""
         self._start_waiting()
+        self._prune_queries()
         self._queries.setdefault(request_id, deque()).append(future)
         self._send(status_message(request_id))
+
+    def _prune_queries(self) -> None:
+        # A caller that gave up waiting (status() timed out) cancelled its future:
+        # without this, a broker that never answers would make them pile up.
+        if len(self._queries) < 64:
+            return
+        for request_id in [rid for rid, fs in self._queries.items() if all(f.done() for f in fs)]:
+            del self._queries[request_id]
 
     def cancel(self, request_id: bytes) -> None:
         """CANCEL: the futures waiting for the id get the broker's answer (CANCELLED,
