@@ -216,9 +216,12 @@ def test_fresh_core_stats_and_properties(either, sockets):
     core = either.BrokerCore(*sockets, 1.5, 3, epoch=b"12345678")
     try:
         stats = core.stats()
-        assert list(stats) == list(_common.COUNTERS) + list(_common.GAUGES) + ["drops"]
+        assert list(stats) == list(_common.COUNTERS) + list(_common.GAUGES) + ["drops", "latency"]
         assert all(stats[k] == 0 for k in _common.COUNTERS + _common.GAUGES)
         assert stats["drops"] == {}
+        assert stats["latency"] == {"bounds": _common.LATENCY_BOUNDS, "counts": [0] * (len(_common.LATENCY_BOUNDS) + 1),
+                                    "count": 0, "sum": 0.0}
+        assert core.events() == []
         assert core.timeout == 1.5
         assert core.tries == 3
         assert core.last_drop is None

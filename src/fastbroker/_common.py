@@ -25,6 +25,24 @@ RECV_BATCH = 512
 RUN_TIMEOUT = 0  # max_wait elapsed
 RUN_WOKEN = 1  # the wake fd became readable or a signal interrupted the poll
 RUN_DROP = 2  # a message was dropped and stop_on_drop was set
+RUN_EVENT = 3  # events were recorded and stop_on_event was set (see BrokerCore.events)
+
+# What BrokerCore.events() reports, by kind index (the compiled core's numbering).
+EVENT_KINDS = (
+    "worker_joined",  # data: the worker's identity (first routing frame)
+    "worker_left",  # DISCONNECT from it
+    "worker_dead",  # silent past liveness, or unreachable at dispatch
+    "aborted",  # a REQ client's request given up; data: task id; n: attempts
+    "failed",  # an FBC01 request ended FAILED; data: request id; n: attempts
+    "timed_out",  # an FBC01 request ended TIMED_OUT; data: request id; n: attempts
+)
+EVENT_DATA_MAX = 64
+"""Bytes of an event's data kept (a longer identity is cut)."""
+EVENT_QUEUE = 4096
+"""Events held until read; more in one turn are counted in events_lost, not kept."""
+
+# Latency of answered requests (arrival at the broker -> answer sent), seconds.
+LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # Why a message was dropped; index into DROP_REASONS.
 DROP_REQUEST_NO_DELIMITER = 0
@@ -78,6 +96,7 @@ COUNTERS = (
     "rejected",  # FBC01 SUBMITs answered REJECTED
     "duplicates",  # FBC01 SUBMITs of an id the broker already had (not run again)
     "expired_results",  # finished outcomes forgotten (retention time or memory bound)
+    "events_lost",  # events not kept for the log (more than EVENT_QUEUE in one turn)
 )
 GAUGES = ("queued", "running", "idle_workers", "workers", "retained", "retained_bytes")
 
@@ -104,6 +123,7 @@ C_SUBMIT = b"\x01"  # [id, options (0 or 9 bytes), payload frames (>= 1)]
 C_STATUS = b"\x02"  # [id]
 C_RESULT = b"\x03"  # [id]
 C_CANCEL = b"\x04"  # [id]
+C_STATS = b"\x05"  # [id (any 16 bytes)]: the broker's counters
 # broker -> client; every reply's first body frame is the request id
 R_ACCEPTED = b"\x11"  # [id]
 R_REJECTED = b"\x12"  # [id, reason code (1 byte), reason text]
@@ -113,6 +133,7 @@ R_TIMED_OUT = b"\x15"  # [id]
 R_CANCELLED = b"\x16"  # [id]
 R_UNKNOWN = b"\x17"  # [id]
 R_STATUS = b"\x18"  # [id, state (1 byte), attempt (4 bytes BE), tries (4 bytes BE, 0: unlimited)]
+R_STATS = b"\x19"  # [id, names (comma-separated ASCII), values (8 bytes BE each, same order)]
 
 OPTIONS_SIZE = 9  # flags (1 byte), timeout in ms (4 bytes BE, 0: broker default), tries (4 bytes BE, 0: default)
 OPT_NO_ACK = 0x01  # flag: do not send ACCEPTED
@@ -151,6 +172,20 @@ DEFAULT_HEARTBEAT = 1.0
 """Seconds between heartbeats, both ways."""
 DEFAULT_LIVENESS = 3
 """Heartbeat intervals of silence after which a peer is taken for dead."""
+
+
+def stats_fields() -> tuple:
+    """Names of the values in a STATS reply, in order: counters, gauges, latency."""
+    buckets = tuple(f"latency_le_{b:g}" for b in LATENCY_BOUNDS) + ("latency_le_inf",)
+    return COUNTERS + GAUGES + buckets + ("latency_count", "latency_sum_us")
+
+
+def decode_stats(names: bytes, values: bytes) -> dict:
+    """The dict of a STATS reply's two frames; ValueError if they do not match."""
+    keys = names.decode("ascii").split(",") if names else []
+    if len(values) != 8 * len(keys):
+        raise ValueError(f"{len(keys)} names but {len(values)} bytes of values")
+    return {k: int.from_bytes(values[8 * i : 8 * i + 8], "big") for i, k in enumerate(keys)}
 
 
 class BrokerError(Exception):

@@ -54,7 +54,11 @@ cdef enum:
     TASK_ID_SIZE = 16
     MAX_FRAMES = 4096
     RECV_BATCH = 512
-    N_COUNTERS = 19
+    N_COUNTERS = 20
+    N_GAUGES = 6
+    N_LATENCY = 16  # buckets: one per bound, then +Inf
+    EVENT_DATA_MAX = 64
+    EVENT_QUEUE = 4096
     SIGNATURE_SIZE = 5
     REQUEST_ID_SIZE = 16
     OPTIONS_SIZE = 9
@@ -66,6 +70,7 @@ cdef enum:
     RUN_TIMEOUT = 0
     RUN_WOKEN = 1
     RUN_DROP = 2
+    RUN_EVENT = 3
 
 cdef enum:
     DROP_REQUEST_NO_DELIMITER = 0
@@ -97,6 +102,7 @@ cdef enum:
     C_STATUS = 2
     C_RESULT = 3
     C_CANCEL = 4
+    C_STATS = 5
     R_ACCEPTED = 0x11
     R_REJECTED = 0x12
     R_OK = 0x13
@@ -105,6 +111,7 @@ cdef enum:
     R_CANCELLED = 0x16
     R_UNKNOWN = 0x17
     R_STATUS = 0x18
+    R_STATS = 0x19
     OPT_NO_ACK = 1
     OPT_KNOWN_FLAGS = 1
     STATE_QUEUED = 1
@@ -134,11 +141,37 @@ cdef enum:
     C_REJECTED = 16
     C_DUPLICATES = 17
     C_EXPIRED = 18
+    C_EVENTS_LOST = 19
 
 assert len(_common.COUNTERS) == N_COUNTERS
 assert (TASK_ID_SIZE, MAX_FRAMES, RECV_BATCH) == (
     _common.TASK_ID_SIZE, _common.MAX_FRAMES, _common.RECV_BATCH)
-assert (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP) == (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP)
+assert (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP, RUN_EVENT) == (
+    _common.RUN_TIMEOUT, _common.RUN_WOKEN, _common.RUN_DROP, _common.RUN_EVENT)
+assert (N_GAUGES, N_LATENCY, EVENT_DATA_MAX, EVENT_QUEUE) == (
+    len(_common.GAUGES), len(_common.LATENCY_BOUNDS) + 1, _common.EVENT_DATA_MAX, _common.EVENT_QUEUE)
+cdef double LATENCY_BOUNDS[N_LATENCY - 1]
+for _i, _b in enumerate(_common.LATENCY_BOUNDS):
+    LATENCY_BOUNDS[_i] = _b
+cdef bytes STATS_NAMES = ",".join(_common.stats_fields()).encode("ascii")
+cdef enum:
+    N_STATS = N_COUNTERS + N_GAUGES + N_LATENCY + 2
+assert len(_common.stats_fields()) == N_STATS
+
+cdef enum:
+    EV_JOINED = 0
+    EV_LEFT = 1
+    EV_DEAD = 2
+    EV_ABORTED = 3
+    EV_FAILED = 4
+    EV_TIMED_OUT = 5
+
+
+cdef struct Ev:
+    uint8_t kind
+    uint8_t len
+    uint32_t n
+    uint8_t data[EVENT_DATA_MAX]
 assert [DROP_REQUEST_NO_DELIMITER, DROP_REQUEST_NO_PAYLOAD, DROP_READY_NO_DELIMITER,
         DROP_READY_BAD_FRAMES, DROP_ANSWER_TOO_SHORT, DROP_ANSWER_BAD_ID, DROP_ANSWER_UNKNOWN,
         DROP_TOO_MANY_FRAMES, DROP_OUT_OF_MEMORY, DROP_WORKER_BAD_COMMAND, DROP_WORKER_BAD_FRAMES] == [
@@ -153,6 +186,7 @@ assert [bytes([c]) for c in (C_SUBMIT, C_STATUS, C_RESULT, C_CANCEL, R_ACCEPTED,
     _common.C_SUBMIT, _common.C_STATUS, _common.C_RESULT, _common.C_CANCEL, _common.R_ACCEPTED,
     _common.R_REJECTED, _common.R_OK, _common.R_FAILED, _common.R_TIMED_OUT, _common.R_CANCELLED,
     _common.R_UNKNOWN, _common.R_STATUS, _common.CMD_CANCEL]
+assert (bytes([C_STATS]), bytes([R_STATS])) == (_common.C_STATS, _common.R_STATS)
 assert (REQUEST_ID_SIZE, OPTIONS_SIZE, MAX_WAITERS, RESULT_OVERHEAD, OPT_NO_ACK, OPT_KNOWN_FLAGS) == (
     _common.REQUEST_ID_SIZE, _common.OPTIONS_SIZE, _common.MAX_WAITERS, _common.RESULT_OVERHEAD,
     _common.OPT_NO_ACK, _common.OPT_KNOWN_FLAGS)
@@ -733,6 +767,7 @@ cdef struct Req:
     bint client  # an FBC01 request: frames[0:nenv] are its waiters' identities
     uint8_t cid[16]  # the client's request id
     zmsg *fail  # FBC01: the latest FAILED's type and message, or NULL
+    double arrived  # when it entered the broker (for the latency histogram)
 
 
 cdef class RequestTable:
@@ -947,6 +982,15 @@ cdef class BrokerCore:
     cdef double retention
     cdef size_t retention_bytes
     cdef size_t _max_queue  # SIZE_MAX: unbounded
+    # Answered requests' latency, and the events kept for the log (record_events)
+    cdef uint64_t latency_counts[N_LATENCY]
+    cdef double latency_sum
+    cdef Ev *evq
+    cdef size_t ev_count
+    cdef bint ev_on
+    cdef bytes stats_names  # keeps names_ptr's buffer alive
+    cdef const char *names_ptr
+    cdef size_t names_len
 
     def __cinit__(self, requests, workers, answers, timeout=None, tries=None, *,
                   heartbeat=_common.DEFAULT_HEARTBEAT, liveness=_common.DEFAULT_LIVENESS, bytes epoch=None,
@@ -954,6 +998,9 @@ cdef class BrokerCore:
                   max_queue=None):
         max_queue = _common.check_max_queue(max_queue)
         self._max_queue = <size_t>-1 if max_queue is None else max_queue
+        self.stats_names = STATS_NAMES
+        self.names_ptr = self.stats_names
+        self.names_len = len(self.stats_names)
         self.retention = _common.check_retention(retention)
         self.retention_bytes = _common.check_retention_bytes(retention_bytes)
         self.done_free = NO_SLOT
@@ -978,6 +1025,7 @@ cdef class BrokerCore:
             raise MemoryError()
 
     def __dealloc__(self):
+        free(self.evq)
         self._release_sessions()
         self._release_outcomes()
         free(self.done)
@@ -1073,23 +1121,64 @@ cdef class BrokerCore:
         result["retained_bytes"] = self.retained_bytes
         result["drops"] = {_common.DROP_REASONS[i]: self.drops[i]
                            for i in range(len(_common.DROP_REASONS)) if self.drops[i]}
+        result["latency"] = {
+            "bounds": _common.LATENCY_BOUNDS,
+            "counts": [self.latency_counts[i] for i in range(N_LATENCY)],
+            "count": sum(self.latency_counts[i] for i in range(N_LATENCY)),
+            "sum": self.latency_sum,
+        }
         return result
 
-    def run(self, int wake_fd=-1, max_wait=None, bint stop_on_drop=False):
+    def record_events(self, bint on):
+        """Keep worker and abort events for events() (off: none are kept)."""
+        if on and self.evq == NULL:
+            self.evq = <Ev *>malloc(EVENT_QUEUE * sizeof(Ev))
+            if self.evq == NULL:
+                raise MemoryError()
+        self.ev_on = on
+        if not on:
+            self.ev_count = 0
+
+    def events(self):
+        """Events since the last call, oldest first: (kind, data, n); see _common.EVENT_KINDS."""
+        cdef size_t i
+        result = [(_common.EVENT_KINDS[self.evq[i].kind], (<char *>self.evq[i].data)[:self.evq[i].len], self.evq[i].n)
+                  for i in range(self.ev_count)]
+        self.ev_count = 0
+        return result
+
+    cdef void _event(self, int kind, const uint8_t *data, size_t n, uint32_t count) noexcept nogil:
+        cdef Ev *e
+        if not self.ev_on:
+            return
+        if self.ev_count == EVENT_QUEUE:
+            self.counters[C_EVENTS_LOST] += 1
+            return
+        e = &self.evq[self.ev_count]
+        self.ev_count += 1
+        e.kind = <uint8_t>kind
+        e.len = <uint8_t>(n if n < EVENT_DATA_MAX else EVENT_DATA_MAX)
+        e.n = count
+        memcpy(e.data, data, e.len)
+
+    cdef void _worker_event(self, int kind, uint32_t s) noexcept nogil:
+        self._event(kind, <const uint8_t *>zmsg_data(&self.sess[s].env[0]), zmsg_size(&self.sess[s].env[0]), 0)
+
+    def run(self, int wake_fd=-1, max_wait=None, bint stop_on_drop=False, bint stop_on_event=False):
         """Serve until woken; returns one of RUN_*. Raises zmq.ZMQError on a socket error."""
         if self.closed:
             raise RuntimeError("BrokerCore is closed")
         cdef double wait = -1.0 if max_wait is None else max(0.0, float(max_wait))
         cdef int rc
         with nogil:
-            rc = self._loop(wake_fd, wait, stop_on_drop)
+            rc = self._loop(wake_fd, wait, stop_on_drop, stop_on_event)
         if rc < 0:
             raise zmq.ZMQError(-rc)
         return rc
 
     # -- loop ---------------------------------------------------------------
 
-    cdef int _loop(self, int wake_fd, double max_wait, bint stop_on_drop) noexcept nogil:
+    cdef int _loop(self, int wake_fd, double max_wait, bint stop_on_drop, bint stop_on_event) noexcept nogil:
         cdef zpollitem items[4]
         cdef double now = monotonic_now()
         cdef double t_end = now + max_wait if max_wait >= 0 else -1.0
@@ -1122,6 +1211,8 @@ cdef class BrokerCore:
                 return rc
             if stop_on_drop and self.last_drop_reason >= 0:
                 return RUN_DROP
+            if stop_on_event and self.ev_count:
+                return RUN_EVENT
             # Poll at least once, and act on what was read before returning.
             if polled and t_end >= 0 and now >= t_end:
                 return RUN_TIMEOUT
@@ -1279,6 +1370,7 @@ cdef class BrokerCore:
         r.tries_left = self._tries
         r.tries = self._tries
         r.timeout = self._timeout
+        r.arrived = self.now
         self.n_queued += 1
         self.counters[C_REQUESTS] += 1
         return 0
@@ -1333,6 +1425,7 @@ cdef class BrokerCore:
         if command == CMD_DISCONNECT:
             if s >= 0:
                 self.counters[C_LEFT] += 1
+                self._worker_event(EV_LEFT, <uint32_t>s)
                 return self._forget(<uint32_t>s)
             return 0
         if s < 0:
@@ -1479,6 +1572,7 @@ cdef class BrokerCore:
         elif w.expiry < self.next_check:
             self.next_check = w.expiry
         self.counters[C_JOINED] += 1
+        self._worker_event(EV_JOINED, s)
         return <int>s
 
     cdef void _sess_release(self, uint32_t s) noexcept nogil:
@@ -1596,6 +1690,7 @@ cdef class BrokerCore:
                 continue
             if now >= self.sess[s].expiry:
                 self.counters[C_DEAD] += 1
+                self._worker_event(EV_DEAD, s)
                 rc = self._forget(s)
             else:
                 if self.sess[s].expiry < earliest:
@@ -1642,7 +1737,7 @@ cdef class BrokerCore:
             self._drop(DROP_CLIENT_BAD_COMMAND)
             return 0
         command = (<const uint8_t *>zmsg_data(&self.scratch[2]))[0]
-        if command < C_SUBMIT or command > C_CANCEL:
+        if command < C_SUBMIT or command > C_STATS:
             self._drop(DROP_CLIENT_BAD_COMMAND)
             return 0
         if n < 4 or zmsg_size(&self.scratch[3]) != REQUEST_ID_SIZE:
@@ -1654,6 +1749,8 @@ cdef class BrokerCore:
         if n != 4:
             self._drop(DROP_CLIENT_BAD_COMMAND)
             return 0
+        if command == C_STATS:
+            return self._reply_stats(cid)
         i = aidx_find(&self.cids, cid, REQUEST_ID_SIZE, hash_bytes(cid, REQUEST_ID_SIZE))
         if i < 0:
             return self._reply(&self.scratch[0], R_UNKNOWN, cid, NULL, 0)
@@ -1741,6 +1838,7 @@ cdef class BrokerCore:
             r.tries_left = <int32_t>(tries if tries < MAX_REQUEST_TRIES else MAX_REQUEST_TRIES)
         r.tries = r.tries_left
         r.timeout = self._timeout if timeout_ms == 0 else timeout_ms / 1000.0
+        r.arrived = self.now
         self.n_queued += 1
         self.counters[C_REQUESTS] += 1
         if not flags & OPT_NO_ACK:
@@ -1841,6 +1939,38 @@ cdef class BrokerCore:
 
     cdef int _reply_outcome(self, zmsg *identity, uint32_t d) noexcept nogil:
         return self._reply(identity, self.done[d].code, self.done[d].cid, self.done[d].body, self.done[d].nbody)
+
+    cdef int _reply_stats(self, const uint8_t *cid) noexcept nogil:
+        cdef uint64_t v[N_STATS]
+        cdef uint64_t count = 0
+        cdef zmsg body[2]
+        cdef uint8_t *p
+        cdef int i, k, rc
+        cdef const char *names = self.names_ptr
+        cdef size_t nlen = self.names_len
+        for i in range(N_COUNTERS):
+            v[i] = self.counters[i]
+        v[N_COUNTERS] = self.n_queued
+        v[N_COUNTERS + 1] = self.table.count - self.n_queued
+        v[N_COUNTERS + 2] = self.idle.live
+        v[N_COUNTERS + 3] = self.n_sessions
+        v[N_COUNTERS + 4] = self.done_fifo.count
+        v[N_COUNTERS + 5] = self.retained_bytes
+        for i in range(N_LATENCY):
+            v[N_COUNTERS + N_GAUGES + i] = self.latency_counts[i]
+            count += self.latency_counts[i]
+        v[N_STATS - 2] = count
+        v[N_STATS - 1] = <uint64_t>(self.latency_sum * 1e6)
+        zmsg_init_size(&body[0], nlen)
+        memcpy(zmsg_data(&body[0]), names, nlen)
+        zmsg_init_size(&body[1], 8 * N_STATS)
+        p = <uint8_t *>zmsg_data(&body[1])
+        for i in range(N_STATS):
+            for k in range(8):
+                p[8 * i + k] = (v[i] >> (56 - 8 * k)) & 0xFF
+        rc = self._reply(&self.scratch[0], R_STATS, cid, body, 2)
+        close_msgs(body, 2)
+        return rc
 
     cdef int _reply_status(self, const uint8_t *cid, uint32_t v) noexcept nogil:
         cdef zmsg body[3]
@@ -2007,6 +2137,7 @@ cdef class BrokerCore:
         if not own:
             self._settle_ghost(from_s)
         rc = self._send_to_client(r, body, nbody)
+        self._record_latency(self.now - r.arrived)
         if r.state == QUEUED:
             # Answered by an earlier attempt while waiting for a retry: the queue
             # entry turns into a tombstone when the slot's generation moves on.
@@ -2018,6 +2149,13 @@ cdef class BrokerCore:
         self.table.release(<uint32_t>s)
         self.counters[C_ANSWERED] += 1
         return rc
+
+    cdef void _record_latency(self, double seconds) noexcept nogil:
+        cdef int i = 0
+        while i < N_LATENCY - 1 and seconds > LATENCY_BOUNDS[i]:
+            i += 1
+        self.latency_counts[i] += 1
+        self.latency_sum += seconds
 
     cdef int _send_to_client(self, Req *r, zmsg *body, int nbody) noexcept nogil:
         """Send r's envelope then body (moved). A client that is gone or not
@@ -2052,16 +2190,22 @@ cdef class BrokerCore:
         or, with no tries left, send the client the empty answer."""
         cdef Req *r = &self.table.reqs[s]
         cdef zmsg empty
+        cdef uint8_t tid[TASK_ID_SIZE]
         cdef int rc
         # Without memory to requeue, give up on the job rather than lose track of it.
         if r.tries_left == 0 or ring_push(&self.retry, make_handle(s, r.gen)) < 0:
             if not r.client:
+                if self.ev_on:
+                    self.table.write_id(s, tid)
+                    self._event(EV_ABORTED, tid, TASK_ID_SIZE, r.attempts)
                 zmsg_init(&empty)
                 rc = self._send_to_client(r, &empty, 1)
                 zmsg_close(&empty)
             elif r.fail != NULL:
+                self._event(EV_FAILED, r.cid, REQUEST_ID_SIZE, r.attempts)
                 rc = self._conclude(r, R_FAILED, r.fail, 2)
             else:
+                self._event(EV_TIMED_OUT, r.cid, REQUEST_ID_SIZE, r.attempts)
                 rc = self._conclude(r, R_TIMED_OUT, NULL, 0)
             self.table.release(s)
             self.counters[C_ABORTED] += 1
@@ -2120,6 +2264,7 @@ cdef class BrokerCore:
                 if rc == 1:
                     self.counters[C_UNREACHABLE] += 1
                     self.counters[C_DEAD] += 1
+                    self._worker_event(EV_DEAD, <uint32_t>sidx)
                     rc = self._forget(<uint32_t>sidx)
                     if rc < 0:
                         return rc

@@ -7,6 +7,7 @@ received with ``copy=False``, so they are shared, not copied, here too.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import os
@@ -151,7 +152,7 @@ class DeadlineHeap:
 class _Request:
     __slots__ = (
         "key", "task_id", "env", "payload", "state", "tries_left", "worker", "failed_on",
-        "timeout", "tries", "attempts", "cid", "waiters", "failure",
+        "timeout", "tries", "attempts", "cid", "waiters", "failure", "arrived",
     )
 
     def __init__(self, key: int, task_id: bytes, env: list, payload: list, tries_left: int) -> None:
@@ -171,6 +172,7 @@ class _Request:
         self.cid: Optional[bytes] = None
         self.waiters: List[bytes] = []
         self.failure: Optional[list] = None
+        self.arrived = 0.0  # when it entered the broker (for the latency histogram)
 
 
 class _Outcome:
@@ -266,6 +268,10 @@ class BrokerCore:
         self._by_cid: Dict[bytes, _Request] = {}  # FBC01 requests in the broker
         self._outcomes: "OrderedDict[bytes, _Outcome]" = OrderedDict()  # oldest first
         self._retained_bytes = 0
+        self._latency_counts = [0] * (len(_common.LATENCY_BOUNDS) + 1)
+        self._latency_sum = 0.0
+        self._events_on = False
+        self._events: List[tuple] = []
         self._timeout = check_timeout(timeout)
         self._tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
@@ -328,7 +334,38 @@ class BrokerCore:
         result["drops"] = {
             _common.DROP_REASONS[i]: n for i, n in enumerate(self._drops) if n
         }
+        result["latency"] = {
+            "bounds": _common.LATENCY_BOUNDS,
+            "counts": list(self._latency_counts),
+            "count": sum(self._latency_counts),
+            "sum": self._latency_sum,
+        }
         return result
+
+    def _stats_values(self) -> list:
+        """The values of a STATS reply, in the order of _common.stats_fields()."""
+        s = self.stats()
+        return ([s[k] for k in _common.COUNTERS + _common.GAUGES] + list(self._latency_counts)
+                + [sum(self._latency_counts), int(self._latency_sum * 1e6)])
+
+    def record_events(self, on: bool) -> None:
+        """Keep worker and abort events for events() (off: none are kept)."""
+        self._events_on = bool(on)
+        if not on:
+            self._events.clear()
+
+    def events(self) -> List[tuple]:
+        """Events since the last call, oldest first: (kind, data, n); see _common.EVENT_KINDS."""
+        events, self._events = self._events, []
+        return events
+
+    def _event(self, kind: int, data: bytes, n: int = 0) -> None:
+        if not self._events_on:
+            return
+        if len(self._events) >= _common.EVENT_QUEUE:
+            self._counters["events_lost"] += 1
+            return
+        self._events.append((_common.EVENT_KINDS[kind], bytes(data[: _common.EVENT_DATA_MAX]), n))
 
     def disconnect_workers(self) -> int:
         """Send DISCONNECT to every DEALER worker and forget them; returns how many."""
@@ -354,7 +391,8 @@ class BrokerCore:
         self._outcomes.clear()
         self._retained_bytes = 0
 
-    def run(self, wake_fd: int = -1, max_wait: Optional[float] = None, stop_on_drop: bool = False) -> int:
+    def run(self, wake_fd: int = -1, max_wait: Optional[float] = None, stop_on_drop: bool = False,
+            stop_on_event: bool = False) -> int:
         """Serve until woken; returns one of _common.RUN_*. Raises zmq.ZMQError on a socket error."""
         if self._closed:
             raise RuntimeError("BrokerCore is closed")
@@ -377,6 +415,8 @@ class BrokerCore:
             self._dispatch(now)
             if stop_on_drop and self._last_drop is not None:
                 return _common.RUN_DROP
+            if stop_on_event and self._events:
+                return _common.RUN_EVENT
             # Poll at least once, and act on what was read before returning.
             if polled and t_end is not None and now >= t_end:
                 return _common.RUN_TIMEOUT
@@ -460,6 +500,7 @@ class BrokerCore:
     def _enqueue(self, env: list, payload: list, tries_left: int, timeout: Optional[float]) -> _Request:
         request = self._table._new(env, payload, tries_left)
         request.timeout = timeout
+        request.arrived = monotonic()
         self._by_key[request.key] = request
         self._waiting.append(request)
         self._n_queued += 1
@@ -599,8 +640,17 @@ class BrokerCore:
         if identity not in request.waiters:
             self._reply(identity, _common.R_CANCELLED, cid)
 
+    def _client_stats(self, identity: bytes, cid: bytes, body: list) -> None:
+        if body:
+            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            return
+        names = ",".join(_common.stats_fields()).encode("ascii")
+        values = b"".join(v.to_bytes(8, "big") for v in self._stats_values())
+        self._reply(identity, _common.R_STATS, cid, [names, values])
+
     _client_commands = {
         _common.C_SUBMIT: _client_submit,
+        _common.C_STATS: _client_stats,
         _common.C_STATUS: _client_status,
         _common.C_RESULT: _client_result,
         _common.C_CANCEL: _client_cancel,
@@ -681,6 +731,7 @@ class BrokerCore:
             session.expiry = monotonic() + self._heartbeat * self._liveness
             self._sessions[key] = session
             self._counters["workers_joined"] += 1
+            self._event(0, env[0].bytes)
             if len(self._sessions) == 1:
                 self._next_tick = monotonic() + self._heartbeat
                 self._next_check = session.expiry
@@ -734,6 +785,7 @@ class BrokerCore:
             self._drop(_common.DROP_WORKER_BAD_FRAMES)
         elif session is not None:
             self._counters["workers_left"] += 1
+            self._event(1, session.env[0].bytes)
             self._forget(session)
 
     _commands = {
@@ -804,6 +856,7 @@ class BrokerCore:
         for session in list(self._sessions.values()):
             if now >= session.expiry:
                 self._counters["workers_dead"] += 1
+                self._event(2, session.env[0].bytes)
                 self._forget(session)
             else:
                 earliest = min(earliest, session.expiry)
@@ -834,6 +887,9 @@ class BrokerCore:
             self._settle_ghost(session)
         self._detach(request, own)
         self._send_to_client(request, body)
+        latency = monotonic() - request.arrived
+        self._latency_counts[bisect.bisect_left(_common.LATENCY_BOUNDS, latency)] += 1
+        self._latency_sum += latency
         if request.state == _QUEUED:
             # Answered by an earlier attempt while waiting for a retry; the queue
             # entry is skipped when it reaches the front (the request is gone).
@@ -874,10 +930,13 @@ class BrokerCore:
         if request.tries_left == 0:
             self._finish(request)
             if request.cid is None:
+                self._event(3, request.task_id, request.attempts)
                 self._send_to_client(request, [b""])
             elif request.failure is not None:
+                self._event(4, request.cid, request.attempts)
                 self._conclude(request, _common.R_FAILED, request.failure)
             else:
+                self._event(5, request.cid, request.attempts)
                 self._conclude(request, _common.R_TIMED_OUT, [])
             self._counters["aborted"] += 1
         else:
@@ -927,6 +986,7 @@ class BrokerCore:
                 self._counters["unreachable_workers"] += 1
                 if session is not None:
                     self._counters["workers_dead"] += 1
+                    self._event(2, session.env[0].bytes)
                     self._forget(session)
                 continue
             queue.popleft()
