@@ -26,6 +26,7 @@ RUN_TIMEOUT = 0  # max_wait elapsed
 RUN_WOKEN = 1  # the wake fd became readable or a signal interrupted the poll
 RUN_DROP = 2  # a message was dropped and stop_on_drop was set
 RUN_EVENT = 3  # events were recorded and stop_on_event was set (see BrokerCore.events)
+RUN_JOURNAL = 4  # journal entries or held replies wait (journal on): store them, then release_held()
 
 # What BrokerCore.events() reports, by kind index (the compiled core's numbering).
 EVENT_KINDS = (

@@ -71,6 +71,7 @@ cdef enum:
     RUN_WOKEN = 1
     RUN_DROP = 2
     RUN_EVENT = 3
+    RUN_JOURNAL = 4
 
 cdef enum:
     DROP_REQUEST_NO_DELIMITER = 0
@@ -146,8 +147,8 @@ cdef enum:
 assert len(_common.COUNTERS) == N_COUNTERS
 assert (TASK_ID_SIZE, MAX_FRAMES, RECV_BATCH) == (
     _common.TASK_ID_SIZE, _common.MAX_FRAMES, _common.RECV_BATCH)
-assert (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP, RUN_EVENT) == (
-    _common.RUN_TIMEOUT, _common.RUN_WOKEN, _common.RUN_DROP, _common.RUN_EVENT)
+assert (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP, RUN_EVENT, RUN_JOURNAL) == (
+    _common.RUN_TIMEOUT, _common.RUN_WOKEN, _common.RUN_DROP, _common.RUN_EVENT, _common.RUN_JOURNAL)
 assert (N_GAUGES, N_LATENCY, EVENT_DATA_MAX, EVENT_QUEUE) == (
     len(_common.GAUGES), len(_common.LATENCY_BOUNDS) + 1, _common.EVENT_DATA_MAX, _common.EVENT_QUEUE)
 cdef double LATENCY_BOUNDS[N_LATENCY - 1]
@@ -165,6 +166,27 @@ cdef enum:
     EV_ABORTED = 3
     EV_FAILED = 4
     EV_TIMED_OUT = 5
+
+
+cdef enum:
+    J_SUBMIT = 0
+    J_START = 1
+    J_FINISH = 2
+    J_FORGET = 3
+
+_JOURNAL_KINDS = ("submit", "start", "finish", "forget")
+
+
+cdef struct JEnt:
+    # One change for the durable store (see BrokerCore.journal_take).
+    uint8_t kind
+    uint8_t code
+    uint8_t cid[16]
+    uint32_t attempts
+    int32_t tries
+    double timeout  # < 0: none
+    zmsg *frames  # payload (submit) or outcome body (finish): shared copies
+    int nframes
 
 
 cdef struct Ev:
@@ -988,6 +1010,14 @@ cdef class BrokerCore:
     cdef Ev *evq
     cdef size_t ev_count
     cdef bint ev_on
+    # Durable store support: changes of this turn, and FBC01 replies held until stored
+    cdef bint journal_on
+    cdef bint journal_lost
+    cdef JEnt *jents
+    cdef size_t jcount, jcap
+    cdef zmsg *held
+    cdef uint8_t *held_more
+    cdef size_t nheld, held_cap
     cdef bytes stats_names  # keeps names_ptr's buffer alive
     cdef const char *names_ptr
     cdef size_t names_len
@@ -1026,6 +1056,11 @@ cdef class BrokerCore:
 
     def __dealloc__(self):
         free(self.evq)
+        self._clear_journal()
+        free(self.jents)
+        close_msgs(self.held, <int>self.nheld)
+        free(self.held)
+        free(self.held_more)
         self._release_sessions()
         self._release_outcomes()
         free(self.done)
@@ -1078,6 +1113,9 @@ cdef class BrokerCore:
         self.closed = True
         self._release_sessions()
         self._release_outcomes()
+        self._clear_journal()
+        close_msgs(self.held, <int>self.nheld)
+        self.nheld = 0
         self.table = RequestTable()
         self.idle = IdleWorkers()
         self.heap = DeadlineHeap()
@@ -1147,6 +1185,152 @@ cdef class BrokerCore:
         self.ev_count = 0
         return result
 
+    # -- durable store support --------------------------------------------------
+
+    def journal(self, bint on):
+        """Journal on: FBC01 changes are recorded for journal_take(), every FBC01 reply
+        is held until release_held(), and run() returns RUN_JOURNAL after a turn that
+        left either. So nothing is promised to a client before it is stored."""
+        self.journal_on = on
+
+    cdef void _clear_journal(self) noexcept nogil:
+        cdef size_t i
+        for i in range(self.jcount):
+            close_msgs(self.jents[i].frames, self.jents[i].nframes)
+            free(self.jents[i].frames)
+        self.jcount = 0
+
+    def journal_take(self):
+        """The changes since the last call, in order:
+        ("submit", id, payload frames, timeout (s or None), tries (-1: unlimited)),
+        ("start", id, attempts), ("finish", id, reply code, body frames, attempts, tries),
+        ("forget", id). MemoryError if changes were lost for lack of memory."""
+        cdef size_t i
+        cdef JEnt *j
+        if self.journal_lost:
+            self._clear_journal()
+            raise MemoryError("fastbroker: journal entries lost for lack of memory")
+        result = []
+        for i in range(self.jcount):
+            j = &self.jents[i]
+            cid = (<char *>j.cid)[:REQUEST_ID_SIZE]
+            frames = [(<char *>zmsg_data(&j.frames[k]))[:zmsg_size(&j.frames[k])] for k in range(j.nframes)]
+            if j.kind == J_SUBMIT:
+                result.append(("submit", cid, frames, None if j.timeout < 0 else j.timeout, j.tries))
+            elif j.kind == J_START:
+                result.append(("start", cid, j.attempts))
+            elif j.kind == J_FINISH:
+                result.append(("finish", cid, bytes([j.code]), frames, j.attempts, j.tries))
+            else:
+                result.append(("forget", cid))
+        self._clear_journal()
+        return result
+
+    def release_held(self):
+        """Send the replies held since the last call; returns how many messages."""
+        cdef size_t i
+        cdef int e, count = 0
+        cdef bint first = True, skip = False
+        for i in range(self.nheld):
+            if skip:
+                zmsg_close(&self.held[i])
+            elif zmsg_send(&self.held[i], self.s_requests, (ZSNDMORE if self.held_more[i] else 0) | ZDONTWAIT) < 0:
+                e = zerrno()
+                zmsg_close(&self.held[i])
+                if e == ZETERM:
+                    close_msgs(&self.held[i + 1], <int>(self.nheld - i - 1))
+                    self.nheld = 0
+                    raise zmq.ZMQError(e)
+                skip = first  # a client that is gone loses the whole reply
+            if not self.held_more[i]:
+                count += 1
+                first = True
+                skip = False
+            else:
+                first = False
+        self.nheld = 0
+        return count
+
+    def restore_request(self, bytes cid, payload, timeout, int tries, int attempts):
+        """Queue a stored request (behind those already queued). It has no waiters
+        until a client sends RESULT or SUBMIT for it."""
+        cdef int s, i
+        cdef Req *r
+        cdef uint8_t *key
+        cdef uint64_t h
+        cdef int32_t tries_left
+        payload = [bytes(f) for f in payload]
+        if len(cid) != REQUEST_ID_SIZE or not payload:
+            raise ValueError("a request needs a 16-byte id and a payload")
+        h = hash_bytes(cid, REQUEST_ID_SIZE)
+        if aidx_find(&self.cids, cid, REQUEST_ID_SIZE, h) >= 0:
+            raise ValueError(f"request {cid.hex()} is already in the broker")
+        tries_left = -1 if tries < 0 else max(tries - attempts, 0)
+        if tries_left == 0:
+            raise ValueError(f"request {cid.hex()} has no tries left")
+        timeout = check_timeout(timeout)
+        s = self.table.alloc()
+        if s < 0:
+            raise MemoryError()
+        r = &self.table.reqs[s]
+        r.frames = <zmsg *>malloc(len(payload) * sizeof(zmsg))
+        key = <uint8_t *>malloc(REQUEST_ID_SIZE)
+        if r.frames == NULL or key == NULL or ring_push(&self.waiting, make_handle(s, r.gen)) < 0:
+            free(key)
+            self.table.release(s)
+            raise MemoryError()
+        memcpy(key, <const char *>cid, REQUEST_ID_SIZE)
+        if aidx_insert(&self.cids, key, REQUEST_ID_SIZE, h, <uint32_t>s) < 0:
+            free(key)
+            self.table.release(s)
+            raise MemoryError()
+        for i, frame in enumerate(payload):
+            zmsg_init_size(&r.frames[i], len(frame))
+            memcpy(zmsg_data(&r.frames[i]), <const char *>frame, len(frame))
+        r.nframes = len(payload)
+        r.nenv = 0
+        r.client = True
+        memcpy(r.cid, <const char *>cid, REQUEST_ID_SIZE)
+        r.tries_left = tries_left
+        r.tries = tries
+        r.attempts = attempts
+        r.timeout = -1.0 if timeout is None else timeout
+        r.arrived = monotonic_now()
+        self.n_queued += 1
+
+    def restore_outcome(self, bytes cid, bytes code, body, int attempts, int tries, double age):
+        """Keep a stored outcome, finished `age` seconds ago (restore oldest first)."""
+        cdef uint8_t *key
+        cdef uint64_t h
+        cdef int i, n
+        cdef zmsg *frames
+        body = [bytes(f) for f in body]
+        if len(cid) != REQUEST_ID_SIZE or code not in (_common.R_OK, _common.R_FAILED, _common.R_TIMED_OUT, _common.R_CANCELLED):
+            raise ValueError("an outcome needs a 16-byte id and an outcome code")
+        h = hash_bytes(cid, REQUEST_ID_SIZE)
+        if aidx_find(&self.cids, cid, REQUEST_ID_SIZE, h) >= 0:
+            raise ValueError(f"request {cid.hex()} is already in the broker")
+        key = <uint8_t *>malloc(REQUEST_ID_SIZE)
+        n = len(body)
+        frames = <zmsg *>malloc((n if n else 1) * sizeof(zmsg))
+        if key == NULL or frames == NULL:
+            free(key)
+            free(frames)
+            raise MemoryError()
+        memcpy(key, <const char *>cid, REQUEST_ID_SIZE)
+        if aidx_insert(&self.cids, key, REQUEST_ID_SIZE, h, 0) < 0:
+            free(key)
+            free(frames)
+            raise MemoryError()
+        for i, frame in enumerate(body):
+            zmsg_init_size(&frames[i], len(frame))
+            memcpy(zmsg_data(&frames[i]), <const char *>frame, len(frame))
+        i = aidx_find(&self.cids, <const uint8_t *><const char *>cid, REQUEST_ID_SIZE, h)
+        self._keep(i, <const uint8_t *><const char *>cid, (<const uint8_t *><const char *>code)[0], frames, n,
+                   attempts, tries, monotonic_now() - max(age, 0.0))
+        close_msgs(frames, n)
+        free(frames)
+
     cdef void _event(self, int kind, const uint8_t *data, size_t n, uint32_t count) noexcept nogil:
         cdef Ev *e
         if not self.ev_on:
@@ -1213,6 +1397,8 @@ cdef class BrokerCore:
                 return RUN_DROP
             if stop_on_event and self.ev_count:
                 return RUN_EVENT
+            if self.journal_on and (self.jcount or self.nheld or self.journal_lost):
+                return RUN_JOURNAL
             # Poll at least once, and act on what was read before returning.
             if polled and t_end >= 0 and now >= t_end:
                 return RUN_TIMEOUT
@@ -1841,6 +2027,8 @@ cdef class BrokerCore:
         r.arrived = self.now
         self.n_queued += 1
         self.counters[C_REQUESTS] += 1
+        if self.journal_on:
+            self._journal_push(J_SUBMIT, cid, 0, &r.frames[1], r.nframes - 1, 0, r.tries, r.timeout)
         if not flags & OPT_NO_ACK:
             return self._reply(&self.scratch[0], R_ACCEPTED, cid, NULL, 0)
         return 0
@@ -1914,28 +2102,92 @@ cdef class BrokerCore:
         """Send [identity, FBC01, code, cid, body...] to a client; every frame is a
         copy (shared buffer). A client that is gone or not reading loses it."""
         cdef zmsg part
-        cdef int i, e
+        cdef int i, rc
         zmsg_init(&part)
         zmsg_copy(&part, identity)
-        if zmsg_send(&part, self.s_requests, ZSNDMORE | ZDONTWAIT) < 0:
-            e = zerrno()
-            zmsg_close(&part)
-            return -e if e == ZETERM else 0
+        rc = self._emit(&part, True)
+        if rc != 0:
+            return rc if rc < 0 else 0
         zmsg_init_size(&part, SIGNATURE_SIZE)
         memcpy(zmsg_data(&part), CLIENT_SIGNATURE, SIGNATURE_SIZE)
-        zmsg_send(&part, self.s_requests, ZSNDMORE | ZDONTWAIT)
+        self._emit(&part, True)
         zmsg_init_size(&part, 1)
         (<uint8_t *>zmsg_data(&part))[0] = <uint8_t>code
-        zmsg_send(&part, self.s_requests, ZSNDMORE | ZDONTWAIT)
+        self._emit(&part, True)
         zmsg_init_size(&part, REQUEST_ID_SIZE)
         memcpy(zmsg_data(&part), cid, REQUEST_ID_SIZE)
-        zmsg_send(&part, self.s_requests, (ZSNDMORE if nbody else 0) | ZDONTWAIT)
+        self._emit(&part, nbody > 0)
         for i in range(nbody):
             zmsg_init(&part)
             zmsg_copy(&part, &body[i])
-            if zmsg_send(&part, self.s_requests, (ZSNDMORE if i + 1 < nbody else 0) | ZDONTWAIT) < 0:
-                zmsg_close(&part)
+            self._emit(&part, i + 1 < nbody)
         return 0
+
+    cdef int _emit(self, zmsg *part, bint more) noexcept nogil:
+        """Send one part of a reply to a client, or, with the journal on, hold it
+        until release_held(). Returns 0, 1 if it could not go (peer gone, HWM), or
+        -errno; the part is consumed either way."""
+        cdef zmsg *grown
+        cdef uint8_t *gmore
+        cdef size_t ncap
+        cdef int e
+        if not self.journal_on:
+            if zmsg_send(part, self.s_requests, (ZSNDMORE if more else 0) | ZDONTWAIT) < 0:
+                e = zerrno()
+                zmsg_close(part)
+                return -e if e == ZETERM else 1
+            return 0
+        if self.nheld == self.held_cap:
+            ncap = self.held_cap * 2 if self.held_cap else 256
+            grown = <zmsg *>realloc(self.held, ncap * sizeof(zmsg))
+            if grown != NULL:
+                self.held = grown
+                gmore = <uint8_t *>realloc(self.held_more, ncap)
+                if gmore != NULL:
+                    self.held_more = gmore
+                    self.held_cap = ncap
+            if self.nheld == self.held_cap:
+                zmsg_close(part)
+                return 1
+        zmsg_init(&self.held[self.nheld])
+        zmsg_move(&self.held[self.nheld], part)
+        zmsg_close(part)
+        self.held_more[self.nheld] = more
+        self.nheld += 1
+        return 0
+
+    cdef void _journal_push(self, int kind, const uint8_t *cid, int code, zmsg *frames, int nframes,
+                            uint32_t attempts, int32_t tries, double timeout) noexcept nogil:
+        cdef JEnt *grown
+        cdef JEnt *j
+        cdef size_t ncap
+        cdef int i
+        if self.jcount == self.jcap:
+            ncap = self.jcap * 2 if self.jcap else 256
+            grown = <JEnt *>realloc(self.jents, ncap * sizeof(JEnt))
+            if grown == NULL:
+                self.journal_lost = True  # the store cannot be trusted now: run() says so
+                return
+            self.jents = grown
+            self.jcap = ncap
+        j = &self.jents[self.jcount]
+        j.frames = NULL
+        if nframes:
+            j.frames = <zmsg *>malloc(nframes * sizeof(zmsg))
+            if j.frames == NULL:
+                self.journal_lost = True
+                return
+        self.jcount += 1
+        j.kind = <uint8_t>kind
+        j.code = <uint8_t>code
+        memcpy(j.cid, cid, REQUEST_ID_SIZE)
+        j.attempts = attempts
+        j.tries = tries
+        j.timeout = timeout
+        j.nframes = nframes
+        for i in range(nframes):
+            zmsg_init(&j.frames[i])
+            zmsg_copy(&j.frames[i], &frames[i])
 
     cdef int _reply_outcome(self, zmsg *identity, uint32_t d) noexcept nogil:
         return self._reply(identity, self.done[d].code, self.done[d].cid, self.done[d].body, self.done[d].nbody)
@@ -2030,10 +2282,6 @@ cdef class BrokerCore:
         """Tell every waiter of a finished FBC01 request its outcome, and keep the
         outcome for RESULT (the caller releases the request)."""
         cdef int w, rc, result = 0, i
-        cdef uint32_t d, ncap, k
-        cdef size_t size
-        cdef Done *grown
-        cdef Done *o
         for w in range(r.nenv):
             rc = self._reply(&r.frames[w], code, r.cid, body, nbody)
             if rc < 0:
@@ -2041,7 +2289,19 @@ cdef class BrokerCore:
         i = aidx_find(&self.cids, r.cid, REQUEST_ID_SIZE, hash_bytes(r.cid, REQUEST_ID_SIZE))
         if i < 0:
             return result
-        size = RESULT_OVERHEAD
+        if self.journal_on:
+            self._journal_push(J_FINISH, r.cid, code, body, nbody, r.attempts, r.tries, 0.0)
+        self._keep(i, r.cid, code, body, nbody, r.attempts, r.tries, self.now)
+        return result
+
+    cdef void _keep(self, int i, const uint8_t *cid, int code, zmsg *body, int nbody,
+                    uint32_t attempts, int32_t tries, double finished) noexcept nogil:
+        """Keep an outcome for RESULT; cids entry i (the id's) then points to it."""
+        cdef int w
+        cdef uint32_t d, ncap, k
+        cdef size_t size = RESULT_OVERHEAD
+        cdef Done *grown
+        cdef Done *o
         for w in range(nbody):
             size += zmsg_size(&body[w])
         if self.retention <= 0 or size > self.retention_bytes:
@@ -2049,13 +2309,15 @@ cdef class BrokerCore:
             aidx_delete(&self.cids, <size_t>i)
             if self.retention > 0:
                 self.counters[C_EXPIRED] += 1
-            return result
+            if self.journal_on:
+                self._journal_push(J_FORGET, cid, 0, NULL, 0, 0, 0, 0.0)
+            return
         if self.done_free == NO_SLOT:
             ncap = self.done_cap * 2 if self.done_cap else 64
             grown = <Done *>realloc(self.done, ncap * sizeof(Done))
             if grown == NULL:
-                aidx_delete(&self.cids, <size_t>i)  # not kept: the id is unknown again
-                return result
+                self._not_kept(i, cid)
+                return
             self.done = grown
             memset(&self.done[self.done_cap], 0, (ncap - self.done_cap) * sizeof(Done))
             for k in range(self.done_cap, ncap):
@@ -2070,24 +2332,29 @@ cdef class BrokerCore:
         if (nbody and o.body == NULL) or ring_push(&self.done_fifo, d) < 0:
             free(o.body)
             o.body = NULL
-            aidx_delete(&self.cids, <size_t>i)
-            return result
+            self._not_kept(i, cid)
+            return
         self.done_free = o.next_free
-        memcpy(o.cid, r.cid, REQUEST_ID_SIZE)
+        memcpy(o.cid, cid, REQUEST_ID_SIZE)
         o.code = <uint8_t>code
         o.nbody = nbody
         o.size = size
         for w in range(nbody):
             zmsg_init(&o.body[w])
             zmsg_copy(&o.body[w], &body[w])
-        o.finished = self.now
-        o.attempts = r.attempts
-        o.tries = r.tries
+        o.finished = finished
+        o.attempts = attempts
+        o.tries = tries
         self.cids.ents[i].value = d | DONE_BIT
         self.retained_bytes += o.size
         while self.retained_bytes > self.retention_bytes:
             self._forget_first_outcome()
-        return result
+
+    cdef void _not_kept(self, int i, const uint8_t *cid) noexcept nogil:
+        # Out of memory: the id is unknown again (and so in the store).
+        aidx_delete(&self.cids, <size_t>i)
+        if self.journal_on:
+            self._journal_push(J_FORGET, cid, 0, NULL, 0, 0, 0, 0.0)
 
     cdef void _forget_first_outcome(self) noexcept nogil:
         cdef uint32_t d = <uint32_t>ring_front(&self.done_fifo)
@@ -2104,6 +2371,8 @@ cdef class BrokerCore:
         o.next_free = self.done_free
         self.done_free = d
         self.counters[C_EXPIRED] += 1
+        if self.journal_on:
+            self._journal_push(J_FORGET, o.cid, 0, NULL, 0, 0, 0, 0.0)
 
     cdef void _forget_outcomes(self, double now) noexcept nogil:
         while self.done_fifo.count and \
@@ -2297,6 +2566,8 @@ cdef class BrokerCore:
             self.n_queued -= 1
             r.state = RUNNING
             r.attempts += 1
+            if self.journal_on and r.client:
+                self._journal_push(J_START, r.cid, 0, NULL, 0, r.attempts, 0, 0.0)
             r.failed_on = -1
             if r.tries_left > 0:
                 r.tries_left -= 1

@@ -175,6 +175,9 @@ class _Request:
         self.arrived = 0.0  # when it entered the broker (for the latency histogram)
 
 
+_OUTCOME_CODES = (_common.R_OK, _common.R_FAILED, _common.R_TIMED_OUT, _common.R_CANCELLED)
+
+
 class _Outcome:
     """A finished FBC01 request's outcome, kept for RESULT and duplicate SUBMITs."""
 
@@ -272,6 +275,10 @@ class BrokerCore:
         self._latency_sum = 0.0
         self._events_on = False
         self._events: List[tuple] = []
+        # Durable store support: what changed this turn, and replies held until it is stored.
+        self._journal_on = False
+        self._journal: List[tuple] = []
+        self._held: List[list] = []
         self._timeout = check_timeout(timeout)
         self._tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
@@ -359,6 +366,55 @@ class BrokerCore:
         events, self._events = self._events, []
         return events
 
+    # -- durable store support (docs/ARCHITECTURE.md, "The store") ---------------
+
+    def journal(self, on: bool) -> None:
+        """Journal on: FBC01 changes are recorded for journal_take(), every FBC01 reply
+        is held until release_held(), and run() returns RUN_JOURNAL after a turn that
+        left either. So nothing is promised to a client before it is stored."""
+        self._journal_on = bool(on)
+
+    def journal_take(self) -> List[tuple]:
+        """The changes since the last call, in order:
+        ("submit", id, payload frames, timeout (s or None), tries (-1: unlimited)),
+        ("start", id, attempts), ("finish", id, reply code, body frames, attempts, tries),
+        ("forget", id)."""
+        journal, self._journal = self._journal, []
+        return journal
+
+    def release_held(self) -> int:
+        """Send the replies held since the last call; returns how many."""
+        held, self._held = self._held, []
+        for message in held:
+            self._send_reply(message)
+        return len(held)
+
+    def restore_request(self, cid: bytes, payload: List[bytes], timeout: Optional[float], tries: int, attempts: int) -> None:
+        """Queue a stored request (behind those already queued). It has no waiters
+        until a client sends RESULT or SUBMIT for it."""
+        if len(cid) != _common.REQUEST_ID_SIZE or not payload:
+            raise ValueError("a request needs a 16-byte id and a payload")
+        if cid in self._by_cid or cid in self._outcomes:
+            raise ValueError(f"request {cid.hex()} is already in the broker")
+        tries_left = -1 if tries < 0 else max(tries - attempts, 0)
+        if tries_left == 0:
+            raise ValueError(f"request {cid.hex()} has no tries left")
+        request = self._enqueue([], list(payload), tries_left, timeout)
+        self._counters["requests"] -= 1  # restored, not received
+        request.cid = cid
+        request.tries = tries
+        request.attempts = attempts
+        self._by_cid[cid] = request
+
+    def restore_outcome(self, cid: bytes, code: bytes, body: List[bytes], attempts: int, tries: int, age: float) -> None:
+        """Keep a stored outcome, finished `age` seconds ago (restore oldest first)."""
+        if len(cid) != _common.REQUEST_ID_SIZE or code not in _OUTCOME_CODES:
+            raise ValueError("an outcome needs a 16-byte id and an outcome code")
+        if cid in self._by_cid or cid in self._outcomes:
+            raise ValueError(f"request {cid.hex()} is already in the broker")
+        outcome = _Outcome(code, list(body), monotonic() - max(age, 0.0), attempts, tries)
+        self._keep(cid, outcome)
+
     def _event(self, kind: int, data: bytes, n: int = 0) -> None:
         if not self._events_on:
             return
@@ -417,6 +473,8 @@ class BrokerCore:
                 return _common.RUN_DROP
             if stop_on_event and self._events:
                 return _common.RUN_EVENT
+            if self._journal_on and (self._journal or self._held):
+                return _common.RUN_JOURNAL
             # Poll at least once, and act on what was read before returning.
             if polled and t_end is not None and now >= t_end:
                 return _common.RUN_TIMEOUT
@@ -523,9 +581,16 @@ class BrokerCore:
         handler(self, frames[0].bytes, frames[3].bytes, frames[4:])
 
     def _reply(self, identity: bytes, code: bytes, cid: bytes, body: Optional[list] = None) -> None:
+        message = [identity, CLIENT_SIGNATURE, code, cid] + (body or [])
+        if self._journal_on:
+            self._held.append(message)
+        else:
+            self._send_reply(message)
+
+    def _send_reply(self, message: list) -> None:
         # A client that is gone or not reading loses the reply: ROUTER drops it.
         try:
-            self._requests.send_multipart([identity, CLIENT_SIGNATURE, code, cid] + (body or []), zmq.DONTWAIT, copy=False)
+            self._requests.send_multipart(message, zmq.DONTWAIT, copy=False)
         except zmq.Again:
             pass
 
@@ -570,6 +635,8 @@ class BrokerCore:
         request.cid = cid
         request.waiters.append(identity)
         self._by_cid[cid] = request
+        if self._journal_on:
+            self._journal.append(("submit", cid, [f.bytes for f in body[1:]], timeout, tries_left))
         if ack:
             self._reply(identity, _common.R_ACCEPTED, cid)
 
@@ -669,12 +736,17 @@ class BrokerCore:
         for identity in request.waiters:
             self._reply(identity, code, cid, body)
         del self._by_cid[cid]
-        if self._retention <= 0:
-            return
-        outcome = _Outcome(code, body, monotonic(), request.attempts, request.tries)
-        if outcome.size > self._retention_bytes:
-            # Too big to keep at all: forgotten at once, the others stay.
-            self._counters["expired_results"] += 1
+        if self._journal_on:
+            self._journal.append(("finish", cid, code, [bytes(f) for f in body], request.attempts, request.tries))
+        self._keep(cid, _Outcome(code, body, monotonic(), request.attempts, request.tries))
+
+    def _keep(self, cid: bytes, outcome: _Outcome) -> None:
+        if self._retention <= 0 or outcome.size > self._retention_bytes:
+            # Not kept (too big alone: forgotten at once, the others stay).
+            if self._retention > 0:
+                self._counters["expired_results"] += 1
+            if self._journal_on:
+                self._journal.append(("forget", cid))
             return
         self._outcomes[cid] = outcome
         self._retained_bytes += outcome.size
@@ -682,9 +754,11 @@ class BrokerCore:
             self._forget_first_outcome()
 
     def _forget_first_outcome(self) -> None:
-        _, outcome = self._outcomes.popitem(last=False)
+        cid, outcome = self._outcomes.popitem(last=False)
         self._retained_bytes -= outcome.size
         self._counters["expired_results"] += 1
+        if self._journal_on:
+            self._journal.append(("forget", cid))
 
     def _forget_outcomes(self, now: float) -> None:
         limit = now - self._retention
@@ -1000,6 +1074,8 @@ class BrokerCore:
             if request.tries_left > 0:
                 request.tries_left -= 1
             request.attempts += 1
+            if self._journal_on and request.cid is not None:
+                self._journal.append(("start", request.cid, request.attempts))
             if request.timeout is not None:
                 self._heap._insert(request.key, now + request.timeout)
             self._counters["dispatched"] += 1
