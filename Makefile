@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.h' -o -name py.typed)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-compiled test-pure bench clean
+.PHONY: install demo test test-compiled test-pure bench soak clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test-pure: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+
+# Hostile input, long: 1,000,000 messages at a broker (compiled core) that must stay
+# up, answer a good client right and not grow; see bench/README.md. Options in
+# SOAK_ARGS win (e.g. make soak SOAK_ARGS="--core pure").
+soak: $(STAMP)
+	$(PY) -m bench.soak --messages 1000000 --core compiled $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so .pytest_cache .benchmarks

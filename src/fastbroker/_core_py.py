@@ -48,6 +48,7 @@ monotonic = time.monotonic
 
 _QUEUED = 1
 _RUNNING = 2
+_MAX_POLL_MS = 3_600_000
 
 
 def _address_key(routing_frames: list) -> bytes:
@@ -494,7 +495,8 @@ class BrokerCore:
                 ms = 0
             else:
                 # Round up: waking before the deadline would only spin.
-                ms = int((next_t - now) * 1000.0) + 1
+                # Capped: zmq_poll takes an int, and a request may wait ~49 days.
+                ms = min(int((next_t - now) * 1000.0) + 1, _MAX_POLL_MS)
             try:
                 ready = dict(poller.poll(ms))
             except zmq.ZMQError as exc:

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Deque, Iterable, List, Opt
 import zmq
 import zmq.asyncio
 
+from fastbroker import security
 from fastbroker._common import RECV_BATCH, BrokerError, check_count, check_seconds
 from fastbroker.client import Client, connect_dealer
 from fastbroker.client_protocol import (
@@ -63,7 +64,8 @@ class AsyncClient:
     answer); ``call``, ``status``, ``cancel`` and ``close`` are coroutines; ``map``
     is an async iterator. Use it from one event loop, e.g. ``async with
     AsyncClient(address) as client: ...``. ``context`` may be a zmq.asyncio.Context
-    or a plain zmq.Context (shadowed).
+    or a plain zmq.Context (shadowed). ``curve_server_key`` and ``curve_secret``: as
+    for ``Client``.
     """
 
     def __init__(
@@ -75,12 +77,15 @@ class AsyncClient:
         tries: Optional[int] = None,
         ack: bool = True,
         check_interval: float = 2.0,
+        curve_server_key: Optional[security.KeyPath] = None,
+        curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.address = address
         self.timeout = check_request_timeout(timeout)
         self.tries = check_request_tries(tries)
         self.ack = bool(ack)
         self.check_interval = check_seconds("check_interval", check_interval)
+        curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         if context is None:
             self.context: zmq.asyncio.Context = zmq.asyncio.Context(1)
@@ -89,7 +94,7 @@ class AsyncClient:
         else:
             self.context = zmq.asyncio.Context.shadow(context.underlying)
         try:
-            self._socket = connect_dealer(self.context, address)
+            self._socket = connect_dealer(self.context, address, curve)
         except BaseException:
             if self._own_context:
                 self.context.term()

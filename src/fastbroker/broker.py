@@ -8,13 +8,14 @@ from typing import Optional, Tuple
 
 import zmq
 
-from fastbroker import _common, _select
+from fastbroker import _common, _select, security
 from fastbroker.wakepipe import WakePipe
 from fastbroker._common import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
     DEFAULT_RETENTION,
     DEFAULT_RETENTION_BYTES,
+    MAX_CREDIT,
     MAX_LIVENESS,
     MIN_LIVENESS,
     Closeable,
@@ -33,6 +34,44 @@ log = logging.getLogger("fastbroker.broker")
 LINGER_MS = 1000
 """How long closing the broker may wait to flush answers already handed to ZeroMQ."""
 
+# High-water marks (messages per peer) of the three sockets (docs/PROTOCOL.md section 9).
+# A receiving pipe at its mark never loses a message: libzmq stops reading that
+# peer's connection until the broker catches up, so a flooding peer slows itself
+# down instead of growing the broker. A sending pipe at its mark is where the
+# socket type decides: see each constant.
+REQUESTS_SNDHWM = 1000
+"""Replies queued for one client. The requests ROUTER (no ROUTER_MANDATORY) silently
+drops a reply to a client whose pipe is full, so a client that never reads costs the
+broker at most this many replies, not one per request. 1000 leaves room for the
+bursts of a client with hundreds of requests in flight (two replies each: ACCEPTED
+and the outcome); an FBC01 client that loses an outcome anyway gets it back with
+STATUS and RESULT (section 10.7)."""
+REQUESTS_RCVHWM = 1000
+"""Requests read ahead from one client before its connection is paused."""
+WORKERS_SNDHWM = 2 * MAX_CREDIT + 1000
+"""Messages queued for one worker. The workers ROUTER has ROUTER_MANDATORY: a send to
+a full pipe fails (EAGAIN), and the core takes the worker for unreachable and re-queues
+its job. A worker that reads never comes near it: it holds at most its credit of
+TASKs (MAX_CREDIT at most), one CANCEL each, and the heartbeats of a few intervals;
+only one that stopped reading reaches the mark, and is then rightly given up."""
+WORKERS_RCVHWM = 1000
+"""READY, ANSWER, FAILED and HEARTBEAT read ahead from one worker."""
+ANSWERS_RCVHWM = 1000
+"""Answers read ahead from one REQ/PUSH worker (it holds one job at a time)."""
+
+MIN_MAX_MESSAGE = 1024
+"""Smallest max_message accepted, so that the protocols' fixed frames (ids, options,
+credit) always fit. A FAILED's text (up to 2000 characters) may be longer: the limit
+should be above the largest answer and error text workers send."""
+MAX_MAX_MESSAGE = 1 << 62
+
+
+def check_max_message(limit: Optional[int]) -> Optional[int]:
+    """None (no limit) or a number of bytes from MIN_MAX_MESSAGE to MAX_MAX_MESSAGE."""
+    if limit is None:
+        return None
+    return check_count("max_message", limit, MIN_MAX_MESSAGE, MAX_MAX_MESSAGE)
+
 
 def _bind(socket: zmq.Socket, address: str, role: str) -> str:
     try:
@@ -43,6 +82,28 @@ def _bind(socket: zmq.Socket, address: str, role: str) -> str:
         raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {exc}") from None
     endpoint = socket.getsockopt(zmq.LAST_ENDPOINT)
     return endpoint.decode() if isinstance(endpoint, bytes) and endpoint else address
+
+
+# How each core event (_common.EVENT_KINDS) is logged: message, and the name of its
+# data in the record's extra fields (for --log-format json).
+_EVENT_LINES = {
+    "worker_joined": ("worker %s joined", "worker"),
+    "worker_left": ("worker %s left (DISCONNECT)", "worker"),
+    "worker_dead": ("worker %s dead (silent past liveness, or unreachable)", "worker"),
+    "aborted": ("request with task id %s aborted after %d attempt(s): the client got the empty answer", "task_id"),
+    "failed": ("request %s failed after %d attempt(s)", "request_id"),
+    "timed_out": ("request %s timed out after %d attempt(s)", "request_id"),
+}
+
+
+def _log_event(kind: str, data: bytes, n: int) -> None:
+    message, field = _EVENT_LINES.get(kind, (kind + " %s", "data"))
+    extra = {"event": kind, field: data.hex()}
+    if field == "worker":
+        log.info(message, data.hex(), extra=extra)
+    else:
+        extra["attempts"] = n
+        log.info(message, data.hex(), n, extra=extra)
 
 
 class Broker(Closeable):
@@ -59,6 +120,11 @@ class Broker(Closeable):
     memory finished FBC01 outcomes are kept for RESULT (docs/PROTOCOL.md section 10.6).
     ``max_queue`` bounds the requests waiting for a worker: beyond it a new request is
     refused at once (REJECTED "queue full"; a REQ client gets the empty answer).
+    ``max_message`` (bytes) is the largest frame a peer may send on any endpoint
+    (ZMQ_MAXMSGSIZE): libzmq disconnects a peer that sends a larger one.
+    ``curve_secret`` (the broker's secret key file) and ``authorized_keys`` (a
+    directory of ``*.key`` public key files), given together, make every endpoint a
+    CURVE server that lets in only those keys (fastbroker.security).
     """
 
     def __init__(
@@ -76,6 +142,9 @@ class Broker(Closeable):
         retention: float = DEFAULT_RETENTION,
         retention_bytes: int = DEFAULT_RETENTION_BYTES,
         max_queue: Optional[int] = None,
+        max_message: Optional[int] = None,
+        curve_secret: Optional[security.KeyPath] = None,
+        authorized_keys: Optional[security.KeyPath] = None,
     ) -> None:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
@@ -84,6 +153,14 @@ class Broker(Closeable):
         retention = check_retention(retention)
         retention_bytes = check_retention_bytes(retention_bytes)
         max_queue = check_max_queue(max_queue)
+        self.max_message = check_max_message(max_message)
+        if (curve_secret is None) != (authorized_keys is None):
+            raise ConfigError("curve_secret and authorized_keys go together: give both or neither")
+        # Key files are checked before anything is built, so a bad one leaves nothing to undo.
+        self._curve = None if curve_secret is None else security.server_keys(curve_secret)
+        if authorized_keys is not None:
+            security.load_authorized_keys(authorized_keys)
+        self._authenticator = None
         try:
             core_module = _select.resolve(core)
         except ImportError as exc:
@@ -100,12 +177,16 @@ class Broker(Closeable):
         self._not_running.set()
         self._closed = False
         try:
-            requests = self._socket(zmq.ROUTER)
-            workers = self._socket(zmq.ROUTER)
+            if authorized_keys is not None:
+                # Before any socket: a handshake must never find no ZAP handler (libzmq
+                # would then let any CURVE key in).
+                self._authenticator = security.start_authenticator(self.context, authorized_keys)
+            requests = self._socket(zmq.ROUTER, REQUESTS_SNDHWM, REQUESTS_RCVHWM)
+            workers = self._socket(zmq.ROUTER, WORKERS_SNDHWM, WORKERS_RCVHWM)
             # A job sent to a worker that has gone fails at once instead of
             # vanishing, and goes to the next idle worker.
             workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            answers = self._socket(zmq.PULL)
+            answers = self._socket(zmq.PULL, 0, ANSWERS_RCVHWM)
             self.endpoints: Tuple[str, str, str] = (
                 _bind(requests, requests_addr, "requests"),
                 _bind(workers, workers_addr, "workers"),
@@ -122,12 +203,25 @@ class Broker(Closeable):
             "broker on requests=%s workers=%s answers=%s (timeout=%s, tries=%s, heartbeat=%s, liveness=%s, core=%s)",
             *self.endpoints, timeout, tries, heartbeat, liveness, self.core_name,
         )
+        if self._curve is not None or max_queue is not None or self.max_message is not None:
+            log.info("curve=%s, max_queue=%s, max_message=%s", "on" if self._curve else "off", max_queue, self.max_message)
 
-    def _socket(self, kind: int) -> zmq.Socket:
+    def _socket(self, kind: int, sndhwm: int, rcvhwm: int) -> zmq.Socket:
         socket = self.context.socket(kind)
-        socket.setsockopt(zmq.LINGER, LINGER_MS)
         self._sockets.append(socket)
+        socket.setsockopt(zmq.LINGER, LINGER_MS)
+        if sndhwm:
+            socket.setsockopt(zmq.SNDHWM, sndhwm)
+        socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        if self.max_message is not None:
+            socket.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        security.apply_curve(socket, self._curve)
         return socket
+
+    @property
+    def curve(self) -> bool:
+        """Whether the endpoints are CURVE servers (authenticated and encrypted)."""
+        return self._curve is not None
 
     @property
     def timeout(self) -> Optional[float]:
@@ -159,19 +253,44 @@ class Broker(Closeable):
         if self._closed:
             raise RuntimeError("the broker is closed")
         debug = log.isEnabledFor(logging.DEBUG)
+        # With INFO on, the core keeps its events (workers joining, leaving, dying;
+        # requests given up) and returns after a turn that had some, to log them.
+        # With INFO off it keeps none and runs as before.
+        events = log.isEnabledFor(logging.INFO)
         drops = self._core.stats()["drops"]
+        if events:
+            self._core.record_events(True)
         self._not_running.clear()
         try:
             while not self._stopping.is_set():
                 # The core returns on a wake-up (stop(), a signal) and, when debug
                 # logging is on, after a turn that dropped messages, to log them.
-                result = self._core.run(self._wake.read_fd, None, debug)
+                result = self._core.run(self._wake.read_fd, None, debug, events)
                 self._wake.drain()
-                if result == _common.RUN_DROP:
+                # One turn may have had both drops and events: whichever stopped the
+                # run, both are read (the drops by difference, so none is lost).
+                if debug and result in (_common.RUN_DROP, _common.RUN_EVENT):
                     drops = self._log_new_drops(drops)
+                if events:
+                    self._log_events()
         finally:
+            if events:
+                self._log_events()
+                self._core.record_events(False)
             self._not_running.set()
         log.info("broker stopped: %s", self._summary())
+
+    _events_lost = 0  # the core's events_lost counter when last warned about
+
+    def _log_events(self) -> None:
+        recorded = self._core.events()
+        for kind, data, n in recorded:
+            _log_event(kind, data, n)
+        if len(recorded) >= _common.EVENT_QUEUE:
+            lost = self._core.stats()["events_lost"]
+            if lost > self._events_lost:
+                log.warning("%d event(s) not logged: more than %d in one turn", lost - self._events_lost, _common.EVENT_QUEUE)
+                self._events_lost = lost
 
     def _log_new_drops(self, before: dict) -> dict:
         after = self._core.stats()["drops"]
@@ -194,6 +313,20 @@ class Broker(Closeable):
         """Counters since start (_common.COUNTERS), gauges (_common.GAUGES) and "drops"."""
         return self._core.stats()
 
+    def inproc_endpoint(self) -> str:
+        """An inproc endpoint of the requests socket, for clients in this process on
+        ``self.context`` (the metrics server sends STATS there; inproc skips the
+        network security of the other endpoints). Call it before run(): a socket
+        must not be bound from another thread while the loop uses it."""
+        endpoint = getattr(self, "_inproc", None)
+        if endpoint is None:
+            if self._closed or not self._not_running.is_set():
+                raise RuntimeError("inproc_endpoint() must be called before run() and close()")
+            endpoint = f"inproc://fastbroker-requests-{id(self):x}"
+            self._sockets[0].bind(endpoint)
+            self._inproc = endpoint
+        return endpoint
+
     def _summary(self) -> str:
         s = self.stats()
         return ", ".join(f"{k}={s[k]}" for k in _common.COUNTERS + _common.GAUGES)
@@ -215,6 +348,10 @@ class Broker(Closeable):
             core.close()
         for socket in self._sockets:
             socket.close()
+        if self._authenticator is not None:
+            # Before term(): the handler's own sockets live in this context.
+            self._authenticator.stop()
+            self._authenticator = None
         if self._own_context:
             self.context.term()
         self._wake.close()

@@ -1,5 +1,5 @@
-"""The ``fastbroker`` command: broker, worker, demo, and the client sub-commands
-submit, status and cancel.
+"""The ``fastbroker`` command: broker, worker, demo, keygen, and the client
+sub-commands submit, status, cancel and stats.
 
 Bad input ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -27,6 +26,7 @@ from fastbroker._common import (
     ConfigError,
     check_count,
     check_heartbeat,
+    check_max_queue,
     check_seconds,
     check_retention,
     check_retention_bytes,
@@ -34,6 +34,7 @@ from fastbroker._common import (
     check_tries,
 )
 from fastbroker._select import CORE_NAMES
+from fastbroker.logsetup import LOG_FORMATS, setup_logging
 from fastbroker.signals import install_stop_handlers
 
 EXIT_USAGE = 2
@@ -109,7 +110,7 @@ def _retention(text: str) -> float:
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def _memory(text: str) -> int:
+def _size(text: str) -> int:
     """Bytes, with an optional binary suffix: 65536, 64K, 64M, 1G (KiB, MiB... also accepted)."""
     value = text.strip().upper()
     for tail in ("IB", "B"):
@@ -124,10 +125,32 @@ def _memory(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 64M, 1G): {text!r}") from None
     if amount != amount or amount in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 64M, 1G): {text!r}")
+    return int(amount * _SIZE_SUFFIXES[suffix])
+
+
+def _memory(text: str) -> int:
+    """--retention-memory: a size (see _size) within check_retention_bytes."""
     try:
-        return check_retention_bytes(int(amount * _SIZE_SUFFIXES[suffix]))
+        return check_retention_bytes(_size(text))
     except (ConfigError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _max_message(text: str) -> int:
+    """--max-message: a size (see _size) within broker.check_max_message."""
+    from fastbroker.broker import check_max_message
+
+    try:
+        return check_max_message(_size(text))  # type: ignore[return-value]
+    except (ConfigError, OverflowError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _max_queue(text: str) -> int:
+    try:
+        return check_max_queue(int(text))  # type: ignore[return-value]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}")
 
 
 def _request_timeout(text: str) -> float:
@@ -174,14 +197,34 @@ def _rate(text: str) -> float:
     return value
 
 
+DEFAULT_METRICS_HOST = "127.0.0.1"  # the same as fastbroker.metrics'; not imported: it loads zmq
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastbroker", description="ZeroMQ task broker: workers ask for jobs when ready.")
     parser.add_argument("--version", action="version", version=f"fastbroker {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    # -v is also accepted after the sub-command; both counts add up.
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None, help="log lines as text (default) or one JSON object each")
+    # -v and --log-format are also accepted after the sub-command; -v counts add up.
     verbose = _Parser(add_help=False)
     verbose.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=0, help="more logging (-vv: debug)")
+    verbose.add_argument("--log-format", dest="sub_log_format", choices=LOG_FORMATS, default=None, help="log lines as text (default) or one JSON object each")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    # The CURVE options of every command that connects to a broker (workers and clients).
+    curve = _Parser(add_help=False)
+    group = curve.add_argument_group("CURVE (with a broker run with --curve-secret and --authorized-keys)")
+    group.add_argument("--curve-server-key", metavar="FILE", default=None, help="the broker's public key file (BROKER.key)")
+    group.add_argument("--curve-secret", metavar="FILE", default=None, help="this peer's secret key file (NAME.key_secret); its public key must be in the broker's --authorized-keys")
 
     p = sub.add_parser("broker", help="run a broker", description="Run a broker until SIGINT or SIGTERM.", parents=[verbose])
     p.add_argument("-t", "--tries", type=_tries, default=None, help="attempts per job before the client gets the empty answer (default: unlimited)")
@@ -191,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS), default=None, metavar="N", help=f"heartbeats of silence after which a DEALER worker is dead (default: {DEFAULT_LIVENESS})")
     p.add_argument("--retention", type=_retention, default=DEFAULT_RETENTION, metavar="SECONDS", help=f"seconds a finished FBC01 outcome is kept for RESULT (default: {DEFAULT_RETENTION:g}; 0 keeps none)")
     p.add_argument("--retention-memory", type=_memory, default=DEFAULT_RETENTION_BYTES, metavar="BYTES", help=f"memory bound on kept outcomes, e.g. 64M, 1G (default: {DEFAULT_RETENTION_BYTES >> 20}M)")
+    p.add_argument("--max-queue", type=_max_queue, default=None, metavar="N", help="most requests waiting for a worker; beyond it a new one is rejected (queue full) at once (default: no limit)")
+    p.add_argument("--max-message", type=_max_message, default=None, metavar="BYTES", help="largest frame a peer may send, e.g. 1M; a peer sending a larger one is disconnected (default: no limit)")
+    p.add_argument("--curve-secret", metavar="FILE", default=None, help="the broker's secret key file: every endpoint uses CURVE (needs --authorized-keys)")
+    p.add_argument("--authorized-keys", metavar="DIR", default=None, help="directory of the public key files (*.key) of the workers and clients let in (needs --curve-secret)")
+    p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, logged at -v)")
+    p.add_argument("--metrics-host", default=DEFAULT_METRICS_HOST, metavar="HOST", help=f"address the metrics server listens on (default: {DEFAULT_METRICS_HOST})")
     p.add_argument("requests_addr", metavar="REQUESTS_ADDR", help="where clients send requests (ROUTER), e.g. tcp://*:5555")
     p.add_argument("workers_addr", metavar="WORKERS_ADDR", help="where workers ask for jobs (ROUTER)")
     p.add_argument("answers_addr", metavar="ANSWERS_ADDR", help="where workers push answers (PULL)")
@@ -199,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         help="run workers of a Worker or ReqWorker subclass",
         description="Run instances of a fastbroker.Worker (DEALER, FBW01) or fastbroker.ReqWorker (REQ/PUSH) subclass until SIGINT or SIGTERM.",
-        parents=[verbose],
+        parents=[verbose, curve],
     )
     p.add_argument("worker_class", metavar="MODULE:CLASS", help="the worker subclass, e.g. mypkg.jobs:Resize")
     p.add_argument("requests_addr", metavar="WORKERS_ADDR", help="the broker's workers endpoint")
@@ -217,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
             "answer's bytes to stdout. Exit status: 0 ok, 1 failed (the worker's error on stderr), 2 bad input, "
             "3 timed out, 4 cancelled, 5 rejected, 6 no outcome within --wait (the request goes on; -v prints its id)."
         ),
-        parents=[verbose],
+        parents=[verbose, curve],
     )
     p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint, e.g. tcp://host:5555")
     p.add_argument("payload", metavar="PAYLOAD", nargs="?", default="-", help="the request (default: - reads stdin)")
@@ -229,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="print what the broker says about a request id",
         description="Print the state of a request: queued, running (attempt N of M), done, or unknown (exit 1). Exit 6 if the broker does not answer within --wait.",
-        parents=[verbose],
+        parents=[verbose, curve],
     )
     p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
     p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
@@ -242,11 +291,37 @@ def build_parser() -> argparse.ArgumentParser:
             "Cancel a request and print what the broker answered: cancelled (exit 0); the outcome the request already "
             "had (ok, failed..., exit 1); unknown (exit 1). Exit 6 if the broker does not answer within --wait."
         ),
-        parents=[verbose],
+        parents=[verbose, curve],
     )
     p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
     p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
     p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_QUERY_WAIT, metavar="SECONDS", help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})")
+
+    p = sub.add_parser(
+        "stats",
+        help="print the broker's counters, gauges and latency histogram",
+        description=(
+            "Ask the broker for its figures (the FBC01 STATS command) and print them as a table, or with --json "
+            "as one JSON object. Exit 6 if the broker does not answer within --wait."
+        ),
+        parents=[verbose, curve],
+    )
+    p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the names as the broker sends them)")
+    p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_QUERY_WAIT, metavar="SECONDS", help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})")
+
+    p = sub.add_parser(
+        "keygen",
+        help="write a CURVE key pair: NAME.key (public) and NAME.key_secret (secret)",
+        description=(
+            "Write a CURVE key pair for a broker, worker or client: NAME.key (the public key, to hand out: the "
+            "broker's to its peers' --curve-server-key, a peer's into the broker's --authorized-keys directory) and "
+            "NAME.key_secret (the secret key, readable by its owner only, for --curve-secret). Never overwrites a file."
+        ),
+        parents=[verbose],
+    )
+    p.add_argument("name", metavar="NAME", help="the key files' name, e.g. broker or worker-1")
+    p.add_argument("--dir", default=".", metavar="DIR", help="where to write them (created if missing; default: the current directory)")
 
     p = sub.add_parser("demo", help="run broker, dropping workers and a client; show retries and aborts", parents=[verbose])
     p.add_argument("--jobs", type=_positive, default=24, help="requests to send (default: 24)")
@@ -259,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _setup_logging(verbose: int, log_format: Optional[str] = None) -> None:
+    # 0: warnings; -v: info (the broker's events, one line each); -vv: debug.
+    setup_logging(verbose, log_format or "text")
 
 
 def _fail(message: str) -> int:
@@ -278,20 +353,37 @@ def cmd_broker(args: argparse.Namespace) -> int:
             "reports and lost DEALER workers (attempts never time out)",
             file=sys.stderr,
         )
+    if (args.curve_secret is None) != (args.authorized_keys is None):
+        return _fail("--curve-secret and --authorized-keys go together: give both or neither")
     # Only the options given are passed on: Broker keeps its own defaults.
     options = {name: getattr(args, name) for name in ("heartbeat", "liveness") if getattr(args, name) is not None}
     try:
         broker = Broker(
             None, args.timeout, args.tries, args.requests_addr, args.workers_addr, args.answers_addr,
-            core=args.core, retention=args.retention, retention_bytes=args.retention_memory, **options,
+            core=args.core, retention=args.retention, retention_bytes=args.retention_memory,
+            max_queue=args.max_queue, max_message=args.max_message,
+            curve_secret=args.curve_secret, authorized_keys=args.authorized_keys, **options,
         )
     except ConfigError as exc:
         return _fail(str(exc))
+    metrics = None
+    if args.metrics_port is not None:
+        from fastbroker.metrics import MetricsServer
+
+        try:
+            metrics = MetricsServer(broker, args.metrics_port, args.metrics_host)
+        except (ConfigError, OSError) as exc:
+            broker.close()
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return _fail(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {detail}")
     install_stop_handlers(broker.stop, broker.wake_fd)
     try:
         broker.run()
     finally:
         signal.set_wakeup_fd(-1)
+        # Before the broker: its context cannot end while the metrics' socket is open.
+        if metrics is not None:
+            metrics.close()
         broker.close()
     return 0
 
@@ -323,12 +415,28 @@ def _check_address(addr: str) -> None:
         raise ConfigError(f"not a ZeroMQ address: {addr!r} (expected e.g. tcp://host:port or ipc:///path)")
 
 
+def _curve_keys(args: argparse.Namespace):
+    """The CURVE client keys of --curve-server-key and --curve-secret (None without
+    them); ConfigError for one without the other or a bad key file."""
+    from fastbroker.security import client_keys
+
+    if (args.curve_server_key is None) != (args.curve_secret is None):
+        raise ConfigError("--curve-server-key and --curve-secret go together: give both or neither")
+    return client_keys(args.curve_server_key, args.curve_secret)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from fastbroker.worker import ReqWorker
     from fastbroker.workerpool import run_pool
 
     options = {name: getattr(args, name) for name in ("credit", "heartbeat", "liveness") if getattr(args, name) is not None}
     try:
+        # Checked here, once, so that a bad key file is one line and exit 2 before any
+        # process starts; each worker reads the files again when it is built.
+        if _curve_keys(args) is not None:
+            curve = {"curve_server_key": args.curve_server_key, "curve_secret": args.curve_secret}
+        else:
+            curve = {}
         cls = load_worker_class(args.worker_class)
         for addr in (args.requests_addr, args.answers_addr):
             if addr is not None:
@@ -339,7 +447,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             if options:
                 given = ", ".join(f"--{name}" for name in options)
                 raise ConfigError(f"{given}: only for fastbroker.Worker subclasses; {args.worker_class} is a ReqWorker")
-        return run_pool(cls, args.requests_addr, args.answers_addr, args.processes, options)
+        # Both classes take the key files through configure().
+        return run_pool(cls, args.requests_addr, args.answers_addr, args.processes, {**options, **curve})
     except ConfigError as exc:
         return _fail(str(exc))
 
@@ -358,10 +467,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         _check_address(args.address)
+        _curve_keys(args)  # errors before reading stdin
         payload = _read_payload(args.payload)
         context = zmq.Context(1)
         try:
-            client = Client(args.address, context, timeout=args.timeout, tries=args.tries)
+            client = Client(
+                args.address, context, timeout=args.timeout, tries=args.tries,
+                curve_server_key=args.curve_server_key, curve_secret=args.curve_secret,
+            )
         except BaseException:
             context.term()
             raise
@@ -408,9 +521,10 @@ def _one_shot(args: argparse.Namespace, make_message):
     from fastbroker.client_protocol import request_once
 
     _check_address(args.address)
+    curve = _curve_keys(args)
     context = zmq.Context(1)
     try:
-        socket = connect_dealer(context, args.address)
+        socket = connect_dealer(context, args.address, curve)
         try:
             return request_once(socket, make_message(args.request_id), args.request_id, args.wait)
         finally:
@@ -454,6 +568,52 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    import zmq
+
+    from fastbroker.client import connect_dealer
+    from fastbroker.metrics import format_stats, request_stats
+
+    try:
+        _check_address(args.address)
+        curve = _curve_keys(args)
+        context = zmq.Context(1)
+        try:
+            socket = connect_dealer(context, args.address, curve)
+        except BaseException:
+            context.term()
+            raise
+    except ConfigError as exc:
+        return _fail(str(exc))
+    try:
+        figures = request_stats(socket, args.wait)
+    except ValueError as exc:
+        print(f"fastbroker: malformed STATS reply from {args.address}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        socket.close(0)
+        context.term()
+    if figures is None:
+        print(f"fastbroker: no answer from {args.address} within {args.wait:g} s", file=sys.stderr)
+        return EXIT_NO_REPLY
+    print(json.dumps(figures) if args.json else format_stats(figures))
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from fastbroker.security import create_key_pair
+
+    try:
+        public, secret = create_key_pair(args.dir, args.name)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    print(public)
+    print(secret)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fastbroker.demo import run_demo
 
@@ -471,7 +631,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose + getattr(args, "sub_verbose", 0))
+    _setup_logging(args.verbose + getattr(args, "sub_verbose", 0), getattr(args, "sub_log_format", None) or args.log_format)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -482,6 +642,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "submit": cmd_submit,
         "status": cmd_status,
         "cancel": cmd_cancel,
+        "keygen": cmd_keygen,
+        "stats": cmd_stats,
     }
     try:
         return commands[args.command](args)

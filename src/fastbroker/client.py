@@ -14,6 +14,7 @@ from typing import Any, Deque, Iterable, Iterator, List, Optional, Union
 
 import zmq
 
+from fastbroker import security
 from fastbroker._common import RECV_BATCH, BrokerError, Closeable, ConfigError, check_count, check_seconds
 from fastbroker.client_protocol import (
     Payload as _Payload,
@@ -44,11 +45,21 @@ class ReqClient(Closeable):
     """Sends a request and waits for its answer, as a plain REQ client of the
     original broker would. ``timeout`` (seconds) bounds each wait; when it passes,
     the socket is replaced (a REQ socket cannot send twice) and TimeoutError is
-    raised — the request may still run on a worker."""
+    raised — the request may still run on a worker. ``curve_server_key`` and
+    ``curve_secret``: as for ``Client``."""
 
-    def __init__(self, address: str, context: Optional[zmq.Context] = None, *, timeout: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        context: Optional[zmq.Context] = None,
+        *,
+        timeout: Optional[float] = None,
+        curve_server_key: Optional[security.KeyPath] = None,
+        curve_secret: Optional[security.KeyPath] = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self._curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
         self._socket = self._connect()
@@ -56,6 +67,7 @@ class ReqClient(Closeable):
     def _connect(self) -> zmq.Socket:
         socket = self.context.socket(zmq.REQ)
         socket.setsockopt(zmq.LINGER, 0)
+        security.apply_curve(socket, self._curve)
         socket.connect(self.address)
         return socket
 
@@ -83,10 +95,12 @@ class ReqClient(Closeable):
             self.context.term()
 
 
-def connect_dealer(context: zmq.Context, address: str) -> zmq.Socket:
-    """A DEALER socket connected to `address`; ConfigError for a bad address."""
+def connect_dealer(context: zmq.Context, address: str, curve: Optional[security.CurveKeys] = None) -> zmq.Socket:
+    """A DEALER socket connected to `address` (a CURVE client with `curve`); ConfigError
+    for a bad address."""
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, Client.linger_ms)
+    security.apply_curve(socket, curve)
     try:
         socket.connect(address)
     except zmq.ZMQError as exc:
@@ -130,6 +144,11 @@ class Client(Closeable):
     When the broker has been silent for ``check_interval`` seconds while requests
     are pending, the client asks their STATUS and submits again (same id) those the
     broker lost (the lazy pirate, section 10.7).
+
+    ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
+    client's secret key file), given together, make the socket a CURVE client of a
+    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.security).
+    A client whose key the broker does not accept never connects: its requests wait.
     """
 
     linger_ms: int = 500
@@ -144,16 +163,19 @@ class Client(Closeable):
         tries: Optional[int] = None,
         ack: bool = True,
         check_interval: float = 2.0,
+        curve_server_key: Optional[security.KeyPath] = None,
+        curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.address = address
         self.timeout = check_request_timeout(timeout)
         self.tries = check_request_tries(tries)
         self.ack = bool(ack)
         self.check_interval = check_seconds("check_interval", check_interval)
+        curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
         try:
-            self._socket = connect_dealer(self.context, address)
+            self._socket = connect_dealer(self.context, address, curve)
         except BaseException:
             if self._own_context:
                 self.context.term()

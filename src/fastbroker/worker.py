@@ -27,6 +27,7 @@ from fastbroker._common import (
     check_heartbeat,
     check_seconds,
 )
+from fastbroker import security
 from fastbroker.wakepipe import WakePipe
 from fastbroker.worker_session import Session, WorkerStats
 
@@ -80,6 +81,10 @@ class ReqWorker(WorkerBase):
     An exception raised by ``process`` is logged and the job is left unanswered:
     the broker re-sends it when its attempt times out, as in the original.
     ``run()`` loops until ``stop()``.
+
+    ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
+    worker's secret key file), given together, make both sockets CURVE clients of a
+    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.security).
     """
 
     poll_interval: float = 0.1
@@ -88,22 +93,57 @@ class ReqWorker(WorkerBase):
     linger_ms: int = 5000
     """How long close() may wait to deliver answers already sent."""
 
-    def __init__(self, context: Optional[zmq.Context], requests_addr: str, replies_addr: str) -> None:
+    def __init__(
+        self,
+        context: Optional[zmq.Context],
+        requests_addr: str,
+        replies_addr: str,
+        *,
+        curve_server_key: Optional[security.KeyPath] = None,
+        curve_secret: Optional[security.KeyPath] = None,
+    ) -> None:
+        self.requests_addr = requests_addr
+        self.replies_addr = replies_addr
+        self._curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
+        self._connect()
+        self._stop = threading.Event()
+        self._not_running = threading.Event()
+        self._not_running.set()
+        self._asked = False  # a "ready" is outstanding on the REQ socket
+        self._closed = False
+
+    def _connect(self) -> None:
         self.requests = self.context.socket(zmq.REQ)
         self.replies = self.context.socket(zmq.PUSH)
         # Closing must not drop a job the broker already sent us but also
         # must not hang forever on a vanished broker.
         self.requests.setsockopt(zmq.LINGER, 0)
         self.replies.setsockopt(zmq.LINGER, self.linger_ms)
-        self.requests.connect(requests_addr)
-        self.replies.connect(replies_addr)
-        self._stop = threading.Event()
-        self._not_running = threading.Event()
-        self._not_running.set()
-        self._asked = False  # a "ready" is outstanding on the REQ socket
-        self._closed = False
+        security.apply_curve(self.requests, self._curve)
+        security.apply_curve(self.replies, self._curve)
+        self.requests.connect(self.requests_addr)
+        self.replies.connect(self.replies_addr)
+
+    def configure(
+        self,
+        *,
+        curve_server_key: Optional[security.KeyPath] = None,
+        curve_secret: Optional[security.KeyPath] = None,
+    ) -> "ReqWorker":
+        """Turn CURVE on before run() (both key files, or neither to change nothing);
+        the sockets are made again with it. ConfigError for a bad key file."""
+        if curve_server_key is None and curve_secret is None:
+            return self
+        if self._asked or not self._not_running.is_set():
+            raise WorkerBase.Error("configure() must be called before run()")
+        self._curve = security.client_keys(curve_server_key, curve_secret)
+        # Nothing was sent on the old sockets yet: closing them loses nothing.
+        self.requests.close(linger=0)
+        self.replies.close(linger=0)
+        self._connect()
+        return self
 
     def request_and_process_task(self, timeout: Optional[float] = None) -> bool:
         """Ask for a job (unless already asked), wait for it, process it and send
@@ -194,6 +234,10 @@ class Worker(WorkerBase):
     ``replies_addr`` is accepted for signature compatibility with ReqWorker and
     unused: answers travel on the same socket.
 
+    ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
+    worker's secret key file), given together, make its socket a CURVE client of a
+    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.security).
+
     **Cancellation.** When a client cancels a job, the broker sends CANCEL. A job
     not started yet is never run (the worker reports it FAILED ``Cancelled`` at
     once). A running one is not interrupted: ``self.cancelled()`` turns True in
@@ -222,6 +266,8 @@ class Worker(WorkerBase):
         heartbeat: float = DEFAULT_HEARTBEAT,
         liveness: int = DEFAULT_LIVENESS,
         reconnect_max: Optional[float] = None,
+        curve_server_key: Optional[security.KeyPath] = None,
+        curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.requests_addr = requests_addr
         self.replies_addr = replies_addr
@@ -229,7 +275,12 @@ class Worker(WorkerBase):
         self.heartbeat = DEFAULT_HEARTBEAT
         self.liveness = DEFAULT_LIVENESS
         self.reconnect_max: Optional[float] = None
-        self.configure(credit=credit, heartbeat=heartbeat, liveness=liveness, reconnect_max=reconnect_max)
+        self.curve: Optional[security.CurveKeys] = None
+        """The keys the session's sockets use (None: plain); see configure()."""
+        self.configure(
+            credit=credit, heartbeat=heartbeat, liveness=liveness, reconnect_max=reconnect_max,
+            curve_server_key=curve_server_key, curve_secret=curve_secret,
+        )
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
         self._check_address(requests_addr)
@@ -271,8 +322,11 @@ class Worker(WorkerBase):
         heartbeat: Optional[float] = None,
         liveness: Optional[int] = None,
         reconnect_max: Optional[float] = None,
+        curve_server_key: Optional[security.KeyPath] = None,
+        curve_secret: Optional[security.KeyPath] = None,
     ) -> "Worker":
-        """Change settings before run(); None leaves one unchanged. ConfigError if invalid."""
+        """Change settings before run(); None leaves one unchanged. ConfigError if invalid.
+        The two CURVE key files go together (both None: unchanged)."""
         if getattr(self, "_running", False):
             raise WorkerBase.Error("configure() must be called before run()")
         if credit is not None:
@@ -283,6 +337,8 @@ class Worker(WorkerBase):
             self.liveness = check_count("liveness", liveness, MIN_LIVENESS, MAX_LIVENESS)
         if reconnect_max is not None:
             self.reconnect_max = _check_reconnect_max(reconnect_max)
+        if curve_server_key is not None or curve_secret is not None:
+            self.curve = security.client_keys(curve_server_key, curve_secret)
         return self
 
     def cancelled(self) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
+from fastbroker import security
 from fastbroker._common import (
     CMD_ANSWER,
     CMD_CANCEL,
@@ -193,6 +194,7 @@ class Session:
         self.sock = self.worker.context.socket(zmq.DEALER)
         # Abandoning a connection must not wait for it; the last close sets its own linger.
         self.sock.setsockopt(zmq.LINGER, 0)
+        security.apply_curve(self.sock, self.worker.curve)
         self.sock.connect(self.address)
         self.heard = False
         self.last_heard = now  # the broker gets `silence` seconds to speak first
