@@ -13,7 +13,7 @@ the long soak, ``make soak``); here hypothesis makes every choice in it, through
 Checked: the broker process stays alive and exits 0 on SIGTERM with no "Traceback"
 on stderr; every job of the good client gets its right answer; the broker's VmRSS
 after the fuzz (once the queue has drained and kept outcomes and dead fakes have
-expired) is within RSS_TOLERANCE of its RSS after a warm-up of the same mix; and the
+expired) is within RSS_TOLERANCES[core] of its RSS after a warm-up of the same mix; and the
 broker's final counters show the fuzz reached the paths it aims at.
 """
 
@@ -45,14 +45,17 @@ HEARTBEAT, LIVENESS, RETENTION = 0.2, 3, 0.5
 SETTLE = RETENTION + HEARTBEAT * LIVENESS + 0.4
 """After the crowd is gone: kept outcomes (RETENTION) and silent fake workers
 (HEARTBEAT x LIVENESS) have expired by then, with a margin for the broker's turn."""
-RSS_TOLERANCE = 8 << 20
+RSS_TOLERANCES = {"compiled": 8 << 20, "pure": 16 << 20}
 """Allowed RSS growth of the broker over the fuzz. Allocators seldom give memory back,
 so the baseline is taken after a warm-up of the same mix (arenas, libzmq buffers and
 the hash tables have reached their working size); what is left is noise from
 fragmentation (~1-2 MiB measured) and requests legitimately held by fake REQ-protocol
 workers that closed with a job (a handful, each up to ~64 KiB). A leak shows if it
 exceeds 8 MiB over the fuzz's ~20,000 messages: test_rss_check_sees_held_requests
-shows what 16,000 requests held cost (well above the tolerance)."""
+shows what 16,000 requests held cost (well above the tolerance). The pure core gets
+twice as much: its requests are Python objects, and pymalloc frees an arena only when
+every object in it is gone, so the peaks of the fuzz leave more behind (+7.9 MiB seen
+once; a held request costs it ~2 KiB, so 16 MiB is still ~8,000 leaked requests)."""
 WARMUP_MESSAGES = 20_000
 EXAMPLES = 150
 MAX_BATCH = 40
@@ -182,9 +185,10 @@ def test_hostile_input_leaves_the_broker_serving_and_its_memory_flat(procs, core
         completed = settle(crowd, good)
         t2 = time.monotonic()
         # Poll a little: the broker may free what it held in its next turns.
-        after = wait_until(lambda: (lambda r: r if r <= baseline + RSS_TOLERANCE else 0)(rss_bytes(proc.pid)),
+        tolerance = RSS_TOLERANCES[core_name]
+        after = wait_until(lambda: (lambda r: r if r <= baseline + tolerance else 0)(rss_bytes(proc.pid)),
                            timeout=5.0, interval=0.2,
-                           message=f"broker RSS back within {RSS_TOLERANCE >> 20} MiB of {baseline >> 20} MiB "
+                           message=f"broker RSS back within {tolerance >> 20} MiB of {baseline >> 20} MiB "
                                    f"(now {rss_bytes(proc.pid) / 2**20:.1f} MiB)")
     finally:
         good.client.close()
@@ -210,7 +214,7 @@ HELD_PAYLOAD = 512
 def test_rss_check_sees_held_requests(procs, core_name, capsys):
     """The memory check's sensitivity: requests the broker must hold (no worker, so
     they stay queued) are what a leak of HELD_REQUESTS messages of ~HELD_PAYLOAD bytes
-    would look like; measured as in the fuzz test, the growth exceeds RSS_TOLERANCE."""
+    would look like; measured as in the fuzz test, the growth exceeds the core's RSS_TOLERANCES."""
     proc, endpoints = start_broker(procs, core_name, "--retention", str(RETENTION))
     ctx = zmq.Context()
     try:
@@ -242,8 +246,8 @@ def test_rss_check_sees_held_requests(procs, core_name, capsys):
     assert stats["queued"] == 1000 + HELD_REQUESTS
     with capsys.disabled():
         print(f"\n[{core_name}] {HELD_REQUESTS} held requests of {HELD_PAYLOAD} B: broker RSS +{growth / 2**20:.1f} MiB "
-              f"({growth / HELD_REQUESTS:.0f} B each); tolerance {RSS_TOLERANCE >> 20} MiB")
-    assert growth > RSS_TOLERANCE
+              f"({growth / HELD_REQUESTS:.0f} B each); tolerance {RSS_TOLERANCES[core_name] >> 20} MiB")
+    assert growth > RSS_TOLERANCES[core_name]
 
 
 def test_longest_request_timeout_on_a_req_worker_does_not_kill_the_broker(procs, core_name):
