@@ -149,7 +149,7 @@ def test_book_routes_outcomes_by_id_and_ignores_duplicates():
     assert isinstance(b.delivered["f3"], fastbroker.Rejected) and b.delivered["f3"].code == 1
 
 
-def test_book_lazy_pirate_status_then_resubmit_or_result():
+def test_book_lazy_pirate_result_then_resubmit_or_result():
     b = Book(check_interval=1.0)
     lost, done, running = (uuid.uuid4().bytes for _ in range(3))
     messages = {rid: [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", rid] for rid in (lost, done, running)}
@@ -161,7 +161,8 @@ def test_book_lazy_pirate_status_then_resubmit_or_result():
     assert b.book.next_check() == pytest.approx(0.1)
     b.clock.now += 0.1
     assert b.book.tick() == 3
-    assert b.sent == [[CLIENT_SIGNATURE, C_STATUS, rid] for rid in (lost, done, running)]
+    # RESULT, not STATUS: it also makes this socket a waiter of a request still running.
+    assert b.sent == [[CLIENT_SIGNATURE, C_RESULT, rid] for rid in (lost, done, running)]
     b.sent.clear()
     b.reply(R_UNKNOWN, lost)  # the broker lost it: the same SUBMIT again
     b.reply(R_STATUS, done, b"\x03", struct.pack(">I", 1), struct.pack(">I", 0))  # its outcome went astray: RESULT

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 from typing import Optional, Tuple
 
 import zmq
 
 from fastbroker import _common, _select, security
+from fastbroker.store import DEFAULT_SYNC, Store
 from fastbroker.wakepipe import WakePipe
 from fastbroker._common import (
     DEFAULT_HEARTBEAT,
@@ -18,6 +21,7 @@ from fastbroker._common import (
     MAX_CREDIT,
     MAX_LIVENESS,
     MIN_LIVENESS,
+    BrokerError,
     Closeable,
     ConfigError,
     check_count,
@@ -30,6 +34,9 @@ from fastbroker._common import (
 )
 
 log = logging.getLogger("fastbroker.broker")
+
+STORE_UPKEEP_INTERVAL = 10.0
+"""Seconds between two rounds of store upkeep (WAL checkpoint, freeing pages)."""
 
 LINGER_MS = 1000
 """How long closing the broker may wait to flush answers already handed to ZeroMQ."""
@@ -125,6 +132,10 @@ class Broker(Closeable):
     ``curve_secret`` (the broker's secret key file) and ``authorized_keys`` (a
     directory of ``*.key`` public key files), given together, make every endpoint a
     CURVE server that lets in only those keys (fastbroker.security).
+    ``store`` (a file path) keeps FBC01 requests and outcomes in an SQLite database:
+    a request is ACCEPTED, and an outcome sent, only once stored, and on start the
+    broker puts back what the store holds. ``sync`` ("full", "normal", "off") is
+    SQLite's synchronous level (fastbroker.store.SYNC_LEVELS says what each promises).
     """
 
     def __init__(
@@ -145,6 +156,8 @@ class Broker(Closeable):
         max_message: Optional[int] = None,
         curve_secret: Optional[security.KeyPath] = None,
         authorized_keys: Optional[security.KeyPath] = None,
+        store: Optional[str] = None,
+        sync: str = DEFAULT_SYNC,
     ) -> None:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
@@ -161,6 +174,7 @@ class Broker(Closeable):
         if authorized_keys is not None:
             security.load_authorized_keys(authorized_keys)
         self._authenticator = None
+        self._store: Optional[Store] = None
         try:
             core_module = _select.resolve(core)
         except ImportError as exc:
@@ -177,6 +191,9 @@ class Broker(Closeable):
         self._not_running.set()
         self._closed = False
         try:
+            if store is not None:
+                # First: a store that cannot be used must stop the broker before it binds.
+                self._store = Store(store, sync)
             if authorized_keys is not None:
                 # Before any socket: a handshake must never find no ZAP handler (libzmq
                 # would then let any CURVE key in).
@@ -196,6 +213,8 @@ class Broker(Closeable):
                 requests, workers, answers, timeout, tries, heartbeat=heartbeat, liveness=liveness,
                 retention=retention, retention_bytes=retention_bytes, max_queue=max_queue,
             )
+            if self._store is not None:
+                self._restore(retention)
         except BaseException:
             self.close()
             raise
@@ -205,6 +224,50 @@ class Broker(Closeable):
         )
         if self._curve is not None or max_queue is not None or self.max_message is not None:
             log.info("curve=%s, max_queue=%s, max_message=%s", "on" if self._curve else "off", max_queue, self.max_message)
+
+    # -- the durable store ----------------------------------------------------------
+
+    def _restore(self, retention: float) -> None:
+        """Put back what the store holds, then journal every change from now on."""
+        assert self._store is not None
+        core = self._core
+        core.journal(True)
+        requests, outcomes = self._store.load()
+        now = time.time()
+        stale = []
+        for o in outcomes:
+            age = now - o.finished
+            if age < retention:
+                core.restore_outcome(o.id, o.code, o.body, o.attempts, o.tries, age)
+            else:
+                stale.append(("forget", o.id))
+        used_up = []
+        for r in requests:
+            if 0 <= r.tries <= r.attempts:
+                # Its last attempt was in flight when the broker stopped: that was its last try.
+                core.restore_outcome(r.id, _common.R_TIMED_OUT, [], r.attempts, r.tries, 0.0)
+                used_up.append(("finish", r.id, _common.R_TIMED_OUT, [], r.attempts, r.tries))
+            else:
+                core.restore_request(r.id, r.payload, r.timeout, r.tries, r.attempts)
+        self._store.apply(stale + used_up + core.journal_take())
+        if requests or outcomes:
+            log.info(
+                "store %s: restored %d queued request(s) (%d had been sent to a worker), %d outcome(s); "
+                "%d out of tries (TIMED_OUT), %d outcome(s) past retention",
+                self._store.path, len(requests) - len(used_up), sum(1 for r in requests if r.attempts) - len(used_up),
+                len(outcomes) - len(stale), len(used_up), len(stale),
+            )
+
+    def _persist(self) -> None:
+        """Store this turn's changes in one transaction, then let the held replies go."""
+        entries = self._core.journal_take()
+        if entries:
+            try:
+                self._store.apply(entries)  # type: ignore[union-attr]
+            except sqlite3.Error as exc:
+                # Nothing held is released: no client is told of what was not stored.
+                raise BrokerError(f"store {self._store.path}: cannot write: {exc}") from None  # type: ignore[union-attr]
+        self._core.release_held()
 
     def _socket(self, kind: int, sndhwm: int, rcvhwm: int) -> zmq.Socket:
         socket = self.context.socket(kind)
@@ -261,12 +324,23 @@ class Broker(Closeable):
         if events:
             self._core.record_events(True)
         self._not_running.clear()
+        next_upkeep = time.monotonic() + STORE_UPKEEP_INTERVAL
         try:
             while not self._stopping.is_set():
-                # The core returns on a wake-up (stop(), a signal) and, when debug
-                # logging is on, after a turn that dropped messages, to log them.
-                result = self._core.run(self._wake.read_fd, None, debug, events)
+                # The core returns on a wake-up (stop(), a signal), when debug logging
+                # is on after a turn that dropped messages (to log them), and with a
+                # store after every turn that changed something (to store it).
+                wait = None
+                if self._store is not None:
+                    now = time.monotonic()
+                    if now >= next_upkeep:
+                        self._store.maintain()
+                        next_upkeep = now + STORE_UPKEEP_INTERVAL
+                    wait = next_upkeep - now
+                result = self._core.run(self._wake.read_fd, wait, debug, events)
                 self._wake.drain()
+                if self._store is not None:
+                    self._persist()
                 # One turn may have had both drops and events: whichever stopped the
                 # run, both are read (the drops by difference, so none is lost).
                 if debug and result in (_common.RUN_DROP, _common.RUN_EVENT):
@@ -301,8 +375,15 @@ class Broker(Closeable):
 
     def step(self, max_wait: float = 0.0) -> None:
         """Serve for at most `max_wait` seconds (0: handle what is pending) and return."""
-        self._core.run(self._wake.read_fd, max_wait, False)
-        self._wake.drain()
+        deadline = time.monotonic() + max_wait
+        while True:
+            result = self._core.run(self._wake.read_fd, max(0.0, deadline - time.monotonic()), False)
+            self._wake.drain()
+            if self._store is None:
+                return
+            self._persist()
+            if result != _common.RUN_JOURNAL or time.monotonic() >= deadline:
+                return
 
     def stop(self) -> None:
         """Make run() return; safe from other threads and signal handlers."""
@@ -345,7 +426,15 @@ class Broker(Closeable):
             told = core.disconnect_workers()
             if told:
                 log.info("sent DISCONNECT to %d worker(s)", told)
+            if self._store is not None:
+                try:
+                    self._persist()
+                except BrokerError as exc:
+                    log.error("%s", exc)
             core.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         for socket in self._sockets:
             socket.close()
         if self._authenticator is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib
+import json
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ from typing import List, NoReturn, Optional, Sequence
 
 from fastbroker import __version__
 from fastbroker._common import (
+    BrokerError,
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
     DEFAULT_RETENTION,
@@ -36,6 +38,7 @@ from fastbroker._common import (
 from fastbroker._select import CORE_NAMES
 from fastbroker.logsetup import LOG_FORMATS, setup_logging
 from fastbroker.signals import install_stop_handlers
+from fastbroker.store import DEFAULT_SYNC, SYNC_LEVELS
 
 EXIT_USAGE = 2
 # Exit statuses of `submit` (and `status`/`cancel`), by outcome.
@@ -238,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message", type=_max_message, default=None, metavar="BYTES", help="largest frame a peer may send, e.g. 1M; a peer sending a larger one is disconnected (default: no limit)")
     p.add_argument("--curve-secret", metavar="FILE", default=None, help="the broker's secret key file: every endpoint uses CURVE (needs --authorized-keys)")
     p.add_argument("--authorized-keys", metavar="DIR", default=None, help="directory of the public key files (*.key) of the workers and clients let in (needs --curve-secret)")
+    p.add_argument("--store", metavar="PATH", default=None, help="keep FBC01 requests and outcomes in this SQLite file: they survive a crash and restart (created if missing)")
+    p.add_argument("--sync", choices=tuple(SYNC_LEVELS), default=DEFAULT_SYNC, help=f"with --store: full survives power loss, normal and off a crash of the broker process (default: {DEFAULT_SYNC})")
     p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, logged at -v)")
     p.add_argument("--metrics-host", default=DEFAULT_METRICS_HOST, metavar="HOST", help=f"address the metrics server listens on (default: {DEFAULT_METRICS_HOST})")
     p.add_argument("requests_addr", metavar="REQUESTS_ADDR", help="where clients send requests (ROUTER), e.g. tcp://*:5555")
@@ -331,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tries", type=_tries, default=3, help="tries per job (default: 3)")
     p.add_argument("--core", choices=CORE_NAMES, default=None, help="broker core")
     p.add_argument("--seed", type=int, default=2010, help="random seed of the dropping workers")
+    p = sub.add_parser("store", help="inspect a broker's store", description="Inspect a store file of `fastbroker broker --store`.", parents=[verbose])
+    store_sub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
+    store_sub.required = True
+    c = store_sub.add_parser("check", help="report what a store holds and whether it is sound (read-only)")
+    c.add_argument("path", metavar="PATH", help="the store file")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -362,7 +373,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
             None, args.timeout, args.tries, args.requests_addr, args.workers_addr, args.answers_addr,
             core=args.core, retention=args.retention, retention_bytes=args.retention_memory,
             max_queue=args.max_queue, max_message=args.max_message,
-            curve_secret=args.curve_secret, authorized_keys=args.authorized_keys, **options,
+            curve_secret=args.curve_secret, authorized_keys=args.authorized_keys,
+            store=args.store, sync=args.sync, **options,
         )
     except ConfigError as exc:
         return _fail(str(exc))
@@ -379,6 +391,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     install_stop_handlers(broker.stop, broker.wake_fd)
     try:
         broker.run()
+    except BrokerError as exc:
+        # The store could not be written: stop rather than promise what is not stored.
+        print(f"fastbroker: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         signal.set_wakeup_fd(-1)
         # Before the broker: its context cannot end while the metrics' socket is open.
@@ -602,6 +618,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from fastbroker.store import check
+
+    try:
+        report = check(args.path)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(report._asdict()))
+    else:
+        print(f"store {report.path}: version {report.version}, {report.bytes} bytes")
+        print(f"queued: {report.queued} (never sent to a worker)")
+        print(f"in flight: {report.in_flight} (sent at least once, not finished)")
+        print(f"finished: {report.finished} (outcomes kept for RESULT)")
+        print("sound" if report.sound else "NOT SOUND: " + "; ".join(report.problems))
+    return 0 if report.sound else 1
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from fastbroker.security import create_key_pair
 
@@ -643,6 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "status": cmd_status,
         "cancel": cmd_cancel,
         "keygen": cmd_keygen,
+        "store": cmd_store,
         "stats": cmd_stats,
     }
     try:

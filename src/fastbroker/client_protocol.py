@@ -441,7 +441,7 @@ class RequestBook:
 
     def tick(self) -> int:
         """If the broker has been silent for check_interval while requests are
-        pending, ask STATUS for up to check_batch of them; returns how many."""
+        pending, ask RESULT for up to check_batch of them; returns how many."""
         if not self._entries:
             return 0
         now = self._clock()
@@ -455,7 +455,10 @@ class RequestBook:
                 break
         for request_id in batch:
             self._entries[request_id] = self._entries.pop(request_id)  # to the back
-            self._send(status_message(request_id))
+            # RESULT rather than STATUS: the same answers (STATUS while it runs,
+            # UNKNOWN if lost), but it also makes this socket a waiter, so an outcome
+            # still reaches it after its connection or the broker (with a store) changed.
+            self._send(result_message(request_id))
         self.checks += len(batch)
         return len(batch)
 
