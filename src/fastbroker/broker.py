@@ -334,7 +334,12 @@ class Broker(Closeable):
                 if self._store is not None:
                     now = time.monotonic()
                     if now >= next_upkeep:
-                        self._store.maintain()
+                        try:
+                            self._store.maintain()
+                        except sqlite3.Error as exc:
+                            # Upkeep only bounds the files' size: nothing promised depends
+                            # on it, so it is retried next time rather than stop the broker.
+                            log.warning("store %s: upkeep failed: %s", self._store.path, exc)
                         next_upkeep = now + STORE_UPKEEP_INTERVAL
                     wait = next_upkeep - now
                 result = self._core.run(self._wake.read_fd, wait, debug, events)

@@ -251,25 +251,38 @@ def check(path: str) -> StoreReport:
             raise _fail(path, f"not a fastbroker store or corrupt ({exc})") from None
         if app != APPLICATION_ID:
             raise _fail(path, "not a fastbroker store (another SQLite database)")
+        # A file that is a store (its application id says so) but whose pages are
+        # damaged is reported not sound (exit 1), with what could still be counted;
+        # only what cannot be opened or is not a store is an error (exit 2).
+        version: Optional[int] = 0
+        queued = in_flight = finished = unreadable = 0
+        problems: List[str] = []
         try:
             row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
             version = int(row[0]) if row and row[0].isdigit() else 0
-            problems = [r[0] for r in db.execute("PRAGMA integrity_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            version = None
+            problems.append(f"cannot read the schema version: {exc}")
+        try:
+            problems += [r[0] for r in db.execute("PRAGMA integrity_check").fetchall() if r[0] != "ok"]
+        except sqlite3.DatabaseError as exc:
+            problems.append(f"integrity check failed: {exc}")
+        try:
             queued, in_flight = db.execute(
                 "SELECT COALESCE(SUM(attempts = 0), 0), COALESCE(SUM(attempts > 0), 0) FROM requests").fetchone()
             finished = db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0]
-            unreadable = 0
             for (blob,) in db.execute("SELECT payload FROM requests UNION ALL SELECT body FROM outcomes"):
                 try:
                     decode_frames(blob)
                 except (ValueError, TypeError):
                     unreadable += 1
         except sqlite3.DatabaseError as exc:
-            raise _fail(path, f"is corrupt: {exc}") from None
+            problems.append(f"cannot read every row: {exc}")
     finally:
         db.close()
-    problems = [] if problems == ["ok"] else problems
-    if version != SCHEMA_VERSION:
+    if version is None:
+        version = 0
+    elif version != SCHEMA_VERSION:
         problems.append(f"version {version}; this fastbroker reads version {SCHEMA_VERSION}")
     if unreadable:
         problems.append(f"{unreadable} row(s) whose frames cannot be decoded")
