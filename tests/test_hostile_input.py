@@ -45,17 +45,21 @@ HEARTBEAT, LIVENESS, RETENTION = 0.2, 3, 0.5
 SETTLE = RETENTION + HEARTBEAT * LIVENESS + 0.4
 """After the crowd is gone: kept outcomes (RETENTION) and silent fake workers
 (HEARTBEAT x LIVENESS) have expired by then, with a margin for the broker's turn."""
-RSS_TOLERANCES = {"compiled": 8 << 20, "pure": 16 << 20}
+RSS_TOLERANCES = {"compiled": 8 << 20, "pure": 48 << 20}
 """Allowed RSS growth of the broker over the fuzz. Allocators seldom give memory back,
 so the baseline is taken after a warm-up of the same mix (arenas, libzmq buffers and
 the hash tables have reached their working size); what is left is noise from
 fragmentation (~1-2 MiB measured) and requests legitimately held by fake REQ-protocol
 workers that closed with a job (a handful, each up to ~64 KiB). A leak shows if it
 exceeds 8 MiB over the fuzz's ~20,000 messages: test_rss_check_sees_held_requests
-shows what 16,000 requests held cost (well above the tolerance). The pure core gets
-twice as much: its requests are Python objects, and pymalloc frees an arena only when
-every object in it is gone, so the peaks of the fuzz leave more behind (+7.9 MiB seen
-once; a held request costs it ~2 KiB, so 16 MiB is still ~8,000 leaked requests)."""
+shows what 16,000 requests held cost (well above the tolerance). The pure core's RSS
+says little about leaks: its requests are Python objects, and pymalloc and malloc keep
+the memory of a peak (a backlog while the machine is loaded) long after the objects
+are gone: +3 to +8 MiB alone, +42 MiB once under a loaded machine, while tracemalloc
+in the broker process showed nothing left over 100,000 messages but the dicts' grown
+tables and the jobs held by silent fake workers. So the pure core gets a loose bound
+(a gross leak: ~24,000 requests at ~2 KiB) and, like the compiled one, the broker's
+own account that nothing is left queued (asserted at the end)."""
 WARMUP_MESSAGES = 20_000
 EXAMPLES = 150
 MAX_BATCH = 40
@@ -194,6 +198,7 @@ def test_hostile_input_leaves_the_broker_serving_and_its_memory_flat(procs, core
         good.client.close()
         ctx.destroy(linger=0)
     stats = stop_broker(proc, procs)
+    assert stats["queued"] == 0, stats  # the last good job drained the FIFO queue
     # The fuzz reached what it aims at (a mix that lost, say, its valid SUBMITs
     # would make this test pass for nothing).
     for counter in ("requests", "answered", "rejected", "duplicates", "cancelled", "failed", "timeouts",
@@ -207,14 +212,15 @@ def test_hostile_input_leaves_the_broker_serving_and_its_memory_flat(procs, core
               f"running at the end {stats['running']}")
 
 
-HELD_REQUESTS = 16_000
+HELD_REQUESTS_BY_CORE = {"compiled": 16_000, "pure": 48_000}
 HELD_PAYLOAD = 512
 
 
 def test_rss_check_sees_held_requests(procs, core_name, capsys):
     """The memory check's sensitivity: requests the broker must hold (no worker, so
-    they stay queued) are what a leak of HELD_REQUESTS messages of ~HELD_PAYLOAD bytes
+    they stay queued) are what a leak of that many messages of ~HELD_PAYLOAD bytes
     would look like; measured as in the fuzz test, the growth exceeds the core's RSS_TOLERANCES."""
+    held = HELD_REQUESTS_BY_CORE[core_name]
     proc, endpoints = start_broker(procs, core_name, "--retention", str(RETENTION))
     ctx = zmq.Context()
     try:
@@ -238,15 +244,15 @@ def test_rss_check_sees_held_requests(procs, core_name, capsys):
 
         submit_and_count_accepted(1000, b"w" * HELD_PAYLOAD)  # warm-up: sockets, tables
         baseline = rss_bytes(proc.pid)
-        submit_and_count_accepted(HELD_REQUESTS, b"h" * HELD_PAYLOAD)
+        submit_and_count_accepted(held, b"h" * HELD_PAYLOAD)
         growth = rss_bytes(proc.pid) - baseline
     finally:
         ctx.destroy(linger=0)
     stats = stop_broker(proc, procs)
-    assert stats["queued"] == 1000 + HELD_REQUESTS
+    assert stats["queued"] == 1000 + held
     with capsys.disabled():
-        print(f"\n[{core_name}] {HELD_REQUESTS} held requests of {HELD_PAYLOAD} B: broker RSS +{growth / 2**20:.1f} MiB "
-              f"({growth / HELD_REQUESTS:.0f} B each); tolerance {RSS_TOLERANCES[core_name] >> 20} MiB")
+        print(f"\n[{core_name}] {held} held requests of {HELD_PAYLOAD} B: broker RSS +{growth / 2**20:.1f} MiB "
+              f"({growth / held:.0f} B each); tolerance {RSS_TOLERANCES[core_name] >> 20} MiB")
     assert growth > RSS_TOLERANCES[core_name]
 
 
