@@ -234,7 +234,7 @@ def test_demo_runs_and_prints_a_summary(tmp_path, subprocess_env, core_name):
     assert len(summary) == 1, result.stdout
     assert summary[0].startswith("summary (REQ clients): 8 requests:")
     # The FBC01 part: one line per outcome kind it sets up, then map's answers in order.
-    for line in ("client: hello -> OK -hello", "client: slow (0.2 s timeout, 2 tries) -> TIMED_OUT",
+    for line in ("client: hello -> OK -hello", "client: slow (0.2 s timeout, 1 try) -> TIMED_OUT",
                  "client: slow, cancelled -> CANCELLED", "8 answers in order: -map-0 ... -map-7"):
         assert line in result.stdout, result.stdout
     # FAILED with the worker's text if a DEALER worker ran it; REQ workers can only time out.
