@@ -17,15 +17,14 @@ import zmq
 import zmq.asyncio
 
 from fastbroker import security
-from fastbroker._common import RECV_BATCH, BrokerError, check_count, check_seconds
+from fastbroker._common import RECV_BATCH, BrokerError, check_count
 from fastbroker.client import Client, connect_dealer
 from fastbroker.client_protocol import (
     Payload,
     Progress,
     RequestBook,
+    RequestDefaults,
     check_request_id,
-    check_request_timeout,
-    check_request_tries,
     encode_options,
     iter_with_len,
     new_request_id,
@@ -57,7 +56,7 @@ def _ignore_send_result(future: asyncio.Future) -> None:
         log.debug("send failed: %s", future.exception())
 
 
-class AsyncClient:
+class AsyncClient(RequestDefaults):
     """An FBC01 client for asyncio; see ``fastbroker.Client`` for the behaviour.
 
     ``submit()`` and ``result()`` return an asyncio future (``await`` it for the
@@ -81,10 +80,7 @@ class AsyncClient:
         curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.address = address
-        self.timeout = check_request_timeout(timeout)
-        self.tries = check_request_tries(tries)
-        self.ack = bool(ack)
-        self.check_interval = check_seconds("check_interval", check_interval)
+        self._set_defaults(timeout, tries, ack, check_interval)
         curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         if context is None:
@@ -114,11 +110,6 @@ class AsyncClient:
             raise BrokerError("client closed")
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"fastbroker-client {self.address}")
-
-    def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
-        timeout = self.timeout if timeout is None else timeout
-        tries = self.tries if tries is None else tries
-        return encode_options(timeout, tries, self.ack)
 
     def submit(
         self,

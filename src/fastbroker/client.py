@@ -15,14 +15,13 @@ from typing import Any, Deque, Iterable, Iterator, List, Optional, Union
 import zmq
 
 from fastbroker import security
-from fastbroker._common import RECV_BATCH, BrokerError, Closeable, ConfigError, check_count, check_seconds
+from fastbroker._common import RECV_BATCH, BrokerError, Closeable, ConfigError, check_count
 from fastbroker.client_protocol import (
     Payload as _Payload,
     Progress,
     RequestBook,
+    RequestDefaults,
     check_request_id,
-    check_request_timeout,
-    check_request_tries,
     encode_options,
     iter_with_len,
     new_request_id,
@@ -133,7 +132,7 @@ def _deliver(future: concurrent.futures.Future, value: Any, exc: Optional[BaseEx
 _CLOSE = ("close",)
 
 
-class Client(Closeable):
+class Client(RequestDefaults, Closeable):
     """An FBC01 client (docs/PROTOCOL.md section 10): a DEALER socket with many
     requests in flight, each with its own id, timeout and tries.
 
@@ -142,8 +141,9 @@ class Client(Closeable):
     pipe. ``timeout`` (seconds per attempt) and ``tries`` are the defaults of every
     request (None: the broker's). With ``ack=False`` the broker sends no ACCEPTED.
     When the broker has been silent for ``check_interval`` seconds while requests
-    are pending, the client asks their STATUS and submits again (same id) those the
-    broker lost (the lazy pirate, section 10.7).
+    are pending, the client sends RESULT for them (which also makes this socket a
+    waiter again) and submits again (same id) those the broker lost (the lazy
+    pirate, section 10.7).
 
     ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
     client's secret key file), given together, make the socket a CURVE client of a
@@ -167,10 +167,7 @@ class Client(Closeable):
         curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.address = address
-        self.timeout = check_request_timeout(timeout)
-        self.tries = check_request_tries(tries)
-        self.ack = bool(ack)
-        self.check_interval = check_seconds("check_interval", check_interval)
+        self._set_defaults(timeout, tries, ack, check_interval)
         curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
@@ -192,11 +189,6 @@ class Client(Closeable):
         self._thread.start()
 
     # -- the API -------------------------------------------------------------------------
-
-    def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
-        timeout = self.timeout if timeout is None else timeout
-        tries = self.tries if tries is None else tries
-        return encode_options(timeout, tries, self.ack)
 
     def submit(
         self,

@@ -41,6 +41,7 @@ from fastbroker._common import (
     STATE_RUNNING,
     BrokerError,
     ConfigError,
+    check_seconds,
 )
 from fastbroker.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
 
@@ -67,6 +68,26 @@ REPLY_NAMES = {
 
 
 # -- options ---------------------------------------------------------------------------
+
+
+class RequestDefaults:
+    """What Client and AsyncClient share of their settings: the defaults of each
+    request, and the options frame they make of them."""
+
+    timeout: Optional[float]
+    tries: Optional[int]
+    ack: bool
+    check_interval: float
+
+    def _set_defaults(self, timeout: Optional[float], tries: Optional[int], ack: bool, check_interval: float) -> None:
+        self.timeout = check_request_timeout(timeout)
+        self.tries = check_request_tries(tries)
+        self.ack = bool(ack)
+        self.check_interval = check_seconds("check_interval", check_interval)
+
+    def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
+        return encode_options(self.timeout if timeout is None else timeout, self.tries if tries is None else tries, self.ack)
+
 
 
 def check_request_timeout(timeout: Optional[float]) -> Optional[float]:
