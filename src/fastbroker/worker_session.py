@@ -206,6 +206,19 @@ class Session:
             self.stats.reconnects += 1
         log.debug("connecting to %s (connection %d)", self.address, self.generation)
 
+    def _register_again(self) -> None:
+        """DISCONNECT: the broker does not know this worker (it was restarted, took
+        the worker for dead, or is closing). Register again with READY on the same
+        socket rather than open a new one: a READY sent just before this DISCONNECT
+        may already have registered it, and the TASKs that followed it are on this
+        socket. (A broker that is closing is found out by its silence.)"""
+        # The jobs in hand belong to the registration the broker forgot: they are
+        # orphans for the credit, and their FAILEDs would be for attempts it re-queued.
+        self.generation += 1
+        self.announced = None
+        self.unconfirmed = []
+        log.info("the broker sent DISCONNECT: registering again")
+
     def _lose(self, now: float, reason: str) -> None:
         """Drop the connection and schedule the next: at once after one loss, then
         heartbeat/2 doubling up to reconnect_max while the broker stays silent."""
@@ -298,8 +311,8 @@ class Session:
             command = frames[2]
             if command == CMD_DISCONNECT:
                 self.stats.disconnects += 1
-                self._lose(now, "the broker sent DISCONNECT")
-                return
+                self._register_again()
+                continue
             if not self.heard:
                 # Not on DISCONNECT: a broker that keeps refusing us must meet the back-off.
                 self.heard = True
