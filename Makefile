@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.h' -o -name py.typed)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-compiled test-pure bench soak clean
+.PHONY: install demo test test-compiled test-pure bench soak loadgen clean
 
 install: $(STAMP)
 
@@ -39,5 +39,10 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m bench.soak --messages 1000000 --core compiled $(SOAK_ARGS)
 
+# The compiled load generators of bench/e2e.py (bench/_loadgen.pyx), built in place;
+# like the core, they use pyzmq's own libzmq (no second libzmq is linked).
+loadgen: $(STAMP)
+	$(PY) bench/build_loadgen.py
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so .pytest_cache .benchmarks
+	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so bench/_loadgen.c bench/*.so .pytest_cache .benchmarks

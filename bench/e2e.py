@@ -3,6 +3,7 @@
     python -m bench.e2e [--jobs N] [--window W] [--payload BYTES]
                         [--transport ipc|tcp] [--only compiled,pure,proxy]
                         [--rounds R] [--clients N] [--workers N] [--warmup N]
+                        [--loadgen compiled|python] [--protocol auto|fbc|req] [--pin]
                         (from the repository root)
 
 Brokers, each in its own process, one after the other (``--rounds`` times, interleaved:
@@ -15,7 +16,12 @@ compiled, pure, proxy, compiled, ...; the table gives the median of each figure)
   any broker in front of libzmq can cost.
 
 Load, in processes of their own (by default 1 client process + 1 worker process,
-for a 2-core machine):
+for a 2-core machine). ``--loadgen compiled`` (the default when ``bench/_loadgen``
+is built: ``make loadgen``) runs the same clients and workers as C loops without
+the GIL (``bench/_loadgen.pyx``); with it, fastbroker's clients speak FBC01
+(``SUBMIT`` with ``OPT_NO_ACK``, a 16-byte id from a counter; ``--protocol req``
+keeps the REQ envelope below, the only one ``zmq.proxy`` can carry).
+``--loadgen python`` is the pyzmq version described here:
 
 * a client is a DEALER socket sending ``[b"", payload]`` with ``--window``
   requests in flight; the payload starts with the request id (8 bytes), which
@@ -32,7 +38,9 @@ for a 2-core machine):
 
 CPU: ``utime + stime`` from ``/proc/<pid>/stat`` (all threads, so libzmq's I/O
 thread too) of the broker, client and worker processes, read just before the
-"go" and just after the last client reported. Resolution is one clock tick
+"go" and just after the last client reported; reported per job for the broker
+and for the load generators (client, worker). ``--pin``: the broker process on
+CPU 0, the load generators on the other CPUs (set before exec, so every thread). Resolution is one clock tick
 (usually 10 ms): keep ``--jobs`` large enough for the window to last a second
 or more. Every wait is bounded; every process started is SIGKILLed at the end
 of its broker's run, pass or fail, and children exit by themselves if this
@@ -74,6 +82,14 @@ READY, TASK, ANSWER, HEARTBEAT, DISCONNECT = b"\x01", b"\x02", b"\x03", b"\x05",
 BIG_CREDIT = struct.pack(">I", 1 << 16)
 ID = struct.Struct("<Q")
 
+try:
+    from bench import _loadgen
+except ImportError as _e:  # not built: make loadgen
+    _loadgen = None
+    LOADGEN_ERROR = str(_e)
+else:
+    LOADGEN_ERROR = ""
+
 
 # -- children ------------------------------------------------------------------------------
 
@@ -102,7 +118,7 @@ def run_proxy(front_addr: str, back_addr: str) -> None:
     zmq.proxy(front, back)
 
 
-def run_worker(kind: str, addr: str, parent: int) -> None:
+def run_worker(kind: str, addr: str, parent: int, loadgen: str = "python") -> None:
     ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -110,6 +126,12 @@ def run_worker(kind: str, addr: str, parent: int) -> None:
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.connect(addr)
     fbw = kind == "fbw"
+    if loadgen == "compiled":
+        assert _loadgen is not None, LOADGEN_ERROR
+        _say("connected")  # the compiled worker sends its READY itself, first thing
+        _loadgen.worker(sock, _loadgen.MODE_FBW if fbw else _loadgen.MODE_ECHO, 1 << 16, 0.5, 0, -1,
+                        parent, CHILD_LIFETIME)
+        return
     if fbw:
         sock.send_multipart([b"", SIG, READY, BIG_CREDIT])
     _say("connected")
@@ -149,7 +171,18 @@ def run_worker(kind: str, addr: str, parent: int) -> None:
         last_send = time.monotonic()
 
 
-def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, parent: int) -> None:
+def percentiles(lat: Sequence[int], n: int) -> Dict[str, float]:
+    """p50/p99/p99.9/max in µs of n sorted latencies in ns."""
+    return {
+        "p50_us": lat[n // 2] / 1e3,
+        "p99_us": lat[min(n - 1, (n * 99) // 100)] / 1e3,
+        "p999_us": lat[min(n - 1, (n * 999) // 1000)] / 1e3,
+        "max_us": lat[n - 1] / 1e3,
+    }
+
+
+def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, parent: int,
+               loadgen: str = "python", protocol: str = "req") -> None:
     ctx = zmq.Context(1)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -159,7 +192,16 @@ def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, par
     pad = b"x" * (payload - ID.size)
     signal.alarm(int(CHILD_LIFETIME))
 
+    def compiled_phase(first: int, n: int) -> Dict[str, object]:
+        assert _loadgen is not None, LOADGEN_ERROR
+        mode = _loadgen.MODE_FBC if protocol == "fbc" else _loadgen.MODE_REQ
+        r = _loadgen.client(sock, n, window, payload, first, os.urandom(8), mode, STALL, parent)
+        lat = memoryview(r["latencies_ns"]).cast("q")
+        return {"start": r["start"], "end": r["end"], "n": n, **percentiles(lat, n)}
+
     def phase(first: int, n: int) -> Dict[str, object]:
+        if loadgen == "compiled":
+            return compiled_phase(first, n)
         sent_at = [0] * n
         lat = [0] * n
         done = bytearray(n)
@@ -201,12 +243,7 @@ def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, par
             last_progress = time.monotonic()
         t1 = time.monotonic()
         lat.sort()
-        return {
-            "start": t0, "end": t1, "n": n,
-            "p50_us": lat[n // 2] / 1e3,
-            "p99_us": lat[min(n - 1, (n * 99) // 100)] / 1e3,
-            "max_us": lat[-1] / 1e3,
-        }
+        return {"start": t0, "end": t1, "n": n, **percentiles(lat, n)}
 
     if warmup:
         phase(1 << 40, warmup)
@@ -259,13 +296,16 @@ class Run:
         self.env.pop("FASTBROKER_PURE", None)
         self.count = 0
 
-    def start(self, argv: Sequence[str], name: str, stdin: bool = False) -> subprocess.Popen:
+    def start(self, argv: Sequence[str], name: str, stdin: bool = False,
+              cpus: Optional[Sequence[int]] = None) -> subprocess.Popen:
         self.count += 1
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         err = self.dir / f"{self.count:02d}-{name}.err"
         with open(err, "wb") as f:
             proc = subprocess.Popen(
                 [sys.executable, *argv], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=f, env=self.env, cwd=str(REPO), start_new_session=True,
+                preexec_fn=pin,
             )
         proc.err_path = err  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -305,14 +345,16 @@ class Run:
         me = str(os.getpid())
         req, work = self.endpoint("requests"), self.endpoint("workers")
         deadline = time.monotonic() + START_WAIT
+        bcpus, lcpus = a.cpus
         if broker == "proxy":
-            bproc = self.start(["-m", "bench.e2e", "_proxy", req, work], "proxy")
+            bproc = self.start(["-m", "bench.e2e", "_proxy", req, work], "proxy", cpus=bcpus)
             line = Lines(bproc, "proxy").read(deadline)
             _, req, work = line.split()
             worker_kind = "echo"
         else:
             ans = self.endpoint("answers")
-            bproc = self.start(["-m", "fastbroker", "-v", "broker", "--core", broker, req, work, ans], broker)
+            bproc = self.start(["-m", "fastbroker", "-v", "broker", "--core", broker, req, work, ans], broker,
+                               cpus=bcpus)
             while True:
                 text = self.stderr_of(bproc)
                 if "broker on requests=" in text:
@@ -325,15 +367,18 @@ class Run:
             if f"core={broker})" not in text:
                 raise RuntimeError(f"the broker does not run the {broker} core:\n{text}")
             worker_kind = "fbw"
-        workers = [self.start(["-m", "bench.e2e", "_worker", worker_kind, work, me], f"worker{i}")
+        workers = [self.start(["-m", "bench.e2e", "_worker", worker_kind, work, me, a.loadgen], f"worker{i}",
+                              cpus=lcpus)
                    for i in range(a.workers)]
         for i, w in enumerate(workers):
             if Lines(w, f"worker{i}").read(deadline) != "connected":
                 raise RuntimeError("worker did not connect")
         share = [a.jobs // a.clients + (1 if i < a.jobs % a.clients else 0) for i in range(a.clients)]
         warmup = max(0, min(a.warmup, a.jobs))
+        protocol = "req" if broker == "proxy" else a.protocol
         clients = [self.start(["-m", "bench.e2e", "_client", req, str(n), str(a.window), str(a.payload),
-                               str(warmup), me], f"client{i}", stdin=True) for i, n in enumerate(share)]
+                               str(warmup), me, a.loadgen, protocol], f"client{i}", stdin=True, cpus=lcpus)
+                   for i, n in enumerate(share)]
         readers = [Lines(c, f"client{i}") for i, c in enumerate(clients)]
         warm_deadline = time.monotonic() + START_WAIT + 60
         for r in readers:
@@ -363,6 +408,7 @@ class Run:
             "broker": broker, "jobs": jobs, "elapsed": elapsed, "rate": jobs / elapsed,
             # with several clients: the worst client's percentiles
             "p50_us": max(r["p50_us"] for r in results), "p99_us": max(r["p99_us"] for r in results),
+            "p999_us": max(r["p999_us"] for r in results), "protocol": protocol,
             "cpu": cpu, "wall": wall,
         }
 
@@ -391,6 +437,7 @@ def aggregate(runs: List[Dict[str, object]]) -> Dict[str, object]:
         "rate": med(r["rate"] for r in runs),
         "rate_min": min(r["rate"] for r in runs), "rate_max": max(r["rate"] for r in runs),
         "p50_us": med(r["p50_us"] for r in runs), "p99_us": med(r["p99_us"] for r in runs),
+        "p999_us": med(r["p999_us"] for r in runs), "protocol": runs[0]["protocol"],
         "cpu_job": {k: med(r["cpu"][k] / r["jobs"] for r in runs) for k in ("broker", "client", "worker")},
         "cpu_pct": {k: med(r["cpu"][k] / r["wall"] * 100 for r in runs) for k in ("broker", "client", "worker")},
     }
@@ -398,21 +445,25 @@ def aggregate(runs: List[Dict[str, object]]) -> Dict[str, object]:
 
 def report(results: List[Dict[str, object]], args: argparse.Namespace) -> None:
     aggs = [aggregate([r for r in results if r["broker"] == b]) for b in args.only]
-    head = ("broker", "jobs/s (median)", "jobs/s min-max", "p50 µs", "p99 µs", "broker CPU µs/job",
+    head = ("broker", "client protocol", "jobs/s (median)", "jobs/s min-max", "p50 µs", "p99 µs", "p99.9 µs",
+            "broker CPU µs/job", "client CPU µs/job", "worker CPU µs/job",
             "broker CPU %", "client CPU %", "worker CPU %")
     rows = []
     for a in aggs:
-        rows.append((a["broker"], f"{a['rate']:,.0f}", f"{a['rate_min']:,.0f}-{a['rate_max']:,.0f}",
-                     f"{a['p50_us']:,.0f}", f"{a['p99_us']:,.0f}", f"{a['cpu_job']['broker'] * 1e6:.1f}",
+        rows.append((a["broker"], a["protocol"], f"{a['rate']:,.0f}", f"{a['rate_min']:,.0f}-{a['rate_max']:,.0f}",
+                     f"{a['p50_us']:,.0f}", f"{a['p99_us']:,.0f}", f"{a['p999_us']:,.0f}",
+                     f"{a['cpu_job']['broker'] * 1e6:.1f}", f"{a['cpu_job']['client'] * 1e6:.1f}",
+                     f"{a['cpu_job']['worker'] * 1e6:.1f}",
                      f"{a['cpu_pct']['broker']:.0f}", f"{a['cpu_pct']['client']:.0f}", f"{a['cpu_pct']['worker']:.0f}"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    print(f"median over {args.rounds} round(s) per broker (rounds interleaved):")
+    print(f"median over {args.rounds} round(s) per broker (rounds interleaved), {args.loadgen} load generators:")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
     for row in rows:
         print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
     print(f"(CPU % = CPU seconds / wall seconds of the measured window, 100 % = one core; "
-          f"p50/p99 of the request round trip seen by the client; /proc tick = {1e3 / CLK_TCK:.0f} ms)")
+          f"CPU µs/job = CPU seconds of the broker / all clients / all workers over the window, per job; "
+          f"p50/p99/p99.9 of the request round trip seen by the client; /proc tick = {1e3 / CLK_TCK:.0f} ms)")
     by = {a["broker"]: a for a in aggs}
     ratios = []
     for x, y in (("compiled", "pure"), ("compiled", "proxy"), ("pure", "proxy")):
@@ -421,6 +472,7 @@ def report(results: List[Dict[str, object]], args: argparse.Namespace) -> None:
             cx, cy = ax["cpu_job"]["broker"], ay["cpu_job"]["broker"]
             ratios.append(f"{x}/{y}: jobs/s {ax['rate'] / ay['rate']:.2f}x, "
                           f"p50 {ax['p50_us'] / ay['p50_us']:.2f}x, p99 {ax['p99_us'] / ay['p99_us']:.2f}x, "
+                          f"p99.9 {ax['p999_us'] / ay['p999_us']:.2f}x, "
                           f"broker CPU/job {cx / cy if cy else float('inf'):.2f}x")
     if ratios:
         print("ratios of the medians (same load, same run):")
@@ -442,7 +494,36 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3,
                    help="measurements per broker, interleaved; the table gives medians (default 3)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="bound of each measured run (default 300)")
+    p.add_argument("--loadgen", choices=("compiled", "python"), default=None,
+                   help="load generators: compiled (bench/_loadgen, default when built: make loadgen) or python")
+    p.add_argument("--protocol", choices=("auto", "fbc", "req"), default="auto",
+                   help="fastbroker clients: FBC01 (needs --loadgen compiled) or the REQ envelope; auto: fbc "
+                        "with compiled load generators, else req. The proxy always carries req")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the broker to CPU 0 and the load generators to the other CPUs")
     args = p.parse_args(argv)
+    if args.loadgen is None:
+        args.loadgen = "compiled" if _loadgen is not None else "python"
+        if _loadgen is None:
+            print(f"note: compiled load generators not built ({LOADGEN_ERROR}); using the Python ones "
+                  f"(build them with `make loadgen` or `.venv/bin/python bench/build_loadgen.py`)")
+    elif args.loadgen == "compiled" and _loadgen is None:
+        p.error(f"--loadgen compiled: bench._loadgen does not import ({LOADGEN_ERROR}); run `make loadgen`")
+    if args.window > 900:
+        print(f"note: --window {args.window}: both brokers' requests ROUTER has SNDHWM 1000 per client "
+              f"(zmq.proxy's by default, fastbroker's REQUESTS_SNDHWM) and drops replies beyond it; "
+              f"a client may then stall")
+    if args.protocol == "auto":
+        args.protocol = "fbc" if args.loadgen == "compiled" else "req"
+    elif args.protocol == "fbc" and args.loadgen != "compiled":
+        p.error("--protocol fbc needs --loadgen compiled")
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin:
+        if len(cpus) < 2:
+            p.error("--pin needs 2 CPUs or more")
+        args.cpus = ([cpus[0]], cpus[1:])
+    else:
+        args.cpus = (None, None)
     args.only = [b.strip() for b in args.only.split(",") if b.strip()]
     bad = [b for b in args.only if b not in BROKERS]
     if bad or not args.only:
@@ -460,10 +541,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_proxy(argv[1], argv[2])
         return 0
     if argv and argv[0] == "_worker":
-        run_worker(argv[1], argv[2], int(argv[3]))
+        run_worker(argv[1], argv[2], int(argv[3]), *argv[4:5])
         return 0
     if argv and argv[0] == "_client":
-        run_client(argv[1], *(int(x) for x in argv[2:7]))
+        run_client(argv[1], *(int(x) for x in argv[2:7]), *argv[7:9])
         return 0
 
     args = parse(argv)
@@ -473,6 +554,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"load: {args.jobs} jobs/broker, window {args.window} x {args.clients} client process(es), "
           f"{args.workers} worker process(es), payload {args.payload} B, {args.transport}, "
           f"warm-up {args.warmup} jobs/client")
+    proto = "FBC01 SUBMIT with OPT_NO_ACK" if args.protocol == "fbc" else 'REQ envelope [b"", payload]'
+    pinned = (f"pinned: broker on CPU {args.cpus[0]}, load generators on CPUs {args.cpus[1]}" if args.pin
+              else "not pinned")
+    print(f"load generators: {args.loadgen}; fastbroker clients speak {args.protocol} ({proto}), "
+          f"the proxy's req; {pinned}")
     results: List[Dict[str, object]] = []
     for rnd in range(1, args.rounds + 1):
         for broker in args.only:
@@ -489,7 +575,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     run.close()
             results.append(r)
             print(f"  round {rnd} {broker:8}: {r['jobs']} jobs in {r['elapsed']:.3f} s = {r['rate']:,.0f} jobs/s, "
-                  f"broker CPU {r['cpu']['broker'] / r['jobs'] * 1e6:.1f} µs/job", flush=True)
+                  f"p50/p99/p99.9 {r['p50_us']:,.0f}/{r['p99_us']:,.0f}/{r['p999_us']:,.0f} µs, "
+                  f"CPU µs/job broker {r['cpu']['broker'] / r['jobs'] * 1e6:.1f}, "
+                  f"client {r['cpu']['client'] / r['jobs'] * 1e6:.1f}, "
+                  f"worker {r['cpu']['worker'] / r['jobs'] * 1e6:.1f}", flush=True)
     report(results, args)
     return 0
 
