@@ -340,6 +340,19 @@ class Run:
                     except OSError:
                         pass
 
+    def wait_for_broker(self, bproc: subprocess.Popen, name: str, core: str, deadline: float) -> str:
+        """Wait for a `fastbroker -v broker` child's start line; returns its stderr so far."""
+        while True:
+            text = self.stderr_of(bproc)
+            if "broker on requests=" in text:
+                break
+            if bproc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the {name} broker did not start:\n{text}")
+            time.sleep(0.01)
+        if f"core={core})" not in text:
+            raise RuntimeError(f"the broker does not run the {core} core:\n{text}")
+        return text
+
     def measure(self, broker: str) -> Dict[str, object]:
         a = self.args
         me = str(os.getpid())
@@ -355,17 +368,9 @@ class Run:
             ans = self.endpoint("answers")
             bproc = self.start(["-m", "fastbroker", "-v", "broker", "--core", broker, req, work, ans], broker,
                                cpus=bcpus)
-            while True:
-                text = self.stderr_of(bproc)
-                if "broker on requests=" in text:
-                    break
-                if bproc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the {broker} broker did not start:\n{text}")
-                time.sleep(0.01)
+            text = self.wait_for_broker(bproc, broker, broker, deadline)
             info = text.split("broker on requests=", 1)[1].split()
             req, work = info[0], info[1].split("=", 1)[1]
-            if f"core={broker})" not in text:
-                raise RuntimeError(f"the broker does not run the {broker} core:\n{text}")
             worker_kind = "fbw"
         workers = [self.start(["-m", "bench.e2e", "_worker", worker_kind, work, me, a.loadgen], f"worker{i}",
                               cpus=lcpus)
@@ -380,23 +385,11 @@ class Run:
                                str(warmup), me, a.loadgen, protocol], f"client{i}", stdin=True, cpus=lcpus)
                    for i, n in enumerate(share)]
         readers = [Lines(c, f"client{i}") for i, c in enumerate(clients)]
-        warm_deadline = time.monotonic() + START_WAIT + 60
-        for r in readers:
-            if r.read(warm_deadline) != "warm":
-                raise RuntimeError("client did not warm up")
+        wait_warm(readers)
         pids = {"broker": [bproc.pid], "client": [c.pid for c in clients], "worker": [w.pid for w in workers]}
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         wall0 = time.monotonic()
-        for c in clients:
-            c.stdin.write(b"go\n")  # type: ignore[union-attr]
-            c.stdin.flush()  # type: ignore[union-attr]
-        results = []
-        run_deadline = time.monotonic() + a.max_seconds
-        for r in readers:
-            line = r.read(run_deadline)
-            if not line.startswith("result "):
-                raise RuntimeError(f"client said {line!r}")
-            results.append(json.loads(line[7:]))
+        results = go_and_collect(clients, readers, a.max_seconds)
         cpu1 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         wall = time.monotonic() - wall0
         if bproc.poll() is not None:
@@ -411,6 +404,29 @@ class Run:
             "p999_us": max(r["p999_us"] for r in results), "protocol": protocol,
             "cpu": cpu, "wall": wall,
         }
+
+
+def wait_warm(readers: Sequence[Lines]) -> None:
+    """Every client child has sent its warm-up requests and says "warm"."""
+    warm_deadline = time.monotonic() + START_WAIT + 60
+    for r in readers:
+        if r.read(warm_deadline) != "warm":
+            raise RuntimeError("client did not warm up")
+
+
+def go_and_collect(clients: Sequence[subprocess.Popen], readers: Sequence[Lines], max_seconds: float) -> List[dict]:
+    """Start the measured run of every client child at once; their results."""
+    for c in clients:
+        c.stdin.write(b"go\n")  # type: ignore[union-attr]
+        c.stdin.flush()  # type: ignore[union-attr]
+    results = []
+    run_deadline = time.monotonic() + max_seconds
+    for r in readers:
+        line = r.read(run_deadline)
+        if not line.startswith("result "):
+            raise RuntimeError(f"client said {line!r}")
+        results.append(json.loads(line[7:]))
+    return results
 
 
 def machine() -> str:

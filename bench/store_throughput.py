@@ -49,7 +49,8 @@ import zmq
 
 from fastbroker._common import C_SUBMIT as SUBMIT, CLIENT_SIGNATURE as SIG, OPT_NO_ACK, R_ACCEPTED as ACCEPTED, R_OK as OK
 
-from bench.e2e import CHILD_LIFETIME, CLK_TCK, START_WAIT, STALL, Lines, Run, _orphaned, _say, cpu_seconds, machine
+from bench.e2e import (CHILD_LIFETIME, CLK_TCK, START_WAIT, STALL, Lines, Run, _orphaned, _say, cpu_seconds, go_and_collect,
+                       machine, wait_warm)
 
 MODES = ("memory", "full", "normal", "off")
 COUNTER = struct.Struct(">Q")
@@ -141,15 +142,7 @@ def measure(run: Run, mode: str, args: argparse.Namespace, profile: bool = False
     prof = run.dir / "broker.prof"
     prefix = ["-m", "cProfile", "-o", str(prof)] if profile else []
     bproc = run.start([*prefix, "-m", "fastbroker", "-v", "broker", "--core", args.core, *store, req, work, ans], f"broker-{mode}")
-    while True:
-        text = run.stderr_of(bproc)
-        if "broker on requests=" in text:
-            break
-        if bproc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the {mode} broker did not start:\n{text}")
-        time.sleep(0.01)
-    if f"core={args.core})" not in text:
-        raise RuntimeError(f"the broker does not run the {args.core} core:\n{text}")
+    run.wait_for_broker(bproc, mode, args.core, deadline)
     workers = [run.start(["-m", "bench.e2e", "_worker", "fbw", work, me], f"worker{i}") for i in range(args.workers)]
     for i, w in enumerate(workers):
         if Lines(w, f"worker{i}").read(deadline) != "connected":
@@ -158,22 +151,10 @@ def measure(run: Run, mode: str, args: argparse.Namespace, profile: bool = False
     clients = [run.start(["-m", "bench.store_throughput", "_client", req, str(n), str(args.window), str(args.warmup),
                           str(int(args.ack)), me], f"client{i}", stdin=True) for i, n in enumerate(share)]
     readers = [Lines(c, f"client{i}") for i, c in enumerate(clients)]
-    warm_deadline = time.monotonic() + START_WAIT + 60
-    for r in readers:
-        if r.read(warm_deadline) != "warm":
-            raise RuntimeError("client did not warm up")
+    wait_warm(readers)
     cpu0 = cpu_seconds(bproc.pid)
     wall0 = time.monotonic()
-    for c in clients:
-        c.stdin.write(b"go\n")  # type: ignore[union-attr]
-        c.stdin.flush()  # type: ignore[union-attr]
-    results = []
-    run_deadline = time.monotonic() + args.max_seconds
-    for r in readers:
-        line = r.read(run_deadline)
-        if not line.startswith("result "):
-            raise RuntimeError(f"client said {line!r}")
-        results.append(json.loads(line[7:]))
+    results = go_and_collect(clients, readers, args.max_seconds)
     cpu = cpu_seconds(bproc.pid) - cpu0
     wall = time.monotonic() - wall0
     if bproc.poll() is not None:
