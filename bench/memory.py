@@ -258,6 +258,12 @@ def measure(kind: str, protocol: str, payload: int, jobs: int, zero_copy: Option
     return row
 
 
+def capped_jobs(jobs: int, payload: int, max_bytes: int) -> int:
+    """The job count of a run: ``jobs``, lowered so that the total payload stays within
+    ``max_bytes`` (at least 1). bench/scaling.py caps its depths the same way."""
+    return max(1, min(jobs, max_bytes // max(payload, 1)))
+
+
 def human(n: int) -> str:
     for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size and n % size == 0:
@@ -312,7 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for payload in args.payload:
             seen = set()
             for jobs in args.jobs:
-                n = max(1, min(jobs, args.max_bytes // max(payload, 1)))
+                n = capped_jobs(jobs, payload, args.max_bytes)
                 if n in seen:
                     continue
                 seen.add(n)
