@@ -18,10 +18,13 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
@@ -71,8 +74,107 @@ class WorkerStats:
 _Result = Tuple[int, bytes, Optional[List[bytes]], Optional[Tuple[str, str]]]
 
 
+# Plain ints: pyzmq's constants are enum flags, whose operators cost microseconds
+# each in a loop that runs for every job.
+_POLLIN = int(zmq.POLLIN)
+_POLLIN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+
+
 def _message(command: bytes, *body: bytes) -> List[bytes]:
     return [b"", WORKER_SIGNATURE, command, *body]
+
+
+class JobPool:
+    """Up to ``size`` threads that run jobs, started as jobs come: what the loop
+    used a ThreadPoolExecutor for, without its Future, Condition and semaphore per
+    job, which cost more than the hand-off itself (and hold the GIL longer after
+    the job, when the loop wants it back to send the answer).
+
+    A job waits in ``waiting`` until a thread takes it; ``withdraw`` (CANCEL) takes
+    it first if no thread has. Each side takes it with one ``dict.pop``, atomic
+    under the GIL, so exactly one of them gets it and a withdrawn job never runs.
+
+    As a ThreadPoolExecutor's, the threads are not daemons and are told to end
+    when the interpreter exits (after finishing the jobs they hold).
+    """
+
+    def __init__(self, size: int, run: Callable[[int, bytes, List[bytes]], None], name: str) -> None:
+        self.size = size
+        self.run = run
+        self.name = name
+        self.queue: "queue.SimpleQueue[Optional[int]]" = queue.SimpleQueue()
+        self.waiting: Dict[int, Tuple[bytes, List[bytes]]] = {}  # job number -> its arguments
+        self.threads: List[threading.Thread] = []
+        self.closed = False
+        _watch_at_exit(self)
+
+    def submit(self, number: int, task_id: bytes, payload: List[bytes], busy: int) -> None:
+        """Queue a job; `busy`: the jobs in hand, this one included. A thread is
+        started while there are fewer than those (and than ``size``)."""
+        if self.closed:
+            raise RuntimeError("cannot run new jobs after the pool was shut down")
+        self.waiting[number] = (task_id, payload)
+        if len(self.threads) < min(busy, self.size):
+            thread = threading.Thread(target=self._serve, name=f"{self.name}_{len(self.threads)}")
+            thread.start()
+            self.threads.append(thread)
+        self.queue.put(number)
+
+    def withdraw(self, number: int) -> bool:
+        """Take back a job no thread has taken yet; False if one has (it runs to its end)."""
+        return self.waiting.pop(number, None) is not None
+
+    def shutdown(self, wait: bool, cancel_waiting: bool = False) -> None:
+        """Let the threads end once the queue is done (without the jobs waiting, with
+        `cancel_waiting`); with `wait`, until they have."""
+        self.closed = True
+        if cancel_waiting:
+            self.waiting.clear()
+        for _ in self.threads:
+            self.queue.put(None)
+        if wait:
+            for thread in self.threads:
+                thread.join()
+
+    def _serve(self) -> None:
+        get, take, run = self.queue.get, self.waiting.pop, self.run
+        while True:
+            number = get()
+            if number is None:
+                return
+            job = take(number, None)
+            if job is None:
+                continue  # withdrawn before this thread took it
+            try:
+                run(number, *job)
+            except BaseException:  # run() reports the job's own errors: this is a bug
+                log.exception("a job thread failed")
+
+
+_pools: "weakref.WeakSet[JobPool]" = weakref.WeakSet()
+_exit_hook: List[bool] = []
+
+
+def _watch_at_exit(pool: JobPool) -> None:
+    if not _exit_hook:
+        # What concurrent.futures does for its executors: a pool left running (its
+        # loop in a daemon thread, say) must not keep the interpreter from exiting.
+        threading._register_atexit(_end_pools_at_exit)  # type: ignore[attr-defined]
+        _exit_hook.append(True)
+    _pools.add(pool)
+
+
+def _end_pools_at_exit() -> None:
+    pools = list(_pools)
+    for pool in pools:
+        if not pool.closed:
+            pool.shutdown(wait=False)
+    for pool in pools:
+        for thread in pool.threads:
+            thread.join()
 
 
 class Session:
@@ -98,7 +200,9 @@ class Session:
         self.stopping = False
         self.next_job = 0
         self.jobs: Dict[int, int] = {}  # job number -> generation of the socket it came on
-        self.futures: Dict[int, "Future[None]"] = {}  # job number -> its pool future
+        # Jobs in hand that came on an earlier generation (counted, not searched for
+        # at each turn: with a large credit, that search was the loop's longest step).
+        self.orphans = 0
         # task id -> numbers of the jobs in hand with it: usually one, but a timed-out
         # attempt still running here and a later try of the same job make two.
         self.by_task: Dict[bytes, List[int]] = {}
@@ -114,7 +218,11 @@ class Session:
         # discards; they are sent again on the next connection (a duplicate is
         # harmless: the broker drops an answer to an answered task).
         self.unconfirmed: List[List[bytes]] = []
-        self.pool = ThreadPoolExecutor(max_workers=self.credit, thread_name_prefix="fastbroker-job")
+        self.pool = JobPool(self.credit, self._process, "fastbroker-job")
+        # The wake pipe was readable at the last poll (and may be at the start):
+        # drain it before collecting results. A byte written later keeps it
+        # readable, so the next poll returns at once and sets this again.
+        self.woken = True
 
     # -- the loop --------------------------------------------------------------------
 
@@ -125,7 +233,10 @@ class Session:
                 self._open(time.monotonic())
             while True:
                 now = time.monotonic()
-                self.worker.wake_pipe.drain()
+                if self.woken:
+                    # Only when the pipe was readable: an empty pipe costs a failed read.
+                    self.woken = False
+                    self._drain_wake_pipe()
                 self._collect_results()
                 if self.worker.stopping and not self.stopping:
                     self.stopping = True
@@ -156,27 +267,46 @@ class Session:
                 if self.sock is not None:
                     self.sock.close(linger=0)
                     self.sock = None
-                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool.shutdown(wait=False, cancel_waiting=True)
                 if self.jobs:
                     # Jobs still running will write to the wake pipe when done:
                     # close() must not free its fds for reuse under them.
                     self.worker._keep_wake_pipe = True
 
     def _poll(self, now: float) -> None:
-        deadlines = []
-        items: List[Tuple[Any, int]] = [(self.worker.wake_pipe.read_fd, zmq.POLLIN)]
-        if self.sock is not None:
-            items.append((self.sock, zmq.POLLIN | (zmq.POLLOUT if self.outbox else 0)))
-            deadlines += [self.next_heartbeat, self.last_heard + self.silence]
-        elif self.reconnect_at is not None:
-            deadlines.append(self.reconnect_at)
-        if self.quiet_at is not None and now < self.quiet_at:
-            deadlines.append(self.quiet_at)
-        wait = max(0.0, min(deadlines) - now) if deadlines else self.heartbeat
+        pipe = self.worker.wake_pipe.read_fd
+        sock = self.sock
+        if sock is not None:
+            items: List[Tuple[Any, int]] = [(pipe, _POLLIN), (sock, _POLLIN_OUT if self.outbox else _POLLIN)]
+            due = min(self.next_heartbeat, self.last_heard + self.silence)
+        else:
+            items = [(pipe, _POLLIN)]
+            due = self.reconnect_at
+        if self.quiet_at is not None and now < self.quiet_at and (due is None or self.quiet_at < due):
+            due = self.quiet_at
+        wait = max(0.0, due - now) if due is not None else self.heartbeat
         # Round up: waking a hair early would spin through a turn with nothing due.
-        ready = dict(zmq.zmq_poll(items, int(math.ceil(wait * 1000))))
-        if self.sock is not None and ready.get(self.sock, 0) & zmq.POLLIN:
+        receive = False
+        for item, events in zmq.zmq_poll(items, int(math.ceil(wait * 1000))):
+            if item is sock:
+                receive = events & _POLLIN
+            else:
+                self.woken = True
+        if receive:
             self._receive()
+
+    def _drain_wake_pipe(self) -> None:
+        """WakePipe.drain() in one read instead of two: a pipe's read that returns
+        fewer bytes than asked for has emptied it (a byte written since keeps it
+        readable for the next poll), so the read that fails on an empty pipe,
+        and its exception, are not needed."""
+        fd = self.worker.wake_pipe.read_fd
+        try:
+            for _ in range(64):  # bounded: a pipe holds at most 64 KiB here
+                if len(os.read(fd, 4096)) < 4096:
+                    return
+        except OSError:
+            pass  # empty (BlockingIOError) or closed
 
     def _finished(self, now: float) -> bool:
         """A stopping worker may hang up: no job in hand, no answer to send, and the
@@ -191,6 +321,7 @@ class Session:
 
     def _open(self, now: float) -> None:
         self.generation += 1
+        self.orphans = len(self.jobs)
         self.sock = self.worker.context.socket(zmq.DEALER)
         # Abandoning a connection must not wait for it; the last close sets its own linger.
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -215,6 +346,7 @@ class Session:
         # The jobs in hand belong to the registration the broker forgot: they are
         # orphans for the credit, and their FAILEDs would be for attempts it re-queued.
         self.generation += 1
+        self.orphans = len(self.jobs)
         self.announced = None
         self.unconfirmed = []
         log.info("the broker sent DISCONNECT: registering again")
@@ -260,8 +392,7 @@ class Session:
         if self.stopping:
             credit = 0
         else:
-            orphans = sum(1 for gen in self.jobs.values() if gen != self.generation)
-            credit = max(0, self.credit - orphans)
+            credit = max(0, self.credit - self.orphans)
         if credit == self.announced:
             return
         if self._send(now, _message(CMD_READY, credit.to_bytes(4, "big"))):
@@ -272,8 +403,15 @@ class Session:
     def _send(self, now: float, frames: Sequence[bytes]) -> bool:
         """Send without blocking; False when the socket's queue is full."""
         assert self.sock is not None
+        # send_multipart, without its per-frame type checks and enum flags: every
+        # frame here is bytes. Only the first frame can meet a full queue (libzmq
+        # counts whole messages against the high-water mark), so a message is
+        # sent whole or not at all, as with send_multipart.
+        send = self.sock.send
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            for i in range(len(frames) - 1):
+                send(frames[i], _NOBLOCK_MORE)
+            send(frames[-1], _NOBLOCK)
         except zmq.Again:
             return False
         # Any message tells the broker we are alive: the heartbeat can wait.
@@ -295,11 +433,24 @@ class Session:
                 self.unconfirmed.append(frames)
 
     def _receive(self) -> None:
-        for _ in range(RECV_BATCH):  # bounded, so results and timers get their turn
-            if self.sock is None:
+        sock = self.sock
+        if sock is None:
+            return
+        recv = sock.recv
+        for turn in range(RECV_BATCH):  # bounded, so results and timers get their turn
+            # The poll said POLLIN for the first message; before each next one,
+            # asking is cheaper than the exception of an empty socket.
+            if turn and not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
+            # recv_multipart, cheaper: a Frame tells whether more parts follow
+            # without a getsockopt(RCVMORE) each; .bytes copies it once, as
+            # recv_multipart's copying receive would.
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frame = recv(_NOBLOCK, copy=False)
+                frames = [frame.bytes]
+                while frame.more:
+                    frame = recv(_NOBLOCK, copy=False)
+                    frames.append(frame.bytes)
             except zmq.Again:
                 return
             now = time.monotonic()
@@ -336,7 +487,7 @@ class Session:
         number, task_id = self.next_job, bytes(body[0])
         self.jobs[number] = self.generation
         self.by_task.setdefault(task_id, []).append(number)
-        self.futures[number] = self.pool.submit(self._process, number, task_id, body[1:])
+        self.pool.submit(number, task_id, body[1:], len(self.jobs))
 
     def _cancel(self, body: List[bytes]) -> None:
         """CANCEL from the broker: withdraw the job if no pool thread has taken it
@@ -354,9 +505,9 @@ class Session:
             return
         for number in list(numbers):
             self.stats.cancelled += 1
-            # Future.cancel() succeeds only while the job waits in the pool's queue;
+            # Withdrawing succeeds only while the job waits in the pool's queue;
             # from then on the pool never runs it, so no result will come.
-            if not self.futures[number].cancel():
+            if not self.pool.withdraw(number):
                 self.cancelled.add(task_id)
                 log.info("job %s cancelled by the client while running; answering it when it returns", task_id.hex())
                 continue
@@ -371,7 +522,8 @@ class Session:
     def _forget(self, number: int, task_id: bytes) -> int:
         """The job is no longer in hand; returns the generation it came on."""
         generation = self.jobs.pop(number)
-        del self.futures[number]
+        if generation != self.generation:
+            self.orphans -= 1
         numbers = self.by_task[task_id]
         numbers.remove(number)
         if not numbers:
