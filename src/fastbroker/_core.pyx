@@ -11,6 +11,15 @@ from libc.string cimport memcpy, memcmp, memset, strlen
 from libc.errno cimport EINTR, EAGAIN, EHOSTUNREACH
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int os_poll "poll"(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
 import os
 
 import zmq
@@ -1000,6 +1009,7 @@ cdef class RequestTable:
 
     cdef Req *reqs
     cdef uint32_t cap
+    cdef uint32_t used  # slots below this have been handed out; the rest are untouched memory
     cdef uint32_t free_head
     cdef size_t count
     cdef uint8_t epoch[8]
@@ -1014,7 +1024,7 @@ cdef class RequestTable:
 
     def __dealloc__(self):
         cdef uint32_t i
-        for i in range(self.cap):
+        for i in range(self.used):
             if self.reqs[i].state != FREE:
                 close_msgs(self.reqs[i].frames, self.reqs[i].nframes)
                 free(self.reqs[i].frames)
@@ -1025,23 +1035,26 @@ cdef class RequestTable:
 
     cdef int alloc(self) noexcept nogil:
         """A free slot, marked QUEUED with no frames; -1 when out of memory."""
-        cdef uint32_t s, ncap, i
+        cdef uint32_t s, ncap
         cdef Req *nreqs
-        if self.free_head == NO_SLOT:
-            if self.cap >= 0x7FFFFFFF:
-                return -1
-            ncap = self.cap * 2 if self.cap else 64
-            nreqs = <Req *>realloc(self.reqs, ncap * sizeof(Req))
-            if nreqs == NULL:
-                return -1
-            self.reqs = nreqs
-            memset(&self.reqs[self.cap], 0, (ncap - self.cap) * sizeof(Req))
-            for i in range(self.cap, ncap):
-                self.reqs[i].next_free = i + 1 if i + 1 < ncap else NO_SLOT
-            self.free_head = self.cap
-            self.cap = ncap
-        s = self.free_head
-        self.free_head = self.reqs[s].next_free
+        if self.free_head != NO_SLOT:
+            s = self.free_head
+            self.free_head = self.reqs[s].next_free
+        else:
+            if self.used == self.cap:
+                # Only realloc: new slots are set up one at a time as they are first
+                # used, so growing a large table is no pause of its size.
+                if self.cap >= 0x7FFFFFFF:
+                    return -1
+                ncap = self.cap * 2 if self.cap else 64
+                nreqs = <Req *>realloc(self.reqs, ncap * sizeof(Req))
+                if nreqs == NULL:
+                    return -1
+                self.reqs = nreqs
+                self.cap = ncap
+            s = self.used
+            self.used += 1
+            self.reqs[s].gen = 0
         self.reqs[s].state = QUEUED
         self.reqs[s].frames = NULL
         self.reqs[s].nframes = 0
@@ -1075,7 +1088,7 @@ cdef class RequestTable:
 
     cdef inline bint live(self, uint64_t handle) noexcept nogil:
         cdef uint32_t s = <uint32_t>(handle >> 32)
-        return s < self.cap and self.reqs[s].state != FREE and self.reqs[s].gen == <uint32_t>handle
+        return s < self.used and self.reqs[s].state != FREE and self.reqs[s].gen == <uint32_t>handle
 
     cdef void write_id(self, uint32_t s, uint8_t *out) noexcept nogil:
         cdef uint32_t gen = self.reqs[s].gen
@@ -1169,6 +1182,7 @@ cdef class BrokerCore:
     cdef void *s_requests
     cdef void *s_workers
     cdef void *s_answers
+    cdef int answers_fd  # its ZMQ_FD: readable when its mailbox has commands
     cdef RequestTable table
     cdef IdleWorkers idle
     cdef DeadlineHeap heap
@@ -1201,6 +1215,7 @@ cdef class BrokerCore:
     cdef CidIndex cids
     cdef Done *done
     cdef uint32_t done_cap
+    cdef uint32_t done_used  # slots below this have been handed out; the rest are untouched memory
     cdef uint32_t done_free
     cdef Ring done_fifo  # kept outcome slots, oldest first (only the front leaves)
     cdef size_t retained_bytes
@@ -1248,6 +1263,7 @@ cdef class BrokerCore:
         self.s_requests = <void *><size_t>requests.underlying
         self.s_workers = <void *><size_t>workers.underlying
         self.s_answers = <void *><size_t>answers.underlying
+        self.answers_fd = answers.getsockopt(zmq.FD)
         self.table = RequestTable(epoch)
         self.idle = IdleWorkers()
         self.heap = DeadlineHeap()
@@ -1563,7 +1579,12 @@ cdef class BrokerCore:
         items[3].fd = wake_fd
         for rc in range(4):
             items[rc].events = ZPOLLIN
-        cdef bint polled = False
+        cdef pollfd quick[2]
+        cdef int nquick = 2 if wake_fd >= 0 else 1
+        cdef bint polled = False, busy = False, answers_more = False
+        quick[0].fd = self.answers_fd
+        quick[1].fd = wake_fd
+        quick[0].events = quick[1].events = POLLIN
         self.last_drop_reason = -1
         while True:
             now = monotonic_now()
@@ -1610,36 +1631,63 @@ cdef class BrokerCore:
                 ms = <long>((next_t - now) * 1000.0) + 1
             for rc in range(4):
                 items[rc].revents = 0
-            rc = zpoll(items, nitems, ms)
-            if rc < 0:
-                rc = zerrno()
-                if rc == EINTR:
+            if busy:
+                # The last turn read messages, so more are likely: read the two
+                # busy sockets again without zmq_poll, which would pay a system
+                # call or two per socket to ask each for its events first. The
+                # answers socket only receives, so its ZMQ_FD is a trustworthy
+                # edge once a read of it has come back empty: one poll(2) with no
+                # wait asks it and the wake fd together.
+                quick[0].revents = quick[1].revents = 0
+                rc = os_poll(quick, nquick, 0)
+                if rc < 0:
+                    rc = zerrno()
+                    if rc == EINTR:
+                        return RUN_WOKEN
+                    return -rc
+                if nquick == 2 and quick[1].revents:
                     return RUN_WOKEN
-                return -rc
-            if nitems == 4 and items[3].revents:
-                return RUN_WOKEN
+                items[0].revents = items[1].revents = ZPOLLIN
+                items[2].revents = ZPOLLIN if quick[0].revents or answers_more else 0
+            else:
+                # Idle, or the last turn read nothing: block in zmq_poll, which
+                # asks every socket for pending events before it sleeps.
+                rc = zpoll(items, nitems, ms)
+                if rc < 0:
+                    rc = zerrno()
+                    if rc == EINTR:
+                        return RUN_WOKEN
+                    return -rc
+                if nitems == 4 and items[3].revents:
+                    return RUN_WOKEN
             self.now = monotonic_now()
+            busy = False
             # Ready messages first, so jobs arriving in the same turn find them.
             if items[1].revents:
                 rc = self._drain(self.s_workers, 1)
                 if rc < 0:
                     return rc
+                busy = rc > 0
             if items[2].revents:
                 rc = self._drain(self.s_answers, 2)
                 if rc < 0:
                     return rc
+                busy = busy or rc > 0
+                answers_more = rc == RECV_BATCH
             if items[0].revents:
                 rc = self._drain(self.s_requests, 0)
                 if rc < 0:
                     return rc
+                busy = busy or rc > 0
 
     cdef int _drain(self, void *sock, int which) noexcept nogil:
-        """Receive up to RECV_BATCH whole messages from sock and handle each."""
+        """Receive up to RECV_BATCH whole messages from sock and handle each.
+        Returns how many were received (RECV_BATCH: there may be more), or < 0."""
         cdef int k, n, rc
         for k in range(RECV_BATCH):
             n = self._recv(sock)
             if n == 0:
-                return 0
+                return k
             if n < 0:
                 return n
             if n == RECV_DROPPED:
@@ -1654,7 +1702,7 @@ cdef class BrokerCore:
             close_msgs(self.scratch, n)
             if rc < 0:
                 return rc
-        return 0
+        return RECV_BATCH
 
     cdef int _recv(self, void *sock) noexcept nogil:
         """Receive one multipart message into scratch. Returns its frame count,
@@ -2484,7 +2532,7 @@ cdef class BrokerCore:
                     uint32_t attempts, int32_t tries, double finished) noexcept nogil:
         """Keep an outcome for RESULT; cids entry e (the id's) then points to it."""
         cdef int w
-        cdef uint32_t d, ncap, k
+        cdef uint32_t d, ncap
         cdef size_t size = RESULT_OVERHEAD
         cdef Done *grown
         cdef Done *o
@@ -2498,19 +2546,16 @@ cdef class BrokerCore:
             if self.journal_on:
                 self._journal_push(J_FORGET, cid, 0, NULL, 0, 0, 0, 0.0)
             return
-        if self.done_free == NO_SLOT:
+        if self.done_free == NO_SLOT and self.done_used == self.done_cap:
+            # Only realloc, as for requests: slots are set up when first used.
             ncap = self.done_cap * 2 if self.done_cap else 64
             grown = <Done *>realloc(self.done, ncap * sizeof(Done))
             if grown == NULL:
                 self._not_kept(e, cid)
                 return
             self.done = grown
-            memset(&self.done[self.done_cap], 0, (ncap - self.done_cap) * sizeof(Done))
-            for k in range(self.done_cap, ncap):
-                self.done[k].next_free = k + 1 if k + 1 < ncap else NO_SLOT
-            self.done_free = self.done_cap
             self.done_cap = ncap
-        d = self.done_free
+        d = self.done_free if self.done_free != NO_SLOT else self.done_used
         o = &self.done[d]
         o.body = NULL
         if nbody:
@@ -2520,7 +2565,10 @@ cdef class BrokerCore:
             o.body = NULL
             self._not_kept(e, cid)
             return
-        self.done_free = o.next_free
+        if d == self.done_free:
+            self.done_free = o.next_free
+        else:
+            self.done_used += 1
         memcpy(o.cid, cid, REQUEST_ID_SIZE)
         o.code = <uint8_t>code
         o.nbody = nbody
