@@ -11,15 +11,6 @@ from libc.string cimport memcpy, memcmp, memset, strlen
 from libc.errno cimport EINTR, EAGAIN, EHOSTUNREACH
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int os_poll "poll"(pollfd *fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-
 import os
 
 import zmq
@@ -1182,7 +1173,6 @@ cdef class BrokerCore:
     cdef void *s_requests
     cdef void *s_workers
     cdef void *s_answers
-    cdef int answers_fd  # its ZMQ_FD: readable when its mailbox has commands
     cdef RequestTable table
     cdef IdleWorkers idle
     cdef DeadlineHeap heap
@@ -1263,7 +1253,6 @@ cdef class BrokerCore:
         self.s_requests = <void *><size_t>requests.underlying
         self.s_workers = <void *><size_t>workers.underlying
         self.s_answers = <void *><size_t>answers.underlying
-        self.answers_fd = answers.getsockopt(zmq.FD)
         self.table = RequestTable(epoch)
         self.idle = IdleWorkers()
         self.heap = DeadlineHeap()
@@ -1579,12 +1568,7 @@ cdef class BrokerCore:
         items[3].fd = wake_fd
         for rc in range(4):
             items[rc].events = ZPOLLIN
-        cdef pollfd quick[2]
-        cdef int nquick = 2 if wake_fd >= 0 else 1
-        cdef bint polled = False, busy = False, answers_more = False
-        quick[0].fd = self.answers_fd
-        quick[1].fd = wake_fd
-        quick[0].events = quick[1].events = POLLIN
+        cdef bint polled = False
         self.last_drop_reason = -1
         while True:
             now = monotonic_now()
@@ -1631,63 +1615,36 @@ cdef class BrokerCore:
                 ms = <long>((next_t - now) * 1000.0) + 1
             for rc in range(4):
                 items[rc].revents = 0
-            if busy:
-                # The last turn read messages, so more are likely: read the two
-                # busy sockets again without zmq_poll, which would pay a system
-                # call or two per socket to ask each for its events first. The
-                # answers socket only receives, so its ZMQ_FD is a trustworthy
-                # edge once a read of it has come back empty: one poll(2) with no
-                # wait asks it and the wake fd together.
-                quick[0].revents = quick[1].revents = 0
-                rc = os_poll(quick, nquick, 0)
-                if rc < 0:
-                    rc = zerrno()
-                    if rc == EINTR:
-                        return RUN_WOKEN
-                    return -rc
-                if nquick == 2 and quick[1].revents:
+            rc = zpoll(items, nitems, ms)
+            if rc < 0:
+                rc = zerrno()
+                if rc == EINTR:
                     return RUN_WOKEN
-                items[0].revents = items[1].revents = ZPOLLIN
-                items[2].revents = ZPOLLIN if quick[0].revents or answers_more else 0
-            else:
-                # Idle, or the last turn read nothing: block in zmq_poll, which
-                # asks every socket for pending events before it sleeps.
-                rc = zpoll(items, nitems, ms)
-                if rc < 0:
-                    rc = zerrno()
-                    if rc == EINTR:
-                        return RUN_WOKEN
-                    return -rc
-                if nitems == 4 and items[3].revents:
-                    return RUN_WOKEN
+                return -rc
+            if nitems == 4 and items[3].revents:
+                return RUN_WOKEN
             self.now = monotonic_now()
-            busy = False
             # Ready messages first, so jobs arriving in the same turn find them.
             if items[1].revents:
                 rc = self._drain(self.s_workers, 1)
                 if rc < 0:
                     return rc
-                busy = rc > 0
             if items[2].revents:
                 rc = self._drain(self.s_answers, 2)
                 if rc < 0:
                     return rc
-                busy = busy or rc > 0
-                answers_more = rc == RECV_BATCH
             if items[0].revents:
                 rc = self._drain(self.s_requests, 0)
                 if rc < 0:
                     return rc
-                busy = busy or rc > 0
 
     cdef int _drain(self, void *sock, int which) noexcept nogil:
-        """Receive up to RECV_BATCH whole messages from sock and handle each.
-        Returns how many were received (RECV_BATCH: there may be more), or < 0."""
+        """Receive up to RECV_BATCH whole messages from sock and handle each."""
         cdef int k, n, rc
         for k in range(RECV_BATCH):
             n = self._recv(sock)
             if n == 0:
-                return k
+                return 0
             if n < 0:
                 return n
             if n == RECV_DROPPED:
@@ -1702,7 +1659,7 @@ cdef class BrokerCore:
             close_msgs(self.scratch, n)
             if rc < 0:
                 return rc
-        return RECV_BATCH
+        return 0
 
     cdef int _recv(self, void *sock) noexcept nogil:
         """Receive one multipart message into scratch. Returns its frame count,
