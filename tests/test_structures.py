@@ -1,4 +1,4 @@
-"""Unit tests of the core's three structures (IdleWorkers, DeadlineHeap, RequestTable),
+"""Unit tests of the core's structures (IdleWorkers, DeadlineHeap, RequestTable, RequestIds),
 on the live core, with seeded randomized model tests against plain Python models."""
 
 from __future__ import annotations
@@ -511,3 +511,80 @@ def test_table_randomized_model(core):
         assert task_id not in table
     for task_id in live:
         assert task_id in table
+
+
+# ---------------------------------------------------------------------------
+# RequestIds (the FBC01 request-id index)
+# ---------------------------------------------------------------------------
+
+
+def test_ids_basic(core):
+    ids = core.RequestIds()
+    key = bytes(range(16))
+    assert ids.get(key) is None and len(ids) == 0
+    ids.insert(key, 7)
+    assert ids.get(key) == 7 and len(ids) == 1
+    with pytest.raises(KeyError):
+        ids.insert(key, 8)
+    assert ids.delete(key) is True
+    assert ids.delete(key) is False
+    assert ids.get(key) is None and len(ids) == 0
+    for bad in (b"", b"x" * 15, b"x" * 17):
+        with pytest.raises(ValueError):
+            ids.get(bad)
+
+
+def test_ids_randomized_model_through_growth(core):
+    """30,000 seeded operations against a dict: ids that differ in one byte, sequential
+    counters and random ids, with deletes and lookups while the table grows."""
+    rng = random.Random(20261128)
+    ids = core.RequestIds(seed=12345)
+    model: dict = {}
+    pool = ([i.to_bytes(16, "big") for i in range(3000)]
+            + [bytes(15) + bytes([b]) for b in range(256)]
+            + [rng.randbytes(16) for _ in range(3000)])
+    saw_growing = False
+    for step in range(30_000):
+        key = rng.choice(pool)
+        op = rng.random()
+        if op < 0.55:
+            if key in model:
+                with pytest.raises(KeyError):
+                    ids.insert(key, 1)
+            else:
+                value = rng.randrange(2**32)
+                ids.insert(key, value)
+                model[key] = value
+        elif op < 0.75:
+            assert ids.delete(key) is (model.pop(key, None) is not None), f"step {step}"
+        else:
+            assert ids.get(key) == model.get(key), f"step {step}"
+        assert len(ids) == len(model), f"step {step}"
+        saw_growing = saw_growing or ids.growing
+    for key in pool:
+        assert ids.get(key) == model.get(key)
+    if core.__name__.endswith("_core"):
+        assert saw_growing, "the compiled index never grew in steps"
+
+
+def test_ids_growth_is_spread_over_inserts(core):
+    """While a grown table takes over, every id stays findable; the move ends within
+    a bounded number of inserts."""
+    ids = core.RequestIds()
+    keys = [i.to_bytes(16, "little") for i in range(20_000)]
+    longest = 0
+    run = 0
+    for n, key in enumerate(keys):
+        ids.insert(key, n)
+        run = run + 1 if ids.growing else 0
+        longest = max(longest, run)
+        if n % 997 == 0:
+            assert all(ids.get(k) == i for i, k in enumerate(keys[: n + 1]))
+    assert all(ids.get(k) == i for i, k in enumerate(keys))
+    # 8 old buckets move per insert: a table of c buckets is emptied in c / 8 inserts.
+    assert longest <= 32_768 // 8 + 1
+    for i, key in enumerate(keys):
+        if i % 3:
+            assert ids.delete(key)
+    assert len(ids) == len(keys[::3])
+    assert all(ids.get(k) == (i if i % 3 == 0 else None) for i, k in enumerate(keys))

@@ -5,8 +5,8 @@ Same public interface as ``_core_py`` (see ``_common`` for the shared constants)
 ``tests/test_core_api.py`` checks that the two stay in step.
 """
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memcmp, memset, strlen
 from libc.errno cimport EINTR, EAGAIN, EHOSTUNREACH
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -425,6 +425,205 @@ cdef void aidx_free(AddrIndex *m) noexcept nogil:
 
 
 # --------------------------------------------------------------------------
+# Request-id index: 16-byte FBC01 request id -> value, keys stored inline.
+# Open addressing with linear probing. It grows without a pause: a full table
+# is replaced by one twice its size, and the old one's entries move over a
+# few at every insert, while lookups search both. The old table only loses
+# entries (to tombstones, so its probe chains stay whole); the new one is an
+# ordinary table with backward-shift deletion.
+# --------------------------------------------------------------------------
+
+cdef enum:
+    CID_EMPTY = 0
+    CID_TOMB = 1
+    CID_MOVES_PER_INSERT = 8  # old buckets moved per insert: done long before the next growth
+
+
+cdef struct CEnt:
+    uint8_t key[16]
+    uint32_t value
+    uint32_t tag  # CID_EMPTY, CID_TOMB, or the hash's high half with bit 1 set
+
+
+cdef struct CidIndex:
+    CEnt *ents
+    size_t cap  # power of two, 0 before the first insert
+    size_t count  # live entries in both tables
+    CEnt *old  # the table being emptied into ents, or NULL
+    size_t old_cap
+    size_t old_next  # old buckets below this have moved
+    uint64_t seed
+
+
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    # splitmix64's finalizer: every input bit reaches every output bit, so
+    # sequential or patterned ids spread as well as random ones.
+    x ^= x >> 30
+    x *= 0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= 0x94d049bb133111ebULL
+    x ^= x >> 31
+    return x
+
+
+cdef inline uint64_t cid_hash(const CidIndex *m, const uint8_t *key) noexcept nogil:
+    cdef uint64_t a, b
+    memcpy(&a, key, 8)
+    memcpy(&b, key + 8, 8)
+    return mix64(a ^ mix64(b ^ m.seed))
+
+
+cdef inline uint32_t cid_tag(uint64_t h) noexcept nogil:
+    return <uint32_t>(h >> 32) | 2
+
+
+cdef inline CEnt *cid_probe(CEnt *ents, size_t cap, const uint8_t *key, uint64_t h) noexcept nogil:
+    cdef size_t mask = cap - 1
+    cdef size_t i = h & mask
+    cdef uint32_t tag = cid_tag(h)
+    while ents[i].tag != CID_EMPTY:
+        if ents[i].tag == tag and memcmp(ents[i].key, key, 16) == 0:
+            return &ents[i]
+        i = (i + 1) & mask
+    return NULL
+
+
+cdef CEnt *cidx_find(CidIndex *m, const uint8_t *key) noexcept nogil:
+    """The entry holding key, or NULL. Valid until the next insert or delete."""
+    cdef uint64_t h
+    cdef CEnt *e
+    if m.cap == 0:
+        return NULL
+    h = cid_hash(m, key)
+    e = cid_probe(m.ents, m.cap, key, h)
+    if e == NULL and m.old != NULL:
+        e = cid_probe(m.old, m.old_cap, key, h)
+    return e
+
+
+cdef inline void cid_place(CEnt *ents, size_t cap, const uint8_t *key, uint64_t h, uint32_t value) noexcept nogil:
+    cdef size_t mask = cap - 1
+    cdef size_t i = h & mask
+    while ents[i].tag != CID_EMPTY:
+        i = (i + 1) & mask
+    memcpy(ents[i].key, key, 16)
+    ents[i].value = value
+    ents[i].tag = cid_tag(h)
+
+
+cdef void cid_move_some(CidIndex *m, size_t n) noexcept nogil:
+    cdef CEnt *e
+    while n and m.old != NULL:
+        e = &m.old[m.old_next]
+        if e.tag > CID_TOMB:
+            cid_place(m.ents, m.cap, e.key, cid_hash(m, e.key), e.value)
+            e.tag = CID_TOMB
+        m.old_next += 1
+        n -= 1
+        if m.old_next == m.old_cap:
+            free(m.old)
+            m.old = NULL
+            m.old_cap = m.old_next = 0
+
+
+cdef int cidx_insert(CidIndex *m, const uint8_t *key, uint32_t value) noexcept nogil:
+    """Add key (not present) -> value. -1 when out of memory."""
+    cdef size_t ncap
+    cdef CEnt *nents
+    if (m.count + 1) * 2 > m.cap:
+        if m.old != NULL:
+            cid_move_some(m, m.old_cap)  # not reached at the pace below; kept as a bound
+        ncap = m.cap * 2 if m.cap else 64
+        nents = <CEnt *>calloc(ncap, sizeof(CEnt))
+        if nents == NULL:
+            return -1
+        m.old = m.ents
+        m.old_cap = m.cap
+        m.old_next = 0
+        m.ents = nents
+        m.cap = ncap
+    cid_place(m.ents, m.cap, key, cid_hash(m, key), value)
+    m.count += 1
+    cid_move_some(m, CID_MOVES_PER_INSERT)
+    return 0
+
+
+cdef void cidx_delete(CidIndex *m, CEnt *e) noexcept nogil:
+    """Remove the entry e (from cidx_find)."""
+    cdef size_t mask, i, j, k
+    m.count -= 1
+    if m.old != NULL and e >= m.old and e < m.old + m.old_cap:
+        e.tag = CID_TOMB
+        return
+    mask = m.cap - 1
+    i = <size_t>(e - m.ents)
+    j = i
+    m.ents[i].tag = CID_EMPTY
+    while True:
+        j = (j + 1) & mask
+        if m.ents[j].tag == CID_EMPTY:
+            return
+        k = cid_hash(m, m.ents[j].key) & mask
+        if (i <= j and (k <= i or k > j)) or (i > j and k <= i and k > j):
+            m.ents[i] = m.ents[j]
+            m.ents[j].tag = CID_EMPTY
+            i = j
+
+
+cdef void cidx_free(CidIndex *m) noexcept nogil:
+    free(m.ents)
+    free(m.old)
+    m.ents = m.old = NULL
+    m.cap = m.count = m.old_cap = m.old_next = 0
+
+
+cdef class RequestIds:
+    """The 16-byte request-id index on its own (for tests): id -> 32-bit value."""
+
+    cdef CidIndex m
+
+    def __cinit__(self, seed=None):
+        self.m.seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed
+
+    def __dealloc__(self):
+        cidx_free(&self.m)
+
+    cdef const uint8_t *_key(self, bytes key) except NULL:
+        if len(key) != REQUEST_ID_SIZE:
+            raise ValueError("a request id is 16 bytes")
+        return <const uint8_t *><const char *>key
+
+    def insert(self, bytes key, uint32_t value):
+        """Add key -> value; KeyError if key is there already."""
+        cdef const uint8_t *k = self._key(key)
+        if cidx_find(&self.m, k) != NULL:
+            raise KeyError(key)
+        if cidx_insert(&self.m, k, value) < 0:
+            raise MemoryError()
+
+    def get(self, bytes key):
+        """The value of key, or None."""
+        cdef CEnt *e = cidx_find(&self.m, self._key(key))
+        return None if e == NULL else e.value
+
+    def delete(self, bytes key):
+        """Remove key; False if it was not there."""
+        cdef CEnt *e = cidx_find(&self.m, self._key(key))
+        if e == NULL:
+            return False
+        cidx_delete(&self.m, e)
+        return True
+
+    @property
+    def growing(self):
+        """True while entries of a smaller table are still being moved over."""
+        return self.m.old != NULL
+
+    def __len__(self):
+        return self.m.count
+
+
+# --------------------------------------------------------------------------
 # Idle workers: FIFO of ready workers with O(1) removal by address.
 # --------------------------------------------------------------------------
 
@@ -771,25 +970,29 @@ cdef class DeadlineHeap:
 # --------------------------------------------------------------------------
 
 cdef struct Req:
+    # Ordered so that no padding is needed: 96 bytes a request.
     uint32_t gen
     uint32_t next_free
-    ReqState state
     int32_t tries_left  # -1: unlimited
     uint32_t attempts
-    zmsg *frames  # routing envelope (delimiter included) then payload
-    int nenv
-    int nframes
     int32_t worker  # session slot of the DEALER worker running this attempt, -1
     int32_t failed_on  # session slot whose FAILED caused the pending retry, -1
     uint32_t failed_on_gen
     uint32_t wprev  # neighbours in that worker's job list (request slots)
     uint32_t wnext
-    double timeout  # per attempt, < 0: none
     int32_t tries  # as given, -1: unlimited (for STATUS)
-    bint client  # an FBC01 request: frames[0:nenv] are its waiters' identities
+    uint16_t nenv
+    uint16_t nframes  # at most MAX_FRAMES
+    uint8_t state  # a ReqState
+    uint8_t client  # an FBC01 request: frames[0:nenv] are its waiters' identities
+    zmsg *frames  # REQ: routing envelope (no delimiter) then payload; FBC01: waiters then payload
+    double timeout  # per attempt, < 0: none
     uint8_t cid[16]  # the client's request id
     zmsg *fail  # FBC01: the latest FAILED's type and message, or NULL
     double arrived  # when it entered the broker (for the latency histogram)
+
+
+assert sizeof(Req) == 96, sizeof(Req)
 
 
 cdef class RequestTable:
@@ -797,6 +1000,7 @@ cdef class RequestTable:
 
     cdef Req *reqs
     cdef uint32_t cap
+    cdef uint32_t used  # slots below this have been handed out; the rest are untouched memory
     cdef uint32_t free_head
     cdef size_t count
     cdef uint8_t epoch[8]
@@ -811,7 +1015,7 @@ cdef class RequestTable:
 
     def __dealloc__(self):
         cdef uint32_t i
-        for i in range(self.cap):
+        for i in range(self.used):
             if self.reqs[i].state != FREE:
                 close_msgs(self.reqs[i].frames, self.reqs[i].nframes)
                 free(self.reqs[i].frames)
@@ -822,23 +1026,26 @@ cdef class RequestTable:
 
     cdef int alloc(self) noexcept nogil:
         """A free slot, marked QUEUED with no frames; -1 when out of memory."""
-        cdef uint32_t s, ncap, i
+        cdef uint32_t s, ncap
         cdef Req *nreqs
-        if self.free_head == NO_SLOT:
-            if self.cap >= 0x7FFFFFFF:
-                return -1
-            ncap = self.cap * 2 if self.cap else 64
-            nreqs = <Req *>realloc(self.reqs, ncap * sizeof(Req))
-            if nreqs == NULL:
-                return -1
-            self.reqs = nreqs
-            memset(&self.reqs[self.cap], 0, (ncap - self.cap) * sizeof(Req))
-            for i in range(self.cap, ncap):
-                self.reqs[i].next_free = i + 1 if i + 1 < ncap else NO_SLOT
-            self.free_head = self.cap
-            self.cap = ncap
-        s = self.free_head
-        self.free_head = self.reqs[s].next_free
+        if self.free_head != NO_SLOT:
+            s = self.free_head
+            self.free_head = self.reqs[s].next_free
+        else:
+            if self.used == self.cap:
+                # Only realloc: new slots are set up one at a time as they are first
+                # used, so growing a large table is no pause of its size.
+                if self.cap >= 0x7FFFFFFF:
+                    return -1
+                ncap = self.cap * 2 if self.cap else 64
+                nreqs = <Req *>realloc(self.reqs, ncap * sizeof(Req))
+                if nreqs == NULL:
+                    return -1
+                self.reqs = nreqs
+                self.cap = ncap
+            s = self.used
+            self.used += 1
+            self.reqs[s].gen = 0
         self.reqs[s].state = QUEUED
         self.reqs[s].frames = NULL
         self.reqs[s].nframes = 0
@@ -872,7 +1079,7 @@ cdef class RequestTable:
 
     cdef inline bint live(self, uint64_t handle) noexcept nogil:
         cdef uint32_t s = <uint32_t>(handle >> 32)
-        return s < self.cap and self.reqs[s].state != FREE and self.reqs[s].gen == <uint32_t>handle
+        return s < self.used and self.reqs[s].state != FREE and self.reqs[s].gen == <uint32_t>handle
 
     cdef void write_id(self, uint32_t s, uint8_t *out) noexcept nogil:
         cdef uint32_t gen = self.reqs[s].gen
@@ -995,9 +1202,10 @@ cdef class BrokerCore:
     cdef size_t keybuf_cap
     cdef size_t keylen
     # FBC01 clients: request id -> request slot, or kept outcome slot | DONE_BIT
-    cdef AddrIndex cids
+    cdef CidIndex cids
     cdef Done *done
     cdef uint32_t done_cap
+    cdef uint32_t done_used  # slots below this have been handed out; the rest are untouched memory
     cdef uint32_t done_free
     cdef Ring done_fifo  # kept outcome slots, oldest first (only the front leaves)
     cdef size_t retained_bytes
@@ -1039,6 +1247,8 @@ cdef class BrokerCore:
         self._heartbeat = check_heartbeat(heartbeat)
         self._liveness = check_count("liveness", liveness, _common.MIN_LIVENESS, _common.MAX_LIVENESS)
         self.sess_free = NO_SLOT
+        # A secret seed: a client cannot pick ids that all land in one probe chain.
+        self.cids.seed = int.from_bytes(os.urandom(8), "little")
         self._sockets = (requests, workers, answers)
         self.s_requests = <void *><size_t>requests.underlying
         self.s_workers = <void *><size_t>workers.underlying
@@ -1091,7 +1301,7 @@ cdef class BrokerCore:
             self.done[d].body = NULL
             self.done[d].next_free = self.done_free
             self.done_free = d
-        aidx_free(&self.cids)
+        cidx_free(&self.cids)
         self.retained_bytes = 0
 
     def disconnect_workers(self):
@@ -1256,14 +1466,11 @@ cdef class BrokerCore:
         until a client sends RESULT or SUBMIT for it."""
         cdef int s, i
         cdef Req *r
-        cdef uint8_t *key
-        cdef uint64_t h
         cdef int32_t tries_left
         payload = [bytes(f) for f in payload]
         if len(cid) != REQUEST_ID_SIZE or not payload:
             raise ValueError("a request needs a 16-byte id and a payload")
-        h = hash_bytes(cid, REQUEST_ID_SIZE)
-        if aidx_find(&self.cids, cid, REQUEST_ID_SIZE, h) >= 0:
+        if cidx_find(&self.cids, <const uint8_t *><const char *>cid) != NULL:
             raise ValueError(f"request {cid.hex()} is already in the broker")
         tries_left = -1 if tries < 0 else max(tries - attempts, 0)
         if tries_left == 0:
@@ -1274,14 +1481,10 @@ cdef class BrokerCore:
             raise MemoryError()
         r = &self.table.reqs[s]
         r.frames = <zmsg *>malloc(len(payload) * sizeof(zmsg))
-        key = <uint8_t *>malloc(REQUEST_ID_SIZE)
-        if r.frames == NULL or key == NULL or ring_push(&self.waiting, make_handle(s, r.gen)) < 0:
-            free(key)
+        if r.frames == NULL or ring_push(&self.waiting, make_handle(s, r.gen)) < 0:
             self.table.release(s)
             raise MemoryError()
-        memcpy(key, <const char *>cid, REQUEST_ID_SIZE)
-        if aidx_insert(&self.cids, key, REQUEST_ID_SIZE, h, <uint32_t>s) < 0:
-            free(key)
+        if cidx_insert(&self.cids, <const uint8_t *><const char *>cid, <uint32_t>s) < 0:
             self.table.release(s)
             raise MemoryError()
         for i, frame in enumerate(payload):
@@ -1300,33 +1503,22 @@ cdef class BrokerCore:
 
     def restore_outcome(self, bytes cid, bytes code, body, int attempts, int tries, double age):
         """Keep a stored outcome, finished `age` seconds ago (restore oldest first)."""
-        cdef uint8_t *key
-        cdef uint64_t h
         cdef int i, n
         cdef zmsg *frames
         body = [bytes(f) for f in body]
         if len(cid) != REQUEST_ID_SIZE or code not in (_common.R_OK, _common.R_FAILED, _common.R_TIMED_OUT, _common.R_CANCELLED):
             raise ValueError("an outcome needs a 16-byte id and an outcome code")
-        h = hash_bytes(cid, REQUEST_ID_SIZE)
-        if aidx_find(&self.cids, cid, REQUEST_ID_SIZE, h) >= 0:
+        if cidx_find(&self.cids, <const uint8_t *><const char *>cid) != NULL:
             raise ValueError(f"request {cid.hex()} is already in the broker")
-        key = <uint8_t *>malloc(REQUEST_ID_SIZE)
         n = len(body)
         frames = <zmsg *>malloc((n if n else 1) * sizeof(zmsg))
-        if key == NULL or frames == NULL:
-            free(key)
-            free(frames)
-            raise MemoryError()
-        memcpy(key, <const char *>cid, REQUEST_ID_SIZE)
-        if aidx_insert(&self.cids, key, REQUEST_ID_SIZE, h, 0) < 0:
-            free(key)
+        if frames == NULL or cidx_insert(&self.cids, <const uint8_t *><const char *>cid, 0) < 0:
             free(frames)
             raise MemoryError()
         for i, frame in enumerate(body):
             zmsg_init_size(&frames[i], len(frame))
             memcpy(zmsg_data(&frames[i]), <const char *>frame, len(frame))
-        i = aidx_find(&self.cids, <const uint8_t *><const char *>cid, REQUEST_ID_SIZE, h)
-        self._keep(i, <const uint8_t *><const char *>cid, (<const uint8_t *><const char *>code)[0], frames, n,
+        self._keep(cidx_find(&self.cids, <const uint8_t *><const char *>cid), <const uint8_t *><const char *>cid, (<const uint8_t *><const char *>code)[0], frames, n,
                    attempts, tries, monotonic_now() - max(age, 0.0))
         close_msgs(frames, n)
         free(frames)
@@ -1543,16 +1735,20 @@ cdef class BrokerCore:
             self._drop(DROP_OUT_OF_MEMORY)
             return 0
         r = &self.table.reqs[s]
-        r.frames = <zmsg *>malloc(n * sizeof(zmsg))
+        # The empty delimiter is not kept (64 bytes a job): the answer gets a new one.
+        r.frames = <zmsg *>malloc((n - 1) * sizeof(zmsg))
         if r.frames == NULL or ring_push(&self.waiting, make_handle(s, r.gen)) < 0:
             self.table.release(s)
             self._drop(DROP_OUT_OF_MEMORY)
             return 0
-        for i in range(n):
+        for i in range(d):
             zmsg_init(&r.frames[i])
             zmsg_move(&r.frames[i], &self.scratch[i])
-        r.nframes = n
-        r.nenv = d + 1
+        for i in range(d + 1, n):
+            zmsg_init(&r.frames[i - 1])
+            zmsg_move(&r.frames[i - 1], &self.scratch[i])
+        r.nframes = n - 1
+        r.nenv = d
         r.tries_left = self._tries
         r.tries = self._tries
         r.timeout = self._timeout
@@ -1917,7 +2113,7 @@ cdef class BrokerCore:
     cdef int _on_client(self, int n) noexcept nogil:
         cdef uint8_t command
         cdef const uint8_t *cid
-        cdef int i
+        cdef CEnt *e
         cdef uint32_t v
         if n < 3 or zmsg_size(&self.scratch[2]) != 1:
             self._drop(DROP_CLIENT_BAD_COMMAND)
@@ -1937,10 +2133,10 @@ cdef class BrokerCore:
             return 0
         if command == C_STATS:
             return self._reply_stats(cid)
-        i = aidx_find(&self.cids, cid, REQUEST_ID_SIZE, hash_bytes(cid, REQUEST_ID_SIZE))
-        if i < 0:
+        e = cidx_find(&self.cids, cid)
+        if e == NULL:
             return self._reply(&self.scratch[0], R_UNKNOWN, cid, NULL, 0)
-        v = self.cids.ents[i].value
+        v = e.value
         if command == C_STATUS:
             return self._reply_status(cid, v)
         if v & DONE_BIT:
@@ -1957,10 +2153,9 @@ cdef class BrokerCore:
         cdef const uint8_t *o
         cdef size_t olen
         cdef uint32_t flags = 0, timeout_ms = 0, tries = 0, v
-        cdef uint64_t h
         cdef int i, s, rc = 0
         cdef Req *r
-        cdef uint8_t *key
+        cdef CEnt *e
         if n < 6:
             self._drop(DROP_CLIENT_BAD_COMMAND)
             return 0
@@ -1973,12 +2168,11 @@ cdef class BrokerCore:
         if (olen != 0 and olen != OPTIONS_SIZE) or (flags & ~(<uint32_t>OPT_KNOWN_FLAGS)) or \
                 timeout_ms > MAX_REQUEST_TIMEOUT_MS:
             return self._reject(cid, REJECT_BAD_OPTIONS, BAD_OPTIONS_TEXT)
-        h = hash_bytes(cid, REQUEST_ID_SIZE)
-        i = aidx_find(&self.cids, cid, REQUEST_ID_SIZE, h)
-        if i >= 0:
+        e = cidx_find(&self.cids, cid)
+        if e != NULL:
             # The same id again: it runs once; this sender is told the outcome too.
             self.counters[C_DUPLICATES] += 1
-            v = self.cids.ents[i].value
+            v = e.value
             if not v & DONE_BIT and self._add_waiter(&self.table.reqs[v]) < 0:
                 self._drop(DROP_OUT_OF_MEMORY)
                 return 0
@@ -1996,16 +2190,12 @@ cdef class BrokerCore:
         r = &self.table.reqs[s]
         # Frames kept: the sender's identity (its first waiter), then the payload.
         r.frames = <zmsg *>malloc((n - 4) * sizeof(zmsg))
-        key = <uint8_t *>malloc(REQUEST_ID_SIZE)
-        if r.frames == NULL or key == NULL:
-            free(key)
+        if r.frames == NULL:
             self.table.release(s)
             self._drop(DROP_OUT_OF_MEMORY)
             return 0
-        memcpy(key, cid, REQUEST_ID_SIZE)
         if ring_push(&self.waiting, make_handle(s, r.gen)) < 0 or \
-                aidx_insert(&self.cids, key, REQUEST_ID_SIZE, h, <uint32_t>s) < 0:
-            free(key)
+                cidx_insert(&self.cids, cid, <uint32_t>s) < 0:
             self.table.release(s)  # a ring entry already pushed turns into a tombstone
             self._drop(DROP_OUT_OF_MEMORY)
             return 0
@@ -2281,24 +2471,25 @@ cdef class BrokerCore:
     cdef int _conclude(self, Req *r, int code, zmsg *body, int nbody) noexcept nogil:
         """Tell every waiter of a finished FBC01 request its outcome, and keep the
         outcome for RESULT (the caller releases the request)."""
-        cdef int w, rc, result = 0, i
+        cdef int w, rc, result = 0
+        cdef CEnt *e
         for w in range(r.nenv):
             rc = self._reply(&r.frames[w], code, r.cid, body, nbody)
             if rc < 0:
                 result = rc
-        i = aidx_find(&self.cids, r.cid, REQUEST_ID_SIZE, hash_bytes(r.cid, REQUEST_ID_SIZE))
-        if i < 0:
+        e = cidx_find(&self.cids, r.cid)
+        if e == NULL:
             return result
         if self.journal_on:
             self._journal_push(J_FINISH, r.cid, code, body, nbody, r.attempts, r.tries, 0.0)
-        self._keep(i, r.cid, code, body, nbody, r.attempts, r.tries, self.now)
+        self._keep(e, r.cid, code, body, nbody, r.attempts, r.tries, self.now)
         return result
 
-    cdef void _keep(self, int i, const uint8_t *cid, int code, zmsg *body, int nbody,
+    cdef void _keep(self, CEnt *e, const uint8_t *cid, int code, zmsg *body, int nbody,
                     uint32_t attempts, int32_t tries, double finished) noexcept nogil:
-        """Keep an outcome for RESULT; cids entry i (the id's) then points to it."""
+        """Keep an outcome for RESULT; cids entry e (the id's) then points to it."""
         cdef int w
-        cdef uint32_t d, ncap, k
+        cdef uint32_t d, ncap
         cdef size_t size = RESULT_OVERHEAD
         cdef Done *grown
         cdef Done *o
@@ -2306,25 +2497,22 @@ cdef class BrokerCore:
             size += zmsg_size(&body[w])
         if self.retention <= 0 or size > self.retention_bytes:
             # Not kept (too big alone: forgotten at once, the others stay).
-            aidx_delete(&self.cids, <size_t>i)
+            cidx_delete(&self.cids, e)
             if self.retention > 0:
                 self.counters[C_EXPIRED] += 1
             if self.journal_on:
                 self._journal_push(J_FORGET, cid, 0, NULL, 0, 0, 0, 0.0)
             return
-        if self.done_free == NO_SLOT:
+        if self.done_free == NO_SLOT and self.done_used == self.done_cap:
+            # Only realloc, as for requests: slots are set up when first used.
             ncap = self.done_cap * 2 if self.done_cap else 64
             grown = <Done *>realloc(self.done, ncap * sizeof(Done))
             if grown == NULL:
-                self._not_kept(i, cid)
+                self._not_kept(e, cid)
                 return
             self.done = grown
-            memset(&self.done[self.done_cap], 0, (ncap - self.done_cap) * sizeof(Done))
-            for k in range(self.done_cap, ncap):
-                self.done[k].next_free = k + 1 if k + 1 < ncap else NO_SLOT
-            self.done_free = self.done_cap
             self.done_cap = ncap
-        d = self.done_free
+        d = self.done_free if self.done_free != NO_SLOT else self.done_used
         o = &self.done[d]
         o.body = NULL
         if nbody:
@@ -2332,9 +2520,12 @@ cdef class BrokerCore:
         if (nbody and o.body == NULL) or ring_push(&self.done_fifo, d) < 0:
             free(o.body)
             o.body = NULL
-            self._not_kept(i, cid)
+            self._not_kept(e, cid)
             return
-        self.done_free = o.next_free
+        if d == self.done_free:
+            self.done_free = o.next_free
+        else:
+            self.done_used += 1
         memcpy(o.cid, cid, REQUEST_ID_SIZE)
         o.code = <uint8_t>code
         o.nbody = nbody
@@ -2345,24 +2536,24 @@ cdef class BrokerCore:
         o.finished = finished
         o.attempts = attempts
         o.tries = tries
-        self.cids.ents[i].value = d | DONE_BIT
+        e.value = d | DONE_BIT
         self.retained_bytes += o.size
         while self.retained_bytes > self.retention_bytes:
             self._forget_first_outcome()
 
-    cdef void _not_kept(self, int i, const uint8_t *cid) noexcept nogil:
+    cdef void _not_kept(self, CEnt *e, const uint8_t *cid) noexcept nogil:
         # Out of memory: the id is unknown again (and so in the store).
-        aidx_delete(&self.cids, <size_t>i)
+        cidx_delete(&self.cids, e)
         if self.journal_on:
             self._journal_push(J_FORGET, cid, 0, NULL, 0, 0, 0, 0.0)
 
     cdef void _forget_first_outcome(self) noexcept nogil:
         cdef uint32_t d = <uint32_t>ring_front(&self.done_fifo)
         cdef Done *o = &self.done[d]
-        cdef int i = aidx_find(&self.cids, o.cid, REQUEST_ID_SIZE, hash_bytes(o.cid, REQUEST_ID_SIZE))
+        cdef CEnt *e = cidx_find(&self.cids, o.cid)
         ring_drop_front(&self.done_fifo)
-        if i >= 0:
-            aidx_delete(&self.cids, <size_t>i)
+        if e != NULL:
+            cidx_delete(&self.cids, e)
         close_msgs(o.body, o.nbody)
         free(o.body)
         o.body = NULL
@@ -2427,15 +2618,22 @@ cdef class BrokerCore:
         self.latency_sum += seconds
 
     cdef int _send_to_client(self, Req *r, zmsg *body, int nbody) noexcept nogil:
-        """Send r's envelope then body (moved). A client that is gone or not
-        reading loses its answer: ROUTER drops it, as in the original broker."""
+        """Send r's envelope, the empty delimiter, then body (moved). A client that
+        is gone or not reading loses its answer: ROUTER drops it, as in the
+        original broker."""
         cdef int i, e
+        cdef zmsg delimiter
         if r.client:
             return self._conclude(r, R_OK, body, nbody)
         for i in range(r.nenv):
             if zmsg_send(&r.frames[i], self.s_requests, ZSNDMORE | ZDONTWAIT) < 0:
                 e = zerrno()
                 return -e if e == ZETERM else 0
+        zmsg_init(&delimiter)
+        if zmsg_send(&delimiter, self.s_requests, ZSNDMORE | ZDONTWAIT) < 0:
+            zmsg_close(&delimiter)
+            e = zerrno()
+            return -e if e == ZETERM else 0
         for i in range(nbody):
             if zmsg_send(&body[i], self.s_requests, (ZSNDMORE if i + 1 < nbody else 0) | ZDONTWAIT) < 0:
                 e = zerrno()

@@ -56,6 +56,43 @@ def _address_key(routing_frames: list) -> bytes:
     return b"".join(len(f).to_bytes(4, "little") + bytes(f) for f in routing_frames)
 
 
+class RequestIds:
+    """The 16-byte request-id index on its own (for tests): id -> 32-bit value."""
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        self._ids: Dict[bytes, int] = {}
+
+    @staticmethod
+    def _check(key: bytes) -> None:
+        if len(key) != _common.REQUEST_ID_SIZE:
+            raise ValueError("a request id is 16 bytes")
+
+    def insert(self, key: bytes, value: int) -> None:
+        """Add key -> value; KeyError if key is there already."""
+        self._check(key)
+        if key in self._ids:
+            raise KeyError(key)
+        self._ids[key] = value
+
+    def get(self, key: bytes) -> Optional[int]:
+        """The value of key, or None."""
+        self._check(key)
+        return self._ids.get(key)
+
+    def delete(self, key: bytes) -> bool:
+        """Remove key; False if it was not there."""
+        self._check(key)
+        return self._ids.pop(key, None) is not None
+
+    @property
+    def growing(self) -> bool:
+        """Always False: a dict grows in one step."""
+        return False
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 class IdleWorkers:
     """Workers that asked for a job, oldest first; O(1) push, pop and removal by address."""
 
