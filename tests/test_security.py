@@ -245,6 +245,23 @@ def test_unauthorized_and_plain_workers_get_no_task(broker, keys, threads, ctx):
     assert (figures["workers"], figures["workers_joined"], figures["dispatched"]) == (1, 1, 1), figures
 
 
+def test_req_worker_left_without_a_connection_still_stops(broker):
+    """A REQ socket with no connection blocks a send. libzmq can drop one for good (a
+    handshake refused at a CURVE broker was seen to leave a plain ReqWorker stuck in
+    its send of "ready" for ever, so that stop() could not end run()); disconnect()
+    makes the same state on purpose. run() must still return on stop()."""
+    worker = RecordingReqWorker(None, broker.endpoints[1], broker.endpoints[2])
+    worker.requests.disconnect(broker.endpoints[1])
+    thread = threading.Thread(target=worker.run, name="unconnected-req-worker", daemon=True)
+    thread.start()
+    time.sleep(0.3)  # run() is trying to send "ready"
+    worker.stop()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "run() did not return after stop()"
+    worker.close()
+    assert worker.seen == []
+
+
 # -- configuration errors -------------------------------------------------------------------
 
 

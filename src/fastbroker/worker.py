@@ -150,7 +150,8 @@ class ReqWorker(WorkerBase):
         the answer. Waits at most `timeout` seconds (None: until a job or stop()).
         Returns True if an answer was sent."""
         if not self._asked:
-            self.requests.send(READY)
+            if not self._send_ready(timeout):
+                return False
             self._asked = True
         task = self._wait_for_task(timeout)
         if task is None:
@@ -171,6 +172,27 @@ class ReqWorker(WorkerBase):
             log.warning("job %s: the answer is one empty frame, which clients read as an abort", task_id.hex())
         self.replies.send_multipart([task_id] + answer)
         return True
+
+    def _send_ready(self, timeout: Optional[float]) -> bool:
+        """Send "ready" once the socket can take it, or give up at stop() or after
+        `timeout`. A REQ socket with no connection blocks a send: libzmq drops the
+        connection for good when its handshake fails (e.g. a CURVE server that does not
+        know this worker), and a blocking send would then never return, not even to
+        stop()."""
+        remaining = timeout
+        while not self._stop.is_set():
+            try:
+                self.requests.send(READY, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                pass
+            step = self.poll_interval if remaining is None else min(self.poll_interval, remaining)
+            self.requests.poll(int(step * 1000), zmq.POLLOUT)
+            if remaining is not None:
+                remaining -= step
+                if remaining <= 0:
+                    return False
+        return False
 
     def _wait_for_task(self, timeout: Optional[float]) -> Optional[List[bytes]]:
         remaining = timeout
