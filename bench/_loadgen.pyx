@@ -12,6 +12,10 @@ sockets (``Socket.underlying``) are used with the very libzmq that made them.
   (8-byte little-endian counter + the 8-byte ``nonce``), expects ``OK`` only.
   ``mode`` ``MODE_REQ``: ``[b"", payload]`` (the REQ envelope, as through
   ``zmq.proxy`` or to a fastbroker REQ-client endpoint), expects ``[b"", payload]``.
+  ``mode`` ``MODE_REQ_FBC_FRAMES``: the REQ envelope with the three small frames an
+  FBC01 SUBMIT carries besides its options, ``[b"", b"FBC01", b"\x01", id(16),
+  payload]``, expected back unchanged: ``zmq.proxy`` then moves as many frames per job
+  as fastbroker does with FBC01 clients and FBW01 workers (24 against 23).
   The payload is the 8-byte little-endian counter then ``x`` padding; every reply is
   checked (id, payload, each once). The latency of each request (send of its first
   frame to receipt of its reply, CLOCK_MONOTONIC ns) is kept in a C array.
@@ -68,11 +72,13 @@ if _load_error != NULL:
 cdef enum:
     M_FBC = 0
     M_REQ = 1
+    M_REQ_FBC_FRAMES = 2
     M_FBW = 0
     M_ECHO = 1
 
 MODE_FBC = M_FBC
 MODE_REQ = M_REQ
+MODE_REQ_FBC_FRAMES = M_REQ_FBC_FRAMES
 MODE_FBW = M_FBW
 MODE_ECHO = M_ECHO
 
@@ -240,6 +246,12 @@ cdef int client_send(Client *c) noexcept nogil:
     else:
         if send_buf(c.sock, NULL, 0, ZSNDMORE):
             return -1
+        if c.mode == M_REQ_FBC_FRAMES:
+            put_le64(buf, rid)
+            memcpy(buf + 8, c.nonce, 8)
+            if (send_buf(c.sock, SIG_C, 5, ZSNDMORE) or send_buf(c.sock, &cmd, 1, ZSNDMORE)
+                    or send_buf(c.sock, buf, RID_SIZE, ZSNDMORE)):
+                return -1
     # the payload: 8-byte id then the padding
     if zmsg_init_size(&m, c.payload) != 0:
         return -1
@@ -279,9 +291,9 @@ cdef int client_check(Client *c, zmsg *f, int nf, int64_t now) noexcept nogil:
     else:
         if nf == 1 and zmsg_size(&f[0]) == 0:
             return E_ABORTED
-        if nf != 2 or zmsg_size(&f[0]) != 0:
+        if nf != (5 if c.mode == M_REQ_FBC_FRAMES else 2) or zmsg_size(&f[0]) != 0:
             return E_BAD_REPLY
-        pl = &f[1]
+        pl = &f[nf - 1]
         if zmsg_size(pl) < ID_SIZE:
             return E_BAD_PAYLOAD
         rid = get_le64(<const uint8_t *>zmsg_data(pl))
@@ -376,8 +388,8 @@ def client(sock, long long n, long long window, int payload, unsigned long long 
         raise ValueError("n >= 1, window >= 1, payload >= 8")
     if len(nonce) != 8:
         raise ValueError("nonce: 8 bytes")
-    if mode not in (MODE_FBC, MODE_REQ):
-        raise ValueError("mode: MODE_FBC or MODE_REQ")
+    if mode not in (MODE_FBC, MODE_REQ, MODE_REQ_FBC_FRAMES):
+        raise ValueError("mode: MODE_FBC, MODE_REQ or MODE_REQ_FBC_FRAMES")
     memset(&c, 0, sizeof(c))
     c.sock = <void *><size_t>sock.underlying
     c.mode = mode

@@ -14,6 +14,13 @@ compiled, pure, proxy, compiled, ...; the table gives the median of each figure)
 * ``proxy``:    ``zmq.proxy(ROUTER frontend, DEALER backend)`` in a process of its
   own: libzmq forwarding only, no queue, no bookkeeping. A lower bound on what
   any broker in front of libzmq can cost.
+* ``proxy-fbc`` (not in the default ``--only``; needs ``--loadgen compiled``): the
+  same proxy, with clients that add to the REQ envelope the three small frames of an
+  FBC01 SUBMIT (``[b"", b"FBC01", b"\x01", id(16), payload]``, echoed back whole),
+  so that it moves as many frames per job as fastbroker with FBC01 clients and FBW01
+  workers (24 frames through the proxy's sockets per job against fastbroker's 23;
+  plain ``proxy``: 12). It tells how much of fastbroker's cost over ``proxy`` is
+  libzmq's per-frame work rather than the core's bookkeeping.
 
 Load, in processes of their own (by default 1 client process + 1 worker process,
 for a 2-core machine). ``--loadgen compiled`` (the default when ``bench/_loadgen``
@@ -68,7 +75,8 @@ from typing import Dict, List, Optional, Sequence
 import zmq
 
 REPO = Path(__file__).resolve().parent.parent
-BROKERS = ("compiled", "pure", "proxy")
+BROKERS = ("compiled", "pure", "proxy", "proxy-fbc")
+DEFAULT_BROKERS = ("compiled", "pure", "proxy")
 START_WAIT = 20.0
 """Bound of each start-up (broker bound, worker connected, client warmed up)."""
 STALL = 10.0
@@ -194,7 +202,7 @@ def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, par
 
     def compiled_phase(first: int, n: int) -> Dict[str, object]:
         assert _loadgen is not None, LOADGEN_ERROR
-        mode = _loadgen.MODE_FBC if protocol == "fbc" else _loadgen.MODE_REQ
+        mode = {"fbc": _loadgen.MODE_FBC, "req-fbc-frames": _loadgen.MODE_REQ_FBC_FRAMES}.get(protocol, _loadgen.MODE_REQ)
         r = _loadgen.client(sock, n, window, payload, first, os.urandom(8), mode, STALL, parent)
         lat = memoryview(r["latencies_ns"]).cast("q")
         return {"start": r["start"], "end": r["end"], "n": n, **percentiles(lat, n)}
@@ -359,9 +367,9 @@ class Run:
         req, work = self.endpoint("requests"), self.endpoint("workers")
         deadline = time.monotonic() + START_WAIT
         bcpus, lcpus = a.cpus
-        if broker == "proxy":
-            bproc = self.start(["-m", "bench.e2e", "_proxy", req, work], "proxy", cpus=bcpus)
-            line = Lines(bproc, "proxy").read(deadline)
+        if broker.startswith("proxy"):
+            bproc = self.start(["-m", "bench.e2e", "_proxy", req, work], broker, cpus=bcpus)
+            line = Lines(bproc, broker).read(deadline)
             _, req, work = line.split()
             worker_kind = "echo"
         else:
@@ -380,7 +388,7 @@ class Run:
                 raise RuntimeError("worker did not connect")
         share = [a.jobs // a.clients + (1 if i < a.jobs % a.clients else 0) for i in range(a.clients)]
         warmup = max(0, min(a.warmup, a.jobs))
-        protocol = "req" if broker == "proxy" else a.protocol
+        protocol = {"proxy": "req", "proxy-fbc": "req-fbc-frames"}.get(broker, a.protocol)
         clients = [self.start(["-m", "bench.e2e", "_client", req, str(n), str(a.window), str(a.payload),
                                str(warmup), me, a.loadgen, protocol], f"client{i}", stdin=True, cpus=lcpus)
                    for i, n in enumerate(share)]
@@ -482,7 +490,8 @@ def report(results: List[Dict[str, object]], args: argparse.Namespace) -> None:
           f"p50/p99/p99.9 of the request round trip seen by the client; /proc tick = {1e3 / CLK_TCK:.0f} ms)")
     by = {a["broker"]: a for a in aggs}
     ratios = []
-    for x, y in (("compiled", "pure"), ("compiled", "proxy"), ("pure", "proxy")):
+    for x, y in (("compiled", "pure"), ("compiled", "proxy"), ("pure", "proxy"), ("compiled", "proxy-fbc"),
+                 ("proxy-fbc", "proxy")):
         if x in by and y in by:
             ax, ay = by[x], by[y]
             cx, cy = ax["cpu_job"]["broker"], ay["cpu_job"]["broker"]
@@ -503,7 +512,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--payload", type=int, default=16, help="payload bytes, >= 8 (default 16)")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                    help="ipc (in a temporary directory, default) or tcp on 127.0.0.1")
-    p.add_argument("--only", default=",".join(BROKERS), help="comma-separated subset of compiled,pure,proxy")
+    p.add_argument("--only", default=",".join(DEFAULT_BROKERS),
+                   help="comma-separated subset of compiled,pure,proxy,proxy-fbc (default compiled,pure,proxy)")
     p.add_argument("--clients", type=int, default=1, help="client processes (default 1)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--warmup", type=int, default=2000, help="unmeasured requests per client first (default 2000)")
@@ -544,6 +554,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     bad = [b for b in args.only if b not in BROKERS]
     if bad or not args.only:
         p.error(f"--only: unknown broker(s) {bad}; choose from {','.join(BROKERS)}")
+    if "proxy-fbc" in args.only and args.loadgen != "compiled":
+        p.error("--only proxy-fbc needs --loadgen compiled")
     if args.payload < ID.size:
         p.error(f"--payload must be at least {ID.size} (the request id)")
     if args.jobs < args.clients or args.window < 1 or args.rounds < 1 or args.clients < 1 or args.workers < 1:
