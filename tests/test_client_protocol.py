@@ -781,6 +781,30 @@ def test_result_of_a_finished_request_on_a_new_socket(make_rig):
     assert_stats(rig.stats(), cancelled=0, answered=1, dispatched=1)
 
 
+def test_kept_outcomes_of_every_size_come_back_whole(make_rig):
+    """Answer frames from 34 bytes to 8 KiB are kept as copies of their own (not to pin
+    libzmq's shared receive buffer); the others as shared frames. Each comes back
+    byte for byte, over the network, many at a time."""
+    rig = make_rig()
+    worker = rig.dealer()
+    rig.register(worker, 1)
+    client = rig.fbclient()
+    sizes = [0, 1, 33, 34, 100, 1000, 4000, 8191, 8192, 8193, 70000]
+    answers = {}
+    for n, size in enumerate(sizes):
+        rid = new_id()
+        client.submit(rid, b"job", options=NO_ACK)
+        task_id, _ = rig.task(worker)
+        body = [bytes((n + k) % 251 for k in range(size)), b"tail-%d" % size]
+        worker.answer(task_id, *body)
+        assert rig.reply(client) == reply(R_OK, rid, *body)
+        answers[rid] = body
+    other = rig.fbclient()
+    for rid, body in answers.items():
+        assert rig.ask(other, C_RESULT, rid) == reply(R_OK, rid, *body)
+    rig.quiet(other, worker)
+
+
 def test_result_while_queued_or_running_routes_the_outcome_to_the_new_socket(make_rig):
     rig = make_rig()
     worker = rig.dealer()

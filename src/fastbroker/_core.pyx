@@ -49,6 +49,12 @@ cdef const char *_load_error = fbz_load(os.fsencode(_pyzmq_backend.__file__))
 if _load_error != NULL:
     raise ImportError("fastbroker._core: " + (<bytes>_load_error).decode())
 
+# libzmq's sizes (4.3): a frame up to MAX_VSM_SIZE bytes is kept inside its zmq_msg_t;
+# a larger one received may lie in the receiver's shared buffer of in_batch_size bytes.
+cdef enum:
+    MAX_VSM_SIZE = 33
+    KEEP_COPY_MAX = 8192
+
 # Compile-time copies of _common's constants, checked against it below.
 cdef enum:
     TASK_ID_SIZE = 16
@@ -2490,7 +2496,7 @@ cdef class BrokerCore:
         """Keep an outcome for RESULT; cids entry e (the id's) then points to it."""
         cdef int w
         cdef uint32_t d, ncap
-        cdef size_t size = RESULT_OVERHEAD
+        cdef size_t size = RESULT_OVERHEAD, sz
         cdef Done *grown
         cdef Done *o
         for w in range(nbody):
@@ -2531,6 +2537,15 @@ cdef class BrokerCore:
         o.nbody = nbody
         o.size = size
         for w in range(nbody):
+            sz = zmsg_size(&body[w])
+            if sz > MAX_VSM_SIZE and sz <= KEEP_COPY_MAX:
+                # A frame this size may lie in libzmq's shared receive buffer (8 KiB
+                # of data plus its reference counts, ~18 KB), which it would keep
+                # alive for as long as the outcome is kept: a copy of its own costs
+                # its size instead. Larger frames have buffers of their own: shared.
+                if zmsg_init_size(&o.body[w], sz) == 0:
+                    memcpy(zmsg_data(&o.body[w]), zmsg_data(&body[w]), sz)
+                    continue
             zmsg_init(&o.body[w])
             zmsg_copy(&o.body[w], &body[w])
         o.finished = finished
