@@ -805,6 +805,41 @@ def test_kept_outcomes_of_every_size_come_back_whole(make_rig):
     rig.quiet(other, worker)
 
 
+def test_queued_payloads_of_every_size_reach_the_worker_whole(make_rig):
+    """A request that has to wait gets its own copy of each frame of 34 B to 8 KiB (not
+    to pin libzmq's shared receive buffer): FBC01 and REQ requests queued with no
+    worker, then taken, arrive byte for byte, and so do their answers."""
+    rig = make_rig()
+    fbc = rig.fbclient()
+    req = rig.client(zmq.DEALER)
+    sizes = [1, 33, 34, 100, 1000, 4000, 8191, 8192, 8193, 70000]
+    payloads = {}
+    for n, size in enumerate(sizes):
+        body = [bytes((n * 7 + k) % 251 for k in range(size)), b"second-%d" % size]
+        rid = new_id()
+        fbc.submit(rid, *body, options=NO_ACK)
+        req.send_multipart([b"", *body])
+        payloads[rid] = body
+    rig.pump_stat("requests", 2 * len(sizes))
+    worker = rig.dealer()
+    rig.register(worker, 1)
+    seen = []
+    for _ in range(2 * len(sizes)):
+        task_id, payload = rig.task(worker)
+        seen.append(payload)
+        worker.answer(task_id, *payload)
+    expected = [body for body in payloads.values() for _ in (0, 1)]
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, expected))
+    for rid, body in payloads.items():
+        assert rig.reply(fbc) == reply(R_OK, rid, *body)
+    got = []
+    for _ in sizes:
+        assert req.poll(10_000), "a REQ answer is missing"
+        got.append(req.recv_multipart())
+    assert sorted(map(tuple, got)) == sorted(tuple([b"", *body]) for body in payloads.values())
+    rig.quiet(fbc, worker)
+
+
 def test_result_while_queued_or_running_routes_the_outcome_to_the_new_socket(make_rig):
     rig = make_rig()
     worker = rig.dealer()

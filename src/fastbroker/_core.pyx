@@ -1719,6 +1719,21 @@ cdef class BrokerCore:
                 return i
         return -1
 
+    cdef void _own_small_frames(self, zmsg *frames, int n) noexcept nogil:
+        """Give each frame of 34 B to 8 KiB a buffer of its own, for a request that will
+        wait in the queue: such a frame may lie in libzmq's shared receive buffer (8 KiB
+        of data plus its reference counts, ~18 KB), which it would keep alive while it
+        waits. A request sent to a worker at once is not copied."""
+        cdef int i
+        cdef size_t sz
+        cdef zmsg own
+        for i in range(n):
+            sz = zmsg_size(&frames[i])
+            if sz > MAX_VSM_SIZE and sz <= KEEP_COPY_MAX and zmsg_init_size(&own, sz) == 0:
+                memcpy(zmsg_data(&own), zmsg_data(&frames[i]), sz)
+                zmsg_move(&frames[i], &own)  # releases the shared one
+                zmsg_close(&own)
+
     cdef int _on_request(self, int n) noexcept nogil:
         cdef int d, s, i
         cdef Req *r
@@ -1755,6 +1770,8 @@ cdef class BrokerCore:
             zmsg_move(&r.frames[i - 1], &self.scratch[i])
         r.nframes = n - 1
         r.nenv = d
+        if self.n_queued or not self.idle.live:
+            self._own_small_frames(&r.frames[d], n - 1 - d)
         r.tries_left = self._tries
         r.tries = self._tries
         r.timeout = self._timeout
@@ -2212,6 +2229,8 @@ cdef class BrokerCore:
             zmsg_move(&r.frames[i - 4], &self.scratch[i])
         r.nframes = n - 4
         r.nenv = 1
+        if self.n_queued or not self.idle.live:
+            self._own_small_frames(&r.frames[1], n - 5)
         r.client = True
         memcpy(r.cid, cid, REQUEST_ID_SIZE)
         if tries == 0:
