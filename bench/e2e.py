@@ -57,6 +57,7 @@ process goes away.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -70,7 +71,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import zmq
 
@@ -414,6 +415,23 @@ class Run:
         }
 
 
+@contextlib.contextmanager
+def temporary_run(args: argparse.Namespace, prefix: str = "fb-e2e-", dir: Optional[str] = None) -> Iterator[Run]:
+    """A Run in a temporary directory of its own, closed (its children killed) at the
+    end; on an error, the stderr of every child that failed is printed first."""
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=dir) as tmp:
+        run = Run(Path(tmp), args)
+        try:
+            yield run
+        except BaseException:
+            for proc in run.procs:
+                if proc.poll() is not None and proc.returncode != 0:
+                    sys.stderr.write(f"--- {proc.args[1:4]} exited {proc.returncode}:\n{run.stderr_of(proc)}\n")
+            raise
+        finally:
+            run.close()
+
+
 def wait_warm(readers: Sequence[Lines]) -> None:
     """Every client child has sent its warm-up requests and says "warm"."""
     warm_deadline = time.monotonic() + START_WAIT + 60
@@ -590,17 +608,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: List[Dict[str, object]] = []
     for rnd in range(1, args.rounds + 1):
         for broker in args.only:
-            with tempfile.TemporaryDirectory(prefix="fb-e2e-") as tmp:
-                run = Run(Path(tmp), args)
-                try:
-                    r = run.measure(broker)
-                except BaseException:
-                    for proc in run.procs:
-                        if proc.poll() is not None and proc.returncode != 0:
-                            sys.stderr.write(f"--- {proc.args[1:4]} exited {proc.returncode}:\n{run.stderr_of(proc)}\n")
-                    raise
-                finally:
-                    run.close()
+            with temporary_run(args) as run:
+                r = run.measure(broker)
             results.append(r)
             print(f"  round {rnd} {broker:8}: {r['jobs']} jobs in {r['elapsed']:.3f} s = {r['rate']:,.0f} jobs/s, "
                   f"p50/p99/p99.9 {r['p50_us']:,.0f}/{r['p99_us']:,.0f}/{r['p999_us']:,.0f} µs, "

@@ -138,17 +138,8 @@ def e2e_args(a: argparse.Namespace, payload: int, jobs: int, brokers: Sequence[s
 
 def measure_e2e(args: argparse.Namespace, broker: str) -> Dict[str, object]:
     """One e2e measurement of one broker (as e2e.main does it)."""
-    with tempfile.TemporaryDirectory(prefix="fb-scaling-") as tmp:
-        run = e2e.Run(Path(tmp), args)
-        try:
-            return run.measure(broker)
-        except BaseException:
-            for proc in run.procs:
-                if proc.poll() is not None and proc.returncode != 0:
-                    sys.stderr.write(f"--- {proc.args[1:4]} exited {proc.returncode}:\n{run.stderr_of(proc)}\n")
-            raise
-        finally:
-            run.close()
+    with e2e.temporary_run(args, "fb-scaling-") as run:
+        return run.measure(broker)
 
 
 def payload_part(a: argparse.Namespace) -> Dict[str, object]:

@@ -40,9 +40,7 @@ import signal
 import statistics
 import struct
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import zmq
@@ -50,7 +48,7 @@ import zmq
 from fastbroker._common import C_SUBMIT as SUBMIT, CLIENT_SIGNATURE as SIG, OPT_NO_ACK, R_ACCEPTED as ACCEPTED, R_OK as OK
 
 from bench.e2e import (CHILD_LIFETIME, CLK_TCK, START_WAIT, STALL, Lines, Run, _orphaned, _say, cpu_seconds, go_and_collect,
-                       machine, wait_warm)
+                       machine, temporary_run, wait_warm)
 
 MODES = ("memory", "full", "normal", "off")
 COUNTER = struct.Struct(">Q")
@@ -249,17 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.profile:
         plan += [(0, mode, True) for mode in args.only if mode != "memory"]
     for rnd, mode, profile in plan:
-        with tempfile.TemporaryDirectory(prefix="fb-store-", dir=args.dir) as tmp:
-            run = Run(Path(tmp), args)
-            try:
-                r = measure(run, mode, args, profile)
-            except BaseException:
-                for proc in run.procs:
-                    if proc.poll() is not None and proc.returncode != 0:
-                        sys.stderr.write(f"--- {proc.args[1:4]} exited {proc.returncode}:\n{run.stderr_of(proc)}\n")
-                raise
-            finally:
-                run.close()
+        with temporary_run(args, "fb-store-", args.dir) as run:
+            r = measure(run, mode, args, profile)
         if profile:
             print(f"  profiled {mode:6}: {r['rate']:,.0f} jobs/s under cProfile (not in the table)", flush=True)
             continue
