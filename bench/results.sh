@@ -2,7 +2,7 @@
 # Every run behind bench/RESULTS.md, one after the other, each output kept in OUT
 # (default bench/results-out/). From the repository root, after `make install loadgen`:
 #     sh bench/results.sh [OUT]
-# About 20 minutes on the 2-core development machine. Run it on a quiet machine:
+# About 11 minutes on the 2-core development machine. Run it on a quiet machine:
 # the figures that matter are the ratios within each run.
 set -eu
 OUT=${1:-bench/results-out}

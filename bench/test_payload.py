@@ -26,7 +26,10 @@ size) every time, which pyzmq shares (zmq_msg_copy), and the workers receive wit
 copy=False and send the very same Frame back. So with a core that copies nothing,
 every OK reply's answer frame *is* the client's buffer; the fraction of replies for
 which that holds is reported ("replies sharing the client's buffer"): a direct
-proof, independent of any timing, that no one in the chain copied the bytes.
+proof, independent of any timing, that no one in the chain copied the bytes. The
+exception, by design: frames of 34 B to 8 KiB get a buffer of their own when their
+request waits or their answer is kept (docs/ARCHITECTURE.md, "Zero-copy"), so at
+1 KiB, where every request waits behind the window, none is shared.
 
 Measured: the round's wall time (the benchmark figure; it includes the Python
 driver, ~95 % of it with the compiled core) and, separately, the CPU time of this
