@@ -71,7 +71,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import zmq
 
@@ -127,13 +127,19 @@ def run_proxy(front_addr: str, back_addr: str) -> None:
     zmq.proxy(front, back)
 
 
-def run_worker(kind: str, addr: str, parent: int, loadgen: str = "python") -> None:
-    ctx = zmq.Context(1)
-    sock = ctx.socket(zmq.DEALER)
+def child_dealer(addr: str) -> zmq.Socket:
+    """A load generator's DEALER, connected to `addr`: no high-water marks (the window
+    or the credit bounds what is in flight), linger 0."""
+    sock = zmq.Context(1).socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.connect(addr)
+    return sock
+
+
+def run_worker(kind: str, addr: str, parent: int, loadgen: str = "python") -> None:
+    sock = child_dealer(addr)
     fbw = kind == "fbw"
     if loadgen == "compiled":
         assert _loadgen is not None, LOADGEN_ERROR
@@ -190,14 +196,73 @@ def percentiles(lat: Sequence[int], n: int) -> Dict[str, float]:
     }
 
 
+def pipelined(sock: zmq.Socket, n: int, window: int, send_request: Callable[[int], None],
+              reply_index: Callable[[List[bytes]], Optional[int]], parent: int) -> Dict[str, object]:
+    """Keep `window` requests in flight on `sock` until n have their reply: the Python
+    clients' loop. send_request(i) sends request i (0 <= i < n); reply_index(msg) checks
+    a reply and returns the i it answers, or None for a message that answers nothing
+    (an ACCEPTED). Every i must be answered once. Returns start, end and latencies."""
+    sent_at = [0] * n
+    lat = [0] * n
+    done = bytearray(n)
+    recv, poll = sock.recv_multipart, sock.poll
+    clock = time.perf_counter_ns
+    again, noblock = zmq.Again, zmq.NOBLOCK
+    sent = received = 0
+
+    def send_next() -> None:
+        nonlocal sent
+        sent_at[sent] = clock()
+        send_request(sent)
+        sent += 1
+
+    t0 = time.monotonic()
+    last_progress = t0
+    while received < n:
+        while sent < n and sent - received < window:
+            send_next()
+        if not poll(1000):
+            if time.monotonic() - last_progress > STALL or _orphaned(parent):
+                raise RuntimeError(f"stalled: {received}/{n} replies, {sent} sent")
+            continue
+        for _ in range(2 * window + 2):
+            try:
+                msg = recv(noblock)
+            except again:
+                break
+            now = clock()
+            i = reply_index(msg)
+            if i is None:
+                continue
+            if not 0 <= i < sent or done[i]:
+                raise RuntimeError(f"unexpected reply for request {i}: {msg[:3]!r}")
+            done[i] = 1
+            lat[i] = now - sent_at[i]
+            received += 1
+            # Keep the window full as replies come in.
+            if sent < n:
+                send_next()
+        last_progress = time.monotonic()
+    t1 = time.monotonic()
+    lat.sort()
+    return {"start": t0, "end": t1, "n": n, **percentiles(lat, n)}
+
+
+def warm_then_measure(phase: Callable[[int, int], Dict[str, object]], warmup: int, jobs: int) -> None:
+    """A client child's life: an unmeasured warm-up phase, "warm" to the parent, then
+    on the parent's "go" (bounded) the measured phase, whose figures go back as JSON."""
+    if warmup:
+        phase(1 << 40, warmup)
+    _say("warm")
+    r, _, _ = select.select([sys.stdin], [], [], START_WAIT * 3)
+    if not r or sys.stdin.readline().strip() != "go":
+        raise RuntimeError("no go")
+    _say("result " + json.dumps(phase(0, jobs)))
+
+
 def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, parent: int,
                loadgen: str = "python", protocol: str = "req") -> None:
-    ctx = zmq.Context(1)
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.connect(addr)
+    sock = child_dealer(addr)
     pad = b"x" * (payload - ID.size)
     signal.alarm(int(CHILD_LIFETIME))
 
@@ -211,57 +276,16 @@ def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, par
     def phase(first: int, n: int) -> Dict[str, object]:
         if loadgen == "compiled":
             return compiled_phase(first, n)
-        sent_at = [0] * n
-        lat = [0] * n
-        done = bytearray(n)
-        send, recv, poll = sock.send_multipart, sock.recv_multipart, sock.poll
-        pack, unpack = ID.pack, ID.unpack_from
-        clock = time.perf_counter_ns
-        again, noblock = zmq.Again, zmq.NOBLOCK
-        sent = received = 0
-        t0 = time.monotonic()
-        last_progress = t0
-        while received < n:
-            while sent < n and sent - received < window:
-                sent_at[sent] = clock()
-                send([b"", pack(first + sent) + pad])
-                sent += 1
-            if not poll(1000):
-                if time.monotonic() - last_progress > STALL or _orphaned(parent):
-                    raise RuntimeError(f"stalled: {received}/{n} answers, {sent} sent")
-                continue
-            for _ in range(window + 1):
-                try:
-                    msg = recv(noblock)
-                except again:
-                    break
-                now = clock()
-                if len(msg) != 2 or msg[0] != b"" or len(msg[1]) != payload:
-                    raise RuntimeError(f"bad answer {msg[:3]!r}")
-                i = unpack(msg[1])[0] - first
-                if not 0 <= i < sent or done[i] or msg[1][ID.size:] != pad:
-                    raise RuntimeError(f"unexpected answer id {i + first}")
-                done[i] = 1
-                lat[i] = now - sent_at[i]
-                received += 1
-                # Keep the window full as answers come in.
-                if sent < n:
-                    sent_at[sent] = clock()
-                    send([b"", pack(first + sent) + pad])
-                    sent += 1
-            last_progress = time.monotonic()
-        t1 = time.monotonic()
-        lat.sort()
-        return {"start": t0, "end": t1, "n": n, **percentiles(lat, n)}
+        send, pack, unpack = sock.send_multipart, ID.pack, ID.unpack_from
 
-    if warmup:
-        phase(1 << 40, warmup)
-    _say("warm")
-    # Wait for "go" (bounded).
-    r, _, _ = select.select([sys.stdin], [], [], START_WAIT * 3)
-    if not r or sys.stdin.readline().strip() != "go":
-        raise RuntimeError("no go")
-    _say("result " + json.dumps(phase(0, jobs)))
+        def reply_index(msg: List[bytes]) -> int:
+            if len(msg) != 2 or msg[0] != b"" or len(msg[1]) != payload or msg[1][ID.size:] != pad:
+                raise RuntimeError(f"bad answer {msg[:3]!r}")
+            return unpack(msg[1])[0] - first
+
+        return pipelined(sock, n, window, lambda i: send([b"", pack(first + i) + pad]), reply_index, parent)
+
+    warm_then_measure(phase, warmup, jobs)
 
 
 # -- parent --------------------------------------------------------------------------------

@@ -32,9 +32,7 @@ prints the top functions by cumulative time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import select
 import shlex
 import signal
 import statistics
@@ -43,12 +41,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-import zmq
-
 from fastbroker._common import C_SUBMIT as SUBMIT, CLIENT_SIGNATURE as SIG, OPT_NO_ACK, R_ACCEPTED as ACCEPTED, R_OK as OK
 
-from bench.e2e import (CHILD_LIFETIME, CLK_TCK, START_WAIT, STALL, Lines, Run, _orphaned, _say, cpu_seconds, go_and_collect,
-                       machine, temporary_run, wait_warm)
+from bench.e2e import (CHILD_LIFETIME, CLK_TCK, START_WAIT, Lines, Run, child_dealer, cpu_seconds, go_and_collect, machine,
+                       pipelined, temporary_run, wait_warm, warm_then_measure)
 
 MODES = ("memory", "full", "normal", "off")
 COUNTER = struct.Struct(">Q")
@@ -59,74 +55,32 @@ ZEROS = bytes(8)
 
 
 def run_client(addr: str, jobs: int, window: int, warmup: int, ack: int, parent: int) -> None:
-    ctx = zmq.Context(1)
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.connect(addr)
+    sock = child_dealer(addr)
     options = b"" if ack else bytes([OPT_NO_ACK]) + bytes(8)
     payload = b"p" * 16
     answer = payload  # bench.e2e's worker answers with the payload as it came
     signal.alarm(int(CHILD_LIFETIME))
 
     def phase(first: int, n: int) -> Dict[str, object]:
-        sent_at = [0] * n
-        lat = [0] * n
-        done = bytearray(n)
-        send, recv, poll = sock.send_multipart, sock.recv_multipart, sock.poll
-        pack, unpack = COUNTER.pack, COUNTER.unpack_from
-        clock = time.perf_counter_ns
-        again, noblock = zmq.Again, zmq.NOBLOCK
-        sent = received = accepted = 0
-        t0 = time.monotonic()
-        last_progress = t0
+        send, pack, unpack = sock.send_multipart, COUNTER.pack, COUNTER.unpack_from
+        accepted = 0
 
-        def submit() -> None:
-            nonlocal sent
-            sent_at[sent] = clock()
-            send([SIG, SUBMIT, pack(first + sent) + ZEROS, options, payload])
-            sent += 1
+        def reply_index(msg: List[bytes]) -> Optional[int]:
+            nonlocal accepted
+            if msg[0] != SIG or len(msg[2]) != 16:
+                raise RuntimeError(f"bad reply {msg[:3]!r}")
+            if msg[1] == ACCEPTED:
+                accepted += 1
+                return None
+            if msg[1] != OK or msg[3:] != [answer]:
+                raise RuntimeError(f"unexpected reply {msg[1:]!r}")
+            return unpack(msg[2])[0] - first
 
-        while received < n:
-            while sent < n and sent - received < window:
-                submit()
-            if not poll(1000):
-                if time.monotonic() - last_progress > STALL or _orphaned(parent):
-                    raise RuntimeError(f"stalled: {received}/{n} outcomes, {sent} sent")
-                continue
-            for _ in range(2 * window + 2):
-                try:
-                    msg = recv(noblock)
-                except again:
-                    break
-                if msg[0] != SIG or len(msg[2]) != 16:
-                    raise RuntimeError(f"bad reply {msg[:3]!r}")
-                if msg[1] == ACCEPTED:
-                    accepted += 1
-                    continue
-                now = clock()
-                i = unpack(msg[2])[0] - first
-                if msg[1] != OK or not 0 <= i < sent or done[i] or msg[3:] != [answer]:
-                    raise RuntimeError(f"unexpected reply {msg[1:]!r} for {i + first}")
-                done[i] = 1
-                lat[i] = now - sent_at[i]
-                received += 1
-                if sent < n:
-                    submit()
-            last_progress = time.monotonic()
-        t1 = time.monotonic()
-        lat.sort()
-        return {"start": t0, "end": t1, "n": n, "accepted": accepted,
-                "p50_us": lat[n // 2] / 1e3, "p99_us": lat[min(n - 1, (n * 99) // 100)] / 1e3}
+        figures = pipelined(sock, n, window, lambda i: send([SIG, SUBMIT, pack(first + i) + ZEROS, options, payload]),
+                            reply_index, parent)
+        return {**figures, "accepted": accepted}
 
-    if warmup:
-        phase(1 << 40, warmup)
-    _say("warm")
-    r, _, _ = select.select([sys.stdin], [], [], START_WAIT * 3)
-    if not r or sys.stdin.readline().strip() != "go":
-        raise RuntimeError("no go")
-    _say("result " + json.dumps(phase(0, jobs)))
+    warm_then_measure(phase, warmup, jobs)
 
 
 # -- the parent -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,10 @@ from fastbroker import _select
 
 REQUIRE_COMPILED_ENV = "FASTBROKER_REQUIRE_COMPILED"
 TESTS_DIR = Path(__file__).resolve().parent
+
+
+THREAD_JOIN_WAIT = 20.0
+"""Bound of the join of each worker thread the `threads` fixture started."""
 
 
 def pytest_report_header(config):
@@ -85,3 +90,23 @@ def ctx():
     context = zmq.Context()
     yield context
     context.destroy(linger=0)
+
+
+@pytest.fixture
+def threads():
+    """Runs workers in threads: call with a worker (anything with run/stop/close); it is
+    stopped, joined (bounded) and closed at teardown."""
+    started: list = []
+
+    def start(worker):
+        thread = threading.Thread(target=worker.run, name=f"worker-{type(worker).__name__}")
+        thread.start()
+        started.append((worker, thread))
+        return worker
+
+    yield start
+    for worker, _ in started:
+        worker.stop()
+    for worker, thread in started:
+        thread.join(THREAD_JOIN_WAIT)
+        worker.close()

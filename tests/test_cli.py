@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 
 import pytest
 import zmq
@@ -25,25 +24,6 @@ WAIT = 20.0
 @pytest.fixture
 def addrs(tmp_path):
     return [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
-
-
-@pytest.fixture
-def echo_thread(ctx):
-    """Runs an in-process Echo worker in a thread: call with (workers, answers) addresses."""
-    started = []
-
-    def start(workers_addr: str, answers_addr: str) -> Echo:
-        worker = Echo(ctx, workers_addr, answers_addr)
-        thread = threading.Thread(target=worker.run, name="echo-worker")
-        thread.start()
-        started.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, thread in started:
-        worker.stop()
-        thread.join(WAIT)
-        worker.close()
 
 
 def run_cli(args, env, cwd, timeout=60.0) -> subprocess.CompletedProcess:
@@ -150,9 +130,9 @@ def start_broker(procs: Processes, addrs, core_name, *options):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_broker_stops_on_signal_with_exit_0(signum, procs, ctx, addrs, echo_thread, core_name):
+def test_broker_stops_on_signal_with_exit_0(signum, procs, ctx, addrs, threads, core_name):
     broker = start_broker(procs, addrs, core_name, "-T", "5", "-t", "2")
-    echo_thread(addrs[1], addrs[2])
+    threads(Echo(ctx, addrs[1], addrs[2]))
     assert request(ctx, addrs[0], [b"ready?"], WAIT) == [b"-ready?"], procs.output()
     broker.send_signal(signum)
     assert broker.wait(WAIT) == 0, procs.output()

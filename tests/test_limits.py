@@ -7,7 +7,6 @@ broker (docs/PROTOCOL.md section 9)."""
 from __future__ import annotations
 
 import struct
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -115,24 +114,6 @@ class Recording(Worker):
         return bytes(int(data)) if data.isdigit() else b"-" + data
 
 
-@pytest.fixture
-def worker_thread():
-    started: list = []
-
-    def start(address: str, credit: int = 1) -> Recording:
-        worker = Recording(None, address, credit=credit, heartbeat=HEARTBEAT)
-        thread = threading.Thread(target=worker.run, name="worker")
-        thread.start()
-        started.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, thread in started:
-        worker.stop()
-        thread.join(WAIT)
-        worker.close()
-
-
 def test_max_queue_rejects_beyond_it_at_once_and_memory_stays_bounded(cli_broker, addrs, ctx, procs):
     limit = 3
     broker = cli_broker("--max-queue", str(limit), "--retention-memory", "1M")
@@ -167,10 +148,10 @@ def test_max_queue_rejects_beyond_it_at_once_and_memory_stays_bounded(cli_broker
         assert grown < bound < count * size, f"the broker grew by {grown >> 20} MiB for {count * size >> 20} MiB refused"
 
 
-def test_max_message_disconnects_the_sender_and_the_broker_serves_on(cli_broker, addrs, ctx, worker_thread):
+def test_max_message_disconnects_the_sender_and_the_broker_serves_on(cli_broker, addrs, ctx, threads):
     limit = 64 * 1024
     cli_broker("--max-message", "64K")
-    worker = worker_thread(addrs[1])
+    worker = threads(Recording(None, addrs[1], credit=1, heartbeat=HEARTBEAT))
     big = ctx.socket(zmq.DEALER)
     big.setsockopt(zmq.LINGER, 0)
     monitor = big.get_monitor_socket()
@@ -200,10 +181,10 @@ def test_max_message_disconnects_the_sender_and_the_broker_serves_on(cli_broker,
     assert (figures["requests"], figures["answered"]) == (3, 3), figures
 
 
-def test_a_client_that_never_reads_cannot_grow_the_broker(cli_broker, addrs, ctx, worker_thread, procs):
+def test_a_client_that_never_reads_cannot_grow_the_broker(cli_broker, addrs, ctx, threads, procs):
     # Kept outcomes are bounded by their own option; 1M keeps them out of the count.
     broker = cli_broker("--retention-memory", "1M")
-    worker_thread(addrs[1], credit=8)
+    threads(Recording(None, addrs[1], credit=8, heartbeat=HEARTBEAT))
     before = memory(broker.pid)["VmRSS"]
     count, size = 6000, 32 * 1024
     sock = flood(ctx, addrs[0], count, str(size).encode())

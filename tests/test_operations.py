@@ -42,24 +42,10 @@ from fastbroker.logsetup import JsonFormatter, level_for
 from fastbroker.metrics import MetricsServer, decode_stats_reply, format_stats
 
 from conftest import PYTHON, wait_until
-from test_client_protocol import CRig, new_id, opts, reply
+from test_client_protocol import CRig, make_rig, new_id, opts, reply  # noqa: F401 (make_rig: a fixture)
 from test_core_loop import SLICE
 
 WAIT = 20.0  # upper bound of waits on processes
-
-
-@pytest.fixture
-def make_rig(core, ctx):
-    rigs = []
-
-    def make(**kwargs) -> CRig:
-        rig = CRig(core, ctx, **kwargs)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
 
 
 def ask_stats(rig: CRig, client, rid: bytes = b"S" * 16) -> list:

@@ -79,25 +79,6 @@ def broker(keys):
     b.close()
 
 
-@pytest.fixture
-def threads():
-    """Runs workers in threads; stops and closes them at teardown."""
-    started: list = []
-
-    def start(worker):
-        thread = threading.Thread(target=worker.run, name=f"worker-{type(worker).__name__}")
-        thread.start()
-        started.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, _ in started:
-        worker.stop()
-    for worker, thread in started:
-        thread.join(WAIT)
-        worker.close()
-
-
 class _Recording:
     """Answers b"-" + data and remembers every payload it was given."""
 

@@ -9,7 +9,6 @@ Crashes of a real broker process (SIGKILL) are in test_store_crash.py."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import time
@@ -23,10 +22,9 @@ import zmq
 import fastbroker
 from conftest import wait_until
 from fastbroker import Broker, Client, ConfigError
-from fastbroker._common import C_SUBMIT, CLIENT_SIGNATURE, R_ACCEPTED, R_OK, R_TIMED_OUT
+from fastbroker._common import R_ACCEPTED, R_OK, R_TIMED_OUT
 from fastbroker.client_protocol import decode_reply, encode_options, submit_message
 from fastbroker.store import (
-    APPLICATION_ID,
     SCHEMA_VERSION,
     Store,
     StoreError,
@@ -37,8 +35,8 @@ from fastbroker.store import (
     encode_frames,
 )
 from test_cli import run_cli
-from test_client import HEARTBEAT, Rig
-from workers_for_tests import LOG_ENV, DealerEcho, DealerGated, read_log, runs
+from test_client import Rig, gate, log_path  # noqa: F401 (gate, log_path: fixtures)
+from workers_for_tests import GATE_ENV, LOG_ENV, DealerEcho, DealerGated, read_log, runs
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -258,21 +256,6 @@ def test_check_cannot_open_what_is_not_a_store(case, tmp_path):
 
 
 @pytest.fixture
-def log_path(tmp_path, monkeypatch):
-    path = tmp_path / "jobs.log"
-    monkeypatch.setenv(LOG_ENV, str(path))
-    return path
-
-
-@pytest.fixture
-def gate(tmp_path, monkeypatch):
-    path = tmp_path / "gate"
-    monkeypatch.setenv("FB_TEST_GATE", str(path))
-    yield path
-    path.touch()
-
-
-@pytest.fixture
 def store_path(tmp_path) -> Path:
     return tmp_path / "broker.db"
 
@@ -321,7 +304,7 @@ def test_in_flight_requests_come_back_with_the_attempt_counted(rig, log_path, st
     rig.start_broker()
     worker = procs.start(
         ["worker", "workers_for_tests:DealerGated", rig.addrs[1], "--credit", "2"], "gated",
-        env={LOG_ENV: str(log_path), "FB_TEST_GATE": str(gate)},
+        env={LOG_ENV: str(log_path), GATE_ENV: str(gate)},
     )
     client = rig.client()
     last_try = client.submit(b"0:gated-last-try", tries=1)

@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Set
 
-import pytest
-
 from conftest import wait_until
 from fastbroker import Client
 from fastbroker._common import R_ACCEPTED

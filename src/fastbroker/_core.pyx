@@ -19,31 +19,8 @@ import zmq.backend.cython._zmq as _pyzmq_backend
 from fastbroker import _common
 from fastbroker._common import check_count, check_heartbeat, check_timeout, check_tries
 
-cdef extern from "_zmqdl.h" nogil:
-    ctypedef struct zmsg "fb_zmq_msg_t":
-        pass
-    ctypedef struct zpollitem "fb_zmq_pollitem_t":
-        void *socket
-        int fd
-        short events
-        short revents
-    int ZPOLLIN "FBZ_POLLIN"
-    int ZDONTWAIT "FBZ_DONTWAIT"
-    int ZSNDMORE "FBZ_SNDMORE"
-    int ZETERM "FBZ_ETERM"
-    int zmsg_init "fbz_msg_init"(zmsg *m)
-    int zmsg_init_size "fbz_msg_init_size"(zmsg *m, size_t size)
-    void *zmsg_data "fbz_msg_data"(zmsg *m)
-    size_t zmsg_size "fbz_msg_size"(const zmsg *m)
-    int zmsg_more "fbz_msg_more"(const zmsg *m)
-    int zmsg_close "fbz_msg_close"(zmsg *m)
-    int zmsg_copy "fbz_msg_copy"(zmsg *dest, zmsg *src)
-    int zmsg_move "fbz_msg_move"(zmsg *dest, zmsg *src)
-    int zmsg_send "fbz_msg_send"(zmsg *m, void *socket, int flags)
-    int zmsg_recv "fbz_msg_recv"(zmsg *m, void *socket, int flags)
-    int zpoll "fbz_poll"(zpollitem *items, int n, long timeout)
-    int zerrno "fbz_errno"()
-    const char *fbz_load(const char *path)
+from fastbroker._zmqdl cimport (zmsg, zpollitem, ZPOLLIN, ZDONTWAIT, ZSNDMORE, ZETERM, zmsg_init, zmsg_init_size, zmsg_data, zmsg_size, zmsg_more,
+                               zmsg_close, zmsg_copy, zmsg_move, zmsg_send, zmsg_recv, zpoll, zerrno, fbz_load)
 
 cdef const char *_load_error = fbz_load(os.fsencode(_pyzmq_backend.__file__))
 if _load_error != NULL:
