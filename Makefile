@@ -42,6 +42,7 @@ soak: $(STAMP)
 # The compiled load generators of bench/e2e.py (bench/_loadgen.pyx), built in place;
 # like the core, they use pyzmq's own libzmq (no second libzmq is linked).
 loadgen: $(STAMP)
+	$(PY) -m pip install --quiet 'Cython>=3' 'setuptools>=77'
 	$(PY) bench/build_loadgen.py
 
 clean:
