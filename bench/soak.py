@@ -347,21 +347,32 @@ class Crowd:
             group[self.rng.randrange(len(group))].send_multipart(m.frames)
         self.sent += 1
 
-    def react(self, max_messages: int = 2000) -> None:
+    def react(self, max_messages: int = 2000, quiet: float = 0.0, max_wait: float = 1.0) -> None:
+        """Read and act on up to `max_messages` of what the broker sent. With `quiet`
+        (seconds), keep reading until nothing came for that long (at most `max_wait`
+        in all): right after a burst the broker has not yet dispatched it, and a fake
+        worker that reads its TASKs only at the next burst has often lost its session
+        by then (its own garbage ended it), so FAILED reports and answers from fakes
+        would depend on how fast the broker happened to be."""
         budget = max_messages
-        for s in self.readable:
-            while budget > 0:
-                try:
-                    frames = s.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError as exc:
-                    if exc.errno == zmq.EFSM:  # a REQ socket that has sent nothing yet
+        deadline = time.monotonic() + max_wait
+        while budget > 0:
+            for s in self.readable:
+                while budget > 0:
+                    try:
+                        frames = s.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
                         break
-                    raise
-                budget -= 1
-                self.received += 1
-                self._on_message(s, frames)
+                    except zmq.ZMQError as exc:
+                        if exc.errno == zmq.EFSM:  # a REQ socket that has sent nothing yet
+                            break
+                        raise
+                    budget -= 1
+                    self.received += 1
+                    self._on_message(s, frames)
+            wait = min(quiet, deadline - time.monotonic())
+            if wait <= 0 or not zmq.select(self.readable, [], [], wait)[0]:
+                break
         if self.held and self.rng.randrange(2):
             for task_id, data in self.held:
                 self.pusher.send_multipart([task_id, echo(data)])
