@@ -59,6 +59,7 @@ from typing import Dict, List, Optional, Sequence
 import zmq
 
 from bench import e2e
+from bench.proctree import descendants, kill_descendants
 from fastbroker import Worker
 from fastbroker.client import connect_dealer
 from fastbroker.metrics import request_stats
@@ -105,29 +106,6 @@ class BurnWorker(Worker):
 
 
 # -- the parent ----------------------------------------------------------------------------
-
-
-def descendants(pid: int) -> List[int]:
-    """Pids of the live processes below `pid` (from /proc). Pool children leave the
-    pool's process group (setpgrp), so they are found and killed by pid."""
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    for _ in range(10000):
-        if not todo:
-            break
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def thread_cpu_seconds(pid: int, tid: int) -> float:
@@ -406,11 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 figures.close()
             for proc in run.procs:  # pool children leave their group: kill them by pid
                 if proc.poll() is None:
-                    for pid in descendants(proc.pid):
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                    kill_descendants(proc.pid)
             run.close()
     summarize(results, args)
     return 0

@@ -31,6 +31,9 @@ import zmq
 
 from fastbroker import ReqWorker, Worker
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench
+from bench.proctree import descendants, kill_descendants  # noqa: E402  (descendants: re-exported to the tests)
+
 LOG_ENV = "FB_TEST_LOG"
 EXTRA_DELAY_ENV = "FB_TEST_EXTRA_DELAY"
 HANG_LIMIT = 120.0
@@ -346,26 +349,6 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def descendants(pid: int) -> List[int]:
-    """Pids of the live processes below `pid` (from /proc)."""
-    children: Dict[int, List[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 class Processes:
     """Starts ``python -m ...`` processes with output to files in `directory`,
     and kills every one of them (and their descendants) in ``kill_all``."""
@@ -411,12 +394,7 @@ class Processes:
     def kill_all(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
-                # Pool children leave the process group (setpgrp): kill them by pid.
-                for pid in descendants(proc.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                kill_descendants(proc.pid)  # pool children left the process group (setpgrp)
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
