@@ -42,6 +42,8 @@ import os
 import zmq
 import zmq.backend.cython._zmq as _pyzmq_backend
 
+from fastbroker._protocol cimport (CLIENT_SIGNATURE, WORKER_SIGNATURE, SIGNATURE_SIZE, REQUEST_ID_SIZE, OPTIONS_SIZE,
+                                  MAX_CREDIT, OPT_NO_ACK, R_OK, CMD_READY, CMD_TASK, CMD_ANSWER, CMD_HEARTBEAT, CMD_DISCONNECT)
 from fastbroker._zmqdl cimport (zmsg, zpollitem, ZPOLLIN, ZDONTWAIT, ZSNDMORE, zmsg_init, zmsg_init_size, zmsg_data, zmsg_size, zmsg_more,
                                zmsg_close, zmsg_send, zmsg_recv, zpoll, zerrno, fbz_load)
 
@@ -65,14 +67,7 @@ MODE_ECHO = M_ECHO
 cdef enum:
     MAXF = 16          # frames kept per received message (more: a bad message)
     BATCH = 4096       # messages handled per drain before looking at the clock
-    ID_SIZE = 8
-    RID_SIZE = 16
-    R_OK = 0x13
-    CMD_READY = 1
-    CMD_TASK = 2
-    CMD_ANSWER = 3
-    CMD_HEARTBEAT = 5
-    CMD_DISCONNECT = 6
+    ID_SIZE = 8  # the generator's own sequence number at the head of each payload
 
 # error codes of the loops (see _ERRORS)
 cdef enum:
@@ -98,8 +93,6 @@ _ERRORS = {
     E_ABORTED: "request aborted (empty answer)",
 }
 
-cdef const char *SIG_C = b"FBC01"
-cdef const char *SIG_W = b"FBW01"
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -208,8 +201,8 @@ cdef struct Client:
 
 
 cdef int client_send(Client *c) noexcept nogil:
-    cdef uint8_t buf[RID_SIZE]
-    cdef uint8_t opts[9]
+    cdef uint8_t buf[REQUEST_ID_SIZE]
+    cdef uint8_t opts[OPTIONS_SIZE]
     cdef zmsg m
     cdef uint8_t *p
     cdef uint64_t rid = c.first + <uint64_t>c.sent
@@ -218,10 +211,10 @@ cdef int client_send(Client *c) noexcept nogil:
     if c.mode == M_FBC:
         put_le64(buf, rid)
         memcpy(buf + 8, c.nonce, 8)
-        memset(opts, 0, 9)
-        opts[0] = 1  # OPT_NO_ACK
-        if (send_buf(c.sock, SIG_C, 5, ZSNDMORE) or send_buf(c.sock, &cmd, 1, ZSNDMORE)
-                or send_buf(c.sock, buf, RID_SIZE, ZSNDMORE) or send_buf(c.sock, opts, 9, ZSNDMORE)):
+        memset(opts, 0, OPTIONS_SIZE)
+        opts[0] = OPT_NO_ACK
+        if (send_buf(c.sock, CLIENT_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE) or send_buf(c.sock, &cmd, 1, ZSNDMORE)
+                or send_buf(c.sock, buf, REQUEST_ID_SIZE, ZSNDMORE) or send_buf(c.sock, opts, OPTIONS_SIZE, ZSNDMORE)):
             return -1
     else:
         if send_buf(c.sock, NULL, 0, ZSNDMORE):
@@ -229,8 +222,8 @@ cdef int client_send(Client *c) noexcept nogil:
         if c.mode == M_REQ_FBC_FRAMES:
             put_le64(buf, rid)
             memcpy(buf + 8, c.nonce, 8)
-            if (send_buf(c.sock, SIG_C, 5, ZSNDMORE) or send_buf(c.sock, &cmd, 1, ZSNDMORE)
-                    or send_buf(c.sock, buf, RID_SIZE, ZSNDMORE)):
+            if (send_buf(c.sock, CLIENT_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE) or send_buf(c.sock, &cmd, 1, ZSNDMORE)
+                    or send_buf(c.sock, buf, REQUEST_ID_SIZE, ZSNDMORE)):
                 return -1
     # the payload: 8-byte id then the padding
     if zmsg_init_size(&m, c.payload) != 0:
@@ -253,8 +246,8 @@ cdef int client_check(Client *c, zmsg *f, int nf, int64_t now) noexcept nogil:
     cdef zmsg *pl
     cdef uint64_t rid, i
     if c.mode == M_FBC:
-        if nf < 3 or zmsg_size(&f[0]) != 5 or memcmp(zmsg_data(&f[0]), SIG_C, 5) != 0 \
-                or zmsg_size(&f[1]) != 1 or zmsg_size(&f[2]) != RID_SIZE:
+        if nf < 3 or zmsg_size(&f[0]) != SIGNATURE_SIZE or memcmp(zmsg_data(&f[0]), CLIENT_SIGNATURE, SIGNATURE_SIZE) != 0 \
+                or zmsg_size(&f[1]) != 1 or zmsg_size(&f[2]) != REQUEST_ID_SIZE:
             return E_BAD_REPLY
         p = <const uint8_t *>zmsg_data(&f[1])
         if p[0] != R_OK:
@@ -415,7 +408,7 @@ cdef int send_ready(void *sock, unsigned long credit) noexcept nogil:
     cr[1] = <uint8_t>(credit >> 16)
     cr[2] = <uint8_t>(credit >> 8)
     cr[3] = <uint8_t>credit
-    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, SIG_W, 5, ZSNDMORE)
+    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, WORKER_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE)
             or send_buf(sock, &cmd, 1, ZSNDMORE) or send_buf(sock, cr, 4, 0)):
         return -1
     return 0
@@ -423,7 +416,7 @@ cdef int send_ready(void *sock, unsigned long credit) noexcept nogil:
 
 cdef int send_heartbeat(void *sock) noexcept nogil:
     cdef uint8_t cmd = CMD_HEARTBEAT
-    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, SIG_W, 5, ZSNDMORE)
+    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, WORKER_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE)
             or send_buf(sock, &cmd, 1, 0)):
         return -1
     return 0
@@ -495,12 +488,12 @@ cdef int worker_loop(Worker *w) noexcept nogil:
                 if rc:
                     return E_SEND
                 w.answered += 1
-            elif nf >= 3 and zmsg_size(&f[0]) == 0 and zmsg_size(&f[1]) == 5 \
-                    and memcmp(zmsg_data(&f[1]), SIG_W, 5) == 0 and zmsg_size(&f[2]) == 1:
+            elif nf >= 3 and zmsg_size(&f[0]) == 0 and zmsg_size(&f[1]) == SIGNATURE_SIZE \
+                    and memcmp(zmsg_data(&f[1]), WORKER_SIGNATURE, SIGNATURE_SIZE) == 0 and zmsg_size(&f[2]) == 1:
                 p = <const uint8_t *>zmsg_data(&f[2])
                 if p[0] == CMD_TASK and nf >= 5:
                     # ANSWER: "", FBW01, 0x03, then the task id and payload frames as received
-                    rc = (send_buf(w.sock, NULL, 0, ZSNDMORE) or send_buf(w.sock, SIG_W, 5, ZSNDMORE)
+                    rc = (send_buf(w.sock, NULL, 0, ZSNDMORE) or send_buf(w.sock, WORKER_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE)
                           or send_buf(w.sock, &cmd, 1, ZSNDMORE) or send_frames(w.sock, f, 3, nf))
                     close_frames(f, nf)
                     if rc:
@@ -546,7 +539,7 @@ cdef int worker_loop(Worker *w) noexcept nogil:
             return 0
 
 
-def worker(sock, int mode=MODE_FBW, unsigned long credit=65536, double heartbeat=0.5,
+def worker(sock, int mode=MODE_FBW, unsigned long credit=MAX_CREDIT, double heartbeat=0.5,
            long long count=0, int stop_fd=-1, int parent=0, double lifetime=900.0):
     """Serve until stopped (see the module doc); returns a dict of counts and
     ``stopped_by`` (``count``, ``stop_fd``, ``parent``, ``lifetime``)."""

@@ -75,6 +75,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import zmq
 
+from fastbroker import protocol
+
 REPO = Path(__file__).resolve().parent.parent
 BROKERS = ("compiled", "pure", "proxy", "proxy-fbc")
 DEFAULT_BROKERS = ("compiled", "pure", "proxy")
@@ -86,9 +88,10 @@ CHILD_LIFETIME = 900.0
 """A child process exits by itself after this long, whatever happens."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-SIG = b"FBW01"
-READY, TASK, ANSWER, HEARTBEAT, DISCONNECT = b"\x01", b"\x02", b"\x03", b"\x05", b"\x06"
-BIG_CREDIT = struct.pack(">I", 1 << 16)
+SIG = protocol.WORKER_SIGNATURE
+READY, TASK, ANSWER = protocol.CMD_READY, protocol.CMD_TASK, protocol.CMD_ANSWER
+HEARTBEAT, DISCONNECT = protocol.CMD_HEARTBEAT, protocol.CMD_DISCONNECT
+BIG_CREDIT = struct.pack(">I", protocol.MAX_CREDIT)
 ID = struct.Struct("<Q")
 
 try:

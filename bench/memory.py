@@ -44,9 +44,11 @@ from typing import Dict, List, Optional, Sequence
 
 import zmq
 
+from fastbroker import protocol
+
 SERVERS = ("compiled", "pure", "frames", "bytes")
 PROTOCOLS = ("req", "fbc01")
-NO_ACK_OPTIONS = bytes([0x01]) + bytes(8)
+NO_ACK_OPTIONS = bytes([protocol.OPT_NO_ACK]) + bytes(protocol.OPTIONS_SIZE - 1)
 PING = b"PING"
 HWM = 1000  # the broker's REQUESTS_SNDHWM / REQUESTS_RCVHWM
 ZMQ_ZERO_COPY_RECV = 74
@@ -217,7 +219,7 @@ def measure(kind: str, protocol: str, payload: int, jobs: int, zero_copy: Option
             client.connect(server.endpoint)
             # The ping: the connection (and libzmq's buffers for it) exists at "before".
             if kind in ("compiled", "pure"):
-                client.send_multipart([b"FBC01", b"\x05", bytes(16)])  # STATS: nothing kept
+                client.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_STATS, bytes(16)])  # STATS: nothing kept
             else:
                 client.send_multipart([b"", PING])
             if not client.poll(int(limit * 1000)):
@@ -234,7 +236,7 @@ def measure(kind: str, protocol: str, payload: int, jobs: int, zero_copy: Option
                         client.send_multipart([b"", body], copy=payload < 4096)
                 else:
                     for i in range(jobs):
-                        client.send_multipart([b"FBC01", b"\x01", b"mem-id%010d" % i, NO_ACK_OPTIONS, body],
+                        client.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_SUBMIT, b"mem-id%010d" % i, NO_ACK_OPTIONS, body],
                                               copy=payload < 4096)
 
             sender = threading.Thread(target=send)

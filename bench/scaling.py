@@ -61,7 +61,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import zmq
 
 from bench import e2e, memory
-from fastbroker import _common
+from fastbroker import protocol
 
 DEFAULT_PAYLOADS = (16, 1024, 65536, 1 << 20)
 DEFAULT_DEPTHS = (10, 10_000, 1_000_000)
@@ -301,8 +301,8 @@ def run_depth_worker(addr: str, parent: int, credit: int) -> None:
     for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
         sock.setsockopt(opt, value)
     sock.connect(addr)
-    ready0 = [b"", _common.WORKER_SIGNATURE, _common.CMD_READY, (0).to_bytes(4, "big")]
-    heartbeat = [b"", _common.WORKER_SIGNATURE, _common.CMD_HEARTBEAT]
+    ready0 = [b"", protocol.WORKER_SIGNATURE, protocol.CMD_READY, (0).to_bytes(4, "big")]
+    heartbeat = [b"", protocol.WORKER_SIGNATURE, protocol.CMD_HEARTBEAT]
     sock.send_multipart(ready0)
     say("connected")
     end = time.monotonic() + LIFETIME
@@ -369,13 +369,13 @@ class DepthRig:
 
     def stats(self) -> Dict[str, int]:
         assert self.ctl is not None
-        self.ctl.send_multipart([_common.CLIENT_SIGNATURE, b"\x05", bytes(16)])
+        self.ctl.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_STATS, bytes(16)])
         if not self.ctl.poll(10_000):
             raise RuntimeError("no STATS reply from the broker in 10 s")
         frames = self.ctl.recv_multipart()
-        if len(frames) != 5 or frames[1] != b"\x19":
+        if len(frames) != 5 or frames[1] != protocol.R_STATS:
             raise RuntimeError(f"unexpected STATS reply {frames[:3]!r}")
-        return _common.decode_stats(frames[3], frames[4])
+        return protocol.decode_stats(frames[3], frames[4])
 
     def settle(self, done: Callable[[Dict[str, int]], bool], deadline: float) -> Tuple[int, Dict[str, int], int]:
         """Wait until the broker's CPU clock stands still for --settle-ms and a STATS says

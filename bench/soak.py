@@ -44,11 +44,11 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequenc
 
 import zmq
 
-from fastbroker import _common
-from fastbroker.worker import Worker
+from fastbroker import protocol
+from fastbroker.worker.base import Worker
 
 REQUESTS, WORKERS, ANSWERS = "requests", "workers", "answers"
-FBW, FBC = _common.WORKER_SIGNATURE, _common.CLIENT_SIGNATURE
+FBW, FBC = protocol.WORKER_SIGNATURE, protocol.CLIENT_SIGNATURE
 HUGE = 64 * 1024
 """Size of the "huge" frames of the mix: big enough that a leak of them shows in RSS."""
 GOOD_PREFIX = b"good:"
@@ -72,7 +72,7 @@ class Message(NamedTuple):
 
 # Request ids that repeat, so duplicate SUBMITs, STATUS, RESULT and CANCEL hit live
 # requests and kept outcomes (and fill waiter lists).
-POOL_IDS = [bytes([0xA0 + i]) * _common.REQUEST_ID_SIZE for i in range(8)]
+POOL_IDS = [bytes([0xA0 + i]) * protocol.REQUEST_ID_SIZE for i in range(8)]
 BAD_ID_SIZES = [0, 1, 15, 17, 255, 4096, HUGE]
 
 
@@ -124,7 +124,7 @@ def request_id(c: Chooser) -> bytes:
     if k < 3:
         return pick(c, POOL_IDS)
     if k < 6:
-        return c.randbytes(_common.REQUEST_ID_SIZE)
+        return c.randbytes(protocol.REQUEST_ID_SIZE)
     size = pick(c, BAD_ID_SIZES)
     return big(c)[:size] if size > 64 else c.randbytes(size)
 
@@ -132,8 +132,8 @@ def request_id(c: Chooser) -> bytes:
 def options(c: Chooser) -> bytes:
     """An options frame: empty, valid, or out of range (flags, timeout, length)."""
     k = c.randrange(10)
-    timeout = pick(c, [0, 1, 50, 1000, _common.MAX_REQUEST_TIMEOUT_MS])
-    tries = pick(c, [0, 1, 2, 5, _common.MAX_REQUEST_TRIES, _common.MAX_REQUEST_TRIES + 1, 0xFFFFFFFF])
+    timeout = pick(c, [0, 1, 50, 1000, protocol.MAX_REQUEST_TIMEOUT_MS])
+    tries = pick(c, [0, 1, 2, 5, protocol.MAX_REQUEST_TRIES, protocol.MAX_REQUEST_TRIES + 1, 0xFFFFFFFF])
     if k < 2:
         return b""
     if k < 6:
@@ -141,7 +141,7 @@ def options(c: Chooser) -> bytes:
     if k < 7:  # unknown flag bits
         return bytes([2 + c.randrange(254)]) + u32(timeout) + u32(tries)
     if k < 8:  # timeout above the maximum
-        return bytes([c.randrange(2)]) + u32(_common.MAX_REQUEST_TIMEOUT_MS + 1 + c.randrange(2)) + u32(tries)
+        return bytes([c.randrange(2)]) + u32(protocol.MAX_REQUEST_TIMEOUT_MS + 1 + c.randrange(2)) + u32(tries)
     return c.randbytes(pick(c, [1, 4, 8, 10, 16, 100]))  # wrong length
 
 
@@ -152,18 +152,18 @@ def payload(c: Chooser, lo: int = 1) -> List[bytes]:
 def fbc_command(c: Chooser) -> bytes:
     k = c.randrange(10)
     if k < 8:
-        return pick(c, [_common.C_SUBMIT, _common.C_STATUS, _common.C_RESULT, _common.C_CANCEL])
+        return pick(c, [protocol.C_SUBMIT, protocol.C_STATUS, protocol.C_RESULT, protocol.C_CANCEL])
     return pick(c, [b"", b"\x00", b"\x05", b"\x06", b"\x11", b"\xff", b"\x01\x01"])
 
 
 def m_submit(c: Chooser) -> Message:
     # Mostly well formed, with 0-3 payload frames (0: reason 11).
-    frames = [FBC, _common.C_SUBMIT, request_id(c), options(c)] + [junk(c) for _ in range(c.randrange(4))]
+    frames = [FBC, protocol.C_SUBMIT, request_id(c), options(c)] + [junk(c) for _ in range(c.randrange(4))]
     return Message(REQUESTS, zmq.DEALER, frames, c.randrange(64) == 0)
 
 
 def m_query(c: Chooser) -> Message:
-    frames = [FBC, pick(c, [_common.C_STATUS, _common.C_RESULT, _common.C_CANCEL]), request_id(c)]
+    frames = [FBC, pick(c, [protocol.C_STATUS, protocol.C_RESULT, protocol.C_CANCEL]), request_id(c)]
     if c.randrange(4) == 0:
         frames += payload(c)  # a body after the id: reason 11
     return Message(REQUESTS, zmq.DEALER, frames, c.randrange(64) == 0)
@@ -195,10 +195,10 @@ def m_random(c: Chooser) -> Message:
 
 def m_too_many_frames(c: Chooser) -> Message:
     endpoint = pick(c, [REQUESTS, WORKERS, ANSWERS])
-    n = _common.MAX_FRAMES + pick(c, [-2, -1, 0, 1, 2, 100])
+    n = protocol.MAX_FRAMES + pick(c, [-2, -1, 0, 1, 2, 100])
     head = [b""] if endpoint != ANSWERS else []
     if endpoint == REQUESTS and c.randrange(2):
-        head = [FBC, _common.C_SUBMIT, c.randbytes(16), b""]
+        head = [FBC, protocol.C_SUBMIT, c.randbytes(16), b""]
     frames = head + [b"f"] * (n - len(head))
     return Message(endpoint, zmq.PUSH if endpoint == ANSWERS else zmq.DEALER, frames, False)
 
@@ -206,27 +206,27 @@ def m_too_many_frames(c: Chooser) -> Message:
 def credit(c: Chooser) -> bytes:
     k = c.randrange(8)
     if k < 4:
-        return u32(pick(c, [0, 1, 2, 16, _common.MAX_CREDIT]))
+        return u32(pick(c, [0, 1, 2, 16, protocol.MAX_CREDIT]))
     if k < 6:
-        return u32(pick(c, [_common.MAX_CREDIT + 1, 0xFFFFFFFF]))
+        return u32(pick(c, [protocol.MAX_CREDIT + 1, 0xFFFFFFFF]))
     return c.randbytes(pick(c, [0, 1, 3, 5, 8]))
 
 
 def m_fbw(c: Chooser) -> Message:
     k = c.randrange(12)
-    cmd = {0: _common.CMD_READY, 1: _common.CMD_READY, 2: _common.CMD_HEARTBEAT, 3: _common.CMD_DISCONNECT,
-           4: _common.CMD_ANSWER, 5: _common.CMD_ANSWER, 6: _common.CMD_FAILED, 7: _common.CMD_FAILED}.get(k)
+    cmd = {0: protocol.CMD_READY, 1: protocol.CMD_READY, 2: protocol.CMD_HEARTBEAT, 3: protocol.CMD_DISCONNECT,
+           4: protocol.CMD_ANSWER, 5: protocol.CMD_ANSWER, 6: protocol.CMD_FAILED, 7: protocol.CMD_FAILED}.get(k)
     if cmd is None:  # unknown commands, a TASK or CANCEL from a worker, multi-byte
-        cmd = pick(c, [b"", b"\x00", _common.CMD_TASK, _common.CMD_CANCEL, b"\x08", b"\xff", b"\x01\x00"])
-    if cmd == _common.CMD_READY:
+        cmd = pick(c, [b"", b"\x00", protocol.CMD_TASK, protocol.CMD_CANCEL, b"\x08", b"\xff", b"\x01\x00"])
+    if cmd == protocol.CMD_READY:
         body = [credit(c)] + ([junk(c)] if c.randrange(6) == 0 else [])
-    elif cmd in (_common.CMD_HEARTBEAT, _common.CMD_DISCONNECT):
+    elif cmd in (protocol.CMD_HEARTBEAT, protocol.CMD_DISCONNECT):
         body = [] if c.randrange(3) else payload(c)
-    elif cmd == _common.CMD_ANSWER:
+    elif cmd == protocol.CMD_ANSWER:
         # Ids no live task has: random, wrong size, none; answer frames 0-2.
         body = [pick(c, [c.randbytes(16), c.randbytes(pick(c, [0, 5, 15, 17]))])] + [junk(c) for _ in range(c.randrange(3))]
         body = body if c.randrange(8) else []
-    elif cmd == _common.CMD_FAILED:
+    elif cmd == protocol.CMD_FAILED:
         body = [c.randbytes(pick(c, [16, 16, 3]))] + [junk(c) for _ in range(c.randrange(4))]
     else:
         body = [junk(c) for _ in range(c.randrange(3))]
@@ -380,26 +380,26 @@ class Crowd:
 
     def _on_message(self, s: zmq.Socket, frames: List[bytes]) -> None:
         if s.type == zmq.DEALER and s in self.pool[(WORKERS, zmq.DEALER)]:
-            if len(frames) >= 4 and frames[:3] == [b"", FBW, _common.CMD_TASK]:
+            if len(frames) >= 4 and frames[:3] == [b"", FBW, protocol.CMD_TASK]:
                 self._fake_fbw_worker(s, frames[3], frames[4:])
-            elif len(frames) >= 2 and frames[0] == b"" and len(frames[1]) == _common.TASK_ID_SIZE:
+            elif len(frames) >= 2 and frames[0] == b"" and len(frames[1]) == protocol.TASK_ID_SIZE:
                 self.held.append((frames[1], frames[2:]))  # an original-protocol TASK
         elif s.type == zmq.REQ and s in self.pool[(WORKERS, zmq.REQ)] and frames:
-            if len(frames[0]) == _common.TASK_ID_SIZE:
+            if len(frames[0]) == protocol.TASK_ID_SIZE:
                 self.held.append((frames[0], frames[1:]))
 
     def _fake_fbw_worker(self, s: zmq.Socket, task_id: bytes, data: List[bytes]) -> None:
         k = self.rng.randrange(8)
         head = [b"", FBW]
         if k < 3:
-            s.send_multipart(head + [_common.CMD_ANSWER, task_id, echo(data)])
+            s.send_multipart(head + [protocol.CMD_ANSWER, task_id, echo(data)])
         elif k < 5:
-            s.send_multipart(head + [_common.CMD_FAILED, task_id, b"HostileError", b"no"])
+            s.send_multipart(head + [protocol.CMD_FAILED, task_id, b"HostileError", b"no"])
         elif k == 5:  # garbled: no answer frame, a short id, FAILED with two frames
             s.send_multipart(pick(self.rng, [
-                head + [_common.CMD_ANSWER, task_id],
-                head + [_common.CMD_ANSWER, task_id[:-1], b"x"],
-                head + [_common.CMD_FAILED, task_id, b"two frames"],
+                head + [protocol.CMD_ANSWER, task_id],
+                head + [protocol.CMD_ANSWER, task_id[:-1], b"x"],
+                head + [protocol.CMD_FAILED, task_id, b"two frames"],
             ]))
         # else: ignore it (the attempt times out, or the fake is taken for dead)
 
@@ -609,9 +609,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"RSS (whole process: broker thread, client, crowd): before {before / mib:.1f} MiB, "
           f"after {after / mib:.1f} MiB ({growth / mib:+.1f} MiB), peak {peak / mib:.1f} MiB; bound +{args.rss_bound_mib:g} MiB")
     print(f"good client:        {good.completed:,} jobs completed with the right answer, {len(good.failures)} wrong or failed")
-    delta = {k: stats[k] - stats_before[k] for k in _common.COUNTERS if k in stats and k in stats_before}
+    delta = {k: stats[k] - stats_before[k] for k in protocol.COUNTERS if k in stats and k in stats_before}
     print("counters (soak only): " + ", ".join(f"{k}={v:,}" for k, v in delta.items() if v))
-    print("gauges at the end:  " + ", ".join(f"{k}={stats[k]:,}" for k in _common.GAUGES if k in stats))
+    print("gauges at the end:  " + ", ".join(f"{k}={stats[k]:,}" for k in protocol.GAUGES if k in stats))
     print("drops (whole run):")
     for reason, count in sorted(stats["drops"].items(), key=lambda kv: -kv[1]):
         print(f"  {count:>10,}  {reason}")

@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import zmq
 
+from fastbroker import protocol
+
 from bench.conftest import Rig, _core, _core_py, _env_int
 
 BATCH = _env_int("FASTBROKER_DEPTH_BATCH", 1000)
@@ -47,7 +49,7 @@ LONG_TIMEOUT = 3600.0
 EXPIRE_TIMEOUT = {"compiled": 0.3, "pure": 2.0}  # must outlast a set-up's dispatch phase
 HOP_SOCKETS = 16
 FILL_CHUNK = 50_000
-NO_ACK_OPTIONS = bytes([0x01]) + bytes(8)  # OPT_NO_ACK, default timeout and tries
+NO_ACK_OPTIONS = bytes([protocol.OPT_NO_ACK]) + bytes(protocol.OPTIONS_SIZE - 1)  # default timeout and tries
 
 
 def _module(name: str):
@@ -258,11 +260,11 @@ def test_depth(benchmark, core, depth, op):
             ids = d.fbc_ids(b)
             send = d.fbc.send_multipart
             for cid in ids:
-                send([b"FBC01", b"\x01", cid, NO_ACK_OPTIONS, Rig.PAYLOAD], zmq.DONTWAIT)
+                send([protocol.CLIENT_SIGNATURE, protocol.C_SUBMIT, cid, NO_ACK_OPTIONS, Rig.PAYLOAD], zmq.DONTWAIT)
             run_until("requests", base["requests"] + b)
             assert d.stats()["queued"] == d.depth + b
             for cid in ids:
-                send([b"FBC01", b"\x04", cid], zmq.DONTWAIT)
+                send([protocol.CLIENT_SIGNATURE, protocol.C_CANCEL, cid], zmq.DONTWAIT)
             return (d.stats(), ids), {}
 
         def target(base, ids):
@@ -272,7 +274,7 @@ def test_depth(benchmark, core, depth, op):
             s = d.stats()
             assert s["queued"] == d.depth and s["retained"] == 0, s
             got = d.drain(d.fbc, b)
-            assert [f[2] for f in got] == ids and all(f[:2] == [b"FBC01", b"\x16"] for f in got), got[:3]
+            assert [f[2] for f in got] == ids and all(f[:2] == [protocol.CLIENT_SIGNATURE, protocol.R_CANCELLED] for f in got), got[:3]
 
     elif op == "expire":
         def setup():

@@ -74,19 +74,7 @@ import zmq
 
 from bench.conftest import _env_int
 from bench.test_core_ops import _clean, _pedantic
-from fastbroker._common import (
-    C_SUBMIT,
-    CLIENT_SIGNATURE,
-    CMD_ANSWER,
-    CMD_HEARTBEAT,
-    CMD_READY,
-    CMD_TASK,
-    MAX_CREDIT,
-    OPT_NO_ACK,
-    R_OK,
-    REQUEST_ID_SIZE,
-    WORKER_SIGNATURE,
-)
+from fastbroker.protocol import C_SUBMIT, CLIENT_SIGNATURE, CMD_ANSWER, CMD_HEARTBEAT, CMD_READY, CMD_TASK, MAX_CREDIT, OPT_NO_ACK, R_OK, REQUEST_ID_SIZE, WORKER_SIGNATURE
 
 N = _env_int("FASTBROKER_PAYLOAD_N", 2000)
 ROUNDS = _env_int("FASTBROKER_PAYLOAD_ROUNDS", 5)

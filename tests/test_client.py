@@ -20,23 +20,8 @@ import pytest
 import fastbroker
 from conftest import wait_until
 from fastbroker import AsyncClient, Broker, BrokerError, Client, ConfigError, Status, Worker
-from fastbroker._common import (
-    C_CANCEL,
-    C_RESULT,
-    C_STATUS,
-    C_SUBMIT,
-    CLIENT_SIGNATURE,
-    MAX_REQUEST_TIMEOUT_MS,
-    R_ACCEPTED,
-    R_CANCELLED,
-    R_FAILED,
-    R_OK,
-    R_REJECTED,
-    R_STATUS,
-    R_TIMED_OUT,
-    R_UNKNOWN,
-)
-from fastbroker.client_protocol import RequestBook, decode_reply, encode_options
+from fastbroker.protocol import C_CANCEL, C_RESULT, C_STATUS, C_SUBMIT, CLIENT_SIGNATURE, MAX_REQUEST_TIMEOUT_MS, R_ACCEPTED, R_CANCELLED, R_FAILED, R_OK, R_REJECTED, R_STATUS, R_TIMED_OUT, R_UNKNOWN
+from fastbroker.client.protocol import RequestBook, decode_reply, encode_options
 from workers_for_tests import GATE_ENV, LOG_ENV, DealerEcho, DealerFailer, DealerGated, runs
 
 WAIT = 20.0

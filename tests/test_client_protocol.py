@@ -17,45 +17,15 @@ import uuid
 import pytest
 import zmq
 
-from fastbroker import _common
-from fastbroker._common import (
-    C_CANCEL,
-    C_RESULT,
-    C_STATUS,
-    C_SUBMIT,
-    CLIENT_SIGNATURE as CSIG,
-    CMD_CANCEL,
-    CMD_TASK,
-    DEFAULT_RETENTION,
-    DEFAULT_RETENTION_BYTES,
-    DROP_REASONS,
-    MAX_REQUEST_TIMEOUT_MS,
-    MAX_REQUEST_TRIES,
-    MAX_WAITERS,
-    OPT_NO_ACK,
-    R_ACCEPTED,
-    R_CANCELLED,
-    R_FAILED,
-    R_OK,
-    R_REJECTED,
-    R_STATUS,
-    R_TIMED_OUT,
-    R_UNKNOWN,
-    REJECT_BAD_OPTIONS,
-    REJECT_REASONS,
-    RESULT_OVERHEAD,
-    STATE_DONE,
-    STATE_QUEUED,
-    STATE_RUNNING,
-    WORKER_SIGNATURE as WSIG,
-)
+from fastbroker import protocol
+from fastbroker.protocol import C_CANCEL, C_RESULT, C_STATUS, C_SUBMIT, CLIENT_SIGNATURE as CSIG, CMD_CANCEL, CMD_TASK, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, DROP_REASONS, MAX_REQUEST_TIMEOUT_MS, MAX_REQUEST_TRIES, MAX_WAITERS, OPT_NO_ACK, R_ACCEPTED, R_CANCELLED, R_FAILED, R_OK, R_REJECTED, R_STATUS, R_TIMED_OUT, R_UNKNOWN, REJECT_BAD_OPTIONS, REJECT_REASONS, RESULT_OVERHEAD, STATE_DONE, STATE_QUEUED, STATE_RUNNING, WORKER_SIGNATURE as WSIG
 
 from test_core_loop import EPOCH, assert_stats
 from test_worker_protocol import CALM_LIVENESS, HEARTBEAT, LONG_TIMEOUT, WRig
 
-UNKNOWN_TASK = DROP_REASONS[_common.DROP_ANSWER_UNKNOWN]
-BAD_COMMAND = DROP_REASONS[_common.DROP_CLIENT_BAD_COMMAND]
-BAD_ID = DROP_REASONS[_common.DROP_CLIENT_BAD_ID]
+UNKNOWN_TASK = DROP_REASONS[protocol.DROP_ANSWER_UNKNOWN]
+BAD_COMMAND = DROP_REASONS[protocol.DROP_CLIENT_BAD_COMMAND]
+BAD_ID = DROP_REASONS[protocol.DROP_CLIENT_BAD_ID]
 SHORT_MS = 100  # a per-request timeout that must expire during the test
 
 
@@ -1173,7 +1143,7 @@ def test_a_full_queue_rejects_new_requests_of_both_kinds_and_takes_them_again_wh
         assert rig.reply(client) == reply(R_ACCEPTED, rid)
     refused = new_id()
     client.submit(refused, b"one too many")
-    assert rig.reply(client) == reply(R_REJECTED, refused, bytes([_common.REJECT_QUEUE_FULL]), b"queue full")
+    assert rig.reply(client) == reply(R_REJECTED, refused, bytes([protocol.REJECT_QUEUE_FULL]), b"queue full")
     # A REQ client gets the original protocol's "no": the empty answer, at once.
     req = rig.client()
     req.send(b"also too many")

@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 import fastbroker
-from fastbroker import _common, _core_py, _select
+from fastbroker import _common, _core_py, _select, protocol
 
 CLASSES = ("BrokerCore", "IdleWorkers", "DeadlineHeap", "RequestTable")
 EXPORTS = CLASSES + ("monotonic",)
@@ -153,7 +153,7 @@ def test_missing_extension_falls_back_to_pure_with_one_warning(subprocess_env):
         "sys.modules['fastbroker._core'] = None  # makes `import fastbroker._core` fail\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    import fastbroker, fastbroker.broker, fastbroker.cli\n"
+        "    import fastbroker, fastbroker.server.broker, fastbroker.cli\n"
         "print(fastbroker.core_name, len(caught), caught[0].category.__name__, caught[0].message)\n"
     )
     env = dict(subprocess_env)
@@ -216,16 +216,16 @@ def test_fresh_core_stats_and_properties(either, sockets):
     core = either.BrokerCore(*sockets, 1.5, 3, epoch=b"12345678")
     try:
         stats = core.stats()
-        assert list(stats) == list(_common.COUNTERS) + list(_common.GAUGES) + ["drops", "latency"]
-        assert all(stats[k] == 0 for k in _common.COUNTERS + _common.GAUGES)
+        assert list(stats) == list(protocol.COUNTERS) + list(protocol.GAUGES) + ["drops", "latency"]
+        assert all(stats[k] == 0 for k in protocol.COUNTERS + protocol.GAUGES)
         assert stats["drops"] == {}
-        assert stats["latency"] == {"bounds": _common.LATENCY_BOUNDS, "counts": [0] * (len(_common.LATENCY_BOUNDS) + 1),
+        assert stats["latency"] == {"bounds": protocol.LATENCY_BOUNDS, "counts": [0] * (len(protocol.LATENCY_BOUNDS) + 1),
                                     "count": 0, "sum": 0.0}
         assert core.events() == []
         assert core.timeout == 1.5
         assert core.tries == 3
         assert core.last_drop is None
-        assert core.run(-1, 0) == _common.RUN_TIMEOUT
+        assert core.run(-1, 0) == protocol.RUN_TIMEOUT
     finally:
         core.close()
     plain = either.BrokerCore(*sockets)

@@ -10,13 +10,13 @@ import zmq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fastbroker import _common
+from fastbroker import protocol
 from test_core_loop import EPOCH, Rig
 
-SIGNATURE = _common.WORKER_SIGNATURE
+SIGNATURE = protocol.WORKER_SIGNATURE
 COMMANDS = [bytes([c]) for c in range(0, 9)] + [bytes([c]) for c in range(0x11, 0x19)]
 # A few request ids, so that duplicate SUBMITs, STATUS, RESULT and CANCEL hit live ones.
-REQUEST_IDS = [bytes([i]) * _common.REQUEST_ID_SIZE for i in range(4)]
+REQUEST_IDS = [bytes([i]) * protocol.REQUEST_ID_SIZE for i in range(4)]
 options = st.one_of(
     st.just(b""),
     st.tuples(st.integers(0, 3), st.integers(0, 200), st.integers(0, 3)).map(
@@ -36,16 +36,16 @@ frame = st.one_of(
         lambda sg: EPOCH + sg[0].to_bytes(4, "little") + sg[1].to_bytes(4, "little")
     ),
     st.integers(0, 2**32 - 1).map(lambda c: c.to_bytes(4, "big")),
-    st.just(_common.CLIENT_SIGNATURE),
+    st.just(protocol.CLIENT_SIGNATURE),
     st.sampled_from(REQUEST_IDS),
     options,
 )
 # FBC01 messages as a client's DEALER sends them, well formed or nearly so.
 client_message = st.tuples(
-    st.sampled_from([_common.C_SUBMIT, _common.C_STATUS, _common.C_RESULT, _common.C_CANCEL, b"\x09"]),
+    st.sampled_from([protocol.C_SUBMIT, protocol.C_STATUS, protocol.C_RESULT, protocol.C_CANCEL, b"\x09"]),
     st.sampled_from(REQUEST_IDS + [b"short"]),
     st.lists(st.one_of(options, frame), max_size=3),
-).map(lambda m: [_common.CLIENT_SIGNATURE, m[0], m[1]] + m[2])
+).map(lambda m: [protocol.CLIENT_SIGNATURE, m[0], m[1]] + m[2])
 message = st.one_of(st.lists(frame, min_size=0, max_size=8), client_message)
 endpoint = st.sampled_from(["requests", "workers", "answers"])
 batch = st.lists(st.tuples(endpoint, message), min_size=1, max_size=30)
@@ -78,7 +78,7 @@ def test_random_messages_never_break_the_core(core, batch):
         assert stats["dropped"] == sum(stats["drops"].values())
         assert stats["queued"] + stats["running"] >= 0
         assert 0 <= stats["retained_bytes"] <= 600
-        assert stats["retained_bytes"] >= stats["retained"] * _common.RESULT_OVERHEAD
+        assert stats["retained_bytes"] >= stats["retained"] * protocol.RESULT_OVERHEAD
 
         # A well-behaved pair is still served; the worker first works off whatever
         # valid requests the batch queued (FIFO), answering each.

@@ -16,13 +16,13 @@ import uuid
 import pytest
 import zmq
 
-from fastbroker import _common
-from fastbroker._common import DROP_REASONS, RUN_DROP, RUN_TIMEOUT, RUN_WOKEN
+from fastbroker import protocol
+from fastbroker.protocol import DROP_REASONS, RUN_DROP, RUN_TIMEOUT, RUN_WOKEN
 
 from conftest import wait_until
 
 EPOCH = b"LOOPTEST"
-UNKNOWN = DROP_REASONS[_common.DROP_ANSWER_UNKNOWN]
+UNKNOWN = DROP_REASONS[protocol.DROP_ANSWER_UNKNOWN]
 SLICE = 0.01  # max_wait of one run() call in pump
 SHORT_TIMEOUT = 0.1  # per-attempt timeout where a test needs attempts to expire
 
@@ -607,19 +607,19 @@ def test_answer_for_a_vanished_client_is_counted_and_harmless(make_rig):
 # ---------------------------------------------------------------------------
 
 MALFORMED = [
-    ("requests", zmq.DEALER, [b"no delimiter"], _common.DROP_REQUEST_NO_DELIMITER),
-    ("requests", zmq.DEALER, [b"a", b"b"], _common.DROP_REQUEST_NO_DELIMITER),
-    ("requests", zmq.DEALER, [b""], _common.DROP_REQUEST_NO_PAYLOAD),
-    ("requests", zmq.DEALER, [b"hop", b""], _common.DROP_REQUEST_NO_PAYLOAD),
-    ("workers", zmq.DEALER, [b"ready"], _common.DROP_READY_NO_DELIMITER),
-    ("workers", zmq.DEALER, [b""], _common.DROP_READY_BAD_FRAMES),
-    ("workers", zmq.DEALER, [b"", b"ready", b"extra"], _common.DROP_READY_BAD_FRAMES),
-    ("answers", zmq.PUSH, [b"x" * 16], _common.DROP_ANSWER_TOO_SHORT),
-    ("answers", zmq.PUSH, [b"short", b"answer"], _common.DROP_ANSWER_BAD_ID),
-    ("answers", zmq.PUSH, [b"x" * 17, b"answer"], _common.DROP_ANSWER_BAD_ID),
-    ("answers", zmq.PUSH, [b"", b"answer"], _common.DROP_ANSWER_BAD_ID),
-    ("answers", zmq.PUSH, [b"x" * 16, b"answer"], _common.DROP_ANSWER_UNKNOWN),
-    ("answers", zmq.PUSH, [EPOCH + b"\xff" * 8, b"answer"], _common.DROP_ANSWER_UNKNOWN),
+    ("requests", zmq.DEALER, [b"no delimiter"], protocol.DROP_REQUEST_NO_DELIMITER),
+    ("requests", zmq.DEALER, [b"a", b"b"], protocol.DROP_REQUEST_NO_DELIMITER),
+    ("requests", zmq.DEALER, [b""], protocol.DROP_REQUEST_NO_PAYLOAD),
+    ("requests", zmq.DEALER, [b"hop", b""], protocol.DROP_REQUEST_NO_PAYLOAD),
+    ("workers", zmq.DEALER, [b"ready"], protocol.DROP_READY_NO_DELIMITER),
+    ("workers", zmq.DEALER, [b""], protocol.DROP_READY_BAD_FRAMES),
+    ("workers", zmq.DEALER, [b"", b"ready", b"extra"], protocol.DROP_READY_BAD_FRAMES),
+    ("answers", zmq.PUSH, [b"x" * 16], protocol.DROP_ANSWER_TOO_SHORT),
+    ("answers", zmq.PUSH, [b"short", b"answer"], protocol.DROP_ANSWER_BAD_ID),
+    ("answers", zmq.PUSH, [b"x" * 17, b"answer"], protocol.DROP_ANSWER_BAD_ID),
+    ("answers", zmq.PUSH, [b"", b"answer"], protocol.DROP_ANSWER_BAD_ID),
+    ("answers", zmq.PUSH, [b"x" * 16, b"answer"], protocol.DROP_ANSWER_UNKNOWN),
+    ("answers", zmq.PUSH, [EPOCH + b"\xff" * 8, b"answer"], protocol.DROP_ANSWER_UNKNOWN),
 ]
 MALFORMED_IDS = [
     "request-no-delimiter", "request-two-frames-no-delimiter", "request-only-delimiter",
@@ -678,19 +678,19 @@ def test_last_drop_and_run_codes(make_rig):
     sender.send_multipart([b"lonely"])
     # Without stop_on_drop the drop is recorded and the run goes on to max_wait.
     rig.pump_stat("dropped", 1)
-    assert rig.core.last_drop == DROP_REASONS[_common.DROP_ANSWER_TOO_SHORT]
+    assert rig.core.last_drop == DROP_REASONS[protocol.DROP_ANSWER_TOO_SHORT]
     # A later run without drops clears it.
     assert rig.core.run(-1, 0.01) == RUN_TIMEOUT
     assert rig.core.last_drop is None
     sender.send_multipart([b"y" * 3, b"answer"])
     assert rig.core.run(-1, 30.0, stop_on_drop=True) == RUN_DROP
-    assert rig.core.last_drop == DROP_REASONS[_common.DROP_ANSWER_BAD_ID]
+    assert rig.core.last_drop == DROP_REASONS[protocol.DROP_ANSWER_BAD_ID]
     serve_one(rig)
     assert rig.stats()["dropped"] == 2
 
 
 def test_too_many_frames(make_rig):
-    limit = _common.MAX_FRAMES
+    limit = protocol.MAX_FRAMES
     rig = make_rig()
     pusher = rig.peer("answers", zmq.PUSH)
     pusher.send_multipart([b"z" * 16] + [b"f"] * (limit - 1))  # exactly the limit
@@ -698,7 +698,7 @@ def test_too_many_frames(make_rig):
     assert rig.stats()["drops"] == {UNKNOWN: 1}
     pusher.send_multipart([b"z" * 16] + [b"f"] * limit)  # one frame too many
     rig.pump_stat("dropped", 2)
-    too_many = DROP_REASONS[_common.DROP_TOO_MANY_FRAMES]
+    too_many = DROP_REASONS[protocol.DROP_TOO_MANY_FRAMES]
     assert rig.stats()["drops"] == {UNKNOWN: 1, too_many: 1}
     # A REQ client's request: the router adds its identity and the delimiter.
     client, worker = rig.client(), rig.worker()
@@ -737,7 +737,7 @@ def test_run_zero_with_stop_on_drop_reports_the_drop(make_rig):
     rig = make_rig()
     rig.peer("answers", zmq.PUSH).send_multipart([b"lonely"])
     assert rig.core.run(-1, 0, stop_on_drop=True) == RUN_DROP
-    assert rig.core.last_drop == DROP_REASONS[_common.DROP_ANSWER_TOO_SHORT]
+    assert rig.core.last_drop == DROP_REASONS[protocol.DROP_ANSWER_TOO_SHORT]
 
 
 def test_run_returns_after_max_wait(make_rig):

@@ -37,7 +37,7 @@ from conftest import wait_until
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench.soak
 from bench.soak import ANSWERS, GOOD_PREFIX, REQUESTS, WORKERS, Crowd, hostile_message, rss_bytes  # noqa: E402
 from fastbroker import Client  # noqa: E402
-from fastbroker import _common  # noqa: E402
+from fastbroker import protocol# noqa: E402
 
 WAIT = 30.0
 """Bound of the waits for things that take milliseconds on an idle machine (it is shared)."""
@@ -239,14 +239,14 @@ def test_rss_check_sees_held_requests(procs, core_name, capsys):
             # ACCEPTED for each: the broker has taken in every one when all are back.
             accepted = 0
             for i in range(n):
-                rid = random.randbytes(_common.REQUEST_ID_SIZE)
-                client.send_multipart([_common.CLIENT_SIGNATURE, _common.C_SUBMIT, rid, b"", payload])
+                rid = random.randbytes(protocol.REQUEST_ID_SIZE)
+                client.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_SUBMIT, rid, b"", payload])
                 while client.poll(0):
-                    accepted += client.recv_multipart()[1] == _common.R_ACCEPTED
+                    accepted += client.recv_multipart()[1] == protocol.R_ACCEPTED
             deadline = time.monotonic() + WAIT
             while accepted < n and time.monotonic() < deadline:
                 if client.poll(100):
-                    accepted += client.recv_multipart()[1] == _common.R_ACCEPTED
+                    accepted += client.recv_multipart()[1] == protocol.R_ACCEPTED
             assert accepted == n
 
         submit_and_count_accepted(1000, b"w" * HELD_PAYLOAD)  # warm-up: sockets, tables
@@ -277,20 +277,20 @@ def test_longest_request_timeout_on_a_req_worker_does_not_kill_the_broker(procs,
         worker.send(b"ready")
         client = ctx.socket(zmq.DEALER)
         client.connect(endpoints[REQUESTS])
-        options = b"\x00" + _common.MAX_REQUEST_TIMEOUT_MS.to_bytes(4, "big") + (1).to_bytes(4, "big")
-        client.send_multipart([_common.CLIENT_SIGNATURE, _common.C_SUBMIT, b"L" * 16, options, b"job"])
+        options = b"\x00" + protocol.MAX_REQUEST_TIMEOUT_MS.to_bytes(4, "big") + (1).to_bytes(4, "big")
+        client.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_SUBMIT, b"L" * 16, options, b"job"])
         assert worker.poll(WAIT * 1000), "the job never reached the worker"
         assert worker.recv_multipart()[1:] == [b"job"]
         # The broker sleeps until that deadline; it must still serve a STATUS meanwhile.
-        client.send_multipart([_common.CLIENT_SIGNATURE, _common.C_STATUS, b"L" * 16])
+        client.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_STATUS, b"L" * 16])
         replies = []
         deadline = time.monotonic() + WAIT
-        while not any(r[1] == _common.R_STATUS for r in replies) and time.monotonic() < deadline and proc.poll() is None:
+        while not any(r[1] == protocol.R_STATUS for r in replies) and time.monotonic() < deadline and proc.poll() is None:
             if client.poll(100):
                 replies.append(client.recv_multipart())
         assert proc.poll() is None, f"the broker died\n{procs.output()}"
-        status = next(r for r in replies if r[1] == _common.R_STATUS)
-        assert status[3] == bytes([_common.STATE_RUNNING])
+        status = next(r for r in replies if r[1] == protocol.R_STATUS)
+        assert status[3] == bytes([protocol.STATE_RUNNING])
     finally:
         ctx.destroy(linger=0)
     stop_broker(proc, procs)

@@ -24,7 +24,7 @@ import zmq
 
 from conftest import wait_until
 from fastbroker import Broker, ReqClient, Worker
-from fastbroker._common import DROP_REASONS
+from fastbroker.protocol import DROP_REASONS
 from workers_for_tests import (
     LOG_ENV,
     EXTRA_DELAY_ENV,

@@ -1,4 +1,4 @@
-"""The many-core setup, as README "Many-core setup" describes it: one broker process,
+"""The many-core setup, as docs/OPERATIONS.md "Many-core setup" describes it: one broker process,
 one ``fastbroker worker MODULE:CLASS WORKERS_ADDR --processes 2`` of DEALER
 ``fastbroker.Worker``s (FBW01), and an FBC01 ``fastbroker.Client`` with many requests
 in flight.
@@ -32,8 +32,8 @@ import zmq
 
 from conftest import wait_until
 from fastbroker import Client, Worker
-from fastbroker.client import connect_dealer
-from fastbroker.metrics import request_stats
+from fastbroker.client.sync import connect_dealer
+from fastbroker.server.metrics import request_stats
 from workers_for_tests import descendants, pid_alive
 
 WAIT = 10.0

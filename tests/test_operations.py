@@ -21,25 +21,10 @@ import uuid
 import pytest
 import zmq
 
-from fastbroker import Broker, Client, _common
-from fastbroker._common import (
-    C_STATS,
-    CLIENT_SIGNATURE as CSIG,
-    COUNTERS,
-    DROP_REASONS,
-    GAUGES,
-    LATENCY_BOUNDS,
-    R_FAILED,
-    R_OK,
-    R_STATS,
-    R_TIMED_OUT,
-    RUN_EVENT,
-    RUN_TIMEOUT,
-    decode_stats,
-    stats_fields,
-)
-from fastbroker.logsetup import JsonFormatter, level_for
-from fastbroker.metrics import MetricsServer, decode_stats_reply, format_stats
+from fastbroker import Broker, Client, protocol
+from fastbroker.protocol import C_STATS, CLIENT_SIGNATURE as CSIG, COUNTERS, DROP_REASONS, GAUGES, LATENCY_BOUNDS, R_FAILED, R_OK, R_STATS, R_TIMED_OUT, RUN_EVENT, RUN_TIMEOUT, decode_stats, stats_fields
+from fastbroker.server.logsetup import JsonFormatter, level_for
+from fastbroker.server.metrics import MetricsServer, decode_stats_reply, format_stats
 
 from conftest import PYTHON, wait_until
 from test_client_protocol import CRig, make_rig, new_id, opts, reply  # noqa: F401 (make_rig: a fixture)
@@ -58,7 +43,7 @@ def ask_stats(rig: CRig, client, rid: bytes = b"S" * 16) -> list:
 def serve(rig: CRig, worker, client, payload: bytes) -> None:
     """One FBC01 job (no ACCEPTED) answered by `worker`."""
     rid = new_id()
-    client.submit(rid, payload, options=opts(_common.OPT_NO_ACK))
+    client.submit(rid, payload, options=opts(protocol.OPT_NO_ACK))
     task_id, got = rig.task(worker)
     assert got == [payload]
     worker.answer(task_id, b"re:" + payload)
@@ -79,7 +64,7 @@ def test_stats_reply_carries_every_figure_of_core_stats(make_rig):
     serve(rig, worker, client, b"two")
     # A third request times out on its only try (the worker keeps it).
     rid = new_id()
-    client.submit(rid, b"kept", options=opts(_common.OPT_NO_ACK, 100, 1))
+    client.submit(rid, b"kept", options=opts(protocol.OPT_NO_ACK, 100, 1))
     rig.task(worker)
     assert rig.reply(client) == reply(R_TIMED_OUT, rid)
 
@@ -111,7 +96,7 @@ def test_stats_with_a_wrong_id_or_extra_frames_is_dropped(make_rig):
     client.send(CSIG, C_STATS, b"S" * 16, b"extra")
     rig.pump_stat("dropped", 2)
     drops = rig.stats()["drops"]
-    assert drops == {DROP_REASONS[_common.DROP_CLIENT_BAD_ID]: 1, DROP_REASONS[_common.DROP_CLIENT_BAD_COMMAND]: 1}
+    assert drops == {DROP_REASONS[protocol.DROP_CLIENT_BAD_ID]: 1, DROP_REASONS[protocol.DROP_CLIENT_BAD_COMMAND]: 1}
     rig.quiet(client)
 
 
@@ -124,7 +109,7 @@ def test_latency_histogram_counts_answered_requests_by_their_time(make_rig):
         serve(rig, worker, client, payload)
     # One more answered only after >= 0.15 s in the broker: it lands at or above 0.25 s.
     rid = new_id()
-    client.submit(rid, b"slow", options=opts(_common.OPT_NO_ACK))
+    client.submit(rid, b"slow", options=opts(protocol.OPT_NO_ACK))
     task_id, _ = rig.task(worker)
     held_from = time.monotonic()
     rig.pump_for(0.15)
@@ -194,7 +179,7 @@ def test_events_of_requests_given_up(make_rig):
     # FBC01: the worker reports FAILED on each of two tries.
     client = rig.fbclient()
     rid_failed = new_id()
-    client.submit(rid_failed, b"fails", options=opts(_common.OPT_NO_ACK, 60_000, 2))
+    client.submit(rid_failed, b"fails", options=opts(protocol.OPT_NO_ACK, 60_000, 2))
     for _ in range(2):
         task_id, _ = rig.task(worker)
         worker.failed(task_id, b"ValueError", b"no")
@@ -203,7 +188,7 @@ def test_events_of_requests_given_up(make_rig):
 
     # FBC01: three tries of 0.1 s, none answered.
     rid_timed = new_id()
-    client.submit(rid_timed, b"hangs", options=opts(_common.OPT_NO_ACK, 100, 3))
+    client.submit(rid_timed, b"hangs", options=opts(protocol.OPT_NO_ACK, 100, 3))
     for _ in range(3):
         rig.task(worker)
     assert rig.reply(client) == reply(R_TIMED_OUT, rid_timed)
@@ -216,7 +201,7 @@ def test_no_events_are_kept_unless_asked_and_run_returns_on_one(make_rig):
     rig.register(worker, 4)
     client = rig.fbclient()
     rid = new_id()
-    client.submit(rid, b"hangs", options=opts(_common.OPT_NO_ACK))
+    client.submit(rid, b"hangs", options=opts(protocol.OPT_NO_ACK))
     rig.task(worker)
     assert rig.reply(client) == reply(R_TIMED_OUT, rid)
     worker.disconnect()
@@ -290,7 +275,7 @@ def next_task(sock: zmq.Socket, timeout: float = 10.0) -> list:
     deadline = time.monotonic() + timeout
     for _ in range(1000):
         frames = recv(sock, max(0.01, deadline - time.monotonic()))
-        if frames[2] == _common.CMD_TASK:
+        if frames[2] == protocol.CMD_TASK:
             return frames
     pytest.fail("no TASK")
 
@@ -300,17 +285,17 @@ def test_broker_run_logs_one_info_line_per_event(tmp_path, core_name, ctx, caplo
     rb = RunningBroker(tmp_path, core_name, ctx).start()
     try:
         worker = rb.dealer(rb.addrs[1], b"W-log")
-        worker.send_multipart([b"", _common.WORKER_SIGNATURE, _common.CMD_READY, (4).to_bytes(4, "big")])
+        worker.send_multipart([b"", protocol.WORKER_SIGNATURE, protocol.CMD_READY, (4).to_bytes(4, "big")])
         client = rb.dealer(rb.addrs[0])
         rid_failed, rid_timed = uuid.uuid4().bytes, uuid.uuid4().bytes
-        client.send_multipart([CSIG, _common.C_SUBMIT, rid_failed, opts(_common.OPT_NO_ACK, 0, 1), b"fails"])
+        client.send_multipart([CSIG, protocol.C_SUBMIT, rid_failed, opts(protocol.OPT_NO_ACK, 0, 1), b"fails"])
         task = next_task(worker)
-        worker.send_multipart([b"", _common.WORKER_SIGNATURE, _common.CMD_FAILED, task[3], b"KeyError", b"k"])
+        worker.send_multipart([b"", protocol.WORKER_SIGNATURE, protocol.CMD_FAILED, task[3], b"KeyError", b"k"])
         assert recv(client)[:3] == [CSIG, R_FAILED, rid_failed]
-        client.send_multipart([CSIG, _common.C_SUBMIT, rid_timed, opts(_common.OPT_NO_ACK, 100, 1), b"hangs"])
+        client.send_multipart([CSIG, protocol.C_SUBMIT, rid_timed, opts(protocol.OPT_NO_ACK, 100, 1), b"hangs"])
         next_task(worker)
         assert recv(client) == [CSIG, R_TIMED_OUT, rid_timed]
-        worker.send_multipart([b"", _common.WORKER_SIGNATURE, _common.CMD_DISCONNECT])
+        worker.send_multipart([b"", protocol.WORKER_SIGNATURE, protocol.CMD_DISCONNECT])
 
         def events():
             return [r for r in caplog.records if r.name == "fastbroker.broker" and hasattr(r, "event")]
@@ -336,9 +321,9 @@ def test_broker_run_keeps_no_events_with_info_off(tmp_path, core_name, ctx, capl
     rb = RunningBroker(tmp_path, core_name, ctx).start()
     try:
         worker = rb.dealer(rb.addrs[1], b"W-off")
-        worker.send_multipart([b"", _common.WORKER_SIGNATURE, _common.CMD_READY, (1).to_bytes(4, "big")])
+        worker.send_multipart([b"", protocol.WORKER_SIGNATURE, protocol.CMD_READY, (1).to_bytes(4, "big")])
         wait_until(lambda: rb.broker.stats()["workers_joined"] == 1, timeout=10, message="the worker to join")
-        worker.send_multipart([b"", _common.WORKER_SIGNATURE, _common.CMD_DISCONNECT])
+        worker.send_multipart([b"", protocol.WORKER_SIGNATURE, protocol.CMD_DISCONNECT])
         wait_until(lambda: rb.broker.stats()["workers_left"] == 1, timeout=10, message="the worker to leave")
         rb.broker.stop()
         rb.thread.join(10)
@@ -378,13 +363,13 @@ def test_metrics_server_reads_the_running_broker(tmp_path, core_name, ctx):
         server.collector.wait = 5.0
         rb.start()
         worker = rb.dealer(rb.addrs[1], b"W-metrics")
-        worker.send_multipart([b"", _common.WORKER_SIGNATURE, _common.CMD_READY, (1).to_bytes(4, "big")])
+        worker.send_multipart([b"", protocol.WORKER_SIGNATURE, protocol.CMD_READY, (1).to_bytes(4, "big")])
         client = rb.dealer(rb.addrs[0])
         for i in range(2):
             rid = uuid.uuid4().bytes
-            client.send_multipart([CSIG, _common.C_SUBMIT, rid, opts(_common.OPT_NO_ACK), b"job"])
+            client.send_multipart([CSIG, protocol.C_SUBMIT, rid, opts(protocol.OPT_NO_ACK), b"job"])
             task = next_task(worker)
-            worker.send_multipart([b"", _common.WORKER_SIGNATURE, _common.CMD_ANSWER, task[3], b"done"])
+            worker.send_multipart([b"", protocol.WORKER_SIGNATURE, protocol.CMD_ANSWER, task[3], b"done"])
             assert recv(client) == [CSIG, R_OK, rid, b"done"]
         client.send_multipart([CSIG, C_STATS, b"bad id"])  # dropped: a reason label counts it
         wait_until(lambda: rb.broker.stats()["dropped"] == 1, timeout=10, message="the drop")
@@ -400,7 +385,7 @@ def test_metrics_server_reads_the_running_broker(tmp_path, core_name, ctx):
     assert samples[("fastbroker_job_latency_seconds_count", ())] == 2
     assert samples[("fastbroker_job_latency_seconds_bucket", (("le", "+Inf"),))] == 2
     assert samples[("fastbroker_job_latency_seconds_sum", ())] > 0
-    bad_id = DROP_REASONS[_common.DROP_CLIENT_BAD_ID]
+    bad_id = DROP_REASONS[protocol.DROP_CLIENT_BAD_ID]
     assert samples[("fastbroker_dropped_total", (("reason", bad_id),))] == 1
     assert sum(v for (name, _), v in samples.items() if name == "fastbroker_dropped_total") == 1
 

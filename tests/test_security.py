@@ -1,4 +1,4 @@
-"""CURVE authentication and encryption (fastbroker.security): a broker that lets in
+"""CURVE authentication and encryption (fastbroker.server.security): a broker that lets in
 only the public keys in its authorized-keys directory serves authorized clients and
 workers of every kind; unauthorized and plain (no CURVE) peers never connect, so they
 enqueue nothing and are given no job. Plus ``fastbroker keygen`` and the CURVE options
@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from conftest import PYTHON, wait_until
 from fastbroker import AsyncClient, Broker, Client, ConfigError, ReqClient, ReqWorker, Worker, security
-from fastbroker._common import C_STATS, C_SUBMIT, CLIENT_SIGNATURE, R_STATS, decode_stats
+from fastbroker.protocol import C_STATS, C_SUBMIT, CLIENT_SIGNATURE, R_STATS, decode_stats
 from workers_for_tests import LOG_ENV, runs
 
 WAIT = 20.0

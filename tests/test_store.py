@@ -1,4 +1,4 @@
-"""The durable store (issue 5): fastbroker.store's frames, journal entries and
+"""The durable store (issue 5): fastbroker.server.store's frames, journal entries and
 check(); a Broker with a store restarted in this process (queued requests come back
 in order, in-flight ones with their tries counted, outcomes within retention for
 RESULT); and the CLI: a bad store stops `fastbroker broker --store` with exit 2 and
@@ -22,9 +22,9 @@ import zmq
 import fastbroker
 from conftest import wait_until
 from fastbroker import Broker, Client, ConfigError
-from fastbroker._common import R_ACCEPTED, R_OK, R_TIMED_OUT
-from fastbroker.client_protocol import decode_reply, encode_options, submit_message
-from fastbroker.store import (
+from fastbroker.protocol import R_ACCEPTED, R_OK, R_TIMED_OUT
+from fastbroker.client.protocol import decode_reply, encode_options, submit_message
+from fastbroker.server.store import (
     SCHEMA_VERSION,
     Store,
     StoreError,

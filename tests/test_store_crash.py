@@ -26,7 +26,7 @@ from typing import Dict, List, Set
 
 from conftest import wait_until
 from fastbroker import Client
-from fastbroker._common import R_ACCEPTED
+from fastbroker.protocol import R_ACCEPTED
 from workers_for_tests import LOG_ENV, Processes, read_log
 
 N = 5000

@@ -11,9 +11,9 @@ from collections import OrderedDict
 
 import pytest
 
-from fastbroker._common import HEAP_KEY_LIMIT
+from fastbroker.protocol import HEAP_KEY_LIMIT
 
-from fastbroker._common import TASK_ID_SIZE
+from fastbroker.protocol import TASK_ID_SIZE
 
 # ---------------------------------------------------------------------------
 # IdleWorkers
@@ -303,7 +303,7 @@ def test_heap_largest_key_with_bounded_memory(core, subprocess_env):
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
         from fastbroker import _select
         heap = _select.core.DeadlineHeap()
-        from fastbroker._common import HEAP_KEY_LIMIT
+        from fastbroker.protocol import HEAP_KEY_LIMIT
         heap.push(HEAP_KEY_LIMIT - 1, 1.5)
         heap.push(HEAP_KEY_LIMIT // 2, 0.5)
         assert heap.pop() == (0.5, HEAP_KEY_LIMIT // 2), "order"

@@ -24,17 +24,8 @@ from typing import Callable, List, Optional
 import pytest
 import zmq
 
-from fastbroker import Broker, ReqWorker, Worker, _common
-from fastbroker._common import (
-    CLIENT_SIGNATURE,
-    CMD_ANSWER,
-    CMD_CANCEL,
-    CMD_FAILED,
-    CMD_HEARTBEAT,
-    CMD_READY,
-    CMD_TASK,
-    WORKER_SIGNATURE,
-)
+from fastbroker import Broker, protocol, ReqWorker, Worker
+from fastbroker.protocol import CLIENT_SIGNATURE, CMD_ANSWER, CMD_CANCEL, CMD_FAILED, CMD_HEARTBEAT, CMD_READY, CMD_TASK, WORKER_SIGNATURE
 
 from conftest import wait_until
 from workers_for_tests import LOG_ENV, log_event, read_log
@@ -377,8 +368,8 @@ def test_end_to_end_cancel_of_a_running_job(broker_thread, ctx, procs, job_env, 
     client = Client(ctx, requests_addr)
     first, second = uuid.uuid4().bytes, uuid.uuid4().bytes
     data = f"{kind}:e2e"
-    client.send(_common.C_SUBMIT, first, b"", data.encode())
-    assert client.wait_for(lambda r: True) == [_common.R_ACCEPTED, first]
+    client.send(protocol.C_SUBMIT, first, b"", data.encode())
+    assert client.wait_for(lambda r: True) == [protocol.R_ACCEPTED, first]
 
     def started():
         if worker.poll() is not None:
@@ -386,8 +377,8 @@ def test_end_to_end_cancel_of_a_running_job(broker_thread, ctx, procs, job_env, 
         return events(log, "start", data)
 
     wait_until(started, WAIT, message="the job to start in the worker process")
-    client.send(_common.C_CANCEL, first)
-    assert client.wait_for(lambda r: r[1] == first) == [_common.R_CANCELLED, first]
+    client.send(protocol.C_CANCEL, first)
+    assert client.wait_for(lambda r: r[1] == first) == [protocol.R_CANCELLED, first]
 
     if kind == "gate":
         # The job does not poll, and checks cancelled() once the gate opens: open it
@@ -400,11 +391,11 @@ def test_end_to_end_cancel_of_a_running_job(broker_thread, ctx, procs, job_env, 
     # the cancelled job's credit on its ANSWER/FAILED; and the worker sends that
     # answer before the next one on one socket, so an OK for the cancelled request
     # would reach the client before the next request's OK.
-    client.send(_common.C_SUBMIT, second, b"", b"echo:next")
-    client.wait_for(lambda r: r[1] == second and r[0] == _common.R_OK)
-    assert client.about(first) == [_common.R_ACCEPTED, _common.R_CANCELLED]
-    assert client.about(second) == [_common.R_ACCEPTED, _common.R_OK]
-    assert [r for r in client.replies if r[1] == second][-1] == [_common.R_OK, second, b"-echo:next"]
+    client.send(protocol.C_SUBMIT, second, b"", b"echo:next")
+    client.wait_for(lambda r: r[1] == second and r[0] == protocol.R_OK)
+    assert client.about(first) == [protocol.R_ACCEPTED, protocol.R_CANCELLED]
+    assert client.about(second) == [protocol.R_ACCEPTED, protocol.R_OK]
+    assert [r for r in client.replies if r[1] == second][-1] == [protocol.R_OK, second, b"-echo:next"]
     assert {e.pid for e in read_log(log) if e.event == "start"} == {worker.pid}
     assert events(log, "cancelled-at-start", data) == 0
     stats = broker_thread.stop()

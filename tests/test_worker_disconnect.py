@@ -10,7 +10,7 @@ that then dropped its socket for the DISCONNECT lost that TASK.
 
 from __future__ import annotations
 
-from fastbroker._common import CMD_ANSWER, CMD_DISCONNECT, CMD_READY, CMD_TASK
+from fastbroker.protocol import CMD_ANSWER, CMD_DISCONNECT, CMD_READY, CMD_TASK
 
 from conftest import wait_until
 from test_worker_cancel import WAIT, events, fake, job_env, tid  # noqa: F401 (fixtures)

@@ -28,8 +28,8 @@ import pytest
 
 import fastbroker
 from fastbroker import Worker
-from fastbroker._common import CMD_ANSWER, CMD_TASK
-from fastbroker.worker_session import JobPool
+from fastbroker.protocol import CMD_ANSWER, CMD_TASK
+from fastbroker.worker.session import JobPool
 
 from conftest import wait_until
 from test_worker_cancel import WAIT, FakeBroker, tid
@@ -196,7 +196,7 @@ def test_a_pool_left_running_lets_the_interpreter_exit_after_its_job(tmp_path):
     done = tmp_path / "done"
     script = textwrap.dedent(f"""
         import time
-        from fastbroker.worker_session import JobPool
+        from fastbroker.worker.session import JobPool
 
         def run(number, task_id, payload):
             time.sleep(0.3)

@@ -15,19 +15,8 @@ import time
 import pytest
 import zmq
 
-from fastbroker import _common
-from fastbroker._common import (
-    CMD_ANSWER,
-    CMD_DISCONNECT,
-    CMD_FAILED,
-    CMD_HEARTBEAT,
-    CMD_READY,
-    CMD_TASK,
-    DROP_REASONS,
-    MAX_CREDIT,
-    RUN_DROP,
-    WORKER_SIGNATURE as SIG,
-)
+from fastbroker import protocol
+from fastbroker.protocol import CMD_ANSWER, CMD_DISCONNECT, CMD_FAILED, CMD_HEARTBEAT, CMD_READY, CMD_TASK, DROP_REASONS, MAX_CREDIT, RUN_DROP, WORKER_SIGNATURE as SIG
 
 from conftest import wait_until
 from test_core_loop import EPOCH, SLICE, Rig, _gone, assert_stats, pump
@@ -37,9 +26,9 @@ LIVENESS = 3  # 0.3 s of silence kills; live test workers talk every HEARTBEAT /
 CALM_LIVENESS = 30  # where no worker is meant to die: 3 s of silence allowed
 LONG_TIMEOUT = 60.0  # a job timeout that must play no part in the test
 
-UNKNOWN = DROP_REASONS[_common.DROP_ANSWER_UNKNOWN]
-BAD_COMMAND = DROP_REASONS[_common.DROP_WORKER_BAD_COMMAND]
-BAD_FRAMES = DROP_REASONS[_common.DROP_WORKER_BAD_FRAMES]
+UNKNOWN = DROP_REASONS[protocol.DROP_ANSWER_UNKNOWN]
+BAD_COMMAND = DROP_REASONS[protocol.DROP_WORKER_BAD_COMMAND]
+BAD_FRAMES = DROP_REASONS[protocol.DROP_WORKER_BAD_FRAMES]
 DISCONNECT_MSG = [b"", SIG, CMD_DISCONNECT]
 
 
@@ -621,7 +610,7 @@ def test_failed_with_a_malformed_task_id_is_dropped_like_such_an_answer(make_rig
     rig.pump_stat("dropped", 1)
     worker.failed(b"short")
     rig.pump_stat("dropped", 2)
-    bad_id = DROP_REASONS[_common.DROP_ANSWER_BAD_ID]
+    bad_id = DROP_REASONS[protocol.DROP_ANSWER_BAD_ID]
     assert rig.stats()["drops"] == {bad_id: 2}
     assert worker.inbox == []  # a known worker is not told to register again
     client = rig.client()
@@ -851,28 +840,28 @@ def test_disconnect_workers(make_rig):
 
 TID = EPOCH + b"\x00" * 8  # replaced by the id of a running job where there is one
 MALFORMED = [
-    ("unknown-command", [b"", SIG, b"\x07"], _common.DROP_WORKER_BAD_COMMAND),
-    ("command-zero", [b"", SIG, b"\x00", credit_frame(1)], _common.DROP_WORKER_BAD_COMMAND),
-    ("command-two-bytes", [b"", SIG, CMD_READY + b"\x00", credit_frame(1)], _common.DROP_WORKER_BAD_COMMAND),
-    ("command-empty", [b"", SIG, b"", credit_frame(1)], _common.DROP_WORKER_BAD_COMMAND),
-    ("task-from-worker", [b"", SIG, CMD_TASK, TID, b"payload"], _common.DROP_WORKER_BAD_COMMAND),
-    ("ready-without-credit", [b"", SIG, CMD_READY], _common.DROP_WORKER_BAD_FRAMES),
-    ("ready-credit-3-bytes", [b"", SIG, CMD_READY, b"\x00\x00\x01"], _common.DROP_WORKER_BAD_FRAMES),
-    ("ready-credit-5-bytes", [b"", SIG, CMD_READY, b"\x00" * 4 + b"\x01"], _common.DROP_WORKER_BAD_FRAMES),
-    ("ready-credit-over-max", [b"", SIG, CMD_READY, credit_frame(MAX_CREDIT + 1)], _common.DROP_WORKER_BAD_FRAMES),
-    ("ready-credit-all-ones", [b"", SIG, CMD_READY, b"\xff" * 4], _common.DROP_WORKER_BAD_FRAMES),
-    ("ready-extra-frame", [b"", SIG, CMD_READY, credit_frame(1), b"x"], _common.DROP_WORKER_BAD_FRAMES),
-    ("heartbeat-extra-frame", [b"", SIG, CMD_HEARTBEAT, b"x"], _common.DROP_WORKER_BAD_FRAMES),
-    ("disconnect-extra-frame", [b"", SIG, CMD_DISCONNECT, b"x"], _common.DROP_WORKER_BAD_FRAMES),
-    ("answer-without-answer-frames", [b"", SIG, CMD_ANSWER, TID], _common.DROP_WORKER_BAD_FRAMES),
-    ("answer-without-body", [b"", SIG, CMD_ANSWER], _common.DROP_WORKER_BAD_FRAMES),
-    ("failed-two-fields", [b"", SIG, CMD_FAILED, TID, b"ValueError"], _common.DROP_WORKER_BAD_FRAMES),
-    ("failed-four-fields", [b"", SIG, CMD_FAILED, TID, b"ValueError", b"msg", b"x"], _common.DROP_WORKER_BAD_FRAMES),
-    ("failed-id-only", [b"", SIG, CMD_FAILED, TID], _common.DROP_WORKER_BAD_FRAMES),
+    ("unknown-command", [b"", SIG, b"\x07"], protocol.DROP_WORKER_BAD_COMMAND),
+    ("command-zero", [b"", SIG, b"\x00", credit_frame(1)], protocol.DROP_WORKER_BAD_COMMAND),
+    ("command-two-bytes", [b"", SIG, CMD_READY + b"\x00", credit_frame(1)], protocol.DROP_WORKER_BAD_COMMAND),
+    ("command-empty", [b"", SIG, b"", credit_frame(1)], protocol.DROP_WORKER_BAD_COMMAND),
+    ("task-from-worker", [b"", SIG, CMD_TASK, TID, b"payload"], protocol.DROP_WORKER_BAD_COMMAND),
+    ("ready-without-credit", [b"", SIG, CMD_READY], protocol.DROP_WORKER_BAD_FRAMES),
+    ("ready-credit-3-bytes", [b"", SIG, CMD_READY, b"\x00\x00\x01"], protocol.DROP_WORKER_BAD_FRAMES),
+    ("ready-credit-5-bytes", [b"", SIG, CMD_READY, b"\x00" * 4 + b"\x01"], protocol.DROP_WORKER_BAD_FRAMES),
+    ("ready-credit-over-max", [b"", SIG, CMD_READY, credit_frame(MAX_CREDIT + 1)], protocol.DROP_WORKER_BAD_FRAMES),
+    ("ready-credit-all-ones", [b"", SIG, CMD_READY, b"\xff" * 4], protocol.DROP_WORKER_BAD_FRAMES),
+    ("ready-extra-frame", [b"", SIG, CMD_READY, credit_frame(1), b"x"], protocol.DROP_WORKER_BAD_FRAMES),
+    ("heartbeat-extra-frame", [b"", SIG, CMD_HEARTBEAT, b"x"], protocol.DROP_WORKER_BAD_FRAMES),
+    ("disconnect-extra-frame", [b"", SIG, CMD_DISCONNECT, b"x"], protocol.DROP_WORKER_BAD_FRAMES),
+    ("answer-without-answer-frames", [b"", SIG, CMD_ANSWER, TID], protocol.DROP_WORKER_BAD_FRAMES),
+    ("answer-without-body", [b"", SIG, CMD_ANSWER], protocol.DROP_WORKER_BAD_FRAMES),
+    ("failed-two-fields", [b"", SIG, CMD_FAILED, TID, b"ValueError"], protocol.DROP_WORKER_BAD_FRAMES),
+    ("failed-four-fields", [b"", SIG, CMD_FAILED, TID, b"ValueError", b"msg", b"x"], protocol.DROP_WORKER_BAD_FRAMES),
+    ("failed-id-only", [b"", SIG, CMD_FAILED, TID], protocol.DROP_WORKER_BAD_FRAMES),
     # Well-formed ANSWER frames with a bad id: dropped, and (from a stranger) DISCONNECT.
-    ("answer-bad-id", [b"", SIG, CMD_ANSWER, b"short", b"answer"], _common.DROP_ANSWER_BAD_ID),
+    ("answer-bad-id", [b"", SIG, CMD_ANSWER, b"short", b"answer"], protocol.DROP_ANSWER_BAD_ID),
     # Another signature is no FBW01 message: an original ready with two body frames.
-    ("other-signature", [b"", b"FBW02", CMD_READY, credit_frame(1)], _common.DROP_READY_BAD_FRAMES),
+    ("other-signature", [b"", b"FBW02", CMD_READY, credit_frame(1)], protocol.DROP_READY_BAD_FRAMES),
 ]
 
 
@@ -886,7 +875,7 @@ def test_malformed_worker_message_is_dropped(make_rig, frames, reason):
     rig.settle(3)
     assert_stats(rig.stats(), dropped=1, drops={DROP_REASONS[reason]: 1}, workers=0,
                  workers_joined=0, ready=0, idle_workers=0, failed=0, answered=0)
-    if frames[2] == CMD_ANSWER and reason == _common.DROP_ANSWER_BAD_ID:
+    if frames[2] == CMD_ANSWER and reason == protocol.DROP_ANSWER_BAD_ID:
         assert sender.inbox == [DISCONNECT_MSG]  # an ANSWER from a stranger
     else:
         assert sender.inbox == []  # no reply, not even DISCONNECT

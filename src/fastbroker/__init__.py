@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastbroker._common import BrokerError, ConfigError
 from fastbroker._select import core_name
-from fastbroker.broker import Broker
-from fastbroker.async_client import AsyncClient
-from fastbroker.client import Client, ReqClient, TaskAborted
-from fastbroker.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
-from fastbroker.worker import ReqWorker, Worker, WorkerBase
+from fastbroker.server.broker import Broker
+from fastbroker.client.asyncio import AsyncClient
+from fastbroker.client.sync import Client, ReqClient, TaskAborted
+from fastbroker.client.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
+from fastbroker.worker.base import ReqWorker, Worker, WorkerBase
 
 __version__ = "0.1.0"
 

@@ -16,9 +16,10 @@ import os
 import zmq
 import zmq.backend.cython._zmq as _pyzmq_backend
 
-from fastbroker import _common
+from fastbroker import _common, protocol
 from fastbroker._common import check_count, check_heartbeat, check_timeout, check_tries
 
+from fastbroker._protocol cimport *
 from fastbroker._zmqdl cimport (zmsg, zpollitem, ZPOLLIN, ZDONTWAIT, ZSNDMORE, ZETERM, zmsg_init, zmsg_init_size, zmsg_data, zmsg_size, zmsg_more,
                                zmsg_close, zmsg_copy, zmsg_move, zmsg_send, zmsg_recv, zpoll, zerrno, fbz_load)
 
@@ -32,132 +33,21 @@ cdef enum:
     MAX_VSM_SIZE = 33
     KEEP_COPY_MAX = 8192
 
-# Compile-time copies of _common's constants, checked against it below.
 cdef enum:
-    TASK_ID_SIZE = 16
-    MAX_FRAMES = 4096
-    RECV_BATCH = 512
-    N_COUNTERS = 20
-    N_GAUGES = 6
-    N_LATENCY = 16  # buckets: one per bound, then +Inf
-    EVENT_DATA_MAX = 64
-    EVENT_QUEUE = 4096
-    SIGNATURE_SIZE = 5
-    REQUEST_ID_SIZE = 16
-    OPTIONS_SIZE = 9
-    MAX_WAITERS = 8
-    RESULT_OVERHEAD = 128
     RECV_DROPPED = 0x7FFFFFFF  # _recv's "message read and dropped"
 
-cdef enum:
-    RUN_TIMEOUT = 0
-    RUN_WOKEN = 1
-    RUN_DROP = 2
-    RUN_EVENT = 3
-    RUN_JOURNAL = 4
+# Every protocol constant comes from _protocol.pxd, generated from protocol.py; check
+# that this build was made from the protocol.py it runs with.
+protocol.check_compiled(compiled_values(), compiled_signatures())
 
-cdef enum:
-    DROP_REQUEST_NO_DELIMITER = 0
-    DROP_REQUEST_NO_PAYLOAD = 1
-    DROP_READY_NO_DELIMITER = 2
-    DROP_READY_BAD_FRAMES = 3
-    DROP_ANSWER_TOO_SHORT = 4
-    DROP_ANSWER_BAD_ID = 5
-    DROP_ANSWER_UNKNOWN = 6
-    DROP_TOO_MANY_FRAMES = 7
-    DROP_OUT_OF_MEMORY = 8
-    DROP_WORKER_BAD_COMMAND = 9
-    DROP_WORKER_BAD_FRAMES = 10
-    DROP_CLIENT_BAD_COMMAND = 11
-    DROP_CLIENT_BAD_ID = 12
-
-cdef enum:
-    CMD_READY = 1
-    CMD_TASK = 2
-    CMD_ANSWER = 3
-    CMD_FAILED = 4
-    CMD_HEARTBEAT = 5
-    CMD_DISCONNECT = 6
-    CMD_CANCEL = 7
-
-# The FBC01 client protocol (docs/PROTOCOL.md section 10).
-cdef enum:
-    C_SUBMIT = 1
-    C_STATUS = 2
-    C_RESULT = 3
-    C_CANCEL = 4
-    C_STATS = 5
-    R_ACCEPTED = 0x11
-    R_REJECTED = 0x12
-    R_OK = 0x13
-    R_FAILED = 0x14
-    R_TIMED_OUT = 0x15
-    R_CANCELLED = 0x16
-    R_UNKNOWN = 0x17
-    R_STATUS = 0x18
-    R_STATS = 0x19
-    OPT_NO_ACK = 1
-    OPT_KNOWN_FLAGS = 1
-    STATE_QUEUED = 1
-    STATE_RUNNING = 2
-    STATE_DONE = 3
-    REJECT_BAD_OPTIONS = 1
-    REJECT_QUEUE_FULL = 3
-
-# Counter indexes, in the order of _common.COUNTERS.
-cdef enum:
-    C_REQUESTS = 0
-    C_DISPATCHED = 1
-    C_ANSWERED = 2
-    C_LATE = 3
-    C_TIMEOUTS = 4
-    C_RETRIED = 5
-    C_ABORTED = 6
-    C_READY = 7
-    C_UNREACHABLE = 8
-    C_DROPPED = 9
-    C_FAILED = 10
-    C_JOINED = 11
-    C_LEFT = 12
-    C_DEAD = 13
-    C_REQUEUED = 14
-    C_CANCELLED = 15
-    C_REJECTED = 16
-    C_DUPLICATES = 17
-    C_EXPIRED = 18
-    C_EVENTS_LOST = 19
-
-assert len(_common.COUNTERS) == N_COUNTERS
-assert (TASK_ID_SIZE, MAX_FRAMES, RECV_BATCH) == (
-    _common.TASK_ID_SIZE, _common.MAX_FRAMES, _common.RECV_BATCH)
-assert (RUN_TIMEOUT, RUN_WOKEN, RUN_DROP, RUN_EVENT, RUN_JOURNAL) == (
-    _common.RUN_TIMEOUT, _common.RUN_WOKEN, _common.RUN_DROP, _common.RUN_EVENT, _common.RUN_JOURNAL)
-assert (N_GAUGES, N_LATENCY, EVENT_DATA_MAX, EVENT_QUEUE) == (
-    len(_common.GAUGES), len(_common.LATENCY_BOUNDS) + 1, _common.EVENT_DATA_MAX, _common.EVENT_QUEUE)
 cdef double LATENCY_BOUNDS[N_LATENCY - 1]
-for _i, _b in enumerate(_common.LATENCY_BOUNDS):
+for _i, _b in enumerate(protocol.LATENCY_BOUNDS):
     LATENCY_BOUNDS[_i] = _b
-cdef bytes STATS_NAMES = ",".join(_common.stats_fields()).encode("ascii")
-cdef enum:
-    N_STATS = N_COUNTERS + N_GAUGES + N_LATENCY + 2
-assert len(_common.stats_fields()) == N_STATS
-
-cdef enum:
-    EV_JOINED = 0
-    EV_LEFT = 1
-    EV_DEAD = 2
-    EV_ABORTED = 3
-    EV_FAILED = 4
-    EV_TIMED_OUT = 5
-
-
-cdef enum:
-    J_SUBMIT = 0
-    J_START = 1
-    J_FINISH = 2
-    J_FORGET = 3
-
-_JOURNAL_KINDS = ("submit", "start", "finish", "forget")
+cdef bytes STATS_NAMES = ",".join(protocol.stats_fields()).encode("ascii")
+cdef bytes _BAD_OPTIONS = protocol.REJECT_REASONS[REJECT_BAD_OPTIONS].encode()
+cdef bytes _QUEUE_FULL = protocol.REJECT_REASONS[REJECT_QUEUE_FULL].encode()
+cdef const char *BAD_OPTIONS_TEXT = _BAD_OPTIONS  # the bytes above keep it alive
+cdef const char *QUEUE_FULL_TEXT = _QUEUE_FULL
 
 
 cdef struct JEnt:
@@ -177,41 +67,9 @@ cdef struct Ev:
     uint8_t len
     uint32_t n
     uint8_t data[EVENT_DATA_MAX]
-assert [DROP_REQUEST_NO_DELIMITER, DROP_REQUEST_NO_PAYLOAD, DROP_READY_NO_DELIMITER,
-        DROP_READY_BAD_FRAMES, DROP_ANSWER_TOO_SHORT, DROP_ANSWER_BAD_ID, DROP_ANSWER_UNKNOWN,
-        DROP_TOO_MANY_FRAMES, DROP_OUT_OF_MEMORY, DROP_WORKER_BAD_COMMAND, DROP_WORKER_BAD_FRAMES] == [
-    _common.DROP_REQUEST_NO_DELIMITER, _common.DROP_REQUEST_NO_PAYLOAD,
-    _common.DROP_READY_NO_DELIMITER, _common.DROP_READY_BAD_FRAMES,
-    _common.DROP_ANSWER_TOO_SHORT, _common.DROP_ANSWER_BAD_ID, _common.DROP_ANSWER_UNKNOWN,
-    _common.DROP_TOO_MANY_FRAMES, _common.DROP_OUT_OF_MEMORY,
-    _common.DROP_WORKER_BAD_COMMAND, _common.DROP_WORKER_BAD_FRAMES]
-assert (DROP_CLIENT_BAD_COMMAND, DROP_CLIENT_BAD_ID) == (_common.DROP_CLIENT_BAD_COMMAND, _common.DROP_CLIENT_BAD_ID)
-assert [bytes([c]) for c in (C_SUBMIT, C_STATUS, C_RESULT, C_CANCEL, R_ACCEPTED, R_REJECTED, R_OK, R_FAILED,
-                             R_TIMED_OUT, R_CANCELLED, R_UNKNOWN, R_STATUS, CMD_CANCEL)] == [
-    _common.C_SUBMIT, _common.C_STATUS, _common.C_RESULT, _common.C_CANCEL, _common.R_ACCEPTED,
-    _common.R_REJECTED, _common.R_OK, _common.R_FAILED, _common.R_TIMED_OUT, _common.R_CANCELLED,
-    _common.R_UNKNOWN, _common.R_STATUS, _common.CMD_CANCEL]
-assert (bytes([C_STATS]), bytes([R_STATS])) == (_common.C_STATS, _common.R_STATS)
-assert (REQUEST_ID_SIZE, OPTIONS_SIZE, MAX_WAITERS, RESULT_OVERHEAD, OPT_NO_ACK, OPT_KNOWN_FLAGS) == (
-    _common.REQUEST_ID_SIZE, _common.OPTIONS_SIZE, _common.MAX_WAITERS, _common.RESULT_OVERHEAD,
-    _common.OPT_NO_ACK, _common.OPT_KNOWN_FLAGS)
-assert (STATE_QUEUED, STATE_RUNNING, STATE_DONE, REJECT_BAD_OPTIONS) == (
-    _common.STATE_QUEUED, _common.STATE_RUNNING, _common.STATE_DONE, _common.REJECT_BAD_OPTIONS)
-cdef const char *CLIENT_SIGNATURE = b"FBC01"
-assert CLIENT_SIGNATURE[:SIGNATURE_SIZE] == _common.CLIENT_SIGNATURE
-cdef uint32_t MAX_REQUEST_TIMEOUT_MS = _common.MAX_REQUEST_TIMEOUT_MS
-cdef uint32_t MAX_REQUEST_TRIES = _common.MAX_REQUEST_TRIES
-cdef const char *BAD_OPTIONS_TEXT = b"bad options"
-cdef const char *QUEUE_FULL_TEXT = b"queue full"
-assert (BAD_OPTIONS_TEXT[:11], QUEUE_FULL_TEXT[:10]) == (
-    _common.REJECT_REASONS[REJECT_BAD_OPTIONS].encode(), _common.REJECT_REASONS[REJECT_QUEUE_FULL].encode())
+
+
 cdef uint32_t DONE_BIT = 0x80000000U  # client index value: a kept outcome's slot, not a request's
-assert [bytes([c]) for c in (CMD_READY, CMD_TASK, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT)] == [
-    _common.CMD_READY, _common.CMD_TASK, _common.CMD_ANSWER, _common.CMD_FAILED,
-    _common.CMD_HEARTBEAT, _common.CMD_DISCONNECT]
-cdef const char *SIGNATURE = b"FBW01"
-assert SIGNATURE[:SIGNATURE_SIZE] == _common.WORKER_SIGNATURE
-cdef uint32_t MAX_CREDIT = _common.MAX_CREDIT
 
 cdef uint32_t NO_SLOT = 0xFFFFFFFFU  # end of a free list
 
@@ -919,14 +777,14 @@ cdef class DeadlineHeap:
 
     def push(self, key, double deadline):
         """Set key's deadline (an existing one is replaced)."""
-        if not 0 <= key < _common.HEAP_KEY_LIMIT:
-            raise ValueError(f"key must be in [0, {_common.HEAP_KEY_LIMIT})")
+        if not 0 <= key < protocol.HEAP_KEY_LIMIT:
+            raise ValueError(f"key must be in [0, {protocol.HEAP_KEY_LIMIT})")
         if self.insert(<uint32_t>key, deadline) < 0:
             raise MemoryError()
 
     def remove(self, key):
         """Forget key's deadline; False if it had none."""
-        if not 0 <= key < _common.HEAP_KEY_LIMIT:
+        if not 0 <= key < protocol.HEAP_KEY_LIMIT:
             return False
         return self.delete(<uint32_t>key)
 
@@ -1214,8 +1072,8 @@ cdef class BrokerCore:
     cdef size_t names_len
 
     def __cinit__(self, requests, workers, answers, timeout=None, tries=None, *,
-                  heartbeat=_common.DEFAULT_HEARTBEAT, liveness=_common.DEFAULT_LIVENESS, bytes epoch=None,
-                  retention=_common.DEFAULT_RETENTION, retention_bytes=_common.DEFAULT_RETENTION_BYTES,
+                  heartbeat=protocol.DEFAULT_HEARTBEAT, liveness=protocol.DEFAULT_LIVENESS, bytes epoch=None,
+                  retention=protocol.DEFAULT_RETENTION, retention_bytes=protocol.DEFAULT_RETENTION_BYTES,
                   max_queue=None):
         max_queue = _common.check_max_queue(max_queue)
         self._max_queue = <size_t>-1 if max_queue is None else max_queue
@@ -1228,7 +1086,7 @@ cdef class BrokerCore:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
         self._heartbeat = check_heartbeat(heartbeat)
-        self._liveness = check_count("liveness", liveness, _common.MIN_LIVENESS, _common.MAX_LIVENESS)
+        self._liveness = check_count("liveness", liveness, protocol.MIN_LIVENESS, protocol.MAX_LIVENESS)
         self.sess_free = NO_SLOT
         # A secret seed: a client cannot pick ids that all land in one probe chain.
         self.cids.seed = int.from_bytes(os.urandom(8), "little")
@@ -1338,22 +1196,22 @@ cdef class BrokerCore:
     @property
     def last_drop(self):
         """Reason text of the latest dropped message, or None."""
-        return None if self.last_drop_reason < 0 else _common.DROP_REASONS[self.last_drop_reason]
+        return None if self.last_drop_reason < 0 else protocol.DROP_REASONS[self.last_drop_reason]
 
     def stats(self):
         """Counters since start and current gauges, as a dict of ints."""
         cdef int i
-        result = {name: self.counters[i] for i, name in enumerate(_common.COUNTERS)}
+        result = {name: self.counters[i] for i, name in enumerate(protocol.COUNTERS)}
         result["queued"] = self.n_queued
         result["running"] = self.table.count - self.n_queued
         result["idle_workers"] = self.idle.live
         result["workers"] = self.n_sessions
         result["retained"] = self.done_fifo.count
         result["retained_bytes"] = self.retained_bytes
-        result["drops"] = {_common.DROP_REASONS[i]: self.drops[i]
-                           for i in range(len(_common.DROP_REASONS)) if self.drops[i]}
+        result["drops"] = {protocol.DROP_REASONS[i]: self.drops[i]
+                           for i in range(len(protocol.DROP_REASONS)) if self.drops[i]}
         result["latency"] = {
-            "bounds": _common.LATENCY_BOUNDS,
+            "bounds": protocol.LATENCY_BOUNDS,
             "counts": [self.latency_counts[i] for i in range(N_LATENCY)],
             "count": sum(self.latency_counts[i] for i in range(N_LATENCY)),
             "sum": self.latency_sum,
@@ -1371,9 +1229,9 @@ cdef class BrokerCore:
             self.ev_count = 0
 
     def events(self):
-        """Events since the last call, oldest first: (kind, data, n); see _common.EVENT_KINDS."""
+        """Events since the last call, oldest first: (kind, data, n); see protocol.EVENT_KINDS."""
         cdef size_t i
-        result = [(_common.EVENT_KINDS[self.evq[i].kind], (<char *>self.evq[i].data)[:self.evq[i].len], self.evq[i].n)
+        result = [(protocol.EVENT_KINDS[self.evq[i].kind], (<char *>self.evq[i].data)[:self.evq[i].len], self.evq[i].n)
                   for i in range(self.ev_count)]
         self.ev_count = 0
         return result
@@ -1489,7 +1347,7 @@ cdef class BrokerCore:
         cdef int i, n
         cdef zmsg *frames
         body = [bytes(f) for f in body]
-        if len(cid) != REQUEST_ID_SIZE or code not in (_common.R_OK, _common.R_FAILED, _common.R_TIMED_OUT, _common.R_CANCELLED):
+        if len(cid) != REQUEST_ID_SIZE or code not in (protocol.R_OK, protocol.R_FAILED, protocol.R_TIMED_OUT, protocol.R_CANCELLED):
             raise ValueError("an outcome needs a 16-byte id and an outcome code")
         if cidx_find(&self.cids, <const uint8_t *><const char *>cid) != NULL:
             raise ValueError(f"request {cid.hex()} is already in the broker")
@@ -1511,7 +1369,7 @@ cdef class BrokerCore:
         if not self.ev_on:
             return
         if self.ev_count == EVENT_QUEUE:
-            self.counters[C_EVENTS_LOST] += 1
+            self.counters[CNT_EVENTS_LOST] += 1
             return
         e = &self.evq[self.ev_count]
         self.ev_count += 1
@@ -1685,7 +1543,7 @@ cdef class BrokerCore:
                 return n
 
     cdef inline void _drop(self, int reason) noexcept nogil:
-        self.counters[C_DROPPED] += 1
+        self.counters[CNT_DROPPED] += 1
         self.drops[reason] += 1
         self.last_drop_reason = reason
 
@@ -1726,7 +1584,7 @@ cdef class BrokerCore:
             return 0
         if self.n_queued >= self._max_queue:
             # The original protocol's only "no": the empty answer, at once.
-            self.counters[C_REJECTED] += 1
+            self.counters[CNT_REJECTED] += 1
             return self._answer_empty(d + 1)
         s = self.table.alloc()
         if s < 0:
@@ -1754,7 +1612,7 @@ cdef class BrokerCore:
         r.timeout = self._timeout
         r.arrived = self.now
         self.n_queued += 1
-        self.counters[C_REQUESTS] += 1
+        self.counters[CNT_REQUESTS] += 1
         return 0
 
     cdef int _on_ready(self, int n) noexcept nogil:
@@ -1770,10 +1628,10 @@ cdef class BrokerCore:
             if self.idle.push_env(self.scratch, d + 1) < 0:
                 self._drop(DROP_OUT_OF_MEMORY)
                 return 0
-            self.counters[C_READY] += 1
+            self.counters[CNT_READY] += 1
             return 0
         if nb == 0 or zmsg_size(&self.scratch[d + 1]) != SIGNATURE_SIZE or \
-                memcmp(zmsg_data(&self.scratch[d + 1]), SIGNATURE, SIGNATURE_SIZE) != 0:
+                memcmp(zmsg_data(&self.scratch[d + 1]), WORKER_SIGNATURE, SIGNATURE_SIZE) != 0:
             self._drop(DROP_READY_BAD_FRAMES)
             return 0
         if zmsg_size(&self.scratch[d + 2]) != 1:
@@ -1806,8 +1664,8 @@ cdef class BrokerCore:
             return 0
         if command == CMD_DISCONNECT:
             if s >= 0:
-                self.counters[C_LEFT] += 1
-                self._worker_event(EV_LEFT, <uint32_t>s)
+                self.counters[CNT_WORKERS_LEFT] += 1
+                self._worker_event(EV_WORKER_LEFT, <uint32_t>s)
                 return self._forget(<uint32_t>s)
             return 0
         if s < 0:
@@ -1866,7 +1724,7 @@ cdef class BrokerCore:
                 self._drop(DROP_OUT_OF_MEMORY)
                 return 0
         self.sess[s].credit = credit
-        self.counters[C_READY] += 1
+        self.counters[CNT_READY] += 1
         self._offer(<uint32_t>s)
         return 0
 
@@ -1882,7 +1740,7 @@ cdef class BrokerCore:
             self._drop(DROP_ANSWER_UNKNOWN)
             self._settle_ghost(s)
             return 0
-        self.counters[C_FAILED] += 1
+        self.counters[CNT_FAILED] += 1
         self.heap.delete(<uint32_t>rs)
         self._detach(<uint32_t>rs)
         r = &self.table.reqs[rs]
@@ -1953,8 +1811,8 @@ cdef class BrokerCore:
             self.next_check = w.expiry
         elif w.expiry < self.next_check:
             self.next_check = w.expiry
-        self.counters[C_JOINED] += 1
-        self._worker_event(EV_JOINED, s)
+        self.counters[CNT_WORKERS_JOINED] += 1
+        self._worker_event(EV_WORKER_JOINED, s)
         return <int>s
 
     cdef void _sess_release(self, uint32_t s) noexcept nogil:
@@ -2049,7 +1907,7 @@ cdef class BrokerCore:
             self._detach(rs)
             if requeue:
                 self.heap.delete(rs)
-                self.counters[C_REQUEUED] += 1
+                self.counters[CNT_REQUEUED] += 1
                 rc = self._retry_or_abort(rs)
                 if rc < 0:
                     result = rc
@@ -2071,8 +1929,8 @@ cdef class BrokerCore:
             if not self.sess[s].used:
                 continue
             if now >= self.sess[s].expiry:
-                self.counters[C_DEAD] += 1
-                self._worker_event(EV_DEAD, s)
+                self.counters[CNT_WORKERS_DEAD] += 1
+                self._worker_event(EV_WORKER_DEAD, s)
                 rc = self._forget(s)
             else:
                 if self.sess[s].expiry < earliest:
@@ -2099,7 +1957,7 @@ cdef class BrokerCore:
                     return -e
                 return 1 if i == 0 else 0
         zmsg_init_size(&part, SIGNATURE_SIZE)
-        memcpy(zmsg_data(&part), SIGNATURE, SIGNATURE_SIZE)
+        memcpy(zmsg_data(&part), WORKER_SIGNATURE, SIGNATURE_SIZE)
         if zmsg_send(&part, self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
             zmsg_close(&part)
         zmsg_init_size(&part, 1)
@@ -2171,7 +2029,7 @@ cdef class BrokerCore:
         e = cidx_find(&self.cids, cid)
         if e != NULL:
             # The same id again: it runs once; this sender is told the outcome too.
-            self.counters[C_DUPLICATES] += 1
+            self.counters[CNT_DUPLICATES] += 1
             v = e.value
             if not v & DONE_BIT and self._add_waiter(&self.table.reqs[v]) < 0:
                 self._drop(DROP_OUT_OF_MEMORY)
@@ -2218,7 +2076,7 @@ cdef class BrokerCore:
         r.timeout = self._timeout if timeout_ms == 0 else timeout_ms / 1000.0
         r.arrived = self.now
         self.n_queued += 1
-        self.counters[C_REQUESTS] += 1
+        self.counters[CNT_REQUESTS] += 1
         if self.journal_on:
             self._journal_push(J_SUBMIT, cid, 0, &r.frames[1], r.nframes - 1, 0, r.tries, r.timeout)
         if not flags & OPT_NO_ACK:
@@ -2229,7 +2087,7 @@ cdef class BrokerCore:
         cdef zmsg extra[2]
         cdef size_t n = strlen(text)
         cdef int rc
-        self.counters[C_REJECTED] += 1
+        self.counters[CNT_REJECTED] += 1
         zmsg_init_size(&extra[0], 1)
         (<uint8_t *>zmsg_data(&extra[0]))[0] = <uint8_t>reason
         zmsg_init_size(&extra[1], n)
@@ -2462,7 +2320,7 @@ cdef class BrokerCore:
                     if zmsg_send(&part, self.s_workers, ZDONTWAIT) < 0:
                         zmsg_close(&part)
             self._detach(rs, False)
-        self.counters[C_CANCELLED] += 1
+        self.counters[CNT_CANCELLED] += 1
         rc = self._conclude(r, R_CANCELLED, NULL, 0)
         # Not made a waiter: on a full list it would push out a submitter.
         if rc >= 0 and not self._is_waiter(r):
@@ -2501,7 +2359,7 @@ cdef class BrokerCore:
             # Not kept (too big alone: forgotten at once, the others stay).
             cidx_delete(&self.cids, e)
             if self.retention > 0:
-                self.counters[C_EXPIRED] += 1
+                self.counters[CNT_EXPIRED_RESULTS] += 1
             if self.journal_on:
                 self._journal_push(J_FORGET, cid, 0, NULL, 0, 0, 0, 0.0)
             return
@@ -2572,7 +2430,7 @@ cdef class BrokerCore:
         self.retained_bytes -= o.size
         o.next_free = self.done_free
         self.done_free = d
-        self.counters[C_EXPIRED] += 1
+        self.counters[CNT_EXPIRED_RESULTS] += 1
         if self.journal_on:
             self._journal_push(J_FORGET, o.cid, 0, NULL, 0, 0, 0, 0.0)
 
@@ -2613,12 +2471,12 @@ cdef class BrokerCore:
             # Answered by an earlier attempt while waiting for a retry: the queue
             # entry turns into a tombstone when the slot's generation moves on.
             self.n_queued -= 1
-            self.counters[C_LATE] += 1
+            self.counters[CNT_LATE_ANSWERS] += 1
         else:
             self.heap.delete(<uint32_t>s)
             self._detach(<uint32_t>s, own)
         self.table.release(<uint32_t>s)
-        self.counters[C_ANSWERED] += 1
+        self.counters[CNT_ANSWERED] += 1
         return rc
 
     cdef void _record_latency(self, double seconds) noexcept nogil:
@@ -2656,7 +2514,7 @@ cdef class BrokerCore:
         cdef int rc
         while self.heap.count and self.heap.ents[0].deadline <= now:
             s = self.heap.pop_min()
-            self.counters[C_TIMEOUTS] += 1
+            self.counters[CNT_TIMEOUTS] += 1
             self._detach(s, False)
             rc = self._retry_or_abort(s)
             if rc < 0:
@@ -2686,11 +2544,11 @@ cdef class BrokerCore:
                 self._event(EV_TIMED_OUT, r.cid, REQUEST_ID_SIZE, r.attempts)
                 rc = self._conclude(r, R_TIMED_OUT, NULL, 0)
             self.table.release(s)
-            self.counters[C_ABORTED] += 1
+            self.counters[CNT_ABORTED] += 1
             return rc
         r.state = QUEUED
         self.n_queued += 1
-        self.counters[C_RETRIED] += 1
+        self.counters[CNT_RETRIED] += 1
         return 0
 
     cdef Ring *_next_queue(self) noexcept nogil:
@@ -2740,9 +2598,9 @@ cdef class BrokerCore:
                 if rc < 0:
                     return rc
                 if rc == 1:
-                    self.counters[C_UNREACHABLE] += 1
-                    self.counters[C_DEAD] += 1
-                    self._worker_event(EV_DEAD, <uint32_t>sidx)
+                    self.counters[CNT_UNREACHABLE_WORKERS] += 1
+                    self.counters[CNT_WORKERS_DEAD] += 1
+                    self._worker_event(EV_WORKER_DEAD, <uint32_t>sidx)
                     rc = self._forget(<uint32_t>sidx)
                     if rc < 0:
                         return rc
@@ -2753,7 +2611,7 @@ cdef class BrokerCore:
                     self.idle.release(w)
                     if e == ZETERM:
                         return -e
-                    self.counters[C_UNREACHABLE] += 1
+                    self.counters[CNT_UNREACHABLE_WORKERS] += 1
                     continue
                 for i in range(1, wk.nenv):
                     zmsg_send(&wk.env[i], self.s_workers, ZSNDMORE | ZDONTWAIT)
@@ -2786,5 +2644,5 @@ cdef class BrokerCore:
             if sidx >= 0:
                 self._attach(<uint32_t>s, <uint32_t>sidx)
                 self._offer(<uint32_t>sidx)
-            self.counters[C_DISPATCHED] += 1
+            self.counters[CNT_DISPATCHED] += 1
         return 0

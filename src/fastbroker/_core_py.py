@@ -17,32 +17,9 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import zmq
 
-from fastbroker import _common
-from fastbroker._common import (
-    CLIENT_SIGNATURE,
-    CMD_ANSWER,
-    CMD_CANCEL,
-    CMD_DISCONNECT,
-    CMD_FAILED,
-    CMD_HEARTBEAT,
-    CMD_READY,
-    CMD_TASK,
-    DEFAULT_HEARTBEAT,
-    DEFAULT_LIVENESS,
-    DEFAULT_RETENTION,
-    DEFAULT_RETENTION_BYTES,
-    MAX_CREDIT,
-    MAX_LIVENESS,
-    MIN_LIVENESS,
-    WORKER_SIGNATURE,
-    check_count,
-    check_heartbeat,
-    check_max_queue,
-    check_retention,
-    check_retention_bytes,
-    check_timeout,
-    check_tries,
-)
+from fastbroker import protocol
+from fastbroker._common import check_count, check_heartbeat, check_max_queue, check_retention, check_retention_bytes, check_timeout, check_tries
+from fastbroker.protocol import CLIENT_SIGNATURE, CMD_ANSWER, CMD_CANCEL, CMD_DISCONNECT, CMD_FAILED, CMD_HEARTBEAT, CMD_READY, CMD_TASK, DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS, WORKER_SIGNATURE
 
 monotonic = time.monotonic
 
@@ -64,7 +41,7 @@ class RequestIds:
 
     @staticmethod
     def _check(key: bytes) -> None:
-        if len(key) != _common.REQUEST_ID_SIZE:
+        if len(key) != protocol.REQUEST_ID_SIZE:
             raise ValueError("a request id is 16 bytes")
 
     def insert(self, key: bytes, value: int) -> None:
@@ -142,8 +119,8 @@ class DeadlineHeap:
 
     def push(self, key: int, deadline: float) -> None:
         """Set key's deadline (an existing one is replaced)."""
-        if not 0 <= key < _common.HEAP_KEY_LIMIT:
-            raise ValueError(f"key must be in [0, {_common.HEAP_KEY_LIMIT})")
+        if not 0 <= key < protocol.HEAP_KEY_LIMIT:
+            raise ValueError(f"key must be in [0, {protocol.HEAP_KEY_LIMIT})")
         self._insert(key, deadline)
 
     def _insert(self, key: int, deadline: float) -> None:
@@ -213,7 +190,7 @@ class _Request:
         self.arrived = 0.0  # when it entered the broker (for the latency histogram)
 
 
-_OUTCOME_CODES = (_common.R_OK, _common.R_FAILED, _common.R_TIMED_OUT, _common.R_CANCELLED)
+_OUTCOME_CODES = (protocol.R_OK, protocol.R_FAILED, protocol.R_TIMED_OUT, protocol.R_CANCELLED)
 
 
 class _Outcome:
@@ -225,7 +202,7 @@ class _Outcome:
         self.code = code
         self.body = body
         self.finished = finished
-        self.size = sum(len(f) for f in body) + _common.RESULT_OVERHEAD
+        self.size = sum(len(f) for f in body) + protocol.RESULT_OVERHEAD
         self.attempts = attempts
         self.tries = tries
 
@@ -309,7 +286,7 @@ class BrokerCore:
         self._by_cid: Dict[bytes, _Request] = {}  # FBC01 requests in the broker
         self._outcomes: "OrderedDict[bytes, _Outcome]" = OrderedDict()  # oldest first
         self._retained_bytes = 0
-        self._latency_counts = [0] * (len(_common.LATENCY_BOUNDS) + 1)
+        self._latency_counts = [0] * (len(protocol.LATENCY_BOUNDS) + 1)
         self._latency_sum = 0.0
         self._events_on = False
         self._events: List[tuple] = []
@@ -334,8 +311,8 @@ class BrokerCore:
         self._waiting: Deque[_Request] = deque()
         self._retry: Deque[_Request] = deque()
         self._n_queued = 0
-        self._counters = dict.fromkeys(_common.COUNTERS, 0)
-        self._drops = [0] * len(_common.DROP_REASONS)
+        self._counters = dict.fromkeys(protocol.COUNTERS, 0)
+        self._drops = [0] * len(protocol.DROP_REASONS)
         self._last_drop: Optional[int] = None
         self._closed = False
 
@@ -365,7 +342,7 @@ class BrokerCore:
     @property
     def last_drop(self) -> Optional[str]:
         """Reason text of the latest dropped message, or None."""
-        return None if self._last_drop is None else _common.DROP_REASONS[self._last_drop]
+        return None if self._last_drop is None else protocol.DROP_REASONS[self._last_drop]
 
     def stats(self) -> dict:
         """Counters since start and current gauges, as a dict of ints."""
@@ -377,10 +354,10 @@ class BrokerCore:
         result["retained"] = len(self._outcomes)
         result["retained_bytes"] = self._retained_bytes
         result["drops"] = {
-            _common.DROP_REASONS[i]: n for i, n in enumerate(self._drops) if n
+            protocol.DROP_REASONS[i]: n for i, n in enumerate(self._drops) if n
         }
         result["latency"] = {
-            "bounds": _common.LATENCY_BOUNDS,
+            "bounds": protocol.LATENCY_BOUNDS,
             "counts": list(self._latency_counts),
             "count": sum(self._latency_counts),
             "sum": self._latency_sum,
@@ -388,9 +365,9 @@ class BrokerCore:
         return result
 
     def _stats_values(self) -> list:
-        """The values of a STATS reply, in the order of _common.stats_fields()."""
+        """The values of a STATS reply, in the order of protocol.stats_fields()."""
         s = self.stats()
-        return ([s[k] for k in _common.COUNTERS + _common.GAUGES] + list(self._latency_counts)
+        return ([s[k] for k in protocol.COUNTERS + protocol.GAUGES] + list(self._latency_counts)
                 + [sum(self._latency_counts), int(self._latency_sum * 1e6)])
 
     def record_events(self, on: bool) -> None:
@@ -400,7 +377,7 @@ class BrokerCore:
             self._events.clear()
 
     def events(self) -> List[tuple]:
-        """Events since the last call, oldest first: (kind, data, n); see _common.EVENT_KINDS."""
+        """Events since the last call, oldest first: (kind, data, n); see protocol.EVENT_KINDS."""
         events, self._events = self._events, []
         return events
 
@@ -430,7 +407,7 @@ class BrokerCore:
     def restore_request(self, cid: bytes, payload: List[bytes], timeout: Optional[float], tries: int, attempts: int) -> None:
         """Queue a stored request (behind those already queued). It has no waiters
         until a client sends RESULT or SUBMIT for it."""
-        if len(cid) != _common.REQUEST_ID_SIZE or not payload:
+        if len(cid) != protocol.REQUEST_ID_SIZE or not payload:
             raise ValueError("a request needs a 16-byte id and a payload")
         if cid in self._by_cid or cid in self._outcomes:
             raise ValueError(f"request {cid.hex()} is already in the broker")
@@ -446,7 +423,7 @@ class BrokerCore:
 
     def restore_outcome(self, cid: bytes, code: bytes, body: List[bytes], attempts: int, tries: int, age: float) -> None:
         """Keep a stored outcome, finished `age` seconds ago (restore oldest first)."""
-        if len(cid) != _common.REQUEST_ID_SIZE or code not in _OUTCOME_CODES:
+        if len(cid) != protocol.REQUEST_ID_SIZE or code not in _OUTCOME_CODES:
             raise ValueError("an outcome needs a 16-byte id and an outcome code")
         if cid in self._by_cid or cid in self._outcomes:
             raise ValueError(f"request {cid.hex()} is already in the broker")
@@ -456,10 +433,10 @@ class BrokerCore:
     def _event(self, kind: int, data: bytes, n: int = 0) -> None:
         if not self._events_on:
             return
-        if len(self._events) >= _common.EVENT_QUEUE:
+        if len(self._events) >= protocol.EVENT_QUEUE:
             self._counters["events_lost"] += 1
             return
-        self._events.append((_common.EVENT_KINDS[kind], bytes(data[: _common.EVENT_DATA_MAX]), n))
+        self._events.append((protocol.EVENT_KINDS[kind], bytes(data[: protocol.EVENT_DATA_MAX]), n))
 
     def disconnect_workers(self) -> int:
         """Send DISCONNECT to every DEALER worker and forget them; returns how many."""
@@ -508,14 +485,14 @@ class BrokerCore:
                 self._tick(now)
             self._dispatch(now)
             if stop_on_drop and self._last_drop is not None:
-                return _common.RUN_DROP
+                return protocol.RUN_DROP
             if stop_on_event and self._events:
-                return _common.RUN_EVENT
+                return protocol.RUN_EVENT
             if self._journal_on and (self._journal or self._held):
-                return _common.RUN_JOURNAL
+                return protocol.RUN_JOURNAL
             # Poll at least once, and act on what was read before returning.
             if polled and t_end is not None and now >= t_end:
-                return _common.RUN_TIMEOUT
+                return protocol.RUN_TIMEOUT
             polled = True
             next_t = t_end
             top = self._heap.peek()
@@ -538,10 +515,10 @@ class BrokerCore:
                 ready = dict(poller.poll(ms))
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EINTR:
-                    return _common.RUN_WOKEN
+                    return protocol.RUN_WOKEN
                 raise
             if wake_fd >= 0 and wake_fd in ready:
-                return _common.RUN_WOKEN
+                return protocol.RUN_WOKEN
             # Ready messages first, so jobs arriving in the same turn find them.
             if self._workers in ready:
                 self._drain(self._workers, self._on_ready)
@@ -553,13 +530,13 @@ class BrokerCore:
     # -- message handling -----------------------------------------------------
 
     def _drain(self, socket: zmq.Socket, handle) -> None:
-        for _ in range(_common.RECV_BATCH):
+        for _ in range(protocol.RECV_BATCH):
             try:
                 frames = socket.recv_multipart(zmq.DONTWAIT, copy=False)
             except zmq.Again:
                 return
-            if len(frames) > _common.MAX_FRAMES:
-                self._drop(_common.DROP_TOO_MANY_FRAMES)
+            if len(frames) > protocol.MAX_FRAMES:
+                self._drop(protocol.DROP_TOO_MANY_FRAMES)
                 continue
             handle(frames)
 
@@ -581,10 +558,10 @@ class BrokerCore:
             return
         d = self._delimiter(frames)
         if d < 1:
-            self._drop(_common.DROP_REQUEST_NO_DELIMITER)
+            self._drop(protocol.DROP_REQUEST_NO_DELIMITER)
             return
         if d == len(frames) - 1:
-            self._drop(_common.DROP_REQUEST_NO_PAYLOAD)
+            self._drop(protocol.DROP_REQUEST_NO_PAYLOAD)
             return
         if self._queue_full():
             # The original protocol's only "no": the empty answer, at once.
@@ -608,14 +585,14 @@ class BrokerCore:
 
     def _on_client(self, frames: list) -> None:
         if len(frames) < 3 or len(frames[2]) != 1:
-            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            self._drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
         handler = self._client_commands.get(frames[2].bytes)
         if handler is None:
-            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            self._drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
-        if len(frames) < 4 or len(frames[3]) != _common.REQUEST_ID_SIZE:
-            self._drop(_common.DROP_CLIENT_BAD_ID)
+        if len(frames) < 4 or len(frames[3]) != protocol.REQUEST_ID_SIZE:
+            self._drop(protocol.DROP_CLIENT_BAD_ID)
             return
         handler(self, frames[0].bytes, frames[3].bytes, frames[4:])
 
@@ -635,40 +612,40 @@ class BrokerCore:
 
     def _client_submit(self, identity: bytes, cid: bytes, body: list) -> None:
         if len(body) < 2:
-            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            self._drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
         options = body[0].bytes
         flags = timeout_ms = tries = 0
-        if len(options) == _common.OPTIONS_SIZE:
+        if len(options) == protocol.OPTIONS_SIZE:
             flags = options[0]
             timeout_ms = int.from_bytes(options[1:5], "big")
             tries = int.from_bytes(options[5:9], "big")
-        if (len(options) not in (0, _common.OPTIONS_SIZE) or flags & ~_common.OPT_KNOWN_FLAGS
-                or timeout_ms > _common.MAX_REQUEST_TIMEOUT_MS):
-            self._reject(identity, cid, _common.REJECT_BAD_OPTIONS)
+        if (len(options) not in (0, protocol.OPTIONS_SIZE) or flags & ~protocol.OPT_KNOWN_FLAGS
+                or timeout_ms > protocol.MAX_REQUEST_TIMEOUT_MS):
+            self._reject(identity, cid, protocol.REJECT_BAD_OPTIONS)
             return
-        ack = not flags & _common.OPT_NO_ACK
+        ack = not flags & protocol.OPT_NO_ACK
         request = self._by_cid.get(cid)
         if request is not None:
             self._counters["duplicates"] += 1
             self._add_waiter(request, identity)
             if ack:
-                self._reply(identity, _common.R_ACCEPTED, cid)
+                self._reply(identity, protocol.R_ACCEPTED, cid)
             return
         outcome = self._outcomes.get(cid)
         if outcome is not None:
             self._counters["duplicates"] += 1
             if ack:
-                self._reply(identity, _common.R_ACCEPTED, cid)
+                self._reply(identity, protocol.R_ACCEPTED, cid)
             self._reply(identity, outcome.code, cid, outcome.body)
             return
         if self._queue_full():
-            self._reject(identity, cid, _common.REJECT_QUEUE_FULL)
+            self._reject(identity, cid, protocol.REJECT_QUEUE_FULL)
             return
         if tries == 0:
             tries_left = -1 if self._tries is None else self._tries
         else:
-            tries_left = min(tries, _common.MAX_REQUEST_TRIES)
+            tries_left = min(tries, protocol.MAX_REQUEST_TRIES)
         timeout = self._timeout if timeout_ms == 0 else timeout_ms / 1000.0
         request = self._enqueue([], body[1:], tries_left, timeout)
         request.cid = cid
@@ -677,35 +654,35 @@ class BrokerCore:
         if self._journal_on:
             self._journal.append(("submit", cid, [f.bytes for f in body[1:]], timeout, tries_left))
         if ack:
-            self._reply(identity, _common.R_ACCEPTED, cid)
+            self._reply(identity, protocol.R_ACCEPTED, cid)
 
     def _reject(self, identity: bytes, cid: bytes, reason: int) -> None:
         self._counters["rejected"] += 1
-        self._reply(identity, _common.R_REJECTED, cid, [bytes([reason]), _common.REJECT_REASONS[reason].encode()])
+        self._reply(identity, protocol.R_REJECTED, cid, [bytes([reason]), protocol.REJECT_REASONS[reason].encode()])
 
     def _client_status(self, identity: bytes, cid: bytes, body: list) -> None:
         if body:
-            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            self._drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
         self._reply_status(identity, cid)
 
     def _reply_status(self, identity: bytes, cid: bytes) -> None:
         request = self._by_cid.get(cid)
         if request is not None:
-            state = _common.STATE_QUEUED if request.state == _QUEUED else _common.STATE_RUNNING
+            state = protocol.STATE_QUEUED if request.state == _QUEUED else protocol.STATE_RUNNING
             attempts, tries = request.attempts, request.tries
         else:
             outcome = self._outcomes.get(cid)
             if outcome is None:
-                self._reply(identity, _common.R_UNKNOWN, cid)
+                self._reply(identity, protocol.R_UNKNOWN, cid)
                 return
-            state, attempts, tries = _common.STATE_DONE, outcome.attempts, outcome.tries
-        self._reply(identity, _common.R_STATUS, cid, [
+            state, attempts, tries = protocol.STATE_DONE, outcome.attempts, outcome.tries
+        self._reply(identity, protocol.R_STATUS, cid, [
             bytes([state]), attempts.to_bytes(4, "big"), max(tries, 0).to_bytes(4, "big")])
 
     def _client_result(self, identity: bytes, cid: bytes, body: list) -> None:
         if body:
-            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            self._drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
         request = self._by_cid.get(cid)
         if request is not None:
@@ -714,19 +691,19 @@ class BrokerCore:
             return
         outcome = self._outcomes.get(cid)
         if outcome is None:
-            self._reply(identity, _common.R_UNKNOWN, cid)
+            self._reply(identity, protocol.R_UNKNOWN, cid)
         else:
             self._reply(identity, outcome.code, cid, outcome.body)
 
     def _client_cancel(self, identity: bytes, cid: bytes, body: list) -> None:
         if body:
-            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            self._drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
         request = self._by_cid.get(cid)
         if request is None:
             outcome = self._outcomes.get(cid)
             if outcome is None:
-                self._reply(identity, _common.R_UNKNOWN, cid)
+                self._reply(identity, protocol.R_UNKNOWN, cid)
             else:
                 self._reply(identity, outcome.code, cid, outcome.body)
             return
@@ -741,32 +718,32 @@ class BrokerCore:
             self._detach(request, by_worker=False)
         self._finish(request)
         self._counters["cancelled"] += 1
-        self._conclude(request, _common.R_CANCELLED, [])
+        self._conclude(request, protocol.R_CANCELLED, [])
         # Not made a waiter: on a full list it would push out a submitter.
         if identity not in request.waiters:
-            self._reply(identity, _common.R_CANCELLED, cid)
+            self._reply(identity, protocol.R_CANCELLED, cid)
 
     def _client_stats(self, identity: bytes, cid: bytes, body: list) -> None:
         if body:
-            self._drop(_common.DROP_CLIENT_BAD_COMMAND)
+            self._drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
-        names = ",".join(_common.stats_fields()).encode("ascii")
+        names = ",".join(protocol.stats_fields()).encode("ascii")
         values = b"".join(v.to_bytes(8, "big") for v in self._stats_values())
-        self._reply(identity, _common.R_STATS, cid, [names, values])
+        self._reply(identity, protocol.R_STATS, cid, [names, values])
 
     _client_commands = {
-        _common.C_SUBMIT: _client_submit,
-        _common.C_STATS: _client_stats,
-        _common.C_STATUS: _client_status,
-        _common.C_RESULT: _client_result,
-        _common.C_CANCEL: _client_cancel,
+        protocol.C_SUBMIT: _client_submit,
+        protocol.C_STATS: _client_stats,
+        protocol.C_STATUS: _client_status,
+        protocol.C_RESULT: _client_result,
+        protocol.C_CANCEL: _client_cancel,
     }
 
     @staticmethod
     def _add_waiter(request: _Request, identity: bytes) -> None:
         if identity not in request.waiters:
             request.waiters.append(identity)
-            if len(request.waiters) > _common.MAX_WAITERS:
+            if len(request.waiters) > protocol.MAX_WAITERS:
                 del request.waiters[0]
 
     def _conclude(self, request: _Request, code: bytes, body: list) -> None:
@@ -808,7 +785,7 @@ class BrokerCore:
         """A message on the workers endpoint: an original REQ worker's ready, or FBW01."""
         d = self._delimiter(frames)
         if d < 1:
-            self._drop(_common.DROP_READY_NO_DELIMITER)
+            self._drop(protocol.DROP_READY_NO_DELIMITER)
             return
         body = frames[d + 1 :]
         if len(body) == 1:
@@ -818,12 +795,12 @@ class BrokerCore:
             self._counters["ready"] += 1
             return
         if not body or body[0].bytes != WORKER_SIGNATURE:
-            self._drop(_common.DROP_READY_BAD_FRAMES)
+            self._drop(protocol.DROP_READY_BAD_FRAMES)
             return
         command = body[1].bytes
         handler = self._commands.get(command)
         if handler is None:
-            self._drop(_common.DROP_WORKER_BAD_COMMAND)
+            self._drop(protocol.DROP_WORKER_BAD_COMMAND)
             return
         key = _address_key(frames[:d])
         session = self._sessions.get(key)
@@ -833,11 +810,11 @@ class BrokerCore:
 
     def _worker_ready(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
         if len(args) != 1 or len(args[0]) != 4:
-            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            self._drop(protocol.DROP_WORKER_BAD_FRAMES)
             return
         credit = int.from_bytes(args[0].bytes, "big")
         if credit > MAX_CREDIT:
-            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            self._drop(protocol.DROP_WORKER_BAD_FRAMES)
             return
         if session is None:
             session = _Session(key, env)
@@ -856,7 +833,7 @@ class BrokerCore:
 
     def _worker_answer(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
         if len(args) < 2:
-            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            self._drop(protocol.DROP_WORKER_BAD_FRAMES)
             return
         # Accepted even from a worker the broker has forgotten: the job may still
         # be waiting for it. That worker is then told to register again.
@@ -866,17 +843,17 @@ class BrokerCore:
 
     def _worker_failed(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
         if len(args) != 3:
-            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            self._drop(protocol.DROP_WORKER_BAD_FRAMES)
             return
         if session is None:
             self._send_command(env, CMD_DISCONNECT)
-        if len(args[0]) != _common.TASK_ID_SIZE:
-            self._drop(_common.DROP_ANSWER_BAD_ID)
+        if len(args[0]) != protocol.TASK_ID_SIZE:
+            self._drop(protocol.DROP_ANSWER_BAD_ID)
             return
         request = self._table._requests.get(args[0].bytes)
         if request is None or request.worker is not session or session is None:
             # Not the attempt in progress (answered, timed out, or another worker's).
-            self._drop(_common.DROP_ANSWER_UNKNOWN)
+            self._drop(protocol.DROP_ANSWER_UNKNOWN)
             self._settle_ghost(session)
             return
         self._counters["failed"] += 1
@@ -889,13 +866,13 @@ class BrokerCore:
 
     def _worker_heartbeat(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
         if args:
-            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            self._drop(protocol.DROP_WORKER_BAD_FRAMES)
         elif session is None:
             self._send_command(env, CMD_DISCONNECT)
 
     def _worker_disconnect(self, key: bytes, session: Optional[_Session], env: list, args: list) -> None:
         if args:
-            self._drop(_common.DROP_WORKER_BAD_FRAMES)
+            self._drop(protocol.DROP_WORKER_BAD_FRAMES)
         elif session is not None:
             self._counters["workers_left"] += 1
             self._event(1, session.env[0].bytes)
@@ -979,19 +956,19 @@ class BrokerCore:
 
     def _on_answer(self, frames: list) -> None:
         if len(frames) < 2:
-            self._drop(_common.DROP_ANSWER_TOO_SHORT)
+            self._drop(protocol.DROP_ANSWER_TOO_SHORT)
             return
         self._answer(frames[0].bytes, frames[1:], None)
 
     def _answer(self, task_id: bytes, body: list, session: Optional[_Session]) -> None:
         """Deliver the first answer for a task; later ones are dropped. `session` is
         the answering DEALER worker, None for a PUSH answer."""
-        if len(task_id) != _common.TASK_ID_SIZE:
-            self._drop(_common.DROP_ANSWER_BAD_ID)
+        if len(task_id) != protocol.TASK_ID_SIZE:
+            self._drop(protocol.DROP_ANSWER_BAD_ID)
             return
         request = self._table._requests.pop(task_id, None)
         if request is None:
-            self._drop(_common.DROP_ANSWER_UNKNOWN)
+            self._drop(protocol.DROP_ANSWER_UNKNOWN)
             self._settle_ghost(session)
             return
         del self._by_key[request.key]
@@ -1001,7 +978,7 @@ class BrokerCore:
         self._detach(request, own)
         self._send_to_client(request, body)
         latency = monotonic() - request.arrived
-        self._latency_counts[bisect.bisect_left(_common.LATENCY_BOUNDS, latency)] += 1
+        self._latency_counts[bisect.bisect_left(protocol.LATENCY_BOUNDS, latency)] += 1
         self._latency_sum += latency
         if request.state == _QUEUED:
             # Answered by an earlier attempt while waiting for a retry; the queue
@@ -1014,7 +991,7 @@ class BrokerCore:
 
     def _send_to_client(self, request: _Request, body: list) -> None:
         if request.cid is not None:
-            self._conclude(request, _common.R_OK, body)
+            self._conclude(request, protocol.R_OK, body)
             return
         self._send_envelope(request.env, body)
 
@@ -1047,10 +1024,10 @@ class BrokerCore:
                 self._send_to_client(request, [b""])
             elif request.failure is not None:
                 self._event(4, request.cid, request.attempts)
-                self._conclude(request, _common.R_FAILED, request.failure)
+                self._conclude(request, protocol.R_FAILED, request.failure)
             else:
                 self._event(5, request.cid, request.attempts)
-                self._conclude(request, _common.R_TIMED_OUT, [])
+                self._conclude(request, protocol.R_TIMED_OUT, [])
             self._counters["aborted"] += 1
         else:
             request.state = _QUEUED

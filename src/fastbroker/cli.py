@@ -16,29 +16,12 @@ import sys
 from typing import List, NoReturn, Optional, Sequence
 
 from fastbroker import __version__
-from fastbroker._common import (
-    BrokerError,
-    DEFAULT_HEARTBEAT,
-    DEFAULT_LIVENESS,
-    DEFAULT_RETENTION,
-    DEFAULT_RETENTION_BYTES,
-    MAX_CREDIT,
-    MAX_LIVENESS,
-    MIN_LIVENESS,
-    ConfigError,
-    check_count,
-    check_heartbeat,
-    check_max_queue,
-    check_seconds,
-    check_retention,
-    check_retention_bytes,
-    check_timeout,
-    check_tries,
-)
+from fastbroker._common import BrokerError, ConfigError, check_count, check_heartbeat, check_max_queue, check_seconds, check_retention, check_retention_bytes, check_timeout, check_tries
+from fastbroker.protocol import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS
 from fastbroker._select import CORE_NAMES
-from fastbroker.logsetup import LOG_FORMATS, setup_logging
+from fastbroker.server.logsetup import LOG_FORMATS, setup_logging
 from fastbroker.signals import install_stop_handlers
-from fastbroker.store import DEFAULT_SYNC, SYNC_LEVELS
+from fastbroker.server.store import DEFAULT_SYNC, SYNC_LEVELS
 
 EXIT_USAGE = 2
 # Exit statuses of `submit` (and `status`/`cancel`), by outcome.
@@ -141,7 +124,7 @@ def _memory(text: str) -> int:
 
 def _max_message(text: str) -> int:
     """--max-message: a size (see _size) within broker.check_max_message."""
-    from fastbroker.broker import check_max_message
+    from fastbroker.server.broker import check_max_message
 
     try:
         return check_max_message(_size(text))  # type: ignore[return-value]
@@ -157,7 +140,7 @@ def _max_queue(text: str) -> int:
 
 
 def _request_timeout(text: str) -> float:
-    from fastbroker.client_protocol import check_request_timeout
+    from fastbroker.client.protocol import check_request_timeout
 
     try:
         return check_request_timeout(float(text))  # type: ignore[return-value]
@@ -166,7 +149,7 @@ def _request_timeout(text: str) -> float:
 
 
 def _request_tries(text: str) -> int:
-    from fastbroker.client_protocol import check_request_tries
+    from fastbroker.client.protocol import check_request_tries
 
     try:
         return check_request_tries(int(text))  # type: ignore[return-value]
@@ -182,7 +165,7 @@ def _wait(text: str) -> float:
 
 
 def _request_id(text: str) -> bytes:
-    from fastbroker.client_protocol import check_request_id
+    from fastbroker.client.protocol import check_request_id
 
     try:
         return check_request_id(text)
@@ -200,7 +183,7 @@ def _rate(text: str) -> float:
     return value
 
 
-DEFAULT_METRICS_HOST = "127.0.0.1"  # the same as fastbroker.metrics'; not imported: it loads zmq
+DEFAULT_METRICS_HOST = "127.0.0.1"  # the same as fastbroker.server.metrics'; not imported: it loads zmq
 
 
 def _port(text: str) -> int:
@@ -356,7 +339,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from fastbroker.broker import Broker
+    from fastbroker.server.broker import Broker
 
     if args.tries is not None and args.timeout is None:
         print(
@@ -380,7 +363,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     metrics = None
     if args.metrics_port is not None:
-        from fastbroker.metrics import MetricsServer
+        from fastbroker.server.metrics import MetricsServer
 
         try:
             metrics = MetricsServer(broker, args.metrics_port, args.metrics_host)
@@ -406,7 +389,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def load_worker_class(spec: str) -> type:
     """Import MODULE:CLASS and check it is a Worker or ReqWorker subclass; ConfigError otherwise."""
-    from fastbroker.worker import ReqWorker, Worker
+    from fastbroker.worker.base import ReqWorker, Worker
 
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:
@@ -434,7 +417,7 @@ def _check_address(addr: str) -> None:
 def _curve_keys(args: argparse.Namespace):
     """The CURVE client keys of --curve-server-key and --curve-secret (None without
     them); ConfigError for one without the other or a bad key file."""
-    from fastbroker.security import client_keys
+    from fastbroker.server.security import client_keys
 
     if (args.curve_server_key is None) != (args.curve_secret is None):
         raise ConfigError("--curve-server-key and --curve-secret go together: give both or neither")
@@ -442,8 +425,8 @@ def _curve_keys(args: argparse.Namespace):
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from fastbroker.worker import ReqWorker
-    from fastbroker.workerpool import run_pool
+    from fastbroker.worker.base import ReqWorker
+    from fastbroker.worker.pool import run_pool
 
     options = {name: getattr(args, name) for name in ("credit", "heartbeat", "liveness") if getattr(args, name) is not None}
     try:
@@ -478,8 +461,8 @@ def _read_payload(text: str) -> bytes:
 def cmd_submit(args: argparse.Namespace) -> int:
     import zmq
 
-    from fastbroker.client import Client
-    from fastbroker.outcomes import Rejected, TaskCancelled, TaskFailed, TaskTimedOut
+    from fastbroker.client.sync import Client
+    from fastbroker.client.outcomes import Rejected, TaskCancelled, TaskFailed, TaskTimedOut
 
     try:
         _check_address(args.address)
@@ -533,8 +516,8 @@ def _one_shot(args: argparse.Namespace, make_message):
     """Send one command about args.request_id; the broker's reply, or None after args.wait."""
     import zmq
 
-    from fastbroker.client import connect_dealer
-    from fastbroker.client_protocol import request_once
+    from fastbroker.client.sync import connect_dealer
+    from fastbroker.client.protocol import request_once
 
     _check_address(args.address)
     curve = _curve_keys(args)
@@ -550,7 +533,7 @@ def _one_shot(args: argparse.Namespace, make_message):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fastbroker.client_protocol import status_message
+    from fastbroker.client.protocol import status_message
 
     try:
         reply = _one_shot(args, status_message)
@@ -564,8 +547,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from fastbroker._common import R_CANCELLED
-    from fastbroker.client_protocol import cancel_message, describe_outcome
+    from fastbroker.protocol import R_CANCELLED
+    from fastbroker.client.protocol import cancel_message, describe_outcome
 
     try:
         reply = _one_shot(args, cancel_message)
@@ -589,8 +572,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     import zmq
 
-    from fastbroker.client import connect_dealer
-    from fastbroker.metrics import format_stats, request_stats
+    from fastbroker.client.sync import connect_dealer
+    from fastbroker.server.metrics import format_stats, request_stats
 
     try:
         _check_address(args.address)
@@ -619,7 +602,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from fastbroker.store import check
+    from fastbroker.server.store import check
 
     try:
         report = check(args.path)
@@ -637,7 +620,7 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from fastbroker.security import create_key_pair
+    from fastbroker.server.security import create_key_pair
 
     try:
         public, secret = create_key_pair(args.dir, args.name)

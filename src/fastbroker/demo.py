@@ -24,11 +24,11 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from fastbroker.broker import Broker
-from fastbroker.client import Client, ReqClient, TaskAborted
-from fastbroker.outcomes import TaskCancelled, TaskFailed, TaskTimedOut
+from fastbroker.server.broker import Broker
+from fastbroker.client.sync import Client, ReqClient, TaskAborted
+from fastbroker.client.outcomes import TaskCancelled, TaskFailed, TaskTimedOut
 from fastbroker.signals import install_stop_handlers
-from fastbroker.worker import ReqWorker, Worker
+from fastbroker.worker.base import ReqWorker, Worker
 
 CLIENT_THREADS = 4
 DEMO_HEARTBEAT = 0.5

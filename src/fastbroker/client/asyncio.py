@@ -1,6 +1,6 @@
 """``AsyncClient``: the FBC01 client on asyncio (zmq.asyncio), one reader task per client.
 
-The same logic as ``fastbroker.Client`` (fastbroker.client_protocol.RequestBook:
+The same logic as ``fastbroker.Client`` (fastbroker.client.protocol.RequestBook:
 routing replies by id, the lazy pirate); only the loop around the socket differs.
 """
 
@@ -16,10 +16,11 @@ from typing import Any, AsyncIterable, AsyncIterator, Deque, Iterable, List, Opt
 import zmq
 import zmq.asyncio
 
-from fastbroker import security
-from fastbroker._common import RECV_BATCH, BrokerError, check_count
-from fastbroker.client import Client, connect_dealer
-from fastbroker.client_protocol import (
+from fastbroker.server import security
+from fastbroker._common import BrokerError, check_count
+from fastbroker.protocol import RECV_BATCH
+from fastbroker.client.sync import Client, connect_dealer
+from fastbroker.client.protocol import (
     Payload,
     Progress,
     RequestBook,
@@ -31,7 +32,7 @@ from fastbroker.client_protocol import (
     payload_frames,
     submit_message,
 )
-from fastbroker.outcomes import Status
+from fastbroker.client.outcomes import Status
 
 log = logging.getLogger("fastbroker.async_client")
 

@@ -23,17 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import zmq
 
-from fastbroker._common import (
-    C_STATS,
-    CLIENT_SIGNATURE,
-    COUNTERS,
-    DROP_REASONS,
-    R_STATS,
-    REQUEST_ID_SIZE,
-    Closeable,
-    ConfigError,
-    decode_stats,
-)
+from fastbroker._common import Closeable, ConfigError
+from fastbroker.protocol import C_STATS, CLIENT_SIGNATURE, COUNTERS, DROP_REASONS, R_STATS, REQUEST_ID_SIZE, decode_stats
 
 log = logging.getLogger("fastbroker.metrics")
 

@@ -28,18 +28,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 
 import zmq
 
-from fastbroker import security
-from fastbroker._common import (
-    CMD_ANSWER,
-    CMD_CANCEL,
-    CMD_DISCONNECT,
-    CMD_FAILED,
-    CMD_HEARTBEAT,
-    CMD_READY,
-    CMD_TASK,
-    RECV_BATCH,
-    WORKER_SIGNATURE,
-)
+from fastbroker.server import security
+from fastbroker.protocol import CMD_ANSWER, CMD_CANCEL, CMD_DISCONNECT, CMD_FAILED, CMD_HEARTBEAT, CMD_READY, CMD_TASK, RECV_BATCH, WORKER_SIGNATURE
 
 log = logging.getLogger("fastbroker.worker")
 

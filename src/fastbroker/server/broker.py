@@ -10,28 +10,11 @@ from typing import Optional, Tuple
 
 import zmq
 
-from fastbroker import _common, _select, security
-from fastbroker.store import DEFAULT_SYNC, Store
+from fastbroker import _select, protocol, security
+from fastbroker.server.store import DEFAULT_SYNC, Store
 from fastbroker.wakepipe import WakePipe
-from fastbroker._common import (
-    DEFAULT_HEARTBEAT,
-    DEFAULT_LIVENESS,
-    DEFAULT_RETENTION,
-    DEFAULT_RETENTION_BYTES,
-    MAX_CREDIT,
-    MAX_LIVENESS,
-    MIN_LIVENESS,
-    BrokerError,
-    Closeable,
-    ConfigError,
-    check_count,
-    check_heartbeat,
-    check_max_queue,
-    check_retention,
-    check_retention_bytes,
-    check_timeout,
-    check_tries,
-)
+from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, check_heartbeat, check_max_queue, check_retention, check_retention_bytes, check_timeout, check_tries
+from fastbroker.protocol import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS
 
 log = logging.getLogger("fastbroker.broker")
 
@@ -91,7 +74,7 @@ def _bind(socket: zmq.Socket, address: str, role: str) -> str:
     return endpoint.decode() if isinstance(endpoint, bytes) and endpoint else address
 
 
-# How each core event (_common.EVENT_KINDS) is logged: message, and the name of its
+# How each core event (protocol.EVENT_KINDS) is logged: message, and the name of its
 # data in the record's extra fields (for --log-format json).
 _EVENT_LINES = {
     "worker_joined": ("worker %s joined", "worker"),
@@ -131,11 +114,11 @@ class Broker(Closeable):
     (ZMQ_MAXMSGSIZE): libzmq disconnects a peer that sends a larger one.
     ``curve_secret`` (the broker's secret key file) and ``authorized_keys`` (a
     directory of ``*.key`` public key files), given together, make every endpoint a
-    CURVE server that lets in only those keys (fastbroker.security).
+    CURVE server that lets in only those keys (fastbroker.server.security).
     ``store`` (a file path) keeps FBC01 requests and outcomes in an SQLite database:
     a request is ACCEPTED, and an outcome sent, only once stored, and on start the
     broker puts back what the store holds. ``sync`` ("full", "normal", "off") is
-    SQLite's synchronous level (fastbroker.store.SYNC_LEVELS says what each promises).
+    SQLite's synchronous level (fastbroker.server.store.SYNC_LEVELS says what each promises).
     """
 
     def __init__(
@@ -245,8 +228,8 @@ class Broker(Closeable):
         for r in requests:
             if 0 <= r.tries <= r.attempts:
                 # Its last attempt was in flight when the broker stopped: that was its last try.
-                core.restore_outcome(r.id, _common.R_TIMED_OUT, [], r.attempts, r.tries, 0.0)
-                used_up.append(("finish", r.id, _common.R_TIMED_OUT, [], r.attempts, r.tries))
+                core.restore_outcome(r.id, protocol.R_TIMED_OUT, [], r.attempts, r.tries, 0.0)
+                used_up.append(("finish", r.id, protocol.R_TIMED_OUT, [], r.attempts, r.tries))
             else:
                 core.restore_request(r.id, r.payload, r.timeout, r.tries, r.attempts)
         self._store.apply(stale + used_up + core.journal_take())
@@ -348,7 +331,7 @@ class Broker(Closeable):
                     self._persist()
                 # One turn may have had both drops and events: whichever stopped the
                 # run, both are read (the drops by difference, so none is lost).
-                if debug and result in (_common.RUN_DROP, _common.RUN_EVENT):
+                if debug and result in (protocol.RUN_DROP, protocol.RUN_EVENT):
                     drops = self._log_new_drops(drops)
                 if events:
                     self._log_events()
@@ -365,10 +348,10 @@ class Broker(Closeable):
         recorded = self._core.events()
         for kind, data, n in recorded:
             _log_event(kind, data, n)
-        if len(recorded) >= _common.EVENT_QUEUE:
+        if len(recorded) >= protocol.EVENT_QUEUE:
             lost = self._core.stats()["events_lost"]
             if lost > self._events_lost:
-                log.warning("%d event(s) not logged: more than %d in one turn", lost - self._events_lost, _common.EVENT_QUEUE)
+                log.warning("%d event(s) not logged: more than %d in one turn", lost - self._events_lost, protocol.EVENT_QUEUE)
                 self._events_lost = lost
 
     def _log_new_drops(self, before: dict) -> dict:
@@ -387,7 +370,7 @@ class Broker(Closeable):
             if self._store is None:
                 return
             self._persist()
-            if result != _common.RUN_JOURNAL or time.monotonic() >= deadline:
+            if result != protocol.RUN_JOURNAL or time.monotonic() >= deadline:
                 return
 
     def stop(self) -> None:
@@ -396,7 +379,7 @@ class Broker(Closeable):
         self._wake.wake()
 
     def stats(self) -> dict:
-        """Counters since start (_common.COUNTERS), gauges (_common.GAUGES) and "drops"."""
+        """Counters since start (protocol.COUNTERS), gauges (protocol.GAUGES) and "drops"."""
         return self._core.stats()
 
     def inproc_endpoint(self) -> str:
@@ -415,7 +398,7 @@ class Broker(Closeable):
 
     def _summary(self) -> str:
         s = self.stats()
-        return ", ".join(f"{k}={s[k]}" for k in _common.COUNTERS + _common.GAUGES)
+        return ", ".join(f"{k}={s[k]}" for k in protocol.COUNTERS + protocol.GAUGES)
 
     def close(self) -> None:
         """Stop serving and release sockets; queued and running jobs are discarded."""

@@ -14,9 +14,10 @@ from typing import Any, Deque, Iterable, Iterator, List, Optional, Union
 
 import zmq
 
-from fastbroker import security
-from fastbroker._common import RECV_BATCH, BrokerError, Closeable, ConfigError, check_count
-from fastbroker.client_protocol import (
+from fastbroker.server import security
+from fastbroker._common import BrokerError, Closeable, ConfigError, check_count
+from fastbroker.protocol import RECV_BATCH
+from fastbroker.client.protocol import (
     Payload as _Payload,
     Progress,
     RequestBook,
@@ -28,7 +29,7 @@ from fastbroker.client_protocol import (
     payload_frames,
     submit_message,
 )
-from fastbroker.outcomes import Status
+from fastbroker.client.outcomes import Status
 from fastbroker.wakepipe import WakePipe
 
 log = logging.getLogger("fastbroker.client")
@@ -147,7 +148,7 @@ class Client(RequestDefaults, Closeable):
 
     ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
     client's secret key file), given together, make the socket a CURVE client of a
-    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.security).
+    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.server.security).
     A client whose key the broker does not accept never connects: its requests wait.
     """
 

@@ -1,0 +1,23 @@
+"""The client side: the thread-backed Client, the asyncio AsyncClient, ReqClient and FBC01 without I/O."""
+
+from __future__ import annotations
+
+from fastbroker.client.asyncio import AsyncClient, AsyncRequestFuture
+from fastbroker.client.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
+from fastbroker.client.sync import Client, ReqClient, RequestFuture, TaskAborted, connect_dealer
+
+__all__ = [
+    "AsyncClient",
+    "AsyncRequestFuture",
+    "Client",
+    "Rejected",
+    "ReqClient",
+    "RequestFuture",
+    "Status",
+    "TaskAborted",
+    "TaskCancelled",
+    "TaskFailed",
+    "TaskTimedOut",
+    "UnknownRequest",
+    "connect_dealer",
+]
