@@ -417,7 +417,7 @@ def _check_address(addr: str) -> None:
 def _curve_keys(args: argparse.Namespace):
     """The CURVE client keys of --curve-server-key and --curve-secret (None without
     them); ConfigError for one without the other or a bad key file."""
-    from fastbroker.server.security import client_keys
+    from fastbroker.security import client_keys
 
     if (args.curve_server_key is None) != (args.curve_secret is None):
         raise ConfigError("--curve-server-key and --curve-secret go together: give both or neither")
@@ -620,7 +620,7 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from fastbroker.server.security import create_key_pair
+    from fastbroker.security import create_key_pair
 
     try:
         public, secret = create_key_pair(args.dir, args.name)

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Deque, Iterable, List, Opt
 import zmq
 import zmq.asyncio
 
-from fastbroker.server import security
+from fastbroker import security
 from fastbroker._common import BrokerError, check_count
 from fastbroker.protocol import RECV_BATCH
 from fastbroker.client.sync import Client, connect_dealer

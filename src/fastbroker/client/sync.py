@@ -14,7 +14,7 @@ from typing import Any, Deque, Iterable, Iterator, List, Optional, Union
 
 import zmq
 
-from fastbroker.server import security
+from fastbroker import security
 from fastbroker._common import BrokerError, Closeable, ConfigError, check_count
 from fastbroker.protocol import RECV_BATCH
 from fastbroker.client.protocol import (
@@ -148,7 +148,7 @@ class Client(RequestDefaults, Closeable):
 
     ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
     client's secret key file), given together, make the socket a CURVE client of a
-    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.server.security).
+    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.security).
     A client whose key the broker does not accept never connects: its requests wait.
     """
 

@@ -114,7 +114,7 @@ class Broker(Closeable):
     (ZMQ_MAXMSGSIZE): libzmq disconnects a peer that sends a larger one.
     ``curve_secret`` (the broker's secret key file) and ``authorized_keys`` (a
     directory of ``*.key`` public key files), given together, make every endpoint a
-    CURVE server that lets in only those keys (fastbroker.server.security).
+    CURVE server that lets in only those keys (fastbroker.security).
     ``store`` (a file path) keeps FBC01 requests and outcomes in an SQLite database:
     a request is ACCEPTED, and an outcome sent, only once stored, and on start the
     broker puts back what the store holds. ``sync`` ("full", "normal", "off") is

@@ -16,7 +16,7 @@ import zmq
 
 from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, check_heartbeat, check_seconds
 from fastbroker.protocol import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS
-from fastbroker.server import security
+from fastbroker import security
 from fastbroker.wakepipe import WakePipe
 from fastbroker.worker.session import Session, WorkerStats
 
@@ -73,7 +73,7 @@ class ReqWorker(WorkerBase):
 
     ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
     worker's secret key file), given together, make both sockets CURVE clients of a
-    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.server.security).
+    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.security).
     """
 
     poll_interval: float = 0.1
@@ -247,7 +247,7 @@ class Worker(WorkerBase):
 
     ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
     worker's secret key file), given together, make its socket a CURVE client of a
-    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.server.security).
+    broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.security).
 
     **Cancellation.** When a client cancels a job, the broker sends CANCEL. A job
     not started yet is never run (the worker reports it FAILED ``Cancelled`` at

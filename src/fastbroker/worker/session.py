@@ -28,7 +28,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 
 import zmq
 
-from fastbroker.server import security
+from fastbroker import security
 from fastbroker.protocol import CMD_ANSWER, CMD_CANCEL, CMD_DISCONNECT, CMD_FAILED, CMD_HEARTBEAT, CMD_READY, CMD_TASK, RECV_BATCH, WORKER_SIGNATURE
 
 log = logging.getLogger("fastbroker.worker")
