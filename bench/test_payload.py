@@ -142,9 +142,16 @@ class _PayloadTable:
 
 @pytest.fixture(scope="module")
 def payload_table(request) -> _PayloadTable:
-    table = _PayloadTable()
-    request.config.pluginmanager.register(table, "fastbroker-payload-table")
+    # Module scope is set up again for each core's parameter; the table (one plugin,
+    # printed once) collects the rows of every core.
+    table = request.config.pluginmanager.get_plugin(_PAYLOAD_TABLE)
+    if table is None:
+        table = _PayloadTable()
+        request.config.pluginmanager.register(table, _PAYLOAD_TABLE)
     return table
+
+
+_PAYLOAD_TABLE = "fastbroker-payload-table"
 
 
 def _setup_round(rig) -> tuple:

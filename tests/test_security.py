@@ -1,4 +1,4 @@
-"""CURVE authentication and encryption (fastbroker.server.security): a broker that lets in
+"""CURVE authentication and encryption (fastbroker.security): a broker that lets in
 only the public keys in its authorized-keys directory serves authorized clients and
 workers of every kind; unauthorized and plain (no CURVE) peers never connect, so they
 enqueue nothing and are given no job. Plus ``fastbroker keygen`` and the CURVE options
