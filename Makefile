@@ -14,6 +14,8 @@ install: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# setuptools builds in build/ and would ship modules a rename left there
+	rm -rf build
 	$(PY) -m pip install --quiet '.[test]'
 	touch $(STAMP)
 
