@@ -1,5 +1,5 @@
 # `make demo` and `make test` work on a fresh machine: they create .venv and
-# install fastbroker (building its compiled core) with its test extras first.
+# install fastbroker (building its compiled core) with its test and lint extras first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' -o -name py.typed)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-compiled test-pure bench soak loadgen clean
+.PHONY: install demo lint format test test-compiled test-pure bench soak loadgen clean
 
 install: $(STAMP)
 
@@ -16,15 +16,34 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install --quiet --upgrade pip
 	# setuptools builds in build/ and would ship modules a rename left there
 	rm -rf build
-	$(PY) -m pip install --quiet '.[test]'
+	$(PY) -m pip install --quiet '.[test,lint]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fastbroker demo
 
-# The whole suite twice: on the compiled core (which must be the one loaded),
-# then on the pure-Python core.
-test: test-compiled test-pure
+# The lint and type gate (configured in pyproject.toml): the formatter's check, the linter,
+# mypy on the package, cython-lint on the .pyx/.pxd/.pxi. Runs all four, then fails if
+# any did. cython-lint runs pycodestyle, which it finds on PATH.
+LINT_PATHS := src tests bench docs
+RUFF_OUT := --output-format=concise
+lint: $(STAMP)
+	@status=0; \
+	for step in "ruff format --check $(RUFF_OUT) $(LINT_PATHS)" "ruff check $(RUFF_OUT) $(LINT_PATHS)" "mypy" "cython-lint src bench"; do \
+		echo "lint: $$step"; \
+		PATH="$(abspath $(VENV))/bin:$$PATH" $$step || status=1; \
+	done; \
+	if [ $$status -ne 0 ]; then echo "lint: failed (make format fixes formatting and import order; the rest is by hand)"; fi; \
+	exit $$status
+
+# Rewrites files: the safe lint fixes (import order, ...), then the formatter.
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+# The lint gate, then the whole suite twice: on the compiled core (which must be
+# the one loaded), then on the pure-Python core.
+test: lint test-compiled test-pure
 
 test-compiled: $(STAMP)
 	FASTBROKER_REQUIRE_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)
@@ -48,4 +67,4 @@ loadgen: $(STAMP)
 	$(PY) bench/build_loadgen.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so bench/_loadgen.c bench/*.so .pytest_cache .benchmarks
+	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so bench/_loadgen.c bench/*.so .pytest_cache .benchmarks .mypy_cache .ruff_cache
