@@ -26,7 +26,7 @@ def main(path: str) -> int:
         ratio = f"{v[depths[-1]][0] / v[depths[0]][0]:.2f}" if depths[0] in v and depths[-1] in v else "–"
         print(f"| {core} | {op} | " + " | ".join(cells) + f" | {ratio} |")
     print()
-    print("pre-fill seconds (core, depth, expire rig):", {k: v for k, v in sorted(prefill.items())})
+    print("pre-fill seconds (core, depth, expire rig):", dict(sorted(prefill.items())))
     return 0
 
 

@@ -58,11 +58,12 @@ from typing import Dict, List, Optional, Sequence
 
 import zmq
 
-from bench import e2e
-from bench.proctree import descendants, kill_descendants
 from fastbroker import Worker
 from fastbroker.client.sync import connect_dealer
 from fastbroker.server.metrics import request_stats
+
+from bench import e2e
+from bench.proctree import descendants, kill_descendants
 
 WORK_ENV = "FB_MANYCORE_WORK_US"
 """Microseconds of CPU each BurnWorker job burns (read once, at import, in the pool)."""

@@ -207,7 +207,7 @@ class Server:
         self.ctx.destroy(linger=0)
 
 
-def measure(kind: str, protocol: str, payload: int, jobs: int, zero_copy: Optional[int],
+def measure(kind: str, wire: str, payload: int, jobs: int, zero_copy: Optional[int],
             limit: float) -> Dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="fb-mem-") as tmp:
         server = Server(kind, Path(tmp), zero_copy)
@@ -231,7 +231,7 @@ def measure(kind: str, protocol: str, payload: int, jobs: int, zero_copy: Option
             t0 = time.perf_counter()
 
             def send() -> None:
-                if protocol == "req":
+                if wire == "req":
                     for _ in range(jobs):
                         client.send_multipart([b"", body], copy=payload < 4096)
                 else:
@@ -250,7 +250,7 @@ def measure(kind: str, protocol: str, payload: int, jobs: int, zero_copy: Option
             ctx.term()
         finally:
             server.close()
-    row: Dict[str, object] = {"server": kind, "protocol": protocol, "payload": payload, "jobs": jobs,
+    row: Dict[str, object] = {"server": kind, "protocol": wire, "payload": payload, "jobs": jobs,
                               "seconds": round(elapsed, 2)}
     for k in before:
         row[k + "_per_job"] = (after[k] - before[k]) / jobs
@@ -315,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name not in SERVERS:
             raise SystemExit(f"unknown server {name!r}")
     rows = []
-    for protocol in protocols:
+    for wire in protocols:
         for payload in args.payload:
             seen = set()
             for jobs in args.jobs:
@@ -324,12 +324,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     continue
                 seen.add(n)
                 for kind in servers:
-                    if kind in ("frames", "bytes") and protocol == "fbc01":
+                    if kind in ("frames", "bytes") and wire == "fbc01":
                         continue  # the baselines keep frames whatever they are: req only
-                    row = measure(kind, protocol, payload, n, args.zero_copy_recv, args.limit)
+                    row = measure(kind, wire, payload, n, args.zero_copy_recv, args.limit)
                     row["capped"] = n != jobs
                     rows.append(row)
-                    print(f"{kind:8} {protocol:5} payload {payload:>8} jobs {n:>8}: "
+                    print(f"{kind:8} {wire:5} payload {payload:>8} jobs {n:>8}: "
                           f"RSS/job {row['rss_per_job']:10,.0f}  -payload {row['rss_per_job'] - payload:9,.0f}  "
                           f"malloc/job -payload {row['malloc_in_use_per_job'] - payload:9,.0f}  ({row['seconds']} s)",
                           flush=True)

@@ -60,8 +60,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import zmq
 
-from bench import e2e, memory
 from fastbroker import protocol
+
+from bench import e2e, memory
 
 DEFAULT_PAYLOADS = (16, 1024, 65536, 1 << 20)
 DEFAULT_DEPTHS = (10, 10_000, 1_000_000)
@@ -275,7 +276,7 @@ def run_depth_client(addr: str, payload: int, parent: int, connections: int) -> 
                 e2e._loadgen.client(sock, count, count, payload, base, os.urandom(8), e2e._loadgen.MODE_FBC,
                                     CLIENT_STALL, parent)
             except Exception as exc:  # reported to the parent, which fails the run
-                errors.append(str(exc))
+                errors.append(str(exc))  # noqa: B023 (the threads are joined in this iteration)
 
         threads = []
         base = first
@@ -438,8 +439,8 @@ class DepthRig:
                 raise RuntimeError(f"depth worker said {line!r}; broker stats: {self.brief_stats()}")
             drain_wall += time.monotonic() - t1
             expected = (i + 1) * depth
-            c2, s, asked = self.settle(lambda s: s["queued"] == 0 and s["running"] == 0 and s["idle_workers"] == 0
-                                       and s["answered"] >= expected, deadline)
+            c2, s, asked = self.settle(lambda s, expected=expected: s["queued"] == 0 and s["running"] == 0
+                                       and s["idle_workers"] == 0 and s["answered"] >= expected, deadline)
             if s["answered"] != expected or s["requests"] != expected:
                 raise RuntimeError(f"after the drain: answered {s['answered']}, requests {s['requests']}, "
                                    f"expected {expected}")

@@ -41,10 +41,29 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from fastbroker.protocol import C_SUBMIT as SUBMIT, CLIENT_SIGNATURE as SIG, OPT_NO_ACK, R_ACCEPTED as ACCEPTED, R_OK as OK
+from fastbroker.protocol import (
+    C_SUBMIT as SUBMIT,
+    CLIENT_SIGNATURE as SIG,
+    OPT_NO_ACK,
+    R_ACCEPTED as ACCEPTED,
+    R_OK as OK,
+)
 
-from bench.e2e import (CHILD_LIFETIME, CLK_TCK, START_WAIT, Lines, Run, child_dealer, cpu_seconds, go_and_collect, machine,
-                       pipelined, temporary_run, wait_warm, warm_then_measure)
+from bench.e2e import (
+    CHILD_LIFETIME,
+    CLK_TCK,
+    START_WAIT,
+    Lines,
+    Run,
+    child_dealer,
+    cpu_seconds,
+    go_and_collect,
+    machine,
+    pipelined,
+    temporary_run,
+    wait_warm,
+    warm_then_measure,
+)
 
 MODES = ("memory", "full", "normal", "off")
 COUNTER = struct.Struct(">Q")

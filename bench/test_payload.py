@@ -72,9 +72,22 @@ from typing import Dict, List, Tuple
 import pytest
 import zmq
 
+from fastbroker.protocol import (
+    C_SUBMIT,
+    CLIENT_SIGNATURE,
+    CMD_ANSWER,
+    CMD_HEARTBEAT,
+    CMD_READY,
+    CMD_TASK,
+    MAX_CREDIT,
+    OPT_NO_ACK,
+    R_OK,
+    REQUEST_ID_SIZE,
+    WORKER_SIGNATURE,
+)
+
 from bench.conftest import _env_int
 from bench.test_core_ops import _clean, _pedantic
-from fastbroker.protocol import C_SUBMIT, CLIENT_SIGNATURE, CMD_ANSWER, CMD_HEARTBEAT, CMD_READY, CMD_TASK, MAX_CREDIT, OPT_NO_ACK, R_OK, REQUEST_ID_SIZE, WORKER_SIGNATURE
 
 N = _env_int("FASTBROKER_PAYLOAD_N", 2000)
 ROUNDS = _env_int("FASTBROKER_PAYLOAD_ROUNDS", 5)
@@ -118,7 +131,7 @@ class _PayloadTable:
               "| / 16 B, paired (median; range) | / 16 B, medians | wall µs/job (median) "
               "| core share of wall | run() calls/round | replies sharing the client's buffer |")
         write("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for (core, size), r in sorted(self.rows.items()):
+        for (core, _size), r in sorted(self.rows.items()):
             base = self.rows.get((core, BASE_SIZE))
             medians = f"{r['cpu'] / base['cpu']:.2f}×" if base else "–"
             write(f"| {core} | {r['label']} | {r['cpu']:.2f} | {r['cpu_min']:.2f} | {r['ref']:.2f} "

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastbroker._common import BrokerError, ConfigError
 from fastbroker._select import core_name
-from fastbroker.server.broker import Broker
 from fastbroker.client.asyncio import AsyncClient
-from fastbroker.client.sync import Client, ReqClient, TaskAborted
 from fastbroker.client.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
+from fastbroker.client.sync import Client, ReqClient, TaskAborted
+from fastbroker.server.broker import Broker
 from fastbroker.worker.base import ReqWorker, Worker, WorkerBase
 
 __version__ = "0.1.0"

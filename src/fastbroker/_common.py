@@ -6,6 +6,7 @@ import math
 from types import TracebackType
 from typing import Optional, Type, TypeVar
 
+import zmq
 
 
 class BrokerError(Exception):
@@ -106,3 +107,9 @@ class Closeable:
         tb: Optional[TracebackType],
     ) -> None:
         self.close()
+
+
+def zmq_reason(exc: zmq.ZMQError) -> str:
+    """libzmq's text for the error, as zmq.strerror gives it ("Address already in use").
+    pyzmq types ZMQError.errno as Optional; a raised one always has it."""
+    return zmq.strerror(exc.errno) if exc.errno is not None else str(exc)

@@ -22,7 +22,7 @@ def pure_requested(environ: Mapping[str, str] = os.environ) -> bool:
 def load(name: str) -> ModuleType:
     """Import the core called `name` ("compiled" or "pure"); ImportError if unavailable."""
     if name == "compiled":
-        from fastbroker import _core
+        import fastbroker._core as _core
 
         return _core
     if name == "pure":

@@ -13,15 +13,38 @@ import json
 import os
 import signal
 import sys
-from typing import List, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, NoReturn, Optional, Sequence
 
 from fastbroker import __version__
-from fastbroker._common import BrokerError, ConfigError, check_count, check_heartbeat, check_max_queue, check_seconds, check_retention, check_retention_bytes, check_timeout, check_tries
-from fastbroker.protocol import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS
+from fastbroker._common import (
+    BrokerError,
+    ConfigError,
+    check_count,
+    check_heartbeat,
+    check_max_queue,
+    check_retention,
+    check_retention_bytes,
+    check_seconds,
+    check_timeout,
+    check_tries,
+)
 from fastbroker._select import CORE_NAMES
+from fastbroker.protocol import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_LIVENESS,
+    DEFAULT_RETENTION,
+    DEFAULT_RETENTION_BYTES,
+    MAX_CREDIT,
+    MAX_LIVENESS,
+    MIN_LIVENESS,
+)
 from fastbroker.server.logsetup import LOG_FORMATS, setup_logging
-from fastbroker.signals import install_stop_handlers
 from fastbroker.server.store import DEFAULT_SYNC, SYNC_LEVELS
+from fastbroker.signals import install_stop_handlers
+
+if TYPE_CHECKING:  # annotations only; the commands import these where they run
+    from fastbroker.client.protocol import Reply
+    from fastbroker.security import CurveKeys
 
 EXIT_USAGE = 2
 # Exit statuses of `submit` (and `status`/`cancel`), by outcome.
@@ -45,14 +68,14 @@ def _tries(text: str) -> int:
     try:
         return check_tries(int(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}")
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}") from None
 
 
 def _timeout(text: str) -> float:
     try:
         return check_timeout(float(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
 
 
 def _positive(text: str) -> int:
@@ -69,10 +92,10 @@ def _heartbeat(text: str) -> float:
     try:
         return check_heartbeat(float(text))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
 
 
-def _count(name: str, high: int, low: int = 1):
+def _count(name: str, high: int, low: int = 1) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -90,7 +113,7 @@ def _retention(text: str) -> float:
     try:
         return check_retention(float(text))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
 
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -136,7 +159,7 @@ def _max_queue(text: str) -> int:
     try:
         return check_max_queue(int(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}")
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}") from None
 
 
 def _request_timeout(text: str) -> float:
@@ -145,7 +168,7 @@ def _request_timeout(text: str) -> float:
     try:
         return check_request_timeout(float(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
 
 
 def _request_tries(text: str) -> int:
@@ -154,14 +177,14 @@ def _request_tries(text: str) -> int:
     try:
         return check_request_tries(int(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}")
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}") from None
 
 
 def _wait(text: str) -> float:
     try:
         return check_seconds("--wait", float(text), 0.001, 365 * 86400.0)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}")
+        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
 
 
 def _request_id(text: str) -> bytes:
@@ -414,7 +437,7 @@ def _check_address(addr: str) -> None:
         raise ConfigError(f"not a ZeroMQ address: {addr!r} (expected e.g. tcp://host:port or ipc:///path)")
 
 
-def _curve_keys(args: argparse.Namespace):
+def _curve_keys(args: argparse.Namespace) -> Optional[CurveKeys]:
     """The CURVE client keys of --curve-server-key and --curve-secret (None without
     them); ConfigError for one without the other or a bad key file."""
     from fastbroker.security import client_keys
@@ -461,8 +484,8 @@ def _read_payload(text: str) -> bytes:
 def cmd_submit(args: argparse.Namespace) -> int:
     import zmq
 
-    from fastbroker.client.sync import Client
     from fastbroker.client.outcomes import Rejected, TaskCancelled, TaskFailed, TaskTimedOut
+    from fastbroker.client.sync import Client
 
     try:
         _check_address(args.address)
@@ -512,12 +535,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         context.term()
 
 
-def _one_shot(args: argparse.Namespace, make_message):
+def _one_shot(args: argparse.Namespace, make_message: Callable[[bytes], List[bytes]]) -> Optional[Reply]:
     """Send one command about args.request_id; the broker's reply, or None after args.wait."""
     import zmq
 
-    from fastbroker.client.sync import connect_dealer
     from fastbroker.client.protocol import request_once
+    from fastbroker.client.sync import connect_dealer
 
     _check_address(args.address)
     curve = _curve_keys(args)
@@ -547,8 +570,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from fastbroker.protocol import R_CANCELLED
     from fastbroker.client.protocol import cancel_message, describe_outcome
+    from fastbroker.protocol import R_CANCELLED
 
     try:
         reply = _one_shot(args, cancel_message)

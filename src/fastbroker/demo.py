@@ -24,11 +24,11 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from fastbroker.server.broker import Broker
-from fastbroker.client.sync import Client, ReqClient, TaskAborted
 from fastbroker.client.outcomes import TaskCancelled, TaskFailed, TaskTimedOut
+from fastbroker.client.sync import Client, ReqClient, TaskAborted
+from fastbroker.server.broker import Broker
 from fastbroker.signals import install_stop_handlers
-from fastbroker.worker.base import ReqWorker, Worker
+from fastbroker.worker.base import ReqWorker, Worker, WorkerBase
 
 CLIENT_THREADS = 4
 DEMO_HEARTBEAT = 0.5
@@ -36,8 +36,9 @@ DEMO_HEARTBEAT = 0.5
 for gone after 3 silent intervals of its own."""
 
 
-class _Flaky:
-    """Answers b"-" + data after a short pause, except for a share of its jobs."""
+class _Flaky(WorkerBase):
+    """Answers b"-" + data after a short pause, except for a share of its jobs (a mixin
+    before ReqWorker or Worker)."""
 
     class Dropped(Exception):
         pass

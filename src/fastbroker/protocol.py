@@ -291,7 +291,7 @@ def check_compiled(values: Dict[str, int], signatures: Tuple[bytes, ...]) -> Non
         )
 
 
-def main(argv: "list[str] | None" = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Write _protocol.pxd, or with --check exit 1 if it is not current."""
     args = sys.argv[1:] if argv is None else argv
     text = render_pxd()

@@ -24,7 +24,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-from fastbroker._common import ConfigError
+from fastbroker._common import ConfigError, zmq_reason
 
 log = logging.getLogger("fastbroker.security")
 
@@ -129,7 +129,7 @@ def load_authorized_keys(directory: KeyPath) -> List[bytes]:
     return keys
 
 
-def start_authenticator(context: zmq.Context, directory: KeyPath) -> "zmq.auth.thread.ThreadAuthenticator":
+def start_authenticator(context: zmq.Context, directory: KeyPath) -> zmq.auth.thread.ThreadAuthenticator:
     """Start a ZAP handler on `context` that lets in CURVE clients whose public key is
     in `directory` and nobody else. The keys are read now: a key added later needs a
     restart. Stop it (``.stop()``) before terminating the context."""
@@ -142,7 +142,7 @@ def start_authenticator(context: zmq.Context, directory: KeyPath) -> "zmq.auth.t
     except zmq.ZMQError as exc:
         authenticator.stop()
         # Only one ZAP handler per context: e.g. the caller's context already has one.
-        raise ConfigError(f"cannot start the CURVE authenticator: {zmq.strerror(exc.errno)}") from None
+        raise ConfigError(f"cannot start the CURVE authenticator: {zmq_reason(exc)}") from None
     # The ZAP domain of the broker's sockets is empty, which the authenticator files under "*".
     authenticator.configure_curve(domain="*", location=os.fspath(directory))
     log.info("CURVE: %d authorized key(s) from %s", len(keys), os.fspath(directory))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 EXIT_SECOND_SIGNAL = 130
 
@@ -15,7 +15,7 @@ def install_stop_handlers(stop: Callable[[], None], wake_fd: Optional[int] = Non
     With `wake_fd`, a signal that lands while a loop waits in C without the GIL
     is also written to that pipe, which the loop polls, so `stop` runs at once.
     """
-    received = []
+    received: List[int] = []
 
     def handler(signum: int, frame: object) -> None:
         if received:

@@ -11,15 +11,14 @@ import logging
 import sys
 from collections import deque
 from types import TracebackType
-from typing import Any, AsyncIterable, AsyncIterator, Deque, Iterable, List, Optional, Type, Union
+from typing import Any, AsyncIterable, AsyncIterator, Deque, Iterable, List, Optional, Sequence, Type, Union, overload
 
 import zmq
 import zmq.asyncio
 
 from fastbroker import security
 from fastbroker._common import BrokerError, check_count
-from fastbroker.protocol import RECV_BATCH
-from fastbroker.client.sync import Client, connect_dealer
+from fastbroker.client.outcomes import Status
 from fastbroker.client.protocol import (
     Payload,
     Progress,
@@ -32,7 +31,8 @@ from fastbroker.client.protocol import (
     payload_frames,
     submit_message,
 )
-from fastbroker.client.outcomes import Status
+from fastbroker.client.sync import Client, connect_dealer
+from fastbroker.protocol import RECV_BATCH
 
 log = logging.getLogger("fastbroker.async_client")
 
@@ -103,8 +103,9 @@ class AsyncClient(RequestDefaults):
     # -- the API -------------------------------------------------------------------------
 
     def _send(self, frames: List[bytes]) -> None:
-        # pyzmq sends at once when it can and queues in order when it cannot.
-        self._socket.send_multipart(frames).add_done_callback(_ignore_send_result)
+        # pyzmq sends at once when it can and queues in order when it cannot. What it
+        # returns is an asyncio.Future; its hints say only Awaitable.
+        self._socket.send_multipart(frames).add_done_callback(_ignore_send_result)  # type: ignore[attr-defined]
 
     def _start(self) -> None:
         if self._closed:
@@ -132,6 +133,20 @@ class AsyncClient(RequestDefaults):
         self._book.submit(rid, submit_message(rid, options, frames), future, multipart)
         return future
 
+    # The answer's type follows the payload's: bytes for bytes, a list of frames for frames.
+    @overload
+    async def call(
+        self, payload: bytes, *, timeout: Optional[float] = ..., tries: Optional[int] = ..., wait: Optional[float] = ...
+    ) -> bytes: ...
+    @overload
+    async def call(
+        self,
+        payload: Sequence[bytes],
+        *,
+        timeout: Optional[float] = ...,
+        tries: Optional[int] = ...,
+        wait: Optional[float] = ...,
+    ) -> List[bytes]: ...
     async def call(
         self,
         payload: Payload,
@@ -176,6 +191,36 @@ class AsyncClient(RequestDefaults):
         self._book.watch(rid, future, multipart)
         return future
 
+    @overload
+    def map(
+        self,
+        iterable: Union[Iterable[bytes], AsyncIterable[bytes]],
+        *,
+        window: int = ...,
+        progress: bool = ...,
+        timeout: Optional[float] = ...,
+        tries: Optional[int] = ...,
+    ) -> AsyncIterator[bytes]: ...
+    @overload
+    def map(
+        self,
+        iterable: Union[Iterable[Sequence[bytes]], AsyncIterable[Sequence[bytes]]],
+        *,
+        window: int = ...,
+        progress: bool = ...,
+        timeout: Optional[float] = ...,
+        tries: Optional[int] = ...,
+    ) -> AsyncIterator[List[bytes]]: ...
+    @overload
+    def map(
+        self,
+        iterable: Union[Iterable[Payload], AsyncIterable[Payload]],
+        *,
+        window: int = ...,
+        progress: bool = ...,
+        timeout: Optional[float] = ...,
+        tries: Optional[int] = ...,
+    ) -> AsyncIterator[Union[bytes, List[bytes]]]: ...
     def map(
         self,
         iterable: Union[Iterable[Payload], AsyncIterable[Payload]],
@@ -243,7 +288,7 @@ class AsyncClient(RequestDefaults):
         if self._own_context:
             self.context.term()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:

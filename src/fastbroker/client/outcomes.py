@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 from fastbroker._common import BrokerError
 
@@ -16,7 +16,7 @@ class TaskFailed(BrokerError):
         self.type_name = type_name
         self.message = message
 
-    def __reduce__(self):  # picklable with its two arguments
+    def __reduce__(self) -> Tuple[type, Tuple[str, str]]:  # picklable with its two arguments
         return (type(self), (self.type_name, self.message))
 
 
@@ -36,7 +36,7 @@ class Rejected(BrokerError):
         self.code = code
         self.reason = reason
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[type, Tuple[int, str]]:
         return (type(self), (self.code, self.reason))
 
 

@@ -18,8 +18,30 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from fastbroker._common import BrokerError, ConfigError, check_seconds
-from fastbroker.protocol import C_CANCEL, C_RESULT, C_STATUS, C_SUBMIT, CLIENT_SIGNATURE, MAX_REQUEST_TIMEOUT_MS, MAX_REQUEST_TRIES, OPT_NO_ACK, R_ACCEPTED, R_CANCELLED, R_FAILED, R_OK, R_REJECTED, R_STATUS, R_TIMED_OUT, R_UNKNOWN, REJECT_REASONS, REQUEST_ID_SIZE, STATE_DONE, STATE_QUEUED, STATE_RUNNING
 from fastbroker.client.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
+from fastbroker.protocol import (
+    C_CANCEL,
+    C_RESULT,
+    C_STATUS,
+    C_SUBMIT,
+    CLIENT_SIGNATURE,
+    MAX_REQUEST_TIMEOUT_MS,
+    MAX_REQUEST_TRIES,
+    OPT_NO_ACK,
+    R_ACCEPTED,
+    R_CANCELLED,
+    R_FAILED,
+    R_OK,
+    R_REJECTED,
+    R_STATUS,
+    R_TIMED_OUT,
+    R_UNKNOWN,
+    REJECT_REASONS,
+    REQUEST_ID_SIZE,
+    STATE_DONE,
+    STATE_QUEUED,
+    STATE_RUNNING,
+)
 
 Payload = Union[bytes, Sequence[bytes]]
 

@@ -10,13 +10,13 @@ import queue
 import sys
 import threading
 from collections import deque
-from typing import Any, Deque, Iterable, Iterator, List, Optional, Union
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, TypeVar, Union, overload
 
 import zmq
 
 from fastbroker import security
-from fastbroker._common import BrokerError, Closeable, ConfigError, check_count
-from fastbroker.protocol import RECV_BATCH
+from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, zmq_reason
+from fastbroker.client.outcomes import Status
 from fastbroker.client.protocol import (
     Payload as _Payload,
     Progress,
@@ -29,7 +29,7 @@ from fastbroker.client.protocol import (
     payload_frames,
     submit_message,
 )
-from fastbroker.client.outcomes import Status
+from fastbroker.protocol import RECV_BATCH
 from fastbroker.wakepipe import WakePipe
 
 log = logging.getLogger("fastbroker.client")
@@ -95,9 +95,13 @@ class ReqClient(Closeable):
             self.context.term()
 
 
-def connect_dealer(context: zmq.Context, address: str, curve: Optional[security.CurveKeys] = None) -> zmq.Socket:
+_Socket = TypeVar("_Socket", bound=zmq.Socket)
+
+
+def connect_dealer(context: zmq.Context[_Socket], address: str, curve: Optional[security.CurveKeys] = None) -> _Socket:
     """A DEALER socket connected to `address` (a CURVE client with `curve`); ConfigError
-    for a bad address."""
+    for a bad address. The socket is of the context's kind (a zmq.asyncio one for a
+    zmq.asyncio.Context)."""
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, Client.linger_ms)
     security.apply_curve(socket, curve)
@@ -105,7 +109,7 @@ def connect_dealer(context: zmq.Context, address: str, curve: Optional[security.
         socket.connect(address)
     except zmq.ZMQError as exc:
         socket.close(0)
-        raise ConfigError(f"cannot connect to {address!r}: {zmq.strerror(exc.errno)}") from None
+        raise ConfigError(f"cannot connect to {address!r}: {zmq_reason(exc)}") from None
     except (TypeError, UnicodeError, ValueError) as exc:
         socket.close(0)
         raise ConfigError(f"cannot connect to {address!r}: {exc}") from None
@@ -178,7 +182,7 @@ class Client(RequestDefaults, Closeable):
             if self._own_context:
                 self.context.term()
             raise
-        self._commands: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._wake = WakePipe()
         # Held while checking `_closed` and queueing, so nothing is queued after
         # the close command (it would never be served).
@@ -212,6 +216,20 @@ class Client(RequestDefaults, Closeable):
         self._post(("submit", rid, submit_message(rid, options, frames), future, multipart))
         return future
 
+    # The answer's type follows the payload's: bytes for bytes, a list of frames for frames.
+    @overload
+    def call(
+        self, payload: bytes, *, timeout: Optional[float] = ..., tries: Optional[int] = ..., wait: Optional[float] = ...
+    ) -> bytes: ...
+    @overload
+    def call(
+        self,
+        payload: Sequence[bytes],
+        *,
+        timeout: Optional[float] = ...,
+        tries: Optional[int] = ...,
+        wait: Optional[float] = ...,
+    ) -> List[bytes]: ...
     def call(
         self,
         payload: _Payload,
@@ -256,6 +274,36 @@ class Client(RequestDefaults, Closeable):
         self._post(("watch", rid, future, multipart))
         return future
 
+    @overload
+    def map(
+        self,
+        iterable: Iterable[bytes],
+        *,
+        window: int = ...,
+        progress: bool = ...,
+        timeout: Optional[float] = ...,
+        tries: Optional[int] = ...,
+    ) -> Iterator[bytes]: ...
+    @overload
+    def map(
+        self,
+        iterable: Iterable[Sequence[bytes]],
+        *,
+        window: int = ...,
+        progress: bool = ...,
+        timeout: Optional[float] = ...,
+        tries: Optional[int] = ...,
+    ) -> Iterator[List[bytes]]: ...
+    @overload
+    def map(
+        self,
+        iterable: Iterable[_Payload],
+        *,
+        window: int = ...,
+        progress: bool = ...,
+        timeout: Optional[float] = ...,
+        tries: Optional[int] = ...,
+    ) -> Iterator[Union[bytes, List[bytes]]]: ...
     def map(
         self,
         iterable: Iterable[_Payload],

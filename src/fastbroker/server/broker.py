@@ -6,15 +6,35 @@ import logging
 import sqlite3
 import threading
 import time
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import zmq
 
 from fastbroker import _select, protocol, security
+from fastbroker._common import (
+    BrokerError,
+    Closeable,
+    ConfigError,
+    check_count,
+    check_heartbeat,
+    check_max_queue,
+    check_retention,
+    check_retention_bytes,
+    check_timeout,
+    check_tries,
+    zmq_reason,
+)
+from fastbroker.protocol import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_LIVENESS,
+    DEFAULT_RETENTION,
+    DEFAULT_RETENTION_BYTES,
+    MAX_CREDIT,
+    MAX_LIVENESS,
+    MIN_LIVENESS,
+)
 from fastbroker.server.store import DEFAULT_SYNC, Store
 from fastbroker.wakepipe import WakePipe
-from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, check_heartbeat, check_max_queue, check_retention, check_retention_bytes, check_timeout, check_tries
-from fastbroker.protocol import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS
 
 log = logging.getLogger("fastbroker.broker")
 
@@ -67,7 +87,7 @@ def _bind(socket: zmq.Socket, address: str, role: str) -> str:
     try:
         socket.bind(address)
     except zmq.ZMQError as exc:
-        raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {zmq.strerror(exc.errno)}") from None
+        raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {zmq_reason(exc)}") from None
     except (TypeError, UnicodeError, ValueError) as exc:
         raise ConfigError(f"cannot bind the {role} endpoint to {address!r}: {exc}") from None
     endpoint = socket.getsockopt(zmq.LAST_ENDPOINT)
@@ -88,7 +108,7 @@ _EVENT_LINES = {
 
 def _log_event(kind: str, data: bytes, n: int) -> None:
     message, field = _EVENT_LINES.get(kind, (kind + " %s", "data"))
-    extra = {"event": kind, field: data.hex()}
+    extra: Dict[str, object] = {"event": kind, field: data.hex()}
     if field == "worker":
         log.info(message, data.hex(), extra=extra)
     else:
@@ -217,14 +237,14 @@ class Broker(Closeable):
         core.journal(True)
         requests, outcomes = self._store.load()
         now = time.time()
-        stale = []
+        stale: List[tuple] = []
         for o in outcomes:
             age = now - o.finished
             if age < retention:
                 core.restore_outcome(o.id, o.code, o.body, o.attempts, o.tries, age)
             else:
                 stale.append(("forget", o.id))
-        used_up = []
+        used_up: List[tuple] = []
         for r in requests:
             if 0 <= r.tries <= r.attempts:
                 # Its last attempt was in flight when the broker stopped: that was its last try.

@@ -24,7 +24,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import zmq
 
 from fastbroker._common import Closeable, ConfigError
-from fastbroker.protocol import C_STATS, CLIENT_SIGNATURE, COUNTERS, DROP_REASONS, R_STATS, REQUEST_ID_SIZE, decode_stats
+from fastbroker.protocol import (
+    C_STATS,
+    CLIENT_SIGNATURE,
+    COUNTERS,
+    DROP_REASONS,
+    R_STATS,
+    REQUEST_ID_SIZE,
+    decode_stats,
+)
 
 log = logging.getLogger("fastbroker.metrics")
 
@@ -215,7 +223,7 @@ class MetricsServer(Closeable):
         self.collector = BrokerCollector(broker, wait)
         try:
             self.registry = CollectorRegistry(auto_describe=False)
-            self.registry.register(self.collector)  # type: ignore[arg-type]
+            self.registry.register(self.collector)
             ProcessCollector(registry=self.registry)
             self._server, self._thread = start_http_server(port, host, self.registry)
         except BaseException:

@@ -14,9 +14,17 @@ from typing import List, Optional, Sequence
 
 import zmq
 
-from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, check_heartbeat, check_seconds
-from fastbroker.protocol import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS
 from fastbroker import security
+from fastbroker._common import (
+    BrokerError,
+    Closeable,
+    ConfigError,
+    check_count,
+    check_heartbeat,
+    check_seconds,
+    zmq_reason,
+)
+from fastbroker.protocol import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS
 from fastbroker.wakepipe import WakePipe
 from fastbroker.worker.session import Session, WorkerStats
 
@@ -120,7 +128,7 @@ class ReqWorker(WorkerBase):
         *,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
-    ) -> "ReqWorker":
+    ) -> ReqWorker:
         """Turn CURVE on before run() (both key files, or neither to change nothing);
         the sockets are made again with it. ConfigError for a bad key file."""
         if curve_server_key is None and curve_secret is None:
@@ -318,7 +326,7 @@ class Worker(WorkerBase):
         try:
             probe.connect(address)
         except zmq.ZMQError as exc:
-            error = zmq.strerror(exc.errno)
+            error = zmq_reason(exc)
         except (TypeError, UnicodeError, ValueError) as exc:
             error = str(exc)
         probe.close()  # before a term() of our own context, which waits for every socket
@@ -335,7 +343,7 @@ class Worker(WorkerBase):
         reconnect_max: Optional[float] = None,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
-    ) -> "Worker":
+    ) -> Worker:
         """Change settings before run(); None leaves one unchanged. ConfigError if invalid.
         The two CURVE key files go together (both None: unchanged)."""
         if getattr(self, "_running", False):

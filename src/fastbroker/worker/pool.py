@@ -15,11 +15,12 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, List, Mapping, Optional
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable, List, Mapping, Optional
 
 import zmq
 
-from fastbroker._common import ConfigError
+from fastbroker._common import ConfigError, zmq_reason
 from fastbroker.signals import install_stop_handlers
 
 log = logging.getLogger("fastbroker.worker")
@@ -53,7 +54,7 @@ def make_worker(cls: type, requests_addr: str, answers_addr: Optional[str], opti
         worker = cls(None, requests_addr, answers_addr)
     except zmq.ZMQError as exc:
         where = requests_addr if answers_addr is None else f"{requests_addr!r} / {answers_addr!r}"
-        raise ConfigError(f"cannot connect to {where}: {zmq.strerror(exc.errno)}") from None
+        raise ConfigError(f"cannot connect to {where}: {zmq_reason(exc)}") from None
     if options:
         try:
             worker.configure(**options)
@@ -107,7 +108,7 @@ class _Slot:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.process: Optional[multiprocessing.Process] = None
+        self.process: Optional[BaseProcess] = None
         self.exited = True  # the current process's exit was handled (or none was started)
         self.started = 0.0
         self.delay = RESTART_DELAY
@@ -130,12 +131,14 @@ def run_pool(cls: type, requests_addr: str, answers_addr: Optional[str], process
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
 
-    def start(slot: _Slot) -> None:
-        slot.process = mp.Process(target=_child, args=(cls, requests_addr, answers_addr, parent_pid, options), name=f"worker-{slot.index}")
-        slot.process.start()
+    def start(slot: _Slot) -> BaseProcess:
+        process = mp.Process(target=_child, args=(cls, requests_addr, answers_addr, parent_pid, options), name=f"worker-{slot.index}")
+        slot.process = process
+        process.start()
         slot.exited = False
         slot.started = time.monotonic()
         slot.restart_at = None
+        return process
 
     def forward(signum: int, frame: object) -> None:
         stopping.append(signum)
@@ -165,34 +168,35 @@ def run_pool(cls: type, requests_addr: str, answers_addr: Optional[str], process
     return max(((code or 0) if (code or 0) >= 0 else 1) for code in codes)
 
 
-def _supervise(slots: List[_Slot], start: Any, stopping: List[int], wake_r: int) -> None:
+def _supervise(slots: List[_Slot], start: Callable[[_Slot], BaseProcess], stopping: List[int], wake_r: int) -> None:
     """Wait for the children; restart those that die while no stop was requested."""
     while True:
         if stopping:
             for slot in slots:
                 slot.restart_at = None
-        running = [slot for slot in slots if not slot.exited]
-        pending = [slot for slot in slots if slot.restart_at is not None]
-        if not running and not pending:
+        # A slot not yet exited has a process (start() sets it first).
+        running = [(slot, slot.process) for slot in slots if not slot.exited and slot.process is not None]
+        restarts = [slot.restart_at for slot in slots if slot.restart_at is not None]
+        if not running and not restarts:
             return
         now = time.monotonic()
-        timeout = max(0.0, min(slot.restart_at for slot in pending) - now) if pending else None  # type: ignore[type-var]
-        multiprocessing.connection.wait([wake_r, *(slot.process.sentinel for slot in running)], timeout)  # type: ignore[union-attr]
+        timeout = max(0.0, min(restarts) - now) if restarts else None
+        multiprocessing.connection.wait([wake_r, *(process.sentinel for _, process in running)], timeout)
         try:
             os.read(wake_r, 4096)
         except BlockingIOError:
             pass
-        for slot in running:
+        for slot, process in running:
             # exitcode polls: it also catches a child that died before this wait began.
-            if slot.process.exitcode is not None:  # type: ignore[union-attr]
-                slot.process.join()  # type: ignore[union-attr]
+            if process.exitcode is not None:
+                process.join()
                 slot.exited = True
                 _on_exit(slot, stopping)
         now = time.monotonic()
         for slot in slots:
             if slot.restart_at is not None and now >= slot.restart_at and not stopping:
-                start(slot)
-                log.warning("restarted worker process %d as pid %s", slot.index, slot.process.pid)  # type: ignore[union-attr]
+                restarted = start(slot)
+                log.warning("restarted worker process %d as pid %s", slot.index, restarted.pid)
 
 
 def _on_exit(slot: _Slot, stopping: List[int]) -> None:

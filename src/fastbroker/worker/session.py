@@ -19,9 +19,9 @@ import collections
 import logging
 import math
 import os
-import time
 import queue
 import threading
+import time
 import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
@@ -29,7 +29,17 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 import zmq
 
 from fastbroker import security
-from fastbroker.protocol import CMD_ANSWER, CMD_CANCEL, CMD_DISCONNECT, CMD_FAILED, CMD_HEARTBEAT, CMD_READY, CMD_TASK, RECV_BATCH, WORKER_SIGNATURE
+from fastbroker.protocol import (
+    CMD_ANSWER,
+    CMD_CANCEL,
+    CMD_DISCONNECT,
+    CMD_FAILED,
+    CMD_HEARTBEAT,
+    CMD_READY,
+    CMD_TASK,
+    RECV_BATCH,
+    WORKER_SIGNATURE,
+)
 
 log = logging.getLogger("fastbroker.worker")
 
@@ -95,7 +105,7 @@ class JobPool:
         self.size = size
         self.run = run
         self.name = name
-        self.queue: "queue.SimpleQueue[Optional[int]]" = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[Optional[int]] = queue.SimpleQueue()
         self.waiting: Dict[int, Tuple[bytes, List[bytes]]] = {}  # job number -> its arguments
         self.threads: List[threading.Thread] = []
         self.closed = False
@@ -144,7 +154,7 @@ class JobPool:
                 log.exception("a job thread failed")
 
 
-_pools: "weakref.WeakSet[JobPool]" = weakref.WeakSet()
+_pools: weakref.WeakSet[JobPool] = weakref.WeakSet()
 _exit_hook: List[bool] = []
 
 
@@ -268,7 +278,7 @@ class Session:
         sock = self.sock
         if sock is not None:
             items: List[Tuple[Any, int]] = [(pipe, _POLLIN), (sock, _POLLIN_OUT if self.outbox else _POLLIN)]
-            due = min(self.next_heartbeat, self.last_heard + self.silence)
+            due: Optional[float] = min(self.next_heartbeat, self.last_heard + self.silence)
         else:
             items = [(pipe, _POLLIN)]
             due = self.reconnect_at
@@ -430,7 +440,8 @@ class Session:
         for turn in range(RECV_BATCH):  # bounded, so results and timers get their turn
             # The poll said POLLIN for the first message; before each next one,
             # asking is cheaper than the exception of an empty socket.
-            if turn and not sock.getsockopt(_EVENTS) & _POLLIN:
+            # EVENTS is an int option; pyzmq types getsockopt() int | bytes (a cast() costs a call a message).
+            if turn and not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
                 return
             # recv_multipart, cheaper: a Frame tells whether more parts follow
             # without a getsockopt(RCVMORE) each; .bytes copies it once, as
