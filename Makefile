@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' -o -name py.typed)
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint format test test-compiled test-pure bench soak loadgen clean
+.PHONY: install demo lint lint-tools format test test-compiled test-pure bench soak loadgen clean
 
 install: $(STAMP)
 
@@ -24,10 +24,16 @@ demo: $(STAMP)
 
 # The lint and type gate (configured in pyproject.toml): the formatter's check, the linter,
 # mypy on the package, cython-lint on the .pyx/.pxd/.pxi. Runs all four, then fails if
-# any did. cython-lint runs pycodestyle, which it finds on PATH.
+# any did. cython-lint runs pycodestyle, which it finds on PATH. It installs only when the venv
+# lacks the tools, so an edit to the sources does not rebuild the package first (after a change
+# to the lint extra, run make install).
 LINT_PATHS := src tests bench docs
 RUFF_OUT := --output-format=concise
-lint: $(STAMP)
+LINT_TOOLS := $(VENV)/bin/ruff $(VENV)/bin/mypy $(VENV)/bin/cython-lint $(VENV)/bin/pycodestyle
+lint-tools:
+	@for tool in $(LINT_TOOLS); do test -x $$tool || { rm -f $(STAMP); $(MAKE) --no-print-directory install; break; }; done
+
+lint: lint-tools
 	@status=0; \
 	for step in "ruff format --check $(RUFF_OUT) $(LINT_PATHS)" "ruff check $(RUFF_OUT) $(LINT_PATHS)" "mypy" "cython-lint src bench"; do \
 		echo "lint: $$step"; \
@@ -37,7 +43,7 @@ lint: $(STAMP)
 	exit $$status
 
 # Rewrites files: the safe lint fixes (import order, ...), then the formatter.
-format: $(STAMP)
+format: lint-tools
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 
