@@ -188,6 +188,54 @@ cdef class Clock:
 
 
 @cython.final
+cdef class Counters:
+    cdef uint64_t counts[N_COUNTERS]
+    cdef uint64_t drops[N_DROP_REASONS]
+    cdef int last_drop  # reason of the latest dropped message, -1: none since run() began
+    cdef uint64_t latency_counts[N_LATENCY]  # answered requests' latency
+    cdef double latency_sum
+
+    cdef inline void add(self, int which) noexcept nogil
+    cdef inline void drop(self, int reason) noexcept nogil
+    cdef void record_latency(self, double seconds) noexcept nogil
+    cdef dict counts_dict(self)
+    cdef dict drops_dict(self)
+    cdef dict latency_dict(self)
+
+
+@cython.final
+cdef class Events:
+    cdef Counters counters
+    cdef Ev *queue  # EVENT_QUEUE entries once recording was first turned on
+    cdef size_t count
+    cdef bint on
+
+    cdef void push(self, int kind, const uint8_t *data, size_t n, uint32_t number) noexcept nogil
+    cdef int record(self, bint on) except -1
+    cdef list take(self)
+
+
+@cython.final
+cdef class Journal:
+    cdef bint on
+    cdef bint lost
+    cdef JEnt *ents  # changes of this turn
+    cdef size_t count, cap
+    cdef zmsg *held  # FBC01 reply parts held until stored
+    cdef uint8_t *held_more
+    cdef size_t nheld, held_cap
+
+    cdef void push(self, int kind, const uint8_t *cid, int code, zmsg *frames, int nframes,
+                   uint32_t attempts, int32_t tries, double timeout) noexcept nogil
+    cdef void clear(self) noexcept nogil
+    cdef list take(self)
+    cdef int hold(self, zmsg *part, bint more) noexcept nogil
+    cdef int release(self, void *sock) except -1
+    cdef void drop_held(self) noexcept nogil
+    cdef inline bint pending(self) noexcept nogil
+
+
+@cython.final
 cdef class RequestIds:
     cdef CidIndex m
 
@@ -249,3 +297,179 @@ cdef class DeadlineHeap:
     cdef bint delete(self, uint32_t key) noexcept nogil
     cdef uint32_t pop_min(self) noexcept nogil
     cdef void clear(self) noexcept nogil
+
+
+@cython.final
+cdef class JobQueue:
+    cdef RequestTable table
+    cdef Ring waiting  # new requests, FIFO
+    cdef Ring retry  # requests whose attempt ended unanswered, served before `waiting`
+    cdef size_t count  # queued requests (tombstones not counted)
+    cdef size_t limit  # SIZE_MAX: unbounded
+    cdef double timeout  # a new request's attempt timeout, < 0: none
+    cdef int32_t tries  # a new request's tries, -1: unlimited
+
+    cdef inline int push(self, uint32_t s) noexcept nogil
+    cdef inline int requeue(self, uint32_t s) noexcept nogil
+    cdef inline bint full(self) noexcept nogil
+    cdef Ring *next(self) noexcept nogil
+    cdef void clear(self) noexcept nogil
+
+
+@cython.final
+cdef class WorkerSessions:
+    cdef RequestTable table
+    cdef IdleWorkers idle
+    cdef Clock clock
+    cdef void *s_workers
+    cdef Sess *sess
+    cdef uint32_t cap
+    cdef uint32_t free_head
+    cdef uint32_t count
+    cdef AddrIndex index
+    cdef double heartbeat
+    cdef int liveness
+    cdef double next_tick  # next heartbeat to the workers
+    cdef double next_check  # earliest time a worker may have gone silent too long
+    cdef uint8_t *keybuf  # the current worker message's address key
+    cdef size_t keybuf_cap
+    cdef size_t keylen
+
+    cdef int set_key(self, zmsg *m, int d) noexcept nogil
+    cdef int find(self) noexcept nogil
+    cdef inline void touch(self, uint32_t s) noexcept nogil
+    cdef int add(self, zmsg *m, int d) noexcept nogil
+    cdef void release(self, uint32_t s) noexcept nogil
+    cdef void release_all(self) noexcept nogil
+    cdef void offer(self, uint32_t s) noexcept nogil
+    cdef void attach(self, uint32_t rs, uint32_t s) noexcept nogil
+    cdef void detach(self, uint32_t rs, bint by_worker=*) noexcept nogil
+    cdef void settle_ghost(self, int s) noexcept nogil
+    cdef int send_env(self, zmsg *env, int nenv, int command, bint more) noexcept nogil
+    cdef inline int send(self, uint32_t s, int command, bint more) noexcept nogil
+
+
+@cython.final
+cdef class KeptOutcomes:
+    cdef RequestIds ids
+    cdef Journal journal
+    cdef Counters counters
+    cdef Done *done
+    cdef uint32_t cap
+    cdef uint32_t used  # slots below this have been handed out; the rest are untouched memory
+    cdef uint32_t free_head
+    cdef Ring fifo  # kept outcome slots, oldest first (only the front leaves)
+    cdef size_t retained_bytes
+    cdef double retention
+    cdef size_t retention_bytes
+
+    cdef void keep(self, CEnt *e, const uint8_t *cid, int code, zmsg *body, int nbody,
+                   uint32_t attempts, int32_t tries, double finished) noexcept nogil
+    cdef void not_kept(self, CEnt *e, const uint8_t *cid) noexcept nogil
+    cdef void forget_first(self) noexcept nogil
+    cdef void forget_due(self, double now) noexcept nogil
+    cdef inline double first_expiry(self) noexcept nogil
+    cdef void release_all(self) noexcept nogil
+    cdef int restore(self, bytes cid, bytes code, body, int attempts, int tries, double age) except -1
+
+
+@cython.final
+cdef class ClientSide:
+    cdef RequestTable table
+    cdef RequestIds ids
+    cdef KeptOutcomes kept
+    cdef Journal journal
+    cdef JobQueue queue
+    cdef WorkerSessions sessions
+    cdef IdleWorkers idle
+    cdef DeadlineHeap heap
+    cdef Counters counters
+    cdef Clock clock
+    cdef void *s_requests
+
+    cdef int on_client(self, zmsg *m, int n) noexcept nogil
+    cdef int submit(self, zmsg *m, int n, const uint8_t *cid) noexcept nogil
+    cdef int reject(self, zmsg *m, const uint8_t *cid, int reason, const char *text) noexcept nogil
+    cdef bint is_waiter(self, Req *r, zmsg *me) noexcept nogil
+    cdef int add_waiter(self, Req *r, zmsg *me) noexcept nogil
+    cdef int reply(self, zmsg *identity, int code, const uint8_t *cid, zmsg *body, int nbody) noexcept nogil
+    cdef int emit(self, zmsg *part, bint more) noexcept nogil
+    cdef int reply_outcome(self, zmsg *identity, uint32_t d) noexcept nogil
+    cdef int reply_stats(self, zmsg *m, const uint8_t *cid) noexcept nogil
+    cdef int reply_status(self, zmsg *m, const uint8_t *cid, uint32_t v) noexcept nogil
+    cdef int cancel(self, zmsg *m, uint32_t rs) noexcept nogil
+    cdef int conclude(self, Req *r, int code, zmsg *body, int nbody) noexcept nogil
+    cdef int restore(self, bytes cid, payload, timeout, int tries, int attempts) except -1
+
+
+@cython.final
+cdef class Attempts:
+    cdef RequestTable table
+    cdef DeadlineHeap heap
+    cdef JobQueue queue
+    cdef WorkerSessions sessions
+    cdef ClientSide client
+    cdef Counters counters
+    cdef Events events
+    cdef Clock clock
+    cdef void *s_requests
+
+    cdef int answer(self, zmsg *tid, zmsg *body, int nbody, int from_s) noexcept nogil
+    cdef int deliver(self, Req *r, zmsg *body, int nbody) noexcept nogil
+    cdef int expire(self, double now) noexcept nogil
+    cdef int retry_or_abort(self, uint32_t s) noexcept nogil
+
+
+@cython.final
+cdef class WorkerSide:
+    cdef WorkerSessions sessions
+    cdef IdleWorkers idle
+    cdef RequestTable table
+    cdef DeadlineHeap heap
+    cdef JobQueue queue
+    cdef Attempts attempts
+    cdef Journal journal
+    cdef Counters counters
+    cdef Events events
+    cdef void *s_workers
+
+    cdef int on_ready(self, zmsg *m, int n) noexcept nogil
+    cdef int worker_ready(self, zmsg *m, int s, int d, int nb) noexcept nogil
+    cdef int worker_failed(self, zmsg *m, int s, int d) noexcept nogil
+    cdef void worker_event(self, int kind, uint32_t s) noexcept nogil
+    cdef int forget(self, uint32_t s, bint requeue=*) noexcept nogil
+    cdef int tick(self, double now) noexcept nogil
+    cdef int dispatch(self, double now) noexcept nogil
+    cdef int disconnect_all(self) noexcept nogil
+
+
+@cython.final
+cdef class BrokerCore:
+    cdef object _sockets  # keeps the pyzmq sockets alive while we hold their handles
+    cdef void *s_requests
+    cdef void *s_workers
+    cdef void *s_answers
+    cdef zmsg *scratch  # the message being handled
+    cdef int scratch_cap
+    cdef bint closed
+    cdef Clock clock
+    cdef Counters counters
+    cdef Events event_queue
+    cdef Journal store_journal
+    cdef RequestTable table
+    cdef IdleWorkers idle
+    cdef DeadlineHeap heap
+    cdef RequestIds ids  # FBC01 request id -> request slot, or kept outcome slot | DONE_BIT
+    cdef JobQueue queue
+    cdef WorkerSessions sessions
+    cdef KeptOutcomes kept
+    cdef ClientSide client_side
+    cdef Attempts attempts
+    cdef WorkerSide worker_side
+
+    cdef int _loop(self, int wake_fd, double max_wait, bint stop_on_drop, bint stop_on_event) noexcept nogil
+    cdef int _drain(self, void *sock, int which) noexcept nogil
+    cdef int _recv(self, void *sock) noexcept nogil
+    cdef int _on_request(self, int n) noexcept nogil
+    cdef int _answer_empty(self, int nenv) noexcept nogil
+    cdef int _on_answer(self, int n) noexcept nogil
