@@ -40,10 +40,20 @@ cdef enum ReqState:
 
 # -- core/ring.pxi ------------------------------------------------------------------
 
+cdef enum:
+    RING_BLOCK = 255  # handles per ring block: with its link, a block is 2 KiB
+
+cdef struct RingBlock:
+    RingBlock *next
+    uint64_t items[RING_BLOCK]
+
 cdef struct Ring:
-    uint64_t *buf
-    size_t cap  # power of two
-    size_t head
+    # A FIFO of 64-bit handles (slot << 32 | generation) in a list of blocks.
+    RingBlock *head  # the block holding the front, NULL before the first push
+    RingBlock *tail  # the block the next push goes to
+    RingBlock *spare  # an emptied block kept for the next growth, or NULL
+    size_t head_i  # the front's index in head
+    size_t tail_i  # the next push's index in tail
     size_t count
 
 
