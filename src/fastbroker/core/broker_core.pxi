@@ -253,8 +253,8 @@ cdef class BrokerCore:
 
     cdef int _drain(self, void *sock, int which) noexcept nogil:
         """Receive up to RECV_BATCH whole messages from sock and handle each."""
-        cdef int k, n, rc
-        for k in range(RECV_BATCH):
+        cdef int _k, n, rc
+        for _k in range(RECV_BATCH):
             n = self._recv(sock)
             if n == 0:
                 return 0
