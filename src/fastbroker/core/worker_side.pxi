@@ -231,7 +231,7 @@ cdef class WorkerSide:
             sidx = self.idle.slots[w].session
             r = &self.table.reqs[s]
             if sidx >= 0 and r.failed_on == sidx and r.failed_on_gen == self.sessions.sess[sidx].gen and self.idle.live:
-                # Retry a failed job on another worker when one is self.idle.
+                # Retry a failed job on another worker when one is idle.
                 w2 = self.idle.pop_slot()
                 self.idle.release(w)
                 self.sessions.offer(<uint32_t>sidx)
