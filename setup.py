@@ -9,6 +9,8 @@ for a broken build.
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+# One extension module from one .pyx: _core.pyx includes its parts, core/*.pxi (found
+# relative to it; cythonize rebuilds when one of them changes), and _core.pxd declares them.
 extension = Extension(
     "fastbroker._core",
     ["src/fastbroker/_core.pyx"],

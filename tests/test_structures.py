@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from collections import OrderedDict
 
 import pytest
@@ -588,3 +589,109 @@ def test_ids_growth_is_spread_over_inserts(core):
             assert ids.delete(key)
     assert len(ids) == len(keys[::3])
     assert all(ids.get(k) == (i if i % 3 == 0 else None) for i, k in enumerate(keys))
+
+
+# ---------------------------------------------------------------------------
+# The queues' FIFO (the compiled core's Ring: a list of fixed-size blocks) across
+# growth: order kept exactly with 100,000+ entries, while the front moves on too
+# ---------------------------------------------------------------------------
+
+
+def test_idle_fifo_order_across_growth(core):
+    """IdleWorkers' FIFO through many ring blocks, with tombstones (removed and
+    re-pushed workers) and pops interleaved with pushes."""
+    rng = random.Random(77)
+    idle = core.IdleWorkers()
+    model: "OrderedDict[bytes, None]" = OrderedDict()
+    serial = 0
+    for round_size in (60_000, 1, 255, 256, 50_000, 3):
+        for _ in range(round_size):
+            address = b"w%07d" % serial
+            serial += 1
+            idle.push(address)
+            model[address] = None
+        for address in rng.sample(list(model), min(len(model), round_size // 10)):
+            assert idle.remove(address) is True
+            del model[address]
+            if rng.random() < 0.5:  # back in, at the back
+                idle.push(address)
+                model[address] = None
+        for _ in range(len(model) // 3):
+            assert idle.pop() == model.popitem(last=False)[0]
+        assert len(idle) == len(model)
+    assert serial > 100_000
+    while model:
+        assert idle.pop() == model.popitem(last=False)[0]
+    assert idle.pop() is None
+    assert len(idle) == 0
+
+
+def test_queued_jobs_keep_fifo_order_across_growth(core, ctx):
+    """More than 100,000 queued REQ requests are dispatched in exactly the order they
+    came, while the queue grows behind a front that has moved on."""
+    import zmq
+
+    from fastbroker.protocol import DROP_REASONS
+
+    sockets = []
+
+    def sock(kind):
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        sockets.append(s)
+        return s
+
+    requests, workers, answers = sock(zmq.ROUTER), sock(zmq.ROUTER), sock(zmq.PULL)
+    workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    requests.bind("inproc://fifo-requests")
+    workers.bind("inproc://fifo-workers")
+    answers.bind("inproc://fifo-answers")
+    broker = core.BrokerCore(requests, workers, answers)
+    client, worker = sock(zmq.DEALER), sock(zmq.DEALER)
+    client.connect("inproc://fifo-requests")
+    worker.connect("inproc://fifo-workers")
+    sent = [0]
+    received = [0]
+
+    def run_until(key, target):
+        deadline = time.monotonic() + 60.0
+        while broker.stats()[key] < target:
+            broker.run(-1, 0)
+            assert time.monotonic() < deadline, broker.stats()
+
+    def enqueue(n):
+        for _ in range(n):
+            client.send_multipart([b"", b"%d" % sent[0]], zmq.DONTWAIT)
+            sent[0] += 1
+        run_until("requests", sent[0])
+
+    def dispatch(n):
+        # One worker socket, n distinct idle workers behind it (a hop frame each, as
+        # behind a proxy): a second "ready" from one address would replace the first.
+        base = broker.stats()["dispatched"]
+        for j in range(base, base + n):
+            worker.send_multipart([b"hop-%d" % j, b"", b"ready"], zmq.DONTWAIT)
+        run_until("dispatched", base + n)
+        for _ in range(n):
+            frames = worker.recv_multipart()
+            assert len(frames) == 4 and frames[1] == b"", frames
+            assert frames[3] == b"%d" % received[0], (frames[3], received[0])
+            received[0] += 1
+
+    try:
+        enqueue(100_000)
+        assert broker.stats()["queued"] == 100_000
+        dispatch(40_000)
+        enqueue(60_000)  # the queue grows while its front is 40,000 entries in
+        assert broker.stats()["queued"] == 120_000
+        dispatch(120_000)
+        stats = broker.stats()
+        assert received[0] == sent[0] == 160_000
+        assert stats["queued"] == 0 and stats["running"] == 160_000, stats
+        assert stats["dropped"] == 0, {r: n for r, n in stats["drops"].items() if r in DROP_REASONS}
+    finally:
+        broker.close()
+        for s in sockets:
+            s.close(linger=0)

@@ -1,0 +1,35 @@
+# core/frames.pxi: helpers on libzmq messages (zmq_msg_t arrays).
+#
+# Owns: nothing; these functions act on the frames they are given.
+# Touches: only those frames.
+
+
+cdef void close_msgs(zmsg *msgs, int n) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        zmsg_close(&msgs[i])
+
+
+cdef int find_delimiter(zmsg *m, int n) noexcept nogil:
+    """Index of the first empty frame of m[0:n], or -1."""
+    cdef int i
+    for i in range(n):
+        if zmsg_size(&m[i]) == 0:
+            return i
+    return -1
+
+
+cdef void own_small_frames(zmsg *frames, int n) noexcept nogil:
+    """Give each frame of 34 B to 8 KiB a buffer of its own, for a request that will
+    wait in the queue: such a frame may lie in libzmq's shared receive buffer (8 KiB
+    of data plus its reference counts, ~18 KB), which it would keep alive while it
+    waits. A request sent to a worker at once is not copied."""
+    cdef int i
+    cdef size_t sz
+    cdef zmsg own
+    for i in range(n):
+        sz = zmsg_size(&frames[i])
+        if sz > MAX_VSM_SIZE and sz <= KEEP_COPY_MAX and zmsg_init_size(&own, sz) == 0:
+            memcpy(zmsg_data(&own), zmsg_data(&frames[i]), sz)
+            zmsg_move(&frames[i], &own)  # releases the shared one
+            zmsg_close(&own)

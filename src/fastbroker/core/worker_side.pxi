@@ -1,0 +1,296 @@
+# core/worker_side.pxi: WorkerSide, the workers endpoint: an original REQ worker's
+# "ready" and the FBW01 commands (READY with credit, ANSWER, FAILED, HEARTBEAT,
+# DISCONNECT), the workers' liveness (tick: heartbeats out, silent ones forgotten),
+# and dispatch, which sends queued jobs to idle workers.
+#
+# Owns: no state of its own (sessions are WorkerSessions', idle workers IdleWorkers').
+# Touches: WorkerSessions, IdleWorkers, RequestTable (FAILED's text, attempts),
+# DeadlineHeap (attempt deadlines), JobQueue (dispatch takes from it), Attempts (an
+# answer; an attempt ended without one), Journal (J_START), Counters, Events, and the
+# workers socket (TASK).
+
+
+cdef class WorkerSide:
+    """Messages on the workers endpoint: [routing frames..., b"", body...]."""
+
+    def __cinit__(self, WorkerSessions sessions, IdleWorkers idle, RequestTable table, DeadlineHeap heap,
+                  JobQueue queue, Attempts attempts, Journal journal, Counters counters, Events events, workers):
+        self.sessions = sessions
+        self.idle = idle
+        self.table = table
+        self.heap = heap
+        self.queue = queue
+        self.attempts = attempts
+        self.journal = journal
+        self.counters = counters
+        self.events = events
+        self.s_workers = <void *><size_t>workers.underlying
+
+    cdef int on_ready(self, zmsg *m, int n) noexcept nogil:
+        """A message on the workers endpoint: an original REQ worker's ready, or FBW01."""
+        cdef int d = find_delimiter(m, n)
+        cdef int nb, s, rc
+        cdef uint8_t command
+        if d < 1:
+            self.counters.drop(DROP_READY_NO_DELIMITER)
+            return 0
+        nb = n - d - 1
+        if nb == 1:
+            if self.idle.push_env(m, d + 1) < 0:
+                self.counters.drop(DROP_OUT_OF_MEMORY)
+                return 0
+            self.counters.add(CNT_READY)
+            return 0
+        if nb == 0 or zmsg_size(&m[d + 1]) != SIGNATURE_SIZE or \
+                memcmp(zmsg_data(&m[d + 1]), WORKER_SIGNATURE, SIGNATURE_SIZE) != 0:
+            self.counters.drop(DROP_READY_BAD_FRAMES)
+            return 0
+        if zmsg_size(&m[d + 2]) != 1:
+            self.counters.drop(DROP_WORKER_BAD_COMMAND)
+            return 0
+        command = (<const uint8_t *>zmsg_data(&m[d + 2]))[0]
+        if command < CMD_READY or command > CMD_DISCONNECT or command == CMD_TASK:
+            self.counters.drop(DROP_WORKER_BAD_COMMAND)
+            return 0
+        if self.sessions.set_key(m, d) < 0:
+            self.counters.drop(DROP_OUT_OF_MEMORY)
+            return 0
+        s = self.sessions.find()
+        if s >= 0:
+            self.sessions.touch(<uint32_t>s)
+        if command == CMD_READY:
+            return self.worker_ready(m, s, d, nb)
+        if command == CMD_ANSWER:
+            if nb < 4:
+                self.counters.drop(DROP_WORKER_BAD_FRAMES)
+                return 0
+            # Accepted even from a worker the broker has forgotten: the job may
+            # still be waiting for it. That worker is told to register again.
+            rc = self.attempts.answer(&m[d + 3], &m[d + 4], nb - 3, s)
+            if s < 0 and rc >= 0:
+                rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False)
+            return rc if rc < 0 else 0
+        if nb != (5 if command == CMD_FAILED else 2):
+            self.counters.drop(DROP_WORKER_BAD_FRAMES)
+            return 0
+        if command == CMD_DISCONNECT:
+            if s >= 0:
+                self.counters.add(CNT_WORKERS_LEFT)
+                self.worker_event(EV_WORKER_LEFT, <uint32_t>s)
+                return self.forget(<uint32_t>s)
+            return 0
+        if s < 0:
+            # HEARTBEAT or FAILED from a worker this broker does not know (it was
+            # restarted, or took the worker for dead): make it register again.
+            rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False)
+            if rc < 0:
+                return rc
+        if command == CMD_FAILED:
+            return self.worker_failed(m, s, d)
+        return 0
+
+    cdef int worker_ready(self, zmsg *m, int s, int d, int nb) noexcept nogil:
+        cdef const uint8_t *c
+        cdef uint32_t credit
+        if nb != 3 or zmsg_size(&m[d + 3]) != 4:
+            self.counters.drop(DROP_WORKER_BAD_FRAMES)
+            return 0
+        c = <const uint8_t *>zmsg_data(&m[d + 3])
+        credit = (<uint32_t>c[0] << 24) | (<uint32_t>c[1] << 16) | (<uint32_t>c[2] << 8) | c[3]
+        if credit > MAX_CREDIT:
+            self.counters.drop(DROP_WORKER_BAD_FRAMES)
+            return 0
+        if s < 0:
+            s = self.sessions.add(m, d)
+            if s < 0:
+                self.counters.drop(DROP_OUT_OF_MEMORY)
+                return 0
+            self.counters.add(CNT_WORKERS_JOINED)
+            self.worker_event(EV_WORKER_JOINED, <uint32_t>s)
+        self.sessions.sess[s].credit = credit
+        self.counters.add(CNT_READY)
+        self.sessions.offer(<uint32_t>s)
+        return 0
+
+    cdef int worker_failed(self, zmsg *m, int s, int d) noexcept nogil:
+        cdef int rs
+        cdef Req *r
+        if zmsg_size(&m[d + 3]) != TASK_ID_SIZE:
+            self.counters.drop(DROP_ANSWER_BAD_ID)
+            return 0
+        rs = self.table.find(<const uint8_t *>zmsg_data(&m[d + 3]), TASK_ID_SIZE)
+        if rs < 0 or s < 0 or self.table.reqs[rs].worker != s:
+            # Not the attempt in progress (answered, timed out, or another worker's).
+            self.counters.drop(DROP_ANSWER_UNKNOWN)
+            self.sessions.settle_ghost(s)
+            return 0
+        self.counters.add(CNT_FAILED)
+        self.heap.delete(<uint32_t>rs)
+        self.sessions.detach(<uint32_t>rs)
+        r = &self.table.reqs[rs]
+        r.failed_on = s
+        r.failed_on_gen = self.sessions.sess[s].gen
+        if r.client:
+            if r.fail == NULL:
+                r.fail = <zmsg *>malloc(2 * sizeof(zmsg))
+                if r.fail != NULL:
+                    zmsg_init(&r.fail[0])
+                    zmsg_init(&r.fail[1])
+            # Without memory for the text, the outcome is still FAILED-less: TIMED_OUT.
+            if r.fail != NULL:
+                zmsg_move(&r.fail[0], &m[d + 4])
+                zmsg_move(&r.fail[1], &m[d + 5])
+        return self.attempts.retry_or_abort(<uint32_t>rs)
+
+    cdef void worker_event(self, int kind, uint32_t s) noexcept nogil:
+        cdef zmsg *identity = &self.sessions.sess[s].env[0]
+        self.events.push(kind, <const uint8_t *>zmsg_data(identity), zmsg_size(identity), 0)
+
+    # -- liveness -----------------------------------------------------------------
+
+    cdef int forget(self, uint32_t s, bint requeue=True) noexcept nogil:
+        """The worker is gone: its jobs go back to the front of the queue at once
+        (unless the broker is closing: requeue=False leaves them to their fate)."""
+        cdef uint32_t rs, prev
+        cdef int rc, result = 0
+        self.sessions.sess[s].credit = 0  # so detaching its jobs does not offer it again
+        self.sessions.offer(s)
+        # The list holds the newest job first; requeue the oldest first, so the
+        # jobs keep the order in which they were sent.
+        rs = self.sessions.sess[s].jobs
+        while rs != NO_SLOT and self.table.reqs[rs].wnext != NO_SLOT:
+            rs = self.table.reqs[rs].wnext
+        while rs != NO_SLOT:
+            prev = self.table.reqs[rs].wprev
+            self.sessions.detach(rs)
+            if requeue:
+                self.heap.delete(rs)
+                self.counters.add(CNT_REQUEUED)
+                rc = self.attempts.retry_or_abort(rs)
+                if rc < 0:
+                    result = rc
+            rs = prev
+        self.sessions.release(s)
+        return result
+
+    cdef int tick(self, double now) noexcept nogil:
+        """Forget workers silent past liveness, at the moment the earliest one may
+        be; heartbeat the others every interval. Expiries only move later, so the
+        earliest one seen in a scan is when the next scan is due."""
+        cdef uint32_t s
+        cdef int rc = 0
+        cdef bint beat = now >= self.sessions.next_tick
+        cdef double earliest = now + self.sessions.heartbeat * self.sessions.liveness
+        if beat:
+            self.sessions.next_tick = now + self.sessions.heartbeat
+        for s in range(self.sessions.cap):
+            if not self.sessions.sess[s].used:
+                continue
+            if now >= self.sessions.sess[s].expiry:
+                self.counters.add(CNT_WORKERS_DEAD)
+                self.worker_event(EV_WORKER_DEAD, s)
+                rc = self.forget(s)
+            else:
+                if self.sessions.sess[s].expiry < earliest:
+                    earliest = self.sessions.sess[s].expiry
+                if beat:
+                    rc = self.sessions.send(s, CMD_HEARTBEAT, False)
+            if rc < 0:
+                return rc
+        self.sessions.next_check = earliest
+        return 0
+
+    cdef int disconnect_all(self) noexcept nogil:
+        """Send DISCONNECT to every DEALER worker and forget them; returns how many."""
+        cdef uint32_t s
+        cdef int count = 0
+        for s in range(self.sessions.cap):
+            if self.sessions.sess[s].used:
+                self.sessions.send(s, CMD_DISCONNECT, False)
+                # Closing: a job on its last try must not be reported as aborted.
+                self.forget(s, False)
+                count += 1
+        return count
+
+    # -- dispatch -----------------------------------------------------------------
+
+    cdef int dispatch(self, double now) noexcept nogil:
+        cdef int s, w, w2, i, e, nenv, sidx, rc
+        cdef Req *r
+        cdef Wk *wk
+        cdef zmsg part
+        cdef Ring *q
+        while self.idle.live:
+            q = self.queue.next()
+            if q == NULL:
+                return 0
+            s = <int>(ring_front(q) >> 32)
+            w = self.idle.pop_slot()
+            if w < 0:
+                return 0
+            sidx = self.idle.slots[w].session
+            r = &self.table.reqs[s]
+            if sidx >= 0 and r.failed_on == sidx and r.failed_on_gen == self.sessions.sess[sidx].gen and self.idle.live:
+                # Retry a failed job on another worker when one is idle.
+                w2 = self.idle.pop_slot()
+                self.idle.release(w)
+                self.sessions.offer(<uint32_t>sidx)
+                w = w2
+                sidx = self.idle.slots[w].session
+            wk = &self.idle.slots[w]
+            # ROUTER_MANDATORY makes the first frame fail for a worker that is gone;
+            # the job then stays at the front for the next idle worker.
+            if sidx >= 0:
+                self.idle.release(w)
+                rc = self.sessions.send(<uint32_t>sidx, CMD_TASK, True)
+                if rc < 0:
+                    return rc
+                if rc == 1:
+                    self.counters.add(CNT_UNREACHABLE_WORKERS)
+                    self.counters.add(CNT_WORKERS_DEAD)
+                    self.worker_event(EV_WORKER_DEAD, <uint32_t>sidx)
+                    rc = self.forget(<uint32_t>sidx)
+                    if rc < 0:
+                        return rc
+                    continue
+            else:
+                if zmsg_send(&wk.env[0], self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
+                    e = zerrno()
+                    self.idle.release(w)
+                    if e == ZETERM:
+                        return -e
+                    self.counters.add(CNT_UNREACHABLE_WORKERS)
+                    continue
+                for i in range(1, wk.nenv):
+                    zmsg_send(&wk.env[i], self.s_workers, ZSNDMORE | ZDONTWAIT)
+                self.idle.release(w)
+            r = &self.table.reqs[s]
+            zmsg_init_size(&part, TASK_ID_SIZE)
+            self.table.write_id(<uint32_t>s, <uint8_t *>zmsg_data(&part))
+            nenv = r.nenv
+            if zmsg_send(&part, self.s_workers, (ZSNDMORE if r.nframes > nenv else 0) | ZDONTWAIT) < 0:
+                zmsg_close(&part)
+            for i in range(nenv, r.nframes):
+                # zmq_msg_copy shares the payload buffer (reference count), so a
+                # retry can send it again without the bytes being copied.
+                zmsg_init(&part)
+                zmsg_copy(&part, &r.frames[i])
+                if zmsg_send(&part, self.s_workers, (ZSNDMORE if i + 1 < r.nframes else 0) | ZDONTWAIT) < 0:
+                    zmsg_close(&part)
+            ring_drop_front(q)
+            self.queue.count -= 1
+            r.state = RUNNING
+            r.attempts += 1
+            if self.journal.on and r.client:
+                self.journal.push(J_START, r.cid, 0, NULL, 0, r.attempts, 0, 0.0)
+            r.failed_on = -1
+            if r.tries_left > 0:
+                r.tries_left -= 1
+            if r.timeout >= 0:
+                # Without memory for a deadline the attempt simply has none.
+                self.heap.insert(<uint32_t>s, now + r.timeout)
+            if sidx >= 0:
+                self.sessions.attach(<uint32_t>s, <uint32_t>sidx)
+                self.sessions.offer(<uint32_t>sidx)
+            self.counters.add(CNT_DISPATCHED)
+        return 0
