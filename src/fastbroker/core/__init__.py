@@ -1,0 +1,16 @@
+"""The pure-Python parts of the broker core, one module per compiled ``core/<part>.pxi`` of the same name."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def cdef(method: _F) -> _F:
+    """Mark a method that is ``cdef`` in the compiled twin (not visible from Python there).
+
+    Only a label for readers and the parity test (tests/test_core_parity.py): the
+    method is returned as it is, so it costs nothing when called."""
+    setattr(method, "__cdef__", True)
+    return method

@@ -1,0 +1,272 @@
+"""core/client_side.py: ClientSide, the FBC01 client protocol (twin of
+core/client_side.pxi).
+
+Owns: nothing of its own: it handles FBC01 messages with the parts below.
+Touches: RequestTable (new requests), RequestIds (id -> request or outcome),
+KeptOutcomes (keep, replies), Journal (submit, finish, held replies), JobQueue
+(queue, limit, defaults), WorkerSessions (CANCEL to the worker), DeadlineHeap
+(cancel), Counters; the requests socket (replies).
+
+Docs: docs/PROTOCOL.md section 10.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import zmq
+
+from fastbroker import protocol
+from fastbroker.core import cdef
+from fastbroker.core.clock import Clock, monotonic
+from fastbroker.core.counters import Counters
+from fastbroker.core.deadline_heap import DeadlineHeap
+from fastbroker.core.idle_workers import IdleWorkers
+from fastbroker.core.job_queue import JobQueue
+from fastbroker.core.journal import Journal
+from fastbroker.core.kept_outcomes import Done, KeptOutcomes
+from fastbroker.core.request_ids import RequestIds
+from fastbroker.core.request_table import QUEUED, Req, RequestTable
+from fastbroker.core.worker_sessions import WorkerSessions
+from fastbroker.protocol import (
+    C_CANCEL, C_RESULT, C_STATS, C_STATUS, C_SUBMIT, CLIENT_SIGNATURE, CMD_CANCEL, R_ACCEPTED, R_CANCELLED,
+    R_REJECTED, R_STATS, R_STATUS, R_UNKNOWN,
+)
+
+_COMMANDS = frozenset((C_SUBMIT, C_STATUS, C_RESULT, C_CANCEL, C_STATS))
+_STATS_NAMES = ",".join(protocol.stats_fields()).encode("ascii")
+
+
+class ClientSide:
+    """FBC01 messages on the requests endpoint: [identity, FBC01, command, id, ...]."""
+
+    __slots__ = ("table", "ids", "kept", "journal", "queue", "sessions", "idle", "heap", "counters", "clock",
+                 "s_requests")
+
+    def __init__(self, table: RequestTable, ids: RequestIds, kept: KeptOutcomes, journal: Journal,
+                 queue: JobQueue, sessions: WorkerSessions, idle: IdleWorkers, heap: DeadlineHeap,
+                 counters: Counters, clock: Clock, requests: zmq.Socket) -> None:
+        self.table = table
+        self.ids = ids
+        self.kept = kept
+        self.journal = journal
+        self.queue = queue
+        self.sessions = sessions
+        self.idle = idle
+        self.heap = heap
+        self.counters = counters
+        self.clock = clock
+        self.s_requests = requests
+
+    @cdef
+    def on_client(self, m: list) -> None:
+        """An FBC01 message m (its signature checked)."""
+        if len(m) < 3 or len(m[2]) != 1:
+            self.counters.drop(protocol.DROP_CLIENT_BAD_COMMAND)
+            return
+        command = m[2].bytes
+        if command not in _COMMANDS:
+            self.counters.drop(protocol.DROP_CLIENT_BAD_COMMAND)
+            return
+        if len(m) < 4 or len(m[3]) != protocol.REQUEST_ID_SIZE:
+            self.counters.drop(protocol.DROP_CLIENT_BAD_ID)
+            return
+        cid = m[3].bytes
+        if command == C_SUBMIT:
+            self.submit(m, cid)
+            return
+        if len(m) != 4:
+            self.counters.drop(protocol.DROP_CLIENT_BAD_COMMAND)
+            return
+        if command == C_STATS:
+            self.reply_stats(m, cid)
+            return
+        v = self.ids.entry(cid)
+        if v is None:
+            self.reply(m[0].bytes, R_UNKNOWN, cid)
+            return
+        if command == C_STATUS:
+            self.reply_status(m, cid, v)
+            return
+        if type(v) is Done:
+            # RESULT, or CANCEL of a finished request: its outcome.
+            self.reply_outcome(m[0].bytes, v)
+            return
+        if command == C_CANCEL:
+            self.cancel(m, v)
+            return
+        self.add_waiter(v, m[0].bytes)
+        self.reply_status(m, cid, v)
+
+    @cdef
+    def submit(self, m: list, cid: bytes) -> None:
+        """SUBMIT: [identity, FBC01, SUBMIT, id, options, payload frames...]."""
+        if len(m) < 6:
+            self.counters.drop(protocol.DROP_CLIENT_BAD_COMMAND)
+            return
+        options = m[4].bytes
+        flags = timeout_ms = tries = 0
+        if len(options) == protocol.OPTIONS_SIZE:
+            flags = options[0]
+            timeout_ms = int.from_bytes(options[1:5], "big")
+            tries = int.from_bytes(options[5:9], "big")
+        if (len(options) not in (0, protocol.OPTIONS_SIZE) or flags & ~protocol.OPT_KNOWN_FLAGS
+                or timeout_ms > protocol.MAX_REQUEST_TIMEOUT_MS):
+            self.reject(m, cid, protocol.REJECT_BAD_OPTIONS)
+            return
+        ack = not flags & protocol.OPT_NO_ACK
+        identity = m[0].bytes
+        v = self.ids.entry(cid)
+        if v is not None:
+            # The same id again: it runs once; this sender is told the outcome too.
+            self.counters.add("duplicates")
+            done = type(v) is Done
+            if not done:
+                self.add_waiter(v, identity)
+            if ack:
+                self.reply(identity, R_ACCEPTED, cid)
+            if done:
+                self.reply_outcome(identity, v)
+            return
+        queue = self.queue
+        if queue.full():
+            self.reject(m, cid, protocol.REJECT_QUEUE_FULL)
+            return
+        if tries == 0:
+            tries_left = queue.tries
+        else:
+            tries_left = min(tries, protocol.MAX_REQUEST_TRIES)
+        payload = m[5:]
+        r = self.table.alloc([], payload, tries_left)
+        r.timeout = queue.timeout if timeout_ms == 0 else timeout_ms / 1000.0
+        r.arrived = monotonic()
+        r.cid = cid
+        r.waiters.append(identity)
+        queue.push(r)
+        self.ids.add(cid, r)
+        queue.count += 1
+        self.counters.add("requests")
+        if self.journal.on:
+            self.journal.push(("submit", cid, [f.bytes for f in payload], r.timeout, tries_left))
+        if ack:
+            self.reply(identity, R_ACCEPTED, cid)
+
+    @cdef
+    def reject(self, m: list, cid: bytes, reason: int) -> None:
+        """REJECTED for `reason` (a protocol.REJECT_* code) to the sender of m."""
+        self.counters.add("rejected")
+        self.reply(m[0].bytes, R_REJECTED, cid, [bytes([reason]), protocol.REJECT_REASONS[reason].encode()])
+
+    @cdef
+    def is_waiter(self, r: Req, me: bytes) -> bool:
+        """Whether identity `me` is one of r's waiters."""
+        return me in r.waiters
+
+    @cdef
+    def add_waiter(self, r: Req, me: bytes) -> None:
+        """Make identity `me` one of r's waiters (on a full list the oldest gives way)."""
+        if self.is_waiter(r, me):
+            return
+        r.waiters.append(me)
+        if len(r.waiters) > protocol.MAX_WAITERS:
+            del r.waiters[0]
+
+    @cdef
+    def reply(self, identity: bytes, code: bytes, cid: bytes, body: Optional[list] = None) -> None:
+        """Send [identity, FBC01, code, id, body...] to a client."""
+        self.emit([identity, CLIENT_SIGNATURE, code, cid] + (body or []))
+
+    @cdef
+    def emit(self, message: list) -> None:
+        """Send a reply, or, with the journal on, hold it until release_held(). A
+        client that is gone or not reading loses it: ROUTER drops it."""
+        if self.journal.on:
+            self.journal.hold(message)
+            return
+        try:
+            self.s_requests.send_multipart(message, zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            pass
+
+    @cdef
+    def reply_outcome(self, identity: bytes, d: Done) -> None:
+        """The kept outcome d to a client."""
+        self.reply(identity, d.code, d.cid, d.body)
+
+    @cdef
+    def reply_stats(self, m: list, cid: bytes) -> None:
+        """STATS: the counters and gauges, in the order of protocol.stats_fields()."""
+        counters = self.counters
+        counts = counters.counts
+        queued = self.queue.count
+        values: List[int] = [counts[k] for k in protocol.COUNTERS]
+        values += [queued, len(self.table) - queued, len(self.idle), len(self.sessions.sess),
+                   len(self.kept.fifo), self.kept.retained_bytes]
+        values += counters.latency_counts
+        values += [sum(counters.latency_counts), int(counters.latency_sum * 1e6)]
+        self.reply(m[0].bytes, R_STATS, cid, [_STATS_NAMES, b"".join(v.to_bytes(8, "big") for v in values)])
+
+    @cdef
+    def reply_status(self, m: list, cid: bytes, v: Union[Req, Done]) -> None:
+        """STATUS of v (a request or a kept outcome) to the sender of m."""
+        if type(v) is Req:
+            state = protocol.STATE_QUEUED if v.state == QUEUED else protocol.STATE_RUNNING
+        else:
+            state = protocol.STATE_DONE
+        self.reply(m[0].bytes, R_STATUS, cid, [
+            bytes([state]), v.attempts.to_bytes(4, "big"), max(v.tries, 0).to_bytes(4, "big")])
+
+    @cdef
+    def cancel(self, m: list, r: Req) -> None:
+        """The sender of m cancelled request r."""
+        if r.state == QUEUED:
+            # Its queue entry turns into a tombstone when it is released.
+            self.queue.count -= 1
+        else:
+            self.heap.delete(r)
+            s = r.worker
+            if s is not None:
+                # Tell its FBW01 worker, which may abandon the job; the credit stays
+                # taken (a ghost) until the worker answers or fails it.
+                self.sessions.send(s, CMD_CANCEL, [r.task_id])
+            self.sessions.detach(r, False)
+        self.counters.add("cancelled")
+        self.conclude(r, R_CANCELLED, [])
+        # Not made a waiter: on a full list it would push out a submitter.
+        identity = m[0].bytes
+        if not self.is_waiter(r, identity):
+            self.reply(identity, R_CANCELLED, m[3].bytes)
+        self.table.release(r)
+
+    @cdef
+    def conclude(self, r: Req, code: bytes, body: list) -> None:
+        """Tell every waiter of a finished FBC01 request its outcome, and keep the
+        outcome for RESULT (the caller releases the request)."""
+        cid = r.cid
+        assert cid is not None
+        for identity in r.waiters:
+            self.reply(identity, code, cid, body)
+        if self.journal.on:
+            self.journal.push(("finish", cid, code, [bytes(f) for f in body], r.attempts, r.tries))
+        self.kept.keep(cid, code, body, r.attempts, r.tries, monotonic())
+
+    @cdef
+    def restore(self, cid: bytes, payload: List[bytes], timeout: Optional[float], tries: int, attempts: int) -> None:
+        """Queue a stored request (behind those already queued). It has no waiters
+        until a client sends RESULT or SUBMIT for it."""
+        if len(cid) != protocol.REQUEST_ID_SIZE or not payload:
+            raise ValueError("a request needs a 16-byte id and a payload")
+        if self.ids.entry(cid) is not None:
+            raise ValueError(f"request {cid.hex()} is already in the broker")
+        tries_left = -1 if tries < 0 else max(tries - attempts, 0)
+        if tries_left == 0:
+            raise ValueError(f"request {cid.hex()} has no tries left")
+        r = self.table.alloc([], list(payload), tries_left)
+        r.timeout = timeout
+        r.arrived = monotonic()
+        r.cid = cid
+        r.tries = tries
+        r.attempts = attempts
+        self.queue.push(r)
+        self.ids.add(cid, r)
+        self.queue.count += 1

@@ -1,0 +1,75 @@
+"""core/journal.py: Journal, the changes of FBC01 requests for the durable store, and
+the replies held until they are stored (twin of core/journal.pxi).
+
+Owns: the entries since the last take() and the held replies.
+Touches: the requests socket, in release() only. Users: ClientSide (submit, finish,
+replies), KeptOutcomes (forget), WorkerSide (start), BrokerCore (journal, journal_take,
+release_held, and run's RUN_JOURNAL).
+
+Docs: docs/ARCHITECTURE.md, "The store".
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import zmq
+
+from fastbroker.core import cdef
+
+
+class Journal:
+    """While ``on``: every FBC01 change is pushed here and every FBC01 reply held,
+    so nothing is promised to a client before the store has it."""
+
+    __slots__ = ("on", "ents", "held")
+
+    def __init__(self) -> None:
+        self.on = False
+        self.ents: List[tuple] = []
+        self.held: List[list] = []
+
+    @cdef
+    def push(self, entry: tuple) -> None:
+        """Record one change: ("submit", id, payload frames, timeout (s or None),
+        tries (-1: unlimited)), ("start", id, attempts), ("finish", id, reply code,
+        body frames, attempts, tries) or ("forget", id)."""
+        self.ents.append(entry)
+
+    @cdef
+    def clear(self) -> None:
+        """Forget the entries not taken."""
+        self.ents = []
+
+    @cdef
+    def take(self) -> List[tuple]:
+        """The entries since the last call, in order."""
+        ents, self.ents = self.ents, []
+        return ents
+
+    @cdef
+    def hold(self, message: list) -> None:
+        """Keep a reply to a client until release()."""
+        self.held.append(message)
+
+    @cdef
+    def release(self, socket: zmq.Socket) -> int:
+        """Send the held replies on `socket`; returns how many."""
+        held, self.held = self.held, []
+        for message in held:
+            # A client that is gone or not reading loses the reply: ROUTER drops it.
+            try:
+                socket.send_multipart(message, zmq.DONTWAIT, copy=False)
+            except zmq.Again:
+                pass
+        return len(held)
+
+    @cdef
+    def drop_held(self) -> None:
+        """Forget the held replies unsent."""
+        self.held = []
+
+    @cdef
+    def pending(self) -> bool:
+        """Whether entries or held replies wait."""
+        return bool(self.ents or self.held)
