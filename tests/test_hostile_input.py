@@ -29,15 +29,13 @@ from typing import Dict, List, Tuple
 
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import wait_until
+from rigs import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench.soak
 from bench.soak import ANSWERS, GOOD_PREFIX, REQUESTS, WORKERS, Crowd, hostile_message, rss_bytes  # noqa: E402
-from fastbroker import Client  # noqa: E402
-from fastbroker import protocol# noqa: E402
+from fastbroker import Client, protocol  # noqa: E402
 
 WAIT = 30.0
 """Bound of the waits for things that take milliseconds on an idle machine (it is shared)."""

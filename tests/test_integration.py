@@ -22,20 +22,10 @@ from typing import List, NamedTuple
 import pytest
 import zmq
 
-from conftest import wait_until
 from fastbroker import Broker, ReqClient, Worker
 from fastbroker.protocol import DROP_REASONS
-from workers_for_tests import (
-    LOG_ENV,
-    EXTRA_DELAY_ENV,
-    Echo,
-    OriginalTestClient,
-    Processes,
-    read_log,
-    concurrent_requests,
-    request,
-    runs,
-)
+from rigs import Processes, concurrent_requests, read_log, request, runs, wait_until
+from workers_for_tests import EXTRA_DELAY_ENV, LOG_ENV, Echo, OriginalTestClient
 
 TRANSPORTS = ["tcp", "ipc"]
 WAIT = 20.0

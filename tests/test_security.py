@@ -21,10 +21,10 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from conftest import PYTHON, wait_until
 from fastbroker import AsyncClient, Broker, Client, ConfigError, ReqClient, ReqWorker, Worker, security
 from fastbroker.protocol import C_STATS, C_SUBMIT, CLIENT_SIGNATURE, R_STATS, decode_stats
-from workers_for_tests import LOG_ENV, runs
+from rigs import PYTHON, runs, wait_until
+from workers_for_tests import LOG_ENV
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Set
 
-from conftest import wait_until
 from fastbroker import Client
 from fastbroker.protocol import R_ACCEPTED
-from workers_for_tests import LOG_ENV, Processes, read_log
+from rigs import Processes, read_log, wait_until
+from workers_for_tests import LOG_ENV
 
 N = 5000
 TRIES = 3

@@ -9,8 +9,8 @@ large frames, several messages in one batch), an idle loop that sleeps, a job
 withdrawn by CANCEL that never runs, job threads started as needed and ended with
 the pool, and an interpreter that still exits while a pool is left running.
 
-The worker tests play the broker with test_worker_cancel's FakeBroker (a raw
-ROUTER on tcp 127.0.0.1).
+The worker tests play the broker with rigs.FakeBroker (a raw ROUTER on tcp
+127.0.0.1).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ import fastbroker
 from fastbroker import Worker
 from fastbroker.protocol import CMD_ANSWER, CMD_TASK
 from fastbroker.worker.session import JobPool
-
-from conftest import wait_until
-from test_worker_cancel import WAIT, FakeBroker, tid
+from rigs import FAKE_WAIT as WAIT, FakeBroker, tid, wait_until
 
 
 class Echo(Worker):

@@ -28,8 +28,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import pytest
 import zmq
 
-from conftest import wait_until
-from workers_for_tests import GATE_ENV, LOG_ENV, Event, Processes, concurrent_requests, read_log, request, runs
+from rigs import Event, Processes, concurrent_requests, read_log, request, runs, wait_until
+from workers_for_tests import GATE_ENV, LOG_ENV
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
