@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import pytest
 import zmq
@@ -67,17 +67,19 @@ PYTHON = sys.executable
 # ---------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01, message: str = "condition"):
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01,
+               message: Union[str, Callable[[], str]] = "condition"):
     """Poll `predicate` until it is truthy and return its value; fail the test after
-    `timeout` seconds. `interval` is the pause between two looks (the poll's pace)."""
+    `timeout` seconds, saying what it waited for (`message`, or what `message()` says
+    then). `interval` is the pause between two looks: the pace of the poll."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
+            pytest.fail(f"timed out after {timeout} s waiting for {message() if callable(message) else message}")
+        time.sleep(interval)  # the pace of the poll; the deadline above bounds it
 
 
 def run_cli(args, env, cwd, timeout=60.0) -> subprocess.CompletedProcess:

@@ -388,11 +388,13 @@ def test_async_client_timeout_and_cancel(rig, log_path):
             deadline = time.monotonic() + WAIT
             while not runs(log_path, "0:gated-cancelled"):
                 assert time.monotonic() < deadline, "the job did not start"
+                # The pace of a bounded poll of the job log (written by a worker thread);
+                # a blocking wait_until here would stall the client's event loop.
                 await asyncio.sleep(0.01)
             assert future.cancel()  # cancels the running request at the broker too
             while (await client.status(future.request_id)).state != "done":
                 assert time.monotonic() < deadline, "the broker did not cancel the request"
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the pace of a bounded poll of the broker's STATUS
             with pytest.raises(fastbroker.TaskCancelled):
                 await client.result(future.request_id)
             with pytest.raises(TimeoutError):
@@ -414,7 +416,7 @@ class Concurrency(Worker):
             cls.running += 1
             cls.peak = max(cls.peak, cls.running)
         try:
-            time.sleep(float(data.split(b":", 1)[0]))
+            time.sleep(float(data.split(b":", 1)[0]))  # the job's length is the point: overlaps are counted
         finally:
             with cls.lock:
                 cls.running -= 1

@@ -76,7 +76,7 @@ class _SlowJob:
     def process(self, data: bytes) -> bytes:
         log_event("start", data)
         seconds = float(data.split(b":", 1)[0])
-        time.sleep(seconds + float(os.environ.get(EXTRA_DELAY_ENV, "0")))
+        time.sleep(seconds + float(os.environ.get(EXTRA_DELAY_ENV, "0")))  # the job's length is the point
         log_event("done", data)
         return b"-" + data
 
@@ -89,7 +89,7 @@ class _HangJob:
         log_event("start", data)
         deadline = time.monotonic() + HANG_LIMIT
         while time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.5)  # nothing to wait for but the kill: hanging is the point
         return b"-" + data
 
 
@@ -109,8 +109,8 @@ class _GatedJob:
         if gate and data.split(b":", 1)[1].startswith(b"gated"):
             deadline = time.monotonic() + HANG_LIMIT
             while not os.path.exists(gate) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        time.sleep(float(data.split(b":", 1)[0]))
+                time.sleep(0.01)  # the pace of a bounded wait for a file the test (another process) creates
+        time.sleep(float(data.split(b":", 1)[0]))  # the job's length is the point
         log_event("done", data)
         return b"-" + data
 
@@ -205,7 +205,7 @@ class DealerSlowStart(DealerEcho):
 
     def __init__(self, *args, **kwargs):
         log_event("building", b"")
-        time.sleep(1.0)
+        time.sleep(1.0)  # a slow constructor is the point
         super().__init__(*args, **kwargs)
 
 
@@ -242,7 +242,7 @@ class CancelProbe(Worker):
         if kind == b"gate":
             gate = Path(os.environ[GATE_DIR_ENV]) / tag.decode()
             while not gate.exists() and time.monotonic() < deadline:
-                time.sleep(0.005)
+                time.sleep(0.005)  # the pace of a bounded wait for a file the test creates (maybe in another process)
             if self.cancelled():
                 log_event("saw-cancel", data)
         elif kind in (b"poll", b"raise"):
@@ -252,7 +252,7 @@ class CancelProbe(Worker):
                     if kind == b"raise":
                         raise JobCancelled(data.decode())
                     return b"stopped:" + data
-                time.sleep(0.005)
+                time.sleep(0.005)  # polling cancelled() every 5 ms is the behaviour under test
         log_event("done", data)
         return b"-" + data
 
@@ -275,7 +275,7 @@ class PidWorker(Worker):
             Path(where, tag).touch()
             deadline = start + MEET_LIMIT
             while len(os.listdir(where)) < 2 and time.monotonic() < deadline:
-                time.sleep(0.002)
+                time.sleep(0.002)  # the pace of a bounded wait for the partner's file, made in another process
         return f"{os.getpid()} {start:.6f} {time.monotonic():.6f} ".encode() + data
 
 
