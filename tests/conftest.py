@@ -1,28 +1,32 @@
-"""Shared fixtures. Tests get the core from the `core` fixture and never import an
-implementation themselves: which core is live is decided once, by FASTBROKER_PURE,
-for the whole run (`make test` runs the suite once per core)."""
+"""The suite's fixtures (only fixtures and pytest hooks: the rigs, helpers and
+constants they use are in rigs.py, and no module imports this one).
+
+Tests get the core from the `core` fixture and never import an implementation
+themselves: which core is live is decided once, by FASTBROKER_PURE, for the whole run
+(`make test` runs the suite once per core). A test marked ``compiled_only`` (it needs
+the compiled core, e.g. next to the pure one) runs in the compiled run and is skipped
+in the pure run with the marker's reason.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
-import time
-from pathlib import Path
-from typing import Callable
 
 import pytest
 import zmq
 
 import fastbroker
 from fastbroker import _select
+from rigs import TESTS_DIR, CRig, FakeBroker, Processes, Rig, WRig
+from workers_for_tests import GATE_DIR_ENV, GATE_ENV, LOG_ENV, CancelProbe
 
 REQUIRE_COMPILED_ENV = "FASTBROKER_REQUIRE_COMPILED"
-TESTS_DIR = Path(__file__).resolve().parent
-
 
 THREAD_JOIN_WAIT = 20.0
 """Bound of the join of each worker thread the `threads` fixture started."""
+FAKE_WORKER_JOIN_WAIT = 10.0
+"""Bound of the join of the `fake` fixture's worker thread."""
 
 
 def pytest_report_header(config):
@@ -39,6 +43,15 @@ def pytest_sessionstart(session):
         )
 
 
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("compiled_only")
+    if marker is not None and fastbroker.core_name != "compiled":
+        pytest.skip(marker.kwargs.get("reason", "needs the compiled core"))
+
+
+# -- the core ---------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def core():
     """The live core module (compiled or pure)."""
@@ -50,16 +63,61 @@ def core_name() -> str:
     return fastbroker.core_name
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01, message: str = "condition"):
-    """Poll `predicate` until it is truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context destroyed with linger 0 at teardown."""
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def make_rig(core, ctx):
+    """make_rig(timeout=None, tries=None) -> a rigs.Rig on the live core; all closed at teardown."""
+    rigs = []
+
+    def make(timeout=None, tries=None) -> Rig:
+        rig = Rig(core, ctx, timeout, tries)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+@pytest.fixture
+def make_wrig(core, ctx):
+    """make_wrig(**options) -> a rigs.WRig (FBW01 workers) on the live core; all closed at teardown."""
+    rigs = []
+
+    def make(**kwargs) -> WRig:
+        rig = WRig(core, ctx, **kwargs)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+@pytest.fixture
+def make_crig(core, ctx):
+    """make_crig(**options) -> a rigs.CRig (FBW01 workers and FBC01 clients) on the live
+    core; all closed at teardown."""
+    rigs = []
+
+    def make(**kwargs) -> CRig:
+        rig = CRig(core, ctx, **kwargs)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+# -- processes and threads ----------------------------------------------------------------
 
 
 @pytest.fixture
@@ -71,25 +129,12 @@ def subprocess_env():
     return env
 
 
-PYTHON = sys.executable
-
-
 @pytest.fixture
 def procs(tmp_path, subprocess_env):
-    """Starts processes; kills all of them (SIGKILL) at teardown, pass or fail."""
-    from workers_for_tests import Processes
-
+    """Starts processes (rigs.Processes); kills all of them (SIGKILL) at teardown, pass or fail."""
     p = Processes(tmp_path, subprocess_env)
     yield p
     p.kill_all()
-
-
-@pytest.fixture
-def ctx():
-    """A ZeroMQ context destroyed with linger 0 at teardown."""
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 @pytest.fixture
@@ -109,4 +154,65 @@ def threads():
         worker.stop()
     for worker, thread in started:
         thread.join(THREAD_JOIN_WAIT)
+        worker.close()
+
+
+# -- the job log and gates of workers_for_tests ---------------------------------------------
+
+
+@pytest.fixture
+def log_path(tmp_path, monkeypatch):
+    """The job log ($FB_TEST_LOG) for jobs in this process and in children started
+    after. (Modules that pass the log to their children themselves override this.)"""
+    path = tmp_path / "jobs.log"
+    monkeypatch.setenv(LOG_ENV, str(path))
+    return path
+
+
+@pytest.fixture
+def gate(tmp_path, monkeypatch):
+    """The file DealerGated workers wait for (``0:gated...`` jobs); opened at teardown
+    at the latest, so no worker thread is left waiting."""
+    path = tmp_path / "gate"
+    monkeypatch.setenv(GATE_ENV, str(path))
+    yield path
+    path.touch()
+
+
+@pytest.fixture
+def job_env(tmp_path, monkeypatch):
+    """(the job log, open_gate(tag)): $FB_TEST_LOG and the gate directory of
+    CancelProbe jobs, for jobs in this process and in children."""
+    log = tmp_path / "jobs.log"
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    monkeypatch.setenv(LOG_ENV, str(log))
+    monkeypatch.setenv(GATE_DIR_ENV, str(gates))
+
+    def open_gate(tag: str) -> None:
+        (gates / tag).touch()
+
+    return log, open_gate
+
+
+@pytest.fixture
+def fake(ctx, job_env):
+    """(rigs.FakeBroker, the running CancelProbe worker) with credit 1; the worker has
+    sent READY. Teardown opens every gate the tests use, stops and closes the worker."""
+    broker = FakeBroker(ctx)
+    # A long silence limit: the fake broker does not heartbeat, and the tests are short.
+    worker = CancelProbe(ctx, broker.address, credit=1, heartbeat=1.0, liveness=20)
+    worker.stop_grace = 0.01
+    thread = threading.Thread(target=worker.run, name="cancel-probe-worker", daemon=True)
+    thread.start()
+    try:
+        broker.expect_ready(1)
+        yield broker, worker
+    finally:
+        _, open_gate = job_env
+        for tag in ("one", "running", "held"):
+            open_gate(tag)
+        worker.stop()
+        thread.join(FAKE_WORKER_JOIN_WAIT)
+        assert not thread.is_alive(), "the worker did not stop"
         worker.close()

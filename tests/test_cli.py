@@ -8,14 +8,13 @@ import os
 import re
 import signal
 import socket
-import subprocess
 
 import pytest
 import zmq
 
 import fastbroker
-from conftest import PYTHON, wait_until
-from workers_for_tests import LOG_ENV, Echo, Processes, descendants, pid_alive, read_log, request, runs
+from rigs import Processes, descendants, pid_alive, read_log, request, run_cli, runs, wait_until
+from workers_for_tests import LOG_ENV, Echo
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -24,18 +23,6 @@ WAIT = 20.0
 @pytest.fixture
 def addrs(tmp_path):
     return [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
-
-
-def run_cli(args, env, cwd, timeout=60.0) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "fastbroker", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(cwd),
-        timeout=timeout,
-    )
 
 
 # -- bad input: exit 2, one line ---------------------------------------------------------

@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from conftest import PYTHON, wait_until
 from fastbroker import Client, TaskCancelled
-from workers_for_tests import GATE_ENV, LOG_ENV, runs
+from rigs import PYTHON, runs, wait_until
+from workers_for_tests import GATE_ENV, LOG_ENV
 
 WAIT = 20.0
 

@@ -12,21 +12,34 @@ import struct
 import threading
 import time
 import uuid
-from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pytest
 
 import fastbroker
-from conftest import wait_until
-from fastbroker import AsyncClient, Broker, BrokerError, Client, ConfigError, Status, Worker
-from fastbroker.protocol import C_CANCEL, C_RESULT, C_STATUS, C_SUBMIT, CLIENT_SIGNATURE, MAX_REQUEST_TIMEOUT_MS, R_ACCEPTED, R_CANCELLED, R_FAILED, R_OK, R_REJECTED, R_STATUS, R_TIMED_OUT, R_UNKNOWN
+from fastbroker import AsyncClient, BrokerError, Client, ConfigError, Status, Worker
 from fastbroker.client.protocol import RequestBook, decode_reply, encode_options
-from workers_for_tests import GATE_ENV, LOG_ENV, DealerEcho, DealerFailer, DealerGated, runs
+from fastbroker.protocol import (
+    C_CANCEL,
+    C_RESULT,
+    C_STATUS,
+    C_SUBMIT,
+    CLIENT_SIGNATURE,
+    MAX_REQUEST_TIMEOUT_MS,
+    R_ACCEPTED,
+    R_CANCELLED,
+    R_FAILED,
+    R_OK,
+    R_REJECTED,
+    R_STATUS,
+    R_TIMED_OUT,
+    R_UNKNOWN,
+)
+from rigs import BrokerRig, runs, wait_until
+from workers_for_tests import DealerEcho, DealerFailer, DealerGated
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
-HEARTBEAT = 0.1
 
 
 # -- the shared logic, without sockets ---------------------------------------------------
@@ -200,87 +213,10 @@ class FakeFuture(str):
 # -- a broker in a thread, workers in threads ---------------------------------------------
 
 
-class Rig:
-    """A Broker run in a thread on fixed ipc endpoints (so it can be restarted on
-    the same ones), and DEALER workers run in threads."""
-
-    def __init__(self, tmp_path: Path, **broker_options) -> None:
-        self.addrs = tuple(f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans"))
-        self.broker_options = {"heartbeat": HEARTBEAT, **broker_options}
-        self.broker: Optional[Broker] = None
-        self._broker_thread: Optional[threading.Thread] = None
-        self.workers: list = []
-        self.clients: list = []
-
-    @property
-    def address(self) -> str:
-        return self.addrs[0]
-
-    def start_broker(self, timeout=None, tries=None) -> Broker:
-        self.broker = Broker(None, timeout, tries, *self.addrs, **self.broker_options)
-        self._broker_thread = threading.Thread(target=self.broker.run, name="broker")
-        self._broker_thread.start()
-        return self.broker
-
-    def stop_broker(self) -> dict:
-        """Stop and close the broker (its requests are lost); its last stats."""
-        stats: dict = {}
-        if self.broker is not None:
-            self.broker.stop()
-            self._broker_thread.join(WAIT)
-            stats = self.broker.stats()  # read once the loop has stopped
-            self.broker.close()
-            self.broker = None
-        return stats
-
-    def worker(self, cls, credit: int = 1) -> Worker:
-        worker = cls(None, self.addrs[1], credit=credit, heartbeat=HEARTBEAT)
-        thread = threading.Thread(target=worker.run, name=f"worker-{cls.__name__}")
-        thread.start()
-        self.workers.append((worker, thread))
-        return worker
-
-    def client(self, **options) -> Client:
-        client = Client(self.address, **options)
-        self.clients.append(client)
-        return client
-
-    def stop_workers(self) -> None:
-        """Before the broker: a worker hangs up gracefully only while it is there."""
-        for worker, _ in self.workers:
-            worker.stop()
-        for worker, thread in self.workers:
-            thread.join(WAIT)
-            worker.close()
-        self.workers.clear()
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
-        self.stop_workers()
-        self.stop_broker()
-
-
-@pytest.fixture
-def log_path(tmp_path, monkeypatch):
-    path = tmp_path / "jobs.log"
-    monkeypatch.setenv(LOG_ENV, str(path))
-    return path
-
-
-@pytest.fixture
-def gate(tmp_path, monkeypatch):
-    """The file DealerGated workers wait for (``0:gated...`` jobs); opened at teardown
-    at the latest, so no worker thread is left waiting."""
-    path = tmp_path / "gate"
-    monkeypatch.setenv(GATE_ENV, str(path))
-    yield path
-    path.touch()
-
-
 @pytest.fixture
 def rig(tmp_path, gate):
-    r = Rig(tmp_path)
+    """A rigs.BrokerRig (a Broker in a thread, Worker threads, Clients), closed after the gate opens."""
+    r = BrokerRig(tmp_path)
     yield r
     gate.touch()
     r.close()
@@ -452,11 +388,13 @@ def test_async_client_timeout_and_cancel(rig, log_path):
             deadline = time.monotonic() + WAIT
             while not runs(log_path, "0:gated-cancelled"):
                 assert time.monotonic() < deadline, "the job did not start"
+                # The pace of a bounded poll of the job log (written by a worker thread);
+                # a blocking wait_until here would stall the client's event loop.
                 await asyncio.sleep(0.01)
             assert future.cancel()  # cancels the running request at the broker too
             while (await client.status(future.request_id)).state != "done":
                 assert time.monotonic() < deadline, "the broker did not cancel the request"
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the pace of a bounded poll of the broker's STATUS
             with pytest.raises(fastbroker.TaskCancelled):
                 await client.result(future.request_id)
             with pytest.raises(TimeoutError):
@@ -478,7 +416,7 @@ class Concurrency(Worker):
             cls.running += 1
             cls.peak = max(cls.peak, cls.running)
         try:
-            time.sleep(float(data.split(b":", 1)[0]))
+            time.sleep(float(data.split(b":", 1)[0]))  # the job's length is the point: overlaps are counted
         finally:
             with cls.lock:
                 cls.running -= 1

@@ -4,141 +4,53 @@ in-process.
 The core runs in short slices in the test thread (as in test_core_loop.py). Raw DEALER
 sockets play the FBC01 clients and write every frame themselves:
 [b"FBC01", command, id, body...], with no empty delimiter. Raw FBW01 DEALER workers
-(test_worker_protocol.FBWorker) and original REQ clients and workers share the broker
+(rigs.FBWorker) and original REQ clients and workers share the broker
 with them. Every pump of the core also reads what the clients and workers got, in order.
 """
 
 from __future__ import annotations
 
-import struct
 import time
-import uuid
 
 import pytest
 import zmq
 
 from fastbroker import protocol
-from fastbroker.protocol import C_CANCEL, C_RESULT, C_STATUS, C_SUBMIT, CLIENT_SIGNATURE as CSIG, CMD_CANCEL, CMD_TASK, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, DROP_REASONS, MAX_REQUEST_TIMEOUT_MS, MAX_REQUEST_TRIES, MAX_WAITERS, OPT_NO_ACK, R_ACCEPTED, R_CANCELLED, R_FAILED, R_OK, R_REJECTED, R_STATUS, R_TIMED_OUT, R_UNKNOWN, REJECT_BAD_OPTIONS, REJECT_REASONS, RESULT_OVERHEAD, STATE_DONE, STATE_QUEUED, STATE_RUNNING, WORKER_SIGNATURE as WSIG
-
-from test_core_loop import EPOCH, assert_stats
-from test_worker_protocol import CALM_LIVENESS, HEARTBEAT, LONG_TIMEOUT, WRig
+from fastbroker.protocol import (
+    C_CANCEL,
+    C_RESULT,
+    C_STATUS,
+    C_SUBMIT,
+    CLIENT_SIGNATURE as CSIG,
+    CMD_CANCEL,
+    CMD_TASK,
+    DROP_REASONS,
+    MAX_REQUEST_TIMEOUT_MS,
+    MAX_REQUEST_TRIES,
+    MAX_WAITERS,
+    OPT_NO_ACK,
+    R_ACCEPTED,
+    R_CANCELLED,
+    R_FAILED,
+    R_OK,
+    R_REJECTED,
+    R_STATUS,
+    R_TIMED_OUT,
+    R_UNKNOWN,
+    REJECT_BAD_OPTIONS,
+    REJECT_REASONS,
+    RESULT_OVERHEAD,
+    STATE_DONE,
+    STATE_QUEUED,
+    STATE_RUNNING,
+    WORKER_SIGNATURE as WSIG,
+)
+from rigs import LONG_TIMEOUT, NO_ACK, CRig, FBClient, assert_stats, new_id, opts, reply, status
 
 UNKNOWN_TASK = DROP_REASONS[protocol.DROP_ANSWER_UNKNOWN]
 BAD_COMMAND = DROP_REASONS[protocol.DROP_CLIENT_BAD_COMMAND]
 BAD_ID = DROP_REASONS[protocol.DROP_CLIENT_BAD_ID]
 SHORT_MS = 100  # a per-request timeout that must expire during the test
-
-
-def new_id() -> bytes:
-    return uuid.uuid4().bytes
-
-
-def opts(flags: int = 0, timeout_ms: int = 0, tries: int = 0) -> bytes:
-    """A 9-byte options frame: flags, timeout (ms, BE), tries (BE)."""
-    return struct.pack(">BII", flags, timeout_ms, tries)
-
-
-NO_ACK = opts(OPT_NO_ACK)
-
-
-def reply(code: bytes, rid: bytes, *body: bytes) -> list:
-    """A broker reply as the client's DEALER receives it."""
-    return [CSIG, code, rid, *body]
-
-
-def status(rid: bytes, state: int, attempt: int, tries: int) -> list:
-    return reply(R_STATUS, rid, bytes([state]), attempt.to_bytes(4, "big"), tries.to_bytes(4, "big"))
-
-
-class FBClient:
-    """A DEALER client whose every frame the test writes."""
-
-    def __init__(self, sock: zmq.Socket):
-        self.sock = sock
-        self.inbox: list = []  # replies from the broker, in order
-
-    def send(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
-
-    def command(self, cmd: bytes, rid: bytes, *body: bytes) -> None:
-        self.send(CSIG, cmd, rid, *body)
-
-    def submit(self, rid: bytes, *payload: bytes, options: bytes = b"") -> None:
-        self.command(C_SUBMIT, rid, options, *payload)
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-    def collect(self) -> None:
-        if self.sock.closed:
-            return
-        for _ in range(100_000):
-            if not self.sock.poll(0):
-                break
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            # Every reply: signature, a one-byte reply code, the 16-byte request id.
-            assert len(frames) >= 3 and frames[0] == CSIG, frames
-            assert len(frames[1]) == 1 and len(frames[2]) == 16, frames
-            self.inbox.append(frames)
-
-
-class CRig(WRig):
-    """WRig (FBW01 workers, short heartbeats) whose core also has the retention
-    settings of the test, plus FBC01 clients."""
-
-    def __init__(self, core_module, ctx, timeout=None, tries=None, heartbeat=HEARTBEAT,
-                 liveness=CALM_LIVENESS, retention=DEFAULT_RETENTION,
-                 retention_bytes=DEFAULT_RETENTION_BYTES, max_queue=None):
-        super().__init__(core_module, ctx, timeout, tries, heartbeat=heartbeat, liveness=liveness)
-        # The parent's core never ran; replace it by one with this test's retention.
-        self.core.close()
-        self.core = core_module.BrokerCore(
-            self.requests, self.workers, self.answers, timeout, tries,
-            heartbeat=heartbeat, liveness=liveness, epoch=EPOCH,
-            retention=retention, retention_bytes=retention_bytes, max_queue=max_queue,
-        )
-        self.fbc: list = []
-
-    def fbclient(self, identity=None) -> FBClient:
-        client = FBClient(self.client(zmq.DEALER, identity))
-        self.fbc.append(client)
-        return client
-
-    def service(self) -> None:
-        super().service()
-        for client in self.fbc:
-            client.collect()
-
-    def reply(self, client: FBClient, timeout: float = 10.0) -> list:
-        """The next reply `client` gets."""
-        self.pump(lambda: client.inbox, timeout)
-        return client.inbox.pop(0)
-
-    def ask(self, client: FBClient, cmd: bytes, rid: bytes) -> list:
-        """Send STATUS/RESULT/CANCEL for `rid` and return the reply to it."""
-        assert client.inbox == [], client.inbox  # so the next reply is the answer to this
-        client.command(cmd, rid)
-        return self.reply(client)
-
-    def quiet(self, *peers) -> None:
-        """A few turns, then: none of `peers` (clients or FBW01 workers) got anything."""
-        self.settle()
-        for peer in peers:
-            assert peer.inbox == [], peer.inbox
-
-
-@pytest.fixture
-def make_rig(core, ctx):
-    rigs = []
-
-    def make(**kwargs) -> CRig:
-        rig = CRig(core, ctx, **kwargs)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
 
 
 def tasks_for(worker, payload: bytes) -> list:
@@ -173,8 +85,8 @@ def serve_one_of_each(rig: CRig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_submit_accepted_then_ok_with_the_answer_frames_exactly(make_rig):
-    rig = make_rig()
+def test_submit_accepted_then_ok_with_the_answer_frames_exactly(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -192,8 +104,8 @@ def test_submit_accepted_then_ok_with_the_answer_frames_exactly(make_rig):
                  duplicates=0, rejected=0, dropped=0, idle_workers=1)
 
 
-def test_all_zero_options_are_the_defaults(make_rig):
-    rig = make_rig()
+def test_all_zero_options_are_the_defaults(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -206,8 +118,8 @@ def test_all_zero_options_are_the_defaults(make_rig):
     assert rig.reply(client) == reply(R_OK, rid, b"done")
 
 
-def test_no_ack_gives_only_the_outcome(make_rig):
-    rig = make_rig()
+def test_no_ack_gives_only_the_outcome(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -222,8 +134,8 @@ def test_no_ack_gives_only_the_outcome(make_rig):
     assert_stats(rig.stats(), requests=1, answered=1)
 
 
-def test_extreme_valid_options_are_accepted(make_rig):
-    rig = make_rig()
+def test_extreme_valid_options_are_accepted(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -236,8 +148,8 @@ def test_extreme_valid_options_are_accepted(make_rig):
     assert_stats(rig.stats(), rejected=0, timeouts=0)
 
 
-def test_fbc01_and_req_requests_share_one_fifo(make_rig):
-    rig = make_rig()
+def test_fbc01_and_req_requests_share_one_fifo(make_crig):
+    rig = make_crig()
     req1, req2 = rig.client(), rig.client()
     client = rig.fbclient()
     rid = new_id()
@@ -265,8 +177,8 @@ def test_fbc01_and_req_requests_share_one_fifo(make_rig):
 
 
 @pytest.mark.parametrize("broker_timeout", [None, LONG_TIMEOUT])
-def test_per_request_timeout_retries_only_that_request(make_rig, broker_timeout):
-    rig = make_rig(timeout=broker_timeout)
+def test_per_request_timeout_retries_only_that_request(make_crig, broker_timeout):
+    rig = make_crig(timeout=broker_timeout)
     worker = rig.dealer()
     rig.register(worker, 4)  # room for both jobs and the short one's retry (its ghost stays)
     client = rig.fbclient()
@@ -289,8 +201,8 @@ def test_per_request_timeout_retries_only_that_request(make_rig, broker_timeout)
     assert rig.reply(client) == reply(R_OK, default, b"late but fine")
 
 
-def test_zero_options_take_the_broker_timeout_and_tries_and_a_longer_one_wins(make_rig):
-    rig = make_rig(timeout=SHORT_MS / 1000, tries=2)
+def test_zero_options_take_the_broker_timeout_and_tries_and_a_longer_one_wins(make_crig):
+    rig = make_crig(timeout=SHORT_MS / 1000, tries=2)
     worker = rig.dealer()
     rig.register(worker, 4)
     client = rig.fbclient()
@@ -307,8 +219,8 @@ def test_zero_options_take_the_broker_timeout_and_tries_and_a_longer_one_wins(ma
 
 
 @pytest.mark.parametrize("tries", [1, 3])
-def test_per_request_tries_are_exact(make_rig, tries):
-    rig = make_rig()  # broker: no timeout, unlimited tries
+def test_per_request_tries_are_exact(make_crig, tries):
+    rig = make_crig()  # broker: no timeout, unlimited tries
     worker = rig.dealer()
     rig.register(worker, 5)
     client = rig.fbclient()
@@ -325,8 +237,8 @@ def test_per_request_tries_are_exact(make_rig, tries):
     assert rig.ask(client, C_RESULT, rid) == reply(R_TIMED_OUT, rid)
 
 
-def test_tries_above_the_maximum_are_capped(make_rig):
-    rig = make_rig(tries=3)
+def test_tries_above_the_maximum_are_capped(make_crig):
+    rig = make_crig(tries=3)
     client = rig.fbclient()
     ids = {new_id(): t for t in (MAX_REQUEST_TRIES, MAX_REQUEST_TRIES + 1, 0xFFFFFFFF)}
     for rid, tries in ids.items():
@@ -346,8 +258,8 @@ def test_tries_above_the_maximum_are_capped(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_failed_outcome_carries_the_latest_failure(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT)
+def test_failed_outcome_carries_the_latest_failure(make_crig):
+    rig = make_crig(timeout=LONG_TIMEOUT)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -383,8 +295,8 @@ def test_failed_outcome_carries_the_latest_failure(make_rig):
     (["timeout", "lost"], "timed_out"),
     (["lost"], "timed_out"),
 ])
-def test_the_outcome_after_the_last_try(make_rig, steps, expected):
-    rig = make_rig()
+def test_the_outcome_after_the_last_try(make_crig, steps, expected):
+    rig = make_crig()
     client = rig.fbclient()
     rid = new_id()
     # A timeout long enough that a FAILED sent at once always comes first.
@@ -418,8 +330,8 @@ def test_the_outcome_after_the_last_try(make_rig, steps, expected):
 
 
 @pytest.mark.parametrize("how", ["timeout", "failed"])
-def test_req_client_still_gets_the_empty_answer_on_abort(make_rig, how):
-    rig = make_rig(timeout=SHORT_MS / 1000 if how == "timeout" else None, tries=1)
+def test_req_client_still_gets_the_empty_answer_on_abort(make_crig, how):
+    rig = make_crig(timeout=SHORT_MS / 1000 if how == "timeout" else None, tries=1)
     worker = rig.dealer()
     rig.register(worker, 4)
     req = rig.client()
@@ -445,8 +357,8 @@ def test_req_client_still_gets_the_empty_answer_on_abort(make_rig, how):
 # ---------------------------------------------------------------------------
 
 
-def test_cancel_a_queued_request(make_rig):
-    rig = make_rig()
+def test_cancel_a_queued_request(make_crig):
+    rig = make_crig()
     client = rig.fbclient()
     rid, later = new_id(), new_id()
     client.submit(rid, b"never", options=opts(0, 0, 5))
@@ -475,8 +387,8 @@ def test_cancel_a_queued_request(make_rig):
 
 
 @pytest.mark.parametrize("ending", ["answer", "failed"])
-def test_cancel_a_running_job(make_rig, ending):
-    rig = make_rig()
+def test_cancel_a_running_job(make_crig, ending):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -509,8 +421,8 @@ def test_cancel_a_running_job(make_rig, ending):
     assert_stats(rig.stats(), cancelled=1, answered=1, failed=0, aborted=0, dispatched=2)
 
 
-def test_cancel_a_job_running_on_a_req_worker(make_rig):
-    rig = make_rig()
+def test_cancel_a_job_running_on_a_req_worker(make_crig):
+    rig = make_crig()
     req_worker = rig.worker()
     rig.ready(req_worker, 1)
     client = rig.fbclient()
@@ -529,8 +441,8 @@ def test_cancel_a_job_running_on_a_req_worker(make_rig):
 
 
 @pytest.mark.parametrize("canceller", ["waiter", "other"])
-def test_cancelled_goes_to_every_waiter_and_the_canceller_once(make_rig, canceller):
-    rig = make_rig()
+def test_cancelled_goes_to_every_waiter_and_the_canceller_once(make_crig, canceller):
+    rig = make_crig()
     a, b = rig.fbclient(), rig.fbclient()
     rid = new_id()
     a.submit(rid, b"job", options=NO_ACK)
@@ -548,10 +460,10 @@ def test_cancelled_goes_to_every_waiter_and_the_canceller_once(make_rig, cancell
     assert_stats(rig.stats(), cancelled=1, requests=1)
 
 
-def test_cancel_by_another_socket_reaches_a_full_list_of_waiters(make_rig):
+def test_cancel_by_another_socket_reaches_a_full_list_of_waiters(make_crig):
     """The canceller is told besides the waiters: it must not push the oldest waiter
     out of a full list (MAX_WAITERS) and so leave it without the outcome."""
-    rig = make_rig()
+    rig = make_crig()
     waiters = [rig.fbclient() for _ in range(MAX_WAITERS)]
     rid = new_id()
     for i, client in enumerate(waiters):
@@ -566,8 +478,8 @@ def test_cancel_by_another_socket_reaches_a_full_list_of_waiters(make_rig):
     assert got == {i: [reply(R_CANCELLED, rid)] for i in range(MAX_WAITERS)}
 
 
-def test_cancel_while_waiting_for_a_retry(make_rig):
-    rig = make_rig()
+def test_cancel_while_waiting_for_a_retry(make_crig):
+    rig = make_crig()
     slow = rig.dealer()
     rig.register(slow, 1)
     client = rig.fbclient()
@@ -591,8 +503,8 @@ def test_cancel_while_waiting_for_a_retry(make_rig):
     assert_stats(rig.stats(), dispatched=2)
 
 
-def test_unknown_ids(make_rig):
-    rig = make_rig()
+def test_unknown_ids(make_crig):
+    rig = make_crig()
     client = rig.fbclient()
     rid = new_id()
     for cmd in (C_STATUS, C_RESULT, C_CANCEL):
@@ -606,8 +518,8 @@ def test_unknown_ids(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_status_follows_the_request(make_rig):
-    rig = make_rig()
+def test_status_follows_the_request(make_crig):
+    rig = make_crig()
     client, watcher = rig.fbclient(), rig.fbclient()
     rid = new_id()
     client.submit(rid, b"job", options=opts(OPT_NO_ACK, 300, 3))
@@ -637,8 +549,8 @@ def test_status_follows_the_request(make_rig):
     assert rig.ask(watcher, C_STATUS, new_id())[1] == R_UNKNOWN
 
 
-def test_late_answer_from_the_first_attempt_wins(make_rig):
-    rig = make_rig()
+def test_late_answer_from_the_first_attempt_wins(make_crig):
+    rig = make_crig()
     client = rig.fbclient()
     rid = new_id()
     client.submit(rid, b"job", options=opts(OPT_NO_ACK, SHORT_MS, 3))
@@ -660,8 +572,8 @@ def test_late_answer_from_the_first_attempt_wins(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_same_id_twice_on_one_socket_runs_once(make_rig):
-    rig = make_rig()
+def test_same_id_twice_on_one_socket_runs_once(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 4)
     client = rig.fbclient()
@@ -681,8 +593,8 @@ def test_same_id_twice_on_one_socket_runs_once(make_rig):
     assert_stats(rig.stats(), requests=1, duplicates=1, dispatched=1, answered=1, timeouts=0)
 
 
-def test_same_id_from_two_sockets_runs_once_and_both_get_the_outcome(make_rig):
-    rig = make_rig()
+def test_same_id_from_two_sockets_runs_once_and_both_get_the_outcome(make_crig):
+    rig = make_crig()
     client_a, client_b = rig.fbclient(), rig.fbclient()
     rid = new_id()
     client_a.submit(rid, b"job")
@@ -708,8 +620,8 @@ def test_same_id_from_two_sockets_runs_once_and_both_get_the_outcome(make_rig):
     assert_stats(rig.stats(), requests=1, duplicates=3, dispatched=1, answered=1)
 
 
-def test_waiters_are_capped_and_the_oldest_is_replaced(make_rig):
-    rig = make_rig()
+def test_waiters_are_capped_and_the_oldest_is_replaced(make_crig):
+    rig = make_crig()
     clients = [rig.fbclient() for _ in range(MAX_WAITERS + 1)]
     rid = new_id()
     for i, client in enumerate(clients):
@@ -731,8 +643,8 @@ def test_waiters_are_capped_and_the_oldest_is_replaced(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_result_of_a_finished_request_on_a_new_socket(make_rig):
-    rig = make_rig()
+def test_result_of_a_finished_request_on_a_new_socket(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     old = rig.fbclient()
@@ -751,11 +663,11 @@ def test_result_of_a_finished_request_on_a_new_socket(make_rig):
     assert_stats(rig.stats(), cancelled=0, answered=1, dispatched=1)
 
 
-def test_kept_outcomes_of_every_size_come_back_whole(make_rig):
+def test_kept_outcomes_of_every_size_come_back_whole(make_crig):
     """Answer frames from 34 bytes to 8 KiB are kept as copies of their own (not to pin
     libzmq's shared receive buffer); the others as shared frames. Each comes back
     byte for byte, over the network, many at a time."""
-    rig = make_rig()
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -775,11 +687,11 @@ def test_kept_outcomes_of_every_size_come_back_whole(make_rig):
     rig.quiet(other, worker)
 
 
-def test_queued_payloads_of_every_size_reach_the_worker_whole(make_rig):
+def test_queued_payloads_of_every_size_reach_the_worker_whole(make_crig):
     """A request that has to wait gets its own copy of each frame of 34 B to 8 KiB (not
     to pin libzmq's shared receive buffer): FBC01 and REQ requests queued with no
     worker, then taken, arrive byte for byte, and so do their answers."""
-    rig = make_rig()
+    rig = make_crig()
     fbc = rig.fbclient()
     req = rig.client(zmq.DEALER)
     sizes = [1, 33, 34, 100, 1000, 4000, 8191, 8192, 8193, 70000]
@@ -810,8 +722,8 @@ def test_queued_payloads_of_every_size_reach_the_worker_whole(make_rig):
     rig.quiet(fbc, worker)
 
 
-def test_result_while_queued_or_running_routes_the_outcome_to_the_new_socket(make_rig):
-    rig = make_rig()
+def test_result_while_queued_or_running_routes_the_outcome_to_the_new_socket(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     old = rig.fbclient()
@@ -851,9 +763,9 @@ def run_one(rig: CRig, worker, client: FBClient, answer: list, rid: bytes = None
     return rid
 
 
-def test_outcome_is_forgotten_after_the_retention_time(make_rig):
+def test_outcome_is_forgotten_after_the_retention_time(make_crig):
     retention = 0.5
-    rig = make_rig(retention=retention)
+    rig = make_crig(retention=retention)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -879,8 +791,8 @@ def test_outcome_is_forgotten_after_the_retention_time(make_rig):
     assert_stats(rig.stats(), requests=2, duplicates=0, dispatched=2)
 
 
-def test_retention_zero_keeps_no_outcome(make_rig):
-    rig = make_rig(retention=0)
+def test_retention_zero_keeps_no_outcome(make_crig):
+    rig = make_crig(retention=0)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -889,10 +801,10 @@ def test_retention_zero_keeps_no_outcome(make_rig):
     assert_stats(rig.stats(), retained=0, retained_bytes=0)
 
 
-def test_retention_bytes_forget_the_oldest_outcomes_first(make_rig):
+def test_retention_bytes_forget_the_oldest_outcomes_first(make_crig):
     size = 100
     cost = RESULT_OVERHEAD + size
-    rig = make_rig(retention_bytes=3 * cost)
+    rig = make_crig(retention_bytes=3 * cost)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -960,8 +872,8 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("frames, reasons", [pytest.param(f, r, id=i) for i, f, r in MALFORMED])
-def test_malformed_client_message_is_dropped(make_rig, frames, reasons):
-    rig = make_rig()
+def test_malformed_client_message_is_dropped(make_crig, frames, reasons):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -991,8 +903,8 @@ def test_malformed_client_message_is_dropped(make_rig, frames, reasons):
     opts(OPT_NO_ACK | 0x04),  # REJECTED even with NO_ACK
     opts(0, 0xFFFFFFFF, 0),
 ], ids=["len3", "len8", "len10", "flag2", "flag80", "noack+flag4", "timeout-max+1"])
-def test_bad_options_are_rejected(make_rig, options):
-    rig = make_rig()
+def test_bad_options_are_rejected(make_crig, options):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -1012,8 +924,8 @@ def test_bad_options_are_rejected(make_rig, options):
     assert_stats(rig.stats(), rejected=1, requests=1, duplicates=0)
 
 
-def test_bad_options_on_a_known_id_are_rejected_before_the_duplicate_rule(make_rig):
-    rig = make_rig()
+def test_bad_options_on_a_known_id_are_rejected_before_the_duplicate_rule(make_crig):
+    rig = make_crig()
     first, second = rig.fbclient(), rig.fbclient()
     rid = new_id()
     first.submit(rid, b"job", options=NO_ACK)
@@ -1031,8 +943,8 @@ def test_bad_options_on_a_known_id_are_rejected_before_the_duplicate_rule(make_r
     rig.quiet(second)  # the rejected SUBMIT made it no waiter
 
 
-def test_broker_serves_after_every_kind_of_bad_client_message(make_rig):
-    rig = make_rig()
+def test_broker_serves_after_every_kind_of_bad_client_message(make_crig):
+    rig = make_crig()
     client = rig.fbclient()
     bad = [
         [CSIG, C_SUBMIT, b"R" * 15, b"", b"p"],
@@ -1060,8 +972,8 @@ def test_broker_serves_after_every_kind_of_bad_client_message(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_req_client_whose_payload_starts_with_the_signature_is_an_original_request(make_rig):
-    rig = make_rig()
+def test_req_client_whose_payload_starts_with_the_signature_is_an_original_request(make_crig):
+    rig = make_crig()
     rid = new_id()
     req = rig.client()
     req_payload = [CSIG, C_SUBMIT, rid, b"", b"payload"]
@@ -1089,8 +1001,8 @@ def test_req_client_whose_payload_starts_with_the_signature_is_an_original_reque
 # ---------------------------------------------------------------------------
 
 
-def test_200_interleaved_submits_from_3_clients_each_get_their_own_answer(make_rig):
-    rig = make_rig()
+def test_200_interleaved_submits_from_3_clients_each_get_their_own_answer(make_crig):
+    rig = make_crig()
     workers = [rig.dealer(), rig.dealer()]
     for worker in workers:
         rig.register(worker, 8)
@@ -1134,8 +1046,8 @@ def test_200_interleaved_submits_from_3_clients_each_get_their_own_answer(make_r
 # ---------------------------------------------------------------------------
 
 
-def test_a_full_queue_rejects_new_requests_of_both_kinds_and_takes_them_again_when_it_drains(make_rig):
-    rig = make_rig(max_queue=2)
+def test_a_full_queue_rejects_new_requests_of_both_kinds_and_takes_them_again_when_it_drains(make_crig):
+    rig = make_crig(max_queue=2)
     client = rig.fbclient()
     queued = [new_id(), new_id()]
     for rid in queued:

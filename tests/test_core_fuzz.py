@@ -7,11 +7,10 @@ and account for every message it took in."""
 from __future__ import annotations
 
 import zmq
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from fastbroker import protocol
-from test_core_loop import EPOCH, Rig
+from rigs import EPOCH, Rig
 
 SIGNATURE = protocol.WORKER_SIGNATURE
 COMMANDS = [bytes([c]) for c in range(0, 9)] + [bytes([c]) for c in range(0x11, 0x19)]

@@ -1,5 +1,6 @@
 """BrokerCore driven directly, in-process: inproc sockets in one context, the core's
-loop run in short slices by `pump` while the test plays clients and workers.
+loop run in short slices by `pump` while the test plays clients and workers (rigs.Rig,
+from the make_rig fixture).
 
 Everything happens in the test thread (except the wake-fd test), so the order of
 events is the order the test writes them; no sleeps drive behaviour.
@@ -11,145 +12,24 @@ import os
 import random
 import threading
 import time
-import uuid
 
 import pytest
 import zmq
 
 from fastbroker import protocol
 from fastbroker.protocol import DROP_REASONS, RUN_DROP, RUN_TIMEOUT, RUN_WOKEN
+from rigs import EPOCH, SLICE, Rig, assert_stats, peer_gone, settle, wait_until
 
-from conftest import wait_until
-
-EPOCH = b"LOOPTEST"
 UNKNOWN = DROP_REASONS[protocol.DROP_ANSWER_UNKNOWN]
-SLICE = 0.01  # max_wait of one run() call in pump
 SHORT_TIMEOUT = 0.1  # per-attempt timeout where a test needs attempts to expire
-
-
-def pump(core, until, timeout: float = 10.0, max_wait: float = SLICE):
-    """Run the core in slices of `max_wait` until `until()` is truthy; return its value.
-    Fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / max(max_wait, 0.001)) * 4 + 10):
-        core.run(-1, max_wait)
-        value = until()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-    pytest.fail(f"pump: condition not met within {timeout} s; stats={core.stats()}")
-
-
-def settle(core, turns: int = 5, max_wait: float = 0.02) -> None:
-    """Give the core a few turns, for checks that something does NOT happen."""
-    for _ in range(turns):
-        core.run(-1, max_wait)
-
-
-class Rig:
-    """The core's three bound sockets plus factories for test-side peers."""
-
-    def __init__(self, core_module, ctx: zmq.Context, timeout=None, tries=None):
-        self.ctx = ctx
-        tag = uuid.uuid4().hex
-        self.addr = {k: f"inproc://loop-{k}-{tag}" for k in ("requests", "workers", "answers")}
-        self.peers: list = []
-        self.requests = self._sock(zmq.ROUTER)
-        self.workers = self._sock(zmq.ROUTER)
-        self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.answers = self._sock(zmq.PULL)
-        self.requests.bind(self.addr["requests"])
-        self.workers.bind(self.addr["workers"])
-        self.answers.bind(self.addr["answers"])
-        self.core = core_module.BrokerCore(
-            self.requests, self.workers, self.answers, timeout, tries, epoch=EPOCH
-        )
-        self._pusher = None
-
-    def _sock(self, kind, identity=None):
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if identity is not None:
-            sock.setsockopt(zmq.IDENTITY, identity)
-        self.peers.append(sock)
-        return sock
-
-    def peer(self, endpoint: str, kind=zmq.REQ, identity=None):
-        sock = self._sock(kind, identity)
-        sock.connect(self.addr[endpoint])
-        return sock
-
-    def client(self, kind=zmq.REQ, identity=None):
-        return self.peer("requests", kind, identity)
-
-    def worker(self, kind=zmq.REQ, identity=None):
-        return self.peer("workers", kind, identity)
-
-    @property
-    def pusher(self):
-        if self._pusher is None:
-            self._pusher = self.peer("answers", zmq.PUSH)
-        return self._pusher
-
-    def answer(self, task_id: bytes, *frames: bytes) -> None:
-        self.pusher.send_multipart([task_id, *frames])
-
-    def stats(self) -> dict:
-        return self.core.stats()
-
-    def pump(self, until, timeout: float = 10.0, max_wait: float = SLICE):
-        return pump(self.core, until, timeout, max_wait)
-
-    def pump_stat(self, name: str, value: int, timeout: float = 10.0) -> None:
-        self.pump(lambda: self.stats()[name] >= value, timeout)
-        assert self.stats()[name] == value, (name, self.stats())
-
-    def ready(self, worker, expect_ready: int) -> None:
-        """A REQ/DEALER worker asks for a job; wait until the core counted it."""
-        if worker.type == zmq.DEALER:
-            worker.send_multipart([b"", b"ready"])
-        else:
-            worker.send(b"ready")
-        self.pump_stat("ready", expect_ready)
-
-    def receive(self, sock, timeout: float = 10.0) -> list:
-        """Pump until `sock` has a message and return its frames (as bytes)."""
-        self.pump(lambda: sock.poll(0), timeout)
-        return sock.recv_multipart(zmq.NOBLOCK)
-
-    def close(self) -> None:
-        self.core.close()
-        for sock in self.peers:
-            sock.close(0)
-        for sock in (self.requests, self.workers, self.answers):
-            sock.close(0)
 
 
 @pytest.fixture
 def ctx():
+    """Here the context is terminated (not destroyed): a socket a rig left open hangs the test."""
     context = zmq.Context()
     yield context
     context.term()
-
-
-@pytest.fixture
-def make_rig(core, ctx):
-    rigs = []
-
-    def make(timeout=None, tries=None) -> Rig:
-        rig = Rig(core, ctx, timeout, tries)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
-
-
-def assert_stats(stats: dict, **expected) -> None:
-    got = {k: stats[k] for k in expected}
-    assert got == expected, stats
 
 
 def serve_one(rig: Rig, payload: bytes = b"check") -> None:
@@ -540,19 +420,6 @@ def test_req_worker_gets_a_second_job_before_answering_the_first(make_rig):
     assert_stats(rig.stats(), answered=2, running=0)
 
 
-def _gone(rig: Rig, identity: bytes):
-    """True once the workers ROUTER knows the peer `identity` is disconnected."""
-
-    def check() -> bool:
-        try:
-            rig.workers.send_multipart([identity, b"", b"probe"], zmq.DONTWAIT)
-        except zmq.ZMQError as exc:
-            return exc.errno == zmq.EHOSTUNREACH
-        return False
-
-    return check
-
-
 def test_job_for_a_vanished_worker_goes_to_the_next(make_rig):
     rig = make_rig()
     dead = rig.worker(identity=b"dead-worker")
@@ -560,7 +427,7 @@ def test_job_for_a_vanished_worker_goes_to_the_next(make_rig):
     rig.ready(dead, 1)
     rig.ready(live, 2)
     dead.close(0)
-    wait_until(_gone(rig, b"dead-worker"), message="the router to drop the closed worker")
+    wait_until(peer_gone(rig, b"dead-worker"), message="the router to drop the closed worker")
     client = rig.client()
     client.send(b"job")
     task_id, payload = rig.receive(live)
@@ -575,7 +442,7 @@ def test_job_stays_queued_when_its_only_worker_vanished(make_rig):
     dead = rig.worker(identity=b"dead-worker")
     rig.ready(dead, 1)
     dead.close(0)
-    wait_until(_gone(rig, b"dead-worker"), message="the router to drop the closed worker")
+    wait_until(peer_gone(rig, b"dead-worker"), message="the router to drop the closed worker")
     client = rig.client()
     client.send(b"job")
     rig.pump_stat("unreachable_workers", 1)

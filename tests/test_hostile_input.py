@@ -29,22 +29,19 @@ from typing import Dict, List, Tuple
 
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import wait_until
+from rigs import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench.soak
 from bench.soak import ANSWERS, GOOD_PREFIX, REQUESTS, WORKERS, Crowd, hostile_message, rss_bytes  # noqa: E402
-from fastbroker import Client  # noqa: E402
-from fastbroker import protocol# noqa: E402
+from fastbroker import Client, protocol  # noqa: E402
+from fastbroker.client.sync import connect_dealer  # noqa: E402
+from fastbroker.server.metrics import request_stats  # noqa: E402
 
 WAIT = 30.0
 """Bound of the waits for things that take milliseconds on an idle machine (it is shared)."""
 HEARTBEAT, LIVENESS, RETENTION = 0.2, 3, 0.5
-SETTLE = RETENTION + HEARTBEAT * LIVENESS + 0.4
-"""After the crowd is gone: kept outcomes (RETENTION) and silent fake workers
-(HEARTBEAT x LIVENESS) have expired by then, with a margin for the broker's turn."""
 RSS_TOLERANCES = {"compiled": 8 << 20, "pure": 48 << 20}
 """Allowed RSS growth of the broker over the fuzz. Allocators seldom give memory back,
 so the baseline is taken after a warm-up of the same mix (arenas, libzmq buffers and
@@ -145,14 +142,23 @@ def send_mix(crowd: Crowd, good: GoodClient, proc, messages, batch: int = 200) -
             assert proc.poll() is None, "the broker died"
 
 
-def settle(crowd: Crowd, good: GoodClient) -> int:
+def settle(crowd: Crowd, good: GoodClient, stats: zmq.Socket) -> int:
     """Close the crowd; a last good job (FIFO: answered after every request queued
-    before it was dispatched) and all earlier ones get their answers; then wait for
-    retention and liveness to pass."""
+    before it was dispatched) and all earlier ones get their answers; then wait until
+    the broker (asked with STATS on `stats`) has forgotten every kept outcome (after
+    RETENTION) and every silent fake worker (after HEARTBEAT x LIVENESS): it keeps no
+    outcome and knows one worker, the real one."""
     crowd.close()
     good.submit()
     done = good.check_all(WAIT)
-    time.sleep(SETTLE)
+    figures: Dict[str, int] = {}
+
+    def expired() -> bool:
+        figures.update(request_stats(stats, WAIT) or {})
+        return figures.get("retained") == 0 and figures.get("workers") == 1
+
+    wait_until(expired, timeout=WAIT, interval=0.05,
+               message=lambda: f"kept outcomes and fake workers to expire (last STATS: {figures})")
     return done
 
 
@@ -165,13 +171,14 @@ def test_hostile_input_leaves_the_broker_serving_and_its_memory_flat(procs, core
                  "--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS)], "worker")
     ctx = zmq.Context()
     good = GoodClient(endpoints[REQUESTS], ctx)
+    stats = connect_dealer(ctx, endpoints[REQUESTS])
     try:
         assert good.client.call(b"ping", wait=WAIT) == b"-ping"
         t0 = time.monotonic()
         warm = Crowd(ctx, endpoints, seed=1)
         rng = random.Random(7)
         send_mix(warm, good, proc, (hostile_message(rng) for _ in range(WARMUP_MESSAGES)))
-        settle(warm, good)
+        settle(warm, good, stats)
         baseline = rss_bytes(proc.pid)
         t1 = time.monotonic()
 
@@ -192,7 +199,7 @@ def test_hostile_input_leaves_the_broker_serving_and_its_memory_flat(procs, core
 
         fuzz()
         fuzzed = crowd.sent
-        completed = settle(crowd, good)
+        completed = settle(crowd, good, stats)
         t2 = time.monotonic()
         # Poll a little: the broker may free what it held in its next turns.
         tolerance = RSS_TOLERANCES[core_name]

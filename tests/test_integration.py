@@ -15,27 +15,16 @@ import re
 import signal
 import socket
 import threading
-import time
 import uuid
 from typing import List, NamedTuple
 
 import pytest
 import zmq
 
-from conftest import wait_until
 from fastbroker import Broker, ReqClient, Worker
 from fastbroker.protocol import DROP_REASONS
-from workers_for_tests import (
-    LOG_ENV,
-    EXTRA_DELAY_ENV,
-    Echo,
-    OriginalTestClient,
-    Processes,
-    read_log,
-    concurrent_requests,
-    request,
-    runs,
-)
+from rigs import Processes, concurrent_requests, read_log, request, runs, wait_until
+from workers_for_tests import EXTRA_DELAY_ENV, LOG_ENV, Echo, OriginalTestClient
 
 TRANSPORTS = ["tcp", "ipc"]
 WAIT = 20.0
@@ -99,16 +88,19 @@ class PendingRequest:
 def warm_up(ctx, broker: RunningBroker, pids, log_path, procs: Processes, payload_format: str) -> None:
     """Send requests, one at a time, until each process in `pids` has run one
     (so all are connected). Bounded by WAIT seconds and 1000 requests."""
-    deadline = time.monotonic() + WAIT
-    for n in range(1000):
+    sent = iter(range(1000))
+
+    def all_served() -> bool:
+        n = next(sent, None)
+        if n is None:
+            pytest.fail(f"not every worker ran a job in 1000 requests: {pids}\n{read_log(log_path)}\n{procs.output()}")
         payload = payload_format.format(n).encode()
         assert request(ctx, broker.requests, [payload], WAIT) == [b"-" + payload]
-        if set(pids) <= {e.pid for e in read_log(log_path)}:
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.02)  # a worker process still starting up
-    pytest.fail(f"not every worker ran a job: {pids}\n{read_log(log_path)}\n{procs.output()}")
+        return set(pids) <= {e.pid for e in read_log(log_path)}
+
+    # Between two requests wait_until pauses 20 ms: a worker process may still be starting up.
+    wait_until(all_served, timeout=WAIT, interval=0.02,
+               message=lambda: f"every worker to run a job: {pids}\n{read_log(log_path)}\n{procs.output()}")
 
 
 def assert_alive(broker: RunningBroker, procs: Processes) -> None:

@@ -16,11 +16,19 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from conftest import wait_until
 from fastbroker import Client, ReqClient, TaskAborted, Worker
-from fastbroker.server.broker import REQUESTS_RCVHWM, REQUESTS_SNDHWM
-from fastbroker.protocol import C_STATS, C_SUBMIT, CLIENT_SIGNATURE, OPT_NO_ACK, R_STATS, REJECT_QUEUE_FULL, decode_stats
 from fastbroker.client.outcomes import Rejected
+from fastbroker.protocol import (
+    C_STATS,
+    C_SUBMIT,
+    CLIENT_SIGNATURE,
+    OPT_NO_ACK,
+    R_STATS,
+    REJECT_QUEUE_FULL,
+    decode_stats,
+)
+from fastbroker.server.broker import REQUESTS_RCVHWM, REQUESTS_SNDHWM
+from rigs import wait_until
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""

@@ -22,42 +22,21 @@ the second one's start and the test fails.
 
 from __future__ import annotations
 
-import os
 import signal
-import time
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import zmq
 
-from conftest import wait_until
-from fastbroker import Client, Worker
+from fastbroker import Client
 from fastbroker.client.sync import connect_dealer
 from fastbroker.server.metrics import request_stats
-from workers_for_tests import descendants, pid_alive
+from rigs import descendants, pid_alive, wait_until
+from workers_for_tests import MEET_LIMIT
 
 WAIT = 10.0
 """Bound of every wait for something that should take well under a second."""
-MEET_LIMIT = 10.0
-"""A meet job stops waiting for its partner after this long (it then still answers)."""
 JOBS = 200
 PROCESSES = 2
-
-
-class PidWorker(Worker):
-    """Answers ``PID START END PAYLOAD``: the worker process's pid and the job's start
-    and end (time.monotonic). A payload ``meet:DIR:TAG`` marks its start with a
-    file DIR/TAG, then waits until DIR holds 2 marks (bounded by MEET_LIMIT)."""
-
-    def process(self, data: bytes) -> bytes:
-        start = time.monotonic()
-        if data.startswith(b"meet:"):
-            _, where, tag = data.decode().split(":", 2)
-            Path(where, tag).touch()
-            deadline = start + MEET_LIMIT
-            while len(os.listdir(where)) < 2 and time.monotonic() < deadline:
-                time.sleep(0.002)
-        return f"{os.getpid()} {start:.6f} {time.monotonic():.6f} ".encode() + data
 
 
 def parse_answer(answer: bytes, payload: bytes) -> Tuple[int, float, float]:
@@ -82,7 +61,7 @@ def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_pa
     stats = connect_dealer(ctx, addrs[0])
     stats.setsockopt(zmq.LINGER, 0)
 
-    pool = procs.start(["worker", "test_manycore:PidWorker", addrs[1], "--processes", str(PROCESSES)], "pool")
+    pool = procs.start(["worker", "workers_for_tests:PidWorker", addrs[1], "--processes", str(PROCESSES)], "pool")
     wait_until(lambda: broker_figures(stats)["workers"] == PROCESSES, timeout=WAIT,
                message=f"the broker to count {PROCESSES} workers\n{procs.output()}")
     children = set(descendants(pool.pid))

@@ -2,8 +2,8 @@
 queue and the broker's INFO lines for it, `fastbroker stats`, the Prometheus endpoint
 (--metrics-port) and JSON log lines (--log-format json).
 
-Core-level tests drive the core in slices in the test thread (test_client_protocol's
-CRig, raw FBW01 workers and FBC01 clients); the rest run a Broker in a thread or the
+Core-level tests drive the core in slices in the test thread (rigs.CRig,
+raw FBW01 workers and FBC01 clients); the rest run a Broker in a thread or the
 real `fastbroker` processes.
 """
 
@@ -22,13 +22,25 @@ import pytest
 import zmq
 
 from fastbroker import Broker, Client, protocol
-from fastbroker.protocol import C_STATS, CLIENT_SIGNATURE as CSIG, COUNTERS, DROP_REASONS, GAUGES, LATENCY_BOUNDS, R_FAILED, R_OK, R_STATS, R_TIMED_OUT, RUN_EVENT, RUN_TIMEOUT, decode_stats, stats_fields
+from fastbroker.protocol import (
+    C_STATS,
+    CLIENT_SIGNATURE as CSIG,
+    COUNTERS,
+    DROP_REASONS,
+    GAUGES,
+    LATENCY_BOUNDS,
+    R_FAILED,
+    R_OK,
+    R_STATS,
+    R_TIMED_OUT,
+    RUN_EVENT,
+    RUN_TIMEOUT,
+    decode_stats,
+    stats_fields,
+)
 from fastbroker.server.logsetup import JsonFormatter, level_for
 from fastbroker.server.metrics import MetricsServer, decode_stats_reply, format_stats
-
-from conftest import PYTHON, wait_until
-from test_client_protocol import CRig, make_rig, new_id, opts, reply  # noqa: F401 (make_rig: a fixture)
-from test_core_loop import SLICE
+from rigs import PYTHON, SLICE, CRig, new_id, opts, reply, wait_until
 
 WAIT = 20.0  # upper bound of waits on processes
 
@@ -55,8 +67,8 @@ def serve(rig: CRig, worker, client, payload: bytes) -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_stats_reply_carries_every_figure_of_core_stats(make_rig):
-    rig = make_rig()
+def test_stats_reply_carries_every_figure_of_core_stats(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.fbclient()
@@ -89,8 +101,8 @@ def test_stats_reply_carries_every_figure_of_core_stats(make_rig):
     assert {k: again[k] for k in COUNTERS} == {k: figures[k] for k in COUNTERS}
 
 
-def test_stats_with_a_wrong_id_or_extra_frames_is_dropped(make_rig):
-    rig = make_rig()
+def test_stats_with_a_wrong_id_or_extra_frames_is_dropped(make_crig):
+    rig = make_crig()
     client = rig.fbclient()
     client.send(CSIG, C_STATS, b"short")
     client.send(CSIG, C_STATS, b"S" * 16, b"extra")
@@ -100,8 +112,8 @@ def test_stats_with_a_wrong_id_or_extra_frames_is_dropped(make_rig):
     rig.quiet(client)
 
 
-def test_latency_histogram_counts_answered_requests_by_their_time(make_rig):
-    rig = make_rig()
+def test_latency_histogram_counts_answered_requests_by_their_time(make_crig):
+    rig = make_crig()
     worker = rig.dealer()
     rig.register(worker, 2)
     client = rig.fbclient()
@@ -141,8 +153,8 @@ def pump_events(rig: CRig, expected: list, timeout: float = 10.0) -> None:
     assert got == expected
 
 
-def test_events_of_workers_joining_leaving_and_dying(make_rig):
-    rig = make_rig(liveness=3)  # 0.3 s of silence kills
+def test_events_of_workers_joining_leaving_and_dying(make_crig):
+    rig = make_crig(liveness=3)  # 0.3 s of silence kills
     rig.core.record_events(True)
     staying = rig.dealer(b"W-stays")
     rig.register(staying, 1)
@@ -157,8 +169,8 @@ def test_events_of_workers_joining_leaving_and_dying(make_rig):
     assert rig.stats()["events_lost"] == 0
 
 
-def test_events_of_requests_given_up(make_rig):
-    rig = make_rig(timeout=0.1, tries=2)
+def test_events_of_requests_given_up(make_crig):
+    rig = make_crig(timeout=0.1, tries=2)
     rig.core.record_events(True)
     worker = rig.dealer(b"W-events")
     rig.register(worker, 8)  # timed-out attempts keep their credit: room for all of them
@@ -195,8 +207,8 @@ def test_events_of_requests_given_up(make_rig):
     pump_events(rig, [("timed_out", rid_timed, 3)])
 
 
-def test_no_events_are_kept_unless_asked_and_run_returns_on_one(make_rig):
-    rig = make_rig(timeout=0.1, tries=1)
+def test_no_events_are_kept_unless_asked_and_run_returns_on_one(make_crig):
+    rig = make_crig(timeout=0.1, tries=1)
     worker = rig.dealer(b"W-quiet")
     rig.register(worker, 4)
     client = rig.fbclient()

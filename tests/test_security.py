@@ -21,10 +21,10 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from conftest import PYTHON, wait_until
 from fastbroker import AsyncClient, Broker, Client, ConfigError, ReqClient, ReqWorker, Worker, security
 from fastbroker.protocol import C_STATS, C_SUBMIT, CLIENT_SIGNATURE, R_STATS, decode_stats
-from workers_for_tests import LOG_ENV, runs
+from rigs import PYTHON, runs, wait_until
+from workers_for_tests import LOG_ENV
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -97,6 +97,20 @@ class RecordingWorker(_Recording, Worker):
 
 class RecordingReqWorker(_Recording, ReqWorker):
     pass
+
+
+class WaitingToSendReqWorker(RecordingReqWorker):
+    """Sets `waiting_to_send` once run() is in its wait for the REQ socket to take
+    "ready": ReqWorker reads poll_interval there only after a send that could not go."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting_to_send = threading.Event()
+
+    @property
+    def poll_interval(self) -> float:
+        self.waiting_to_send.set()
+        return ReqWorker.poll_interval
 
 
 def broker_stats(ctx: zmq.Context, address: str, curve: Optional[security.CurveKeys]) -> dict:
@@ -231,11 +245,11 @@ def test_req_worker_left_without_a_connection_still_stops(broker):
     handshake refused at a CURVE broker was seen to leave a plain ReqWorker stuck in
     its send of "ready" for ever, so that stop() could not end run()); disconnect()
     makes the same state on purpose. run() must still return on stop()."""
-    worker = RecordingReqWorker(None, broker.endpoints[1], broker.endpoints[2])
+    worker = WaitingToSendReqWorker(None, broker.endpoints[1], broker.endpoints[2])
     worker.requests.disconnect(broker.endpoints[1])
     thread = threading.Thread(target=worker.run, name="unconnected-req-worker", daemon=True)
     thread.start()
-    time.sleep(0.3)  # run() is trying to send "ready"
+    assert worker.waiting_to_send.wait(WAIT), 'run() never tried to send "ready"'
     worker.stop()
     thread.join(WAIT)
     assert not thread.is_alive(), "run() did not return after stop()"

@@ -20,23 +20,21 @@ import pytest
 import zmq
 
 import fastbroker
-from conftest import wait_until
 from fastbroker import Broker, Client, ConfigError
-from fastbroker.protocol import R_ACCEPTED, R_OK, R_TIMED_OUT
 from fastbroker.client.protocol import decode_reply, encode_options, submit_message
+from fastbroker.protocol import R_ACCEPTED, R_OK, R_TIMED_OUT
 from fastbroker.server.store import (
     SCHEMA_VERSION,
     Store,
-    StoreError,
     StoredOutcome,
     StoredRequest,
+    StoreError,
     check,
     decode_frames,
     encode_frames,
 )
-from test_cli import run_cli
-from test_client import Rig, gate, log_path  # noqa: F401 (gate, log_path: fixtures)
-from workers_for_tests import GATE_ENV, LOG_ENV, DealerEcho, DealerGated, read_log, runs
+from rigs import BrokerRig, read_log, run_cli, runs, wait_until
+from workers_for_tests import GATE_ENV, LOG_ENV, DealerEcho, DealerGated
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -262,7 +260,8 @@ def store_path(tmp_path) -> Path:
 
 @pytest.fixture
 def rig(tmp_path, gate, store_path):
-    r = Rig(tmp_path, store=str(store_path))
+    """A rigs.BrokerRig whose broker has a store."""
+    r = BrokerRig(tmp_path, store=str(store_path))
     yield r
     gate.touch()
     r.close()

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Set
 
-from conftest import wait_until
 from fastbroker import Client
 from fastbroker.protocol import R_ACCEPTED
-from workers_for_tests import LOG_ENV, Processes, read_log
+from rigs import Processes, read_log, wait_until
+from workers_for_tests import LOG_ENV
 
 N = 5000
 TRIES = 3
@@ -122,7 +122,7 @@ def test_three_broker_kills_lose_nothing_and_repeat_nothing(procs: Processes, tm
             future.add_done_callback(delivered)
             futures.append(future)
             if i % 50 == 49:
-                time.sleep(0.005)
+                time.sleep(0.005)  # the pacing is the point (see above): no condition to wait for
 
     submitter = threading.Thread(target=submit_all, name="submitter")
     started_at = time.monotonic()

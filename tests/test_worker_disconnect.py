@@ -1,6 +1,6 @@
 """fastbroker.Worker told DISCONNECT registers again on the same socket.
 
-The test plays the broker with a raw ROUTER (FakeBroker, from test_worker_cancel),
+The test plays the broker with a raw ROUTER (rigs.FakeBroker, the `fake` fixture),
 which fails a test if the worker ever shows up with another identity (a new socket).
 The race this guards against was seen after a broker restart: a worker still
 finishing the old broker's jobs sent ANSWERs (the new broker, not knowing it, said
@@ -11,9 +11,7 @@ that then dropped its socket for the DISCONNECT lost that TASK.
 from __future__ import annotations
 
 from fastbroker.protocol import CMD_ANSWER, CMD_DISCONNECT, CMD_READY, CMD_TASK
-
-from conftest import wait_until
-from test_worker_cancel import WAIT, events, fake, job_env, tid  # noqa: F401 (fixtures)
+from rigs import FAKE_WAIT as WAIT, count_events, tid, wait_until
 
 
 def test_a_task_right_behind_a_disconnect_is_served_on_the_same_socket(fake):
@@ -29,7 +27,7 @@ def test_a_job_in_hand_at_a_disconnect_is_an_orphan_for_the_credit(fake, job_env
     broker, worker = fake
     log, open_gate = job_env
     broker.send(CMD_TASK, tid(1), b"gate:held")
-    wait_until(lambda: events(log, "start", "gate:held"), WAIT, message="the gated job to start")
+    wait_until(lambda: count_events(log, "start", "gate:held"), WAIT, message="the gated job to start")
     broker.send(CMD_DISCONNECT)
     # The broker forgot the registration and so this job: the credit it still takes
     # is not offered again until it is done.

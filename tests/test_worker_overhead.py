@@ -9,8 +9,8 @@ large frames, several messages in one batch), an idle loop that sleeps, a job
 withdrawn by CANCEL that never runs, job threads started as needed and ended with
 the pool, and an interpreter that still exits while a pool is left running.
 
-The worker tests play the broker with test_worker_cancel's FakeBroker (a raw
-ROUTER on tcp 127.0.0.1).
+The worker tests play the broker with rigs.FakeBroker (a raw ROUTER on tcp
+127.0.0.1).
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ import fastbroker
 from fastbroker import Worker
 from fastbroker.protocol import CMD_ANSWER, CMD_TASK
 from fastbroker.worker.session import JobPool
-
-from conftest import wait_until
-from test_worker_cancel import WAIT, FakeBroker, tid
+from rigs import FAKE_WAIT as WAIT, FakeBroker, tid, wait_until
 
 
 class Echo(Worker):
@@ -132,6 +130,8 @@ def test_an_idle_worker_sleeps_in_its_poll(running):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     before = cpu()
+    # The point is an idle second: nothing is sent to the worker, so there is no
+    # condition to wait for; its CPU time over the second is what is measured.
     time.sleep(1.0)
     # A spinning loop would take most of a core; a sleeping one a few ms (CPU time,
     # not wall time: a busy machine does not make this flaky).
@@ -195,19 +195,23 @@ def test_a_pool_left_running_lets_the_interpreter_exit_after_its_job(tmp_path):
     hold and end (they are not daemons; an idle one must not keep the process)."""
     done = tmp_path / "done"
     script = textwrap.dedent(f"""
+        import threading
         import time
         from fastbroker.worker.session import JobPool
 
+        started = threading.Event()
+
         def run(number, task_id, payload):
-            time.sleep(0.3)
+            started.set()
+            time.sleep(0.3)  # the job in hand when the interpreter exits: it must last past the exit
             open({str(done)!r}, "w").close()
 
         pool = JobPool(2, run, "fastbroker-job")
         pool.submit(1, b"t", [], busy=1)
         pool.submit(2, b"t", [], busy=1)
         pool.submit(3, b"t", [], busy=1)
-        time.sleep(0.05)
-        # no shutdown(): the interpreter exits with the pool running
+        assert started.wait(20), "no job started"
+        # no shutdown(): the interpreter exits with the pool running a job
     """)
     src = str(Path(fastbroker.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))

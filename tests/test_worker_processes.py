@@ -28,8 +28,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import pytest
 import zmq
 
-from conftest import wait_until
-from workers_for_tests import GATE_ENV, LOG_ENV, Event, Processes, concurrent_requests, read_log, request, runs
+from rigs import Event, Processes, concurrent_requests, read_log, request, runs, wait_until
+from workers_for_tests import GATE_ENV, LOG_ENV
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -138,16 +138,19 @@ def pending(ctx):
 def warm_up(ctx, broker: RunningBroker, pids, log_path, procs: Processes, prefix: str) -> None:
     """Requests ``0:PREFIX-N``, one at a time, until each process in `pids` has
     run one (so all are connected and registered). Bounded by WAIT s and 200 requests."""
-    deadline = time.monotonic() + WAIT
-    for n in range(200):
+    sent = iter(range(200))
+
+    def all_served() -> bool:
+        n = next(sent, None)
+        if n is None:
+            pytest.fail(f"not every worker ran a job in 200 requests: {pids}\n{read_log(log_path)}\n{procs.output()}")
         payload = f"0:{prefix}-{n}".encode()
         assert request(ctx, broker.requests, [payload], WAIT) == [b"-" + payload], procs.output()
-        if set(pids) <= {e.pid for e in read_log(log_path) if e.payload.startswith(f"0:{prefix}-")}:
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.02)  # a worker process still starting up
-    pytest.fail(f"not every worker ran a job: {pids}\n{read_log(log_path)}\n{procs.output()}")
+        return set(pids) <= {e.pid for e in read_log(log_path) if e.payload.startswith(f"0:{prefix}-")}
+
+    # Between two requests wait_until pauses 20 ms: a worker process may still be starting up.
+    wait_until(all_served, timeout=WAIT, interval=0.02,
+               message=lambda: f"every worker to run a job: {pids}\n{read_log(log_path)}\n{procs.output()}")
 
 
 def stop_broker(broker: RunningBroker, procs: Processes) -> Dict[str, int]:
@@ -456,6 +459,7 @@ def test_sigterm_to_dealer_holding_two_jobs_while_others_queue(procs, ctx, pendi
     wait_until(lambda: "stopping: finishing 2 job(s) in hand" in holder.stderr_path.read_text(errors="replace"), timeout=WAIT, message=f"the holder to start stopping\n{procs.output()}")
     # Stopping, it keeps heartbeating: several liveness windows pass and the broker
     # does not take it for dead (it would re-queue its jobs to the idle worker)...
+    # (The wait is the point: that nothing happens for 3 windows has no event to wait for.)
     time.sleep(3 * WINDOW)
     # ...and it takes no new job: these go to the other worker, gate still closed.
     later = [pending(broker.requests, f"0:later-{n}".encode()) for n in range(3)]

@@ -16,172 +16,25 @@ import pytest
 import zmq
 
 from fastbroker import protocol
-from fastbroker.protocol import CMD_ANSWER, CMD_DISCONNECT, CMD_FAILED, CMD_HEARTBEAT, CMD_READY, CMD_TASK, DROP_REASONS, MAX_CREDIT, RUN_DROP, WORKER_SIGNATURE as SIG
+from fastbroker.protocol import (
+    CMD_ANSWER,
+    CMD_DISCONNECT,
+    CMD_FAILED,
+    CMD_HEARTBEAT,
+    CMD_READY,
+    CMD_TASK,
+    DROP_REASONS,
+    MAX_CREDIT,
+    RUN_DROP,
+    WORKER_SIGNATURE as SIG,
+)
+from rigs import DISCONNECT_MSG, EPOCH, HEARTBEAT, LONG_TIMEOUT, WRig, assert_stats, credit_frame, peer_gone, wait_until
 
-from conftest import wait_until
-from test_core_loop import EPOCH, SLICE, Rig, _gone, assert_stats, pump
-
-HEARTBEAT = 0.1  # broker heartbeat interval where a test needs heartbeats or deaths
 LIVENESS = 3  # 0.3 s of silence kills; live test workers talk every HEARTBEAT / 5
-CALM_LIVENESS = 30  # where no worker is meant to die: 3 s of silence allowed
-LONG_TIMEOUT = 60.0  # a job timeout that must play no part in the test
 
 UNKNOWN = DROP_REASONS[protocol.DROP_ANSWER_UNKNOWN]
 BAD_COMMAND = DROP_REASONS[protocol.DROP_WORKER_BAD_COMMAND]
 BAD_FRAMES = DROP_REASONS[protocol.DROP_WORKER_BAD_FRAMES]
-DISCONNECT_MSG = [b"", SIG, CMD_DISCONNECT]
-
-
-def credit_frame(credit: int) -> bytes:
-    return credit.to_bytes(4, "big")
-
-
-class FBWorker:
-    """A DEALER worker whose every frame the test writes."""
-
-    def __init__(self, rig: "WRig", sock: zmq.Socket, live: bool):
-        self.rig = rig
-        self.sock = sock
-        self.live = live
-        self.registered = False  # the test believes the broker knows it
-        self.inbox: list = []  # messages from the broker other than HEARTBEAT, in order
-        self.heartbeat_times: list = []  # when each broker HEARTBEAT was read
-        self._last_sent = 0.0
-
-    def send(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
-        self._last_sent = time.monotonic()
-
-    def command(self, cmd: bytes, *body: bytes) -> None:
-        self.send(b"", SIG, cmd, *body)
-
-    def ready(self, credit: int) -> None:
-        self.command(CMD_READY, credit_frame(credit))
-        self.registered = True
-
-    def answer(self, task_id: bytes, *frames: bytes) -> None:
-        self.command(CMD_ANSWER, task_id, *frames)
-
-    def failed(self, task_id: bytes, kind: bytes = b"ValueError", message: bytes = b"boom") -> None:
-        self.command(CMD_FAILED, task_id, kind, message)
-
-    def heartbeat(self) -> None:
-        self.command(CMD_HEARTBEAT)
-
-    def disconnect(self) -> None:
-        self.command(CMD_DISCONNECT)
-        self.registered = False
-
-    def close(self) -> None:
-        self.sock.close(0)
-        self.live = self.registered = False
-
-    def collect(self) -> None:
-        """Read what the broker sent; a live registered worker also heartbeats."""
-        if self.sock.closed:
-            return
-        for _ in range(10_000):
-            if not self.sock.poll(0):
-                break
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            assert frames[:2] == [b"", SIG] and len(frames) >= 3 and len(frames[2]) == 1, frames
-            if frames[2] == CMD_HEARTBEAT:
-                assert frames == [b"", SIG, CMD_HEARTBEAT], frames
-                self.heartbeat_times.append(time.monotonic())
-                continue
-            if frames[2] == CMD_DISCONNECT:
-                assert frames == DISCONNECT_MSG, frames
-                self.registered = False
-            self.inbox.append(frames)
-        if self.live and self.registered and time.monotonic() - self._last_sent >= self.rig.heartbeat / 5:
-            self.heartbeat()
-
-    def tasks(self) -> list:
-        return [m for m in self.inbox if m[2] == CMD_TASK]
-
-
-class WRig(Rig):
-    """test_core_loop's Rig with a core that has short heartbeats, and FBW01 workers."""
-
-    def __init__(self, core_module, ctx, timeout=None, tries=None, heartbeat=HEARTBEAT,
-                 liveness=CALM_LIVENESS):
-        super().__init__(core_module, ctx, timeout, tries)
-        # Rig builds its core with the default heartbeat; that core never ran and is
-        # replaced by one with the intervals of this test, on the same sockets.
-        self.core.close()
-        self.core = core_module.BrokerCore(
-            self.requests, self.workers, self.answers, timeout, tries,
-            heartbeat=heartbeat, liveness=liveness, epoch=EPOCH,
-        )
-        self.heartbeat = heartbeat
-        self.fbw: list = []
-
-    def dealer(self, identity=None, live=True) -> FBWorker:
-        worker = FBWorker(self, self.worker(zmq.DEALER, identity), live)
-        self.fbw.append(worker)
-        return worker
-
-    def service(self) -> None:
-        for worker in self.fbw:
-            worker.collect()
-
-    def pump(self, until, timeout: float = 10.0, max_wait: float = SLICE):
-        def check():
-            self.service()
-            return until()
-
-        return pump(self.core, check, timeout, max_wait)
-
-    def settle(self, turns: int = 5, max_wait: float = 0.02) -> None:
-        """A few turns of the core, for checks that something does NOT happen."""
-        for _ in range(turns):
-            self.core.run(-1, max_wait)
-            self.service()
-
-    def pump_for(self, seconds: float) -> None:
-        """Run the core (and the workers) for `seconds` of wall time."""
-        end = time.monotonic() + seconds
-        for _ in range(int(seconds / SLICE) * 4 + 10):
-            if time.monotonic() >= end:
-                return
-            self.core.run(-1, SLICE)
-            self.service()
-
-    def register(self, worker: FBWorker, credit: int) -> None:
-        joined = self.stats()["workers_joined"]
-        worker.ready(credit)
-        self.pump_stat("workers_joined", joined + 1)
-
-    def next_message(self, worker: FBWorker, timeout: float = 10.0) -> list:
-        self.pump(lambda: worker.inbox, timeout)
-        return worker.inbox.pop(0)
-
-    def task(self, worker: FBWorker, timeout: float = 10.0):
-        """The next message `worker` gets, which must be a TASK: (task_id, payload frames)."""
-        message = self.next_message(worker, timeout)
-        assert message[:3] == [b"", SIG, CMD_TASK], message
-        task_id, payload = message[3], message[4:]
-        assert len(task_id) == 16 and task_id[:8] == EPOCH, message
-        return task_id, payload
-
-    def tasks_in(self, worker: FBWorker, n: int) -> list:
-        """Wait until `worker` holds n messages, all TASKs; take them: [(task_id, payload)]."""
-        self.pump(lambda: len(worker.inbox) >= n)
-        return [self.task(worker) for _ in range(n)]
-
-
-@pytest.fixture
-def make_rig(core, ctx):
-    rigs = []
-
-    def make(**kwargs) -> WRig:
-        rig = WRig(core, ctx, **kwargs)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
 
 
 def dealer_client(rig: WRig, jobs) -> zmq.Socket:
@@ -213,8 +66,8 @@ def serve_with_new_dealer(rig: WRig, payload: bytes = b"after") -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_ready_registers_and_task_answer_round_trip(make_rig):
-    rig = make_rig()
+def test_ready_registers_and_task_answer_round_trip(make_wrig):
+    rig = make_wrig()
     worker = rig.dealer()
     worker.ready(1)
     rig.pump_stat("workers_joined", 1)
@@ -238,8 +91,8 @@ def test_ready_registers_and_task_answer_round_trip(make_rig):
     assert_stats(rig.stats(), answered=2, dispatched=2, workers_joined=1, ready=1, dropped=0)
 
 
-def test_ready_with_max_credit_is_accepted(make_rig):
-    rig = make_rig()
+def test_ready_with_max_credit_is_accepted(make_wrig):
+    rig = make_wrig()
     worker = rig.dealer()
     rig.register(worker, MAX_CREDIT)
     client = dealer_client(rig, [b"j%d" % i for i in range(3)])
@@ -256,8 +109,8 @@ def test_ready_with_max_credit_is_accepted(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_credit_limits_the_jobs_in_flight(make_rig):
-    rig = make_rig()
+def test_credit_limits_the_jobs_in_flight(make_wrig):
+    rig = make_wrig()
     jobs = [b"job%d" % i for i in range(10)]
     client = dealer_client(rig, jobs)
     worker = rig.dealer()
@@ -285,8 +138,8 @@ def test_credit_limits_the_jobs_in_flight(make_rig):
     assert_stats(rig.stats(), answered=10, dispatched=10, running=0, queued=0, idle_workers=1)
 
 
-def test_credit_one_never_holds_two(make_rig):
-    rig = make_rig()
+def test_credit_one_never_holds_two(make_wrig):
+    rig = make_wrig()
     client = dealer_client(rig, [b"a", b"b", b"c"])
     worker = rig.dealer()
     rig.register(worker, 1)
@@ -301,8 +154,8 @@ def test_credit_one_never_holds_two(make_rig):
     assert_stats(rig.stats(), answered=3, running=0, queued=0, idle_workers=1)
 
 
-def test_a_later_ready_changes_the_credit(make_rig):
-    rig = make_rig()
+def test_a_later_ready_changes_the_credit(make_wrig):
+    rig = make_wrig()
     client = dealer_client(rig, [b"job%d" % i for i in range(7)])
     worker = rig.dealer()
     rig.register(worker, 1)
@@ -339,8 +192,8 @@ def test_a_later_ready_changes_the_credit(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_round_robin_among_dealer_workers_with_spare_credit(make_rig):
-    rig = make_rig()
+def test_round_robin_among_dealer_workers_with_spare_credit(make_wrig):
+    rig = make_wrig()
     a, b = rig.dealer(), rig.dealer()
     rig.register(a, 2)
     rig.register(b, 2)
@@ -366,8 +219,8 @@ def test_round_robin_among_dealer_workers_with_spare_credit(make_rig):
     assert_stats(rig.stats(), answered=5, running=0, idle_workers=2, workers=2)
 
 
-def test_req_worker_and_dealer_worker_served_by_one_core(make_rig):
-    rig = make_rig()
+def test_req_worker_and_dealer_worker_served_by_one_core(make_wrig):
+    rig = make_wrig()
     req_worker = rig.worker()
     rig.ready(req_worker, 1)
     dealer = rig.dealer()
@@ -393,8 +246,8 @@ def test_req_worker_and_dealer_worker_served_by_one_core(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_broker_heartbeats_a_registered_worker(make_rig):
-    rig = make_rig(liveness=LIVENESS)
+def test_broker_heartbeats_a_registered_worker(make_wrig):
+    rig = make_wrig(liveness=LIVENESS)
     req_worker = rig.worker()
     rig.ready(req_worker, 1)
     worker = rig.dealer()
@@ -413,8 +266,8 @@ def test_broker_heartbeats_a_registered_worker(make_rig):
     assert len(worker.heartbeat_times) - count <= elapsed / HEARTBEAT + 2
 
 
-def test_silent_worker_is_dead_and_its_job_goes_to_another_at_once(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=3, liveness=LIVENESS)
+def test_silent_worker_is_dead_and_its_job_goes_to_another_at_once(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3, liveness=LIVENESS)
     silent = rig.dealer(live=False)
     last_heard = time.monotonic()
     rig.register(silent, 1)
@@ -439,8 +292,8 @@ def test_silent_worker_is_dead_and_its_job_goes_to_another_at_once(make_rig):
     assert_stats(rig.stats(), answered=1, running=0, late_answers=0, aborted=0)
 
 
-def test_dead_worker_job_with_a_single_try_is_aborted(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=1, liveness=LIVENESS)
+def test_dead_worker_job_with_a_single_try_is_aborted(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=1, liveness=LIVENESS)
     silent = rig.dealer(live=False)
     rig.register(silent, 1)
     client = rig.client()
@@ -456,8 +309,8 @@ def test_dead_worker_job_with_a_single_try_is_aborted(make_rig):
     assert rig.stats()["dispatched"] == 1
 
 
-def test_heartbeating_worker_keeps_its_job(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=3, liveness=LIVENESS)
+def test_heartbeating_worker_keeps_its_job(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3, liveness=LIVENESS)
     alive = rig.dealer(live=True)
     rig.register(alive, 1)
     client_a = rig.client()
@@ -488,8 +341,8 @@ def test_heartbeating_worker_keeps_its_job(make_rig):
     assert_stats(rig.stats(), answered=2, requeued=1, workers_dead=1, dropped=0)
 
 
-def test_any_message_from_a_worker_keeps_it_alive(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, liveness=LIVENESS)
+def test_any_message_from_a_worker_keeps_it_alive(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, liveness=LIVENESS)
     chatty = rig.dealer(live=False)  # never sends HEARTBEAT, only READY again and again
     rig.register(chatty, 1)
     mute = rig.dealer(live=False)  # the control: says nothing after its READY
@@ -514,8 +367,8 @@ def test_any_message_from_a_worker_keeps_it_alive(make_rig):
 # ---------------------------------------------------------------------------
 
 
-def test_failed_job_is_retried_at_once_on_another_idle_worker(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=3)
+def test_failed_job_is_retried_at_once_on_another_idle_worker(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3)
     a = rig.dealer()
     rig.register(a, 2)
     client = rig.client()
@@ -542,8 +395,8 @@ def test_failed_job_is_retried_at_once_on_another_idle_worker(make_rig):
     assert payload == [b"next"] and next_id != task_id
 
 
-def test_failed_job_goes_back_to_the_only_worker(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=3)
+def test_failed_job_goes_back_to_the_only_worker(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.client()
@@ -558,8 +411,8 @@ def test_failed_job_goes_back_to_the_only_worker(make_rig):
 
 
 @pytest.mark.parametrize("tries", [1, 3])
-def test_always_failing_worker_uses_every_try_then_the_client_gets_the_empty_frame(make_rig, tries):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=tries)
+def test_always_failing_worker_uses_every_try_then_the_client_gets_the_empty_frame(make_wrig, tries):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=tries)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.client()
@@ -578,8 +431,8 @@ def test_always_failing_worker_uses_every_try_then_the_client_gets_the_empty_fra
                  answered=0, running=0, queued=0, timeouts=0, idle_workers=1)
 
 
-def test_failed_for_a_task_not_running_on_that_worker_is_dropped(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=3)
+def test_failed_for_a_task_not_running_on_that_worker_is_dropped(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3)
     a, b = rig.dealer(), rig.dealer()
     rig.register(a, 1)
     rig.register(b, 1)
@@ -601,9 +454,9 @@ def test_failed_for_a_task_not_running_on_that_worker_is_dropped(make_rig):
     assert_stats(rig.stats(), failed=0, answered=1, retried=0, drops={UNKNOWN: 3})
 
 
-def test_failed_with_a_malformed_task_id_is_dropped_like_such_an_answer(make_rig):
+def test_failed_with_a_malformed_task_id_is_dropped_like_such_an_answer(make_wrig):
     # ANSWER and FAILED both carry a task id; a malformed one is counted alike.
-    rig = make_rig()
+    rig = make_wrig()
     worker = rig.dealer()
     rig.register(worker, 1)
     worker.answer(b"short", b"answer")
@@ -626,8 +479,8 @@ def test_failed_with_a_malformed_task_id_is_dropped_like_such_an_answer(make_rig
 # ---------------------------------------------------------------------------
 
 
-def test_disconnect_from_a_worker(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=3)
+def test_disconnect_from_a_worker(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3)
     leaving = rig.dealer()
     rig.register(leaving, 2)
     client = dealer_client(rig, [b"j0", b"j1"])
@@ -657,8 +510,8 @@ def test_disconnect_from_a_worker(make_rig):
     assert_stats(rig.stats(), workers_joined=3, workers=2, answered=3, dropped=0)
 
 
-def test_requeued_jobs_keep_their_order_ahead_of_new_requests(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT)
+def test_requeued_jobs_keep_their_order_ahead_of_new_requests(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT)
     leaving = rig.dealer()
     rig.register(leaving, 3)
     client = dealer_client(rig, [b"j0", b"j1", b"j2"])
@@ -676,8 +529,8 @@ def test_requeued_jobs_keep_their_order_ahead_of_new_requests(make_rig):
     assert [tid for tid, _ in got[:3]] == [tid for tid, _ in held]
 
 
-def test_unknown_worker_heartbeat_or_failed_gets_disconnect(make_rig):
-    rig = make_rig()
+def test_unknown_worker_heartbeat_or_failed_gets_disconnect(make_wrig):
+    rig = make_wrig()
     stranger = rig.dealer()
     stranger.heartbeat()
     assert rig.next_message(stranger) == DISCONNECT_MSG
@@ -702,8 +555,8 @@ def test_unknown_worker_heartbeat_or_failed_gets_disconnect(make_rig):
     assert rig.receive(client) == [b"ok"]
 
 
-def test_unknown_worker_heartbeat_while_running_jobs_does_not_disturb_them(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT)
+def test_unknown_worker_heartbeat_while_running_jobs_does_not_disturb_them(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.client()
@@ -721,8 +574,8 @@ def test_unknown_worker_heartbeat_while_running_jobs_does_not_disturb_them(make_
     assert rig.receive(client) == [b"ok"]
 
 
-def test_answer_from_a_forgotten_worker_is_accepted_and_gets_disconnect(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=3, liveness=LIVENESS)
+def test_answer_from_a_forgotten_worker_is_accepted_and_gets_disconnect(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3, liveness=LIVENESS)
     silent = rig.dealer(live=False)
     rig.register(silent, 1)
     client = rig.client()
@@ -746,8 +599,8 @@ def test_answer_from_a_forgotten_worker_is_accepted_and_gets_disconnect(make_rig
     assert other.inbox == []
 
 
-def test_answer_from_an_unknown_worker_for_a_running_job(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT)
+def test_answer_from_an_unknown_worker_for_a_running_job(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.client()
@@ -770,11 +623,11 @@ def test_answer_from_an_unknown_worker_for_a_running_job(make_rig):
     assert DISCONNECT_MSG not in worker.inbox  # a known worker is not told to register again
 
 
-def test_timed_out_job_keeps_its_busy_worker_out_of_the_queue(make_rig):
+def test_timed_out_job_keeps_its_busy_worker_out_of_the_queue(make_wrig):
     """A slow worker whose attempt timed out is still working on it: the retry goes
     to another worker, and the slow one gets nothing until it answers (then the late
     answer is delivered and its credit is free again)."""
-    rig = make_rig(timeout=0.2, tries=3)
+    rig = make_wrig(timeout=0.2, tries=3)
     slow = rig.dealer()
     rig.register(slow, 1)
     client = rig.client()
@@ -796,11 +649,11 @@ def test_timed_out_job_keeps_its_busy_worker_out_of_the_queue(make_rig):
     assert payload == [b"next"]
 
 
-def test_disconnect_workers(make_rig):
+def test_disconnect_workers(make_wrig):
     """What the broker does when it closes: every worker is told DISCONNECT; the
     jobs they held are neither re-queued nor aborted (a job on its last try, as
     here with tries=1, must not reach its client as an abort)."""
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=1)
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=1)
     a, b = rig.dealer(), rig.dealer()
     rig.register(a, 1)
     rig.register(b, 1)
@@ -866,8 +719,8 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("frames, reason", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
-def test_malformed_worker_message_is_dropped(make_rig, frames, reason):
-    rig = make_rig()
+def test_malformed_worker_message_is_dropped(make_wrig, frames, reason):
+    rig = make_wrig()
     sender = rig.dealer()
     sender.send(*frames)
     assert rig.core.run(-1, 30.0, stop_on_drop=True) == RUN_DROP
@@ -883,8 +736,8 @@ def test_malformed_worker_message_is_dropped(make_rig, frames, reason):
     assert rig.stats()["dropped"] == 1
 
 
-def test_malformed_messages_from_a_registered_worker_leave_its_session_alone(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, tries=3)
+def test_malformed_messages_from_a_registered_worker_leave_its_session_alone(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3)
     worker = rig.dealer()
     rig.register(worker, 1)
     client = rig.client()
@@ -911,15 +764,15 @@ def test_malformed_messages_from_a_registered_worker_leave_its_session_alone(mak
 # ---------------------------------------------------------------------------
 
 
-def test_unreachable_dealer_worker_at_dispatch(make_rig):
+def test_unreachable_dealer_worker_at_dispatch(make_wrig):
     # Long heartbeat: the closed worker must be found out by the send, not by silence.
-    rig = make_rig(heartbeat=1.0, liveness=30)
+    rig = make_wrig(heartbeat=1.0, liveness=30)
     gone = rig.dealer(identity=b"gone-worker")
     live = rig.dealer(identity=b"live-worker")
     rig.register(gone, 1)
     rig.register(live, 1)
     gone.close()
-    wait_until(_gone(rig, b"gone-worker"), message="the router to drop the closed worker")
+    wait_until(peer_gone(rig, b"gone-worker"), message="the router to drop the closed worker")
     client = rig.client()
     client.send(b"job")
     task_id, payload = rig.task(live)
@@ -936,8 +789,8 @@ def test_unreachable_dealer_worker_at_dispatch(make_rig):
     assert rig.stats()["unreachable_workers"] == 1
 
 
-def test_unreachable_worker_with_a_job_in_flight_gives_it_back(make_rig):
-    rig = make_rig(timeout=LONG_TIMEOUT, heartbeat=1.0, liveness=30)
+def test_unreachable_worker_with_a_job_in_flight_gives_it_back(make_wrig):
+    rig = make_wrig(timeout=LONG_TIMEOUT, heartbeat=1.0, liveness=30)
     gone = rig.dealer(identity=b"gone-worker")
     rig.register(gone, 2)
     client = dealer_client(rig, [b"j0"])
@@ -945,7 +798,7 @@ def test_unreachable_worker_with_a_job_in_flight_gives_it_back(make_rig):
     live = rig.dealer(identity=b"live-worker")
     rig.register(live, 2)
     gone.close()
-    wait_until(_gone(rig, b"gone-worker"), message="the router to drop the closed worker")
+    wait_until(peer_gone(rig, b"gone-worker"), message="the router to drop the closed worker")
     # `gone` (spare credit, first in line) is tried for j1 and found gone: it is
     # forgotten and j0 goes back to the front of the queue.
     client.send_multipart([b"", b"j1"])

@@ -1,13 +1,15 @@
-"""Workers and helpers for the tests that run real broker and worker processes.
+"""The Worker classes that the tests run in real worker processes, and what those
+processes need: the job log they write and the original 2010 peers.
 
 Importable as ``workers_for_tests`` (the ``subprocess_env`` fixture puts tests/ on
 PYTHONPATH), so ``fastbroker worker workers_for_tests:Echo ...`` runs these classes.
+The test side's helpers (reading the job log, starting processes, ...) are in rigs.py.
 
 Every worker here appends one line per event to the file named by FB_TEST_LOG
 (when set): ``PID EVENT MONOTONIC_TIME PAYLOAD``. ``time.monotonic`` is
 CLOCK_MONOTONIC, the same clock in every process, and each line is one O_APPEND
 write, so lines from several processes never mix. Tests read the file to see
-which process ran which job and how many times (``read_log``).
+which process ran which job and how many times (``rigs.read_log``).
 
 The "original" peers at the end speak the 2010 protocol with plain pyzmq sockets,
 without any fastbroker class: they are Python 3 ports of the original
@@ -19,20 +21,15 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import zmq
 
 from fastbroker import ReqWorker, Worker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench
-from bench.proctree import descendants, kill_descendants  # noqa: E402  (descendants: re-exported to the tests)
 
 LOG_ENV = "FB_TEST_LOG"
 EXTRA_DELAY_ENV = "FB_TEST_EXTRA_DELAY"
@@ -57,31 +54,6 @@ def log_event(event: str, payload: bytes) -> None:
         os.close(fd)
 
 
-class Event(NamedTuple):
-    pid: int
-    event: str
-    time: float
-    payload: str
-
-
-def read_log(path: Path) -> List[Event]:
-    """The events logged so far (an absent file: none)."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    events = []
-    for line in text.splitlines():
-        pid, event, t, payload = line.split(" ", 3)
-        events.append(Event(int(pid), event, float(t), payload))
-    return events
-
-
-def runs(path: Path, payload: str, event: str = "start") -> List[int]:
-    """Pids of the processes that logged `event` for `payload`, in order."""
-    return [e.pid for e in read_log(path) if e.payload == payload and e.event == event]
-
-
 # -- Worker subclasses -----------------------------------------------------------
 # Each job behaviour is a mixin used twice: on a ReqWorker (original REQ/PUSH
 # protocol: Echo, Slow, Hang, Dropper) and on a DEALER Worker (FBW01:
@@ -104,7 +76,7 @@ class _SlowJob:
     def process(self, data: bytes) -> bytes:
         log_event("start", data)
         seconds = float(data.split(b":", 1)[0])
-        time.sleep(seconds + float(os.environ.get(EXTRA_DELAY_ENV, "0")))
+        time.sleep(seconds + float(os.environ.get(EXTRA_DELAY_ENV, "0")))  # the job's length is the point
         log_event("done", data)
         return b"-" + data
 
@@ -117,7 +89,7 @@ class _HangJob:
         log_event("start", data)
         deadline = time.monotonic() + HANG_LIMIT
         while time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.5)  # nothing to wait for but the kill: hanging is the point
         return b"-" + data
 
 
@@ -137,8 +109,8 @@ class _GatedJob:
         if gate and data.split(b":", 1)[1].startswith(b"gated"):
             deadline = time.monotonic() + HANG_LIMIT
             while not os.path.exists(gate) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        time.sleep(float(data.split(b":", 1)[0]))
+                time.sleep(0.01)  # the pace of a bounded wait for a file the test (another process) creates
+        time.sleep(float(data.split(b":", 1)[0]))  # the job's length is the point
         log_event("done", data)
         return b"-" + data
 
@@ -227,6 +199,86 @@ class NotAWorker:
         pass
 
 
+class DealerSlowStart(DealerEcho):
+    """DEALER Worker that logs "building" and takes a while to construct (a stop
+    signal can land while it is being built)."""
+
+    def __init__(self, *args, **kwargs):
+        log_event("building", b"")
+        time.sleep(1.0)  # a slow constructor is the point
+        super().__init__(*args, **kwargs)
+
+
+# -- cancellation (test_worker_cancel.py, test_worker_disconnect.py) ---------------
+
+GATE_DIR_ENV = "FB_TEST_GATE_DIR"
+JOB_LIMIT = 30.0
+"""A gated or polling CancelProbe job gives up after this long, in case a test's teardown failed."""
+
+
+class JobCancelled(Exception):
+    """What a polling job raises when it sees its cancellation."""
+
+
+class CancelProbe(Worker):
+    """Payload ``KIND:TAG``, logging "start" (and "cancelled-at-start" if
+    ``cancelled()`` is already True then, which it must never be):
+
+    - ``echo``: answers b"-" + data at once;
+    - ``gate``: waits for the file $FB_TEST_GATE_DIR/TAG, without polling
+      ``cancelled()``; then logs "saw-cancel" if ``cancelled()`` is True, "done",
+      and answers b"-" + data;
+    - ``poll``/``raise``: polls ``cancelled()`` every 5 ms; when it turns True, logs
+      "saw-cancel" and returns b"stopped:" + data (``poll``) or raises
+      JobCancelled (``raise``). Without a cancellation it answers after JOB_LIMIT.
+    """
+
+    def process(self, data: bytes) -> bytes:
+        log_event("start", data)
+        if self.cancelled():
+            log_event("cancelled-at-start", data)
+        kind, tag = data.split(b":", 1)
+        deadline = time.monotonic() + JOB_LIMIT
+        if kind == b"gate":
+            gate = Path(os.environ[GATE_DIR_ENV]) / tag.decode()
+            while not gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)  # the pace of a bounded wait for a file the test creates (maybe in another process)
+            if self.cancelled():
+                log_event("saw-cancel", data)
+        elif kind in (b"poll", b"raise"):
+            while time.monotonic() < deadline:
+                if self.cancelled():
+                    log_event("saw-cancel", data)
+                    if kind == b"raise":
+                        raise JobCancelled(data.decode())
+                    return b"stopped:" + data
+                time.sleep(0.005)  # polling cancelled() every 5 ms is the behaviour under test
+        log_event("done", data)
+        return b"-" + data
+
+
+# -- the many-core pool (test_manycore.py) ---------------------------------------------
+
+MEET_LIMIT = 10.0
+"""A meet job stops waiting for its partner after this long (it then still answers)."""
+
+
+class PidWorker(Worker):
+    """Answers ``PID START END PAYLOAD``: the worker process's pid and the job's start
+    and end (time.monotonic). A payload ``meet:DIR:TAG`` marks its start with a
+    file DIR/TAG, then waits until DIR holds 2 marks (bounded by MEET_LIMIT)."""
+
+    def process(self, data: bytes) -> bytes:
+        start = time.monotonic()
+        if data.startswith(b"meet:"):
+            _, where, tag = data.decode().split(":", 2)
+            Path(where, tag).touch()
+            deadline = start + MEET_LIMIT
+            while len(os.listdir(where)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.002)  # the pace of a bounded wait for the partner's file, made in another process
+        return f"{os.getpid()} {start:.6f} {time.monotonic():.6f} ".encode() + data
+
+
 # -- the original 2010 peers, plain pyzmq -----------------------------------------
 
 
@@ -284,127 +336,6 @@ class OriginalTestClient(threading.Thread):
             self.sock.close()
 
 
-# -- helpers for the tests -----------------------------------------------------------
-
-PYTHON = sys.executable
-
-
-def concurrent_requests(context: zmq.Context, address: str, payloads: Sequence[Sequence[bytes]], wait: float = 20.0):
-    """One REQ client thread per list in `payloads`, each sending its payloads one at
-    a time. Returns ({payload: answer frames}, [errors]); every wait is bounded."""
-    answers: Dict[bytes, List[bytes]] = {}
-    errors: List[str] = []
-
-    def client(c: int) -> None:
-        sock = context.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        try:
-            for payload in payloads[c]:
-                sock.send(payload)
-                if not sock.poll(int(wait * 1000)):
-                    errors.append(f"no answer to {payload!r}")
-                    return
-                answers[payload] = sock.recv_multipart()
-        except Exception as exc:
-            errors.append(f"client {c}: {exc!r}")
-        finally:
-            sock.close()
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(payloads))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(wait * (len(payloads[0]) if payloads else 1) + wait)
-    if any(t.is_alive() for t in threads):
-        errors.append("a client thread did not finish in time")
-    return answers, errors
-
-
-def request(context: zmq.Context, address: str, frames: Sequence[bytes], wait: float = 20.0) -> List[bytes]:
-    """One request from a fresh REQ socket; the answer frames. TimeoutError after `wait` s."""
-    sock = context.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(address)
-        sock.send_multipart(list(frames))
-        if not sock.poll(int(wait * 1000)):
-            raise TimeoutError(f"no answer from {address} within {wait} s")
-        return sock.recv_multipart()
-    finally:
-        sock.close()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class Processes:
-    """Starts ``python -m ...`` processes with output to files in `directory`,
-    and kills every one of them (and their descendants) in ``kill_all``."""
-
-    def __init__(self, directory: Path, env: Mapping[str, str]) -> None:
-        self.directory = Path(directory)
-        self.env = dict(env)
-        self.procs: List[subprocess.Popen] = []
-        self.names: Dict[int, str] = {}
-        self._count = 0
-
-    def start(self, args: Sequence[str], name: str, env: Optional[Mapping[str, str]] = None, module: str = "fastbroker") -> subprocess.Popen:
-        self._count += 1
-        stem = self.directory / f"{self._count:02d}-{name}"
-        full_env = dict(self.env)
-        full_env.update(env or {})
-        with open(f"{stem}.out", "wb") as out, open(f"{stem}.err", "wb") as err:
-            proc = subprocess.Popen(
-                [PYTHON, "-m", module, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=full_env,
-                cwd=str(self.directory),
-                start_new_session=True,
-            )
-        proc.stdout_path = Path(f"{stem}.out")  # type: ignore[attr-defined]
-        proc.stderr_path = Path(f"{stem}.err")  # type: ignore[attr-defined]
-        self.procs.append(proc)
-        self.names[proc.pid] = name
-        return proc
-
-    def output(self) -> str:
-        """Every process's stdout and stderr, for failure messages."""
-        parts = []
-        for proc in self.procs:
-            for path in (proc.stdout_path, proc.stderr_path):  # type: ignore[attr-defined]
-                text = path.read_text(errors="replace") if path.exists() else ""
-                if text.strip():
-                    parts.append(f"--- {path.name} (rc={proc.poll()}) ---\n{text[-3000:]}")
-        return "\n".join(parts)
-
-    def kill_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                kill_descendants(proc.pid)  # pool children left the process group (setpgrp)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-
-
 def main(argv: Sequence[str]) -> int:
     if len(argv) == 5 and argv[0] == "original-worker":
         original_worker(argv[1], argv[2], float(argv[3]), int(argv[4]))
@@ -415,13 +346,3 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-class DealerSlowStart(DealerEcho):
-    """DEALER Worker that logs "building" and takes a while to construct (a stop
-    signal can land while it is being built)."""
-
-    def __init__(self, *args, **kwargs):
-        log_event("building", b"")
-        time.sleep(1.0)
-        super().__init__(*args, **kwargs)
