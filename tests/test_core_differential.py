@@ -80,7 +80,7 @@ options = st.one_of(
 )
 # Malformed or random messages at each endpoint. Nothing here may start with the FBC01
 # signature (a random SUBMIT could ask for a timeout, which would make the outcome
-# depend on the clock); the known-bad forms come from test_core_loop's and the
+# depend on the clock); the known-bad forms are those of test_core_loop's and the
 # protocol tests' lists.
 junk_frame = st.one_of(
     st.binary(max_size=6),
