@@ -56,7 +56,7 @@ from fastbroker.protocol import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench
-from bench.proctree import descendants, kill_descendants  # noqa: E402,F401  (descendants: re-exported to the tests)
+from bench.proctree import descendants, kill_descendants  # noqa: F401  (descendants: re-exported to the tests)
 
 TESTS_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -67,8 +67,12 @@ PYTHON = sys.executable
 # ---------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01,
-               message: Union[str, Callable[[], str]] = "condition"):
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    message: Union[str, Callable[[], str]] = "condition",
+):
     """Poll `predicate` until it is truthy and return its value; fail the test after
     `timeout` seconds, saying what it waited for (`message`, or what `message()` says
     then). `interval` is the pause between two looks: the pace of the poll."""
@@ -121,7 +125,9 @@ class Processes:
         self.names: Dict[int, str] = {}
         self._count = 0
 
-    def start(self, args: Sequence[str], name: str, env: Optional[Mapping[str, str]] = None, module: str = "fastbroker") -> subprocess.Popen:
+    def start(
+        self, args: Sequence[str], name: str, env: Optional[Mapping[str, str]] = None, module: str = "fastbroker"
+    ) -> subprocess.Popen:
         self._count += 1
         stem = self.directory / f"{self._count:02d}-{name}"
         full_env = dict(self.env)
@@ -296,9 +302,7 @@ class Rig:
         self.requests.bind(self.addr["requests"])
         self.workers.bind(self.addr["workers"])
         self.answers.bind(self.addr["answers"])
-        self.core = core_module.BrokerCore(
-            self.requests, self.workers, self.answers, timeout, tries, epoch=EPOCH
-        )
+        self.core = core_module.BrokerCore(self.requests, self.workers, self.answers, timeout, tries, epoch=EPOCH)
         self._pusher = None
 
     def _sock(self, kind, identity=None):
@@ -402,7 +406,7 @@ class FBWorker:
     A "live" worker, once registered, sends HEARTBEAT every heartbeat/5 seconds so
     that only the workers a test makes silent can ever be taken for dead."""
 
-    def __init__(self, rig: "WRig", sock: zmq.Socket, live: bool):
+    def __init__(self, rig: WRig, sock: zmq.Socket, live: bool):
         self.rig = rig
         self.sock = sock
         self.live = live
@@ -467,15 +471,20 @@ class WRig(Rig):
     """Rig whose core has the test's heartbeat and liveness (short heartbeats by
     default), plus FBW01 workers (``dealer()``) whose inboxes every pump fills."""
 
-    def __init__(self, core_module, ctx, timeout=None, tries=None, heartbeat=HEARTBEAT,
-                 liveness=CALM_LIVENESS):
+    def __init__(self, core_module, ctx, timeout=None, tries=None, heartbeat=HEARTBEAT, liveness=CALM_LIVENESS):
         super().__init__(core_module, ctx, timeout, tries)
         # Rig builds its core with the default heartbeat; that core never ran and is
         # replaced by one with the intervals of this test, on the same sockets.
         self.core.close()
         self.core = core_module.BrokerCore(
-            self.requests, self.workers, self.answers, timeout, tries,
-            heartbeat=heartbeat, liveness=liveness, epoch=EPOCH,
+            self.requests,
+            self.workers,
+            self.answers,
+            timeout,
+            tries,
+            heartbeat=heartbeat,
+            liveness=liveness,
+            epoch=EPOCH,
         )
         self.heartbeat = heartbeat
         self.fbw: list = []
@@ -597,16 +606,33 @@ class CRig(WRig):
     """WRig (FBW01 workers, short heartbeats) whose core also has the retention
     settings and queue bound of the test, plus FBC01 clients (``fbclient()``)."""
 
-    def __init__(self, core_module, ctx, timeout=None, tries=None, heartbeat=HEARTBEAT,
-                 liveness=CALM_LIVENESS, retention=DEFAULT_RETENTION,
-                 retention_bytes=DEFAULT_RETENTION_BYTES, max_queue=None):
+    def __init__(
+        self,
+        core_module,
+        ctx,
+        timeout=None,
+        tries=None,
+        heartbeat=HEARTBEAT,
+        liveness=CALM_LIVENESS,
+        retention=DEFAULT_RETENTION,
+        retention_bytes=DEFAULT_RETENTION_BYTES,
+        max_queue=None,
+    ):
         super().__init__(core_module, ctx, timeout, tries, heartbeat=heartbeat, liveness=liveness)
         # The parent's core never ran; replace it by one with this test's retention.
         self.core.close()
         self.core = core_module.BrokerCore(
-            self.requests, self.workers, self.answers, timeout, tries,
-            heartbeat=heartbeat, liveness=liveness, epoch=EPOCH,
-            retention=retention, retention_bytes=retention_bytes, max_queue=max_queue,
+            self.requests,
+            self.workers,
+            self.answers,
+            timeout,
+            tries,
+            heartbeat=heartbeat,
+            liveness=liveness,
+            epoch=EPOCH,
+            retention=retention,
+            retention_bytes=retention_bytes,
+            max_queue=max_queue,
         )
         self.fbc: list = []
 

@@ -1,7 +1,7 @@
 """API parity between the compiled core (fastbroker._core) and the pure one
 (fastbroker._core_py), and the core selection by FASTBROKER_PURE.
 
-This is the one test module that imports both cores directly.
+This and test_core_differential.py are the test modules that import both cores directly.
 """
 
 from __future__ import annotations
