@@ -39,13 +39,16 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 import os
 
-import zmq
 import zmq.backend.cython._zmq as _pyzmq_backend
 
-from fastbroker._protocol cimport (CLIENT_SIGNATURE, WORKER_SIGNATURE, SIGNATURE_SIZE, REQUEST_ID_SIZE, OPTIONS_SIZE,
-                                  MAX_CREDIT, OPT_NO_ACK, R_OK, CMD_READY, CMD_TASK, CMD_ANSWER, CMD_HEARTBEAT, CMD_DISCONNECT)
-from fastbroker._zmqdl cimport (zmsg, zpollitem, ZPOLLIN, ZDONTWAIT, ZSNDMORE, zmsg_init, zmsg_init_size, zmsg_data, zmsg_size, zmsg_more,
-                               zmsg_close, zmsg_send, zmsg_recv, zpoll, zerrno, fbz_load)
+from fastbroker._protocol cimport (
+    CLIENT_SIGNATURE, WORKER_SIGNATURE, SIGNATURE_SIZE, REQUEST_ID_SIZE, OPTIONS_SIZE, MAX_CREDIT, OPT_NO_ACK, R_OK,
+    CMD_READY, CMD_TASK, CMD_ANSWER, CMD_HEARTBEAT, CMD_DISCONNECT,
+)
+from fastbroker._zmqdl cimport (
+    zmsg, zpollitem, ZPOLLIN, ZDONTWAIT, ZSNDMORE, zmsg_init, zmsg_init_size, zmsg_data, zmsg_size, zmsg_more,
+    zmsg_close, zmsg_send, zmsg_recv, zpoll, zerrno, fbz_load,
+)
 
 cdef const char *_load_error = fbz_load(os.fsencode(_pyzmq_backend.__file__))
 if _load_error != NULL:
@@ -92,7 +95,6 @@ _ERRORS = {
     E_BAD_PAYLOAD: "reply payload differs", E_MEMORY: "out of memory", E_POLL: "zmq_poll failed",
     E_ABORTED: "request aborted (empty answer)",
 }
-
 
 
 cdef inline int64_t now_ns() noexcept nogil:
@@ -246,7 +248,8 @@ cdef int client_check(Client *c, zmsg *f, int nf, int64_t now) noexcept nogil:
     cdef zmsg *pl
     cdef uint64_t rid, i
     if c.mode == M_FBC:
-        if nf < 3 or zmsg_size(&f[0]) != SIGNATURE_SIZE or memcmp(zmsg_data(&f[0]), CLIENT_SIGNATURE, SIGNATURE_SIZE) != 0 \
+        if nf < 3 or zmsg_size(&f[0]) != SIGNATURE_SIZE \
+                or memcmp(zmsg_data(&f[0]), CLIENT_SIGNATURE, SIGNATURE_SIZE) != 0 \
                 or zmsg_size(&f[1]) != 1 or zmsg_size(&f[2]) != REQUEST_ID_SIZE:
             return E_BAD_REPLY
         p = <const uint8_t *>zmsg_data(&f[1])
@@ -493,7 +496,8 @@ cdef int worker_loop(Worker *w) noexcept nogil:
                 p = <const uint8_t *>zmsg_data(&f[2])
                 if p[0] == CMD_TASK and nf >= 5:
                     # ANSWER: "", FBW01, 0x03, then the task id and payload frames as received
-                    rc = (send_buf(w.sock, NULL, 0, ZSNDMORE) or send_buf(w.sock, WORKER_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE)
+                    rc = (send_buf(w.sock, NULL, 0, ZSNDMORE)
+                          or send_buf(w.sock, WORKER_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE)
                           or send_buf(w.sock, &cmd, 1, ZSNDMORE) or send_frames(w.sock, f, 3, nf))
                     close_frames(f, nf)
                     if rc:

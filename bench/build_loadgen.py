@@ -31,8 +31,12 @@ def main() -> int:
         libraries=["dl"],
         extra_compile_args=["-O2"],
     )
-    dist = Distribution({"name": "fastbroker-bench-loadgen", "ext_modules": cythonize(
-        [ext], language_level=3, quiet=True, include_path=["src"])})
+    dist = Distribution(
+        {
+            "name": "fastbroker-bench-loadgen",
+            "ext_modules": cythonize([ext], language_level=3, quiet=True, include_path=["src"]),
+        }
+    )
     cmd = dist.get_command_obj("build_ext")
     cmd.inplace = True
     cmd.build_temp = str(REPO / "build" / "loadgen")

@@ -21,7 +21,9 @@ def main(path: str) -> int:
     depths = sorted({d for v in per.values() for d in v})
     print("| core | operation | " + " | ".join(f"depth {d:,} µs/op (min)" for d in depths) + " | 1M / 10 (median) |")
     print("|---|---|" + "---:|" * (len(depths) + 1))
-    for (core, op), v in sorted(per.items(), key=lambda kv: (kv[0][0], ["enqueue", "dispatch", "answer", "cancel", "expire"].index(kv[0][1]))):
+    for (core, op), v in sorted(
+        per.items(), key=lambda kv: (kv[0][0], ["enqueue", "dispatch", "answer", "cancel", "expire"].index(kv[0][1]))
+    ):
         cells = [f"{v[d][0]:.2f} ({v[d][1]:.2f})" if d in v else "–" for d in depths]
         ratio = f"{v[depths[-1]][0] / v[depths[0]][0]:.2f}" if depths[0] in v and depths[-1] in v else "–"
         print(f"| {core} | {op} | " + " | ".join(cells) + f" | {ratio} |")

@@ -147,8 +147,9 @@ def run_worker(kind: str, addr: str, parent: int, loadgen: str = "python") -> No
     if loadgen == "compiled":
         assert _loadgen is not None, LOADGEN_ERROR
         _say("connected")  # the compiled worker sends its READY itself, first thing
-        _loadgen.worker(sock, _loadgen.MODE_FBW if fbw else _loadgen.MODE_ECHO, 1 << 16, 0.5, 0, -1,
-                        parent, CHILD_LIFETIME)
+        _loadgen.worker(
+            sock, _loadgen.MODE_FBW if fbw else _loadgen.MODE_ECHO, 1 << 16, 0.5, 0, -1, parent, CHILD_LIFETIME
+        )
         return
     if fbw:
         sock.send_multipart([b"", SIG, READY, BIG_CREDIT])
@@ -199,8 +200,14 @@ def percentiles(lat: Sequence[int], n: int) -> Dict[str, float]:
     }
 
 
-def pipelined(sock: zmq.Socket, n: int, window: int, send_request: Callable[[int], None],
-              reply_index: Callable[[List[bytes]], Optional[int]], parent: int) -> Dict[str, object]:
+def pipelined(
+    sock: zmq.Socket,
+    n: int,
+    window: int,
+    send_request: Callable[[int], None],
+    reply_index: Callable[[List[bytes]], Optional[int]],
+    parent: int,
+) -> Dict[str, object]:
     """Keep `window` requests in flight on `sock` until n have their reply: the Python
     clients' loop. send_request(i) sends request i (0 <= i < n); reply_index(msg) checks
     a reply and returns the i it answers, or None for a message that answers nothing
@@ -263,15 +270,25 @@ def warm_then_measure(phase: Callable[[int, int], Dict[str, object]], warmup: in
     _say("result " + json.dumps(phase(0, jobs)))
 
 
-def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, parent: int,
-               loadgen: str = "python", protocol: str = "req") -> None:
+def run_client(
+    addr: str,
+    jobs: int,
+    window: int,
+    payload: int,
+    warmup: int,
+    parent: int,
+    loadgen: str = "python",
+    protocol: str = "req",
+) -> None:
     sock = child_dealer(addr)
     pad = b"x" * (payload - ID.size)
     signal.alarm(int(CHILD_LIFETIME))
 
     def compiled_phase(first: int, n: int) -> Dict[str, object]:
         assert _loadgen is not None, LOADGEN_ERROR
-        mode = {"fbc": _loadgen.MODE_FBC, "req-fbc-frames": _loadgen.MODE_REQ_FBC_FRAMES}.get(protocol, _loadgen.MODE_REQ)
+        mode = {"fbc": _loadgen.MODE_FBC, "req-fbc-frames": _loadgen.MODE_REQ_FBC_FRAMES}.get(
+            protocol, _loadgen.MODE_REQ
+        )
         r = _loadgen.client(sock, n, window, payload, first, os.urandom(8), mode, STALL, parent)
         lat = memoryview(r["latencies_ns"]).cast("q")
         return {"start": r["start"], "end": r["end"], "n": n, **percentiles(lat, n)}
@@ -282,7 +299,7 @@ def run_client(addr: str, jobs: int, window: int, payload: int, warmup: int, par
         send, pack, unpack = sock.send_multipart, ID.pack, ID.unpack_from
 
         def reply_index(msg: List[bytes]) -> int:
-            if len(msg) != 2 or msg[0] != b"" or len(msg[1]) != payload or msg[1][ID.size:] != pad:
+            if len(msg) != 2 or msg[0] != b"" or len(msg[1]) != payload or msg[1][ID.size :] != pad:
                 raise RuntimeError(f"bad answer {msg[:3]!r}")
             return unpack(msg[1])[0] - first
 
@@ -332,15 +349,21 @@ class Run:
         self.env.pop("FASTBROKER_PURE", None)
         self.count = 0
 
-    def start(self, argv: Sequence[str], name: str, stdin: bool = False,
-              cpus: Optional[Sequence[int]] = None) -> subprocess.Popen:
+    def start(
+        self, argv: Sequence[str], name: str, stdin: bool = False, cpus: Optional[Sequence[int]] = None
+    ) -> subprocess.Popen:
         self.count += 1
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         err = self.dir / f"{self.count:02d}-{name}.err"
         with open(err, "wb") as f:
             proc = subprocess.Popen(
-                [sys.executable, *argv], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=f, env=self.env, cwd=str(REPO), start_new_session=True,
+                [sys.executable, *argv],
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=f,
+                env=self.env,
+                cwd=str(REPO),
+                start_new_session=True,
                 preexec_fn=pin,
             )
         proc.err_path = err  # type: ignore[attr-defined]
@@ -402,24 +425,44 @@ class Run:
             worker_kind = "echo"
         else:
             ans = self.endpoint("answers")
-            bproc = self.start(["-m", "fastbroker", "-v", "broker", "--core", broker, req, work, ans], broker,
-                               cpus=bcpus)
+            bproc = self.start(
+                ["-m", "fastbroker", "-v", "broker", "--core", broker, req, work, ans], broker, cpus=bcpus
+            )
             text = self.wait_for_broker(bproc, broker, broker, deadline)
             info = text.split("broker on requests=", 1)[1].split()
             req, work = info[0], info[1].split("=", 1)[1]
             worker_kind = "fbw"
-        workers = [self.start(["-m", "bench.e2e", "_worker", worker_kind, work, me, a.loadgen], f"worker{i}",
-                              cpus=lcpus)
-                   for i in range(a.workers)]
+        workers = [
+            self.start(["-m", "bench.e2e", "_worker", worker_kind, work, me, a.loadgen], f"worker{i}", cpus=lcpus)
+            for i in range(a.workers)
+        ]
         for i, w in enumerate(workers):
             if Lines(w, f"worker{i}").read(deadline) != "connected":
                 raise RuntimeError("worker did not connect")
         share = [a.jobs // a.clients + (1 if i < a.jobs % a.clients else 0) for i in range(a.clients)]
         warmup = max(0, min(a.warmup, a.jobs))
         protocol = {"proxy": "req", "proxy-fbc": "req-fbc-frames"}.get(broker, a.protocol)
-        clients = [self.start(["-m", "bench.e2e", "_client", req, str(n), str(a.window), str(a.payload),
-                               str(warmup), me, a.loadgen, protocol], f"client{i}", stdin=True, cpus=lcpus)
-                   for i, n in enumerate(share)]
+        clients = [
+            self.start(
+                [
+                    "-m",
+                    "bench.e2e",
+                    "_client",
+                    req,
+                    str(n),
+                    str(a.window),
+                    str(a.payload),
+                    str(warmup),
+                    me,
+                    a.loadgen,
+                    protocol,
+                ],
+                f"client{i}",
+                stdin=True,
+                cpus=lcpus,
+            )
+            for i, n in enumerate(share)
+        ]
         readers = [Lines(c, f"client{i}") for i, c in enumerate(clients)]
         wait_warm(readers)
         pids = {"broker": [bproc.pid], "client": [c.pid for c in clients], "worker": [w.pid for w in workers]}
@@ -434,11 +477,17 @@ class Run:
         jobs = sum(r["n"] for r in results)
         cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
         return {
-            "broker": broker, "jobs": jobs, "elapsed": elapsed, "rate": jobs / elapsed,
+            "broker": broker,
+            "jobs": jobs,
+            "elapsed": elapsed,
+            "rate": jobs / elapsed,
             # with several clients: the worst client's percentiles
-            "p50_us": max(r["p50_us"] for r in results), "p99_us": max(r["p99_us"] for r in results),
-            "p999_us": max(r["p999_us"] for r in results), "protocol": protocol,
-            "cpu": cpu, "wall": wall,
+            "p50_us": max(r["p50_us"] for r in results),
+            "p99_us": max(r["p99_us"] for r in results),
+            "p999_us": max(r["p999_us"] for r in results),
+            "protocol": protocol,
+            "cpu": cpu,
+            "wall": wall,
         }
 
 
@@ -493,20 +542,26 @@ def machine() -> str:
         pass
     nproc = len(os.sched_getaffinity(0))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"machine: nproc={nproc}, CPU {model}; load average {load}\n"
-            f"Python {platform.python_version()} ({sys.executable}), pyzmq {zmq.pyzmq_version()}, "
-            f"libzmq {zmq.zmq_version()}, {platform.system()} {platform.release()}")
+    return (
+        f"machine: nproc={nproc}, CPU {model}; load average {load}\n"
+        f"Python {platform.python_version()} ({sys.executable}), pyzmq {zmq.pyzmq_version()}, "
+        f"libzmq {zmq.zmq_version()}, {platform.system()} {platform.release()}"
+    )
 
 
 def aggregate(runs: List[Dict[str, object]]) -> Dict[str, object]:
     """Median of each figure over a broker's rounds."""
     med = statistics.median
     return {
-        "broker": runs[0]["broker"], "rounds": len(runs),
+        "broker": runs[0]["broker"],
+        "rounds": len(runs),
         "rate": med(r["rate"] for r in runs),
-        "rate_min": min(r["rate"] for r in runs), "rate_max": max(r["rate"] for r in runs),
-        "p50_us": med(r["p50_us"] for r in runs), "p99_us": med(r["p99_us"] for r in runs),
-        "p999_us": med(r["p999_us"] for r in runs), "protocol": runs[0]["protocol"],
+        "rate_min": min(r["rate"] for r in runs),
+        "rate_max": max(r["rate"] for r in runs),
+        "p50_us": med(r["p50_us"] for r in runs),
+        "p99_us": med(r["p99_us"] for r in runs),
+        "p999_us": med(r["p999_us"] for r in runs),
+        "protocol": runs[0]["protocol"],
         "cpu_job": {k: med(r["cpu"][k] / r["jobs"] for r in runs) for k in ("broker", "client", "worker")},
         "cpu_pct": {k: med(r["cpu"][k] / r["wall"] * 100 for r in runs) for k in ("broker", "client", "worker")},
     }
@@ -514,36 +569,71 @@ def aggregate(runs: List[Dict[str, object]]) -> Dict[str, object]:
 
 def report(results: List[Dict[str, object]], args: argparse.Namespace) -> None:
     aggs = [aggregate([r for r in results if r["broker"] == b]) for b in args.only]
-    head = ("broker", "client protocol", "jobs/s (median)", "jobs/s min-max", "p50 µs", "p99 µs", "p99.9 µs",
-            "broker CPU µs/job", "client CPU µs/job", "worker CPU µs/job",
-            "broker CPU %", "client CPU %", "worker CPU %")
+    head = (
+        "broker",
+        "client protocol",
+        "jobs/s (median)",
+        "jobs/s min-max",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "broker CPU µs/job",
+        "client CPU µs/job",
+        "worker CPU µs/job",
+        "broker CPU %",
+        "client CPU %",
+        "worker CPU %",
+    )
     rows = []
     for a in aggs:
-        rows.append((a["broker"], a["protocol"], f"{a['rate']:,.0f}", f"{a['rate_min']:,.0f}-{a['rate_max']:,.0f}",
-                     f"{a['p50_us']:,.0f}", f"{a['p99_us']:,.0f}", f"{a['p999_us']:,.0f}",
-                     f"{a['cpu_job']['broker'] * 1e6:.1f}", f"{a['cpu_job']['client'] * 1e6:.1f}",
-                     f"{a['cpu_job']['worker'] * 1e6:.1f}",
-                     f"{a['cpu_pct']['broker']:.0f}", f"{a['cpu_pct']['client']:.0f}", f"{a['cpu_pct']['worker']:.0f}"))
+        rows.append(
+            (
+                a["broker"],
+                a["protocol"],
+                f"{a['rate']:,.0f}",
+                f"{a['rate_min']:,.0f}-{a['rate_max']:,.0f}",
+                f"{a['p50_us']:,.0f}",
+                f"{a['p99_us']:,.0f}",
+                f"{a['p999_us']:,.0f}",
+                f"{a['cpu_job']['broker'] * 1e6:.1f}",
+                f"{a['cpu_job']['client'] * 1e6:.1f}",
+                f"{a['cpu_job']['worker'] * 1e6:.1f}",
+                f"{a['cpu_pct']['broker']:.0f}",
+                f"{a['cpu_pct']['client']:.0f}",
+                f"{a['cpu_pct']['worker']:.0f}",
+            )
+        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print(f"median over {args.rounds} round(s) per broker (rounds interleaved), {args.loadgen} load generators:")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
     for row in rows:
-        print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
-    print(f"(CPU % = CPU seconds / wall seconds of the measured window, 100 % = one core; "
-          f"CPU µs/job = CPU seconds of the broker / all clients / all workers over the window, per job; "
-          f"p50/p99/p99.9 of the request round trip seen by the client; /proc tick = {1e3 / CLK_TCK:.0f} ms)")
+        print(
+            "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+        )
+    print(
+        f"(CPU % = CPU seconds / wall seconds of the measured window, 100 % = one core; "
+        f"CPU µs/job = CPU seconds of the broker / all clients / all workers over the window, per job; "
+        f"p50/p99/p99.9 of the request round trip seen by the client; /proc tick = {1e3 / CLK_TCK:.0f} ms)"
+    )
     by = {a["broker"]: a for a in aggs}
     ratios = []
-    for x, y in (("compiled", "pure"), ("compiled", "proxy"), ("pure", "proxy"), ("compiled", "proxy-fbc"),
-                 ("proxy-fbc", "proxy")):
+    for x, y in (
+        ("compiled", "pure"),
+        ("compiled", "proxy"),
+        ("pure", "proxy"),
+        ("compiled", "proxy-fbc"),
+        ("proxy-fbc", "proxy"),
+    ):
         if x in by and y in by:
             ax, ay = by[x], by[y]
             cx, cy = ax["cpu_job"]["broker"], ay["cpu_job"]["broker"]
-            ratios.append(f"{x}/{y}: jobs/s {ax['rate'] / ay['rate']:.2f}x, "
-                          f"p50 {ax['p50_us'] / ay['p50_us']:.2f}x, p99 {ax['p99_us'] / ay['p99_us']:.2f}x, "
-                          f"p99.9 {ax['p999_us'] / ay['p999_us']:.2f}x, "
-                          f"broker CPU/job {cx / cy if cy else float('inf'):.2f}x")
+            ratios.append(
+                f"{x}/{y}: jobs/s {ax['rate'] / ay['rate']:.2f}x, "
+                f"p50 {ax['p50_us'] / ay['p50_us']:.2f}x, p99 {ax['p99_us'] / ay['p99_us']:.2f}x, "
+                f"p99.9 {ax['p999_us'] / ay['p999_us']:.2f}x, "
+                f"broker CPU/job {cx / cy if cy else float('inf'):.2f}x"
+            )
     if ratios:
         print("ratios of the medians (same load, same run):")
         for line in ratios:
@@ -555,35 +645,59 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=20000, help="measured requests per broker (default 20000)")
     p.add_argument("--window", type=int, default=64, help="requests in flight per client (default 64)")
     p.add_argument("--payload", type=int, default=16, help="payload bytes, >= 8 (default 16)")
-    p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
-                   help="ipc (in a temporary directory, default) or tcp on 127.0.0.1")
-    p.add_argument("--only", default=",".join(DEFAULT_BROKERS),
-                   help="comma-separated subset of compiled,pure,proxy,proxy-fbc (default compiled,pure,proxy)")
+    p.add_argument(
+        "--transport",
+        choices=("ipc", "tcp"),
+        default="ipc",
+        help="ipc (in a temporary directory, default) or tcp on 127.0.0.1",
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(DEFAULT_BROKERS),
+        help="comma-separated subset of compiled,pure,proxy,proxy-fbc (default compiled,pure,proxy)",
+    )
     p.add_argument("--clients", type=int, default=1, help="client processes (default 1)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--warmup", type=int, default=2000, help="unmeasured requests per client first (default 2000)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="measurements per broker, interleaved; the table gives medians (default 3)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measurements per broker, interleaved; the table gives medians (default 3)",
+    )
     p.add_argument("--max-seconds", type=float, default=300.0, help="bound of each measured run (default 300)")
-    p.add_argument("--loadgen", choices=("compiled", "python"), default=None,
-                   help="load generators: compiled (bench/_loadgen, default when built: make loadgen) or python")
-    p.add_argument("--protocol", choices=("auto", "fbc", "req"), default="auto",
-                   help="fastbroker clients: FBC01 (needs --loadgen compiled) or the REQ envelope; auto: fbc "
-                        "with compiled load generators, else req. The proxy always carries req")
-    p.add_argument("--pin", action="store_true",
-                   help="pin the broker to CPU 0 and the load generators to the other CPUs")
+    p.add_argument(
+        "--loadgen",
+        choices=("compiled", "python"),
+        default=None,
+        help="load generators: compiled (bench/_loadgen, default when built: make loadgen) or python",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("auto", "fbc", "req"),
+        default="auto",
+        help="fastbroker clients: FBC01 (needs --loadgen compiled) or the REQ envelope; auto: fbc "
+        "with compiled load generators, else req. The proxy always carries req",
+    )
+    p.add_argument(
+        "--pin", action="store_true", help="pin the broker to CPU 0 and the load generators to the other CPUs"
+    )
     args = p.parse_args(argv)
     if args.loadgen is None:
         args.loadgen = "compiled" if _loadgen is not None else "python"
         if _loadgen is None:
-            print(f"note: compiled load generators not built ({LOADGEN_ERROR}); using the Python ones "
-                  f"(build them with `make loadgen` or `.venv/bin/python bench/build_loadgen.py`)")
+            print(
+                f"note: compiled load generators not built ({LOADGEN_ERROR}); using the Python ones "
+                f"(build them with `make loadgen` or `.venv/bin/python bench/build_loadgen.py`)"
+            )
     elif args.loadgen == "compiled" and _loadgen is None:
         p.error(f"--loadgen compiled: bench._loadgen does not import ({LOADGEN_ERROR}); run `make loadgen`")
     if args.window > 900:
-        print(f"note: --window {args.window}: both brokers' requests ROUTER has SNDHWM 1000 per client "
-              f"(zmq.proxy's by default, fastbroker's REQUESTS_SNDHWM) and drops replies beyond it; "
-              f"a client may then stall")
+        print(
+            f"note: --window {args.window}: both brokers' requests ROUTER has SNDHWM 1000 per client "
+            f"(zmq.proxy's by default, fastbroker's REQUESTS_SNDHWM) and drops replies beyond it; "
+            f"a client may then stall"
+        )
     if args.protocol == "auto":
         args.protocol = "fbc" if args.loadgen == "compiled" else "req"
     elif args.protocol == "fbc" and args.loadgen != "compiled":
@@ -624,25 +738,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("command: " + " ".join(shlex.quote(x) for x in [sys.executable, "-m", "bench.e2e", *argv]))
     print(machine())
-    print(f"load: {args.jobs} jobs/broker, window {args.window} x {args.clients} client process(es), "
-          f"{args.workers} worker process(es), payload {args.payload} B, {args.transport}, "
-          f"warm-up {args.warmup} jobs/client")
+    print(
+        f"load: {args.jobs} jobs/broker, window {args.window} x {args.clients} client process(es), "
+        f"{args.workers} worker process(es), payload {args.payload} B, {args.transport}, "
+        f"warm-up {args.warmup} jobs/client"
+    )
     proto = "FBC01 SUBMIT with OPT_NO_ACK" if args.protocol == "fbc" else 'REQ envelope [b"", payload]'
-    pinned = (f"pinned: broker on CPU {args.cpus[0]}, load generators on CPUs {args.cpus[1]}" if args.pin
-              else "not pinned")
-    print(f"load generators: {args.loadgen}; fastbroker clients speak {args.protocol} ({proto}), "
-          f"the proxy's req; {pinned}")
+    pinned = (
+        f"pinned: broker on CPU {args.cpus[0]}, load generators on CPUs {args.cpus[1]}" if args.pin else "not pinned"
+    )
+    print(
+        f"load generators: {args.loadgen}; fastbroker clients speak {args.protocol} ({proto}), "
+        f"the proxy's req; {pinned}"
+    )
     results: List[Dict[str, object]] = []
     for rnd in range(1, args.rounds + 1):
         for broker in args.only:
             with temporary_run(args) as run:
                 r = run.measure(broker)
             results.append(r)
-            print(f"  round {rnd} {broker:8}: {r['jobs']} jobs in {r['elapsed']:.3f} s = {r['rate']:,.0f} jobs/s, "
-                  f"p50/p99/p99.9 {r['p50_us']:,.0f}/{r['p99_us']:,.0f}/{r['p999_us']:,.0f} µs, "
-                  f"CPU µs/job broker {r['cpu']['broker'] / r['jobs'] * 1e6:.1f}, "
-                  f"client {r['cpu']['client'] / r['jobs'] * 1e6:.1f}, "
-                  f"worker {r['cpu']['worker'] / r['jobs'] * 1e6:.1f}", flush=True)
+            print(
+                f"  round {rnd} {broker:8}: {r['jobs']} jobs in {r['elapsed']:.3f} s = {r['rate']:,.0f} jobs/s, "
+                f"p50/p99/p99.9 {r['p50_us']:,.0f}/{r['p99_us']:,.0f}/{r['p999_us']:,.0f} µs, "
+                f"CPU µs/job broker {r['cpu']['broker'] / r['jobs'] * 1e6:.1f}, "
+                f"client {r['cpu']['client'] / r['jobs'] * 1e6:.1f}, "
+                f"worker {r['cpu']['worker'] / r['jobs'] * 1e6:.1f}",
+                flush=True,
+            )
     report(results, args)
     return 0
 

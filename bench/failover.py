@@ -118,8 +118,12 @@ class Rig:
         with open(err, "wb") as f:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fastbroker", *args],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f,
-                env=self.env, cwd=str(REPO), start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=f,
+                env=self.env,
+                cwd=str(REPO),
+                start_new_session=True,
             )
         proc.err_path = err  # type: ignore[attr-defined]
         self.procs.append(proc)
@@ -128,7 +132,9 @@ class Rig:
     def start_broker(self) -> float:
         """(Re)start the broker on the same endpoints; the time it is bound."""
         addrs = self.endpoints or ["tcp://127.0.0.1:*"] * 3
-        self.broker = self._start(["-v", "broker", "--core", self.core, "-T", "600", *self.hb_options, *addrs], "broker")
+        self.broker = self._start(
+            ["-v", "broker", "--core", self.core, "-T", "600", *self.hb_options, *addrs], "broker"
+        )
         deadline = time.monotonic() + WAIT
         while True:
             match = ENDPOINTS_RE.search(self.broker.err_path.read_text(errors="replace"))  # type: ignore[attr-defined]
@@ -219,7 +225,7 @@ class Rig:
         sock = self.send(payload)  # waits in the REQ socket for the new broker
         up = self.start_broker()
         answered = self.answer(sock)
-        (pid, started), = self.starts(payload)
+        ((pid, started),) = self.starts(payload)
         if pid not in before:
             raise RuntimeError("the job ran in a process that did not serve the old broker")
         self.wait_all_serving()  # every worker is back before the next sample
@@ -271,7 +277,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from fastbroker import _select
 
     parser = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--core", choices=["compiled", "pure"], action="append", help="core(s) to measure (default: both)")
+    parser.add_argument(
+        "--core", choices=["compiled", "pure"], action="append", help="core(s) to measure (default: both)"
+    )
     parser.add_argument("--samples-slow", type=int, default=1, help="samples per figure at heartbeat 1.0 s (default 1)")
     parser.add_argument("--samples-fast", type=int, default=3, help="samples per figure at heartbeat 0.1 s (default 3)")
     args = parser.parse_args(argv)
@@ -289,12 +297,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for heartbeat, liveness, samples in settings:
             figures = measure(core, heartbeat, liveness, samples)
             expected = f"{(liveness - 1) * heartbeat:.1f}-{(liveness + 1) * heartbeat:.1f}"
-            rows.append((core, f"{heartbeat:.1f}", str(liveness), str(samples), _fmt(figures["requeue"]), expected,
-                         _fmt(figures["away"]), _fmt(figures["resume"]), _fmt(figures["outage"])))
-            print(f"  measured {core} heartbeat={heartbeat:.1f} in {time.monotonic() - t0:.1f} s so far", file=sys.stderr)
+            rows.append(
+                (
+                    core,
+                    f"{heartbeat:.1f}",
+                    str(liveness),
+                    str(samples),
+                    _fmt(figures["requeue"]),
+                    expected,
+                    _fmt(figures["away"]),
+                    _fmt(figures["resume"]),
+                    _fmt(figures["outage"]),
+                )
+            )
+            print(
+                f"  measured {core} heartbeat={heartbeat:.1f} in {time.monotonic() - t0:.1f} s so far", file=sys.stderr
+            )
 
-    header = ("core", "heartbeat", "liveness", "n", "(a) requeue", "expected", "(b) away", "(b) resume", "(b) kill->answer")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)] if rows else [len(h) for h in header]
+    header = (
+        "core",
+        "heartbeat",
+        "liveness",
+        "n",
+        "(a) requeue",
+        "expected",
+        "(b) away",
+        "(b) resume",
+        "(b) kill->answer",
+    )
+    widths = (
+        [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)] if rows else [len(h) for h in header]
+    )
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     print("Failover with real processes (seconds; median, min-max over n samples; tcp on 127.0.0.1)")
     print(line(header))

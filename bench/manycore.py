@@ -173,8 +173,17 @@ def stop_pool(pool: subprocess.Popen, check: bool = True) -> None:
         raise RuntimeError(f"the worker pool did not stop cleanly on SIGTERM (status {code})")
 
 
-def measure(run: e2e.Run, args: argparse.Namespace, figures: BrokerFigures, broker_pid: int, addrs: Dict[str, str],
-            processes: int, work_us: int, jobs: int, reference: bool = False) -> Dict[str, object]:
+def measure(
+    run: e2e.Run,
+    args: argparse.Namespace,
+    figures: BrokerFigures,
+    broker_pid: int,
+    addrs: Dict[str, str],
+    processes: int,
+    work_us: int,
+    jobs: int,
+    reference: bool = False,
+) -> Dict[str, object]:
     """One run: a pool of `processes` BurnWorkers of `work_us` (or, for the
     `reference`, one compiled load-generator worker), one client, `jobs` jobs."""
     deadline = time.monotonic() + e2e.START_WAIT
@@ -183,19 +192,45 @@ def measure(run: e2e.Run, args: argparse.Namespace, figures: BrokerFigures, brok
     if reference:
         # bench.e2e's C worker (FBW01, credit 65536): what the broker does when the
         # workers cost next to nothing. It has no graceful stop: run it last.
-        pool = run.start(["-m", "bench.e2e", "_worker", "fbw", addrs["workers"], str(os.getpid()), "compiled"],
-                         "reference-worker")
+        pool = run.start(
+            ["-m", "bench.e2e", "_worker", "fbw", addrs["workers"], str(os.getpid()), "compiled"], "reference-worker"
+        )
     else:
-        pool = run.start(["-m", "fastbroker", "worker", f"{WORKER_MODULE}:BurnWorker", addrs["workers"],
-                          "--processes", str(processes), "--credit", str(args.credit)],
-                         f"pool{processes}-u{work_us}")
+        pool = run.start(
+            [
+                "-m",
+                "fastbroker",
+                "worker",
+                f"{WORKER_MODULE}:BurnWorker",
+                addrs["workers"],
+                "--processes",
+                str(processes),
+                "--credit",
+                str(args.credit),
+            ],
+            f"pool{processes}-u{work_us}",
+        )
     try:
         figures.wait_for_workers(processes, deadline, f"{processes} worker process(es)")
         worker_pids = [pool.pid, *descendants(pool.pid)]
         warmup = max(0, min(args.warmup, jobs))
-        client = run.start(["-m", "bench.e2e", "_client", addrs["requests"], str(jobs), str(args.window),
-                            str(args.payload), str(warmup), str(os.getpid()), "compiled", "fbc"],
-                           f"client-p{processes}-u{work_us}", stdin=True)
+        client = run.start(
+            [
+                "-m",
+                "bench.e2e",
+                "_client",
+                addrs["requests"],
+                str(jobs),
+                str(args.window),
+                str(args.payload),
+                str(warmup),
+                str(os.getpid()),
+                "compiled",
+                "fbc",
+            ],
+            f"client-p{processes}-u{work_us}",
+            stdin=True,
+        )
         reader = e2e.Lines(client, "client")
         e2e.wait_warm([reader])
         pids = {"broker": [broker_pid], "client": [client.pid], "worker": worker_pids}
@@ -224,10 +259,19 @@ def measure(run: e2e.Run, args: argparse.Namespace, figures: BrokerFigures, brok
     # Everything else the machine ran meanwhile (other users, this bench's parent).
     cpu["other"] = max(0.0, (busy1 - busy0) - sum(cpu.values()) + cpu["loop"])
     elapsed = result["end"] - result["start"]
-    return {"processes": processes, "work_us": work_us, "jobs": result["n"], "elapsed": elapsed,
-            "rate": result["n"] / elapsed, "cpu": cpu, "wall": wall, "p50_us": result["p50_us"],
-            "p99_us": result["p99_us"], "reference": reference,
-            "per_worker": [b - a for a, b in zip(each0, each1)]}
+    return {
+        "processes": processes,
+        "work_us": work_us,
+        "jobs": result["n"],
+        "elapsed": elapsed,
+        "rate": result["n"] / elapsed,
+        "cpu": cpu,
+        "wall": wall,
+        "p50_us": result["p50_us"],
+        "p99_us": result["p99_us"],
+        "reference": reference,
+        "per_worker": [b - a for a, b in zip(each0, each1)],
+    }
 
 
 def saturation(r: Dict[str, object]) -> str:
@@ -235,8 +279,10 @@ def saturation(r: Dict[str, object]) -> str:
     per_job = r["cpu"]["broker"] / r["jobs"]
     loop_job = r["cpu"]["loop"] / r["jobs"]
     say = lambda s: f"{1 / s:,.0f} jobs/s" if s > 0 else "n/a (no CPU tick seen)"  # noqa: E731
-    return (f"broker process {per_job * 1e6:.1f} µs CPU/job -> one core at {say(per_job)}; "
-            f"its loop thread alone {loop_job * 1e6:.1f} µs/job -> {say(loop_job)}")
+    return (
+        f"broker process {per_job * 1e6:.1f} µs CPU/job -> one core at {say(per_job)}; "
+        f"its loop thread alone {loop_job * 1e6:.1f} µs/job -> {say(loop_job)}"
+    )
 
 
 def summarize(results: List[Dict[str, object]], args: argparse.Namespace) -> None:
@@ -250,30 +296,50 @@ def summarize(results: List[Dict[str, object]], args: argparse.Namespace) -> Non
             rate = med(r["rate"] for r in runs)
             if base is None:
                 base = rate
-            rows.append(row(f"{work_us}", f"{n}", runs, f"{rate / base:.2f}",
-                            f"{n * 1e6 / work_us:,.0f}" if work_us else "-"))
+            rows.append(
+                row(f"{work_us}", f"{n}", runs, f"{rate / base:.2f}", f"{n * 1e6 / work_us:,.0f}" if work_us else "-")
+            )
     references = [r for r in results if r["reference"]]
     if references:
         rows.append(row("0", "C (ref.)", references, "-", "-"))
-    head = ("work µs/job", "processes", "jobs/s (median)", "min-max", "speed-up vs 1", "CPU-bound limit jobs/s",
-            "broker CPU %/core", "broker loop thread %", "broker CPU µs/job", "worker CPU %", "worker CPU µs/job",
-            "client CPU %", "other CPU %", "p50 µs")
+    head = (
+        "work µs/job",
+        "processes",
+        "jobs/s (median)",
+        "min-max",
+        "speed-up vs 1",
+        "CPU-bound limit jobs/s",
+        "broker CPU %/core",
+        "broker loop thread %",
+        "broker CPU µs/job",
+        "worker CPU %",
+        "worker CPU µs/job",
+        "client CPU %",
+        "other CPU %",
+        "p50 µs",
+    )
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print(f"median over {args.rounds} round(s) (interleaved), {args.core} broker, credit {args.credit}, "
-          f"window {args.window}:")
+    print(
+        f"median over {args.rounds} round(s) (interleaved), {args.core} broker, credit {args.credit}, "
+        f"window {args.window}:"
+    )
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
-    print("(CPU % = CPU seconds / wall seconds of the measured window, 100 % = one core; worker CPU % is all the "
-          "pool's processes together; broker loop thread = the broker's main thread alone, without libzmq's I/O "
-          "thread; CPU-bound limit = processes x 1e6 / work µs, ignoring all overhead; speed-up = median jobs/s "
-          f"/ that of {args.processes[0]} process(es) at the same work size; C (ref.) = one bench/_loadgen "
-          f"FBW01 worker instead of fastbroker.Worker; other CPU % = the machine's busy time (/proc/stat) minus "
-          f"broker, client and workers: other users of the machine; /proc tick = {1e3 / e2e.CLK_TCK:.0f} ms)")
+    print(
+        "(CPU % = CPU seconds / wall seconds of the measured window, 100 % = one core; worker CPU % is all the "
+        "pool's processes together; broker loop thread = the broker's main thread alone, without libzmq's I/O "
+        "thread; CPU-bound limit = processes x 1e6 / work µs, ignoring all overhead; speed-up = median jobs/s "
+        f"/ that of {args.processes[0]} process(es) at the same work size; C (ref.) = one bench/_loadgen "
+        f"FBW01 worker instead of fastbroker.Worker; other CPU % = the machine's busy time (/proc/stat) minus "
+        f"broker, client and workers: other users of the machine; /proc tick = {1e3 / e2e.CLK_TCK:.0f} ms)"
+    )
     best = max(measured, key=lambda r: r["rate"])
-    print(f"broker saturation, from the fastbroker.Worker run with the highest rate ({best['processes']} "
-          f"process(es), {best['work_us']} µs/job, {best['rate']:,.0f} jobs/s): {saturation(best)}")
+    print(
+        f"broker saturation, from the fastbroker.Worker run with the highest rate ({best['processes']} "
+        f"process(es), {best['work_us']} µs/job, {best['rate']:,.0f} jobs/s): {saturation(best)}"
+    )
     if references:
         best = max(references, key=lambda r: r["rate"])
         print(f"broker saturation, from the reference run ({best['rate']:,.0f} jobs/s): {saturation(best)}")
@@ -285,10 +351,22 @@ def row(work: str, processes: str, runs: List[Dict[str, object]], speedup: str, 
     rate = med(r["rate"] for r in runs)
     per_job = {k: med(r["cpu"][k] / r["jobs"] for r in runs) for k in ("broker", "worker")}
     pct = {k: med(r["cpu"][k] / r["wall"] * 100 for r in runs) for k in ("broker", "loop", "client", "worker", "other")}
-    return (work, processes, f"{rate:,.0f}", f"{min(r['rate'] for r in runs):,.0f}-{max(r['rate'] for r in runs):,.0f}",
-            speedup, limit, f"{pct['broker']:.0f}", f"{pct['loop']:.0f}", f"{per_job['broker'] * 1e6:.1f}",
-            f"{pct['worker']:.0f}", f"{per_job['worker'] * 1e6:.0f}", f"{pct['client']:.0f}",
-            f"{pct['other']:.0f}", f"{med(r['p50_us'] for r in runs):,.0f}")
+    return (
+        work,
+        processes,
+        f"{rate:,.0f}",
+        f"{min(r['rate'] for r in runs):,.0f}-{max(r['rate'] for r in runs):,.0f}",
+        speedup,
+        limit,
+        f"{pct['broker']:.0f}",
+        f"{pct['loop']:.0f}",
+        f"{per_job['broker'] * 1e6:.1f}",
+        f"{pct['worker']:.0f}",
+        f"{per_job['worker'] * 1e6:.0f}",
+        f"{pct['client']:.0f}",
+        f"{pct['other']:.0f}",
+        f"{med(r['p50_us'] for r in runs):,.0f}",
+    )
 
 
 def int_list(text: str) -> List[int]:
@@ -302,19 +380,28 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.manycore", description=__doc__.split("\n\n")[0])
     p.add_argument("--processes", type=int_list, default=[1, 2], help="worker processes per run (default 1,2)")
     p.add_argument("--jobs", type=int, default=10000, help="measured jobs per run (default 10000)")
-    p.add_argument("--work-us", type=int_list, default=[0, 500],
-                   help="CPU µs each job burns in the worker, one table row per size (default 0,500)")
+    p.add_argument(
+        "--work-us",
+        type=int_list,
+        default=[0, 500],
+        help="CPU µs each job burns in the worker, one table row per size (default 0,500)",
+    )
     p.add_argument("--core", choices=("compiled", "pure"), default="compiled", help="the broker's core")
     p.add_argument("--window", type=int, default=64, help="requests in flight at the client (default 64)")
     p.add_argument("--credit", type=int, default=1, help="--credit of each worker process (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="runs per (size, processes), interleaved (default 3)")
     p.add_argument("--warmup", type=int, default=500, help="unmeasured jobs before each run (default 500)")
     p.add_argument("--payload", type=int, default=16, help="payload bytes, >= 8 (default 16)")
-    p.add_argument("--retention", type=float, default=None,
-                   help="the broker's --retention in seconds (default: the broker's own)")
-    p.add_argument("--reference-jobs", type=int, default=200000,
-                   help="jobs of the last run, with one compiled load-generator worker instead of the pool, "
-                        "to see the broker near saturation; 0: no such run (default 200000)")
+    p.add_argument(
+        "--retention", type=float, default=None, help="the broker's --retention in seconds (default: the broker's own)"
+    )
+    p.add_argument(
+        "--reference-jobs",
+        type=int,
+        default=200000,
+        help="jobs of the last run, with one compiled load-generator worker instead of the pool, "
+        "to see the broker near saturation; 0: no such run (default 200000)",
+    )
     p.add_argument("--max-seconds", type=float, default=300.0, help="bound of each measured run (default 300)")
     args = p.parse_args(argv)
     if min(args.processes) < 1:
@@ -332,11 +419,14 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def progress(what: str, r: Dict[str, object], bproc: subprocess.Popen, run: e2e.Run) -> None:
     c, jobs = r["cpu"], r["jobs"]
     split = "+".join(f"{w / r['wall'] * 100:.0f}" for w in r["per_worker"])
-    print(f"  {what}: {jobs} jobs in {r['elapsed']:.3f} s = {r['rate']:,.0f} jobs/s; CPU µs/job broker "
-          f"{c['broker'] / jobs * 1e6:.1f} (loop thread {c['loop'] / jobs * 1e6:.1f}), "
-          f"workers {c['worker'] / jobs * 1e6:.1f}, client {c['client'] / jobs * 1e6:.1f}; CPU % workers "
-          f"{split}, others on the machine "
-          f"{c['other'] / r['wall'] * 100:.0f}", flush=True)
+    print(
+        f"  {what}: {jobs} jobs in {r['elapsed']:.3f} s = {r['rate']:,.0f} jobs/s; CPU µs/job broker "
+        f"{c['broker'] / jobs * 1e6:.1f} (loop thread {c['loop'] / jobs * 1e6:.1f}), "
+        f"workers {c['worker'] / jobs * 1e6:.1f}, client {c['client'] / jobs * 1e6:.1f}; CPU % workers "
+        f"{split}, others on the machine "
+        f"{c['other'] / r['wall'] * 100:.0f}",
+        flush=True,
+    )
     if bproc.poll() is not None:
         raise RuntimeError(f"the broker died:\n{run.stderr_of(bproc)}")
 
@@ -350,17 +440,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("command: " + " ".join(shlex.quote(x) for x in [sys.executable, "-m", "bench.manycore", *argv]))
     print(e2e.machine())
-    print(f"load: {args.jobs} jobs per run (+{args.warmup} warm-up), 1 compiled FBC01 client (window "
-          f"{args.window}, payload {args.payload} B), workers: fastbroker.Worker (bench.manycore:BurnWorker, "
-          f"credit {args.credit}) in `fastbroker worker --processes N`, ipc, one {args.core} broker for all runs")
+    print(
+        f"load: {args.jobs} jobs per run (+{args.warmup} warm-up), 1 compiled FBC01 client (window "
+        f"{args.window}, payload {args.payload} B), workers: fastbroker.Worker (bench.manycore:BurnWorker, "
+        f"credit {args.credit}) in `fastbroker worker --processes N`, ipc, one {args.core} broker for all runs"
+    )
     results: List[Dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="fb-manycore-") as tmp:
         run = e2e.Run(Path(tmp), args)
         figures: Optional[BrokerFigures] = None
         try:
             extra = [] if args.retention is None else ["--retention", f"{args.retention:g}"]
-            bproc = run.start(["-m", "fastbroker", "-v", "broker", "--core", args.core, *extra,
-                               run.endpoint("requests"), run.endpoint("workers"), run.endpoint("answers")], "broker")
+            bproc = run.start(
+                [
+                    "-m",
+                    "fastbroker",
+                    "-v",
+                    "broker",
+                    "--core",
+                    args.core,
+                    *extra,
+                    run.endpoint("requests"),
+                    run.endpoint("workers"),
+                    run.endpoint("answers"),
+                ],
+                "broker",
+            )
             text = run.wait_for_broker(bproc, args.core, args.core, time.monotonic() + e2e.START_WAIT)
             info = text.split("broker on requests=", 1)[1].split()
             addrs = {"requests": info[0], "workers": info[1].split("=", 1)[1]}

@@ -55,9 +55,21 @@ ZMQ_ZERO_COPY_RECV = 74
 
 
 class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-        "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 _libc = ctypes.CDLL("libc.so.6")
@@ -66,8 +78,7 @@ _libc.mallinfo2.restype = _Mallinfo2
 
 def malloc_info() -> Dict[str, int]:
     m = _libc.mallinfo2()
-    return {"in_use": m.uordblks + m.hblkhd, "heap": m.arena + m.hblkhd, "free": m.fordblks,
-            "mmapped": m.hblkhd}
+    return {"in_use": m.uordblks + m.hblkhd, "heap": m.arena + m.hblkhd, "free": m.fordblks, "mmapped": m.hblkhd}
 
 
 def smaps_rollup(pid: int) -> Dict[str, int]:
@@ -181,10 +192,16 @@ class Server:
 
     def figures(self) -> Dict[str, int]:
         import json
+
         m = json.loads(self.ask(b"malloc"))
         s = smaps_rollup(self.proc.pid)
-        return {"rss": s["Rss"], "anon": s.get("Anonymous", 0), "malloc_in_use": m["in_use"],
-                "malloc_heap": m["heap"], "malloc_free": m["free"]}
+        return {
+            "rss": s["Rss"],
+            "anon": s.get("Anonymous", 0),
+            "malloc_in_use": m["in_use"],
+            "malloc_heap": m["heap"],
+            "malloc_free": m["free"],
+        }
 
     def wait_held(self, n: int, limit: float) -> None:
         deadline = time.monotonic() + limit
@@ -207,8 +224,7 @@ class Server:
         self.ctx.destroy(linger=0)
 
 
-def measure(kind: str, wire: str, payload: int, jobs: int, zero_copy: Optional[int],
-            limit: float) -> Dict[str, object]:
+def measure(kind: str, wire: str, payload: int, jobs: int, zero_copy: Optional[int], limit: float) -> Dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="fb-mem-") as tmp:
         server = Server(kind, Path(tmp), zero_copy)
         try:
@@ -236,8 +252,10 @@ def measure(kind: str, wire: str, payload: int, jobs: int, zero_copy: Optional[i
                         client.send_multipart([b"", body], copy=payload < 4096)
                 else:
                     for i in range(jobs):
-                        client.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_SUBMIT, b"mem-id%010d" % i, NO_ACK_OPTIONS, body],
-                                              copy=payload < 4096)
+                        client.send_multipart(
+                            [protocol.CLIENT_SIGNATURE, protocol.C_SUBMIT, b"mem-id%010d" % i, NO_ACK_OPTIONS, body],
+                            copy=payload < 4096,
+                        )
 
             sender = threading.Thread(target=send)
             sender.start()
@@ -250,8 +268,13 @@ def measure(kind: str, wire: str, payload: int, jobs: int, zero_copy: Optional[i
             ctx.term()
         finally:
             server.close()
-    row: Dict[str, object] = {"server": kind, "protocol": wire, "payload": payload, "jobs": jobs,
-                              "seconds": round(elapsed, 2)}
+    row: Dict[str, object] = {
+        "server": kind,
+        "protocol": wire,
+        "payload": payload,
+        "jobs": jobs,
+        "seconds": round(elapsed, 2),
+    }
     for k in before:
         row[k + "_per_job"] = (after[k] - before[k]) / jobs
     row["rss_before"] = before["rss"]
@@ -274,18 +297,24 @@ def human(n: int) -> str:
 
 def report(rows: List[Dict[str, object]]) -> None:
     print()
-    print("| server | protocol | payload | jobs | RSS/job | RSS/job - payload | malloc in use/job - payload | "
-          "malloc free-chunk slack/job | send+ingest s |")
+    print(
+        "| server | protocol | payload | jobs | RSS/job | RSS/job - payload | malloc in use/job - payload | "
+        "malloc free-chunk slack/job | send+ingest s |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         p = r["payload"]
         jobs = f"{r['jobs']:,}" + (" (capped)" if r.get("capped") else "")
-        print(f"| {r['server']} | {r['protocol']} | {human(p)} | {jobs} | {r['rss_per_job']:,.0f} | "
-              f"{r['rss_per_job'] - p:,.0f} | {r['malloc_in_use_per_job'] - p:,.0f} | "
-              f"{r['malloc_free_per_job']:,.0f} | {r['seconds']} |")
+        print(
+            f"| {r['server']} | {r['protocol']} | {human(p)} | {jobs} | {r['rss_per_job']:,.0f} | "
+            f"{r['rss_per_job'] - p:,.0f} | {r['malloc_in_use_per_job'] - p:,.0f} | "
+            f"{r['malloc_free_per_job']:,.0f} | {r['seconds']} |"
+        )
     print()
-    print("RSS/job - payload, target <= 300 B. malloc in use: glibc mallinfo2 uordblks + hblkhd "
-          "(allocated, not freed); slack: fordblks (free chunks kept in the heap).")
+    print(
+        "RSS/job - payload, target <= 300 B. malloc in use: glibc mallinfo2 uordblks + hblkhd "
+        "(allocated, not freed); slack: fordblks (free chunks kept in the heap)."
+    )
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -297,8 +326,13 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--payload", type=int, nargs="+", default=[16, 1024, 65536, 1 << 20])
     p.add_argument("--protocol", default="req,fbc01", help="comma-separated: req, fbc01")
     p.add_argument("--max-bytes", type=int, default=2 << 30, help="cap on the total payload of one run")
-    p.add_argument("--zero-copy-recv", type=int, choices=(0, 1), default=None,
-                   help="set ZMQ_ZERO_COPY_RECV (option 74) on the server's ROUTER")
+    p.add_argument(
+        "--zero-copy-recv",
+        type=int,
+        choices=(0, 1),
+        default=None,
+        help="set ZMQ_ZERO_COPY_RECV (option 74) on the server's ROUTER",
+    )
     p.add_argument("--limit", type=float, default=300.0, help="seconds a run may take")
     p.add_argument("--serve", nargs=3, metavar=("KIND", "ENDPOINT", "CONTROL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -329,10 +363,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     row = measure(kind, wire, payload, n, args.zero_copy_recv, args.limit)
                     row["capped"] = n != jobs
                     rows.append(row)
-                    print(f"{kind:8} {wire:5} payload {payload:>8} jobs {n:>8}: "
-                          f"RSS/job {row['rss_per_job']:10,.0f}  -payload {row['rss_per_job'] - payload:9,.0f}  "
-                          f"malloc/job -payload {row['malloc_in_use_per_job'] - payload:9,.0f}  ({row['seconds']} s)",
-                          flush=True)
+                    print(
+                        f"{kind:8} {wire:5} payload {payload:>8} jobs {n:>8}: "
+                        f"RSS/job {row['rss_per_job']:10,.0f}  -payload {row['rss_per_job'] - payload:9,.0f}  "
+                        f"malloc/job -payload {row['malloc_in_use_per_job'] - payload:9,.0f}  ({row['seconds']} s)",
+                        flush=True,
+                    )
     report(rows)
     return 0
 

@@ -114,8 +114,9 @@ def markdown(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) 
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
     for r in rows:
-        print("| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(r, widths))) + " |")
+        print(
+            "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+        )
 
 
 def ratio(x: Optional[float], y: Optional[float]) -> Optional[float]:
@@ -131,10 +132,30 @@ def fmt_ratio(r: Optional[float]) -> str:
 
 def e2e_args(a: argparse.Namespace, payload: int, jobs: int, brokers: Sequence[str]) -> argparse.Namespace:
     warmup = min(a.warmup, max(1, jobs // 5))
-    return e2e.parse(["--jobs", str(jobs), "--window", str(a.window), "--payload", str(payload),
-                      "--only", ",".join(brokers), "--loadgen", "compiled", "--protocol", "fbc",
-                      "--rounds", str(a.rounds), "--warmup", str(warmup), "--transport", a.transport,
-                      "--max-seconds", str(a.max_seconds)])
+    return e2e.parse(
+        [
+            "--jobs",
+            str(jobs),
+            "--window",
+            str(a.window),
+            "--payload",
+            str(payload),
+            "--only",
+            ",".join(brokers),
+            "--loadgen",
+            "compiled",
+            "--protocol",
+            "fbc",
+            "--rounds",
+            str(a.rounds),
+            "--warmup",
+            str(warmup),
+            "--transport",
+            a.transport,
+            "--max-seconds",
+            str(a.max_seconds),
+        ]
+    )
 
 
 def measure_e2e(args: argparse.Namespace, broker: str) -> Dict[str, object]:
@@ -150,20 +171,26 @@ def payload_part(a: argparse.Namespace) -> Dict[str, object]:
         jobs = a.jobs_for(payload)
         pure_jobs = min(jobs, a.pure_max_jobs)
         args = {b: e2e_args(a, payload, pure_jobs if b == "pure" else jobs, [b]) for b in a.only}
-        print(f"payload {human(payload)}: {jobs:,} jobs per run"
-              + (f" ({pure_jobs:,} for pure)" if "pure" in a.only and pure_jobs != jobs else "")
-              + f", warm-up {args[a.only[0]].warmup:,}", flush=True)
+        print(
+            f"payload {human(payload)}: {jobs:,} jobs per run"
+            + (f" ({pure_jobs:,} for pure)" if "pure" in a.only and pure_jobs != jobs else "")
+            + f", warm-up {args[a.only[0]].warmup:,}",
+            flush=True,
+        )
         mine: List[Dict[str, object]] = []
         for rnd in range(1, a.rounds + 1):
             for broker in a.only:
                 r = measure_e2e(args[broker], broker)
                 r["payload"], r["round"] = payload, rnd
                 mine.append(r)
-                print(f"  round {rnd} {broker:8}: {r['jobs']:,} jobs in {r['elapsed']:.3f} s = "
-                      f"{r['rate']:,.0f} jobs/s, p50/p99/p99.9 {r['p50_us']:,.0f}/{r['p99_us']:,.0f}/"
-                      f"{r['p999_us']:,.0f} µs, CPU µs/job broker {r['cpu']['broker'] / r['jobs'] * 1e6:.1f}, "
-                      f"client {r['cpu']['client'] / r['jobs'] * 1e6:.1f}, "
-                      f"worker {r['cpu']['worker'] / r['jobs'] * 1e6:.1f}", flush=True)
+                print(
+                    f"  round {rnd} {broker:8}: {r['jobs']:,} jobs in {r['elapsed']:.3f} s = "
+                    f"{r['rate']:,.0f} jobs/s, p50/p99/p99.9 {r['p50_us']:,.0f}/{r['p99_us']:,.0f}/"
+                    f"{r['p999_us']:,.0f} µs, CPU µs/job broker {r['cpu']['broker'] / r['jobs'] * 1e6:.1f}, "
+                    f"client {r['cpu']['client'] / r['jobs'] * 1e6:.1f}, "
+                    f"worker {r['cpu']['worker'] / r['jobs'] * 1e6:.1f}",
+                    flush=True,
+                )
         runs += mine
         for broker in a.only:
             agg = e2e.aggregate([r for r in mine if r["broker"] == broker])
@@ -176,15 +203,18 @@ def payload_part(a: argparse.Namespace) -> Dict[str, object]:
         by = {t["broker"]: t for t in table if t["payload"] == payload}
         cpu = {b: t["cpu_job"]["broker"] * 1e6 for b, t in by.items()}
         rate = {b: t["rate"] for b, t in by.items()}
-        ratios.append({
-            "payload": payload,
-            "compiled_proxy_cpu": ratio(cpu.get("compiled"), cpu.get("proxy")),
-            "compiled_pure_cpu": ratio(cpu.get("compiled"), cpu.get("pure")),
-            "pure_compiled_cpu": ratio(cpu.get("pure"), cpu.get("compiled")),
-            "compiled_proxy_rate": ratio(rate.get("compiled"), rate.get("proxy")),
-            "compiled_minus_proxy_cpu_us": (cpu["compiled"] - cpu["proxy"]) if "compiled" in cpu and "proxy" in cpu
-            else None,
-        })
+        ratios.append(
+            {
+                "payload": payload,
+                "compiled_proxy_cpu": ratio(cpu.get("compiled"), cpu.get("proxy")),
+                "compiled_pure_cpu": ratio(cpu.get("compiled"), cpu.get("pure")),
+                "pure_compiled_cpu": ratio(cpu.get("pure"), cpu.get("compiled")),
+                "compiled_proxy_rate": ratio(rate.get("compiled"), rate.get("proxy")),
+                "compiled_minus_proxy_cpu_us": (cpu["compiled"] - cpu["proxy"])
+                if "compiled" in cpu and "proxy" in cpu
+                else None,
+            }
+        )
     growth = {}
     lo, hi = min(a.payloads), max(a.payloads)
     if lo != hi:
@@ -196,43 +226,85 @@ def payload_part(a: argparse.Namespace) -> Dict[str, object]:
 
 def report_payload(part: Dict[str, object], a: argparse.Namespace) -> None:
     print()
-    print(f"### Payload table (end to end; median of {a.rounds} round(s), rounds interleaved; window {a.window}, "
-          f"1 compiled client + 1 compiled worker process, {a.transport})")
+    print(
+        f"### Payload table (end to end; median of {a.rounds} round(s), rounds interleaved; window {a.window}, "
+        f"1 compiled client + 1 compiled worker process, {a.transport})"
+    )
     print()
-    head = ("payload", "broker", "jobs", "jobs/s (median)", "jobs/s min-max", "p50 µs", "p99 µs", "p99.9 µs",
-            "broker CPU µs/job", "client CPU µs/job", "worker CPU µs/job", "broker CPU %")
+    head = (
+        "payload",
+        "broker",
+        "jobs",
+        "jobs/s (median)",
+        "jobs/s min-max",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "broker CPU µs/job",
+        "client CPU µs/job",
+        "worker CPU µs/job",
+        "broker CPU %",
+    )
     rows = []
     for t in part["table"]:
         cj, cp = t["cpu_job"], t["cpu_pct"]
-        rows.append((human(t["payload"]), t["broker"], f"{t['jobs']:,}", f"{t['rate']:,.0f}",
-                     f"{t['rate_min']:,.0f}-{t['rate_max']:,.0f}", f"{t['p50_us']:,.0f}", f"{t['p99_us']:,.0f}",
-                     f"{t['p999_us']:,.0f}", f"{cj['broker'] * 1e6:.1f}", f"{cj['client'] * 1e6:.1f}",
-                     f"{cj['worker'] * 1e6:.1f}", f"{cp['broker']:.0f}"))
+        rows.append(
+            (
+                human(t["payload"]),
+                t["broker"],
+                f"{t['jobs']:,}",
+                f"{t['rate']:,.0f}",
+                f"{t['rate_min']:,.0f}-{t['rate_max']:,.0f}",
+                f"{t['p50_us']:,.0f}",
+                f"{t['p99_us']:,.0f}",
+                f"{t['p999_us']:,.0f}",
+                f"{cj['broker'] * 1e6:.1f}",
+                f"{cj['client'] * 1e6:.1f}",
+                f"{cj['worker'] * 1e6:.1f}",
+                f"{cp['broker']:.0f}",
+            )
+        )
     markdown(head, rows, left=2)
     print()
-    print("fastbroker clients speak FBC01 (SUBMIT, OPT_NO_ACK), the proxy's REQ; CPU µs/job: utime+stime "
-          f"(/proc, {1e3 / e2e.CLK_TCK:.0f} ms ticks) of the process(es) over the measured window, per job. "
-          "The pure core runs fewer jobs (--pure-max-jobs) where the others run more: its figures are per job "
-          "or per second, so they compare.")
+    print(
+        "fastbroker clients speak FBC01 (SUBMIT, OPT_NO_ACK), the proxy's REQ; CPU µs/job: utime+stime "
+        f"(/proc, {1e3 / e2e.CLK_TCK:.0f} ms ticks) of the process(es) over the measured window, per job. "
+        "The pure core runs fewer jobs (--pure-max-jobs) where the others run more: its figures are per job "
+        "or per second, so they compare."
+    )
     print()
     print("Ratios of the medians (same payload, same run):")
     print()
-    head = ("payload", "compiled/proxy broker CPU", "compiled/pure broker CPU", "pure/compiled broker CPU",
-            "compiled/proxy jobs/s", "compiled − proxy broker CPU µs/job")
-    rows = [(human(r["payload"]), fmt_ratio(r["compiled_proxy_cpu"]), fmt_ratio(r["compiled_pure_cpu"]),
-             fmt_ratio(r["pure_compiled_cpu"]), fmt_ratio(r["compiled_proxy_rate"]),
-             "–" if r["compiled_minus_proxy_cpu_us"] is None else f"{r['compiled_minus_proxy_cpu_us']:.1f}")
-            for r in part["ratios"]]
+    head = (
+        "payload",
+        "compiled/proxy broker CPU",
+        "compiled/pure broker CPU",
+        "pure/compiled broker CPU",
+        "compiled/proxy jobs/s",
+        "compiled − proxy broker CPU µs/job",
+    )
+    rows = [
+        (
+            human(r["payload"]),
+            fmt_ratio(r["compiled_proxy_cpu"]),
+            fmt_ratio(r["compiled_pure_cpu"]),
+            fmt_ratio(r["pure_compiled_cpu"]),
+            fmt_ratio(r["compiled_proxy_rate"]),
+            "–" if r["compiled_minus_proxy_cpu_us"] is None else f"{r['compiled_minus_proxy_cpu_us']:.1f}",
+        )
+        for r in part["ratios"]
+    ]
     markdown(head, rows)
     print()
     for broker, g in part["growth"].items():
-        print(f"{broker} broker CPU/job at {human(g['large'])} = {fmt_ratio(g['ratio'])} that at "
-              f"{human(g['small'])}")
-    print("(The broker process reads and writes every payload through its sockets: ipc/tcp cost a kernel "
-          "copy per byte per direction, 4 per job (client in, worker out, answer in, reply out), in the "
-          "proxy as much as in fastbroker. The core itself never copies a payload (zmq_msg_copy shares the "
-          "buffer): what it adds per job is the compiled − proxy column, which should not grow with the "
-          "payload.)")
+        print(f"{broker} broker CPU/job at {human(g['large'])} = {fmt_ratio(g['ratio'])} that at {human(g['small'])}")
+    print(
+        "(The broker process reads and writes every payload through its sockets: ipc/tcp cost a kernel "
+        "copy per byte per direction, 4 per job (client in, worker out, answer in, reply out), in the "
+        "proxy as much as in fastbroker. The core itself never copies a payload (zmq_msg_copy shares the "
+        "buffer): what it adds per job is the compiled − proxy column, which should not grow with the "
+        "payload.)"
+    )
 
 
 # -- 2. depth table (compiled core; CPU per job and memory per queued job) ------------------
@@ -273,8 +345,9 @@ def run_depth_client(addr: str, payload: int, parent: int, connections: int) -> 
 
         def one(sock: zmq.Socket, count: int, base: int) -> None:
             try:
-                e2e._loadgen.client(sock, count, count, payload, base, os.urandom(8), e2e._loadgen.MODE_FBC,
-                                    CLIENT_STALL, parent)
+                e2e._loadgen.client(
+                    sock, count, count, payload, base, os.urandom(8), e2e._loadgen.MODE_FBC, CLIENT_STALL, parent
+                )
             except Exception as exc:  # reported to the parent, which fails the run
                 errors.append(str(exc))  # noqa: B023 (the threads are joined in this iteration)
 
@@ -318,8 +391,9 @@ def run_depth_worker(addr: str, parent: int, credit: int) -> None:
         words = sys.stdin.readline().split()
         if not words or words[0] != "go":
             break
-        res = e2e._loadgen.worker(sock, e2e._loadgen.MODE_FBW, credit, WORKER_HEARTBEAT, int(words[1]), -1,
-                                  parent, LIFETIME)
+        res = e2e._loadgen.worker(
+            sock, e2e._loadgen.MODE_FBW, credit, WORKER_HEARTBEAT, int(words[1]), -1, parent, LIFETIME
+        )
         sock.send_multipart(ready0)
         last = time.monotonic()
         say(f"paused {res['answered']} {res['stopped_by']}")
@@ -341,14 +415,33 @@ class DepthRig:
         deadline = time.monotonic() + e2e.START_WAIT
         req, work, ans = (run.endpoint(n) for n in ("requests", "workers", "answers"))
         retention = [] if a.depth_retention == "default" else ["--retention", a.depth_retention]
-        self.broker = run.start(["-m", "fastbroker", "-v", "broker", "--core", "compiled", "--heartbeat",
-                                 str(DEPTH_HEARTBEAT), *retention, req, work, ans], "broker")
+        self.broker = run.start(
+            [
+                "-m",
+                "fastbroker",
+                "-v",
+                "broker",
+                "--core",
+                "compiled",
+                "--heartbeat",
+                str(DEPTH_HEARTBEAT),
+                *retention,
+                req,
+                work,
+                ans,
+            ],
+            "broker",
+        )
         run.wait_for_broker(self.broker, "compiled", "compiled", deadline)
         me = str(os.getpid())
-        self.worker = run.start(["-m", "bench.scaling", "_depth_worker", work, me, str(a.depth_credit)], "worker",
-                                stdin=True)
-        self.client = run.start(["-m", "bench.scaling", "_depth_client", req, str(self.payload), me,
-                                 str(a.depth_connections)], "client", stdin=True)
+        self.worker = run.start(
+            ["-m", "bench.scaling", "_depth_worker", work, me, str(a.depth_credit)], "worker", stdin=True
+        )
+        self.client = run.start(
+            ["-m", "bench.scaling", "_depth_client", req, str(self.payload), me, str(a.depth_connections)],
+            "client",
+            stdin=True,
+        )
         self.wlines = e2e.Lines(self.worker, "depth worker")
         self.clines = e2e.Lines(self.client, "depth client")
         for lines in (self.wlines, self.clines):
@@ -394,8 +487,10 @@ class DepthRig:
                     return now, s, asked
                 now = cpu_ns(pid)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the broker did not settle in time; last stats "
-                                   f"{ {k: s.get(k) for k in ('queued', 'running', 'answered')} if asked else '?' }")
+                raise RuntimeError(
+                    f"the broker did not settle in time; last stats "
+                    f"{ {k: s.get(k) for k in ('queued', 'running', 'answered')} if asked else '?' }"
+                )
             if self.broker.poll() is not None:
                 raise RuntimeError(f"the broker died:\n{self.run.stderr_of(self.broker)}")
             prev = now
@@ -439,18 +534,24 @@ class DepthRig:
                 raise RuntimeError(f"depth worker said {line!r}; broker stats: {self.brief_stats()}")
             drain_wall += time.monotonic() - t1
             expected = (i + 1) * depth
-            c2, s, asked = self.settle(lambda s, expected=expected: s["queued"] == 0 and s["running"] == 0
-                                       and s["idle_workers"] == 0 and s["answered"] >= expected, deadline)
+            c2, s, asked = self.settle(
+                lambda s, expected=expected: (
+                    s["queued"] == 0 and s["running"] == 0 and s["idle_workers"] == 0 and s["answered"] >= expected
+                ),
+                deadline,
+            )
             if s["answered"] != expected or s["requests"] != expected:
-                raise RuntimeError(f"after the drain: answered {s['answered']}, requests {s['requests']}, "
-                                   f"expected {expected}")
+                raise RuntimeError(
+                    f"after the drain: answered {s['answered']}, requests {s['requests']}, expected {expected}"
+                )
             try:
                 line = self.clines.read(min(deadline, time.monotonic() + CLIENT_GRACE))
             except RuntimeError as e:
                 raise RuntimeError(
                     f"{e}: the broker answered all {depth} jobs but the client did not get every reply in "
                     f"{CLIENT_GRACE:.0f} s: replies dropped at the requests ROUTER's SNDHWM (1000 per client, "
-                    f"PROTOCOL.md)? Try more --depth-connections. Broker stats: {self.brief_stats()}") from None
+                    f"PROTOCOL.md)? Try more --depth-connections. Broker stats: {self.brief_stats()}"
+                ) from None
             result = json.loads(line[7:]) if line.startswith("result ") else None
             if result is None or result["errors"]:
                 raise RuntimeError(f"depth client said {line!r}")
@@ -460,13 +561,19 @@ class DepthRig:
                 rss_drained = memory.smaps_rollup(pid)["Rss"]
         jobs = depth * count
         return {
-            "cycles": count, "measured_jobs": jobs,
-            "enqueue_us_job": enqueue_ns / jobs / 1e3, "drain_us_job": drain_ns / jobs / 1e3,
+            "cycles": count,
+            "measured_jobs": jobs,
+            "enqueue_us_job": enqueue_ns / jobs / 1e3,
+            "drain_us_job": drain_ns / jobs / 1e3,
             "total_us_job": (enqueue_ns + drain_ns) / jobs / 1e3,
             "drain_jobs_per_s": jobs / drain_wall if drain_wall else None,
-            "broker_rss_per_job": (rss_full - rss0) / depth, "broker_rss_before": rss0,
-            "broker_rss_full": rss_full, "broker_rss_drained": rss_drained,
-            "stats_cost_us": self.stats_ns / 1e3, "extra_stats": extra_stats, "client_connections": connections,
+            "broker_rss_per_job": (rss_full - rss0) / depth,
+            "broker_rss_before": rss0,
+            "broker_rss_full": rss_full,
+            "broker_rss_drained": rss_drained,
+            "stats_cost_us": self.stats_ns / 1e3,
+            "extra_stats": extra_stats,
+            "client_connections": connections,
         }
 
     def close(self) -> None:
@@ -505,71 +612,113 @@ def depth_part(a: argparse.Namespace) -> Dict[str, object]:
             row.update(depth_cpu(a, payload, n))
             if a.memory_protocol != "none":
                 m = memory.measure("compiled", a.memory_protocol, payload, n, None, a.memory_limit)
-                row["memory"] = {"protocol": a.memory_protocol, "rss_per_job": m["rss_per_job"],
-                                 "malloc_in_use_per_job": m["malloc_in_use_per_job"],
-                                 "malloc_free_per_job": m["malloc_free_per_job"], "seconds": m["seconds"]}
+                row["memory"] = {
+                    "protocol": a.memory_protocol,
+                    "rss_per_job": m["rss_per_job"],
+                    "malloc_in_use_per_job": m["malloc_in_use_per_job"],
+                    "malloc_free_per_job": m["malloc_free_per_job"],
+                    "seconds": m["seconds"],
+                }
             row["seconds"] = time.monotonic() - t0
             rows.append(row)
             mem = row.get("memory")
-            print(f"  payload {human(payload):>7} depth {n:>9,}{' (capped)' if row['capped'] else ''}: "
-                  f"{row['cycles']} cycle(s), µs/job enqueue {row['enqueue_us_job']:.2f} drain "
-                  f"{row['drain_us_job']:.2f}; broker RSS/job - payload {row['broker_rss_per_job'] - payload:,.0f}"
-                  + (f"; memory.py RSS/job - payload {mem['rss_per_job'] - payload:,.0f}, malloc/job - payload "
-                     f"{mem['malloc_in_use_per_job'] - payload:,.0f}" if mem else "")
-                  + f" ({row['seconds']:.1f} s)", flush=True)
+            print(
+                f"  payload {human(payload):>7} depth {n:>9,}{' (capped)' if row['capped'] else ''}: "
+                f"{row['cycles']} cycle(s), µs/job enqueue {row['enqueue_us_job']:.2f} drain "
+                f"{row['drain_us_job']:.2f}; broker RSS/job - payload {row['broker_rss_per_job'] - payload:,.0f}"
+                + (
+                    f"; memory.py RSS/job - payload {mem['rss_per_job'] - payload:,.0f}, malloc/job - payload "
+                    f"{mem['malloc_in_use_per_job'] - payload:,.0f}"
+                    if mem
+                    else ""
+                )
+                + f" ({row['seconds']:.1f} s)",
+                flush=True,
+            )
     ratios = []
     for payload in a.payloads:
         mine = sorted((r for r in rows if r["payload"] == payload), key=lambda r: r["depth"])
         for j in range(len(mine)):
             for i in range(j):
                 hi, lo = mine[j], mine[i]
-                ratios.append({"payload": payload, "depth": hi["depth"], "vs_depth": lo["depth"],
-                               **{k: ratio(hi[k + "_us_job"], lo[k + "_us_job"])
-                                  for k in ("enqueue", "drain", "total")}})
+                ratios.append(
+                    {
+                        "payload": payload,
+                        "depth": hi["depth"],
+                        "vs_depth": lo["depth"],
+                        **{k: ratio(hi[k + "_us_job"], lo[k + "_us_job"]) for k in ("enqueue", "drain", "total")},
+                    }
+                )
     return {"rows": rows, "ratios": ratios}
 
 
 def report_depth(part: Dict[str, object], a: argparse.Namespace) -> None:
     print()
     ret = "the broker's default" if a.depth_retention == "default" else a.depth_retention + " s"
-    print(f"### Depth table (compiled core; broker retention {ret}; cycles of enqueue D / drain D until "
-          f">= {a.depth_min_jobs:,} jobs measured; D x payload capped at {a.max_bytes / 2**30:g} GiB)")
+    print(
+        f"### Depth table (compiled core; broker retention {ret}; cycles of enqueue D / drain D until "
+        f">= {a.depth_min_jobs:,} jobs measured; D x payload capped at {a.max_bytes / 2**30:g} GiB)"
+    )
     print()
-    head = ["payload", "queued jobs (D)", "measured jobs", "enqueue µs/job", "drain µs/job",
-            "enqueue + drain µs/job", "broker RSS/job − payload"]
+    head = [
+        "payload",
+        "queued jobs (D)",
+        "measured jobs",
+        "enqueue µs/job",
+        "drain µs/job",
+        "enqueue + drain µs/job",
+        "broker RSS/job − payload",
+    ]
     if a.memory_protocol != "none":
         head += [f"memory.py RSS/job − payload ({a.memory_protocol})", "memory.py malloc/job − payload"]
     rows = []
     for r in part["rows"]:
         p = r["payload"]
-        cells = [human(p), f"{r['depth']:,}" + (" (capped)" if r["capped"] else ""),
-                 f"{r['measured_jobs']:,}" + (f" ({r['cycles']} x {r['depth']:,})" if r["cycles"] > 1 else ""),
-                 f"{r['enqueue_us_job']:.2f}", f"{r['drain_us_job']:.2f}", f"{r['total_us_job']:.2f}",
-                 f"{r['broker_rss_per_job'] - p:,.0f}"]
+        cells = [
+            human(p),
+            f"{r['depth']:,}" + (" (capped)" if r["capped"] else ""),
+            f"{r['measured_jobs']:,}" + (f" ({r['cycles']} x {r['depth']:,})" if r["cycles"] > 1 else ""),
+            f"{r['enqueue_us_job']:.2f}",
+            f"{r['drain_us_job']:.2f}",
+            f"{r['total_us_job']:.2f}",
+            f"{r['broker_rss_per_job'] - p:,.0f}",
+        ]
         if "memory" in r:
             m = r["memory"]
             cells += [f"{m['rss_per_job'] - p:,.0f}", f"{m['malloc_in_use_per_job'] - p:,.0f}"]
         rows.append(cells)
     markdown(head, rows, left=1)
     print()
-    print("enqueue: broker CPU (all threads, ns clock) while D SUBMITs (OPT_NO_ACK) arrive and are queued, per "
-          "job; drain: while a compiled FBW01 worker takes the D jobs (dispatch + ANSWER + reply to the client), "
-          "per job, the queue going D -> 0. Broker RSS/job: the broker process's RSS after the first fill minus "
-          "before, per job (a 4 KiB page is 400 B/job at D = 10: noise there). memory.py: a BrokerCore server "
-          "process holding D requests (bench/memory.py), RSS and glibc malloc in use, per job; target "
-          "<= 300 B beyond the payload.")
+    print(
+        "enqueue: broker CPU (all threads, ns clock) while D SUBMITs (OPT_NO_ACK) arrive and are queued, per "
+        "job; drain: while a compiled FBW01 worker takes the D jobs (dispatch + ANSWER + reply to the client), "
+        "per job, the queue going D -> 0. Broker RSS/job: the broker process's RSS after the first fill minus "
+        "before, per job (a 4 KiB page is 400 B/job at D = 10: noise there). memory.py: a BrokerCore server "
+        "process holding D requests (bench/memory.py), RSS and glibc malloc in use, per job; target "
+        "<= 300 B beyond the payload."
+    )
     if part["ratios"]:
         print()
         print("Depth ratios (per-job broker CPU at the deeper queue / at the shallower one, same payload, same run):")
         print()
         head = ("payload", "depths", "enqueue", "drain", "enqueue + drain")
-        rows = [(human(r["payload"]), f"{r['depth']:,} / {r['vs_depth']:,}", fmt_ratio(r["enqueue"]),
-                 fmt_ratio(r["drain"]), fmt_ratio(r["total"])) for r in part["ratios"]]
+        rows = [
+            (
+                human(r["payload"]),
+                f"{r['depth']:,} / {r['vs_depth']:,}",
+                fmt_ratio(r["enqueue"]),
+                fmt_ratio(r["drain"]),
+                fmt_ratio(r["total"]),
+            )
+            for r in part["ratios"]
+        ]
         markdown(head, rows)
         print()
-        print("(Target: within 1.3x from 10 to 1,000,000 queued. At small D each cycle also pays its per-batch "
-              "costs — wake-ups, a READY and a READY(0) — spread over D jobs, so ratios against D = 10 can come "
-              "out below 1; the ratio between the two deeper queues shows the queue's own scaling best.)")
+        print(
+            "(Target: within 1.3x from 10 to 1,000,000 queued. At small D each cycle also pays its per-batch "
+            "costs — wake-ups, a READY and a READY(0) — spread over D jobs, so ratios against D = 10 can come "
+            "out below 1; the ratio between the two deeper queues shows the queue's own scaling best.)"
+        )
 
 
 # -- command line -------------------------------------------------------------------------
@@ -577,41 +726,83 @@ def report_depth(part: Dict[str, object], a: argparse.Namespace) -> None:
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
-    p.add_argument("--payloads", type=int_list, default=list(DEFAULT_PAYLOADS),
-                   help="comma-separated payload sizes in bytes, >= 8 (default 16,1024,65536,1048576)")
-    p.add_argument("--depths", type=int_list, default=list(DEFAULT_DEPTHS),
-                   help="comma-separated queue depths (default 10,10000,1000000)")
+    p.add_argument(
+        "--payloads",
+        type=int_list,
+        default=list(DEFAULT_PAYLOADS),
+        help="comma-separated payload sizes in bytes, >= 8 (default 16,1024,65536,1048576)",
+    )
+    p.add_argument(
+        "--depths",
+        type=int_list,
+        default=list(DEFAULT_DEPTHS),
+        help="comma-separated queue depths (default 10,10000,1000000)",
+    )
     p.add_argument("--tables", default="payload,depth", help="which tables: payload, depth or both (default)")
     p.add_argument("--only", default=",".join(BROKERS), help="payload table brokers: subset of compiled,pure,proxy")
-    p.add_argument("--quick", action="store_true",
-                   help="jobs, --pure-max-jobs and --depth-min-jobs / 10, one round (unless --rounds)")
-    p.add_argument("--jobs", default="",
-                   help="payload table jobs per run, PAYLOAD=JOBS,... (defaults: 16=50000, 1024=50000, "
-                        "65536=10000, 1048576=1000; other sizes: 2**30 // payload within 100..50000)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="jobs, --pure-max-jobs and --depth-min-jobs / 10, one round (unless --rounds)",
+    )
+    p.add_argument(
+        "--jobs",
+        default="",
+        help="payload table jobs per run, PAYLOAD=JOBS,... (defaults: 16=50000, 1024=50000, "
+        "65536=10000, 1048576=1000; other sizes: 2**30 // payload within 100..50000)",
+    )
     p.add_argument("--pure-max-jobs", type=int, default=10_000, help="cap on the pure core's jobs (default 10000)")
     p.add_argument("--rounds", type=int, default=None, help="payload table rounds per broker (default 3, --quick 1)")
     p.add_argument("--window", type=int, default=64, help="requests in flight in the payload table (default 64)")
-    p.add_argument("--warmup", type=int, default=2000,
-                   help="payload table warm-up jobs, at most a fifth of the run's jobs (default 2000)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2000,
+        help="payload table warm-up jobs, at most a fifth of the run's jobs (default 2000)",
+    )
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc", help="payload table transport (ipc)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="bound of each e2e measured run (default 300)")
-    p.add_argument("--depth-min-jobs", type=int, default=1000,
-                   help="repeat enqueue/drain cycles at depth D until this many jobs were measured (default 1000)")
-    p.add_argument("--depth-retention", default="0",
-                   help="--retention of the depth brokers, seconds, or 'default' (default 0: no kept outcomes, "
-                        "only the queue grows)")
-    p.add_argument("--depth-credit", type=int, default=1000,
-                   help="credit of the depth worker (jobs in flight to it while it drains; default 1000)")
-    p.add_argument("--depth-connections", type=int, default=8,
-                   help="most DEALER connections of the depth client: D is split over ceil(D / 1000) of them, at most "
-                        "this many (default 8)")
+    p.add_argument(
+        "--depth-min-jobs",
+        type=int,
+        default=1000,
+        help="repeat enqueue/drain cycles at depth D until this many jobs were measured (default 1000)",
+    )
+    p.add_argument(
+        "--depth-retention",
+        default="0",
+        help="--retention of the depth brokers, seconds, or 'default' (default 0: no kept outcomes, "
+        "only the queue grows)",
+    )
+    p.add_argument(
+        "--depth-credit",
+        type=int,
+        default=1000,
+        help="credit of the depth worker (jobs in flight to it while it drains; default 1000)",
+    )
+    p.add_argument(
+        "--depth-connections",
+        type=int,
+        default=8,
+        help="most DEALER connections of the depth client: D is split over ceil(D / 1000) of them, at most "
+        "this many (default 8)",
+    )
     p.add_argument("--depth-limit", type=float, default=300.0, help="bound of each enqueue/drain cycle, s (300)")
-    p.add_argument("--settle-ms", type=float, default=10.0,
-                   help="the broker is idle once its CPU clock stood still this long (default 10 ms)")
-    p.add_argument("--max-bytes", type=int, default=2 << 30,
-                   help="cap on D x payload (default 2 GiB, as bench/memory.py)")
-    p.add_argument("--memory-protocol", choices=("fbc01", "req", "none"), default="fbc01",
-                   help="bench/memory.py's requests for the memory columns (default fbc01; none: skip)")
+    p.add_argument(
+        "--settle-ms",
+        type=float,
+        default=10.0,
+        help="the broker is idle once its CPU clock stood still this long (default 10 ms)",
+    )
+    p.add_argument(
+        "--max-bytes", type=int, default=2 << 30, help="cap on D x payload (default 2 GiB, as bench/memory.py)"
+    )
+    p.add_argument(
+        "--memory-protocol",
+        choices=("fbc01", "req", "none"),
+        default="fbc01",
+        help="bench/memory.py's requests for the memory columns (default fbc01; none: skip)",
+    )
     p.add_argument("--memory-limit", type=float, default=300.0, help="bound of each bench/memory.py run, s (300)")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     a = p.parse_args(argv)
@@ -663,10 +854,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.monotonic()
     print("command: " + command)
     print(e2e.machine())
-    print(f"payloads {', '.join(human(p) for p in a.payloads)}; depths {', '.join(f'{d:,}' for d in a.depths)}; "
-          f"tables {','.join(a.tables)}", flush=True)
-    out: Dict[str, object] = {"command": command, "machine": e2e.machine(),
-                              "settings": {k: v for k, v in vars(a).items() if k not in ("jobs_for",)}}
+    print(
+        f"payloads {', '.join(human(p) for p in a.payloads)}; depths {', '.join(f'{d:,}' for d in a.depths)}; "
+        f"tables {','.join(a.tables)}",
+        flush=True,
+    )
+    out: Dict[str, object] = {
+        "command": command,
+        "machine": e2e.machine(),
+        "settings": {k: v for k, v in vars(a).items() if k not in ("jobs_for",)},
+    }
     out["settings"]["jobs_per_payload"] = {str(p): a.jobs_for(p) for p in a.payloads}
     if "payload" in a.tables:
         out["payload"] = payload_part(a)

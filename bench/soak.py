@@ -214,8 +214,16 @@ def credit(c: Chooser) -> bytes:
 
 def m_fbw(c: Chooser) -> Message:
     k = c.randrange(12)
-    cmd = {0: protocol.CMD_READY, 1: protocol.CMD_READY, 2: protocol.CMD_HEARTBEAT, 3: protocol.CMD_DISCONNECT,
-           4: protocol.CMD_ANSWER, 5: protocol.CMD_ANSWER, 6: protocol.CMD_FAILED, 7: protocol.CMD_FAILED}.get(k)
+    cmd = {
+        0: protocol.CMD_READY,
+        1: protocol.CMD_READY,
+        2: protocol.CMD_HEARTBEAT,
+        3: protocol.CMD_DISCONNECT,
+        4: protocol.CMD_ANSWER,
+        5: protocol.CMD_ANSWER,
+        6: protocol.CMD_FAILED,
+        7: protocol.CMD_FAILED,
+    }.get(k)
     if cmd is None:  # unknown commands, a TASK or CANCEL from a worker, multi-byte
         cmd = pick(c, [b"", b"\x00", protocol.CMD_TASK, protocol.CMD_CANCEL, b"\x08", b"\xff", b"\x01\x00"])
     if cmd == protocol.CMD_READY:
@@ -224,7 +232,9 @@ def m_fbw(c: Chooser) -> Message:
         body = [] if c.randrange(3) else payload(c)
     elif cmd == protocol.CMD_ANSWER:
         # Ids no live task has: random, wrong size, none; answer frames 0-2.
-        body = [pick(c, [c.randbytes(16), c.randbytes(pick(c, [0, 5, 15, 17]))])] + [junk(c) for _ in range(c.randrange(3))]
+        body = [pick(c, [c.randbytes(16), c.randbytes(pick(c, [0, 5, 15, 17]))])] + [
+            junk(c) for _ in range(c.randrange(3))
+        ]
         body = body if c.randrange(8) else []
     elif cmd == protocol.CMD_FAILED:
         body = [c.randbytes(pick(c, [16, 16, 3]))] + [junk(c) for _ in range(c.randrange(4))]
@@ -396,11 +406,16 @@ class Crowd:
         elif k < 5:
             s.send_multipart(head + [protocol.CMD_FAILED, task_id, b"HostileError", b"no"])
         elif k == 5:  # garbled: no answer frame, a short id, FAILED with two frames
-            s.send_multipart(pick(self.rng, [
-                head + [protocol.CMD_ANSWER, task_id],
-                head + [protocol.CMD_ANSWER, task_id[:-1], b"x"],
-                head + [protocol.CMD_FAILED, task_id, b"two frames"],
-            ]))
+            s.send_multipart(
+                pick(
+                    self.rng,
+                    [
+                        head + [protocol.CMD_ANSWER, task_id],
+                        head + [protocol.CMD_ANSWER, task_id[:-1], b"x"],
+                        head + [protocol.CMD_FAILED, task_id, b"two frames"],
+                    ],
+                )
+            )
         # else: ignore it (the attempt times out, or the fake is taken for dead)
 
     def close(self, grace: float = 0.3) -> None:
@@ -483,19 +498,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1_000_000, help="hostile messages to send (default: 1,000,000)")
     parser.add_argument("--core", choices=["compiled", "pure"], default="compiled")
-    parser.add_argument("--batch", type=int, default=1000, help="messages between two reactions and good jobs (default: 1000)")
-    parser.add_argument("--warmup", type=int, default=50_000, help="messages of the warm-up before RSS 'before' (default: 50,000)")
+    parser.add_argument(
+        "--batch", type=int, default=1000, help="messages between two reactions and good jobs (default: 1000)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=50_000, help="messages of the warm-up before RSS 'before' (default: 50,000)"
+    )
     parser.add_argument("--rss-bound-mib", type=float, default=32.0, help="most RSS growth allowed, MiB (default: 32)")
     parser.add_argument("--seed", type=int, default=2010)
-    parser.add_argument("--max-seconds", type=float, default=1800.0, help="give up (exit 1) after this long (default: 1800)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=1800.0, help="give up (exit 1) after this long (default: 1800)"
+    )
     args = parser.parse_args(argv)
 
     from fastbroker import Broker
 
     ctx = zmq.Context()
     addr = "tcp://127.0.0.1:*"
-    broker = Broker(ctx, 1.0, None, addr, addr, addr, core=args.core, heartbeat=0.2, liveness=3,
-                    retention=0.5, retention_bytes=4 << 20)
+    broker = Broker(
+        ctx,
+        1.0,
+        None,
+        addr,
+        addr,
+        addr,
+        core=args.core,
+        heartbeat=0.2,
+        liveness=3,
+        retention=0.5,
+        retention_bytes=4 << 20,
+    )
     endpoints = dict(zip((REQUESTS, WORKERS, ANSWERS), broker.endpoints))
     crashed: List[BaseException] = []
 
@@ -511,9 +543,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env["FASTBROKER_PURE"] = "1" if args.core == "pure" else "0"
     worker = subprocess.Popen(
-        [sys.executable, "-m", "fastbroker", "worker", "bench.soak:SoakEcho", endpoints[WORKERS],
-         "--credit", "8", "--heartbeat", "0.2", "--liveness", "3"],
-        env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "fastbroker",
+            "worker",
+            "bench.soak:SoakEcho",
+            endpoints[WORKERS],
+            "--credit",
+            "8",
+            "--heartbeat",
+            "0.2",
+            "--liveness",
+            "3",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     good = GoodClient(endpoints[REQUESTS], ctx)
     rng = random.Random(args.seed)
@@ -603,12 +649,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     mib = 1 << 20
     print(f"core:               {args.core}")
-    print(f"messages sent:      {sent:,} (+{args.warmup:,} warm-up), fresh sockets: {crowd.fresh_sockets:,}, "
-          f"messages received by the crowd: {crowd.received:,}")
+    print(
+        f"messages sent:      {sent:,} (+{args.warmup:,} warm-up), fresh sockets: {crowd.fresh_sockets:,}, "
+        f"messages received by the crowd: {crowd.received:,}"
+    )
     print(f"duration:           {duration:.1f} s, {sent / duration:,.0f} messages/s")
-    print(f"RSS (whole process: broker thread, client, crowd): before {before / mib:.1f} MiB, "
-          f"after {after / mib:.1f} MiB ({growth / mib:+.1f} MiB), peak {peak / mib:.1f} MiB; bound +{args.rss_bound_mib:g} MiB")
-    print(f"good client:        {good.completed:,} jobs completed with the right answer, {len(good.failures)} wrong or failed")
+    print(
+        f"RSS (whole process: broker thread, client, crowd): before {before / mib:.1f} MiB, "
+        f"after {after / mib:.1f} MiB ({growth / mib:+.1f} MiB), peak {peak / mib:.1f} MiB; bound +{args.rss_bound_mib:g} MiB"
+    )
+    print(
+        f"good client:        {good.completed:,} jobs completed with the right answer, {len(good.failures)} wrong or failed"
+    )
     delta = {k: stats[k] - stats_before[k] for k in protocol.COUNTERS if k in stats and k in stats_before}
     print("counters (soak only): " + ", ".join(f"{k}={v:,}" for k, v in delta.items() if v))
     print("gauges at the end:  " + ", ".join(f"{k}={stats[k]:,}" for k in protocol.GAUGES if k in stats))

@@ -95,8 +95,14 @@ def run_client(addr: str, jobs: int, window: int, warmup: int, ack: int, parent:
                 raise RuntimeError(f"unexpected reply {msg[1:]!r}")
             return unpack(msg[2])[0] - first
 
-        figures = pipelined(sock, n, window, lambda i: send([SIG, SUBMIT, pack(first + i) + ZEROS, options, payload]),
-                            reply_index, parent)
+        figures = pipelined(
+            sock,
+            n,
+            window,
+            lambda i: send([SIG, SUBMIT, pack(first + i) + ZEROS, options, payload]),
+            reply_index,
+            parent,
+        )
         return {**figures, "accepted": accepted}
 
     warm_then_measure(phase, warmup, jobs)
@@ -112,15 +118,33 @@ def measure(run: Run, mode: str, args: argparse.Namespace, profile: bool = False
     store = [] if mode == "memory" else ["--store", str(run.dir / "store.db"), "--sync", mode]
     prof = run.dir / "broker.prof"
     prefix = ["-m", "cProfile", "-o", str(prof)] if profile else []
-    bproc = run.start([*prefix, "-m", "fastbroker", "-v", "broker", "--core", args.core, *store, req, work, ans], f"broker-{mode}")
+    bproc = run.start(
+        [*prefix, "-m", "fastbroker", "-v", "broker", "--core", args.core, *store, req, work, ans], f"broker-{mode}"
+    )
     run.wait_for_broker(bproc, mode, args.core, deadline)
     workers = [run.start(["-m", "bench.e2e", "_worker", "fbw", work, me], f"worker{i}") for i in range(args.workers)]
     for i, w in enumerate(workers):
         if Lines(w, f"worker{i}").read(deadline) != "connected":
             raise RuntimeError("worker did not connect")
     share = [args.jobs // args.clients + (1 if i < args.jobs % args.clients else 0) for i in range(args.clients)]
-    clients = [run.start(["-m", "bench.store_throughput", "_client", req, str(n), str(args.window), str(args.warmup),
-                          str(int(args.ack)), me], f"client{i}", stdin=True) for i, n in enumerate(share)]
+    clients = [
+        run.start(
+            [
+                "-m",
+                "bench.store_throughput",
+                "_client",
+                req,
+                str(n),
+                str(args.window),
+                str(args.warmup),
+                str(int(args.ack)),
+                me,
+            ],
+            f"client{i}",
+            stdin=True,
+        )
+        for i, n in enumerate(share)
+    ]
     readers = [Lines(c, f"client{i}") for i, c in enumerate(clients)]
     wait_warm(readers)
     cpu0 = cpu_seconds(bproc.pid)
@@ -135,9 +159,17 @@ def measure(run: Run, mode: str, args: argparse.Namespace, profile: bool = False
         bproc.wait(30)
     elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
     jobs = sum(r["n"] for r in results)
-    out = {"mode": mode, "jobs": jobs, "elapsed": elapsed, "rate": jobs / elapsed, "cpu_job": cpu / jobs,
-           "cpu_pct": cpu / wall * 100, "p50_us": max(r["p50_us"] for r in results),
-           "p99_us": max(r["p99_us"] for r in results), "accepted": sum(r["accepted"] for r in results)}
+    out = {
+        "mode": mode,
+        "jobs": jobs,
+        "elapsed": elapsed,
+        "rate": jobs / elapsed,
+        "cpu_job": cpu / jobs,
+        "cpu_pct": cpu / wall * 100,
+        "p50_us": max(r["p50_us"] for r in results),
+        "p99_us": max(r["p99_us"] for r in results),
+        "accepted": sum(r["accepted"] for r in results),
+    }
     if mode != "memory":
         out["store_bytes"] = sum(p.stat().st_size for p in run.dir.glob("store.db*"))
     if profile:
@@ -158,20 +190,36 @@ def report(results: List[Dict[str, object]], args: argparse.Namespace) -> None:
         rate = med(r["rate"] for r in runs)
         if mode == "memory":
             base = rate
-        rows.append((
-            mode if mode == "memory" else f"--sync {mode}", f"{rate:,.0f}",
-            f"{min(r['rate'] for r in runs):,.0f}-{max(r['rate'] for r in runs):,.0f}",
-            "1.00" if mode == "memory" else (f"{rate / base:.2f}" if base else "-"),
-            f"{med(r['p50_us'] for r in runs):,.0f}", f"{med(r['p99_us'] for r in runs):,.0f}",
-            f"{med(r['cpu_job'] for r in runs) * 1e6:.1f}", f"{med(r['cpu_pct'] for r in runs):.0f}",
-        ))
-    head = ("broker", "jobs/s (median)", "min-max", "/ in-memory", "p50 µs", "p99 µs", "broker CPU µs/job", "broker CPU %")
+        rows.append(
+            (
+                mode if mode == "memory" else f"--sync {mode}",
+                f"{rate:,.0f}",
+                f"{min(r['rate'] for r in runs):,.0f}-{max(r['rate'] for r in runs):,.0f}",
+                "1.00" if mode == "memory" else (f"{rate / base:.2f}" if base else "-"),
+                f"{med(r['p50_us'] for r in runs):,.0f}",
+                f"{med(r['p99_us'] for r in runs):,.0f}",
+                f"{med(r['cpu_job'] for r in runs) * 1e6:.1f}",
+                f"{med(r['cpu_pct'] for r in runs):.0f}",
+            )
+        )
+    head = (
+        "broker",
+        "jobs/s (median)",
+        "min-max",
+        "/ in-memory",
+        "p50 µs",
+        "p99 µs",
+        "broker CPU µs/job",
+        "broker CPU %",
+    )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print(f"median over {args.rounds} round(s) per mode (rounds interleaved), core {args.core}:")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
     for row in rows:
-        print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
+        print(
+            "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+        )
     print(f"(CPU % = broker CPU seconds / wall seconds of the measured window; /proc tick = {1e3 / CLK_TCK:.0f} ms)")
     if base and "normal" in args.only:
         normal = med(r["rate"] for r in results if r["mode"] == "normal")
@@ -182,7 +230,9 @@ def report(results: List[Dict[str, object]], args: argparse.Namespace) -> None:
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.store_throughput", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=20000, help="measured requests per mode (default 20000)")
-    p.add_argument("--core", choices=("compiled", "pure"), default="compiled", help="the broker's core (default compiled)")
+    p.add_argument(
+        "--core", choices=("compiled", "pure"), default="compiled", help="the broker's core (default compiled)"
+    )
     p.add_argument("--window", type=int, default=128, help="requests in flight per client (default 128)")
     p.add_argument("--clients", type=int, default=1, help="client processes (default 1)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -191,8 +241,12 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(MODES), help="comma-separated subset of memory,full,normal,off")
     p.add_argument("--no-ack", dest="ack", action="store_false", help="SUBMIT with the no-ACCEPTED option")
     p.add_argument("--profile", action="store_true", help="also profile each store mode's broker once (cProfile)")
-    p.add_argument("--dir", default=None, help="where the temporary directories (endpoints, store) go: the store's "
-                   "file system decides what --sync full costs (default: the system's temporary directory)")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="where the temporary directories (endpoints, store) go: the store's "
+        "file system decides what --sync full costs (default: the system's temporary directory)",
+    )
     p.add_argument("--max-seconds", type=float, default=300.0, help="bound of each measured run (default 300)")
     args = p.parse_args(argv)
     args.only = [m.strip() for m in args.only.split(",") if m.strip()]
@@ -213,8 +267,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("command: " + " ".join(shlex.quote(x) for x in [sys.executable, "-m", "bench.store_throughput", *argv]))
     print(machine())
-    print(f"load: {args.jobs} jobs/mode, window {args.window} x {args.clients} FBC01 client process(es) "
-          f"(ACCEPTED {'on' if args.ack else 'off'}), {args.workers} raw FBW01 worker process(es), 16-byte payload, ipc")
+    print(
+        f"load: {args.jobs} jobs/mode, window {args.window} x {args.clients} FBC01 client process(es) "
+        f"(ACCEPTED {'on' if args.ack else 'off'}), {args.workers} raw FBW01 worker process(es), 16-byte payload, ipc"
+    )
     results: List[Dict[str, object]] = []
     plan = [(rnd, mode, False) for rnd in range(1, args.rounds + 1) for mode in args.only]
     if args.profile:
@@ -227,8 +283,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         results.append(r)
         extra = f", store {r['store_bytes'] / 1e6:.1f} MB" if "store_bytes" in r else ""
-        print(f"  round {rnd} {mode:6}: {r['jobs']} jobs in {r['elapsed']:.3f} s = {r['rate']:,.0f} jobs/s, "
-              f"broker CPU {r['cpu_job'] * 1e6:.1f} µs/job{extra}", flush=True)
+        print(
+            f"  round {rnd} {mode:6}: {r['jobs']} jobs in {r['elapsed']:.3f} s = {r['rate']:,.0f} jobs/s, "
+            f"broker CPU {r['cpu_job'] * 1e6:.1f} µs/job{extra}",
+            flush=True,
+        )
     report(results, args)
     return 0
 

@@ -77,8 +77,7 @@ class DepthRig:
         try:
             # The same core, but keeping no outcome (cancel must not grow the broker).
             rig.core.close()
-            rig.core = module.BrokerCore(rig.requests, rig.workers, rig.answers, timeout, tries,
-                                         retention=0.0)
+            rig.core = module.BrokerCore(rig.requests, rig.workers, rig.answers, timeout, tries, retention=0.0)
             self.client = rig.client()
             self.fbc = rig._socket(zmq.DEALER)
             self.fbc.setsockopt(zmq.ROUTING_ID, b"fbc01-client")
@@ -193,8 +192,7 @@ def _cases() -> List[Tuple[str, int, str]]:
                 marks = ()
                 if core_name == "pure" and depth > PURE_MAX:
                     marks = pytest.mark.skip(reason=f"pure core capped at depth {PURE_MAX} (FASTBROKER_DEPTH_PURE_MAX)")
-                cases.append(pytest.param(core_name, depth, op, marks=marks,
-                                          id=f"{core_name}-{depth}-{op}"))
+                cases.append(pytest.param(core_name, depth, op, marks=marks, id=f"{core_name}-{depth}-{op}"))
     return cases
 
 
@@ -207,6 +205,7 @@ def test_depth(benchmark, core, depth, op):
     run_until = d.rig.run_until
 
     if op == "enqueue":
+
         def setup():
             base = d.check_base()
             d.send_requests(b)
@@ -221,6 +220,7 @@ def test_depth(benchmark, core, depth, op):
             d.answer_all(d.dispatch(b))
 
     elif op == "dispatch":
+
         def setup():
             d.check_base()
             d.fill(b)
@@ -237,6 +237,7 @@ def test_depth(benchmark, core, depth, op):
             d.answer_all(d.take_jobs(b))
 
     elif op == "answer":
+
         def setup():
             d.check_base()
             d.fill(b)
@@ -255,6 +256,7 @@ def test_depth(benchmark, core, depth, op):
                 assert frames == [b"", Rig.ANSWER], frames
 
     elif op == "cancel":
+
         def setup():
             base = d.check_base()
             ids = d.fbc_ids(b)
@@ -274,9 +276,12 @@ def test_depth(benchmark, core, depth, op):
             s = d.stats()
             assert s["queued"] == d.depth and s["retained"] == 0, s
             got = d.drain(d.fbc, b)
-            assert [f[2] for f in got] == ids and all(f[:2] == [protocol.CLIENT_SIGNATURE, protocol.R_CANCELLED] for f in got), got[:3]
+            assert [f[2] for f in got] == ids and all(
+                f[:2] == [protocol.CLIENT_SIGNATURE, protocol.R_CANCELLED] for f in got
+            ), got[:3]
 
     elif op == "expire":
+
         def setup():
             d.check_base()
             d.fill(b)
@@ -323,5 +328,4 @@ def test_depth(benchmark, core, depth, op):
             _current["rig"] = None
         raise
     d.check_base()
-    benchmark.extra_info.update(depth=depth, batch=b, prefill_s=round(d.prefill_s, 3),
-                                core=core, op=op)
+    benchmark.extra_info.update(depth=depth, batch=b, prefill_s=round(d.prefill_s, 3), core=core, op=op)

@@ -124,19 +124,25 @@ class _PayloadTable:
             return
         write = terminalreporter.write_line
         terminalreporter.section("core CPU per job vs payload size (bench/test_payload.py)")
-        write(f"N={N} jobs per round, window {WINDOW}, {WORKERS} FBW01 workers, FBC01 client "
-              f"(OPT_NO_ACK), inproc; {ROUNDS} rounds, each after a paired 16 B reference round")
+        write(
+            f"N={N} jobs per round, window {WINDOW}, {WORKERS} FBW01 workers, FBC01 client "
+            f"(OPT_NO_ACK), inproc; {ROUNDS} rounds, each after a paired 16 B reference round"
+        )
         write("")
-        write("| core | payload | core CPU µs/job (median) | min | paired 16 B round µs/job (median) "
-              "| / 16 B, paired (median; range) | / 16 B, medians | wall µs/job (median) "
-              "| core share of wall | run() calls/round | replies sharing the client's buffer |")
+        write(
+            "| core | payload | core CPU µs/job (median) | min | paired 16 B round µs/job (median) "
+            "| / 16 B, paired (median; range) | / 16 B, medians | wall µs/job (median) "
+            "| core share of wall | run() calls/round | replies sharing the client's buffer |"
+        )
         write("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for (core, _size), r in sorted(self.rows.items()):
             base = self.rows.get((core, BASE_SIZE))
             medians = f"{r['cpu'] / base['cpu']:.2f}×" if base else "–"
-            write(f"| {core} | {r['label']} | {r['cpu']:.2f} | {r['cpu_min']:.2f} | {r['ref']:.2f} "
-                  f"| {r['paired']:.2f}× ({r['paired_lo']:.2f}–{r['paired_hi']:.2f}) | {medians} "
-                  f"| {r['wall']:.2f} | {r['cpu'] / r['wall']:.0%} | {r['turns']:.0f} | {r['shared']:.0%} |")
+            write(
+                f"| {core} | {r['label']} | {r['cpu']:.2f} | {r['cpu_min']:.2f} | {r['ref']:.2f} "
+                f"| {r['paired']:.2f}× ({r['paired_lo']:.2f}–{r['paired_hi']:.2f}) | {medians} "
+                f"| {r['wall']:.2f} | {r['cpu'] / r['wall']:.0%} | {r['turns']:.0f} | {r['shared']:.0%} |"
+            )
         write("")
         top_size, top_label = PAYLOADS[-1]
         for core in sorted({c for c, _ in self.rows}):
@@ -144,12 +150,16 @@ class _PayloadTable:
             if big is None:
                 continue
             verdict = "met" if big["paired"] <= 2.0 else "NOT met"
-            line = (f"{core}: core CPU per job {top_label} / 16 B = {big['paired']:.2f}× paired "
-                    f"(rounds {big['paired_lo']:.2f}–{big['paired_hi']:.2f}; target <= 2×: {verdict})")
+            line = (
+                f"{core}: core CPU per job {top_label} / 16 B = {big['paired']:.2f}× paired "
+                f"(rounds {big['paired_lo']:.2f}–{big['paired_hi']:.2f}; target <= 2×: {verdict})"
+            )
             base = self.rows.get((core, BASE_SIZE))
             if base:
-                line += (f"; {big['cpu'] / base['cpu']:.2f}× medians, "
-                         f"{big['cpu_min'] / base['cpu_min']:.2f}× minima of the two benchmarks")
+                line += (
+                    f"; {big['cpu'] / base['cpu']:.2f}× medians, "
+                    f"{big['cpu_min'] / base['cpu_min']:.2f}× minima of the two benchmarks"
+                )
             write(line)
 
 
@@ -254,8 +264,16 @@ def _round(rig, client, workers, payload: Payload, ids: List[bytes]) -> dict:
                     break
             if _address(body) == frame_address:
                 shared += 1
-    return dict(sent=sent, received=received, seen=sum(seen), shared=shared, turns=turns,
-                core_ns=core_ns, bad=bad[:5], n_bad=len(bad))
+    return dict(
+        sent=sent,
+        received=received,
+        seen=sum(seen),
+        shared=shared,
+        turns=turns,
+        core_ns=core_ns,
+        bad=bad[:5],
+        n_bad=len(bad),
+    )
 
 
 def _check_round(rig, client, result: dict, n: int) -> None:
@@ -310,18 +328,34 @@ def test_payload_round_trip(benchmark, core, rigs, sizes, payload_table, size, l
     ref_per_job = [r["ref_ns"] / N / 1000.0 for r in measured]
     paired = [r["core_ns"] / r["ref_ns"] for r in measured]
     info = benchmark.extra_info
-    info.update(core=name, payload=size, n=N, window=WINDOW, workers=WORKERS,
-                core_cpu_us_per_job=statistics.median(per_job), core_cpu_us_per_job_min=min(per_job),
-                core_cpu_us_per_job_rounds=per_job, reference_16b_core_cpu_us_per_job_rounds=ref_per_job,
-                paired_ratio_to_16b=statistics.median(paired), paired_ratio_to_16b_rounds=paired,
-                run_calls_per_round=statistics.median(r["turns"] for r in measured),
-                shared_fraction=sum(r["shared"] for r in measured) / (N * len(measured)))
+    info.update(
+        core=name,
+        payload=size,
+        n=N,
+        window=WINDOW,
+        workers=WORKERS,
+        core_cpu_us_per_job=statistics.median(per_job),
+        core_cpu_us_per_job_min=min(per_job),
+        core_cpu_us_per_job_rounds=per_job,
+        reference_16b_core_cpu_us_per_job_rounds=ref_per_job,
+        paired_ratio_to_16b=statistics.median(paired),
+        paired_ratio_to_16b_rounds=paired,
+        run_calls_per_round=statistics.median(r["turns"] for r in measured),
+        shared_fraction=sum(r["shared"] for r in measured) / (N * len(measured)),
+    )
     if benchmark.disabled or benchmark.stats is None:
         return
     wall = benchmark.stats.stats.median / N * 1e6
     info["wall_us_per_job"] = wall
     payload_table.rows[(name, size)] = dict(
-        label=label, cpu=info["core_cpu_us_per_job"], cpu_min=info["core_cpu_us_per_job_min"],
-        ref=statistics.median(ref_per_job), paired=info["paired_ratio_to_16b"],
-        paired_lo=min(paired), paired_hi=max(paired),
-        wall=wall, turns=info["run_calls_per_round"], shared=info["shared_fraction"])
+        label=label,
+        cpu=info["core_cpu_us_per_job"],
+        cpu_min=info["core_cpu_us_per_job_min"],
+        ref=statistics.median(ref_per_job),
+        paired=info["paired_ratio_to_16b"],
+        paired_lo=min(paired),
+        paired_hi=max(paired),
+        wall=wall,
+        turns=info["run_calls_per_round"],
+        shared=info["shared_fraction"],
+    )

@@ -156,13 +156,19 @@ def check(path: Path = CLI_MD, parser: argparse.ArgumentParser | None = None) ->
             )
         )
     if problems and recorded_version(text) not in (None, python_version()):
-        problems.insert(0, f"note: {path.name} was generated with Python {recorded_version(text)}, this is {python_version()}")
+        problems.insert(
+            0, f"note: {path.name} was generated with Python {recorded_version(text)}, this is {python_version()}"
+        )
     return "\n".join(problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(prog="gen_cli.py", description="Rewrite (or --check) the --help blocks of docs/CLI.md.")
-    cli.add_argument("--check", action="store_true", help="change nothing; exit 1 and print a diff if the file is stale")
+    cli = argparse.ArgumentParser(
+        prog="gen_cli.py", description="Rewrite (or --check) the --help blocks of docs/CLI.md."
+    )
+    cli.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 and print a diff if the file is stale"
+    )
     cli.add_argument("path", nargs="?", type=Path, default=CLI_MD, help="the file (default: docs/CLI.md)")
     args = cli.parse_args(argv)
     if args.check:

@@ -19,6 +19,7 @@ import zmq
 import fastbroker
 from fastbroker import _select
 from rigs import TESTS_DIR, CRig, FakeBroker, Processes, Rig, WRig
+
 from workers_for_tests import GATE_DIR_ENV, GATE_ENV, LOG_ENV, CancelProbe
 
 REQUIRE_COMPILED_ENV = "FASTBROKER_REQUIRE_COMPILED"

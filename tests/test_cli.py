@@ -14,6 +14,7 @@ import zmq
 
 import fastbroker
 from rigs import Processes, descendants, pid_alive, read_log, request, run_cli, runs, wait_until
+
 from workers_for_tests import LOG_ENV, Echo
 
 WAIT = 20.0
@@ -59,15 +60,24 @@ ERROR_CASES = {
     "worker-too-few-args": (["worker", "workers_for_tests:Echo", W], "required"),
     "worker-no-address": (["worker", "workers_for_tests:DealerEcho"], "required"),
     "worker-req-credit": (["worker", "workers_for_tests:Echo", W, A, "--credit", "2"], "only for fastbroker.Worker"),
-    "worker-req-heartbeat": (["worker", "workers_for_tests:Echo", W, A, "--heartbeat", "0.5"], "only for fastbroker.Worker"),
+    "worker-req-heartbeat": (
+        ["worker", "workers_for_tests:Echo", W, A, "--heartbeat", "0.5"],
+        "only for fastbroker.Worker",
+    ),
     "worker-dealer-credit-0": (["worker", "workers_for_tests:DealerEcho", W, "--credit", "0"], "credit"),
     "worker-dealer-credit-huge": (["worker", "workers_for_tests:DealerEcho", W, "--credit", "99999999"], "credit"),
     "worker-dealer-heartbeat-0": (["worker", "workers_for_tests:DealerEcho", W, "--heartbeat", "0"], "heartbeat"),
     "worker-dealer-heartbeat-nan": (["worker", "workers_for_tests:DealerEcho", W, "--heartbeat", "nan"], "heartbeat"),
     "worker-dealer-liveness-0": (["worker", "workers_for_tests:DealerEcho", W, "--liveness", "0"], "liveness"),
-    "worker-dealer-liveness-float": (["worker", "workers_for_tests:DealerEcho", W, "--liveness", "1.5"], "not a whole number"),
+    "worker-dealer-liveness-float": (
+        ["worker", "workers_for_tests:DealerEcho", W, "--liveness", "1.5"],
+        "not a whole number",
+    ),
     "worker-dealer-bad-scheme": (["worker", "workers_for_tests:DealerEcho", "bogus://x"], "bogus://x"),
-    "worker-dealer-bad-answers-address": (["worker", "workers_for_tests:DealerEcho", W, "nowhere"], "not a ZeroMQ address"),
+    "worker-dealer-bad-answers-address": (
+        ["worker", "workers_for_tests:DealerEcho", W, "nowhere"],
+        "not a ZeroMQ address",
+    ),
     "broker-heartbeat-0": (["broker", "--heartbeat", "0", R, W, A], "heartbeat"),
     "broker-heartbeat-not-a-number": (["broker", "--heartbeat", "often", R, W, A], "not a number"),
     "broker-liveness-0": (["broker", "--liveness", "0", R, W, A], "liveness"),
@@ -132,7 +142,11 @@ def test_broker_stops_on_signal_with_exit_0(signum, procs, ctx, addrs, threads, 
 def test_worker_pool_serves_with_two_processes_and_stops_on_sigterm(procs, ctx, addrs, core_name, tmp_path):
     log_path = tmp_path / "jobs.log"
     broker = start_broker(procs, addrs, core_name)
-    pool = procs.start(["worker", "workers_for_tests:Slow", addrs[1], addrs[2], "--processes", "2"], "pool", env={LOG_ENV: str(log_path)})
+    pool = procs.start(
+        ["worker", "workers_for_tests:Slow", addrs[1], addrs[2], "--processes", "2"],
+        "pool",
+        env={LOG_ENV: str(log_path)},
+    )
     # Two jobs at once, each long enough to keep its worker busy: with two idle
     # workers, each gets one.
     for n in range(10):
@@ -168,8 +182,14 @@ def test_pool_stopped_while_its_workers_are_being_built_exits_0(procs, addrs, co
     cleanly once built (they must not run the parent's forwarding handler)."""
     log_path = tmp_path / "jobs.log"
     start_broker(procs, addrs, core_name)
-    pool = procs.start(["worker", "workers_for_tests:DealerSlowStart", addrs[1], "--processes", "2"], "pool", env={LOG_ENV: str(log_path)})
-    wait_until(lambda: len(runs(log_path, "", event="building")) >= 2, timeout=WAIT, message="both children to start building")
+    pool = procs.start(
+        ["worker", "workers_for_tests:DealerSlowStart", addrs[1], "--processes", "2"],
+        "pool",
+        env={LOG_ENV: str(log_path)},
+    )
+    wait_until(
+        lambda: len(runs(log_path, "", event="building")) >= 2, timeout=WAIT, message="both children to start building"
+    )
     pool.send_signal(signal.SIGTERM)
     assert pool.wait(WAIT) == 0, procs.output()
     assert "Traceback" not in procs.output()
@@ -178,7 +198,9 @@ def test_pool_stopped_while_its_workers_are_being_built_exits_0(procs, addrs, co
 def test_worker_sigterm_during_job_answers_then_exits_0(procs, ctx, addrs, core_name, tmp_path):
     log_path = tmp_path / "jobs.log"
     start_broker(procs, addrs, core_name)
-    worker = procs.start(["worker", "workers_for_tests:Slow", addrs[1], addrs[2]], "worker", env={LOG_ENV: str(log_path)})
+    worker = procs.start(
+        ["worker", "workers_for_tests:Slow", addrs[1], addrs[2]], "worker", env={LOG_ENV: str(log_path)}
+    )
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addrs[0])
@@ -194,19 +216,27 @@ def test_worker_sigterm_during_job_answers_then_exits_0(procs, ctx, addrs, core_
 
 
 def test_demo_runs_and_prints_a_summary(tmp_path, subprocess_env, core_name):
-    result = run_cli(["demo", "--jobs", "8", "--workers", "2", "--core", core_name], subprocess_env, tmp_path, timeout=90)
+    result = run_cli(
+        ["demo", "--jobs", "8", "--workers", "2", "--core", core_name], subprocess_env, tmp_path, timeout=90
+    )
     assert result.returncode == 0, result
     assert f"{core_name} core" in result.stdout
     summary = [line for line in result.stdout.splitlines() if line.startswith("summary (REQ clients):")]
     assert len(summary) == 1, result.stdout
     assert summary[0].startswith("summary (REQ clients): 8 requests:")
     # The FBC01 part: one line per outcome kind it sets up, then map's answers in order.
-    for line in ("client: hello -> OK -hello", "client: slow (0.2 s timeout, 1 try) -> TIMED_OUT",
-                 "client: slow, cancelled -> CANCELLED", "8 answers in order: -map-0 ... -map-7"):
+    for line in (
+        "client: hello -> OK -hello",
+        "client: slow (0.2 s timeout, 1 try) -> TIMED_OUT",
+        "client: slow, cancelled -> CANCELLED",
+        "8 answers in order: -map-0 ... -map-7",
+    ):
         assert line in result.stdout, result.stdout
     # FAILED with the worker's text if a DEALER worker ran it; REQ workers can only time out.
-    assert ("client: broken (2 tries) -> FAILED: Dropped: this job always fails" in result.stdout
-            or "client: broken (2 tries) -> TIMED_OUT" in result.stdout), result.stdout
+    assert (
+        "client: broken (2 tries) -> FAILED: Dropped: this job always fails" in result.stdout
+        or "client: broken (2 tries) -> TIMED_OUT" in result.stdout
+    ), result.stdout
     assert "Traceback" not in result.stderr
 
 
@@ -217,7 +247,11 @@ def test_dealer_worker_sigterm_answers_jobs_in_hand_then_disconnects(procs, ctx,
     log_path = tmp_path / "jobs.log"
     broker = start_broker(procs, addrs, core_name, "--heartbeat", "0.2")
     # No ANSWERS_ADDR: answers travel on the DEALER socket.
-    worker = procs.start(["worker", "workers_for_tests:DealerSlow", addrs[1], "--credit", "2", "--heartbeat", "0.2"], "worker", env={LOG_ENV: str(log_path)})
+    worker = procs.start(
+        ["worker", "workers_for_tests:DealerSlow", addrs[1], "--credit", "2", "--heartbeat", "0.2"],
+        "worker",
+        env={LOG_ENV: str(log_path)},
+    )
     socks = []
     try:
         for tag in (b"a", b"b"):
@@ -227,7 +261,11 @@ def test_dealer_worker_sigterm_answers_jobs_in_hand_then_disconnects(procs, ctx,
             sock.send(b"1.0:" + tag)
             socks.append(sock)
         # credit 2: both jobs run at once in the one worker process
-        wait_until(lambda: runs(log_path, "1.0:a") and runs(log_path, "1.0:b"), timeout=WAIT, message=f"both jobs to start\n{procs.output()}")
+        wait_until(
+            lambda: runs(log_path, "1.0:a") and runs(log_path, "1.0:b"),
+            timeout=WAIT,
+            message=f"both jobs to start\n{procs.output()}",
+        )
         assert runs(log_path, "1.0:a") == runs(log_path, "1.0:b") == [worker.pid]
         worker.send_signal(signal.SIGTERM)
         for sock, tag in zip(socks, (b"a", b"b")):
@@ -249,7 +287,9 @@ def test_dealer_worker_failure_is_retried_at_once_not_after_the_timeout(procs, c
     log_path = tmp_path / "jobs.log"
     # The attempt timeout is far beyond WAIT: only FAILED can make the retries happen in time.
     start_broker(procs, addrs, core_name, "-T", "600", "-t", "3")
-    worker = procs.start(["-v", "worker", "workers_for_tests:DealerFailer", addrs[1]], "failer", env={LOG_ENV: str(log_path)})
+    worker = procs.start(
+        ["-v", "worker", "workers_for_tests:DealerFailer", addrs[1]], "failer", env={LOG_ENV: str(log_path)}
+    )
     with pytest.raises(fastbroker.TaskAborted):
         with fastbroker.ReqClient(addrs[0], ctx, timeout=WAIT) as client:
             client.request(b"doomed")
@@ -262,7 +302,11 @@ def test_dealer_worker_failure_is_retried_at_once_not_after_the_timeout(procs, c
 def test_dealer_worker_reconnects_to_a_restarted_broker(procs, ctx, addrs, core_name, tmp_path):
     log_path = tmp_path / "jobs.log"
     first = start_broker(procs, addrs, core_name, "--heartbeat", "0.1")
-    worker = procs.start(["-v", "worker", "workers_for_tests:DealerEcho", addrs[1], "--heartbeat", "0.1", "--liveness", "3"], "worker", env={LOG_ENV: str(log_path)})
+    worker = procs.start(
+        ["-v", "worker", "workers_for_tests:DealerEcho", addrs[1], "--heartbeat", "0.1", "--liveness", "3"],
+        "worker",
+        env={LOG_ENV: str(log_path)},
+    )
     assert request(ctx, addrs[0], [b"before"], WAIT) == [b"-before"], procs.output()
     first.send_signal(signal.SIGKILL)
     first.wait(WAIT)
@@ -278,11 +322,19 @@ def test_dealer_worker_reconnects_to_a_restarted_broker(procs, ctx, addrs, core_
 def test_worker_pool_restarts_a_child_that_dies(procs, ctx, addrs, core_name, tmp_path):
     log_path = tmp_path / "jobs.log"
     start_broker(procs, addrs, core_name)
-    pool = procs.start(["worker", "workers_for_tests:DealerSlow", addrs[1], "-p", "2"], "pool", env={LOG_ENV: str(log_path)})
-    children = wait_until(lambda: len(descendants(pool.pid)) == 2 and descendants(pool.pid), timeout=WAIT, message="two pool children")
+    pool = procs.start(
+        ["worker", "workers_for_tests:DealerSlow", addrs[1], "-p", "2"], "pool", env={LOG_ENV: str(log_path)}
+    )
+    children = wait_until(
+        lambda: len(descendants(pool.pid)) == 2 and descendants(pool.pid), timeout=WAIT, message="two pool children"
+    )
     victim = children[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: victim not in descendants(pool.pid) and len(descendants(pool.pid)) == 2, timeout=WAIT, message=f"the killed child to be replaced\n{procs.output()}")
+    wait_until(
+        lambda: victim not in descendants(pool.pid) and len(descendants(pool.pid)) == 2,
+        timeout=WAIT,
+        message=f"the killed child to be replaced\n{procs.output()}",
+    )
     replacement = (set(descendants(pool.pid)) - set(children)).pop()
     assert "died unexpectedly" in pool.stderr_path.read_text()
     # The replacement serves: two jobs at once, each long enough to keep its
@@ -314,9 +366,15 @@ def test_worker_pool_restarts_a_child_that_dies(procs, ctx, addrs, core_name, tm
 
 def test_worker_pool_backs_off_restarting_a_child_that_dies_at_once(procs, addrs, tmp_path):
     log_path = tmp_path / "jobs.log"
-    pool = procs.start(["worker", "workers_for_tests:DiesAtOnce", addrs[1], "-p", "2"], "pool", env={LOG_ENV: str(log_path)})
+    pool = procs.start(
+        ["worker", "workers_for_tests:DiesAtOnce", addrs[1], "-p", "2"], "pool", env={LOG_ENV: str(log_path)}
+    )
     # Each death of a slot in a row doubles its delay: 0.5 s, then 1 s, then 2 s...
-    wait_until(lambda: pool.stderr_path.read_text().count("restarting in 1.0 s") == 2, timeout=WAIT, message=f"each slot's second restart\n{procs.output()}")
+    wait_until(
+        lambda: pool.stderr_path.read_text().count("restarting in 1.0 s") == 2,
+        timeout=WAIT,
+        message=f"each slot's second restart\n{procs.output()}",
+    )
     pool.send_signal(signal.SIGTERM)
     assert pool.wait(WAIT) == 3, procs.output()  # the children's status
     err = pool.stderr_path.read_text()

@@ -11,6 +11,7 @@ import pytest
 
 from fastbroker import Client, TaskCancelled
 from rigs import PYTHON, runs, wait_until
+
 from workers_for_tests import GATE_ENV, LOG_ENV
 
 WAIT = 20.0
@@ -85,7 +86,9 @@ def test_submit_failed_exits_1_with_the_workers_error(cluster, tmp_path, subproc
 
 def test_submit_timed_out_exits_3_and_no_outcome_exits_6(cluster, tmp_path, subprocess_env):
     address = cluster("DealerGated")
-    result = run_cli(["submit", address, "0:gated-x", "-T", "0.2", "-t", "1", "--wait", str(WAIT)], subprocess_env, tmp_path)
+    result = run_cli(
+        ["submit", address, "0:gated-x", "-T", "0.2", "-t", "1", "--wait", str(WAIT)], subprocess_env, tmp_path
+    )
     assert result.returncode == 3, result
     assert "timed out" in result.stderr.decode()
     result = run_cli(["submit", "-v", address, "0:gated-y", "--wait", "0.3"], subprocess_env, tmp_path)
@@ -129,7 +132,11 @@ def test_broker_retention_0_keeps_no_outcome(cluster, tmp_path, subprocess_env):
 
 
 def test_client_commands_without_a_broker_exit_6(tmp_path, subprocess_env, addrs):
-    for args in (["submit", addrs[0], "x", "--wait", "0.2"], ["status", addrs[0], uuid.uuid4().hex, "--wait", "0.2"], ["cancel", addrs[0], uuid.uuid4().hex, "-w", "0.2"]):
+    for args in (
+        ["submit", addrs[0], "x", "--wait", "0.2"],
+        ["status", addrs[0], uuid.uuid4().hex, "--wait", "0.2"],
+        ["cancel", addrs[0], uuid.uuid4().hex, "-w", "0.2"],
+    ):
         result = run_cli(args, subprocess_env, tmp_path)
         assert result.returncode == 6, result
         assert len(result.stderr.decode().splitlines()) == 1, result

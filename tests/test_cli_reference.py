@@ -33,7 +33,9 @@ def test_cli_reference_is_current():
     if recorded != gen_cli.python_version():
         pytest.skip(f"docs/CLI.md was generated with Python {recorded} (argparse's layout differs between versions)")
     problems = gen_cli.check()
-    assert not problems, "docs/CLI.md is stale; run `python docs/gen_cli.py` (with the venv's Python, after make install)\n" + problems
+    assert not problems, (
+        "docs/CLI.md is stale; run `python docs/gen_cli.py` (with the venv's Python, after make install)\n" + problems
+    )
 
 
 def test_every_command_has_a_block():
@@ -43,7 +45,9 @@ def test_every_command_has_a_block():
     text = gen_cli.CLI_MD.read_text(encoding="utf-8")
     documented = [match.group("name") for match in gen_cli.BLOCK_RE.finditer(text)]
     missing = [name for name in names if name not in documented]
-    assert not missing, f"commands without a --help block in docs/CLI.md: {missing}; run python docs/gen_cli.py and describe them"
+    assert not missing, (
+        f"commands without a --help block in docs/CLI.md: {missing}; run python docs/gen_cli.py and describe them"
+    )
     unknown = [name for name in documented if name not in names]
     assert not unknown, f"docs/CLI.md has blocks of commands the parser does not have: {unknown}"
     repeated = sorted({name for name in documented if documented.count(name) > 1})
@@ -101,7 +105,10 @@ def test_slug_is_githubs():
     assert _slug("`fastbroker keygen NAME [--dir DIR]`") == "fastbroker-keygen-name---dir-dir"
     assert _slug("`Client` (DEALER, protocol FBC01)") == "client-dealer-protocol-fbc01"
     assert _slug("10.6 Routing by id and kept outcomes") == "106-routing-by-id-and-kept-outcomes"
-    assert _slug("Durable store throughput (`bench/store_throughput.py`)") == "durable-store-throughput-benchstore_throughputpy"
+    assert (
+        _slug("Durable store throughput (`bench/store_throughput.py`)")
+        == "durable-store-throughput-benchstore_throughputpy"
+    )
 
 
 @pytest.mark.parametrize("doc", LINKED_DOCS, ids=lambda path: str(path.relative_to(ROOT)))

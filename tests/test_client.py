@@ -36,6 +36,7 @@ from fastbroker.protocol import (
     R_UNKNOWN,
 )
 from rigs import BrokerRig, runs, wait_until
+
 from workers_for_tests import DealerEcho, DealerFailer, DealerGated
 
 WAIT = 20.0
@@ -82,7 +83,10 @@ def test_decode_replies():
     assert isinstance(decode_reply([CLIENT_SIGNATURE, R_TIMED_OUT, rid]).error, fastbroker.TaskTimedOut)
     assert isinstance(decode_reply([CLIENT_SIGNATURE, R_CANCELLED, rid]).error, fastbroker.TaskCancelled)
     rejected = decode_reply([CLIENT_SIGNATURE, R_REJECTED, rid, b"\x01", b"bad options"])
-    assert isinstance(rejected.error, fastbroker.Rejected) and (rejected.error.code, rejected.error.reason) == (1, "bad options")
+    assert isinstance(rejected.error, fastbroker.Rejected) and (rejected.error.code, rejected.error.reason) == (
+        1,
+        "bad options",
+    )
     status = decode_reply([CLIENT_SIGNATURE, R_STATUS, rid, b"\x02", struct.pack(">I", 2), struct.pack(">I", 3)])
     assert status.status == Status("running", 2, 3)
     assert status.status.describe() == "running (attempt 2 of 3)"
@@ -116,7 +120,9 @@ class Book:
         self.sent: List[List[bytes]] = []
         self.delivered: dict = {}
         self.clock = FakeClock()
-        self.book = RequestBook(self.sent.append, self._deliver, check_interval, clock=self.clock, check_batch=check_batch)
+        self.book = RequestBook(
+            self.sent.append, self._deliver, check_interval, clock=self.clock, check_batch=check_batch
+        )
 
     def _deliver(self, future, value, exc):
         assert future not in self.delivered, "a future was told twice"
@@ -279,7 +285,7 @@ def test_client_default_tries_apply_to_every_request(rig, log_path):
     for n in range(2):
         with pytest.raises(fastbroker.TaskFailed):
             client.call(b"doomed-%d" % n, wait=WAIT)
-        assert len(runs(log_path, "doomed-%d" % n)) == 2
+        assert len(runs(log_path, f"doomed-{n}")) == 2
 
 
 def test_every_attempt_timing_out_ends_in_task_timed_out(rig, log_path):
@@ -298,9 +304,15 @@ def test_cancelling_a_queued_request_means_it_never_runs(rig, log_path, gate):
     blocker = client.submit(b"0:gated-blocker")
     wait_until(lambda: runs(log_path, "0:gated-blocker"), timeout=WAIT, message="the worker to take the blocker")
     queued = client.submit(b"0:queued")
-    wait_until(lambda: client.status(queued.request_id).state == "queued", timeout=WAIT, message="the request to be queued")
+    wait_until(
+        lambda: client.status(queued.request_id).state == "queued", timeout=WAIT, message="the request to be queued"
+    )
     assert queued.cancel()
-    wait_until(lambda: client.status(queued.request_id).state in ("done", "unknown"), timeout=WAIT, message="the broker to cancel it")
+    wait_until(
+        lambda: client.status(queued.request_id).state in ("done", "unknown"),
+        timeout=WAIT,
+        message="the broker to cancel it",
+    )
     gate.touch()
     assert blocker.result(WAIT) == b"-0:gated-blocker"
     # The worker is free again and takes the next job, not the cancelled one.
@@ -365,7 +377,9 @@ def test_async_client_gather_status_and_map(rig, log_path):
             assert await future == b"-z"
             assert await client.status(future.request_id) == Status("done", 1, None)
             assert await client.result(future.request_id) == b"-z"
-            assert [a async for a in client.map((b"m%d" % i for i in range(20)), window=4)] == [b"-m%d" % i for i in range(20)]
+            assert [a async for a in client.map((b"m%d" % i for i in range(20)), window=4)] == [
+                b"-m%d" % i for i in range(20)
+            ]
             with pytest.raises(fastbroker.UnknownRequest):
                 await client.result(uuid.uuid4().bytes)
             # Closing cancels the reader before it can read this one's answer.
@@ -487,7 +501,9 @@ def test_lazy_pirate_resubmits_what_a_restarted_broker_lost(rig, log_path):
     client = rig.client(check_interval=0.2)
     future = client.submit(b"survivor")
     # No worker: the request waits in the first broker's queue...
-    wait_until(lambda: client.status(future.request_id).state == "queued", timeout=WAIT, message="the request to be queued")
+    wait_until(
+        lambda: client.status(future.request_id).state == "queued", timeout=WAIT, message="the request to be queued"
+    )
     rig.stop_broker()  # ...which is lost with it (an in-memory broker)
     rig.start_broker()
     rig.worker(DealerEcho)

@@ -100,8 +100,18 @@ def test_submit_accepted_then_ok_with_the_answer_frames_exactly(make_crig):
     worker.answer(task_id, *answer)
     assert rig.reply(client) == reply(R_OK, rid, *answer)
     rig.quiet(client, worker)
-    assert_stats(rig.stats(), requests=1, dispatched=1, answered=1, running=0, queued=0,
-                 duplicates=0, rejected=0, dropped=0, idle_workers=1)
+    assert_stats(
+        rig.stats(),
+        requests=1,
+        dispatched=1,
+        answered=1,
+        running=0,
+        queued=0,
+        duplicates=0,
+        rejected=0,
+        dropped=0,
+        idle_workers=1,
+    )
 
 
 def test_all_zero_options_are_the_defaults(make_crig):
@@ -231,8 +241,9 @@ def test_per_request_tries_are_exact(make_crig, tries):
     assert len(tasks_for(worker, b"doomed")) == tries
     assert set(tasks_for(worker, b"doomed")) == {tasks_for(worker, b"doomed")[0]}  # one id
     assert client.inbox == []
-    assert_stats(rig.stats(), timeouts=tries, retried=tries - 1, aborted=1, dispatched=tries,
-                 answered=0, queued=0, running=0)
+    assert_stats(
+        rig.stats(), timeouts=tries, retried=tries - 1, aborted=1, dispatched=tries, answered=0, queued=0, running=0
+    )
     assert rig.ask(client, C_STATUS, rid) == status(rid, STATE_DONE, tries, tries)
     assert rig.ask(client, C_RESULT, rid) == reply(R_TIMED_OUT, rid)
 
@@ -287,14 +298,17 @@ def test_failed_outcome_carries_the_latest_failure(make_crig):
 
 # Each step ends one attempt: the worker reports FAILED, the attempt times out, or the
 # worker that holds it disconnects (is lost).
-@pytest.mark.parametrize("steps, expected", [
-    (["failed", "timeout"], "failed"),
-    (["timeout", "failed"], "failed"),
-    (["failed", "lost"], "failed"),
-    (["timeout", "timeout"], "timed_out"),
-    (["timeout", "lost"], "timed_out"),
-    (["lost"], "timed_out"),
-])
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        (["failed", "timeout"], "failed"),
+        (["timeout", "failed"], "failed"),
+        (["failed", "lost"], "failed"),
+        (["timeout", "timeout"], "timed_out"),
+        (["timeout", "lost"], "timed_out"),
+        (["lost"], "timed_out"),
+    ],
+)
 def test_the_outcome_after_the_last_try(make_crig, steps, expected):
     rig = make_crig()
     client = rig.fbclient()
@@ -325,8 +339,16 @@ def test_the_outcome_after_the_last_try(make_crig, steps, expected):
     else:
         assert rig.reply(client) == reply(R_TIMED_OUT, rid)
     rig.quiet(client, worker)
-    assert_stats(rig.stats(), aborted=1, answered=0, dispatched=len(steps), queued=0, running=0,
-                 retried=len(steps) - 1, requests=1)
+    assert_stats(
+        rig.stats(),
+        aborted=1,
+        answered=0,
+        dispatched=len(steps),
+        queued=0,
+        running=0,
+        retried=len(steps) - 1,
+        requests=1,
+    )
 
 
 @pytest.mark.parametrize("how", ["timeout", "failed"])
@@ -366,8 +388,9 @@ def test_cancel_a_queued_request(make_crig):
     assert rig.ask(client, C_STATUS, rid) == status(rid, STATE_QUEUED, 0, 5)
     assert rig.ask(client, C_CANCEL, rid) == reply(R_CANCELLED, rid)
     rig.quiet(client)  # once
-    assert_stats(rig.stats(), cancelled=1, queued=0, running=0, aborted=0, requests=1,
-                 retained=1, retained_bytes=RESULT_OVERHEAD)  # an outcome without frames
+    assert_stats(
+        rig.stats(), cancelled=1, queued=0, running=0, aborted=0, requests=1, retained=1, retained_bytes=RESULT_OVERHEAD
+    )  # an outcome without frames
     # A worker that connects later never gets it; it gets the next request.
     worker = rig.dealer()
     rig.register(worker, 1)
@@ -718,7 +741,7 @@ def test_queued_payloads_of_every_size_reach_the_worker_whole(make_crig):
     for _ in sizes:
         assert req.poll(10_000), "a REQ answer is missing"
         got.append(req.recv_multipart())
-    assert sorted(map(tuple, got)) == sorted(tuple([b"", *body]) for body in payloads.values())
+    assert sorted(map(tuple, got)) == sorted((b"", *body) for body in payloads.values())
     rig.quiet(fbc, worker)
 
 
@@ -776,8 +799,7 @@ def test_outcome_is_forgotten_after_the_retention_time(make_crig):
     worker.answer(task_id, b"answer")
     assert rig.reply(client) == reply(R_OK, rid, b"answer")
     assert rig.ask(client, C_STATUS, rid) == status(rid, STATE_DONE, 1, 0)
-    assert_stats(rig.stats(), retained=1, retained_bytes=RESULT_OVERHEAD + len(b"answer"),
-                 expired_results=0)
+    assert_stats(rig.stats(), retained=1, retained_bytes=RESULT_OVERHEAD + len(b"answer"), expired_results=0)
 
     def forgotten():
         return rig.ask(client, C_STATUS, rid)[1] == R_UNKNOWN
@@ -894,15 +916,19 @@ def test_malformed_client_message_is_dropped(make_crig, frames, reasons):
     assert rig.reply(client) == reply(R_OK, rid, b"yes")
 
 
-@pytest.mark.parametrize("options", [
-    b"\x00" * 3,
-    b"\x00" * 8,
-    b"\x00" * 10,
-    opts(0x02),
-    opts(0x80),
-    opts(OPT_NO_ACK | 0x04),  # REJECTED even with NO_ACK
-    opts(0, 0xFFFFFFFF, 0),
-], ids=["len3", "len8", "len10", "flag2", "flag80", "noack+flag4", "timeout-max+1"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        b"\x00" * 3,
+        b"\x00" * 8,
+        b"\x00" * 10,
+        opts(0x02),
+        opts(0x80),
+        opts(OPT_NO_ACK | 0x04),  # REJECTED even with NO_ACK
+        opts(0, 0xFFFFFFFF, 0),
+    ],
+    ids=["len3", "len8", "len10", "flag2", "flag80", "noack+flag4", "timeout-max+1"],
+)
 def test_bad_options_are_rejected(make_crig, options):
     rig = make_crig()
     worker = rig.dealer()
@@ -984,7 +1010,7 @@ def test_req_client_whose_payload_starts_with_the_signature_is_an_original_reque
     rig.pump_stat("requests", 2)
     worker = rig.dealer()
     rig.register(worker, 2)
-    got = dict((tuple(payload), task_id) for task_id, payload in rig.tasks_in(worker, 2))
+    got = {tuple(payload): task_id for task_id, payload in rig.tasks_in(worker, 2)}
     assert set(got) == {tuple(req_payload), tuple(dealer_payload)}
     worker.answer(got[tuple(req_payload)], b"to req")
     worker.answer(got[tuple(dealer_payload)], b"to dealer")
@@ -1037,8 +1063,7 @@ def test_200_interleaved_submits_from_3_clients_each_get_their_own_answer(make_c
         for m in oks:
             assert m[3:] == [b"re:" + mine[m[2]][1], b"tail"]
         assert sorted(acks) == sorted(rid for rid, v in mine.items() if v[2])
-    assert_stats(rig.stats(), requests=200, answered=200, dispatched=200, duplicates=0,
-                 dropped=0, running=0, queued=0)
+    assert_stats(rig.stats(), requests=200, answered=200, dispatched=200, duplicates=0, dropped=0, running=0, queued=0)
 
 
 # ---------------------------------------------------------------------------

@@ -71,8 +71,10 @@ def _defined(module: ModuleType, *homes: str) -> dict:
     """Public classes and functions of a core module that the core defines (in one of
     the modules `homes`; not those it imports from elsewhere), by name."""
     return {
-        name: obj for name, obj in vars(module).items()
-        if not name.startswith("_") and callable(obj)
+        name: obj
+        for name, obj in vars(module).items()
+        if not name.startswith("_")
+        and callable(obj)
         and (getattr(obj, "__module__", "") in homes or getattr(obj, "__module__", "").startswith("fastbroker.core."))
     }
 
@@ -97,7 +99,7 @@ def _core_is_split() -> bool:
 def test_compiled_core_imports_in_normal_run():
     if _select.pure_requested():
         pytest.skip("FASTBROKER_PURE is set")
-    from fastbroker import _core  # noqa: F401  (ImportError fails the test)
+    from fastbroker import _core
 
     assert _select.load("compiled") is _core
 
@@ -125,7 +127,9 @@ def test_every_compiled_name_is_in_the_pure_core(compiled):
 
 def test_every_pure_name_is_in_the_compiled_core(compiled):
     if not _core_is_split():
-        pytest.skip(f"no {CORE_SOURCE.name}/*.pxi yet: the compiled core is not split into its parts (before the merge)")
+        pytest.skip(
+            f"no {CORE_SOURCE.name}/*.pxi yet: the compiled core is not split into its parts (before the merge)"
+        )
     compiled_names = _compiled_defined(compiled)
     pure_names = _pure_defined()
     assert set(pure_names) <= set(compiled_names), f"only pure: {sorted(set(pure_names) - set(compiled_names))}"
@@ -144,8 +148,7 @@ def test_class_public_names_match(compiled, name):
     compiled_names = _public(getattr(compiled, name))
     pure_names = _public(getattr(_core_py, name))
     assert compiled_names == pure_names, (
-        f"{name}: only compiled {sorted(compiled_names - pure_names)}, "
-        f"only pure {sorted(pure_names - compiled_names)}"
+        f"{name}: only compiled {sorted(compiled_names - pure_names)}, only pure {sorted(pure_names - compiled_names)}"
     )
 
 
@@ -287,8 +290,12 @@ def test_fresh_core_stats_and_properties(either, sockets):
         assert list(stats) == list(protocol.COUNTERS) + list(protocol.GAUGES) + ["drops", "latency"]
         assert all(stats[k] == 0 for k in protocol.COUNTERS + protocol.GAUGES)
         assert stats["drops"] == {}
-        assert stats["latency"] == {"bounds": protocol.LATENCY_BOUNDS, "counts": [0] * (len(protocol.LATENCY_BOUNDS) + 1),
-                                    "count": 0, "sum": 0.0}
+        assert stats["latency"] == {
+            "bounds": protocol.LATENCY_BOUNDS,
+            "counts": [0] * (len(protocol.LATENCY_BOUNDS) + 1),
+            "count": 0,
+            "sum": 0.0,
+        }
         assert core.events() == []
         assert core.timeout == 1.5
         assert core.tries == 3
@@ -305,8 +312,17 @@ def test_fresh_core_stats_and_properties(either, sockets):
 
 @pytest.mark.parametrize(
     "timeout, tries",
-    [(-1, None), (float("nan"), None), (float("inf"), None), ("soon", None),
-     (None, 0), (None, -2), (None, 1.5), (None, True), (None, 2**31)],
+    [
+        (-1, None),
+        (float("nan"), None),
+        (float("inf"), None),
+        ("soon", None),
+        (None, 0),
+        (None, -2),
+        (None, 1.5),
+        (None, True),
+        (None, 2**31),
+    ],
 )
 def test_bad_settings_raise_config_error(either, sockets, timeout, tries):
     with pytest.raises(_common.ConfigError):

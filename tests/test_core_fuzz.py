@@ -60,8 +60,18 @@ def test_random_messages_never_break_the_core(core, batch):
     # Rebuilt with a short heartbeat so sessions the fuzz opens also expire.
     rig.core.close()
     # Short retention and a small memory bound, so kept outcomes are also forgotten.
-    rig.core = core.BrokerCore(rig.requests, rig.workers, rig.answers, 0.05, 2, heartbeat=0.02, liveness=2,
-                               epoch=EPOCH, retention=0.02, retention_bytes=600)
+    rig.core = core.BrokerCore(
+        rig.requests,
+        rig.workers,
+        rig.answers,
+        0.05,
+        2,
+        heartbeat=0.02,
+        liveness=2,
+        epoch=EPOCH,
+        retention=0.02,
+        retention_bytes=600,
+    )
     try:
         senders = {
             "requests": rig.client(zmq.DEALER),

@@ -66,8 +66,9 @@ def test_request_goes_only_to_a_worker_that_asked(make_rig):
     assert_stats(rig.stats(), queued=0, running=1, dispatched=1, idle_workers=0)
     rig.answer(task_id, b"done")
     assert rig.receive(client) == [b"done"]
-    assert_stats(rig.stats(), requests=1, dispatched=1, answered=1, queued=0, running=0,
-                 timeouts=0, dropped=0, drops={})
+    assert_stats(
+        rig.stats(), requests=1, dispatched=1, answered=1, queued=0, running=0, timeouts=0, dropped=0, drops={}
+    )
 
 
 def test_idle_worker_waits_for_a_request(make_rig):
@@ -219,8 +220,9 @@ def test_many_jobs_many_workers_each_answered_once(make_rig):
     assert sorted(answers) == sorted(b"re:%d" % i for i in range(n_jobs))
     settle(rig.core, 2)
     assert client.poll(0) == 0
-    assert_stats(rig.stats(), requests=n_jobs, dispatched=n_jobs, answered=n_jobs, queued=0,
-                 running=0, idle_workers=4, dropped=0)
+    assert_stats(
+        rig.stats(), requests=n_jobs, dispatched=n_jobs, answered=n_jobs, queued=0, running=0, idle_workers=4, dropped=0
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -237,8 +239,7 @@ def test_timeout_resends_same_task_id_to_another_worker(make_rig):
     rig.ready(w2, 2)
     tid2, payload2 = rig.receive(w2)
     assert (tid2, payload2) == (tid1, payload1) == (tid1, b"job")
-    assert_stats(rig.stats(), timeouts=1, retried=1, dispatched=2, running=1, queued=0,
-                 aborted=0)
+    assert_stats(rig.stats(), timeouts=1, retried=1, dispatched=2, running=1, queued=0, aborted=0)
     rig.answer(tid2, b"from w2")
     assert rig.receive(client) == [b"from w2"]
     # The first attempt's answer now finds no task: dropped, not delivered twice.
@@ -246,8 +247,7 @@ def test_timeout_resends_same_task_id_to_another_worker(make_rig):
     rig.pump_stat("dropped", 1)
     settle(rig.core, 3)
     assert client.poll(0) == 0
-    assert_stats(rig.stats(), answered=1, late_answers=0, dropped=1, drops={UNKNOWN: 1},
-                 running=0, queued=0)
+    assert_stats(rig.stats(), answered=1, late_answers=0, dropped=1, drops={UNKNOWN: 1}, running=0, queued=0)
 
 
 def test_retried_job_goes_before_waiting_jobs(make_rig):
@@ -293,8 +293,7 @@ def test_tries_exhausted_sends_empty_answer(make_rig):
     tid2, _ = rig.receive(w2)
     assert tid2 == tid1
     assert rig.receive(client) == [b""]
-    assert_stats(rig.stats(), timeouts=2, retried=1, aborted=1, dispatched=2, answered=0,
-                 running=0, queued=0)
+    assert_stats(rig.stats(), timeouts=2, retried=1, aborted=1, dispatched=2, answered=0, running=0, queued=0)
     # An answer after the abort is dropped.
     rig.answer(tid1, b"too late")
     rig.pump_stat("dropped", 1)
@@ -365,8 +364,9 @@ def test_timeout_zero_answer_is_late_but_delivered(make_rig):
     rig.pump_stat("retried", 1)
     rig.answer(tid, b"answer")
     assert rig.receive(client) == [b"answer"]
-    assert_stats(rig.stats(), dispatched=1, timeouts=1, retried=1, answered=1, late_answers=1,
-                 queued=0, running=0, aborted=0)
+    assert_stats(
+        rig.stats(), dispatched=1, timeouts=1, retried=1, answered=1, late_answers=1, queued=0, running=0, aborted=0
+    )
 
 
 def test_timeout_zero_single_try_aborts(make_rig):
@@ -489,10 +489,19 @@ MALFORMED = [
     ("answers", zmq.PUSH, [EPOCH + b"\xff" * 8, b"answer"], protocol.DROP_ANSWER_UNKNOWN),
 ]
 MALFORMED_IDS = [
-    "request-no-delimiter", "request-two-frames-no-delimiter", "request-only-delimiter",
-    "request-hop-and-delimiter", "ready-no-delimiter", "ready-no-body", "ready-two-body-frames",
-    "answer-one-frame", "answer-short-id", "answer-long-id", "answer-empty-id",
-    "answer-unknown-id", "answer-unknown-id-same-epoch",
+    "request-no-delimiter",
+    "request-two-frames-no-delimiter",
+    "request-only-delimiter",
+    "request-hop-and-delimiter",
+    "ready-no-delimiter",
+    "ready-no-body",
+    "ready-two-body-frames",
+    "answer-one-frame",
+    "answer-short-id",
+    "answer-long-id",
+    "answer-empty-id",
+    "answer-unknown-id",
+    "answer-unknown-id-same-epoch",
 ]
 
 

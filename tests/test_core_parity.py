@@ -108,8 +108,11 @@ def test_the_allow_list_names_real_parts_and_is_explained():
             assert name in docstring, f"core/{part}.py does not say why it has no {name}"
 
 
-@pytest.mark.parametrize("part", [pytest.param(p, id=p) for p in sorted(q.stem for q in PXI_FOLDER.glob("*.pxi"))]
-                         or [pytest.param("", marks=pytest.mark.skip(reason="no .pxi files in this tree yet"))])
+@pytest.mark.parametrize(
+    "part",
+    [pytest.param(p, id=p) for p in sorted(q.stem for q in PXI_FOLDER.glob("*.pxi"))]
+    or [pytest.param("", marks=pytest.mark.skip(reason="no .pxi files in this tree yet"))],
+)
 def test_part_mirrors_its_compiled_file(part):
     compiled = parse_pxi(PXI_FOLDER / f"{part}.pxi")
     pure_path = CORE / f"{part}.py"

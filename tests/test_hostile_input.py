@@ -34,10 +34,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from rigs import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench.soak
-from bench.soak import ANSWERS, GOOD_PREFIX, REQUESTS, WORKERS, Crowd, hostile_message, rss_bytes  # noqa: E402
-from fastbroker import Client, protocol  # noqa: E402
-from fastbroker.client.sync import connect_dealer  # noqa: E402
-from fastbroker.server.metrics import request_stats  # noqa: E402
+from fastbroker import Client, protocol
+from fastbroker.client.sync import connect_dealer
+from fastbroker.server.metrics import request_stats
+
+from bench.soak import ANSWERS, GOOD_PREFIX, REQUESTS, WORKERS, Crowd, hostile_message, rss_bytes
 
 WAIT = 30.0
 """Bound of the waits for things that take milliseconds on an idle machine (it is shared)."""
@@ -157,18 +158,44 @@ def settle(crowd: Crowd, good: GoodClient, stats: zmq.Socket) -> int:
         figures.update(request_stats(stats, WAIT) or {})
         return figures.get("retained") == 0 and figures.get("workers") == 1
 
-    wait_until(expired, timeout=WAIT, interval=0.05,
-               message=lambda: f"kept outcomes and fake workers to expire (last STATS: {figures})")
+    wait_until(
+        expired,
+        timeout=WAIT,
+        interval=0.05,
+        message=lambda: f"kept outcomes and fake workers to expire (last STATS: {figures})",
+    )
     return done
 
 
 def test_hostile_input_leaves_the_broker_serving_and_its_memory_flat(procs, core_name, capsys):
     proc, endpoints = start_broker(
-        procs, core_name, "-T", "1", "--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS),
-        "--retention", str(RETENTION), "--retention-memory", "4M",
+        procs,
+        core_name,
+        "-T",
+        "1",
+        "--heartbeat",
+        str(HEARTBEAT),
+        "--liveness",
+        str(LIVENESS),
+        "--retention",
+        str(RETENTION),
+        "--retention-memory",
+        "4M",
     )
-    procs.start(["worker", "workers_for_tests:DealerEcho", endpoints[WORKERS], "--credit", "8",
-                 "--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS)], "worker")
+    procs.start(
+        [
+            "worker",
+            "workers_for_tests:DealerEcho",
+            endpoints[WORKERS],
+            "--credit",
+            "8",
+            "--heartbeat",
+            str(HEARTBEAT),
+            "--liveness",
+            str(LIVENESS),
+        ],
+        "worker",
+    )
     ctx = zmq.Context()
     good = GoodClient(endpoints[REQUESTS], ctx)
     stats = connect_dealer(ctx, endpoints[REQUESTS])
@@ -203,10 +230,13 @@ def test_hostile_input_leaves_the_broker_serving_and_its_memory_flat(procs, core
         t2 = time.monotonic()
         # Poll a little: the broker may free what it held in its next turns.
         tolerance = RSS_TOLERANCES[core_name]
-        after = wait_until(lambda: (lambda r: r if r <= baseline + tolerance else 0)(rss_bytes(proc.pid)),
-                           timeout=5.0, interval=0.2,
-                           message=f"broker RSS back within {tolerance >> 20} MiB of {baseline >> 20} MiB "
-                                   f"(now {rss_bytes(proc.pid) / 2**20:.1f} MiB)")
+        after = wait_until(
+            lambda: (lambda r: r if r <= baseline + tolerance else 0)(rss_bytes(proc.pid)),
+            timeout=5.0,
+            interval=0.2,
+            message=f"broker RSS back within {tolerance >> 20} MiB of {baseline >> 20} MiB "
+            f"(now {rss_bytes(proc.pid) / 2**20:.1f} MiB)",
+        )
     finally:
         good.client.close()
         ctx.destroy(linger=0)
@@ -214,16 +244,29 @@ def test_hostile_input_leaves_the_broker_serving_and_its_memory_flat(procs, core
     assert stats["queued"] == 0, stats  # the last good job drained the FIFO queue
     # The fuzz reached what it aims at (a mix that lost, say, its valid SUBMITs
     # would make this test pass for nothing).
-    for counter in ("requests", "answered", "rejected", "duplicates", "cancelled", "failed", "timeouts",
-                    "workers_joined", "workers_dead", "expired_results", "dropped"):
+    for counter in (
+        "requests",
+        "answered",
+        "rejected",
+        "duplicates",
+        "cancelled",
+        "failed",
+        "timeouts",
+        "workers_joined",
+        "workers_dead",
+        "expired_results",
+        "dropped",
+    ):
         assert stats[counter] > 0, (counter, stats)
     with capsys.disabled():
-        print(f"\n[{core_name}] warm-up {WARMUP_MESSAGES} msgs in {t1 - t0:.1f} s; fuzz {EXAMPLES} examples, "
-              f"{fuzzed} msgs in {t2 - t1:.1f} s; good jobs {completed} all right; broker RSS baseline "
-              f"{baseline / 2**20:.1f} MiB, after {after / 2**20:.1f} MiB ({(after - baseline) / 2**20:+.1f}); "
-              f"dropped {stats['dropped']}, rejected {stats['rejected']}, duplicates {stats['duplicates']}, "
-              f"failed {stats['failed']}, timeouts {stats['timeouts']}, cancelled {stats['cancelled']}, "
-              f"running at the end {stats['running']}")
+        print(
+            f"\n[{core_name}] warm-up {WARMUP_MESSAGES} msgs in {t1 - t0:.1f} s; fuzz {EXAMPLES} examples, "
+            f"{fuzzed} msgs in {t2 - t1:.1f} s; good jobs {completed} all right; broker RSS baseline "
+            f"{baseline / 2**20:.1f} MiB, after {after / 2**20:.1f} MiB ({(after - baseline) / 2**20:+.1f}); "
+            f"dropped {stats['dropped']}, rejected {stats['rejected']}, duplicates {stats['duplicates']}, "
+            f"failed {stats['failed']}, timeouts {stats['timeouts']}, cancelled {stats['cancelled']}, "
+            f"running at the end {stats['running']}"
+        )
 
 
 HELD_REQUESTS_BY_CORE = {"compiled": 16_000, "pure": 48_000}
@@ -245,7 +288,7 @@ def test_rss_check_sees_held_requests(procs, core_name, capsys):
         def submit_and_count_accepted(n: int, payload: bytes) -> None:
             # ACCEPTED for each: the broker has taken in every one when all are back.
             accepted = 0
-            for i in range(n):
+            for _ in range(n):
                 rid = random.randbytes(protocol.REQUEST_ID_SIZE)
                 client.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_SUBMIT, rid, b"", payload])
                 while client.poll(0):
@@ -265,8 +308,10 @@ def test_rss_check_sees_held_requests(procs, core_name, capsys):
     stats = stop_broker(proc, procs)
     assert stats["queued"] == 1000 + held
     with capsys.disabled():
-        print(f"\n[{core_name}] {held} held requests of {HELD_PAYLOAD} B: broker RSS +{growth / 2**20:.1f} MiB "
-              f"({growth / held:.0f} B each); tolerance {RSS_TOLERANCES[core_name] >> 20} MiB")
+        print(
+            f"\n[{core_name}] {held} held requests of {HELD_PAYLOAD} B: broker RSS +{growth / 2**20:.1f} MiB "
+            f"({growth / held:.0f} B each); tolerance {RSS_TOLERANCES[core_name] >> 20} MiB"
+        )
     assert growth > RSS_TOLERANCES[core_name]
 
 
@@ -292,7 +337,9 @@ def test_longest_request_timeout_on_a_req_worker_does_not_kill_the_broker(procs,
         client.send_multipart([protocol.CLIENT_SIGNATURE, protocol.C_STATUS, b"L" * 16])
         replies = []
         deadline = time.monotonic() + WAIT
-        while not any(r[1] == protocol.R_STATUS for r in replies) and time.monotonic() < deadline and proc.poll() is None:
+        while (
+            not any(r[1] == protocol.R_STATUS for r in replies) and time.monotonic() < deadline and proc.poll() is None
+        ):
             if client.poll(100):
                 replies.append(client.recv_multipart())
         assert proc.poll() is None, f"the broker died\n{procs.output()}"

@@ -24,6 +24,7 @@ import zmq
 from fastbroker import Broker, ReqClient, Worker
 from fastbroker.protocol import DROP_REASONS
 from rigs import Processes, concurrent_requests, read_log, request, runs, wait_until
+
 from workers_for_tests import EXTRA_DELAY_ENV, LOG_ENV, Echo, OriginalTestClient
 
 TRANSPORTS = ["tcp", "ipc"]
@@ -45,7 +46,9 @@ def log_path(tmp_path):
     return tmp_path / "jobs.log"
 
 
-def start_broker(procs: Processes, transport: str, core_name: str, *options: str, verbosity: str = "-v") -> RunningBroker:
+def start_broker(
+    procs: Processes, transport: str, core_name: str, *options: str, verbosity: str = "-v"
+) -> RunningBroker:
     if transport == "ipc":
         addrs = [f"ipc://{procs.directory}/{name}" for name in ("req", "wrk", "ans")]
     else:
@@ -99,8 +102,12 @@ def warm_up(ctx, broker: RunningBroker, pids, log_path, procs: Processes, payloa
         return set(pids) <= {e.pid for e in read_log(log_path)}
 
     # Between two requests wait_until pauses 20 ms: a worker process may still be starting up.
-    wait_until(all_served, timeout=WAIT, interval=0.02,
-               message=lambda: f"every worker to run a job: {pids}\n{read_log(log_path)}\n{procs.output()}")
+    wait_until(
+        all_served,
+        timeout=WAIT,
+        interval=0.02,
+        message=lambda: f"every worker to run a job: {pids}\n{read_log(log_path)}\n{procs.output()}",
+    )
 
 
 def assert_alive(broker: RunningBroker, procs: Processes) -> None:
@@ -124,7 +131,10 @@ def test_slow_worker_gets_jobs_only_when_it_asks(transport, procs, ctx, log_path
     # a broker pushing jobs to workers that did not ask would load the slow one.
     n_clients, per_client = 4, 6
     answers, errors = concurrent_requests(
-        ctx, broker.requests, [[f"0.02:job-{c}-{i}".encode() for i in range(per_client)] for c in range(n_clients)], WAIT
+        ctx,
+        broker.requests,
+        [[f"0.02:job-{c}-{i}".encode() for i in range(per_client)] for c in range(n_clients)],
+        WAIT,
     )
     assert not errors, f"{errors}\n{procs.output()}"
     jobs = n_clients * per_client
@@ -201,12 +211,12 @@ def test_job_of_sigkilled_worker_completes_on_another(transport, procs, ctx, log
 def _raw_garbage(address: str) -> None:
     """Bytes that are not ZMTP at all, straight to a tcp or ipc endpoint."""
     if address.startswith("tcp://"):
-        host, port = address[len("tcp://"):].rsplit(":", 1)
+        host, port = address[len("tcp://") :].rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=5)
     else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(5)
-        sock.connect(address[len("ipc://"):])
+        sock.connect(address[len("ipc://") :])
     with sock:
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)) * 4)
 
@@ -253,7 +263,9 @@ def test_malformed_messages_on_every_endpoint_are_dropped(transport, procs, ctx,
     for sock, frames, reason in malformed:
         seen = log_text().count(reason)
         sock.send_multipart(frames)
-        wait_until(lambda: log_text().count(reason) > seen, timeout=WAIT, message=f"the broker to drop {frames[:3]}: {reason}")
+        wait_until(
+            lambda: log_text().count(reason) > seen, timeout=WAIT, message=f"the broker to drop {frames[:3]}: {reason}"
+        )
     assert_alive(broker, procs)
 
     # Sockets of the wrong type fail the ZMTP handshake; bytes that are not ZMTP at all.
@@ -290,8 +302,15 @@ def test_original_client_and_workers(transport, procs, ctx, log_path, core_name)
     broker = start_broker(procs, transport, core_name, "-T", "0.3", "-t", "10")
     env = {LOG_ENV: str(log_path)}
     # One original worker drops half its jobs (as testworker.py did at random), one none.
-    dropping = procs.start(["original-worker", broker.workers, broker.answers, "0.5", "2010"], "orig-drop", env=env, module="workers_for_tests")
-    reliable = procs.start(["original-worker", broker.workers, broker.answers, "0", "1"], "orig-ok", env=env, module="workers_for_tests")
+    dropping = procs.start(
+        ["original-worker", broker.workers, broker.answers, "0.5", "2010"],
+        "orig-drop",
+        env=env,
+        module="workers_for_tests",
+    )
+    reliable = procs.start(
+        ["original-worker", broker.workers, broker.answers, "0", "1"], "orig-ok", env=env, module="workers_for_tests"
+    )
     # Ready: requests answered until both workers have taken one. With seed 2010 the
     # dropping worker drops its first job: that one is re-sent after its timeout.
     warm_up(ctx, broker, {dropping.pid, reliable.pid}, log_path, procs, "{}")
@@ -332,7 +351,9 @@ def test_many_concurrent_clients_each_answered_once(transport, procs, ctx, log_p
     assert answers == {p: [b"-" + p] for client in payloads for p in client}
     # No timeout is set, so each job ran exactly once, on one of the two workers.
     started = [e for e in read_log(log_path) if e.event == "start" and e.payload.startswith("c")]
-    assert sorted(e.payload for e in started) == sorted(f"c{t}-{i}" for t in range(n_threads) for i in range(per_thread))
+    assert sorted(e.payload for e in started) == sorted(
+        f"c{t}-{i}" for t in range(n_threads) for i in range(per_thread)
+    )
     assert {e.pid for e in started} <= {w.pid for w in workers}
     assert_alive(broker, procs)
 

@@ -50,7 +50,9 @@ def cli_broker(procs, addrs, core_name):
     """Starts `fastbroker broker` with the options given; returns its process once it answers."""
 
     def start(*options: str):
-        proc = procs.start(["-v", "broker", "--core", core_name, "--heartbeat", str(HEARTBEAT), *options, *addrs], "broker")
+        proc = procs.start(
+            ["-v", "broker", "--core", core_name, "--heartbeat", str(HEARTBEAT), *options, *addrs], "broker"
+        )
         stats(addrs[0])  # answers: it is up
         return proc
 
@@ -138,14 +140,20 @@ def test_max_queue_rejects_beyond_it_at_once_and_memory_stays_bounded(cli_broker
         count, size = 8000, 16 * 1024
         sock = flood(ctx, addrs[0], count, b"x" * size)
         try:
-            wait_until(lambda: stats(addrs[0])["rejected"] == 2 + count, timeout=WAIT, message=f"{count} rejections\n{procs.output()}")
+            wait_until(
+                lambda: stats(addrs[0])["rejected"] == 2 + count,
+                timeout=WAIT,
+                message=f"{count} rejections\n{procs.output()}",
+            )
         finally:
             sock.close()
         figures = stats(addrs[0])
         assert (figures["queued"], figures["requests"]) == (limit, limit), figures
         grown = memory(broker.pid)["VmHWM"] - before
         bound = REQUESTS_RCVHWM * size + ALLOCATOR_SLACK
-        assert grown < bound < count * size, f"the broker grew by {grown >> 20} MiB for {count * size >> 20} MiB refused"
+        assert grown < bound < count * size, (
+            f"the broker grew by {grown >> 20} MiB for {count * size >> 20} MiB refused"
+        )
 
 
 def test_max_message_disconnects_the_sender_and_the_broker_serves_on(cli_broker, addrs, ctx, threads):
@@ -192,12 +200,16 @@ def test_a_client_that_never_reads_cannot_grow_the_broker(cli_broker, addrs, ctx
         # A well-behaved client is served meanwhile (behind the flood: the queue is a FIFO).
         with Client(addrs[0], ctx) as client:
             assert client.call(b"still here", wait=WAIT) == b"-still here"
-        wait_until(lambda: stats(addrs[0])["answered"] == count + 1, timeout=WAIT, message=f"every answer\n{procs.output()}")
+        wait_until(
+            lambda: stats(addrs[0])["answered"] == count + 1, timeout=WAIT, message=f"every answer\n{procs.output()}"
+        )
     finally:
         sock.close()
     # Every answer was handed to the requests ROUTER; beyond REQUESTS_SNDHWM of them
     # queued for the client that does not read, the ROUTER dropped them.
     grown = memory(broker.pid)["VmHWM"] - before
     bound = REQUESTS_SNDHWM * size + ALLOCATOR_SLACK
-    assert grown < bound < count * size, f"the broker grew by {grown >> 20} MiB for {count * size >> 20} MiB of unread answers"
+    assert grown < bound < count * size, (
+        f"the broker grew by {grown >> 20} MiB for {count * size >> 20} MiB of unread answers"
+    )
     assert stats(addrs[0])["queued"] == 0

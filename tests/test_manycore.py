@@ -31,6 +31,7 @@ from fastbroker import Client
 from fastbroker.client.sync import connect_dealer
 from fastbroker.server.metrics import request_stats
 from rigs import descendants, pid_alive, wait_until
+
 from workers_for_tests import MEET_LIMIT
 
 WAIT = 10.0
@@ -55,15 +56,21 @@ def broker_figures(socket: zmq.Socket) -> Dict[str, int]:
 def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_path, core_name):
     addrs = [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
     broker = procs.start(["-v", "broker", "--core", core_name, *addrs], "broker")
-    wait_until(lambda: "broker on requests=" in broker.stderr_path.read_text(errors="replace") or broker.poll() is not None,
-               timeout=WAIT, message="the broker's 'broker on' log line")
+    wait_until(
+        lambda: "broker on requests=" in broker.stderr_path.read_text(errors="replace") or broker.poll() is not None,
+        timeout=WAIT,
+        message="the broker's 'broker on' log line",
+    )
     assert broker.poll() is None and f"core={core_name})" in broker.stderr_path.read_text(), procs.output()
     stats = connect_dealer(ctx, addrs[0])
     stats.setsockopt(zmq.LINGER, 0)
 
     pool = procs.start(["worker", "workers_for_tests:PidWorker", addrs[1], "--processes", str(PROCESSES)], "pool")
-    wait_until(lambda: broker_figures(stats)["workers"] == PROCESSES, timeout=WAIT,
-               message=f"the broker to count {PROCESSES} workers\n{procs.output()}")
+    wait_until(
+        lambda: broker_figures(stats)["workers"] == PROCESSES,
+        timeout=WAIT,
+        message=f"the broker to count {PROCESSES} workers\n{procs.output()}",
+    )
     children = set(descendants(pool.pid))
     assert len(children) == PROCESSES, children
 
@@ -82,10 +89,12 @@ def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_pa
         pair = [f"meet:{meet}:{tag}".encode() for tag in "ab"]
         futures = [client.submit(p, timeout=MEET_LIMIT + WAIT) for p in pair]
         (pid_a, start_a, end_a), (pid_b, start_b, end_b) = (
-            parse_answer(f.result(MEET_LIMIT + WAIT), p) for f, p in zip(futures, pair))
+            parse_answer(f.result(MEET_LIMIT + WAIT), p) for f, p in zip(futures, pair)
+        )
     assert {pid_a, pid_b} == children, "one job in each process"
     assert max(start_a, start_b) < min(end_a, end_b), (
-        f"the two jobs did not overlap: a {start_a:.3f}-{end_a:.3f}, b {start_b:.3f}-{end_b:.3f}")
+        f"the two jobs did not overlap: a {start_a:.3f}-{end_a:.3f}, b {start_b:.3f}-{end_b:.3f}"
+    )
 
     figures = broker_figures(stats)
     assert figures["answered"] == JOBS + 2 and figures["requeued"] == 0 and figures["workers_dead"] == 0, figures
@@ -95,8 +104,11 @@ def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_pa
     assert pool.wait(WAIT) == 0, procs.output()
     for pid in children:
         wait_until(lambda: not pid_alive(pid), timeout=WAIT, message=f"pool child {pid} to exit")
-    figures = wait_until(lambda: (lambda f: f["workers"] == 0 and f)(broker_figures(stats)), timeout=WAIT,
-                         message=f"the broker to forget the workers\n{procs.output()}")
+    figures = wait_until(
+        lambda: (lambda f: f["workers"] == 0 and f)(broker_figures(stats)),
+        timeout=WAIT,
+        message=f"the broker to forget the workers\n{procs.output()}",
+    )
     assert figures["workers_joined"] == figures["workers_left"] == PROCESSES, figures
     assert figures["workers_dead"] == 0 and figures["idle_workers"] == 0, figures
     assert broker.poll() is None

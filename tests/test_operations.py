@@ -258,7 +258,7 @@ class RunningBroker:
         self.addrs = addrs
         self.thread = threading.Thread(target=self.broker.run, daemon=True)
 
-    def start(self) -> "RunningBroker":
+    def start(self) -> RunningBroker:
         self.thread.start()
         return self
 
@@ -377,7 +377,7 @@ def test_metrics_server_reads_the_running_broker(tmp_path, core_name, ctx):
         worker = rb.dealer(rb.addrs[1], b"W-metrics")
         worker.send_multipart([b"", protocol.WORKER_SIGNATURE, protocol.CMD_READY, (1).to_bytes(4, "big")])
         client = rb.dealer(rb.addrs[0])
-        for i in range(2):
+        for _ in range(2):
             rid = uuid.uuid4().bytes
             client.send_multipart([CSIG, protocol.C_SUBMIT, rid, opts(protocol.OPT_NO_ACK), b"job"])
             task = next_task(worker)
@@ -413,8 +413,11 @@ def test_json_formatter_writes_the_extra_fields_and_the_exception():
     record.event, record.worker = "worker_joined", "ab"
     line = json.loads(formatter.format(record))
     assert {k: line[k] for k in ("level", "logger", "message", "event", "worker")} == {
-        "level": "INFO", "logger": "fastbroker.broker", "message": "worker ab joined",
-        "event": "worker_joined", "worker": "ab",
+        "level": "INFO",
+        "logger": "fastbroker.broker",
+        "message": "worker ab joined",
+        "event": "worker_joined",
+        "worker": "ab",
     }
     assert line["time"].endswith("+00:00")
     try:
@@ -429,7 +432,14 @@ def test_json_formatter_writes_the_extra_fields_and_the_exception():
 
 
 def test_format_stats_table():
-    figures = {"requests": 3, "queued": 0, "latency_le_0.001": 1, "latency_le_inf": 1, "latency_count": 2, "latency_sum_us": 3000}
+    figures = {
+        "requests": 3,
+        "queued": 0,
+        "latency_le_0.001": 1,
+        "latency_le_inf": 1,
+        "latency_count": 2,
+        "latency_sum_us": 3000,
+    }
     lines = format_stats(figures).splitlines()
     assert lines[0].split() == ["requests", "3"]
     assert ["latency_mean", "1.500", "ms"] in [line.split() for line in lines]
@@ -442,7 +452,9 @@ def test_format_stats_table():
 
 
 def run_cli(args, env, cwd, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "fastbroker", *args], capture_output=True, env=env, cwd=str(cwd), timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-m", "fastbroker", *args], capture_output=True, env=env, cwd=str(cwd), timeout=timeout
+    )
 
 
 def json_lines(path) -> list:
@@ -453,7 +465,19 @@ def json_lines(path) -> list:
 def test_stats_command_and_metrics_of_a_broker_process(procs, tmp_path, subprocess_env, core_name, ctx):
     addrs = [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
     broker = procs.start(
-        ["-v", "--log-format", "json", "broker", "--core", core_name, "--heartbeat", "0.2", "--metrics-port", "0", *addrs],
+        [
+            "-v",
+            "--log-format",
+            "json",
+            "broker",
+            "--core",
+            core_name,
+            "--heartbeat",
+            "0.2",
+            "--metrics-port",
+            "0",
+            *addrs,
+        ],
         "broker",
     )
     procs.start(["worker", "workers_for_tests:DealerEcho", addrs[1], "--heartbeat", "0.2"], "worker")
@@ -491,7 +515,11 @@ def test_stats_command_and_metrics_of_a_broker_process(procs, tmp_path, subproce
     assert samples[("fastbroker_jobs_queued", ())] == 0
     assert samples[("fastbroker_job_latency_seconds_count", ())] == 3
     # Cumulative buckets: never decreasing, +Inf is the count.
-    le = [(float(dict(labels)["le"]), v) for (name, labels), v in samples.items() if name == "fastbroker_job_latency_seconds_bucket"]
+    le = [
+        (float(dict(labels)["le"]), v)
+        for (name, labels), v in samples.items()
+        if name == "fastbroker_job_latency_seconds_bucket"
+    ]
     values = [v for _, v in sorted(le)]
     assert len(values) == len(LATENCY_BOUNDS) + 1 and values == sorted(values) and values[-1] == 3
     for name in ("failed", "timeouts", "retried", "aborted", "cancelled", "rejected", "workers_left", "workers_dead"):
@@ -522,7 +550,9 @@ def test_metrics_port_in_use_exits_2_with_one_line(tmp_path, subprocess_env, cor
         busy.listen(1)
         port = busy.getsockname()[1]
         addrs = [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
-        result = run_cli(["broker", "--core", core_name, "--metrics-port", str(port), *addrs], subprocess_env, tmp_path, timeout=WAIT)
+        result = run_cli(
+            ["broker", "--core", core_name, "--metrics-port", str(port), *addrs], subprocess_env, tmp_path, timeout=WAIT
+        )
     assert result.returncode == 2, result
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines

@@ -18,9 +18,7 @@ SOURCE = REPO / "src" / "fastbroker"
 
 def test_generated_pxd_is_current():
     # The source tree's pxd, not the installed copy's: that is what a build compiles.
-    assert (SOURCE / "_protocol.pxd").read_text() == protocol.render_pxd(), (
-        "run: python src/fastbroker/protocol.py"
-    )
+    assert (SOURCE / "_protocol.pxd").read_text() == protocol.render_pxd(), "run: python src/fastbroker/protocol.py"
 
 
 def test_check_compiled_accepts_its_own_values_and_refuses_others():
@@ -65,7 +63,9 @@ def test_no_other_module_defines_a_protocol_constant(folder):
                         offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {target.id}")
     for path in sorted((REPO / folder).rglob("*.pyx")) + sorted((REPO / folder).rglob("*.pxi")):
         # The module docstring may quote messages; blank it, keeping line numbers.
-        text = re.sub(r'^((?:#.*\n)*)"""[\s\S]*?"""', lambda m: "\n" * m.group(0).count("\n"), path.read_text(), count=1)
+        text = re.sub(
+            r'^((?:#.*\n)*)"""[\s\S]*?"""', lambda m: "\n" * m.group(0).count("\n"), path.read_text(), count=1
+        )
         for lineno, line in enumerate(text.splitlines(), 1):
             match = re.match(r"\s+([A-Z][A-Z0-9_]+)\s*=", line) or re.match(r"cdef\s.*?\b([A-Z][A-Z0-9_]+)\s*=", line)
             if match and match.group(1) in names:

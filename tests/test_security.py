@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from fastbroker import AsyncClient, Broker, Client, ConfigError, ReqClient, ReqWorker, Worker, security
 from fastbroker.protocol import C_STATS, C_SUBMIT, CLIENT_SIGNATURE, R_STATS, decode_stats
 from rigs import PYTHON, runs, wait_until
+
 from workers_for_tests import LOG_ENV
 
 WAIT = 20.0
@@ -68,8 +69,15 @@ def keys(tmp_path) -> Keys:
 def broker(keys):
     """A CURVE broker on tcp 127.0.0.1, run in a thread."""
     b = Broker(
-        None, None, None, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*",
-        heartbeat=HEARTBEAT, curve_secret=keys.broker_secret, authorized_keys=keys.authorized,
+        None,
+        None,
+        None,
+        "tcp://127.0.0.1:*",
+        "tcp://127.0.0.1:*",
+        "tcp://127.0.0.1:*",
+        heartbeat=HEARTBEAT,
+        curve_secret=keys.broker_secret,
+        authorized_keys=keys.authorized,
     )
     thread = threading.Thread(target=b.run, name="broker")
     thread.start()
@@ -130,7 +138,11 @@ def broker_stats(ctx: zmq.Context, address: str, curve: Optional[security.CurveK
         sock.close()
 
 
-HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
+HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+}
 
 
 def wait_for_handshake_failure(monitor: zmq.Socket, what: str) -> int:
@@ -222,14 +234,22 @@ def test_unauthorized_and_plain_workers_get_no_task(broker, keys, threads, ctx):
         wait_until(lambda: worker.stats.connects >= 2, timeout=WAIT, message="the worker to try again")
     with Client(address, **keys.peer("client")) as client:
         future = client.submit(b"job")
-        wait_until(lambda: broker_stats(ctx, address, curve)["queued"] == 1, timeout=WAIT, message="the job to be queued")
+        wait_until(
+            lambda: broker_stats(ctx, address, curve)["queued"] == 1, timeout=WAIT, message="the job to be queued"
+        )
         # Both try again while the job waits, and still get nothing.
         tries = {id(w): w.stats.connects for w in (intruder, plain)}
         for worker in (intruder, plain):
             wait_until(lambda: worker.stats.connects > tries[id(worker)], timeout=WAIT, message="another attempt")
         figures = broker_stats(ctx, address, curve)
         # No registration (workers, workers_joined) and no REQ "ready" (idle_workers).
-        assert (figures["queued"], figures["workers"], figures["workers_joined"], figures["idle_workers"], figures["dispatched"]) == (1, 0, 0, 0, 0), figures
+        assert (
+            figures["queued"],
+            figures["workers"],
+            figures["workers_joined"],
+            figures["idle_workers"],
+            figures["dispatched"],
+        ) == (1, 0, 0, 0, 0), figures
         assert not future.done()
         authorized = threads(RecordingWorker(None, broker.endpoints[1], heartbeat=HEARTBEAT, **keys.peer("worker")))
         assert future.result(WAIT) == b"-job"
@@ -275,17 +295,37 @@ def test_bad_key_files_are_config_errors_naming_the_file(keys, tmp_path):
     shutil.copy(garbage, bad_dir)
     cases = [
         (lambda: _broker(curve_secret=missing, authorized_keys=keys.authorized), "nowhere.key_secret"),
-        (lambda: _broker(curve_secret=keys.broker_public, authorized_keys=keys.authorized), "no secret key in the key file"),
+        (
+            lambda: _broker(curve_secret=keys.broker_public, authorized_keys=keys.authorized),
+            "no secret key in the key file",
+        ),
         (lambda: _broker(curve_secret=keys.broker_secret, authorized_keys=tmp_path / "no-dir"), "no-dir"),
         (lambda: _broker(curve_secret=keys.broker_secret, authorized_keys=empty_dir), "no public key files"),
         (lambda: _broker(curve_secret=keys.broker_secret, authorized_keys=bad_dir), "garbage.key"),
         (lambda: _broker(curve_secret=keys.broker_secret), "both or neither"),
         (lambda: Client("tcp://127.0.0.1:1", curve_server_key=keys.broker_public), "both or neither"),
-        (lambda: Client("tcp://127.0.0.1:1", curve_server_key=garbage, curve_secret=keys.secret["client"]), "not a CURVE key"),
-        (lambda: ReqClient("tcp://127.0.0.1:1", curve_server_key=keys.broker_public, curve_secret=missing), "nowhere.key_secret"),
-        (lambda: Worker(None, "tcp://127.0.0.1:1", curve_server_key=missing, curve_secret=keys.secret["worker"]), "nowhere.key_secret"),
-        (lambda: ReqWorker(None, "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", curve_secret=keys.secret["worker"]), "both or neither"),
-        (lambda: AsyncClient("tcp://127.0.0.1:1", curve_server_key=keys.broker_public, curve_secret=keys.broker_public), "no secret key"),
+        (
+            lambda: Client("tcp://127.0.0.1:1", curve_server_key=garbage, curve_secret=keys.secret["client"]),
+            "not a CURVE key",
+        ),
+        (
+            lambda: ReqClient("tcp://127.0.0.1:1", curve_server_key=keys.broker_public, curve_secret=missing),
+            "nowhere.key_secret",
+        ),
+        (
+            lambda: Worker(None, "tcp://127.0.0.1:1", curve_server_key=missing, curve_secret=keys.secret["worker"]),
+            "nowhere.key_secret",
+        ),
+        (
+            lambda: ReqWorker(None, "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", curve_secret=keys.secret["worker"]),
+            "both or neither",
+        ),
+        (
+            lambda: AsyncClient(
+                "tcp://127.0.0.1:1", curve_server_key=keys.broker_public, curve_secret=keys.broker_public
+            ),
+            "no secret key",
+        ),
     ]
     for make, expected in cases:
         with pytest.raises(ConfigError, match=expected):
@@ -302,8 +342,13 @@ def test_curve_keys_repr_hides_the_secret(keys):
 
 def run_cli(args, env, cwd, timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PYTHON, "-m", "fastbroker", *map(str, args)], stdin=subprocess.DEVNULL, capture_output=True,
-        text=True, env=env, cwd=str(cwd), timeout=timeout,
+        [PYTHON, "-m", "fastbroker", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(cwd),
+        timeout=timeout,
     )
 
 
@@ -345,10 +390,30 @@ def test_cli_key_errors_exit_2_with_one_line_naming_the_file(keys, tmp_path, sub
     cases = [
         (["broker", "--curve-secret", missing, "--authorized-keys", keys.authorized, *addrs], ["missing.key_secret"]),
         (["broker", "--curve-secret", keys.broker_secret, "--authorized-keys", tmp_path / "nodir", *addrs], ["nodir"]),
-        (["broker", "--curve-secret", keys.broker_secret, *addrs], ["--curve-secret and --authorized-keys", "both or neither"]),
-        (["worker", "workers_for_tests:DealerEcho", addrs[1], "--curve-server-key", keys.broker_public, "--curve-secret", missing], ["missing.key_secret"]),
-        (["worker", "workers_for_tests:Echo", addrs[1], addrs[2], "--curve-secret", keys.secret["worker"]], ["both or neither"]),
-        (["submit", addrs[0], "x", "--curve-server-key", missing, "--curve-secret", keys.secret["client"]], ["missing.key_secret"]),
+        (
+            ["broker", "--curve-secret", keys.broker_secret, *addrs],
+            ["--curve-secret and --authorized-keys", "both or neither"],
+        ),
+        (
+            [
+                "worker",
+                "workers_for_tests:DealerEcho",
+                addrs[1],
+                "--curve-server-key",
+                keys.broker_public,
+                "--curve-secret",
+                missing,
+            ],
+            ["missing.key_secret"],
+        ),
+        (
+            ["worker", "workers_for_tests:Echo", addrs[1], addrs[2], "--curve-secret", keys.secret["worker"]],
+            ["both or neither"],
+        ),
+        (
+            ["submit", addrs[0], "x", "--curve-server-key", missing, "--curve-secret", keys.secret["client"]],
+            ["missing.key_secret"],
+        ),
         (["status", addrs[0], uuid.uuid4().hex, "--curve-server-key", keys.broker_public], ["both or neither"]),
     ]
     for args, expected in cases:
@@ -357,20 +422,39 @@ def test_cli_key_errors_exit_2_with_one_line_naming_the_file(keys, tmp_path, sub
 
 def test_cli_broker_workers_and_submit_over_curve(keys, procs, addrs, core_name, tmp_path, subprocess_env):
     log_path = tmp_path / "jobs.log"
-    procs.start(["broker", "--core", core_name, "--heartbeat", "0.2", "--curve-secret", keys.broker_secret,
-                 "--authorized-keys", keys.authorized, *addrs], "broker")
+    procs.start(
+        [
+            "broker",
+            "--core",
+            core_name,
+            "--heartbeat",
+            "0.2",
+            "--curve-secret",
+            keys.broker_secret,
+            "--authorized-keys",
+            keys.authorized,
+            *addrs,
+        ],
+        "broker",
+    )
     worker_keys = ["--curve-server-key", keys.broker_public, "--curve-secret", keys.secret["worker"]]
     client_keys = ["--curve-server-key", keys.broker_public, "--curve-secret", keys.secret["client"]]
     # A ReqWorker (REQ + PUSH) first, then a DEALER Worker: one at a time, so each is seen serving.
-    req_worker = procs.start(["worker", "workers_for_tests:Echo", addrs[1], addrs[2], *map(str, worker_keys)], "echo",
-                             env={LOG_ENV: str(log_path)})
+    req_worker = procs.start(
+        ["worker", "workers_for_tests:Echo", addrs[1], addrs[2], *map(str, worker_keys)],
+        "echo",
+        env={LOG_ENV: str(log_path)},
+    )
     result = run_cli(["submit", addrs[0], "one", "--wait", WAIT, *client_keys], subprocess_env, tmp_path)
     assert (result.returncode, result.stdout) == (0, "-one"), (result, procs.output())
     assert runs(log_path, "one") == [req_worker.pid]
     req_worker.terminate()
     assert req_worker.wait(WAIT) == 0, procs.output()
-    dealer = procs.start(["worker", "workers_for_tests:DealerEcho", addrs[1], "--heartbeat", "0.2", *map(str, worker_keys)],
-                         "dealer", env={LOG_ENV: str(log_path)})
+    dealer = procs.start(
+        ["worker", "workers_for_tests:DealerEcho", addrs[1], "--heartbeat", "0.2", *map(str, worker_keys)],
+        "dealer",
+        env={LOG_ENV: str(log_path)},
+    )
     result = run_cli(["submit", "-v", addrs[0], "two", "--wait", WAIT, *client_keys], subprocess_env, tmp_path)
     assert (result.returncode, result.stdout) == (0, "-two"), (result, procs.output())
     assert runs(log_path, "two") == [dealer.pid]
@@ -380,7 +464,20 @@ def test_cli_broker_workers_and_submit_over_curve(keys, procs, addrs, core_name,
     # Without keys, or with keys the broker does not know: no answer at all.
     plain = run_cli(["submit", addrs[0], "three", "--wait", "0.5"], subprocess_env, tmp_path)
     assert plain.returncode == 6, plain
-    intruder = run_cli(["status", addrs[0], request_id, "--wait", "0.5", "--curve-server-key", keys.broker_public,
-                        "--curve-secret", keys.secret["intruder"]], subprocess_env, tmp_path)
+    intruder = run_cli(
+        [
+            "status",
+            addrs[0],
+            request_id,
+            "--wait",
+            "0.5",
+            "--curve-server-key",
+            keys.broker_public,
+            "--curve-secret",
+            keys.secret["intruder"],
+        ],
+        subprocess_env,
+        tmp_path,
+    )
     assert intruder.returncode == 6, intruder
     assert runs(log_path, "three") == []

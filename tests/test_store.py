@@ -34,6 +34,7 @@ from fastbroker.server.store import (
     encode_frames,
 )
 from rigs import BrokerRig, read_log, run_cli, runs, wait_until
+
 from workers_for_tests import GATE_ENV, LOG_ENV, DealerEcho, DealerGated
 
 WAIT = 20.0
@@ -47,7 +48,9 @@ def rid(n: int) -> bytes:
 # -- frames ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("frames", [[], [b""], [b"a"], [b"", b"x" * 70000, b"\x00\xff"], [b"%d" % i for i in range(300)]])
+@pytest.mark.parametrize(
+    "frames", [[], [b""], [b"a"], [b"", b"x" * 70000, b"\x00\xff"], [b"%d" % i for i in range(300)]]
+)
 def test_frames_round_trip(frames):
     blob = encode_frames(frames)
     assert decode_frames(blob) == frames
@@ -77,21 +80,32 @@ def test_apply_and_load_round_trip_across_reopen(tmp_path):
     path = tmp_path / "s.db"
     with Store(str(path), "full") as store:
         assert store.load() == ([], [])
-        assert store.apply([
-            ("submit", rid(1), [b"one", b""], 1.5, 3),
-            ("submit", rid(2), [b"two"], None, -1),
-            ("submit", rid(3), [b"three"], 0.25, 2),
-            ("start", rid(2), 1),
-            ("submit", rid(4), [b"four"], None, 1),
-        ]) == 5
+        assert (
+            store.apply(
+                [
+                    ("submit", rid(1), [b"one", b""], 1.5, 3),
+                    ("submit", rid(2), [b"two"], None, -1),
+                    ("submit", rid(3), [b"three"], 0.25, 2),
+                    ("start", rid(2), 1),
+                    ("submit", rid(4), [b"four"], None, 1),
+                ]
+            )
+            == 5
+        )
         # A later turn: 3 runs and finishes, 4 finishes TIMED_OUT and is forgotten.
-        assert store.apply([
-            ("start", rid(3), 1),
-            ("finish", rid(3), R_OK, [b"-three", b"x"], 1, 2),
-            ("start", rid(4), 1),
-            ("finish", rid(4), R_TIMED_OUT, [], 1, 1),
-            ("forget", rid(4)),
-        ], now=1000.0) == 5
+        assert (
+            store.apply(
+                [
+                    ("start", rid(3), 1),
+                    ("finish", rid(3), R_OK, [b"-three", b"x"], 1, 2),
+                    ("start", rid(4), 1),
+                    ("finish", rid(4), R_TIMED_OUT, [], 1, 1),
+                    ("forget", rid(4)),
+                ],
+                now=1000.0,
+            )
+            == 5
+        )
         # A re-submit of a stored id is not a new row (INSERT OR IGNORE keeps its place).
         store.apply([("submit", rid(1), [b"other"], 9.0, 9)])
     with Store(str(path)) as store:
@@ -172,7 +186,10 @@ BAD_STORES = {
     "other-sqlite-db": (foreign_db, "another SQLite database"),
     "corrupt-page": (lambda p: overwrite_middle_page(make_store(p)), "malformed"),
     "truncated": (lambda p: truncate_half(make_store(p)), "corrupt"),
-    "newer-version": (lambda p: set_version(make_store(p, 3), str(SCHEMA_VERSION + 1)), f"version {SCHEMA_VERSION + 1}"),
+    "newer-version": (
+        lambda p: set_version(make_store(p, 3), str(SCHEMA_VERSION + 1)),
+        f"version {SCHEMA_VERSION + 1}",
+    ),
 }
 
 
@@ -302,7 +319,8 @@ def test_in_flight_requests_come_back_with_the_attempt_counted(rig, log_path, st
     rig.broker_options["heartbeat"] = 5.0
     rig.start_broker()
     worker = procs.start(
-        ["worker", "workers_for_tests:DealerGated", rig.addrs[1], "--credit", "2"], "gated",
+        ["worker", "workers_for_tests:DealerGated", rig.addrs[1], "--credit", "2"],
+        "gated",
         env={LOG_ENV: str(log_path), GATE_ENV: str(gate)},
     )
     client = rig.client()
@@ -408,8 +426,11 @@ def test_a_late_answer_for_a_finished_stored_request_is_dropped(rig, log_path, s
     unknown_before = rig.broker.stats()["drops"].get("answer for an unknown or already answered task", 0)
     gate.touch()
     wait_until(
-        lambda: rig.broker.stats()["drops"].get("answer for an unknown or already answered task", 0) == unknown_before + 1,
-        timeout=WAIT, message="the late answer to be dropped",
+        lambda: (
+            rig.broker.stats()["drops"].get("answer for an unknown or already answered task", 0) == unknown_before + 1
+        ),
+        timeout=WAIT,
+        message="the late answer to be dropped",
     )
     receive(0.2)  # nothing more comes: an outcome would have gone out in the turn that dropped it
     assert replies == [R_ACCEPTED, R_OK]
@@ -483,7 +504,9 @@ def addrs(tmp_path):
     return [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
 
 
-@pytest.mark.parametrize("case", ["corrupt-page", "text-file", "other-sqlite-db", "newer-version", "directory", "missing-dir"])
+@pytest.mark.parametrize(
+    "case", ["corrupt-page", "text-file", "other-sqlite-db", "newer-version", "directory", "missing-dir"]
+)
 def test_broker_with_a_bad_store_exits_2_with_one_line_naming_it(case, tmp_path, addrs, subprocess_env, core_name):
     if case == "directory":
         path = tmp_path / "a-dir"
@@ -493,7 +516,9 @@ def test_broker_with_a_bad_store_exits_2_with_one_line_naming_it(case, tmp_path,
     else:
         path = tmp_path / "bad.db"
         BAD_STORES[case][0](path)
-    result = run_cli(["broker", "--core", core_name, "--store", str(path), *addrs], subprocess_env, tmp_path, timeout=WAIT)
+    result = run_cli(
+        ["broker", "--core", core_name, "--store", str(path), *addrs], subprocess_env, tmp_path, timeout=WAIT
+    )
     assert result.returncode == 2, result
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -522,8 +547,14 @@ def test_store_check_command_output_and_exit_codes(tmp_path, subprocess_env):
     assert result.returncode == 0, result
     report = json.loads(result.stdout)
     assert report == {
-        "path": str(good), "version": SCHEMA_VERSION, "queued": 3, "in_flight": 1, "finished": 1,
-        "bytes": good.stat().st_size, "sound": True, "problems": [],
+        "path": str(good),
+        "version": SCHEMA_VERSION,
+        "queued": 3,
+        "in_flight": 1,
+        "finished": 1,
+        "bytes": good.stat().st_size,
+        "sound": True,
+        "problems": [],
     }
 
     unsound = make_store(tmp_path / "unsound.db", 2, 10)
@@ -549,7 +580,11 @@ def test_store_check_reads_a_store_left_by_a_killed_broker(procs, tmp_path, addr
     with Client(addrs[0], ack=True) as client:
         futures = [client.submit(b"queued-%d" % i) for i in range(10)]
         with Client(addrs[0]) as probe:
-            wait_until(lambda: probe.status(futures[-1].request_id, wait=WAIT).state == "queued", timeout=WAIT, message="the requests queued")
+            wait_until(
+                lambda: probe.status(futures[-1].request_id, wait=WAIT).state == "queued",
+                timeout=WAIT,
+                message="the requests queued",
+            )
         broker.send_signal(signal.SIGKILL)
         broker.wait(WAIT)
     assert Path(f"{path}-wal").exists()
@@ -558,4 +593,8 @@ def test_store_check_reads_a_store_left_by_a_killed_broker(procs, tmp_path, addr
     assert json.loads(result.stdout)["queued"] == 10
     procs.start(["broker", "--core", core_name, "--store", str(path), *addrs], "broker-2")
     with Client(addrs[0]) as watcher:
-        wait_until(lambda: watcher.status(futures[0].request_id, wait=WAIT).state == "queued", timeout=WAIT, message="the restored requests")
+        wait_until(
+            lambda: watcher.status(futures[0].request_id, wait=WAIT).state == "queued",
+            timeout=WAIT,
+            message="the restored requests",
+        )

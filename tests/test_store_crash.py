@@ -27,6 +27,7 @@ from typing import Dict, List, Set
 from fastbroker import Client
 from fastbroker.protocol import R_ACCEPTED
 from rigs import Processes, read_log, wait_until
+
 from workers_for_tests import LOG_ENV
 
 N = 5000
@@ -37,6 +38,7 @@ WAIT = 20.0
 """Bound of each wait for one step (a broker up, a threshold reached)."""
 FINISH_WAIT = 40.0
 """Bound of the wait for every outcome after the last restart."""
+
 
 class Wire:
     """What reached the client's socket, per id: ACCEPTED and outcome replies.
@@ -85,10 +87,30 @@ def test_three_broker_kills_lose_nothing_and_repeat_nothing(procs: Processes, tm
     def start_broker():
         n = len(brokers) + 1
         proc = procs.start(
-            ["-v", "broker", "--core", core_name, "--store", str(store), "--sync", "normal",
-             "-T", "2", "-t", str(TRIES), "--heartbeat", "0.2", *addrs], f"broker-{n}")
-        wait_until(lambda: "broker on " in proc.stderr_path.read_text() or proc.poll() is not None,
-                   timeout=WAIT, message=f"broker {n} to bind")
+            [
+                "-v",
+                "broker",
+                "--core",
+                core_name,
+                "--store",
+                str(store),
+                "--sync",
+                "normal",
+                "-T",
+                "2",
+                "-t",
+                str(TRIES),
+                "--heartbeat",
+                "0.2",
+                *addrs,
+            ],
+            f"broker-{n}",
+        )
+        wait_until(
+            lambda: "broker on " in proc.stderr_path.read_text() or proc.poll() is not None,
+            timeout=WAIT,
+            message=f"broker {n} to bind",
+        )
         assert proc.poll() is None, procs.output()
         brokers.append(proc)
         return proc
@@ -100,8 +122,10 @@ def test_three_broker_kills_lose_nothing_and_repeat_nothing(procs: Processes, tm
         accepted, answered = wire.snapshot()
         stored = stored_ids(store)
         missing = (accepted | answered) - stored
-        print(f"kill {len(brokers)} ({what}): client had {len(accepted)} ACCEPTED, {len(answered)} outcomes; "
-              f"store holds {len(stored)} ids")
+        print(
+            f"kill {len(brokers)} ({what}): client had {len(accepted)} ACCEPTED, {len(answered)} outcomes; "
+            f"store holds {len(stored)} ids"
+        )
         assert not missing, f"{len(missing)} acknowledged id(s) not in the store after kill {len(brokers)}"
 
     start_broker()
@@ -139,18 +163,38 @@ def test_three_broker_kills_lose_nothing_and_repeat_nothing(procs: Processes, tm
 
         # 2. Jobs in flight: kill as soon as the workers have started a few dozen.
         workers = [
-            procs.start(["worker", "workers_for_tests:DealerEcho", addrs[1], "--credit", str(CREDIT),
-                         "--heartbeat", "0.2", "--liveness", "3"], f"worker-{w}", env={LOG_ENV: str(log_path)})
+            procs.start(
+                [
+                    "worker",
+                    "workers_for_tests:DealerEcho",
+                    addrs[1],
+                    "--credit",
+                    str(CREDIT),
+                    "--heartbeat",
+                    "0.2",
+                    "--liveness",
+                    "3",
+                ],
+                f"worker-{w}",
+                env={LOG_ENV: str(log_path)},
+            )
             for w in range(WORKERS)
         ]
-        wait_until(lambda: sum(1 for e in read_log(log_path) if e.event == "start") >= 40, timeout=WAIT,
-                   message=f"the workers to start jobs\n{procs.output()}")
+        wait_until(
+            lambda: sum(1 for e in read_log(log_path) if e.event == "start") >= 40,
+            timeout=WAIT,
+            message=f"the workers to start jobs\n{procs.output()}",
+        )
         kill_broker("jobs in flight")
         start_broker()
 
         # 3. While answers are flowing.
-        wait_until(lambda: len(wire.snapshot()[1]) >= N * 6 // 10, timeout=WAIT * 2, interval=0.005,
-                   message=f"60% of the outcomes\n{procs.output()}")
+        wait_until(
+            lambda: len(wire.snapshot()[1]) >= N * 6 // 10,
+            timeout=WAIT * 2,
+            interval=0.005,
+            message=f"60% of the outcomes\n{procs.output()}",
+        )
         kill_broker("answers flowing")
         start_broker()
 
@@ -164,17 +208,20 @@ def test_three_broker_kills_lose_nothing_and_repeat_nothing(procs: Processes, tm
 
     wrong = [i for i, f in enumerate(futures) if f.exception() is not None or f.result() != b"-c%05d" % i]
     runs = collections.Counter(e.payload for e in read_log(log_path) if e.event == "start")
-    histogram = collections.Counter(runs["c%05d" % i] for i in range(N))
+    histogram = collections.Counter(runs[f"c{i:05d}"] for i in range(N))
     duplicates = sum(1 for n in deliveries.values() if n > 1)
     wire_duplicates = sum(1 for n in wire.outcomes.values() if n > 1)
-    print(f"\n{core_name}: submitted {len(futures)}, answered {sum(1 for f in futures if f.exception() is None)}, "
-          f"duplicates {duplicates} (outcomes twice on the wire: {wire_duplicates}), "
-          f"runs per job {dict(sorted(histogram.items()))}, {elapsed:.1f} s, "
-          f"lazy-pirate re-submits {client._book.resubmitted}")
+    print(
+        f"\n{core_name}: submitted {len(futures)}, answered {sum(1 for f in futures if f.exception() is None)}, "
+        f"duplicates {duplicates} (outcomes twice on the wire: {wire_duplicates}), "
+        f"runs per job {dict(sorted(histogram.items()))}, {elapsed:.1f} s, "
+        f"lazy-pirate re-submits {client._book.resubmitted}"
+    )
     assert len(futures) == N
-    assert not wrong, f"{len(wrong)} wrong outcome(s), e.g. {[futures[i].exception() or futures[i].result() for i in wrong[:3]]}"
+    assert not wrong, (
+        f"{len(wrong)} wrong outcome(s), e.g. {[futures[i].exception() or futures[i].result() for i in wrong[:3]]}"
+    )
     assert len(deliveries) == N and duplicates == 0
     assert wire_duplicates == 0
     assert max(histogram) <= TRIES, f"a job ran more than {TRIES} times: {histogram}"
     assert histogram[0] == 0, "an answered job never ran"
-

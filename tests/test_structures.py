@@ -12,9 +12,7 @@ from collections import OrderedDict
 
 import pytest
 
-from fastbroker.protocol import HEAP_KEY_LIMIT
-
-from fastbroker.protocol import TASK_ID_SIZE
+from fastbroker.protocol import HEAP_KEY_LIMIT, TASK_ID_SIZE
 
 # ---------------------------------------------------------------------------
 # IdleWorkers
@@ -165,7 +163,7 @@ def test_idle_randomized_model(core):
     """10,000 seeded random operations compared with an OrderedDict model."""
     rng = random.Random(20100101)
     idle = core.IdleWorkers()
-    model: "OrderedDict[bytes, None]" = OrderedDict()
+    model: OrderedDict[bytes, None] = OrderedDict()
     pool = [b"w%d" % i for i in range(300)] + [rng.randbytes(rng.randint(1, 255)) for _ in range(50)]
     for step in range(10_000):
         op = rng.random()
@@ -312,9 +310,7 @@ def test_heap_largest_key_with_bounded_memory(core, subprocess_env):
         print("ok")
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
@@ -541,9 +537,11 @@ def test_ids_randomized_model_through_growth(core):
     rng = random.Random(20261128)
     ids = core.RequestIds(seed=12345)
     model: dict = {}
-    pool = ([i.to_bytes(16, "big") for i in range(3000)]
-            + [bytes(15) + bytes([b]) for b in range(256)]
-            + [rng.randbytes(16) for _ in range(3000)])
+    pool = (
+        [i.to_bytes(16, "big") for i in range(3000)]
+        + [bytes(15) + bytes([b]) for b in range(256)]
+        + [rng.randbytes(16) for _ in range(3000)]
+    )
     saw_growing = False
     for step in range(30_000):
         key = rng.choice(pool)
@@ -602,7 +600,7 @@ def test_idle_fifo_order_across_growth(core):
     re-pushed workers) and pops interleaved with pushes."""
     rng = random.Random(77)
     idle = core.IdleWorkers()
-    model: "OrderedDict[bytes, None]" = OrderedDict()
+    model: OrderedDict[bytes, None] = OrderedDict()
     serial = 0
     for round_size in (60_000, 1, 255, 256, 50_000, 3):
         for _ in range(round_size):

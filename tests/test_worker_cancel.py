@@ -26,6 +26,7 @@ import zmq
 from fastbroker import Broker, ReqWorker, protocol
 from fastbroker.protocol import CLIENT_SIGNATURE, CMD_ANSWER, CMD_CANCEL, CMD_FAILED, CMD_TASK
 from rigs import FAKE_WAIT, count_events, read_log, tid, wait_until
+
 from workers_for_tests import GATE_DIR_ENV, JOB_LIMIT, LOG_ENV
 
 WAIT = FAKE_WAIT
@@ -161,8 +162,16 @@ class BrokerThread:
     """A real Broker (the live core) serving in a thread."""
 
     def __init__(self, ctx: zmq.Context) -> None:
-        self.broker = Broker(ctx, None, None, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*",
-                             heartbeat=E2E_HEARTBEAT, liveness=E2E_LIVENESS)
+        self.broker = Broker(
+            ctx,
+            None,
+            None,
+            "tcp://127.0.0.1:*",
+            "tcp://127.0.0.1:*",
+            "tcp://127.0.0.1:*",
+            heartbeat=E2E_HEARTBEAT,
+            liveness=E2E_LIVENESS,
+        )
         self.thread = threading.Thread(target=self.broker.run, name="broker", daemon=True)
         self.thread.start()
 
@@ -221,8 +230,18 @@ def test_end_to_end_cancel_of_a_running_job(broker_thread, ctx, procs, job_env, 
     log, open_gate = job_env
     requests_addr, workers_addr, _ = broker_thread.broker.endpoints
     worker = procs.start(
-        ["-v", "worker", "workers_for_tests:CancelProbe", workers_addr, "--credit", "1",
-         "--heartbeat", str(E2E_HEARTBEAT), "--liveness", str(E2E_LIVENESS)],
+        [
+            "-v",
+            "worker",
+            "workers_for_tests:CancelProbe",
+            workers_addr,
+            "--credit",
+            "1",
+            "--heartbeat",
+            str(E2E_HEARTBEAT),
+            "--liveness",
+            str(E2E_LIVENESS),
+        ],
         "worker",
         # procs' environment was copied before job_env set these.
         env={LOG_ENV: os.environ[LOG_ENV], GATE_DIR_ENV: os.environ[GATE_DIR_ENV]},

@@ -29,6 +29,7 @@ import pytest
 import zmq
 
 from rigs import Event, Processes, concurrent_requests, read_log, request, runs, wait_until
+
 from workers_for_tests import GATE_ENV, LOG_ENV
 
 WAIT = 20.0
@@ -61,7 +62,9 @@ def log_path(tmp_path):
     return tmp_path / "jobs.log"
 
 
-def start_broker(procs: Processes, transport: str, core_name: str, *options: str, addrs: Optional[Sequence[str]] = None) -> RunningBroker:
+def start_broker(
+    procs: Processes, transport: str, core_name: str, *options: str, addrs: Optional[Sequence[str]] = None
+) -> RunningBroker:
     """A broker process with the short heartbeat; `addrs` binds given endpoints
     (a restart on the same ones), else tcp port * or ipc files in the temp dir.
     -vv: it logs each message it drops, with the reason."""
@@ -83,7 +86,15 @@ def start_broker(procs: Processes, transport: str, core_name: str, *options: str
     return RunningBroker(proc, match.group(1), match.group(2), match.group(3), up_at)
 
 
-def start_dealer(procs: Processes, broker: RunningBroker, cls: str, log_path, name: str, credit: int = 1, env: Optional[Dict[str, str]] = None):
+def start_dealer(
+    procs: Processes,
+    broker: RunningBroker,
+    cls: str,
+    log_path,
+    name: str,
+    credit: int = 1,
+    env: Optional[Dict[str, str]] = None,
+):
     """A DEALER worker process (FBW01) with the broker's heartbeat; answers on the same socket."""
     args = ["-v", "worker", f"workers_for_tests:{cls}", broker.workers, *HB_OPTIONS, "--credit", str(credit)]
     return procs.start(args, name, env={LOG_ENV: str(log_path), **(env or {})})
@@ -91,7 +102,9 @@ def start_dealer(procs: Processes, broker: RunningBroker, cls: str, log_path, na
 
 def start_req_worker(procs: Processes, broker: RunningBroker, cls: str, log_path, name: str):
     """An original-protocol worker process (ReqWorker subclass: REQ asks, PUSH answers)."""
-    return procs.start(["worker", f"workers_for_tests:{cls}", broker.workers, broker.answers], name, env={LOG_ENV: str(log_path)})
+    return procs.start(
+        ["worker", f"workers_for_tests:{cls}", broker.workers, broker.answers], name, env={LOG_ENV: str(log_path)}
+    )
 
 
 class PendingRequest:
@@ -149,8 +162,12 @@ def warm_up(ctx, broker: RunningBroker, pids, log_path, procs: Processes, prefix
         return set(pids) <= {e.pid for e in read_log(log_path) if e.payload.startswith(f"0:{prefix}-")}
 
     # Between two requests wait_until pauses 20 ms: a worker process may still be starting up.
-    wait_until(all_served, timeout=WAIT, interval=0.02,
-               message=lambda: f"every worker to run a job: {pids}\n{read_log(log_path)}\n{procs.output()}")
+    wait_until(
+        all_served,
+        timeout=WAIT,
+        interval=0.02,
+        message=lambda: f"every worker to run a job: {pids}\n{read_log(log_path)}\n{procs.output()}",
+    )
 
 
 def stop_broker(broker: RunningBroker, procs: Processes) -> Dict[str, int]:
@@ -205,7 +222,9 @@ def no_traceback(*workers) -> None:
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
-def test_broker_sigkill_restart_same_workers_resume(transport, procs, ctx, pending, log_path, core_name, record_property):
+def test_broker_sigkill_restart_same_workers_resume(
+    transport, procs, ctx, pending, log_path, core_name, record_property
+):
     first = start_broker(procs, transport, core_name)
     workers = [start_dealer(procs, first, "DealerSlow", log_path, f"w{n}") for n in range(2)]
     pids = {w.pid for w in workers}
@@ -217,7 +236,11 @@ def test_broker_sigkill_restart_same_workers_resume(transport, procs, ctx, pendi
     # The broker stays away until each worker has given up on it twice: they are
     # in their reconnection back-off, the slow case, when it comes back.
     lost = lambda w: w.stderr_path.read_text(errors="replace").count("no word from the broker")  # noqa: E731
-    wait_until(lambda: all(lost(w) >= 2 for w in workers), timeout=WAIT, message=f"the workers to notice the broker's death\n{procs.output()}")
+    wait_until(
+        lambda: all(lost(w) >= 2 for w in workers),
+        timeout=WAIT,
+        message=f"the workers to notice the broker's death\n{procs.output()}",
+    )
     # Two 1 s jobs, sent before the broker is back (the REQ sockets queue them):
     # the first worker back takes one, the other waits at the broker for the
     # second worker. More pairs until both ran one (bounded).
@@ -261,7 +284,9 @@ def test_broker_sigkill_restart_same_workers_resume(transport, procs, ctx, pendi
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
-def test_jobs_of_sigkilled_dealer_worker_requeued_within_liveness(transport, procs, ctx, pending, log_path, core_name, record_property):
+def test_jobs_of_sigkilled_dealer_worker_requeued_within_liveness(
+    transport, procs, ctx, pending, log_path, core_name, record_property
+):
     # The attempt timeout (60 s) is far beyond every wait here: only the broker's
     # liveness check can bring the jobs back in time.
     broker = start_broker(procs, transport, core_name, "-T", "60", "-t", "3")
@@ -270,7 +295,11 @@ def test_jobs_of_sigkilled_dealer_worker_requeued_within_liveness(transport, pro
     jobs = []
     for tag in "ab":
         jobs.append(pending(broker.requests, f"0:job-kill-{tag}".encode()))
-        wait_until(lambda: runs(log_path, f"0:job-kill-{tag}"), timeout=WAIT, message=f"the victim to take job {tag}\n{procs.output()}")
+        wait_until(
+            lambda: runs(log_path, f"0:job-kill-{tag}"),
+            timeout=WAIT,
+            message=f"the victim to take job {tag}\n{procs.output()}",
+        )
     # The rescuer joins while the victim's credit is used up: warm-ups go to it.
     rescuer = start_dealer(procs, broker, "DealerSlow", log_path, "rescuer")
     warm_up(ctx, broker, {rescuer.pid}, log_path, procs, "warm")
@@ -287,7 +316,9 @@ def test_jobs_of_sigkilled_dealer_worker_requeued_within_liveness(transport, pro
     assert [e.payload for e in again] == ["0:job-kill-a", "0:job-kill-b"], again
     delay = again[0].time - killed_at
     record(record_property, f"worker_kill_{transport}_requeue_delay", delay)
-    record(record_property, f"worker_kill_{transport}_both_answered_after", max(j.answered_at for j in jobs) - killed_at)
+    record(
+        record_property, f"worker_kill_{transport}_both_answered_after", max(j.answered_at for j in jobs) - killed_at
+    )
     # Expected: the window (0.3 s) plus up to one heartbeat; the job timeout is 60 s.
     assert delay < 10 * 2 * WINDOW, f"re-queued {delay:.2f} s after the SIGKILL\n{procs.output()}"
     stats = stop_broker(broker, procs)
@@ -295,12 +326,16 @@ def test_jobs_of_sigkilled_dealer_worker_requeued_within_liveness(transport, pro
     assert stats["timeouts"] == 0 and stats["aborted"] == 0 and stats["dropped"] == 0, stats
 
 
-def test_dealer_holding_a_job_when_the_broker_dies_serves_the_new_one(procs, ctx, pending, log_path, core_name, tmp_path):
+def test_dealer_holding_a_job_when_the_broker_dies_serves_the_new_one(
+    procs, ctx, pending, log_path, core_name, tmp_path
+):
     gate = tmp_path / "gate"
     first = start_broker(procs, "tcp", core_name)
     worker = start_dealer(procs, first, "DealerGated", log_path, "worker", credit=2, env={GATE_ENV: str(gate)})
     old = pending(first.requests, b"0:gated-old")
-    wait_until(lambda: runs(log_path, "0:gated-old"), timeout=WAIT, message=f"the worker to take the job\n{procs.output()}")
+    wait_until(
+        lambda: runs(log_path, "0:gated-old"), timeout=WAIT, message=f"the worker to take the job\n{procs.output()}"
+    )
     first.proc.send_signal(signal.SIGKILL)
     assert first.proc.wait(WAIT) == -signal.SIGKILL
     second = start_broker(procs, "tcp", core_name, addrs=first.endpoints)
@@ -317,7 +352,11 @@ def test_dealer_holding_a_job_when_the_broker_dies_serves_the_new_one(procs, ctx
     # and the worker takes two jobs at once again.
     gate.touch()
     wait_until(lambda: runs(log_path, "0:gated-old", "done"), timeout=WAIT, message="the old job to end")
-    wait_until(lambda: "answer for an unknown or already answered task" in drop_reasons(second), timeout=WAIT, message=f"the new broker to drop the old job's answer\n{procs.output()}")
+    wait_until(
+        lambda: "answer for an unknown or already answered task" in drop_reasons(second),
+        timeout=WAIT,
+        message=f"the new broker to drop the old job's answer\n{procs.output()}",
+    )
     again = [pending(second.requests, f"0.5:again-{n}".encode()) for n in range(2)]
     for p in again:
         assert p.answer(procs) == [b"-" + p.payload]
@@ -373,7 +412,9 @@ def test_credit_bounds_jobs_held_by_a_worker(credit, procs, ctx, pending, log_pa
     sent = [pending(broker.requests, f"{seconds}:slow-{n}".encode()) for n in range(n_jobs)]
     for p in sent:
         assert p.answer(procs) == [b"-" + p.payload]
-    assert sorted(e.payload for e in events(log_path, prefix=f"{seconds}:slow-")) == sorted(p.payload.decode() for p in sent)
+    assert sorted(e.payload for e in events(log_path, prefix=f"{seconds}:slow-")) == sorted(
+        p.payload.decode() for p in sent
+    )
     assert max_concurrency(log_path, worker.pid, f"{seconds}:slow-") == credit, read_log(log_path)
 
     # The broker's side: a second worker, gated, holds `credit` jobs and never
@@ -385,7 +426,11 @@ def test_credit_bounds_jobs_held_by_a_worker(credit, procs, ctx, pending, log_pa
     worker.send_signal(signal.SIGTERM)  # only the gated worker is left
     assert worker.wait(WAIT) == 0, procs.output()
     held = [pending(broker.requests, f"0:gated-{n}".encode()) for n in range(credit + 3)]
-    wait_until(lambda: len(events(log_path, prefix="0:gated-")) >= credit, timeout=WAIT, message=f"the gated worker to take {credit} jobs\n{procs.output()}")
+    wait_until(
+        lambda: len(events(log_path, prefix="0:gated-")) >= credit,
+        timeout=WAIT,
+        message=f"the gated worker to take {credit} jobs\n{procs.output()}",
+    )
     late = start_dealer(procs, broker, "DealerSlow", log_path, "late")
     in_gated = {e.payload for e in events(log_path, prefix="0:gated-") if e.pid == gated.pid}
     others = [p for p in held if p.payload.decode() not in in_gated]
@@ -413,7 +458,10 @@ def test_credit_bounds_jobs_held_by_a_worker(credit, procs, ctx, pending, log_pa
 def test_req_and_dealer_workers_share_one_broker(procs, ctx, log_path, core_name):
     broker = start_broker(procs, "tcp", core_name)
     req_workers = [start_req_worker(procs, broker, "Slow", log_path, f"req{n}") for n in range(2)]
-    dealers = [start_dealer(procs, broker, "DealerSlow", log_path, "dealer1"), start_dealer(procs, broker, "DealerSlow", log_path, "dealer2", credit=2)]
+    dealers = [
+        start_dealer(procs, broker, "DealerSlow", log_path, "dealer1"),
+        start_dealer(procs, broker, "DealerSlow", log_path, "dealer2", credit=2),
+    ]
     req_pids = {w.pid for w in req_workers}
     dealer_pids = {w.pid for w in dealers}
     warm_up(ctx, broker, req_pids | dealer_pids, log_path, procs, "warm")
@@ -421,7 +469,10 @@ def test_req_and_dealer_workers_share_one_broker(procs, ctx, log_path, core_name
 
     n_clients, per_client = 5, 8
     answers, errors = concurrent_requests(
-        ctx, broker.requests, [[f"0.03:mixed-{c}-{i}".encode() for i in range(per_client)] for c in range(n_clients)], WAIT
+        ctx,
+        broker.requests,
+        [[f"0.03:mixed-{c}-{i}".encode() for i in range(per_client)] for c in range(n_clients)],
+        WAIT,
     )
     assert not errors, f"{errors}\n{procs.output()}"
     answers = {p.decode(): a for p, a in answers.items()}
@@ -449,14 +500,22 @@ def test_sigterm_to_dealer_holding_two_jobs_while_others_queue(procs, ctx, pendi
     broker = start_broker(procs, "ipc", core_name)
     holder = start_dealer(procs, broker, "DealerGated", log_path, "holder", credit=2, env={GATE_ENV: str(gate)})
     held = [pending(broker.requests, f"0.2:gated-{tag}".encode()) for tag in "ab"]
-    wait_until(lambda: len(events(log_path, prefix="0.2:gated-")) == 2, timeout=WAIT, message=f"the holder to take both jobs\n{procs.output()}")
+    wait_until(
+        lambda: len(events(log_path, prefix="0.2:gated-")) == 2,
+        timeout=WAIT,
+        message=f"the holder to take both jobs\n{procs.output()}",
+    )
     assert {e.pid for e in events(log_path, prefix="0.2:gated-")} == {holder.pid}
     # Another worker joins; the holder's credit is used up, so warm-ups go to it.
     other = start_dealer(procs, broker, "DealerSlow", log_path, "other")
     warm_up(ctx, broker, {other.pid}, log_path, procs, "warm")
 
     holder.send_signal(signal.SIGTERM)
-    wait_until(lambda: "stopping: finishing 2 job(s) in hand" in holder.stderr_path.read_text(errors="replace"), timeout=WAIT, message=f"the holder to start stopping\n{procs.output()}")
+    wait_until(
+        lambda: "stopping: finishing 2 job(s) in hand" in holder.stderr_path.read_text(errors="replace"),
+        timeout=WAIT,
+        message=f"the holder to start stopping\n{procs.output()}",
+    )
     # Stopping, it keeps heartbeating: several liveness windows pass and the broker
     # does not take it for dead (it would re-queue its jobs to the idle worker)...
     # (The wait is the point: that nothing happens for 3 windows has no event to wait for.)

@@ -167,8 +167,7 @@ def test_a_later_ready_changes_the_credit(make_wrig):
     held += rig.tasks_in(worker, 2)
     rig.settle(3)
     assert worker.inbox == []
-    assert_stats(rig.stats(), ready=2, workers_joined=1, workers=1, running=3, queued=4,
-                 idle_workers=0)
+    assert_stats(rig.stats(), ready=2, workers_joined=1, workers=1, running=3, queued=4, idle_workers=0)
     # Credit 0: it finishes what it holds and gets nothing more.
     worker.ready(0)
     rig.pump_stat("ready", 3)
@@ -281,8 +280,9 @@ def test_silent_worker_is_dead_and_its_job_goes_to_another_at_once(make_wrig):
     assert retry_id == task_id and retry_payload == payload == [b"job"]
     assert found >= LIVENESS * HEARTBEAT  # not before the silence was long enough
     assert found < LONG_TIMEOUT / 6  # and not by the job timeout
-    assert_stats(rig.stats(), workers_dead=1, workers=1, requeued=1, retried=1, timeouts=0,
-                 dispatched=2, running=1, queued=0)
+    assert_stats(
+        rig.stats(), workers_dead=1, workers=1, requeued=1, retried=1, timeouts=0, dispatched=2, running=1, queued=0
+    )
     # The dead worker gets nothing more, not even heartbeats.
     beats = len(silent.heartbeat_times)
     rig.pump_for(4 * HEARTBEAT)
@@ -300,8 +300,9 @@ def test_dead_worker_job_with_a_single_try_is_aborted(make_wrig):
     client.send(b"job")
     rig.task(silent)
     assert rig.receive(client, timeout=20) == [b""]
-    assert_stats(rig.stats(), workers_dead=1, workers=0, requeued=1, aborted=1, retried=0,
-                 timeouts=0, queued=0, running=0)
+    assert_stats(
+        rig.stats(), workers_dead=1, workers=0, requeued=1, aborted=1, retried=0, timeouts=0, queued=0, running=0
+    )
     other = rig.dealer()
     rig.register(other, 1)
     rig.settle()
@@ -329,8 +330,7 @@ def test_heartbeating_worker_keeps_its_job(make_wrig):
     assert len(alive.heartbeat_times) >= 2
     assert alive.inbox == []
     # The silent one's job waits for a credit (`alive` has none spare); alive's is untouched.
-    assert_stats(rig.stats(), workers=1, workers_dead=1, requeued=1, running=1, queued=1,
-                 timeouts=0)
+    assert_stats(rig.stats(), workers=1, workers_dead=1, requeued=1, running=1, queued=1, timeouts=0)
     alive.answer(task_a, b"long answer")
     assert rig.receive(client_a) == [b"long answer"]
     # The freed credit takes the requeued job, same id.
@@ -384,8 +384,7 @@ def test_failed_job_is_retried_at_once_on_another_idle_worker(make_wrig):
     assert retry_id == task_id and payload == [b"job"]
     rig.settle(3)
     assert a.inbox == []
-    assert_stats(rig.stats(), failed=1, retried=1, dispatched=2, timeouts=0, running=1,
-                 queued=0, dropped=0)
+    assert_stats(rig.stats(), failed=1, retried=1, dispatched=2, timeouts=0, running=1, queued=0, dropped=0)
     b.answer(retry_id, b"fine")
     assert rig.receive(client) == [b"fine"]
     assert_stats(rig.stats(), answered=1, running=0, idle_workers=2)
@@ -427,8 +426,18 @@ def test_always_failing_worker_uses_every_try_then_the_client_gets_the_empty_fra
     rig.settle()
     assert worker.inbox == []
     assert attempts == [attempts[0]] * tries
-    assert_stats(rig.stats(), failed=tries, dispatched=tries, retried=tries - 1, aborted=1,
-                 answered=0, running=0, queued=0, timeouts=0, idle_workers=1)
+    assert_stats(
+        rig.stats(),
+        failed=tries,
+        dispatched=tries,
+        retried=tries - 1,
+        aborted=1,
+        answered=0,
+        running=0,
+        queued=0,
+        timeouts=0,
+        idle_workers=1,
+    )
 
 
 def test_failed_for_a_task_not_running_on_that_worker_is_dropped(make_wrig):
@@ -487,8 +496,7 @@ def test_disconnect_from_a_worker(make_wrig):
     held = rig.tasks_in(leaving, 2)
     leaving.disconnect()
     rig.pump_stat("workers_left", 1)
-    assert_stats(rig.stats(), workers=0, idle_workers=0, requeued=2, retried=2, queued=2,
-                 running=0, timeouts=0)
+    assert_stats(rig.stats(), workers=0, idle_workers=0, requeued=2, retried=2, queued=2, running=0, timeouts=0)
     # Nothing more is sent to it: no heartbeat, no job (a third job stays queued too).
     beats = len(leaving.heartbeat_times)
     client.send_multipart([b"", b"j2"])
@@ -726,8 +734,17 @@ def test_malformed_worker_message_is_dropped(make_wrig, frames, reason):
     assert rig.core.run(-1, 30.0, stop_on_drop=True) == RUN_DROP
     assert rig.core.last_drop == DROP_REASONS[reason]
     rig.settle(3)
-    assert_stats(rig.stats(), dropped=1, drops={DROP_REASONS[reason]: 1}, workers=0,
-                 workers_joined=0, ready=0, idle_workers=0, failed=0, answered=0)
+    assert_stats(
+        rig.stats(),
+        dropped=1,
+        drops={DROP_REASONS[reason]: 1},
+        workers=0,
+        workers_joined=0,
+        ready=0,
+        idle_workers=0,
+        failed=0,
+        answered=0,
+    )
     if frames[2] == CMD_ANSWER and reason == protocol.DROP_ANSWER_BAD_ID:
         assert sender.inbox == [DISCONNECT_MSG]  # an ANSWER from a stranger
     else:
@@ -752,8 +769,18 @@ def test_malformed_messages_from_a_registered_worker_leave_its_session_alone(mak
     assert rig.stats()["drops"] == expected
     rig.settle(3)
     assert worker.inbox == []
-    assert_stats(rig.stats(), workers=1, workers_joined=1, ready=1, running=1, failed=0,
-                 retried=0, requeued=0, answered=0, workers_left=0)
+    assert_stats(
+        rig.stats(),
+        workers=1,
+        workers_joined=1,
+        ready=1,
+        running=1,
+        failed=0,
+        retried=0,
+        requeued=0,
+        answered=0,
+        workers_left=0,
+    )
     worker.answer(task_id, b"ok")
     assert rig.receive(client) == [b"ok"]
     assert_stats(rig.stats(), answered=1, idle_workers=1)
@@ -777,8 +804,7 @@ def test_unreachable_dealer_worker_at_dispatch(make_wrig):
     client.send(b"job")
     task_id, payload = rig.task(live)
     assert payload == [b"job"]
-    assert_stats(rig.stats(), unreachable_workers=1, workers_dead=1, workers=1, dispatched=1,
-                 running=1, idle_workers=0)
+    assert_stats(rig.stats(), unreachable_workers=1, workers_dead=1, workers=1, dispatched=1, running=1, idle_workers=0)
     live.answer(task_id, b"ok")
     assert rig.receive(client) == [b"ok"]
     # The forgotten session is not tried again.
@@ -805,8 +831,9 @@ def test_unreachable_worker_with_a_job_in_flight_gives_it_back(make_wrig):
     got = rig.tasks_in(live, 2)
     assert got[0] == (held_id, [b"j0"])
     assert got[1][1] == [b"j1"]
-    assert_stats(rig.stats(), unreachable_workers=1, workers_dead=1, requeued=1, workers=1,
-                 dispatched=3, running=2, queued=0)
+    assert_stats(
+        rig.stats(), unreachable_workers=1, workers_dead=1, requeued=1, workers=1, dispatched=3, running=2, queued=0
+    )
     for task_id, payload in got:
         live.answer(task_id, b"re:" + payload[0])
         assert rig.receive(client) == [b"", b"re:" + payload[0]]

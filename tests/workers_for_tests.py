@@ -340,7 +340,9 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) == 5 and argv[0] == "original-worker":
         original_worker(argv[1], argv[2], float(argv[3]), int(argv[4]))
         return 0
-    print("usage: python -m workers_for_tests original-worker WORKERS_ADDR ANSWERS_ADDR DROP_RATE SEED", file=sys.stderr)
+    print(
+        "usage: python -m workers_for_tests original-worker WORKERS_ADDR ANSWERS_ADDR DROP_RATE SEED", file=sys.stderr
+    )
     return 2
 
 

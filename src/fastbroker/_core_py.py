@@ -11,23 +11,21 @@ here too.
 
 from __future__ import annotations
 
-from fastbroker.core.broker_core import BrokerCore
-from fastbroker.core.clock import monotonic
-from fastbroker.core.deadline_heap import DeadlineHeap
-from fastbroker.core.idle_workers import IdleWorkers
-from fastbroker.core.request_ids import RequestIds
-from fastbroker.core.request_table import RequestTable
-
 # The parts BrokerCore composes: the compiled module shows its cdef parts too, under
 # the same names (re-exported, not API).
 from fastbroker.core.attempts import Attempts as Attempts
+from fastbroker.core.broker_core import BrokerCore
 from fastbroker.core.client_side import ClientSide as ClientSide
-from fastbroker.core.clock import Clock as Clock
+from fastbroker.core.clock import Clock as Clock, monotonic
 from fastbroker.core.counters import Counters as Counters
+from fastbroker.core.deadline_heap import DeadlineHeap
 from fastbroker.core.events import Events as Events
+from fastbroker.core.idle_workers import IdleWorkers
 from fastbroker.core.job_queue import JobQueue as JobQueue
 from fastbroker.core.journal import Journal as Journal
 from fastbroker.core.kept_outcomes import KeptOutcomes as KeptOutcomes
+from fastbroker.core.request_ids import RequestIds
+from fastbroker.core.request_table import RequestTable
 from fastbroker.core.worker_sessions import WorkerSessions as WorkerSessions
 from fastbroker.core.worker_side import WorkerSide as WorkerSide
 

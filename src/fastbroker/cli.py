@@ -68,14 +68,18 @@ def _tries(text: str) -> int:
     try:
         return check_tries(int(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}"
+        ) from None
 
 
 def _timeout(text: str) -> float:
     try:
         return check_timeout(float(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
+        ) from None
 
 
 def _positive(text: str) -> int:
@@ -92,7 +96,9 @@ def _heartbeat(text: str) -> float:
     try:
         return check_heartbeat(float(text))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
+        ) from None
 
 
 def _count(name: str, high: int, low: int = 1) -> Callable[[str], int]:
@@ -113,7 +119,9 @@ def _retention(text: str) -> float:
     try:
         return check_retention(float(text))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
+        ) from None
 
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -159,7 +167,9 @@ def _max_queue(text: str) -> int:
     try:
         return check_max_queue(int(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}"
+        ) from None
 
 
 def _request_timeout(text: str) -> float:
@@ -168,7 +178,9 @@ def _request_timeout(text: str) -> float:
     try:
         return check_request_timeout(float(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
+        ) from None
 
 
 def _request_tries(text: str) -> int:
@@ -177,14 +189,18 @@ def _request_tries(text: str) -> int:
     try:
         return check_request_tries(int(text))  # type: ignore[return-value]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a whole number: {text!r}"
+        ) from None
 
 
 def _wait(text: str) -> float:
     try:
         return check_seconds("--wait", float(text), 0.001, 365 * 86400.0)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
+        ) from None
 
 
 def _request_id(text: str) -> bytes:
@@ -223,35 +239,137 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastbroker", description="ZeroMQ task broker: workers ask for jobs when ready.")
     parser.add_argument("--version", action="version", version=f"fastbroker {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None, help="log lines as text (default) or one JSON object each")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=None, help="log lines as text (default) or one JSON object each"
+    )
     # -v and --log-format are also accepted after the sub-command; -v counts add up.
     verbose = _Parser(add_help=False)
-    verbose.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=0, help="more logging (-vv: debug)")
-    verbose.add_argument("--log-format", dest="sub_log_format", choices=LOG_FORMATS, default=None, help="log lines as text (default) or one JSON object each")
+    verbose.add_argument(
+        "-v", "--verbose", dest="sub_verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
+    verbose.add_argument(
+        "--log-format",
+        dest="sub_log_format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="log lines as text (default) or one JSON object each",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     # The CURVE options of every command that connects to a broker (workers and clients).
     curve = _Parser(add_help=False)
     group = curve.add_argument_group("CURVE (with a broker run with --curve-secret and --authorized-keys)")
-    group.add_argument("--curve-server-key", metavar="FILE", default=None, help="the broker's public key file (BROKER.key)")
-    group.add_argument("--curve-secret", metavar="FILE", default=None, help="this peer's secret key file (NAME.key_secret); its public key must be in the broker's --authorized-keys")
+    group.add_argument(
+        "--curve-server-key", metavar="FILE", default=None, help="the broker's public key file (BROKER.key)"
+    )
+    group.add_argument(
+        "--curve-secret",
+        metavar="FILE",
+        default=None,
+        help="this peer's secret key file (NAME.key_secret); its public key must be in the broker's --authorized-keys",
+    )
 
-    p = sub.add_parser("broker", help="run a broker", description="Run a broker until SIGINT or SIGTERM.", parents=[verbose])
-    p.add_argument("-t", "--tries", type=_tries, default=None, help="attempts per job before the client gets the empty answer (default: unlimited)")
-    p.add_argument("-T", "--timeout", type=_timeout, default=None, help="seconds an attempt may take before the job is re-sent (default: none)")
-    p.add_argument("--core", choices=CORE_NAMES, default=None, help="broker core (default: compiled unless FASTBROKER_PURE=1)")
-    p.add_argument("--heartbeat", type=_heartbeat, default=None, metavar="SECONDS", help=f"seconds between heartbeats to DEALER workers (default: {DEFAULT_HEARTBEAT})")
-    p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS), default=None, metavar="N", help=f"heartbeats of silence after which a DEALER worker is dead (default: {DEFAULT_LIVENESS})")
-    p.add_argument("--retention", type=_retention, default=DEFAULT_RETENTION, metavar="SECONDS", help=f"seconds a finished FBC01 outcome is kept for RESULT (default: {DEFAULT_RETENTION:g}; 0 keeps none)")
-    p.add_argument("--retention-memory", type=_memory, default=DEFAULT_RETENTION_BYTES, metavar="BYTES", help=f"memory bound on kept outcomes, e.g. 64M, 1G (default: {DEFAULT_RETENTION_BYTES >> 20}M)")
-    p.add_argument("--max-queue", type=_max_queue, default=None, metavar="N", help="most requests waiting for a worker; beyond it a new one is rejected (queue full) at once (default: no limit)")
-    p.add_argument("--max-message", type=_max_message, default=None, metavar="BYTES", help="largest frame a peer may send, e.g. 1M; a peer sending a larger one is disconnected (default: no limit)")
-    p.add_argument("--curve-secret", metavar="FILE", default=None, help="the broker's secret key file: every endpoint uses CURVE (needs --authorized-keys)")
-    p.add_argument("--authorized-keys", metavar="DIR", default=None, help="directory of the public key files (*.key) of the workers and clients let in (needs --curve-secret)")
-    p.add_argument("--store", metavar="PATH", default=None, help="keep FBC01 requests and outcomes in this SQLite file: they survive a crash and restart (created if missing)")
-    p.add_argument("--sync", choices=tuple(SYNC_LEVELS), default=DEFAULT_SYNC, help=f"with --store: full survives power loss, normal and off a crash of the broker process (default: {DEFAULT_SYNC})")
-    p.add_argument("--metrics-port", type=_port, default=None, metavar="PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, logged at -v)")
-    p.add_argument("--metrics-host", default=DEFAULT_METRICS_HOST, metavar="HOST", help=f"address the metrics server listens on (default: {DEFAULT_METRICS_HOST})")
-    p.add_argument("requests_addr", metavar="REQUESTS_ADDR", help="where clients send requests (ROUTER), e.g. tcp://*:5555")
+    p = sub.add_parser(
+        "broker", help="run a broker", description="Run a broker until SIGINT or SIGTERM.", parents=[verbose]
+    )
+    p.add_argument(
+        "-t",
+        "--tries",
+        type=_tries,
+        default=None,
+        help="attempts per job before the client gets the empty answer (default: unlimited)",
+    )
+    p.add_argument(
+        "-T",
+        "--timeout",
+        type=_timeout,
+        default=None,
+        help="seconds an attempt may take before the job is re-sent (default: none)",
+    )
+    p.add_argument(
+        "--core", choices=CORE_NAMES, default=None, help="broker core (default: compiled unless FASTBROKER_PURE=1)"
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=_heartbeat,
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds between heartbeats to DEALER workers (default: {DEFAULT_HEARTBEAT})",
+    )
+    p.add_argument(
+        "--liveness",
+        type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS),
+        default=None,
+        metavar="N",
+        help=f"heartbeats of silence after which a DEALER worker is dead (default: {DEFAULT_LIVENESS})",
+    )
+    p.add_argument(
+        "--retention",
+        type=_retention,
+        default=DEFAULT_RETENTION,
+        metavar="SECONDS",
+        help=f"seconds a finished FBC01 outcome is kept for RESULT (default: {DEFAULT_RETENTION:g}; 0 keeps none)",
+    )
+    p.add_argument(
+        "--retention-memory",
+        type=_memory,
+        default=DEFAULT_RETENTION_BYTES,
+        metavar="BYTES",
+        help=f"memory bound on kept outcomes, e.g. 64M, 1G (default: {DEFAULT_RETENTION_BYTES >> 20}M)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_max_queue,
+        default=None,
+        metavar="N",
+        help="most requests waiting for a worker; beyond it a new one is rejected (queue full) at once (default: no limit)",
+    )
+    p.add_argument(
+        "--max-message",
+        type=_max_message,
+        default=None,
+        metavar="BYTES",
+        help="largest frame a peer may send, e.g. 1M; a peer sending a larger one is disconnected (default: no limit)",
+    )
+    p.add_argument(
+        "--curve-secret",
+        metavar="FILE",
+        default=None,
+        help="the broker's secret key file: every endpoint uses CURVE (needs --authorized-keys)",
+    )
+    p.add_argument(
+        "--authorized-keys",
+        metavar="DIR",
+        default=None,
+        help="directory of the public key files (*.key) of the workers and clients let in (needs --curve-secret)",
+    )
+    p.add_argument(
+        "--store",
+        metavar="PATH",
+        default=None,
+        help="keep FBC01 requests and outcomes in this SQLite file: they survive a crash and restart (created if missing)",
+    )
+    p.add_argument(
+        "--sync",
+        choices=tuple(SYNC_LEVELS),
+        default=DEFAULT_SYNC,
+        help=f"with --store: full survives power loss, normal and off a crash of the broker process (default: {DEFAULT_SYNC})",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port, logged at -v)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=DEFAULT_METRICS_HOST,
+        metavar="HOST",
+        help=f"address the metrics server listens on (default: {DEFAULT_METRICS_HOST})",
+    )
+    p.add_argument(
+        "requests_addr", metavar="REQUESTS_ADDR", help="where clients send requests (ROUTER), e.g. tcp://*:5555"
+    )
     p.add_argument("workers_addr", metavar="WORKERS_ADDR", help="where workers ask for jobs (ROUTER)")
     p.add_argument("answers_addr", metavar="ANSWERS_ADDR", help="where workers push answers (PULL)")
 
@@ -263,11 +381,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("worker_class", metavar="MODULE:CLASS", help="the worker subclass, e.g. mypkg.jobs:Resize")
     p.add_argument("requests_addr", metavar="WORKERS_ADDR", help="the broker's workers endpoint")
-    p.add_argument("answers_addr", metavar="ANSWERS_ADDR", nargs="?", default=None, help="the broker's answers endpoint (ReqWorker subclasses only)")
+    p.add_argument(
+        "answers_addr",
+        metavar="ANSWERS_ADDR",
+        nargs="?",
+        default=None,
+        help="the broker's answers endpoint (ReqWorker subclasses only)",
+    )
     p.add_argument("-p", "--processes", type=_positive, default=1, help="worker processes to run (default: 1)")
-    p.add_argument("--credit", type=_count("credit", MAX_CREDIT), default=None, metavar="N", help="jobs one Worker process takes at once, each in its own thread (default: 1)")
-    p.add_argument("--heartbeat", type=_heartbeat, default=None, metavar="SECONDS", help=f"seconds between heartbeats (Worker only; default: {DEFAULT_HEARTBEAT})")
-    p.add_argument("--liveness", type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS), default=None, metavar="N", help=f"heartbeats of broker silence before reconnecting (Worker only; default: {DEFAULT_LIVENESS})")
+    p.add_argument(
+        "--credit",
+        type=_count("credit", MAX_CREDIT),
+        default=None,
+        metavar="N",
+        help="jobs one Worker process takes at once, each in its own thread (default: 1)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=_heartbeat,
+        default=None,
+        metavar="SECONDS",
+        help=f"seconds between heartbeats (Worker only; default: {DEFAULT_HEARTBEAT})",
+    )
+    p.add_argument(
+        "--liveness",
+        type=_count("liveness", MAX_LIVENESS, MIN_LIVENESS),
+        default=None,
+        metavar="N",
+        help=f"heartbeats of broker silence before reconnecting (Worker only; default: {DEFAULT_LIVENESS})",
+    )
 
     p = sub.add_parser(
         "submit",
@@ -281,9 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint, e.g. tcp://host:5555")
     p.add_argument("payload", metavar="PAYLOAD", nargs="?", default="-", help="the request (default: - reads stdin)")
-    p.add_argument("-T", "--timeout", type=_request_timeout, default=None, metavar="SECONDS", help="seconds an attempt may take (default: the broker's)")
-    p.add_argument("-t", "--tries", type=_request_tries, default=None, metavar="N", help="most attempts (default: the broker's)")
-    p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_SUBMIT_WAIT, metavar="SECONDS", help=f"seconds to wait for the outcome (default: {DEFAULT_SUBMIT_WAIT:g})")
+    p.add_argument(
+        "-T",
+        "--timeout",
+        type=_request_timeout,
+        default=None,
+        metavar="SECONDS",
+        help="seconds an attempt may take (default: the broker's)",
+    )
+    p.add_argument(
+        "-t", "--tries", type=_request_tries, default=None, metavar="N", help="most attempts (default: the broker's)"
+    )
+    p.add_argument(
+        "-w",
+        "--wait",
+        type=_wait,
+        default=DEFAULT_SUBMIT_WAIT,
+        metavar="SECONDS",
+        help=f"seconds to wait for the outcome (default: {DEFAULT_SUBMIT_WAIT:g})",
+    )
 
     p = sub.add_parser(
         "status",
@@ -293,7 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
     p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
-    p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_QUERY_WAIT, metavar="SECONDS", help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})")
+    p.add_argument(
+        "-w",
+        "--wait",
+        type=_wait,
+        default=DEFAULT_QUERY_WAIT,
+        metavar="SECONDS",
+        help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})",
+    )
 
     p = sub.add_parser(
         "cancel",
@@ -306,7 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
     p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
-    p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_QUERY_WAIT, metavar="SECONDS", help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})")
+    p.add_argument(
+        "-w",
+        "--wait",
+        type=_wait,
+        default=DEFAULT_QUERY_WAIT,
+        metavar="SECONDS",
+        help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})",
+    )
 
     p = sub.add_parser(
         "stats",
@@ -319,7 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
     p.add_argument("--json", action="store_true", help="print one JSON object (the names as the broker sends them)")
-    p.add_argument("-w", "--wait", type=_wait, default=DEFAULT_QUERY_WAIT, metavar="SECONDS", help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})")
+    p.add_argument(
+        "-w",
+        "--wait",
+        type=_wait,
+        default=DEFAULT_QUERY_WAIT,
+        metavar="SECONDS",
+        help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})",
+    )
 
     p = sub.add_parser(
         "keygen",
@@ -332,9 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[verbose],
     )
     p.add_argument("name", metavar="NAME", help="the key files' name, e.g. broker or worker-1")
-    p.add_argument("--dir", default=".", metavar="DIR", help="where to write them (created if missing; default: the current directory)")
+    p.add_argument(
+        "--dir",
+        default=".",
+        metavar="DIR",
+        help="where to write them (created if missing; default: the current directory)",
+    )
 
-    p = sub.add_parser("demo", help="run broker, dropping workers and a client; show retries and aborts", parents=[verbose])
+    p = sub.add_parser(
+        "demo", help="run broker, dropping workers and a client; show retries and aborts", parents=[verbose]
+    )
     p.add_argument("--jobs", type=_positive, default=24, help="requests to send (default: 24)")
     p.add_argument("--workers", type=_positive, default=3, help="worker processes (default: 3)")
     p.add_argument("--drop-rate", type=_rate, default=0.4, help="share of jobs a worker drops (default: 0.4)")
@@ -342,7 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--tries", type=_tries, default=3, help="tries per job (default: 3)")
     p.add_argument("--core", choices=CORE_NAMES, default=None, help="broker core")
     p.add_argument("--seed", type=int, default=2010, help="random seed of the dropping workers")
-    p = sub.add_parser("store", help="inspect a broker's store", description="Inspect a store file of `fastbroker broker --store`.", parents=[verbose])
+    p = sub.add_parser(
+        "store",
+        help="inspect a broker's store",
+        description="Inspect a store file of `fastbroker broker --store`.",
+        parents=[verbose],
+    )
     store_sub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND")
     store_sub.required = True
     c = store_sub.add_parser("check", help="report what a store holds and whether it is sound (read-only)")
@@ -376,11 +567,22 @@ def cmd_broker(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in ("heartbeat", "liveness") if getattr(args, name) is not None}
     try:
         broker = Broker(
-            None, args.timeout, args.tries, args.requests_addr, args.workers_addr, args.answers_addr,
-            core=args.core, retention=args.retention, retention_bytes=args.retention_memory,
-            max_queue=args.max_queue, max_message=args.max_message,
-            curve_secret=args.curve_secret, authorized_keys=args.authorized_keys,
-            store=args.store, sync=args.sync, **options,
+            None,
+            args.timeout,
+            args.tries,
+            args.requests_addr,
+            args.workers_addr,
+            args.answers_addr,
+            core=args.core,
+            retention=args.retention,
+            retention_bytes=args.retention_memory,
+            max_queue=args.max_queue,
+            max_message=args.max_message,
+            curve_secret=args.curve_secret,
+            authorized_keys=args.authorized_keys,
+            store=args.store,
+            sync=args.sync,
+            **options,
         )
     except ConfigError as exc:
         return _fail(str(exc))
@@ -451,7 +653,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from fastbroker.worker.base import ReqWorker
     from fastbroker.worker.pool import run_pool
 
-    options = {name: getattr(args, name) for name in ("credit", "heartbeat", "liveness") if getattr(args, name) is not None}
+    options = {
+        name: getattr(args, name) for name in ("credit", "heartbeat", "liveness") if getattr(args, name) is not None
+    }
     try:
         # Checked here, once, so that a bad key file is one line and exit 2 before any
         # process starts; each worker reads the files again when it is built.
@@ -494,8 +698,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         context = zmq.Context(1)
         try:
             client = Client(
-                args.address, context, timeout=args.timeout, tries=args.tries,
-                curve_server_key=args.curve_server_key, curve_secret=args.curve_secret,
+                args.address,
+                context,
+                timeout=args.timeout,
+                tries=args.tries,
+                curve_server_key=args.curve_server_key,
+                curve_secret=args.curve_secret,
             )
         except BaseException:
             context.term()
@@ -671,7 +879,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose + getattr(args, "sub_verbose", 0), getattr(args, "sub_log_format", None) or args.log_format)
+    _setup_logging(
+        args.verbose + getattr(args, "sub_verbose", 0), getattr(args, "sub_log_format", None) or args.log_format
+    )
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -690,7 +900,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return commands[args.command](args)
     except KeyboardInterrupt:
         return 130
-
 
 
 __all__: List[str] = ["main", "build_parser", "load_worker_class"]

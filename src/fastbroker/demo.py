@@ -56,7 +56,9 @@ class _Flaky(WorkerBase):
             # Long enough to time out; a DEALER worker stops early when cancelled.
             for _ in range(40):
                 if self.cancelled():
-                    print(f"  {self.name}: {data.decode(errors='replace')} cancelled by its client, stopping", flush=True)
+                    print(
+                        f"  {self.name}: {data.decode(errors='replace')} cancelled by its client, stopping", flush=True
+                    )
                     return b""
                 time.sleep(0.025)
             return b"-" + data
@@ -76,7 +78,15 @@ class DroppingWorker(_Flaky, ReqWorker):
 
     what = "dropped (times out)"
 
-    def __init__(self, context: Any, requests_addr: str, replies_addr: str, drop_rate: float = 0.0, seed: int = 0, name: str = "worker") -> None:
+    def __init__(
+        self,
+        context: Any,
+        requests_addr: str,
+        replies_addr: str,
+        drop_rate: float = 0.0,
+        seed: int = 0,
+        name: str = "worker",
+    ) -> None:
         ReqWorker.__init__(self, context, requests_addr, replies_addr)
         self.setup(drop_rate, seed, name)
 
@@ -86,7 +96,15 @@ class FailingWorker(_Flaky, Worker):
 
     what = "failed (FAILED: retried at once)"
 
-    def __init__(self, context: Any, requests_addr: str, replies_addr: Optional[str] = None, drop_rate: float = 0.0, seed: int = 0, name: str = "worker") -> None:
+    def __init__(
+        self,
+        context: Any,
+        requests_addr: str,
+        replies_addr: Optional[str] = None,
+        drop_rate: float = 0.0,
+        seed: int = 0,
+        name: str = "worker",
+    ) -> None:
         Worker.__init__(self, context, requests_addr, replies_addr, heartbeat=DEMO_HEARTBEAT)
         self.setup(drop_rate, seed, name)
 
@@ -133,7 +151,14 @@ def run_demo(
         procs = [
             mp.Process(
                 target=_worker_main,
-                args=(i >= req_workers, addrs[1], addrs[2], drop_rate, seed + i, f"worker {i + 1} ({'DEALER' if i >= req_workers else 'REQ'})"),
+                args=(
+                    i >= req_workers,
+                    addrs[1],
+                    addrs[2],
+                    drop_rate,
+                    seed + i,
+                    f"worker {i + 1} ({'DEALER' if i >= req_workers else 'REQ'})",
+                ),
             )
             for i in range(workers)
         ]
@@ -231,7 +256,9 @@ def _client_phase(address: str, timeout: float) -> bool:
             outcomes += 1
             print(f"client: {name} -> {line}", flush=True)
         answers = list(client.map((f"map-{n}".encode() for n in range(8)), window=4))
-        print(f"client: map over 8 jobs, 4 in flight at most -> {len(answers)} answers in order: "
-              f"{answers[0].decode()} ... {answers[-1].decode()}", flush=True)
+        print(
+            f"client: map over 8 jobs, 4 in flight at most -> {len(answers)} answers in order: "
+            f"{answers[0].decode()} ... {answers[-1].decode()}",
+            flush=True,
+        )
     return outcomes == len(jobs) and len(answers) == 8
-

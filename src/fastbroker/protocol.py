@@ -208,9 +208,21 @@ _SIGNATURES = ("WORKER_SIGNATURE", "CLIENT_SIGNATURE")
 _UNSIGNED = ("MAX_REQUEST_TIMEOUT_MS",)
 _ENUM_PREFIXES = ("CMD_", "C_", "R_", "OPT_", "STATE_", "REJECT_", "DROP_", "RUN_")
 _ENUM_NAMES = (
-    "TASK_ID_SIZE", "SIGNATURE_SIZE", "MAX_FRAMES", "MAX_CREDIT", "MIN_LIVENESS", "MAX_LIVENESS",
-    "REQUEST_ID_SIZE", "OPTIONS_SIZE", "MAX_REQUEST_TRIES", "MAX_WAITERS", "RESULT_OVERHEAD",
-    "RECV_BATCH", "HEAP_KEY_LIMIT", "EVENT_DATA_MAX", "EVENT_QUEUE",
+    "TASK_ID_SIZE",
+    "SIGNATURE_SIZE",
+    "MAX_FRAMES",
+    "MAX_CREDIT",
+    "MIN_LIVENESS",
+    "MAX_LIVENESS",
+    "REQUEST_ID_SIZE",
+    "OPTIONS_SIZE",
+    "MAX_REQUEST_TRIES",
+    "MAX_WAITERS",
+    "RESULT_OVERHEAD",
+    "RECV_BATCH",
+    "HEAP_KEY_LIMIT",
+    "EVENT_DATA_MAX",
+    "EVENT_QUEUE",
 )
 
 
@@ -224,8 +236,10 @@ def compiled_values() -> Dict[str, int]:
     values: Dict[str, int] = {}
     for name in dir(module):
         value = getattr(module, name)
-        if name in _UNSIGNED or name in _ENUM_NAMES or (
-            name.startswith(_ENUM_PREFIXES) and name not in ("REJECT_REASONS", "DROP_REASONS")
+        if (
+            name in _UNSIGNED
+            or name in _ENUM_NAMES
+            or (name.startswith(_ENUM_PREFIXES) and name not in ("REJECT_REASONS", "DROP_REASONS"))
         ):
             if isinstance(value, bytes):
                 assert len(value) == 1, name

@@ -57,7 +57,9 @@ def _check_key(key: Optional[bytes], what: str, path: KeyPath) -> bytes:
         if len(key) != Z85_KEY_SIZE or len(z85.decode(key)) != 32:
             raise ValueError
     except (ValueError, KeyError, IndexError, TypeError):
-        raise ConfigError(f"the {what} in the key file {os.fspath(path)!r} is not a CURVE key (40 Z85 characters)") from None
+        raise ConfigError(
+            f"the {what} in the key file {os.fspath(path)!r} is not a CURVE key (40 Z85 characters)"
+        ) from None
     return key
 
 
@@ -123,9 +125,14 @@ def load_authorized_keys(directory: KeyPath) -> List[bytes]:
     directory, a bad file, or no key at all (nobody could connect)."""
     if not os.path.isdir(directory):
         raise ConfigError(f"authorized keys directory {os.fspath(directory)!r} does not exist or is not a directory")
-    keys = [load_public_key(path) for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(directory)), "*" + PUBLIC_SUFFIX)))]
+    keys = [
+        load_public_key(path)
+        for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(directory)), "*" + PUBLIC_SUFFIX)))
+    ]
     if not keys:
-        raise ConfigError(f"no public key files (*{PUBLIC_SUFFIX}) in the authorized keys directory {os.fspath(directory)!r}")
+        raise ConfigError(
+            f"no public key files (*{PUBLIC_SUFFIX}) in the authorized keys directory {os.fspath(directory)!r}"
+        )
     return keys
 
 

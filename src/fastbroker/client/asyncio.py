@@ -111,7 +111,9 @@ class AsyncClient(RequestDefaults):
         if self._closed:
             raise BrokerError("client closed")
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"fastbroker-client {self.address}")
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read(), name=f"fastbroker-client {self.address}"
+            )
 
     def submit(
         self,
@@ -236,7 +238,9 @@ class AsyncClient(RequestDefaults):
         encode_options(timeout, tries)
         return self._map(iterable, window, progress, timeout, tries)
 
-    async def _map(self, iterable: Any, window: int, progress: bool, timeout: Optional[float], tries: Optional[int]) -> AsyncIterator[Any]:
+    async def _map(
+        self, iterable: Any, window: int, progress: bool, timeout: Optional[float], tries: Optional[int]
+    ) -> AsyncIterator[Any]:
         is_async = hasattr(iterable, "__aiter__")
         if is_async:
             source: Any = iterable.__aiter__()
@@ -291,7 +295,9 @@ class AsyncClient(RequestDefaults):
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+    async def __aexit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         await self.close()
 
     # -- internals ---------------------------------------------------------------------

@@ -84,8 +84,9 @@ class RequestDefaults:
         self.check_interval = check_seconds("check_interval", check_interval)
 
     def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
-        return encode_options(self.timeout if timeout is None else timeout, self.tries if tries is None else tries, self.ack)
-
+        return encode_options(
+            self.timeout if timeout is None else timeout, self.tries if tries is None else tries, self.ack
+        )
 
 
 def check_request_timeout(timeout: Optional[float]) -> Optional[float]:
@@ -218,7 +219,13 @@ def decode_reply(frames: Sequence[bytes]) -> Optional[Reply]:
     if kind == R_CANCELLED:
         return Reply(request_id, kind, body, error=TaskCancelled("the request was cancelled"))
     if kind == R_UNKNOWN:
-        return Reply(request_id, kind, body, status=Status("unknown"), error=UnknownRequest(f"the broker does not know request {request_id.hex()}"))
+        return Reply(
+            request_id,
+            kind,
+            body,
+            status=Status("unknown"),
+            error=UnknownRequest(f"the broker does not know request {request_id.hex()}"),
+        )
     if kind == R_ACCEPTED:
         return Reply(request_id, kind, body)
     if kind == R_REJECTED:
@@ -425,7 +432,9 @@ class RequestBook:
         elif kind == R_UNKNOWN:
             if entry.cancelling:
                 # The broker does not have it, so it will not run: as cancelled.
-                self._finish(request_id, reply._replace(kind=R_CANCELLED, error=TaskCancelled("the request was cancelled")))
+                self._finish(
+                    request_id, reply._replace(kind=R_CANCELLED, error=TaskCancelled("the request was cancelled"))
+                )
             elif entry.message is None:
                 self._finish(request_id, reply)  # RESULT of an id nobody can re-submit
             else:
@@ -482,7 +491,9 @@ class RequestBook:
         return len(batch)
 
 
-def request_once(socket: Any, message: List[bytes], request_id: bytes, wait: float, clock: Callable[[], float] = time.monotonic) -> Optional[Reply]:
+def request_once(
+    socket: Any, message: List[bytes], request_id: bytes, wait: float, clock: Callable[[], float] = time.monotonic
+) -> Optional[Reply]:
     """Send `message` on a connected DEALER socket and return the first well-formed
     reply about `request_id` other than ACCEPTED within `wait` seconds (None if
     none came): for one-shot commands (the CLI's status and cancel)."""
@@ -509,7 +520,9 @@ class Progress:
     """A one-line progress bar on a text stream: ``done/total  rate/s`` (redrawn
     at most every `interval` seconds, and once at the end)."""
 
-    def __init__(self, stream: Any, total: Optional[int], interval: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, stream: Any, total: Optional[int], interval: float = 0.1, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.stream = stream
         self.total = total
         self.interval = interval

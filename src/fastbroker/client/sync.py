@@ -321,7 +321,9 @@ class Client(RequestDefaults, Closeable):
         encode_options(timeout, tries)  # bad options fail here, not at the first next()
         return self._map(iterable, window, progress, timeout, tries)
 
-    def _map(self, iterable: Iterable[_Payload], window: int, progress: bool, timeout: Optional[float], tries: Optional[int]) -> Iterator[Any]:
+    def _map(
+        self, iterable: Iterable[_Payload], window: int, progress: bool, timeout: Optional[float], tries: Optional[int]
+    ) -> Iterator[Any]:
         items, total = iter_with_len(iterable)
         bar = Progress(sys.stderr, total) if progress else None
         in_flight: Deque[RequestFuture] = deque()

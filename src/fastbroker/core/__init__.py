@@ -12,5 +12,5 @@ def cdef(method: _F) -> _F:
 
     Only a label for readers and the parity test (tests/test_core_parity.py): the
     method is returned as it is, so it costs nothing when called."""
-    setattr(method, "__cdef__", True)
+    setattr(method, "__cdef__", True)  # noqa: B010 (mypy: a function has no such attribute)
     return method

@@ -31,8 +31,18 @@ class Attempts:
 
     __slots__ = ("table", "heap", "queue", "sessions", "client", "counters", "events", "clock", "s_requests")
 
-    def __init__(self, table: RequestTable, heap: DeadlineHeap, queue: JobQueue, sessions: WorkerSessions,
-                 client: ClientSide, counters: Counters, events: Events, clock: Clock, requests: zmq.Socket) -> None:
+    def __init__(
+        self,
+        table: RequestTable,
+        heap: DeadlineHeap,
+        queue: JobQueue,
+        sessions: WorkerSessions,
+        client: ClientSide,
+        counters: Counters,
+        events: Events,
+        clock: Clock,
+        requests: zmq.Socket,
+    ) -> None:
         self.table = table
         self.heap = heap
         self.queue = queue

@@ -15,13 +15,19 @@ received frames (each message is a list of zmq.Frame objects here).
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import zmq
 
 from fastbroker import protocol
 from fastbroker._common import (
-    check_count, check_heartbeat, check_max_queue, check_retention, check_retention_bytes, check_timeout, check_tries,
+    check_count,
+    check_heartbeat,
+    check_max_queue,
+    check_retention,
+    check_retention_bytes,
+    check_timeout,
+    check_tries,
 )
 from fastbroker.core import cdef
 from fastbroker.core.attempts import Attempts
@@ -40,8 +46,14 @@ from fastbroker.core.request_table import RequestTable
 from fastbroker.core.worker_sessions import WorkerSessions
 from fastbroker.core.worker_side import WorkerSide
 from fastbroker.protocol import (
-    CLIENT_SIGNATURE, DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, DEFAULT_RETENTION, DEFAULT_RETENTION_BYTES, MAX_LIVENESS,
-    MIN_LIVENESS, SIGNATURE_SIZE,
+    CLIENT_SIGNATURE,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_LIVENESS,
+    DEFAULT_RETENTION,
+    DEFAULT_RETENTION_BYTES,
+    MAX_LIVENESS,
+    MIN_LIVENESS,
+    SIGNATURE_SIZE,
 )
 
 _MAX_POLL_MS = 3_600_000
@@ -56,9 +68,25 @@ class BrokerCore:
     """
 
     __slots__ = (
-        "_sockets", "s_requests", "s_workers", "s_answers", "closed",
-        "clock", "counters", "event_queue", "store_journal", "table", "idle", "heap", "ids", "queue",
-        "sessions", "kept", "client_side", "attempts", "worker_side",
+        "_sockets",
+        "s_requests",
+        "s_workers",
+        "s_answers",
+        "closed",
+        "clock",
+        "counters",
+        "event_queue",
+        "store_journal",
+        "table",
+        "idle",
+        "heap",
+        "ids",
+        "queue",
+        "sessions",
+        "kept",
+        "client_side",
+        "attempts",
+        "worker_side",
     )
 
     def __init__(
@@ -98,12 +126,42 @@ class BrokerCore:
         self.queue = JobQueue(self.table, timeout, tries, max_queue)
         self.sessions = WorkerSessions(self.table, self.idle, self.clock, workers, heartbeat, liveness)
         self.kept = KeptOutcomes(self.ids, self.store_journal, self.counters, retention, retention_bytes)
-        self.client_side = ClientSide(self.table, self.ids, self.kept, self.store_journal, self.queue, self.sessions,
-                                      self.idle, self.heap, self.counters, self.clock, requests)
-        self.attempts = Attempts(self.table, self.heap, self.queue, self.sessions, self.client_side, self.counters,
-                                 self.event_queue, self.clock, requests)
-        self.worker_side = WorkerSide(self.sessions, self.idle, self.table, self.heap, self.queue, self.attempts,
-                                      self.store_journal, self.counters, self.event_queue, workers)
+        self.client_side = ClientSide(
+            self.table,
+            self.ids,
+            self.kept,
+            self.store_journal,
+            self.queue,
+            self.sessions,
+            self.idle,
+            self.heap,
+            self.counters,
+            self.clock,
+            requests,
+        )
+        self.attempts = Attempts(
+            self.table,
+            self.heap,
+            self.queue,
+            self.sessions,
+            self.client_side,
+            self.counters,
+            self.event_queue,
+            self.clock,
+            requests,
+        )
+        self.worker_side = WorkerSide(
+            self.sessions,
+            self.idle,
+            self.table,
+            self.heap,
+            self.queue,
+            self.attempts,
+            self.store_journal,
+            self.counters,
+            self.event_queue,
+            workers,
+        )
         self.closed = False
 
     def disconnect_workers(self) -> int:
@@ -192,17 +250,26 @@ class BrokerCore:
         """Send the replies held since the last call; returns how many."""
         return self.store_journal.release(self.s_requests)
 
-    def restore_request(self, cid: bytes, payload: List[bytes], timeout: Optional[float], tries: int, attempts: int) -> None:
+    def restore_request(
+        self, cid: bytes, payload: List[bytes], timeout: Optional[float], tries: int, attempts: int
+    ) -> None:
         """Queue a stored request (behind those already queued). It has no waiters
         until a client sends RESULT or SUBMIT for it."""
         self.client_side.restore(cid, payload, timeout, tries, attempts)
 
-    def restore_outcome(self, cid: bytes, code: bytes, body: List[bytes], attempts: int, tries: int, age: float) -> None:
+    def restore_outcome(
+        self, cid: bytes, code: bytes, body: List[bytes], attempts: int, tries: int, age: float
+    ) -> None:
         """Keep a stored outcome, finished `age` seconds ago (restore oldest first)."""
         self.kept.restore(cid, code, body, attempts, tries, age)
 
-    def run(self, wake_fd: int = -1, max_wait: Optional[float] = None, stop_on_drop: bool = False,
-            stop_on_event: bool = False) -> int:
+    def run(
+        self,
+        wake_fd: int = -1,
+        max_wait: Optional[float] = None,
+        stop_on_drop: bool = False,
+        stop_on_event: bool = False,
+    ) -> int:
         """Serve until woken; returns one of protocol.RUN_*. Raises zmq.ZMQError on a socket error."""
         if self.closed:
             raise RuntimeError("BrokerCore is closed")

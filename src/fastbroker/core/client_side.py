@@ -29,8 +29,19 @@ from fastbroker.core.request_ids import RequestIds
 from fastbroker.core.request_table import QUEUED, Req, RequestTable
 from fastbroker.core.worker_sessions import WorkerSessions
 from fastbroker.protocol import (
-    C_CANCEL, C_RESULT, C_STATS, C_STATUS, C_SUBMIT, CLIENT_SIGNATURE, CMD_CANCEL, R_ACCEPTED, R_CANCELLED,
-    R_REJECTED, R_STATS, R_STATUS, R_UNKNOWN,
+    C_CANCEL,
+    C_RESULT,
+    C_STATS,
+    C_STATUS,
+    C_SUBMIT,
+    CLIENT_SIGNATURE,
+    CMD_CANCEL,
+    R_ACCEPTED,
+    R_CANCELLED,
+    R_REJECTED,
+    R_STATS,
+    R_STATUS,
+    R_UNKNOWN,
 )
 
 _COMMANDS = frozenset((C_SUBMIT, C_STATUS, C_RESULT, C_CANCEL, C_STATS))
@@ -40,12 +51,34 @@ _STATS_NAMES = ",".join(protocol.stats_fields()).encode("ascii")
 class ClientSide:
     """FBC01 messages on the requests endpoint: [identity, FBC01, command, id, ...]."""
 
-    __slots__ = ("table", "ids", "kept", "journal", "queue", "sessions", "idle", "heap", "counters", "clock",
-                 "s_requests")
+    __slots__ = (
+        "table",
+        "ids",
+        "kept",
+        "journal",
+        "queue",
+        "sessions",
+        "idle",
+        "heap",
+        "counters",
+        "clock",
+        "s_requests",
+    )
 
-    def __init__(self, table: RequestTable, ids: RequestIds, kept: KeptOutcomes, journal: Journal,
-                 queue: JobQueue, sessions: WorkerSessions, idle: IdleWorkers, heap: DeadlineHeap,
-                 counters: Counters, clock: Clock, requests: zmq.Socket) -> None:
+    def __init__(
+        self,
+        table: RequestTable,
+        ids: RequestIds,
+        kept: KeptOutcomes,
+        journal: Journal,
+        queue: JobQueue,
+        sessions: WorkerSessions,
+        idle: IdleWorkers,
+        heap: DeadlineHeap,
+        counters: Counters,
+        clock: Clock,
+        requests: zmq.Socket,
+    ) -> None:
         self.table = table
         self.ids = ids
         self.kept = kept
@@ -110,8 +143,11 @@ class ClientSide:
             flags = options[0]
             timeout_ms = int.from_bytes(options[1:5], "big")
             tries = int.from_bytes(options[5:9], "big")
-        if (len(options) not in (0, protocol.OPTIONS_SIZE) or flags & ~protocol.OPT_KNOWN_FLAGS
-                or timeout_ms > protocol.MAX_REQUEST_TIMEOUT_MS):
+        if (
+            len(options) not in (0, protocol.OPTIONS_SIZE)
+            or flags & ~protocol.OPT_KNOWN_FLAGS
+            or timeout_ms > protocol.MAX_REQUEST_TIMEOUT_MS
+        ):
             self.reject(m, cid, protocol.REJECT_BAD_OPTIONS)
             return
         ack = not flags & protocol.OPT_NO_ACK
@@ -200,8 +236,14 @@ class ClientSide:
         counts = counters.counts
         queued = self.queue.count
         values: List[int] = [counts[k] for k in protocol.COUNTERS]
-        values += [queued, len(self.table) - queued, len(self.idle), len(self.sessions.sess),
-                   len(self.kept.fifo), self.kept.retained_bytes]
+        values += [
+            queued,
+            len(self.table) - queued,
+            len(self.idle),
+            len(self.sessions.sess),
+            len(self.kept.fifo),
+            self.kept.retained_bytes,
+        ]
         values += counters.latency_counts
         values += [sum(counters.latency_counts), int(counters.latency_sum * 1e6)]
         self.reply(m[0].bytes, R_STATS, cid, [_STATS_NAMES, b"".join(v.to_bytes(8, "big") for v in values)])
@@ -213,8 +255,12 @@ class ClientSide:
             state = protocol.STATE_QUEUED if v.state == QUEUED else protocol.STATE_RUNNING
         else:
             state = protocol.STATE_DONE
-        self.reply(m[0].bytes, R_STATUS, cid, [
-            bytes([state]), v.attempts.to_bytes(4, "big"), max(v.tries, 0).to_bytes(4, "big")])
+        self.reply(
+            m[0].bytes,
+            R_STATUS,
+            cid,
+            [bytes([state]), v.attempts.to_bytes(4, "big"), max(v.tries, 0).to_bytes(4, "big")],
+        )
 
     @cdef
     def cancel(self, m: list, r: Req) -> None:

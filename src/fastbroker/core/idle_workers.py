@@ -29,7 +29,7 @@ class IdleWorkers:
     __slots__ = ("workers",)
 
     def __init__(self) -> None:
-        self.workers: "OrderedDict[bytes, Any]" = OrderedDict()
+        self.workers: OrderedDict[bytes, Any] = OrderedDict()
 
     @cdef
     def clear(self) -> None:

@@ -27,8 +27,9 @@ class JobQueue:
 
     __slots__ = ("table", "waiting", "retry", "count", "limit", "timeout", "tries")
 
-    def __init__(self, table: RequestTable, timeout: Optional[float], tries: Optional[int],
-                 max_queue: Optional[int]) -> None:
+    def __init__(
+        self, table: RequestTable, timeout: Optional[float], tries: Optional[int], max_queue: Optional[int]
+    ) -> None:
         self.table = table
         self.waiting: Deque[Req] = deque()  # new requests, FIFO
         self.retry: Deque[Req] = deque()  # requests whose attempt ended, served first

@@ -46,8 +46,9 @@ class KeptOutcomes:
 
     __slots__ = ("ids", "journal", "counters", "retention", "retention_bytes", "fifo", "retained_bytes")
 
-    def __init__(self, ids: RequestIds, journal: Journal, counters: Counters, retention: float,
-                 retention_bytes: int) -> None:
+    def __init__(
+        self, ids: RequestIds, journal: Journal, counters: Counters, retention: float, retention_bytes: int
+    ) -> None:
         self.ids = ids
         self.journal = journal
         self.counters = counters

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Dict, List, Optional, TYPE_CHECKING
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from fastbroker.core import cdef
 
@@ -32,8 +32,21 @@ class Req:
     """One request: where its answer goes, its payload, its attempts."""
 
     __slots__ = (
-        "key", "task_id", "env", "payload", "state", "tries_left", "worker", "failed_on",
-        "timeout", "tries", "attempts", "cid", "waiters", "fail", "arrived",
+        "key",
+        "task_id",
+        "env",
+        "payload",
+        "state",
+        "tries_left",
+        "worker",
+        "failed_on",
+        "timeout",
+        "tries",
+        "attempts",
+        "cid",
+        "waiters",
+        "fail",
+        "arrived",
     )
 
     def __init__(self, key: int, task_id: bytes, env: list, payload: list, tries_left: int) -> None:

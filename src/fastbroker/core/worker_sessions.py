@@ -42,11 +42,22 @@ class Sess:
 class WorkerSessions:
     """The FBW01 workers by address key."""
 
-    __slots__ = ("table", "idle", "clock", "s_workers", "heartbeat", "liveness", "sess", "next_tick", "next_check",
-                 "key")
+    __slots__ = (
+        "table",
+        "idle",
+        "clock",
+        "s_workers",
+        "heartbeat",
+        "liveness",
+        "sess",
+        "next_tick",
+        "next_check",
+        "key",
+    )
 
-    def __init__(self, table: RequestTable, idle: IdleWorkers, clock: Clock, workers: zmq.Socket, heartbeat: float,
-                 liveness: int) -> None:
+    def __init__(
+        self, table: RequestTable, idle: IdleWorkers, clock: Clock, workers: zmq.Socket, heartbeat: float, liveness: int
+    ) -> None:
         self.table = table
         self.idle = idle
         self.clock = clock

@@ -28,7 +28,14 @@ from fastbroker.core.journal import Journal
 from fastbroker.core.request_table import RUNNING, RequestTable
 from fastbroker.core.worker_sessions import Sess, WorkerSessions
 from fastbroker.protocol import (
-    CMD_ANSWER, CMD_DISCONNECT, CMD_FAILED, CMD_HEARTBEAT, CMD_READY, CMD_TASK, MAX_CREDIT, WORKER_SIGNATURE,
+    CMD_ANSWER,
+    CMD_DISCONNECT,
+    CMD_FAILED,
+    CMD_HEARTBEAT,
+    CMD_READY,
+    CMD_TASK,
+    MAX_CREDIT,
+    WORKER_SIGNATURE,
 )
 
 _COMMANDS = frozenset((CMD_READY, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT))
@@ -37,12 +44,21 @@ _COMMANDS = frozenset((CMD_READY, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DIS
 class WorkerSide:
     """Messages on the workers endpoint, worker liveness, and dispatch."""
 
-    __slots__ = ("sessions", "idle", "table", "heap", "queue", "attempts", "journal", "counters", "events",
-                 "s_workers")
+    __slots__ = ("sessions", "idle", "table", "heap", "queue", "attempts", "journal", "counters", "events", "s_workers")
 
-    def __init__(self, sessions: WorkerSessions, idle: IdleWorkers, table: RequestTable, heap: DeadlineHeap,
-                 queue: JobQueue, attempts: Attempts, journal: Journal, counters: Counters, events: Events,
-                 workers: zmq.Socket) -> None:
+    def __init__(
+        self,
+        sessions: WorkerSessions,
+        idle: IdleWorkers,
+        table: RequestTable,
+        heap: DeadlineHeap,
+        queue: JobQueue,
+        attempts: Attempts,
+        journal: Journal,
+        counters: Counters,
+        events: Events,
+        workers: zmq.Socket,
+    ) -> None:
         self.sessions = sessions
         self.idle = idle
         self.table = table

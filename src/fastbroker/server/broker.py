@@ -213,8 +213,16 @@ class Broker(Closeable):
                 _bind(answers, answers_addr, "answers"),
             )
             self._core = core_module.BrokerCore(
-                requests, workers, answers, timeout, tries, heartbeat=heartbeat, liveness=liveness,
-                retention=retention, retention_bytes=retention_bytes, max_queue=max_queue,
+                requests,
+                workers,
+                answers,
+                timeout,
+                tries,
+                heartbeat=heartbeat,
+                liveness=liveness,
+                retention=retention,
+                retention_bytes=retention_bytes,
+                max_queue=max_queue,
             )
             if self._store is not None:
                 self._restore(retention)
@@ -223,10 +231,17 @@ class Broker(Closeable):
             raise
         log.info(
             "broker on requests=%s workers=%s answers=%s (timeout=%s, tries=%s, heartbeat=%s, liveness=%s, core=%s)",
-            *self.endpoints, timeout, tries, heartbeat, liveness, self.core_name,
+            *self.endpoints,
+            timeout,
+            tries,
+            heartbeat,
+            liveness,
+            self.core_name,
         )
         if self._curve is not None or max_queue is not None or self.max_message is not None:
-            log.info("curve=%s, max_queue=%s, max_message=%s", "on" if self._curve else "off", max_queue, self.max_message)
+            log.info(
+                "curve=%s, max_queue=%s, max_message=%s", "on" if self._curve else "off", max_queue, self.max_message
+            )
 
     # -- the durable store ----------------------------------------------------------
 
@@ -257,8 +272,12 @@ class Broker(Closeable):
             log.info(
                 "store %s: restored %d queued request(s) (%d had been sent to a worker), %d outcome(s); "
                 "%d out of tries (TIMED_OUT), %d outcome(s) past retention",
-                self._store.path, len(requests) - len(used_up), sum(1 for r in requests if r.attempts) - len(used_up),
-                len(outcomes) - len(stale), len(used_up), len(stale),
+                self._store.path,
+                len(requests) - len(used_up),
+                sum(1 for r in requests if r.attempts) - len(used_up),
+                len(outcomes) - len(stale),
+                len(used_up),
+                len(stale),
             )
 
     def _persist(self) -> None:
@@ -371,7 +390,9 @@ class Broker(Closeable):
         if len(recorded) >= protocol.EVENT_QUEUE:
             lost = self._core.stats()["events_lost"]
             if lost > self._events_lost:
-                log.warning("%d event(s) not logged: more than %d in one turn", lost - self._events_lost, protocol.EVENT_QUEUE)
+                log.warning(
+                    "%d event(s) not logged: more than %d in one turn", lost - self._events_lost, protocol.EVENT_QUEUE
+                )
                 self._events_lost = lost
 
     def _log_new_drops(self, before: dict) -> dict:

@@ -85,7 +85,7 @@ def latency_buckets(figures: Dict[str, int]) -> List[Tuple[float, int]]:
     buckets = []
     for name, value in figures.items():
         if name.startswith(prefix):
-            bound = name[len(prefix):]
+            bound = name[len(prefix) :]
             buckets.append((float("inf") if bound == "inf" else float(bound), value))
     return sorted(buckets)
 
@@ -219,7 +219,9 @@ class MetricsServer(Closeable):
             from prometheus_client import CollectorRegistry, start_http_server
             from prometheus_client.process_collector import ProcessCollector
         except ImportError:
-            raise ConfigError("--metrics-port needs the prometheus_client package (pip install prometheus_client)") from None
+            raise ConfigError(
+                "--metrics-port needs the prometheus_client package (pip install prometheus_client)"
+            ) from None
         self.collector = BrokerCollector(broker, wait)
         try:
             self.registry = CollectorRegistry(auto_describe=False)

@@ -174,12 +174,14 @@ class Store(Closeable):
             requests = [
                 StoredRequest(bytes(rid), decode_frames(payload), timeout, tries, attempts)
                 for rid, payload, timeout, tries, attempts in self._db.execute(
-                    "SELECT id, payload, timeout, tries, attempts FROM requests ORDER BY seq")
+                    "SELECT id, payload, timeout, tries, attempts FROM requests ORDER BY seq"
+                )
             ]
             outcomes = [
                 StoredOutcome(bytes(rid), bytes([code]), decode_frames(body), attempts, tries, finished)
                 for rid, code, body, attempts, tries, finished in self._db.execute(
-                    "SELECT id, code, body, attempts, tries, finished FROM outcomes ORDER BY finished, seq")
+                    "SELECT id, code, body, attempts, tries, finished FROM outcomes ORDER BY finished, seq"
+                )
             ]
         except (sqlite3.Error, ValueError, TypeError) as exc:
             raise _fail(self.path, f"has a row that cannot be read: {exc}") from None
@@ -199,7 +201,8 @@ class Store(Closeable):
                     _, _, payload, timeout, tries = entry
                     db.execute(
                         "INSERT OR IGNORE INTO requests (id, payload, timeout, tries, attempts) VALUES (?, ?, ?, ?, 0)",
-                        (rid, encode_frames(payload), timeout, tries))
+                        (rid, encode_frames(payload), timeout, tries),
+                    )
                 elif kind == "start":
                     db.execute("UPDATE requests SET attempts = ? WHERE id = ?", (entry[2], rid))
                 elif kind == "finish":
@@ -207,7 +210,8 @@ class Store(Closeable):
                     db.execute("DELETE FROM requests WHERE id = ?", (rid,))
                     db.execute(
                         "INSERT OR REPLACE INTO outcomes (id, code, body, attempts, tries, finished) VALUES (?, ?, ?, ?, ?, ?)",
-                        (rid, code[0], encode_frames(body), attempts, tries, finished_at))
+                        (rid, code[0], encode_frames(body), attempts, tries, finished_at),
+                    )
                 elif kind == "forget":
                     db.execute("DELETE FROM outcomes WHERE id = ?", (rid,))
                 else:
@@ -269,7 +273,8 @@ def check(path: str) -> StoreReport:
             problems.append(f"integrity check failed: {exc}")
         try:
             queued, in_flight = db.execute(
-                "SELECT COALESCE(SUM(attempts = 0), 0), COALESCE(SUM(attempts > 0), 0) FROM requests").fetchone()
+                "SELECT COALESCE(SUM(attempts = 0), 0), COALESCE(SUM(attempts > 0), 0) FROM requests"
+            ).fetchone()
             finished = db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0]
             for (blob,) in db.execute("SELECT payload FROM requests UNION ALL SELECT body FROM outcomes"):
                 try:

@@ -297,8 +297,12 @@ class Worker(WorkerBase):
         self.curve: Optional[security.CurveKeys] = None
         """The keys the session's sockets use (None: plain); see configure()."""
         self.configure(
-            credit=credit, heartbeat=heartbeat, liveness=liveness, reconnect_max=reconnect_max,
-            curve_server_key=curve_server_key, curve_secret=curve_secret,
+            credit=credit,
+            heartbeat=heartbeat,
+            liveness=liveness,
+            reconnect_max=reconnect_max,
+            curve_server_key=curve_server_key,
+            curve_secret=curve_secret,
         )
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)

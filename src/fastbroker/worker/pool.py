@@ -47,7 +47,9 @@ def _stop_when_orphaned(worker: Any, parent_pid: int) -> None:
         threading.Event().wait(PARENT_CHECK_INTERVAL)
 
 
-def make_worker(cls: type, requests_addr: str, answers_addr: Optional[str], options: Optional[Mapping[str, Any]] = None) -> Any:
+def make_worker(
+    cls: type, requests_addr: str, answers_addr: Optional[str], options: Optional[Mapping[str, Any]] = None
+) -> Any:
     """An instance of `cls`, configured with `options` (Worker subclasses only).
     ConfigError when it cannot connect or an option is invalid."""
     try:
@@ -64,7 +66,13 @@ def make_worker(cls: type, requests_addr: str, answers_addr: Optional[str], opti
     return worker
 
 
-def run_one(cls: type, requests_addr: str, answers_addr: Optional[str], parent_pid: int = 0, options: Optional[Mapping[str, Any]] = None) -> int:
+def run_one(
+    cls: type,
+    requests_addr: str,
+    answers_addr: Optional[str],
+    parent_pid: int = 0,
+    options: Optional[Mapping[str, Any]] = None,
+) -> int:
     """Run one worker in this process until SIGINT/SIGTERM; its jobs in hand are finished first."""
     # Handlers first: a signal that arrives while the worker is being built must
     # stop it once built, not reach the handler this process had before (a pool
@@ -91,7 +99,9 @@ def run_one(cls: type, requests_addr: str, answers_addr: Optional[str], parent_p
     return 0
 
 
-def _child(cls: type, requests_addr: str, answers_addr: Optional[str], parent_pid: int, options: Optional[Mapping[str, Any]]) -> None:
+def _child(
+    cls: type, requests_addr: str, answers_addr: Optional[str], parent_pid: int, options: Optional[Mapping[str, Any]]
+) -> None:
     # Out of the terminal's process group: Ctrl-C reaches the parent only, which
     # passes it on once (a second SIGINT would make the child exit at once).
     os.setpgrp()
@@ -115,7 +125,13 @@ class _Slot:
         self.restart_at: Optional[float] = None
 
 
-def run_pool(cls: type, requests_addr: str, answers_addr: Optional[str], processes: int, options: Optional[Mapping[str, Any]] = None) -> int:
+def run_pool(
+    cls: type,
+    requests_addr: str,
+    answers_addr: Optional[str],
+    processes: int,
+    options: Optional[Mapping[str, Any]] = None,
+) -> int:
     """Run `processes` workers; signals to this process are passed on to each.
     Returns the highest exit status of the last child of each slot (0 when all
     stopped cleanly)."""
@@ -132,7 +148,9 @@ def run_pool(cls: type, requests_addr: str, answers_addr: Optional[str], process
     os.set_blocking(wake_w, False)
 
     def start(slot: _Slot) -> BaseProcess:
-        process = mp.Process(target=_child, args=(cls, requests_addr, answers_addr, parent_pid, options), name=f"worker-{slot.index}")
+        process = mp.Process(
+            target=_child, args=(cls, requests_addr, answers_addr, parent_pid, options), name=f"worker-{slot.index}"
+        )
         slot.process = process
         process.start()
         slot.exited = False
@@ -214,7 +232,13 @@ def _on_exit(slot: _Slot, stopping: List[int]) -> None:
     if ran >= RESTART_RESET_AFTER:
         slot.delay = RESTART_DELAY
     slot.restart_at = time.monotonic() + slot.delay
-    log.warning("worker process %s died unexpectedly (exit status %s after %.1f s); restarting in %.1f s", proc.pid, code, ran, slot.delay)
+    log.warning(
+        "worker process %s died unexpectedly (exit status %s after %.1f s); restarting in %.1f s",
+        proc.pid,
+        code,
+        ran,
+        slot.delay,
+    )
     slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX)
 
 

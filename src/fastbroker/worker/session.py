@@ -548,7 +548,9 @@ class Session:
         except BaseException as exc:  # anything the job raises is the job's failure, not the worker's
             if task_id in self.cancelled:
                 # The expected way for a job to stop early: no traceback.
-                log.info("job %s stopped after its cancellation (%s); reporting FAILED", task_id.hex(), type(exc).__name__)
+                log.info(
+                    "job %s stopped after its cancellation (%s); reporting FAILED", task_id.hex(), type(exc).__name__
+                )
             else:
                 log.exception("job %s: processing failed; reporting FAILED so the broker retries it", task_id.hex())
             result = (number, task_id, None, (type(exc).__name__, str(exc)[:FAILED_TEXT_LIMIT]))
@@ -569,6 +571,8 @@ class Session:
             assert error is not None
             if generation == self.generation and self.sock is not None:
                 name, text = error
-                self.outbox.append((generation, _message(CMD_FAILED, task_id, name.encode(), text.encode("utf-8", "replace"))))
+                self.outbox.append(
+                    (generation, _message(CMD_FAILED, task_id, name.encode(), text.encode("utf-8", "replace")))
+                )
             else:
                 log.info("job %s failed after its connection was lost; the broker re-queues it", task_id.hex())
