@@ -1,5 +1,5 @@
 """The process tree under a pid, from /proc: used by bench.manycore and by the tests'
-process helpers (tests/workers_for_tests.py), so both find and kill pool children
+process helpers (tests/rigs.py), so both find and kill pool children
 the same way."""
 
 from __future__ import annotations
