@@ -41,7 +41,7 @@ cdef enum ReqState:
 # -- core/ring.pxi ------------------------------------------------------------------
 
 cdef enum:
-    RING_BLOCK = 255  # handles per ring block: with its link, a block is 2 KiB
+    RING_BLOCK = 1023  # handles per ring block: with its link, a block is 8 KiB
 
 cdef struct RingBlock:
     RingBlock *next

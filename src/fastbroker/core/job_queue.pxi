@@ -20,7 +20,8 @@ cdef class JobQueue:
         self.limit = <size_t>-1 if max_queue is None else max_queue
 
     def __dealloc__(self):
-        self.clear()
+        ring_clear(&self.waiting)
+        ring_clear(&self.retry)
 
     cdef inline int push(self, uint32_t s) noexcept nogil:
         """Append request s to `waiting`; -1 when out of memory."""
@@ -49,6 +50,8 @@ cdef class JobQueue:
             q = &self.waiting
 
     cdef void clear(self) noexcept nogil:
-        ring_clear(&self.waiting)
-        ring_clear(&self.retry)
+        """Forget every queued request (closing); the rings keep their memory until
+        the queue is freed."""
+        ring_empty(&self.waiting)
+        ring_empty(&self.retry)
         self.count = 0

@@ -126,16 +126,18 @@ cdef class KeptOutcomes:
         return self.done[<uint32_t>ring_front(&self.fifo)].finished + self.retention
 
     cdef void release_all(self) noexcept nogil:
-        """Free every kept outcome (closing; their ids are the caller's to clear)."""
+        """Free every kept outcome's body (closing; their ids are the caller's to
+        clear). The slots and the FIFO's blocks stay until the object goes."""
         cdef uint32_t d
-        while self.fifo.count:
-            d = <uint32_t>ring_front(&self.fifo)
-            ring_drop_front(&self.fifo)
+        # A free slot has no body (NULL, 0 frames): every slot handed out can be freed.
+        for d in range(self.used):
             close_msgs(self.done[d].body, self.done[d].nbody)
             free(self.done[d].body)
             self.done[d].body = NULL
-            self.done[d].next_free = self.free_head
-            self.free_head = d
+            self.done[d].nbody = 0
+            self.done[d].next_free = d + 1 if d + 1 < self.used else NO_SLOT
+        self.free_head = 0 if self.used else NO_SLOT
+        ring_empty(&self.fifo)
         self.retained_bytes = 0
 
     cdef int restore(self, bytes cid, bytes code, body, int attempts, int tries, double age) except -1:

@@ -8,17 +8,19 @@
 # a million handles takes one more the way it takes the first, where a ring in one
 # buffer would copy the million into a buffer twice the size, a pause in the middle
 # of the loop. One emptied block is kept as a spare, so a queue whose length swings
-# around a block boundary does not malloc and free at every swing.
+# around a block boundary does not malloc and free at every swing. Emptying a ring
+# for good (ring_empty, when the core closes) keeps its blocks as spares until
+# ring_clear, as a ring in one buffer kept its buffer.
 #
 # Owns: the Ring's blocks (Ring and RingBlock in _core.pxd).
 # Touches: nothing else. Users: IdleWorkers, JobQueue, KeptOutcomes.
 
 
 cdef RingBlock *ring_new_block(Ring *r) noexcept nogil:
-    """A block for the tail: the spare one, or a new one; NULL when out of memory."""
+    """A block for the tail: a spare one, or a new one; NULL when out of memory."""
     cdef RingBlock *b = r.spare
     if b != NULL:
-        r.spare = NULL
+        r.spare = b.next
     else:
         b = <RingBlock *>malloc(sizeof(RingBlock))
         if b == NULL:
@@ -58,6 +60,7 @@ cdef void ring_next_block(Ring *r) noexcept nogil:
     r.head = old.next
     r.head_i = 0
     if r.spare == NULL:
+        old.next = NULL
         r.spare = old
     else:
         free(old)
@@ -75,17 +78,26 @@ cdef inline void ring_drop_front(Ring *r) noexcept nogil:
         ring_next_block(r)
 
 
+cdef void ring_empty(Ring *r) noexcept nogil:
+    """Forget every handle but keep the blocks, as spares, until ring_clear."""
+    if r.tail != NULL:
+        r.tail.next = r.spare  # head ... tail, then the spares there were
+        r.spare = r.head
+    r.head = r.tail = NULL
+    r.head_i = r.tail_i = r.count = 0
+
+
 cdef void ring_clear(Ring *r) noexcept nogil:
     """Empty the ring and free all its blocks."""
-    cdef RingBlock *b = r.head
+    cdef RingBlock *b
     cdef RingBlock *nxt
+    ring_empty(r)
+    b = r.spare
     while b != NULL:
         nxt = b.next
         free(b)
         b = nxt
-    free(r.spare)
-    r.head = r.tail = r.spare = NULL
-    r.head_i = r.tail_i = r.count = 0
+    r.spare = NULL
 
 
 cdef inline uint64_t make_handle(uint32_t slot, uint32_t gen) noexcept nogil:
