@@ -1,7 +1,7 @@
 """Worker classes: subclass one and override ``process`` or ``process_multipart``.
 
 - ``Worker``: the DEALER worker of the FBW01 protocol (heartbeats, reconnection,
-  FAILED reports, credit, graceful hang-up). Its loop lives in ``worker_session``.
+  FAILED reports, credit, graceful hang-up). Its loop lives in ``fastbroker.worker.session``.
 - ``ReqWorker``: the original protocol: REQ asks for a job, PUSH answers.
 - ``WorkerBase``: what both share: the methods to override and ``Error``.
 """
