@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -30,7 +29,6 @@ DUNDERS = {
     "RequestIds": {"__len__"},
     "BrokerCore": set(),
 }
-CORE_SOURCE = Path(__file__).resolve().parent.parent / "src" / "fastbroker" / "core"
 
 
 def _load_compiled():
@@ -90,12 +88,6 @@ def _pure_defined() -> dict:
     return names
 
 
-def _core_is_split() -> bool:
-    """Whether the source tree has the compiled core's parts (core/*.pxi): before the
-    merge with the branch that splits the compiled core, it has not."""
-    return any(CORE_SOURCE.glob("*.pxi"))
-
-
 def test_compiled_core_imports_in_normal_run():
     if _select.pure_requested():
         pytest.skip("FASTBROKER_PURE is set")
@@ -126,10 +118,6 @@ def test_every_compiled_name_is_in_the_pure_core(compiled):
 
 
 def test_every_pure_name_is_in_the_compiled_core(compiled):
-    if not _core_is_split():
-        pytest.skip(
-            f"no {CORE_SOURCE.name}/*.pxi yet: the compiled core is not split into its parts (before the merge)"
-        )
     compiled_names = _compiled_defined(compiled)
     pure_names = _pure_defined()
     assert set(pure_names) <= set(compiled_names), f"only pure: {sorted(set(pure_names) - set(compiled_names))}"
