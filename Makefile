@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' -o -name py.typed)
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint lint-tools format test test-compiled test-pure bench soak loadgen clean
+.PHONY: install demo lint lint-tools format test test-compiled test-pure bench bench-smoke soak loadgen clean
 
 install: $(STAMP)
 
@@ -48,8 +48,8 @@ format: lint-tools
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 # The lint gate, then the whole suite twice: on the compiled core (which must be
-# the one loaded), then on the pure-Python core.
-test: lint test-compiled test-pure
+# the one loaded), then on the pure-Python core; then every benchmark once, untimed.
+test: lint test-compiled test-pure bench-smoke
 
 test-compiled: $(STAMP)
 	FASTBROKER_REQUIRE_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)
@@ -59,6 +59,13 @@ test-pure: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+
+# Every benchmark once, untimed and small (about 10 s), so `make test` (and CI) sees a
+# broken benchmark; the figures come from `make bench`.
+bench-smoke: $(STAMP)
+	FASTBROKER_BENCH_N=500 FASTBROKER_BENCH_K=500 FASTBROKER_BENCH_ROUNDS=1 \
+	FASTBROKER_DEPTH_DEPTHS=10,10000 FASTBROKER_DEPTH_ROUNDS=2 \
+	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-disable
 
 # Hostile input, long: 1,000,000 messages at a broker (compiled core) that must stay
 # up, answer a good client right and not grow; see bench/README.md. Options in
