@@ -1,4 +1,4 @@
-"""The pure-Python parts of the broker core, one module per compiled ``core/<part>.pxi`` of the same name."""
+"""The broker core's parts: each compiled ``<part>.pxi`` (included by _core.pyx) beside its pure twin ``<part>.py``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The broker process: the loop around the core, the durable store, CURVE security, metrics and logs."""
+"""The broker process: the loop around the core, the durable store, metrics and logs."""
 
 from __future__ import annotations
 
