@@ -109,50 +109,37 @@ def ctx():
     context.destroy(linger=0)
 
 
-@pytest.fixture
-def make_rig(core, ctx):
-    """make_rig(timeout=None, tries=None) -> a rigs.Rig on the live core; all closed at teardown."""
+def _rigs(cls, core, ctx):
+    """Yield a factory of `cls` rigs on the live core; close every rig it made."""
     rigs = []
 
-    def make(timeout=None, tries=None) -> Rig:
-        rig = Rig(core, ctx, timeout, tries)
+    def make(*args, **kwargs):
+        rig = cls(core, ctx, *args, **kwargs)
         rigs.append(rig)
         return rig
 
     yield make
     for rig in rigs:
         rig.close()
+
+
+@pytest.fixture
+def make_rig(core, ctx):
+    """make_rig(timeout=None, tries=None) -> a rigs.Rig on the live core; all closed at teardown."""
+    yield from _rigs(Rig, core, ctx)
 
 
 @pytest.fixture
 def make_wrig(core, ctx):
     """make_wrig(**options) -> a rigs.WRig (FBW01 workers) on the live core; all closed at teardown."""
-    rigs = []
-
-    def make(**kwargs) -> WRig:
-        rig = WRig(core, ctx, **kwargs)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
+    yield from _rigs(WRig, core, ctx)
 
 
 @pytest.fixture
 def make_crig(core, ctx):
     """make_crig(**options) -> a rigs.CRig (FBW01 workers and FBC01 clients) on the live
     core; all closed at teardown."""
-    rigs = []
-
-    def make(**kwargs) -> CRig:
-        rig = CRig(core, ctx, **kwargs)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
+    yield from _rigs(CRig, core, ctx)
 
 
 # -- processes and threads ----------------------------------------------------------------

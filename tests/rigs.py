@@ -290,7 +290,7 @@ class Rig:
     closed by ``close()``. Everything happens in the test thread, so the order of
     events is the order the test writes them."""
 
-    def __init__(self, core_module, ctx: zmq.Context, timeout=None, tries=None):
+    def __init__(self, core_module, ctx: zmq.Context, timeout=None, tries=None, **core_options):
         self.ctx = ctx
         tag = uuid.uuid4().hex
         self.addr = {k: f"inproc://loop-{k}-{tag}" for k in ("requests", "workers", "answers")}
@@ -302,7 +302,10 @@ class Rig:
         self.requests.bind(self.addr["requests"])
         self.workers.bind(self.addr["workers"])
         self.answers.bind(self.addr["answers"])
-        self.core = core_module.BrokerCore(self.requests, self.workers, self.answers, timeout, tries, epoch=EPOCH)
+        # core_options: the BrokerCore keywords a subclass's tests set (heartbeat, retention...).
+        self.core = core_module.BrokerCore(
+            self.requests, self.workers, self.answers, timeout, tries, epoch=EPOCH, **core_options
+        )
         self._pusher = None
 
     def _sock(self, kind, identity=None):
@@ -471,21 +474,10 @@ class WRig(Rig):
     """Rig whose core has the test's heartbeat and liveness (short heartbeats by
     default), plus FBW01 workers (``dealer()``) whose inboxes every pump fills."""
 
-    def __init__(self, core_module, ctx, timeout=None, tries=None, heartbeat=HEARTBEAT, liveness=CALM_LIVENESS):
-        super().__init__(core_module, ctx, timeout, tries)
-        # Rig builds its core with the default heartbeat; that core never ran and is
-        # replaced by one with the intervals of this test, on the same sockets.
-        self.core.close()
-        self.core = core_module.BrokerCore(
-            self.requests,
-            self.workers,
-            self.answers,
-            timeout,
-            tries,
-            heartbeat=heartbeat,
-            liveness=liveness,
-            epoch=EPOCH,
-        )
+    def __init__(
+        self, core_module, ctx, timeout=None, tries=None, heartbeat=HEARTBEAT, liveness=CALM_LIVENESS, **core_options
+    ):
+        super().__init__(core_module, ctx, timeout, tries, heartbeat=heartbeat, liveness=liveness, **core_options)
         self.heartbeat = heartbeat
         self.fbw: list = []
 
@@ -618,18 +610,13 @@ class CRig(WRig):
         retention_bytes=DEFAULT_RETENTION_BYTES,
         max_queue=None,
     ):
-        super().__init__(core_module, ctx, timeout, tries, heartbeat=heartbeat, liveness=liveness)
-        # The parent's core never ran; replace it by one with this test's retention.
-        self.core.close()
-        self.core = core_module.BrokerCore(
-            self.requests,
-            self.workers,
-            self.answers,
+        super().__init__(
+            core_module,
+            ctx,
             timeout,
             tries,
             heartbeat=heartbeat,
             liveness=liveness,
-            epoch=EPOCH,
             retention=retention,
             retention_bytes=retention_bytes,
             max_queue=max_queue,

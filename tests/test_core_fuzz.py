@@ -56,22 +56,9 @@ batch = st.lists(st.tuples(endpoint, message), min_size=1, max_size=30)
 @example(batch=[("workers", [b"", b""]), ("workers", [b"\x00", b"", b""])])
 def test_random_messages_never_break_the_core(core, batch):
     ctx = zmq.Context()
-    rig = Rig(core, ctx, timeout=0.05, tries=2)
-    # Rebuilt with a short heartbeat so sessions the fuzz opens also expire.
-    rig.core.close()
-    # Short retention and a small memory bound, so kept outcomes are also forgotten.
-    rig.core = core.BrokerCore(
-        rig.requests,
-        rig.workers,
-        rig.answers,
-        0.05,
-        2,
-        heartbeat=0.02,
-        liveness=2,
-        epoch=EPOCH,
-        retention=0.02,
-        retention_bytes=600,
-    )
+    # A short heartbeat, so sessions the fuzz opens also expire; short retention and a
+    # small memory bound, so kept outcomes are also forgotten.
+    rig = Rig(core, ctx, timeout=0.05, tries=2, heartbeat=0.02, liveness=2, retention=0.02, retention_bytes=600)
     try:
         senders = {
             "requests": rig.client(zmq.DEALER),
