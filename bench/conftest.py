@@ -128,6 +128,7 @@ class Rig:
         self.closed = False
         try:
             self.requests = self._socket(zmq.ROUTER)
+            self.requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.workers = self._socket(zmq.ROUTER)
             self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self.answers = self._socket(zmq.PULL)

@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import pytest
 import zmq
@@ -285,7 +285,7 @@ def settle(core, turns: int = 5, max_wait: float = 0.02) -> None:
 
 class Rig:
     """A BrokerCore of the live core module on three bound inproc sockets of `ctx`
-    (requests ROUTER, workers ROUTER with ROUTER_MANDATORY, answers PULL), run by the
+    (requests and workers ROUTERs with ROUTER_MANDATORY, answers PULL), run by the
     test thread in short slices (``pump``); plus factories for test-side peers, all
     closed by ``close()``. Everything happens in the test thread, so the order of
     events is the order the test writes them."""
@@ -296,6 +296,7 @@ class Rig:
         self.addr = {k: f"inproc://loop-{k}-{tag}" for k in ("requests", "workers", "answers")}
         self.peers: list = []
         self.requests = self._sock(zmq.ROUTER)
+        self.requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.workers = self._sock(zmq.ROUTER)
         self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.answers = self._sock(zmq.PULL)
@@ -372,12 +373,14 @@ def assert_stats(stats: dict, **expected) -> None:
     assert got == expected, stats
 
 
-def peer_gone(rig: Rig, identity: bytes):
-    """A predicate: True once the workers ROUTER knows the peer `identity` is disconnected."""
+def peer_gone(rig: Rig, identity: bytes, endpoint: str = "workers"):
+    """A predicate: True once the workers (or requests) ROUTER knows the peer `identity`
+    is disconnected (both have ROUTER_MANDATORY)."""
+    router = rig.workers if endpoint == "workers" else rig.requests
 
     def check() -> bool:
         try:
-            rig.workers.send_multipart([identity, b"", b"probe"], zmq.DONTWAIT)
+            router.send_multipart([identity, b"", b"probe"], zmq.DONTWAIT)
         except zmq.ZMQError as exc:
             return exc.errno == zmq.EHOSTUNREACH
         return False
@@ -666,8 +669,12 @@ class BrokerRig:
     HEARTBEAT = 0.1
     """The broker's and the workers' heartbeat interval."""
 
-    def __init__(self, tmp_path: Path, **broker_options) -> None:
-        self.addrs = tuple(f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans"))
+    def __init__(self, tmp_path: Path, transport: str = "ipc", **broker_options) -> None:
+        # tcp: ports chosen at the first start, kept for a restart (start_broker).
+        if transport == "tcp":
+            self.addrs: Tuple[str, ...] = ("tcp://127.0.0.1:*",) * 3
+        else:
+            self.addrs = tuple(f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans"))
         self.broker_options = {"heartbeat": self.HEARTBEAT, **broker_options}
         self.broker: Optional[Broker] = None
         self._broker_thread: Optional[threading.Thread] = None
@@ -680,6 +687,7 @@ class BrokerRig:
 
     def start_broker(self, timeout=None, tries=None) -> Broker:
         self.broker = Broker(None, timeout, tries, *self.addrs, **self.broker_options)
+        self.addrs = self.broker.endpoints
         self._broker_thread = threading.Thread(target=self.broker.run, name="broker")
         self._broker_thread.start()
         return self.broker

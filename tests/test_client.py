@@ -15,6 +15,7 @@ import uuid
 from typing import List
 
 import pytest
+import zmq
 
 import fastbroker
 from fastbroker import AsyncClient, BrokerError, Client, ConfigError, Status, Worker
@@ -22,6 +23,7 @@ from fastbroker.client.protocol import RequestBook, decode_reply, encode_options
 from fastbroker.protocol import (
     C_CANCEL,
     C_RESULT,
+    C_STATS,
     C_STATUS,
     C_SUBMIT,
     CLIENT_SIGNATURE,
@@ -34,6 +36,7 @@ from fastbroker.protocol import (
     R_STATUS,
     R_TIMED_OUT,
     R_UNKNOWN,
+    decode_stats,
 )
 from rigs import BrokerRig, runs, wait_until
 
@@ -116,12 +119,12 @@ class FakeClock:
 class Book:
     """A RequestBook with recorded sends and deliveries."""
 
-    def __init__(self, check_interval: float = 1.0, check_batch: int = 1000) -> None:
+    def __init__(self, check_interval: float = 1.0, check_batch: int = 1000, **window) -> None:
         self.sent: List[List[bytes]] = []
         self.delivered: dict = {}
         self.clock = FakeClock()
         self.book = RequestBook(
-            self.sent.append, self._deliver, check_interval, clock=self.clock, check_batch=check_batch
+            self.sent.append, self._deliver, check_interval, clock=self.clock, check_batch=check_batch, **window
         )
 
     def _deliver(self, future, value, exc):
@@ -211,6 +214,70 @@ def test_book_status_queries_unknown_result_and_cancel():
     assert isinstance(b.delivered["f"], fastbroker.TaskCancelled)
 
 
+def _submit(b: Book, payload: bytes = b"x") -> bytes:
+    rid = uuid.uuid4().bytes
+    b.book.submit(rid, [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", payload], rid, False)
+    return rid
+
+
+def test_book_window_holds_requests_beyond_it_and_sends_them_in_order_as_outcomes_come():
+    b = Book(window=3)
+    ids = [_submit(b) for _ in range(10)]
+    assert [m[2] for m in b.sent] == ids[:3]
+    assert b.book.stats() == {
+        "in_flight": 3,
+        "in_flight_bytes": 3,
+        "queued": 7,
+        "checks": 0,
+        "refetched": 0,
+        "resubmitted": 0,
+    }
+    b.reply(R_ACCEPTED, ids[0])
+    assert len(b.sent) == 3  # ACCEPTED frees nothing: the outcome is still due
+    for done, rid in enumerate(ids):
+        b.reply(R_OK, rid, b"ok")
+        assert b.book.in_flight == min(3, 10 - done - 1)
+        assert b.book.in_flight + b.book.queued == 10 - done - 1
+    assert [m[2] for m in b.sent] == ids  # each sent once, in submission order
+    assert b.delivered == dict.fromkeys(ids, b"ok")
+
+
+def test_book_window_bytes_bounds_the_payload_in_flight_but_never_blocks_a_lone_large_request():
+    b = Book(window=100, window_bytes=10)
+    big, small1, small2 = _submit(b, b"x" * 25), _submit(b, b"y" * 4), _submit(b, b"z" * 4)
+    assert [m[2] for m in b.sent] == [big]  # alone in flight, though above the bound
+    b.reply(R_OK, big, b"ok")
+    assert [m[2] for m in b.sent] == [big, small1, small2]
+    assert b.book.in_flight_bytes == 8
+
+
+def test_book_held_request_cancelled_or_forgotten_never_reaches_the_broker():
+    b = Book(window=1)
+    first, held, dropped = _submit(b), _submit(b), _submit(b)
+    b.book.cancel(held)  # by id: CANCELLED at once; CANCEL still goes (the id may be another client's)
+    assert isinstance(b.delivered[held], fastbroker.TaskCancelled)
+    assert b.sent[-1] == [CLIENT_SIGNATURE, C_CANCEL, held]
+    b.book.forget(dropped, dropped, True)  # its future was cancelled: nothing to tell the broker
+    assert b.sent[-1] == [CLIENT_SIGNATURE, C_CANCEL, held]
+    assert b.book.queued == 0
+    b.reply(R_OK, first, b"ok")
+    assert [m[1] for m in b.sent] == [C_SUBMIT, C_CANCEL]  # neither held request was ever sent
+    assert b.book.in_flight == 0 and b.book.pending == 0
+
+
+def test_book_lazy_pirate_checks_only_what_is_in_flight_and_counts_refetched():
+    b = Book(window=2, check_interval=1.0)
+    ids = [_submit(b) for _ in range(5)]
+    b.sent.clear()
+    b.clock.now += 1.0
+    assert b.book.tick() == 2
+    assert b.sent == [[CLIENT_SIGNATURE, C_RESULT, rid] for rid in ids[:2]]
+    b.reply(R_OK, ids[0], b"ok")  # the outcome the RESULT fetched
+    assert b.book.stats()["refetched"] == 1 and b.book.stats()["checks"] == 2
+    b.reply(R_UNKNOWN, ids[4])  # about a held id (a status() of it): no resubmission
+    assert b.book.resubmitted == 0 and b.sent[-1][2] == ids[2]
+
+
 class FakeFuture(str):
     def done(self) -> bool:
         return False
@@ -226,6 +293,83 @@ def rig(tmp_path, gate):
     yield r
     gate.touch()
     r.close()
+
+
+@pytest.fixture(params=["ipc", "tcp"])
+def any_rig(request, tmp_path, gate):
+    """A BrokerRig on ipc, then on tcp 127.0.0.1."""
+    r = BrokerRig(tmp_path, transport=request.param)
+    yield r
+    gate.touch()
+    r.close()
+
+
+def broker_figures(address: str) -> dict:
+    """The broker's STATS, asked on a socket of its own (a snapshot from its loop)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        rid = uuid.uuid4().bytes
+        sock.send_multipart([CLIENT_SIGNATURE, C_STATS, rid])
+        assert sock.poll(int(WAIT * 1000)), "no STATS reply"
+        frames = sock.recv_multipart()
+        return decode_stats(frames[3], frames[4])
+    finally:
+        sock.close()
+
+
+BURST = 3000
+
+
+def test_a_burst_of_submits_loses_no_reply_and_keeps_the_window(any_rig):
+    # Before flow control, the client sent every SUBMIT at once and the broker dropped
+    # the replies beyond its high-water mark (ipc: 2,000 submits ran at ~1k jobs/s).
+    any_rig.start_broker()
+    any_rig.worker(DealerEcho, credit=64)
+    client = any_rig.client(window=100)
+    futures = [client.submit(b"%d" % i) for i in range(BURST)]
+    most = 0
+    deadline = time.monotonic() + WAIT
+    while not all(f.done() for f in futures[-50:]):
+        assert time.monotonic() < deadline, f"{sum(f.done() for f in futures)} of {BURST} done"
+        figures = broker_figures(any_rig.address)
+        most = max(most, figures["queued"] + figures["running"])
+        assert figures["queued"] + figures["running"] <= 100, figures  # the window, at the broker
+    assert [f.result(WAIT) for f in futures] == [b"-%d" % i for i in range(BURST)]
+    assert most > 0  # the polls saw the burst
+    figures = broker_figures(any_rig.address)
+    assert (figures["replies_dropped"], figures["replies_unroutable"]) == (0, 0), figures
+    assert client.stats() == {
+        "in_flight": 0,
+        "in_flight_bytes": 0,
+        "queued": 0,
+        "checks": 0,
+        "refetched": 0,
+        "resubmitted": 0,
+    }
+
+
+def test_submit_many_and_map_stream_in_order(rig):
+    rig.start_broker()
+    rig.worker(DealerEcho, credit=8)
+    client = rig.client(window=16)
+    futures = client.submit_many([b"a", [b"b", b"c"]], tries=2)
+    assert [f.result(WAIT) for f in futures] == [b"-a", [b"-bc"]]
+    assert client.submit_many([]) == []
+    taken = []
+
+    def source():
+        for i in range(500):
+            taken.append(i)
+            yield b"%d" % i
+
+    answers = client.map(source())
+    for i, answer in enumerate(answers):
+        assert answer == b"-%d" % i
+        # map takes from the iterable only as answers come: bounded memory, any length.
+        assert len(taken) <= i + 1 + 16
+    assert len(taken) == 500
 
 
 def test_call_returns_the_answer(rig, log_path):

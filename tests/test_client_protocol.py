@@ -45,7 +45,7 @@ from fastbroker.protocol import (
     STATE_RUNNING,
     WORKER_SIGNATURE as WSIG,
 )
-from rigs import LONG_TIMEOUT, NO_ACK, CRig, FBClient, assert_stats, new_id, opts, reply, status
+from rigs import LONG_TIMEOUT, NO_ACK, CRig, FBClient, assert_stats, new_id, opts, peer_gone, reply, status
 
 UNKNOWN_TASK = DROP_REASONS[protocol.DROP_ANSWER_UNKNOWN]
 BAD_COMMAND = DROP_REASONS[protocol.DROP_CLIENT_BAD_COMMAND]
@@ -1098,3 +1098,27 @@ def test_a_full_queue_rejects_new_requests_of_both_kinds_and_takes_them_again_wh
     client.submit(refused, b"room now")
     assert rig.reply(client) == reply(R_ACCEPTED, refused)
     assert_stats(rig.stats(), requests=3, rejected=2, queued=2, running=1)
+
+
+def test_replies_to_clients_that_have_gone_are_counted_not_lost_unseen(make_crig):
+    # The requests ROUTER has ROUTER_MANDATORY: a reply to a client that disconnected
+    # fails at its first frame and the core counts it (docs/PROTOCOL.md section 9.2).
+    rig = make_crig()
+    worker = rig.dealer()
+    rig.register(worker, 2)
+    fbc = rig.fbclient(identity=b"fbc-gone")
+    req = rig.client(zmq.REQ, identity=b"req-gone")
+    fbc.submit(new_id(), b"fbc", options=NO_ACK)
+    first, _ = rig.task(worker)
+    req.send(b"req")
+    second, _ = rig.task(worker)
+    fbc.close()
+    req.close(0)
+    rig.pump(peer_gone(rig, b"fbc-gone", "requests"))
+    rig.pump(peer_gone(rig, b"req-gone", "requests"))
+    before = rig.stats()
+    assert_stats(before, replies_unroutable=0, replies_dropped=0)  # the probes were the test's
+    worker.answer(first, b"a")
+    worker.answer(second, b"b")
+    rig.pump_stat("answered", before["answered"] + 2)
+    assert_stats(rig.stats(), replies_unroutable=2, replies_dropped=0)

@@ -260,6 +260,7 @@ def sockets():
     tag = uuid.uuid4().hex
     req = ctx.socket(zmq.ROUTER)
     wrk = ctx.socket(zmq.ROUTER)
+    req.setsockopt(zmq.ROUTER_MANDATORY, 1)
     wrk.setsockopt(zmq.ROUTER_MANDATORY, 1)
     ans = ctx.socket(zmq.PULL)
     for sock, kind in ((req, "req"), (wrk, "wrk"), (ans, "ans")):

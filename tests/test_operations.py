@@ -400,6 +400,9 @@ def test_metrics_server_reads_the_running_broker(tmp_path, core_name, ctx):
     bad_id = DROP_REASONS[protocol.DROP_CLIENT_BAD_ID]
     assert samples[("fastbroker_dropped_total", (("reason", bad_id),))] == 1
     assert sum(v for (name, _), v in samples.items() if name == "fastbroker_dropped_total") == 1
+    # Replies the broker could not send (none here) are exported from the first scrape on.
+    assert samples[("fastbroker_replies_dropped_total", ())] == 0
+    assert samples[("fastbroker_replies_unroutable_total", ())] == 0
 
 
 # ---------------------------------------------------------------------------

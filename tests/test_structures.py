@@ -642,6 +642,7 @@ def test_queued_jobs_keep_fifo_order_across_growth(core, ctx):
         return s
 
     requests, workers, answers = sock(zmq.ROUTER), sock(zmq.ROUTER), sock(zmq.PULL)
+    requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
     workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
     requests.bind("inproc://fifo-requests")
     workers.bind("inproc://fifo-workers")

@@ -207,6 +207,7 @@ cdef class Counters:
 
     cdef inline void add(self, int which) noexcept nogil
     cdef inline void drop(self, int reason) noexcept nogil
+    cdef int reply_lost(self, int e) noexcept nogil
     cdef void record_latency(self, double seconds) noexcept nogil
     cdef dict counts_dict(self)
     cdef dict drops_dict(self)
@@ -240,7 +241,7 @@ cdef class Journal:
     cdef void clear(self) noexcept nogil
     cdef list take(self)
     cdef int hold(self, zmsg *part, bint more) noexcept nogil
-    cdef int release(self, void *sock) except -1
+    cdef int release(self, void *sock, Counters counters) except -1
     cdef void drop_held(self) noexcept nogil
     cdef inline bint pending(self) noexcept nogil
 

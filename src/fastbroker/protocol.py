@@ -147,6 +147,8 @@ COUNTERS = (
     "duplicates",  # FBC01 SUBMITs of an id the broker already had (not run again)
     "expired_results",  # finished outcomes forgotten (retention time or memory bound)
     "events_lost",  # events not kept for the log (more than EVENT_QUEUE in one turn)
+    "replies_dropped",  # replies to a client not sent: its pipe was at the high-water mark (not reading)
+    "replies_unroutable",  # replies to a client not sent: it had disconnected
 )
 GAUGES = ("queued", "running", "idle_workers", "workers", "retained", "retained_bytes")
 LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -11,7 +11,20 @@ import logging
 import sys
 from collections import deque
 from types import TracebackType
-from typing import Any, AsyncIterable, AsyncIterator, Deque, Iterable, List, Optional, Sequence, Type, Union, overload
+from typing import (
+    Any,
+    AsyncIterable,
+    AsyncIterator,
+    Deque,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Type,
+    Union,
+    overload,
+)
 
 import zmq
 import zmq.asyncio
@@ -20,9 +33,11 @@ from fastbroker import security
 from fastbroker._common import BrokerError, check_count
 from fastbroker.client.outcomes import Status
 from fastbroker.client.protocol import (
+    DEFAULT_WINDOW,
+    DEFAULT_WINDOW_BYTES,
+    MAX_WINDOW,
     Payload,
     Progress,
-    RequestBook,
     RequestDefaults,
     check_request_id,
     encode_options,
@@ -77,11 +92,13 @@ class AsyncClient(RequestDefaults):
         tries: Optional[int] = None,
         ack: bool = True,
         check_interval: float = 2.0,
+        window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.address = address
-        self._set_defaults(timeout, tries, ack, check_interval)
+        self._set_defaults(timeout, tries, ack, check_interval, window, window_bytes)
         curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         if context is None:
@@ -96,7 +113,7 @@ class AsyncClient(RequestDefaults):
             if self._own_context:
                 self.context.term()
             raise
-        self._book = RequestBook(self._send, _deliver, self.check_interval)
+        self._book = self._new_book(self._send, _deliver)
         self._reader: Optional[asyncio.Task] = None
         self._closed = False
 
@@ -124,9 +141,19 @@ class AsyncClient(RequestDefaults):
         request_id: Optional[bytes] = None,
     ) -> AsyncRequestFuture:
         """Send a request; await the future for the answer (or the outcome's exception).
-        Cancelling the future cancels the request at the broker too."""
-        frames, multipart = payload_frames(payload)
+        Cancelling the future cancels the request at the broker too. It never blocks:
+        beyond the client's window the request waits in the client (see Client)."""
+        return self._submit(payload, self._options(timeout, tries), request_id)
+
+    def submit_many(
+        self, payloads: Iterable[Payload], *, timeout: Optional[float] = None, tries: Optional[int] = None
+    ) -> List[AsyncRequestFuture]:
+        """submit() of each payload: the futures in the payloads' order."""
         options = self._options(timeout, tries)
+        return [self._submit(payload, options, None) for payload in payloads]
+
+    def _submit(self, payload: Payload, options: bytes, request_id: Optional[bytes]) -> AsyncRequestFuture:
+        frames, multipart = payload_frames(payload)
         rid = new_request_id() if request_id is None else check_request_id(request_id)
         self._start()
         future = AsyncRequestFuture()
@@ -134,6 +161,10 @@ class AsyncClient(RequestDefaults):
         future.add_done_callback(self._on_request_done)
         self._book.submit(rid, submit_message(rid, options, frames), future, multipart)
         return future
+
+    def stats(self) -> Dict[str, int]:
+        """This client's flow-control figures: see Client.stats()."""
+        return self._book.stats()
 
     # The answer's type follows the payload's: bytes for bytes, a list of frames for frames.
     @overload
@@ -198,7 +229,7 @@ class AsyncClient(RequestDefaults):
         self,
         iterable: Union[Iterable[bytes], AsyncIterable[bytes]],
         *,
-        window: int = ...,
+        window: Optional[int] = ...,
         progress: bool = ...,
         timeout: Optional[float] = ...,
         tries: Optional[int] = ...,
@@ -208,7 +239,7 @@ class AsyncClient(RequestDefaults):
         self,
         iterable: Union[Iterable[Sequence[bytes]], AsyncIterable[Sequence[bytes]]],
         *,
-        window: int = ...,
+        window: Optional[int] = ...,
         progress: bool = ...,
         timeout: Optional[float] = ...,
         tries: Optional[int] = ...,
@@ -218,7 +249,7 @@ class AsyncClient(RequestDefaults):
         self,
         iterable: Union[Iterable[Payload], AsyncIterable[Payload]],
         *,
-        window: int = ...,
+        window: Optional[int] = ...,
         progress: bool = ...,
         timeout: Optional[float] = ...,
         tries: Optional[int] = ...,
@@ -227,14 +258,15 @@ class AsyncClient(RequestDefaults):
         self,
         iterable: Union[Iterable[Payload], AsyncIterable[Payload]],
         *,
-        window: int = 64,
+        window: Optional[int] = None,
         progress: bool = False,
         timeout: Optional[float] = None,
         tries: Optional[int] = None,
     ) -> AsyncIterator[Union[bytes, List[bytes]]]:
-        """An async iterator of the answers in input order, at most `window` in flight
-        (see Client.map). `iterable` may be a plain or an async iterable."""
-        window = check_count("window", window, 1, 1 << 20)
+        """An async iterator of the answers in input order, at most `window` (default:
+        the client's) submitted and not yet yielded (see Client.map). `iterable` may
+        be a plain or an async iterable."""
+        window = self.window if window is None else check_count("window", window, 1, MAX_WINDOW)
         encode_options(timeout, tries)
         return self._map(iterable, window, progress, timeout, tries)
 

@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from fastbroker._common import BrokerError, ConfigError, check_seconds
+from fastbroker._common import BrokerError, ConfigError, check_count, check_seconds
 from fastbroker.client.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
 from fastbroker.protocol import (
     C_CANCEL,
@@ -47,7 +47,19 @@ Payload = Union[bytes, Sequence[bytes]]
 
 MAX_TIMEOUT_SECONDS = MAX_REQUEST_TIMEOUT_MS / 1000
 CHECK_BATCH = 1000
-"""Most STATUS queries one lazy-pirate round sends (the others wait for later rounds)."""
+"""Most RESULT queries one lazy-pirate round sends (the others wait for later rounds)."""
+DEFAULT_WINDOW = 256
+"""Requests a client keeps in flight at most (sent, outcome not yet received); the others
+wait in the client. Each costs the broker at most two queued replies (ACCEPTED and the
+outcome), so 256 stay well below the broker's REQUESTS_SNDHWM (1000) and a client that
+reads never has a reply dropped, however many it submits."""
+DEFAULT_WINDOW_BYTES = 32 << 20
+"""Payload bytes a client keeps in flight at most (one request larger than this still
+goes, alone)."""
+MAX_WINDOW = 1 << 20
+"""The largest window a client accepts (requests in flight)."""
+SUBMIT_PAYLOAD_AT = 4
+"""Index of the first payload frame of a SUBMIT message: [FBC01, SUBMIT, id, options, payload...]."""
 
 _OPTIONS = struct.Struct(">BII")
 _U32 = struct.Struct(">I")
@@ -76,12 +88,27 @@ class RequestDefaults:
     tries: Optional[int]
     ack: bool
     check_interval: float
+    window: int
+    window_bytes: int
 
-    def _set_defaults(self, timeout: Optional[float], tries: Optional[int], ack: bool, check_interval: float) -> None:
+    def _set_defaults(
+        self,
+        timeout: Optional[float],
+        tries: Optional[int],
+        ack: bool,
+        check_interval: float,
+        window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+    ) -> None:
         self.timeout = check_request_timeout(timeout)
         self.tries = check_request_tries(tries)
         self.ack = bool(ack)
         self.check_interval = check_seconds("check_interval", check_interval)
+        self.window = check_count("window", window, 1, MAX_WINDOW)
+        self.window_bytes = check_count("window_bytes", window_bytes, 1, 1 << 62)
+
+    def _new_book(self, send: Callable[[List[bytes]], None], deliver: Deliver) -> RequestBook:
+        return RequestBook(send, deliver, self.check_interval, window=self.window, window_bytes=self.window_bytes)
 
     def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
         return encode_options(
@@ -198,6 +225,10 @@ class Reply(NamedTuple):
         return self.kind in OUTCOME_KINDS
 
 
+def _cancelled_reply(request_id: bytes) -> Reply:
+    return Reply(request_id, R_CANCELLED, [], error=TaskCancelled("the request was cancelled"))
+
+
 def _text(frame: bytes) -> str:
     return frame.decode("utf-8", "replace")
 
@@ -274,10 +305,14 @@ class _Sink:
         self.multipart = multipart
 
 
+def _payload_size(message: Optional[List[bytes]]) -> int:
+    return 0 if message is None else sum(len(frame) for frame in message[SUBMIT_PAYLOAD_AT:])
+
+
 class _Entry:
     """An id this client waits for an outcome of."""
 
-    __slots__ = ("message", "sinks", "accepted", "cancelling")
+    __slots__ = ("message", "sinks", "accepted", "cancelling", "sent", "checked", "size")
 
     def __init__(self, message: Optional[List[bytes]]) -> None:
         # The SUBMIT message, kept to submit it again if the broker loses it;
@@ -286,6 +321,9 @@ class _Entry:
         self.sinks: List[_Sink] = []
         self.accepted = False
         self.cancelling = False
+        self.sent = False  # in the window: its SUBMIT (or RESULT) has gone to the broker
+        self.checked = False  # the lazy pirate asked the broker for it
+        self.size = _payload_size(message)  # payload bytes it holds in the window
 
 
 class RequestBook:
@@ -295,6 +333,11 @@ class RequestBook:
     sends a message to the broker; ``deliver(future, value, exc)`` resolves a future.
     The loop calls ``on_message`` for every message received and ``tick()`` at
     least every ``check_interval`` seconds (``next_check()`` says when it is due).
+
+    Flow control: at most ``window`` requests, and ``window_bytes`` of payload, are in
+    flight (sent, outcome not received); the others are held here in submission order
+    and sent as outcomes come back. So the broker holds at most two replies per request
+    in flight for this client and never has to drop one at its high-water mark.
     """
 
     def __init__(
@@ -305,21 +348,32 @@ class RequestBook:
         *,
         clock: Callable[[], float] = time.monotonic,
         check_batch: int = CHECK_BATCH,
+        window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
     ) -> None:
         self._send = send
         self._deliver = deliver
         self.check_interval = check_interval
         self._clock = clock
         self._check_batch = check_batch
-        # Insertion-ordered: the lazy pirate checks the entries at the front and
-        # moves them to the back, so every round reaches the next ones.
+        self.window = window
+        self.window_bytes = window_bytes
         self._entries: Dict[bytes, _Entry] = {}
+        # The ids in flight, insertion-ordered: the lazy pirate checks those at the
+        # front and moves them to the back, so every round reaches the next ones.
+        self._in_flight: Dict[bytes, None] = {}
+        self.in_flight_bytes = 0
+        # The ids held back by the window, oldest first (an id forgotten meanwhile is
+        # skipped when its turn comes).
+        self._held: Deque[bytes] = deque()
         self._queries: Dict[bytes, Deque[Any]] = {}
         self._quiet_since = clock()
         self.resubmitted = 0
         """Requests submitted again after the broker said UNKNOWN (the lazy pirate)."""
         self.checks = 0
-        """STATUS queries the lazy pirate sent."""
+        """RESULT queries the lazy pirate sent."""
+        self.refetched = 0
+        """Outcomes received after the lazy pirate asked for them (lost or late replies)."""
 
     # -- from the client ---------------------------------------------------------------
 
@@ -328,34 +382,99 @@ class RequestBook:
         """Ids waited for (an outcome or a STATUS reply)."""
         return len(self._entries) + len(self._queries)
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent to the broker whose outcome has not come yet."""
+        return len(self._in_flight)
+
+    @property
+    def queued(self) -> int:
+        """Requests held in this client by the window, not sent yet."""
+        return len(self._entries) - len(self._in_flight)
+
+    def stats(self) -> Dict[str, int]:
+        """The flow-control figures: in_flight, in_flight_bytes, queued, and the lazy
+        pirate's checks, refetched and resubmitted."""
+        return {
+            "in_flight": self.in_flight,
+            "in_flight_bytes": self.in_flight_bytes,
+            "queued": self.queued,
+            "checks": self.checks,
+            "refetched": self.refetched,
+            "resubmitted": self.resubmitted,
+        }
+
     def _start_waiting(self) -> None:
-        if not self._entries and not self._queries:
+        if not self._in_flight and not self._queries:
             # The silence that matters starts now, not when the last reply came.
             self._quiet_since = self._clock()
+
+    # -- the window --------------------------------------------------------------------
+
+    def _fits(self, size: int) -> bool:
+        n = len(self._in_flight)
+        return n == 0 or (n < self.window and self.in_flight_bytes + size <= self.window_bytes)
+
+    def _enter(self, request_id: bytes, entry: _Entry) -> None:
+        """A new entry: sent now if the window has room and nothing is held before it."""
+        if not self._held and self._fits(entry.size):
+            self._launch(request_id, entry)
+        else:
+            self._held.append(request_id)
+
+    def _launch(self, request_id: bytes, entry: _Entry) -> None:
+        self._start_waiting()
+        entry.sent = True
+        self._in_flight[request_id] = None
+        self.in_flight_bytes += entry.size
+        self._send(entry.message if entry.message is not None else result_message(request_id))
+
+    def _leave(self, request_id: bytes, entry: _Entry) -> None:
+        """An entry that was removed from _entries leaves the window: held ones move up."""
+        if not entry.sent:
+            return  # still in _held: skipped when its turn comes
+        del self._in_flight[request_id]
+        self.in_flight_bytes -= entry.size
+        held, entries = self._held, self._entries
+        while held:
+            waiting = entries.get(held[0])
+            if waiting is not None and not waiting.sent:
+                if not self._fits(waiting.size):
+                    return
+                self._launch(held[0], waiting)
+            held.popleft()
+
+    # -- requests ----------------------------------------------------------------------
 
     def submit(self, request_id: bytes, message: List[bytes], future: Any, multipart: bool) -> None:
         entry = self._entries.get(request_id)
         if entry is None:
-            self._start_waiting()
             entry = self._entries[request_id] = _Entry(message)
-        elif entry.message is not None:
-            # Submitted already by this client: the broker would only add the same
-            # socket as a waiter again; the future waits with the others.
             entry.sinks.append(_Sink(future, multipart))
+            self._enter(request_id, entry)
             return
-        else:
-            entry.message = message
         entry.sinks.append(_Sink(future, multipart))
-        self._send(message)
+        if entry.message is None:
+            # Only watched so far: from now on it can be submitted again if lost.
+            entry.message = message
+            if entry.sent:
+                entry.size = _payload_size(message)
+                self.in_flight_bytes += entry.size
+                self._send(message)
+        # Else submitted already by this client: the broker would only add the same
+        # socket as a waiter again; the future waits with the others.
 
     def watch(self, request_id: bytes, future: Any, multipart: bool) -> None:
         """RESULT: wait for the outcome of an id (submitted by anyone)."""
         entry = self._entries.get(request_id)
         if entry is None:
-            self._start_waiting()
             entry = self._entries[request_id] = _Entry(None)
+            entry.sinks.append(_Sink(future, multipart))
+            self._enter(request_id, entry)
+            return
         entry.sinks.append(_Sink(future, multipart))
-        self._send(result_message(request_id))
+        if entry.sent:
+            self._send(result_message(request_id))
 
     def query(self, request_id: bytes, future: Any) -> None:
         """STATUS: the future gets a Status."""
@@ -374,21 +493,32 @@ class RequestBook:
 
     def cancel(self, request_id: bytes) -> None:
         """CANCEL: the futures waiting for the id get the broker's answer (CANCELLED,
-        or the outcome it already had)."""
+        or the outcome it already had); a request still held here is cancelled here."""
         entry = self._entries.get(request_id)
         if entry is not None:
-            entry.cancelling = True
+            if not entry.sent:
+                self._finish(request_id, _cancelled_reply(request_id))
+            else:
+                entry.cancelling = True
+        # Sent even for a request held here: the id may be another client's.
         self._send(cancel_message(request_id))
 
     def forget(self, request_id: bytes, future: Any, cancel: bool = True) -> None:
         """A future cancelled by its owner waits no more; with `cancel`, the request
-        is cancelled at the broker too (the other futures waiting for it get CANCELLED)."""
+        is cancelled at the broker too (the other futures waiting for it get CANCELLED).
+        A request still held here never reaches the broker."""
         entry = self._entries.get(request_id)
         if entry is not None:
             entry.sinks = [s for s in entry.sinks if s.future is not future]
             if not entry.sinks:
                 del self._entries[request_id]
+                self._leave(request_id, entry)
+                if not entry.sent:
+                    return
             elif cancel:
+                if not entry.sent:
+                    self._finish(request_id, _cancelled_reply(request_id))
+                    return
                 entry.cancelling = True
         if cancel:
             self._send(cancel_message(request_id))
@@ -397,6 +527,7 @@ class RequestBook:
         """Every future waiting gets `exc` (the client is closing)."""
         entries, queries = self._entries, self._queries
         self._entries, self._queries = {}, {}
+        self._in_flight, self._held, self.in_flight_bytes = {}, deque(), 0
         for entry in entries.values():
             for sink in entry.sinks:
                 self._deliver(sink.future, None, exc)
@@ -425,6 +556,8 @@ class RequestBook:
         entry = self._entries.get(request_id)
         if entry is None:
             return reply  # a duplicate outcome, or about an id nobody here waits for
+        if not entry.sent and kind not in OUTCOME_KINDS:
+            return reply  # about an id held here (a status() of it, say): not its SUBMIT's
         if kind == R_ACCEPTED:
             entry.accepted = True
         elif kind in OUTCOME_KINDS or kind == R_REJECTED:
@@ -432,9 +565,7 @@ class RequestBook:
         elif kind == R_UNKNOWN:
             if entry.cancelling:
                 # The broker does not have it, so it will not run: as cancelled.
-                self._finish(
-                    request_id, reply._replace(kind=R_CANCELLED, error=TaskCancelled("the request was cancelled"))
-                )
+                self._finish(request_id, _cancelled_reply(request_id))
             elif entry.message is None:
                 self._finish(request_id, reply)  # RESULT of an id nobody can re-submit
             else:
@@ -452,6 +583,9 @@ class RequestBook:
 
     def _finish(self, request_id: bytes, reply: Reply) -> None:
         entry = self._entries.pop(request_id)
+        if entry.checked:
+            self.refetched += 1
+        self._leave(request_id, entry)
         for sink in entry.sinks:
             if reply.kind == R_OK:
                 value = reply.frames if sink.multipart else b"".join(reply.frames)
@@ -462,27 +596,29 @@ class RequestBook:
     # -- the lazy pirate ---------------------------------------------------------------
 
     def next_check(self) -> Optional[float]:
-        """Seconds until tick() has work (0: now), None while nothing is pending."""
-        if not self._entries:
+        """Seconds until tick() has work (0: now), None while nothing is in flight."""
+        if not self._in_flight:
             return None
         return max(0.0, self._quiet_since + self.check_interval - self._clock())
 
     def tick(self) -> int:
-        """If the broker has been silent for check_interval while requests are
-        pending, ask RESULT for up to check_batch of them; returns how many."""
-        if not self._entries:
+        """If the broker has been silent for check_interval while requests are in
+        flight, ask RESULT for up to check_batch of them; returns how many."""
+        if not self._in_flight:
             return 0
         now = self._clock()
         if now - self._quiet_since < self.check_interval:
             return 0
         self._quiet_since = now
         batch = []
-        for request_id in self._entries:
+        for request_id in self._in_flight:
             batch.append(request_id)
             if len(batch) >= self._check_batch:
                 break
         for request_id in batch:
-            self._entries[request_id] = self._entries.pop(request_id)  # to the back
+            del self._in_flight[request_id]
+            self._in_flight[request_id] = None  # to the back
+            self._entries[request_id].checked = True
             # RESULT rather than STATUS: the same answers (STATUS while it runs,
             # UNKNOWN if lost), but it also makes this socket a waiter, so an outcome
             # still reaches it after its connection or the broker (with a store) changed.
@@ -564,6 +700,8 @@ class Progress:
 
 __all__ = [
     "CHECK_BATCH",
+    "DEFAULT_WINDOW",
+    "DEFAULT_WINDOW_BYTES",
     "MAX_TIMEOUT_SECONDS",
     "Payload",
     "Progress",

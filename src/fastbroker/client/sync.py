@@ -10,7 +10,7 @@ import queue
 import sys
 import threading
 from collections import deque
-from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, TypeVar, Union, overload
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union, overload
 
 import zmq
 
@@ -18,9 +18,11 @@ from fastbroker import security
 from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, zmq_reason
 from fastbroker.client.outcomes import Status
 from fastbroker.client.protocol import (
+    DEFAULT_WINDOW,
+    DEFAULT_WINDOW_BYTES,
+    MAX_WINDOW,
     Payload as _Payload,
     Progress,
-    RequestBook,
     RequestDefaults,
     check_request_id,
     encode_options,
@@ -150,6 +152,14 @@ class Client(RequestDefaults, Closeable):
     waiter again) and submits again (same id) those the broker lost (the lazy
     pirate, section 10.7).
 
+    Flow control: at most ``window`` requests (and ``window_bytes`` bytes of payload)
+    are in flight at the broker; the others wait in this client, in order, and go as
+    outcomes come back. ``submit()`` never blocks: it queues the request and returns
+    its future at once (so a caller that submits without end holds its requests in
+    memory; ``map`` pulls from its iterable only as answers come). The default keeps
+    the broker's replies to this client below its high-water mark, so none is ever
+    dropped; ``stats()`` gives the figures.
+
     ``curve_server_key`` (the broker's public key file) and ``curve_secret`` (this
     client's secret key file), given together, make the socket a CURVE client of a
     broker run with ``curve_secret`` and ``authorized_keys`` (fastbroker.security).
@@ -168,11 +178,13 @@ class Client(RequestDefaults, Closeable):
         tries: Optional[int] = None,
         ack: bool = True,
         check_interval: float = 2.0,
+        window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.address = address
-        self._set_defaults(timeout, tries, ack, check_interval)
+        self._set_defaults(timeout, tries, ack, check_interval, window, window_bytes)
         curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
@@ -189,7 +201,7 @@ class Client(RequestDefaults, Closeable):
         self._lock = threading.Lock()
         self._closed = False
         self._outbox: Deque[List[bytes]] = deque()
-        self._book = RequestBook(self._outbox.append, _deliver, self.check_interval)
+        self._book = self._new_book(self._outbox.append, _deliver)
         self._thread = threading.Thread(target=self._loop, name=f"fastbroker-client {address}", daemon=True)
         self._thread.start()
 
@@ -207,14 +219,41 @@ class Client(RequestDefaults, Closeable):
         payload, the list of frames for a sequence of frames) or one of TaskFailed,
         TaskTimedOut, TaskCancelled, Rejected. ``future.cancel()`` cancels the request
         at the broker too. ``request_id``: 16 bytes (default: a new uuid4)."""
-        frames, multipart = payload_frames(payload)
+        command, future = self._submit_command(payload, self._options(timeout, tries), request_id)
+        self._post(command)
+        return future
+
+    def submit_many(
+        self, payloads: Iterable[_Payload], *, timeout: Optional[float] = None, tries: Optional[int] = None
+    ) -> List[RequestFuture]:
+        """submit() of each payload, in one hand-over to the I/O thread: the futures in
+        the payloads' order. Like submit(), it never blocks."""
         options = self._options(timeout, tries)
+        commands, futures = [], []
+        for payload in payloads:
+            command, future = self._submit_command(payload, options, None)
+            commands.append(command)
+            futures.append(future)
+        if commands:
+            self._post(("submit_many", commands))
+        return futures
+
+    def _submit_command(
+        self, payload: _Payload, options: bytes, request_id: Optional[bytes]
+    ) -> Tuple[tuple, RequestFuture]:
+        frames, multipart = payload_frames(payload)
         rid = new_request_id() if request_id is None else check_request_id(request_id)
         future = RequestFuture()
         future.request_id = rid
         future.add_done_callback(self._on_request_done)
-        self._post(("submit", rid, submit_message(rid, options, frames), future, multipart))
-        return future
+        return ("submit", rid, submit_message(rid, options, frames), future, multipart), future
+
+    def stats(self) -> Dict[str, int]:
+        """This client's flow-control figures (read without a lock: a snapshot that may
+        be a message old): ``in_flight`` requests and ``in_flight_bytes`` at the broker,
+        ``queued`` in this client, and the lazy pirate's ``checks`` (RESULTs sent),
+        ``refetched`` (outcomes that came after one) and ``resubmitted``."""
+        return self._book.stats()
 
     # The answer's type follows the payload's: bytes for bytes, a list of frames for frames.
     @overload
@@ -279,7 +318,7 @@ class Client(RequestDefaults, Closeable):
         self,
         iterable: Iterable[bytes],
         *,
-        window: int = ...,
+        window: Optional[int] = ...,
         progress: bool = ...,
         timeout: Optional[float] = ...,
         tries: Optional[int] = ...,
@@ -289,7 +328,7 @@ class Client(RequestDefaults, Closeable):
         self,
         iterable: Iterable[Sequence[bytes]],
         *,
-        window: int = ...,
+        window: Optional[int] = ...,
         progress: bool = ...,
         timeout: Optional[float] = ...,
         tries: Optional[int] = ...,
@@ -299,7 +338,7 @@ class Client(RequestDefaults, Closeable):
         self,
         iterable: Iterable[_Payload],
         *,
-        window: int = ...,
+        window: Optional[int] = ...,
         progress: bool = ...,
         timeout: Optional[float] = ...,
         tries: Optional[int] = ...,
@@ -308,16 +347,18 @@ class Client(RequestDefaults, Closeable):
         self,
         iterable: Iterable[_Payload],
         *,
-        window: int = 64,
+        window: Optional[int] = None,
         progress: bool = False,
         timeout: Optional[float] = None,
         tries: Optional[int] = None,
     ) -> Iterator[Union[bytes, List[bytes]]]:
         """The answers to the payloads, in their order, with at most `window` requests
-        in flight. Iterating raises the exception of the first request that failed
+        (default: the client's window) submitted and not yet yielded; it takes items
+        from `iterable` only as answers come, so any iterable streams in bounded
+        memory. Iterating raises the exception of the first request that failed
         when it reaches it; requests still in flight are cancelled when iteration
         stops early. ``progress``: a progress bar on stderr."""
-        window = check_count("window", window, 1, 1 << 20)
+        window = self.window if window is None else check_count("window", window, 1, MAX_WINDOW)
         encode_options(timeout, tries)  # bad options fail here, not at the first next()
         return self._map(iterable, window, progress, timeout, tries)
 
@@ -401,6 +442,9 @@ class Client(RequestDefaults, Closeable):
             kind = command[0]
             if kind == "submit":
                 book.submit(command[1], command[2], command[3], command[4])
+            elif kind == "submit_many":
+                for one in command[1]:
+                    book.submit(one[1], one[2], one[3], one[4])
             elif kind == "forget":
                 book.forget(command[1], command[2], command[3])
             elif kind == "query":
@@ -464,5 +508,8 @@ class Client(RequestDefaults, Closeable):
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if command[0] in ("submit", "query", "watch"):
+            if command[0] == "submit_many":
+                for one in command[1]:
+                    _deliver(one[3], None, closed)
+            elif command[0] in ("submit", "query", "watch"):
                 _deliver(command[3] if command[0] == "submit" else command[2], None, closed)

@@ -59,8 +59,8 @@ cdef class Attempts:
 
     cdef int deliver(self, Req *r, zmsg *body, int nbody) noexcept nogil:
         """Send r's envelope, the empty delimiter, then body (moved). A client that
-        is gone or not reading loses its answer: ROUTER drops it, as in the
-        original broker."""
+        is gone or not reading loses its answer, as in the original broker, but
+        counted: the first frame fails (ROUTER_MANDATORY)."""
         cdef int i, e
         cdef zmsg delimiter
         if r.client:
@@ -68,6 +68,8 @@ cdef class Attempts:
         for i in range(r.nenv):
             if zmsg_send(&r.frames[i], self.s_requests, ZSNDMORE | ZDONTWAIT) < 0:
                 e = zerrno()
+                if i == 0:
+                    return min(self.counters.reply_lost(e), 0)
                 return -e if e == ZETERM else 0
         zmsg_init(&delimiter)
         if zmsg_send(&delimiter, self.s_requests, ZSNDMORE | ZDONTWAIT) < 0:

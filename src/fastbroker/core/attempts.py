@@ -84,15 +84,16 @@ class Attempts:
     @cdef
     def deliver(self, r: Req, body: list) -> None:
         """Send r's envelope then body to its REQ client, or conclude an FBC01 request.
-        A client that is gone or not reading loses its answer: ROUTER drops it, as
-        in the original broker."""
+        A client that is gone or not reading loses its answer, as in the original
+        broker, but counted: the first frame fails (ROUTER_MANDATORY)."""
         if r.cid is not None:
             self.client.conclude(r, R_OK, body)
             return
         try:
             self.s_requests.send_multipart(r.env + body, zmq.DONTWAIT, copy=False)
-        except zmq.Again:
-            pass
+        except zmq.ZMQError as exc:
+            if self.counters.reply_lost(exc.errno) < 0:
+                raise
 
     @cdef
     def expire(self, now: float) -> None:

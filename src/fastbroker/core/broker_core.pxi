@@ -142,7 +142,7 @@ cdef class BrokerCore:
 
     def release_held(self):
         """Send the replies held since the last call; returns how many messages."""
-        return self.store_journal.release(self.s_requests)
+        return self.store_journal.release(self.s_requests, self.counters)
 
     def restore_request(self, bytes cid, payload, timeout, int tries, int attempts):
         """Queue a stored request (behind those already queued). It has no waiters
@@ -373,6 +373,8 @@ cdef class BrokerCore:
             if zmsg_send(&part, self.s_requests, (ZSNDMORE if i < nenv else 0) | ZDONTWAIT) < 0:
                 e = zerrno()
                 zmsg_close(&part)
+                if i == 0:
+                    return min(self.counters.reply_lost(e), 0)  # client gone or not reading
                 return -e if e == ZETERM else 0
         return 0
 

@@ -248,7 +248,7 @@ class BrokerCore:
 
     def release_held(self) -> int:
         """Send the replies held since the last call; returns how many."""
-        return self.store_journal.release(self.s_requests)
+        return self.store_journal.release(self.s_requests, self.counters)
 
     def restore_request(
         self, cid: bytes, payload: List[bytes], timeout: Optional[float], tries: int, attempts: int
@@ -399,11 +399,12 @@ class BrokerCore:
     @cdef
     def _answer_empty(self, m: list, nenv: int) -> None:
         """Send the empty answer to the REQ client whose envelope is m[0:nenv]."""
-        # A client that is gone or not reading loses it: ROUTER drops it.
+        # A client that is gone or not reading loses it (counted: ROUTER_MANDATORY).
         try:
             self.s_requests.send_multipart(m[:nenv] + [b""], zmq.DONTWAIT, copy=False)
-        except zmq.Again:
-            pass
+        except zmq.ZMQError as exc:
+            if self.counters.reply_lost(exc.errno) < 0:
+                raise
 
     @cdef
     def _on_answer(self, m: list) -> None:

@@ -230,14 +230,15 @@ cdef class ClientSide:
 
     cdef int emit(self, zmsg *part, bint more) noexcept nogil:
         """Send one part of a reply to a client, or, with the journal on, hold it
-        until release_held(). Returns 0, 1 if it could not go (peer gone, HWM), or
-        -errno; the part is consumed either way."""
+        until release_held(). Returns 0, 1 if it could not go (peer gone, HWM: only
+        the first part, the identity, can fail so; counted), or -errno; the part is
+        consumed either way."""
         cdef int e
         if not self.journal.on:
             if zmsg_send(part, self.s_requests, (ZSNDMORE if more else 0) | ZDONTWAIT) < 0:
                 e = zerrno()
                 zmsg_close(part)
-                return -e if e == ZETERM else 1
+                return self.counters.reply_lost(e)
             return 0
         return self.journal.hold(part, more)
 

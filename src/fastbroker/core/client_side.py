@@ -215,14 +215,16 @@ class ClientSide:
     @cdef
     def emit(self, message: list) -> None:
         """Send a reply, or, with the journal on, hold it until release_held(). A
-        client that is gone or not reading loses it: ROUTER drops it."""
+        client that is gone or not reading loses it, counted (ROUTER_MANDATORY makes
+        the first frame fail)."""
         if self.journal.on:
             self.journal.hold(message)
             return
         try:
             self.s_requests.send_multipart(message, zmq.DONTWAIT, copy=False)
-        except zmq.Again:
-            pass
+        except zmq.ZMQError as exc:
+            if self.counters.reply_lost(exc.errno) < 0:
+                raise
 
     @cdef
     def reply_outcome(self, identity: bytes, d: Done) -> None:

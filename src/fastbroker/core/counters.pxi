@@ -23,6 +23,16 @@ cdef class Counters:
         self.drops[reason] += 1
         self.last_drop = reason
 
+    cdef int reply_lost(self, int e) noexcept nogil:
+        """A reply to a client failed at its first frame (the requests ROUTER has
+        ROUTER_MANDATORY) with errno e: count it as dropped (EAGAIN: the client's pipe is
+        at its high-water mark, it is not reading) or unroutable (it has disconnected).
+        Returns -e for ETERM (the broker is closing: not counted), else 1."""
+        if e == ZETERM:
+            return -e
+        self.counts[CNT_REPLIES_DROPPED if e == EAGAIN else CNT_REPLIES_UNROUTABLE] += 1
+        return 1
+
     cdef void record_latency(self, double seconds) noexcept nogil:
         cdef int i = 0
         while i < N_LATENCY - 1 and seconds > LATENCY_BOUNDS[i]:

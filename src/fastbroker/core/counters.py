@@ -9,7 +9,9 @@ Touches: nothing else. Every part that counts holds a reference to the one insta
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
+
+import zmq
 
 from fastbroker import protocol
 from fastbroker.core import cdef
@@ -41,6 +43,17 @@ class Counters:
         self.counts["dropped"] += 1
         self.drops[reason] += 1
         self.last_drop = reason
+
+    @cdef
+    def reply_lost(self, e: Optional[int]) -> int:
+        """A reply to a client failed at its first frame (the requests ROUTER has
+        ROUTER_MANDATORY) with errno e: count it as dropped (EAGAIN: the client's pipe is
+        at its high-water mark, it is not reading) or unroutable (it has disconnected).
+        Returns -e for ETERM (the broker is closing: not counted; the caller raises), else 1."""
+        if e == zmq.ETERM:
+            return -zmq.ETERM
+        self.counts["replies_dropped" if e == zmq.EAGAIN else "replies_unroutable"] += 1
+        return 1
 
     @cdef
     def record_latency(self, seconds: float) -> None:

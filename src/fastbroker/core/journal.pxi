@@ -109,8 +109,9 @@ cdef class Journal:
         self.nheld += 1
         return 0
 
-    cdef int release(self, void *sock) except -1:
-        """Send the replies held since the last call on sock; returns how many messages."""
+    cdef int release(self, void *sock, Counters counters) except -1:
+        """Send the replies held since the last call on sock; returns how many messages.
+        A reply whose client is gone or not reading is counted (counters.reply_lost)."""
         cdef size_t i
         cdef int e, count = 0
         cdef bint first = True, skip = False
@@ -124,6 +125,8 @@ cdef class Journal:
                     close_msgs(&self.held[i + 1], <int>(self.nheld - i - 1))
                     self.nheld = 0
                     raise zmq.ZMQError(e)
+                if first:
+                    counters.reply_lost(e)
                 skip = first  # a client that is gone loses the whole reply
             if not self.held_more[i]:
                 count += 1

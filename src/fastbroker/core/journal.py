@@ -16,6 +16,7 @@ from typing import List
 import zmq
 
 from fastbroker.core import cdef
+from fastbroker.core.counters import Counters
 
 
 class Journal:
@@ -53,15 +54,16 @@ class Journal:
         self.held.append(message)
 
     @cdef
-    def release(self, socket: zmq.Socket) -> int:
-        """Send the held replies on `socket`; returns how many."""
+    def release(self, socket: zmq.Socket, counters: Counters) -> int:
+        """Send the held replies on `socket`; returns how many. A reply whose client
+        is gone or not reading is counted (counters.reply_lost)."""
         held, self.held = self.held, []
         for message in held:
-            # A client that is gone or not reading loses the reply: ROUTER drops it.
             try:
                 socket.send_multipart(message, zmq.DONTWAIT, copy=False)
-            except zmq.Again:
-                pass
+            except zmq.ZMQError as exc:
+                if counters.reply_lost(exc.errno) < 0:
+                    raise
         return len(held)
 
     @cdef

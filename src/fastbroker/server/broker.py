@@ -50,12 +50,13 @@ LINGER_MS = 1000
 # down instead of growing the broker. A sending pipe at its mark is where the
 # socket type decides: see each constant.
 REQUESTS_SNDHWM = 1000
-"""Replies queued for one client. The requests ROUTER (no ROUTER_MANDATORY) silently
-drops a reply to a client whose pipe is full, so a client that never reads costs the
-broker at most this many replies, not one per request. 1000 leaves room for the
-bursts of a client with hundreds of requests in flight (two replies each: ACCEPTED
-and the outcome); an FBC01 client that loses an outcome anyway gets it back with
-STATUS and RESULT (section 10.7)."""
+"""Replies queued for one client. The requests ROUTER has ROUTER_MANDATORY: a reply to a
+client whose pipe is full fails at once and is dropped, counted in `replies_dropped`
+(one to a client that has gone: `replies_unroutable`), so a client that never reads
+costs the broker at most this many replies, not one per request. fastbroker.Client
+keeps at most `window` requests in flight (ACCEPTED and the outcome each), well below
+it; an FBC01 client that loses an outcome anyway gets it back with RESULT (section
+10.7)."""
 REQUESTS_RCVHWM = 1000
 """Requests read ahead from one client before its connection is paused."""
 WORKERS_SNDHWM = 2 * MAX_CREDIT + 1000
@@ -206,6 +207,9 @@ class Broker(Closeable):
             # A job sent to a worker that has gone fails at once instead of
             # vanishing, and goes to the next idle worker.
             workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # A reply that cannot go fails at its first frame, so the core counts it
+            # (replies_dropped, replies_unroutable) instead of losing it unseen.
+            requests.setsockopt(zmq.ROUTER_MANDATORY, 1)
             answers = self._socket(zmq.PULL, 0, ANSWERS_RCVHWM)
             self.endpoints: Tuple[str, str, str] = (
                 _bind(requests, requests_addr, "requests"),

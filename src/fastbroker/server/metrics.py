@@ -125,6 +125,8 @@ COUNTER_METRICS = {
     "workers_joined": ("fastbroker_workers_joined", "FBW01 workers that registered."),
     "workers_left": ("fastbroker_workers_left", "FBW01 workers that sent DISCONNECT."),
     "workers_dead": ("fastbroker_workers_dead", "FBW01 workers silent past liveness or unreachable."),
+    "replies_dropped": ("fastbroker_replies_dropped", "Replies not sent to a client not reading (high-water mark)."),
+    "replies_unroutable": ("fastbroker_replies_unroutable", "Replies not sent to a client that had disconnected."),
 }
 GAUGE_METRICS = {
     "queued": ("fastbroker_jobs_queued", "Requests waiting for a worker."),
