@@ -196,6 +196,9 @@ class Client(RequestDefaults, Closeable):
             raise
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._wake = WakePipe()
+        # True from a wake-up until the I/O thread takes the commands: a burst of
+        # submits writes the pipe once, not once per request.
+        self._wake_pending = False
         # Held while checking `_closed` and queueing, so nothing is queued after
         # the close command (it would never be served).
         self._lock = threading.Lock()
@@ -413,7 +416,9 @@ class Client(RequestDefaults, Closeable):
             if self._closed:
                 raise BrokerError("client closed")
             self._commands.put(command)
-            self._wake.wake()
+            if not self._wake_pending:
+                self._wake_pending = True
+                self._wake.wake()
 
     def _on_request_done(self, future: concurrent.futures.Future) -> None:
         if future.cancelled():
@@ -478,6 +483,8 @@ class Client(RequestDefaults, Closeable):
                 events = dict(poller.poll(None if due is None else max(1, int(due * 1000) + 1)))
                 if self._wake.read_fd in events:
                     self._wake.drain()
+                    # Before taking the commands: one posted from now on wakes again.
+                    self._wake_pending = False
                 running = self._serve_commands()
                 if events.get(socket, 0) & zmq.POLLIN:
                     for _ in range(RECV_BATCH):
