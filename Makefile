@@ -64,7 +64,7 @@ bench: $(STAMP)
 # broken benchmark; the figures come from `make bench`.
 bench-smoke: $(STAMP)
 	FASTBROKER_BENCH_N=500 FASTBROKER_BENCH_K=500 FASTBROKER_BENCH_ROUNDS=1 \
-	FASTBROKER_DEPTH_DEPTHS=10,10000 FASTBROKER_DEPTH_ROUNDS=2 FASTBROKER_BURST_N=500 \
+	FASTBROKER_DEPTH_DEPTHS=10,10000 FASTBROKER_DEPTH_ROUNDS=2 FASTBROKER_BURST_N=500 FASTBROKER_USER_N=500 \
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-disable
 
 # Hostile input, long: 1,000,000 messages at a broker (compiled core) that must stay

@@ -48,7 +48,7 @@ from fastbroker import protocol
 from fastbroker.worker.base import Worker
 
 REQUESTS, WORKERS, ANSWERS = "requests", "workers", "answers"
-FBW, FBC = protocol.WORKER_SIGNATURE, protocol.CLIENT_SIGNATURE
+FBW, FBC, FBC2 = protocol.WORKER_SIGNATURE, protocol.CLIENT_SIGNATURE, protocol.CLIENT_SIGNATURE_V2
 HUGE = 64 * 1024
 """Size of the "huge" frames of the mix: big enough that a leak of them shows in RSS."""
 GOOD_PREFIX = b"good:"
@@ -101,7 +101,7 @@ def junk(c: Chooser) -> bytes:
     if k < 8:
         return c.randbytes(c.randrange(40))
     if k < 10:
-        return pick(c, [FBW, FBC, b"FBW02", b"FBC0", b"fbc01", FBC + b"\x00"])
+        return pick(c, [FBW, FBC, FBC2, b"FBW02", b"FBC0", b"fbc01", FBC + b"\x00"])
     if k < 13:
         return bytes([c.randrange(256)])
     if k < 15:
@@ -169,8 +169,26 @@ def m_query(c: Chooser) -> Message:
     return Message(REQUESTS, zmq.DEALER, frames, c.randrange(64) == 0)
 
 
+def m_batch(c: Chooser) -> Message:
+    """An FBC02 SUBMIT of 1-4 requests: records with ids of the pool or random, options
+    in and out of range, and a frame count that mostly matches its frames (else the
+    whole message is dropped, reason 13); now and then a header of random bytes."""
+    header, frames = b"", []
+    for _ in range(1 + c.randrange(4)):
+        opts = options(c)
+        if len(opts) != protocol.OPTIONS_SIZE:
+            opts = bytes(protocol.OPTIONS_SIZE)
+        body = payload(c)
+        count = len(body) if c.randrange(8) else pick(c, [0, len(body) + 1, 0xFFFF])
+        header += pick(c, [pick(c, POOL_IDS), c.randbytes(protocol.REQUEST_ID_SIZE)]) + opts + count.to_bytes(2, "big")
+        frames += body
+    if c.randrange(16) == 0:
+        header = c.randbytes(pick(c, [0, 1, 26, 28, 54]))
+    return Message(REQUESTS, zmq.DEALER, [FBC2, protocol.C_SUBMIT, header, *frames], c.randrange(64) == 0)
+
+
 def m_fbc_garbled(c: Chooser) -> Message:
-    frames = [pick(c, [FBC, FBC, b"FBC02", b"fbc01", b"FBC0"])]
+    frames = [pick(c, [FBC, FBC, FBC2, b"fbc01", b"FBC0"])]
     frames += [fbc_command(c)] if c.randrange(5) else []
     frames += [junk(c) for _ in range(c.randrange(5))]
     return Message(REQUESTS, zmq.DEALER, frames, False)
@@ -266,6 +284,7 @@ MIX: List[Tuple[int, Callable[[Chooser], Message]]] = [
     (14, m_submit),
     (10, m_query),
     (6, m_fbc_garbled),
+    (8, m_batch),
     (6, m_original_request),
     (8, m_random),
     (16, m_fbw),

@@ -42,6 +42,7 @@ from fastbroker import Broker, Client, Worker
 from fastbroker.protocol import (
     C_SUBMIT,
     CLIENT_SIGNATURE as CSIG,
+    CLIENT_SIGNATURE_V2 as CSIG2,
     CMD_ANSWER,
     CMD_DISCONNECT,
     CMD_FAILED,
@@ -51,6 +52,7 @@ from fastbroker.protocol import (
     DEFAULT_RETENTION,
     DEFAULT_RETENTION_BYTES,
     OPT_NO_ACK,
+    R_REPLIES,
     R_STATUS,
     WORKER_SIGNATURE as SIG,
 )
@@ -597,6 +599,59 @@ class FBClient:
             self.inbox.append(frames)
 
 
+def submit_record(rid: bytes, nframes: int, flags: int = 0, timeout_ms: int = 0, tries: int = 0) -> bytes:
+    """One FBC02 SUBMIT header record (docs/PROTOCOL.md section 12)."""
+    return rid + struct.pack(">BIIH", flags, timeout_ms, tries, nframes)
+
+
+class FBClient2:
+    """A DEALER client speaking FBC02 frame by frame: ``submit(jobs)`` sends one SUBMIT
+    of [(id, [payload frames], flags, timeout_ms, tries)...]; ``collect()`` keeps each
+    REPLIES message's records in ``records`` as (id, code, body frames), in order, and
+    counts the messages in ``messages``; FBC01 replies (to STATUS, RESULT...) go to
+    ``inbox`` whole."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.records: list = []
+        self.messages = 0
+        self.inbox: list = []
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def submit(self, *jobs) -> None:
+        header = b"".join(submit_record(job[0], len(job[1]), *job[2:]) for job in jobs)
+        self.send(CSIG2, C_SUBMIT, header, *(f for job in jobs for f in job[1]))
+
+    def command(self, cmd: bytes, rid: bytes, *body: bytes) -> None:
+        self.send(CSIG, cmd, rid, *body)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def collect(self) -> None:
+        if self.sock.closed:
+            return
+        for _ in range(100_000):
+            if not self.sock.poll(0):
+                break
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            if frames[0] == CSIG:
+                self.inbox.append(frames)
+                continue
+            assert frames[:2] == [CSIG2, R_REPLIES] and len(frames) >= 3, frames
+            header, body = frames[2], frames[3:]
+            assert header and len(header) % 19 == 0, frames
+            for at in range(0, len(header), 19):
+                rid, code, nbody = header[at : at + 16], header[at + 16 : at + 17], header[at + 17 : at + 19]
+                n = int.from_bytes(nbody, "big")
+                self.records.append((rid, code, body[:n]))
+                body = body[n:]
+            assert body == [], "frames beyond the header's records"
+            self.messages += 1
+
+
 class CRig(WRig):
     """WRig (FBW01 workers, short heartbeats) whose core also has the retention
     settings and queue bound of the test, plus FBC01 clients (``fbclient()``)."""
@@ -630,6 +685,17 @@ class CRig(WRig):
         client = FBClient(self.client(zmq.DEALER, identity))
         self.fbc.append(client)
         return client
+
+    def fbclient2(self, identity=None) -> FBClient2:
+        client = FBClient2(self.client(zmq.DEALER, identity))
+        self.fbc.append(client)
+        return client
+
+    def records(self, client: FBClient2, n: int, timeout: float = 10.0) -> list:
+        """Wait until `client` holds n FBC02 reply records; take them."""
+        self.pump(lambda: len(client.records) >= n, timeout)
+        taken, client.records[:] = client.records[:n], client.records[n:]
+        return taken
 
     def service(self) -> None:
         super().service()

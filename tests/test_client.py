@@ -19,7 +19,7 @@ import zmq
 
 import fastbroker
 from fastbroker import AsyncClient, BrokerError, Client, ConfigError, Status, Worker
-from fastbroker.client.protocol import RequestBook, decode_reply, encode_options
+from fastbroker.client.protocol import RequestBook, decode_replies, decode_reply, encode_options
 from fastbroker.protocol import (
     C_CANCEL,
     C_RESULT,
@@ -27,15 +27,18 @@ from fastbroker.protocol import (
     C_STATUS,
     C_SUBMIT,
     CLIENT_SIGNATURE,
+    CLIENT_SIGNATURE_V2,
     MAX_REQUEST_TIMEOUT_MS,
     R_ACCEPTED,
     R_CANCELLED,
     R_FAILED,
     R_OK,
     R_REJECTED,
+    R_REPLIES,
     R_STATUS,
     R_TIMED_OUT,
     R_UNKNOWN,
+    SUBMIT_RECORD_SIZE,
     decode_stats,
 )
 from rigs import BrokerRig, runs, wait_until
@@ -231,6 +234,7 @@ def test_book_window_holds_requests_beyond_it_and_sends_them_in_order_as_outcome
         "checks": 0,
         "refetched": 0,
         "resubmitted": 0,
+        "protocol": 1,
     }
     b.reply(R_ACCEPTED, ids[0])
     assert len(b.sent) == 3  # ACCEPTED frees nothing: the outcome is still due
@@ -276,6 +280,132 @@ def test_book_lazy_pirate_checks_only_what_is_in_flight_and_counts_refetched():
     assert b.book.stats()["refetched"] == 1 and b.book.stats()["checks"] == 2
     b.reply(R_UNKNOWN, ids[4])  # about a held id (a status() of it): no resubmission
     assert b.book.resubmitted == 0 and b.sent[-1][2] == ids[2]
+
+
+def test_book_v2_gathers_the_submits_of_a_turn_into_fbc02_batches_and_reads_replies():
+    pending = []
+    b = Book(window=4)
+    b.book.v2 = True
+    b.book._on_pending = lambda: pending.append(1)
+    ids = [_submit(b, b"p%d" % i) for i in range(6)]
+    assert b.sent == [] and pending == [1]  # gathered; the loop was told once
+    assert b.book.flush_submits() == 1
+    [message] = b.sent
+    assert message[:2] == [CLIENT_SIGNATURE_V2, C_SUBMIT]
+    header = message[2]
+    assert len(header) == 4 * SUBMIT_RECORD_SIZE  # the window: 4 of 6
+    assert [header[i : i + 16] for i in range(0, len(header), SUBMIT_RECORD_SIZE)] == ids[:4]
+    assert message[3:] == [b"p0", b"p1", b"p2", b"p3"]
+    # One REPLIES message: two ACCEPTED, an OK (2 frames), a FAILED.
+    records = [(ids[0], R_ACCEPTED, []), (ids[1], R_ACCEPTED, []), (ids[0], R_OK, [b"a", b"b"])]
+    records.append((ids[1], R_FAILED, [b"ValueError", b"bad"]))
+    head = b"".join(rid + code + len(body).to_bytes(2, "big") for rid, code, body in records)
+    b.book.on_message([CLIENT_SIGNATURE_V2, R_REPLIES, head, *(f for r in records for f in r[2])])
+    assert b.delivered[ids[0]] == b"ab" and isinstance(b.delivered[ids[1]], fastbroker.TaskFailed)
+    assert b.book.heard_v2
+    b.sent.clear()
+    assert b.book.flush_submits() == 1  # the two outcomes let two held requests in
+    assert b.sent[0][3:] == [b"p4", b"p5"]
+
+
+def test_book_v2_falls_back_to_fbc01_when_the_broker_never_spoke_fbc02():
+    b = Book(check_interval=1.0)
+    b.book.v2 = True
+    rid = _submit(b, b"job")
+    b.book.flush_submits()
+    assert b.sent[0][0] == CLIENT_SIGNATURE_V2
+    b.sent.clear()
+    b.clock.now += 1.0
+    assert b.book.tick() == 1  # silence: RESULT (FBC01)
+    b.reply(R_UNKNOWN, rid)  # an FBC01 broker dropped the batch
+    assert not b.book.v2 and b.book.stats()["protocol"] == 1
+    assert b.sent[-1] == [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"job"]  # submitted again, FBC01
+    b.reply(R_OK, rid, b"done")
+    assert b.delivered[rid] == b"done"
+
+
+def test_book_v2_does_not_fall_back_once_the_broker_spoke_fbc02():
+    b = Book(check_interval=1.0)
+    b.book.v2 = True
+    rid = _submit(b, b"job")
+    b.book.flush_submits()
+    head = rid + R_ACCEPTED + b"\0\0"
+    b.book.on_message([CLIENT_SIGNATURE_V2, R_REPLIES, head])
+    b.reply(R_UNKNOWN, rid)  # the broker restarted without a store: lost, not FBC01
+    assert b.book.v2 and b.book.resubmitted == 1
+    assert b.book.flush_submits() == 1 and b.sent[-1][0] == CLIENT_SIGNATURE_V2
+
+
+def test_decode_replies_refuses_a_header_that_does_not_match_its_frames():
+    rid = uuid.uuid4().bytes
+    ok = rid + R_OK + b"\0\1"
+    assert decode_replies([CLIENT_SIGNATURE_V2, R_REPLIES, ok, b"x"])[0].frames == [b"x"]
+    for frames in (
+        [CLIENT_SIGNATURE_V2, R_REPLIES, ok],  # a frame short
+        [CLIENT_SIGNATURE_V2, R_REPLIES, ok, b"x", b"y"],  # a frame over
+        [CLIENT_SIGNATURE_V2, R_REPLIES, ok[:-1], b"x"],  # not a whole record
+        [CLIENT_SIGNATURE_V2, R_REPLIES, b""],
+        [CLIENT_SIGNATURE_V2, R_OK, ok, b"x"],
+    ):
+        assert decode_replies(frames) is None, frames
+
+
+def fake_fbc01_broker(ctx):
+    """A ROUTER on tcp 127.0.0.1 that plays a broker of before FBC02: it drops FBC02
+    messages (as such a broker does), answers RESULT with UNKNOWN and SUBMIT with OK."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:*")
+    seen = []
+
+    def serve(stop):
+        for _ in range(10_000):
+            if stop.is_set():
+                return
+            if not sock.poll(50):
+                continue
+            identity, *frames = sock.recv_multipart()
+            seen.append(frames[:2])
+            if frames[0] != CLIENT_SIGNATURE:
+                continue
+            if frames[1] == C_RESULT:
+                sock.send_multipart([identity, CLIENT_SIGNATURE, R_UNKNOWN, frames[2]])
+            elif frames[1] == C_SUBMIT:
+                sock.send_multipart([identity, CLIENT_SIGNATURE, R_OK, frames[2], b"re:" + frames[4]])
+
+    return sock, seen, serve
+
+
+@pytest.mark.parametrize("protocol", [2, 1])
+def test_client_against_a_broker_without_fbc02(protocol):
+    ctx = zmq.Context()
+    sock, seen, serve = fake_fbc01_broker(ctx)
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(stop,))
+    thread.start()
+    try:
+        with Client(sock.getsockopt_string(zmq.LAST_ENDPOINT), check_interval=0.2, protocol=protocol) as client:
+            assert client.call(b"job", wait=WAIT) == b"re:job"
+            assert client.stats()["protocol"] == 1
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        sock.close()
+        ctx.term()
+    if protocol == 2:  # FBC02 first, dropped; RESULT; then FBC01
+        assert seen == [[CLIENT_SIGNATURE_V2, C_SUBMIT], [CLIENT_SIGNATURE, C_RESULT], [CLIENT_SIGNATURE, C_SUBMIT]]
+    else:
+        assert seen == [[CLIENT_SIGNATURE, C_SUBMIT]]
+
+
+def test_client_speaks_fbc02_to_the_broker_by_default(rig):
+    rig.start_broker()
+    rig.worker(DealerEcho, credit=4)
+    client = rig.client()
+    assert [f.result(WAIT) for f in client.submit_many([b"a", b"b", b"c"])] == [b"-a", b"-b", b"-c"]
+    assert client.stats()["protocol"] == 2 and client._book.heard_v2
+    with pytest.raises(ConfigError, match="protocol"):
+        Client(rig.address, protocol=3)
 
 
 class FakeFuture(str):
@@ -347,6 +477,7 @@ def test_a_burst_of_submits_loses_no_reply_and_keeps_the_window(any_rig):
         "checks": 0,
         "refetched": 0,
         "resubmitted": 0,
+        "protocol": 2,
     }
 
 

@@ -4,7 +4,8 @@ real inproc sockets (rigs.CRig), and must answer each peer the same, in the same
 order, with the same counters, events and journal.
 
 A hypothesis state machine plays every peer on both sides at once: REQ clients,
-FBC01 clients (SUBMIT with options and repeated ids, STATUS, RESULT, CANCEL, STATS),
+FBC01 clients (SUBMIT with options and repeated ids, STATUS, RESULT, CANCEL, STATS,
+and FBC02 batches of SUBMITs from the same sockets),
 FBW01 workers (READY with credit, ANSWER, FAILED, HEARTBEAT, DISCONNECT, answers for
 task ids they do not hold, unknown or malformed), a worker of the original protocol,
 and raw sockets sending malformed or random messages. After each step it runs each
@@ -39,6 +40,7 @@ from fastbroker.protocol import (
     C_STATS,
     C_STATUS,
     CLIENT_SIGNATURE as CSIG,
+    CLIENT_SIGNATURE_V2 as CSIG2,
     CMD_CANCEL,
     CMD_HEARTBEAT,
     CMD_TASK,
@@ -47,7 +49,7 @@ from fastbroker.protocol import (
     WORKER_SIGNATURE as WSIG,
     decode_stats,
 )
-from rigs import EPOCH, CRig, opts
+from rigs import EPOCH, CRig, opts, submit_record
 
 pytestmark = pytest.mark.compiled_only(reason="differential test of both cores runs in the compiled run")
 
@@ -113,8 +115,14 @@ client_junk = st.sampled_from(
         [CSIG, C_STATS, REQUEST_IDS[0], b"extra"],
         [CSIG, protocol.C_SUBMIT, REQUEST_IDS[1]],  # no options, no payload
         [CSIG, protocol.C_SUBMIT, REQUEST_IDS[1], b""],  # no payload
+        [CSIG2],  # FBC02 without a command
+        [CSIG2, b"\x02", submit_record(REQUEST_IDS[1], 1), b"p"],  # unknown command
+        [CSIG2, protocol.C_SUBMIT, submit_record(REQUEST_IDS[1], 2), b"p"],  # header and frames disagree
+        [CSIG2, protocol.C_SUBMIT, b"\x00" * 20, b"p"],  # not a whole record
     ]
 )
+# FBC02 records: (id, flags, tries, payload); flags 0x80 is unknown (REJECTED alone).
+batch_job = st.tuples(st.sampled_from(REQUEST_IDS), st.sampled_from([0, OPT_NO_ACK, 0x80]), st.integers(0, 3), payload)
 # What a durable store gives back at start: restore_request(id, payload, timeout, tries,
 # attempts) and restore_outcome(id, code, body, attempts, tries, age), with ids that
 # may repeat (refused: ValueError) and outcomes too big to keep.
@@ -382,6 +390,14 @@ class TwoCores(RuleBasedStateMachine):
         for side in self.sides:
             for rid, options, frames in submits:
                 side.fbc[c].submit(rid, *frames, options=options)
+        self.step_done()
+
+    @rule(c=st.integers(0, N_FBC - 1), jobs=st.lists(batch_job, min_size=1, max_size=4))
+    def fbc2_submit(self, c, jobs) -> None:
+        # FBC02 from the same sockets as FBC01: a socket may speak both.
+        header = b"".join(submit_record(rid, len(frames), flags, 0, tries) for rid, flags, tries, frames in jobs)
+        for side in self.sides:
+            side.fbc[c].send(CSIG2, protocol.C_SUBMIT, header, *(f for job in jobs for f in job[3]))
         self.step_done()
 
     @rule(

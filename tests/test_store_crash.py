@@ -43,27 +43,26 @@ FINISH_WAIT = 40.0
 class Wire:
     """What reached the client's socket, per id: ACCEPTED and outcome replies.
 
-    Recorded by wrapping the client's RequestBook.on_message (its I/O thread calls it
-    for every message), since futures only ever see one outcome."""
+    Recorded by wrapping the client's RequestBook.on_reply (its I/O thread calls it
+    for every reply, each of an FBC02 REPLIES message too), since futures only ever see
+    one outcome."""
 
     def __init__(self, client: Client) -> None:
         self.accepted: Set[bytes] = set()
         self.outcomes: Dict[bytes, int] = collections.Counter()
         self.lock = threading.Lock()
         book = client._book
-        original = book.on_message
+        original = book.on_reply
 
-        def on_message(frames):
-            reply = original(frames)
-            if reply is not None:
-                with self.lock:
-                    if reply.kind == R_ACCEPTED:
-                        self.accepted.add(reply.request_id)
-                    elif reply.is_outcome:
-                        self.outcomes[reply.request_id] += 1
-            return reply
+        def on_reply(reply):
+            with self.lock:
+                if reply.kind == R_ACCEPTED:
+                    self.accepted.add(reply.request_id)
+                elif reply.is_outcome:
+                    self.outcomes[reply.request_id] += 1
+            original(reply)
 
-        book.on_message = on_message
+        book.on_reply = on_reply  # type: ignore[method-assign]
 
     def snapshot(self):
         with self.lock:

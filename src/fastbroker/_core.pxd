@@ -129,6 +129,7 @@ cdef struct Req:
     uint16_t nframes  # at most MAX_FRAMES
     uint8_t state  # a ReqState
     uint8_t client  # an FBC01 request: frames[0:nenv] are its waiters' identities
+    uint8_t v2_waiters  # bit w: waiter w speaks FBC02 (its replies go in REPLIES batches)
     zmsg *frames  # REQ: routing envelope (no delimiter) then payload; FBC01: waiters then payload
     double timeout  # per attempt, < 0: none
     uint8_t cid[16]  # the client's request id
@@ -384,6 +385,32 @@ cdef class KeptOutcomes:
     cdef int restore(self, bytes cid, bytes code, body, int attempts, int tries, double age) except -1
 
 
+# -- core/reply_batches.pxi ----------------------------------------------------------
+
+cdef struct Batch:
+    zmsg identity  # the client's (a shared copy)
+    uint8_t *head  # REPLY_RECORD_SIZE records
+    size_t nhead, head_cap  # bytes
+    zmsg *body  # the records' body frames, in order
+    int nbody, body_cap
+    int count  # records
+
+
+@cython.final
+cdef class ReplyBatches:
+    cdef Batch *b
+    cdef int n, cap
+    cdef int last  # the batch found last
+
+    cdef int find(self, zmsg *identity) noexcept nogil
+    cdef bint full(self, int i, int nbody) noexcept nogil
+    cdef int add(self, int i, int code, const uint8_t *cid, zmsg *body, int nbody) noexcept nogil
+    cdef void reset(self, int i) noexcept nogil
+    cdef void clear(self) noexcept nogil
+
+
+# -- core/client_side.pxi ------------------------------------------------------------
+
 @cython.final
 cdef class ClientSide:
     cdef RequestTable table
@@ -397,14 +424,22 @@ cdef class ClientSide:
     cdef Counters counters
     cdef Clock clock
     cdef void *s_requests
+    cdef ReplyBatches batches  # its own: the FBC02 replies of the current turn
 
     cdef int on_client(self, zmsg *m, int n) noexcept nogil
     cdef int submit(self, zmsg *m, int n, const uint8_t *cid) noexcept nogil
-    cdef int reject(self, zmsg *m, const uint8_t *cid, int reason, const char *text) noexcept nogil
+    cdef int on_batch(self, zmsg *m, int n) noexcept nogil
+    cdef int submit_job(self, zmsg *me, bint v2, const uint8_t *cid, uint32_t flags, uint32_t timeout_ms,
+                        uint32_t tries, zmsg *payload, int npayload) noexcept nogil
+    cdef int reject(self, zmsg *me, bint v2, const uint8_t *cid, int reason, const char *text) noexcept nogil
     cdef bint is_waiter(self, Req *r, zmsg *me) noexcept nogil
-    cdef int add_waiter(self, Req *r, zmsg *me) noexcept nogil
+    cdef int add_waiter(self, Req *r, zmsg *me, bint v2) noexcept nogil
     cdef int reply(self, zmsg *identity, int code, const uint8_t *cid, zmsg *body, int nbody) noexcept nogil
     cdef int emit(self, zmsg *part, bint more) noexcept nogil
+    cdef int to_client(self, zmsg *identity, bint v2, int code, const uint8_t *cid, zmsg *body,
+                       int nbody) noexcept nogil
+    cdef int flush_batch(self, int i) noexcept nogil
+    cdef int flush_batches(self) noexcept nogil
     cdef int reply_outcome(self, zmsg *identity, uint32_t d) noexcept nogil
     cdef int reply_stats(self, zmsg *m, const uint8_t *cid) noexcept nogil
     cdef int reply_status(self, zmsg *m, const uint8_t *cid, uint32_t v) noexcept nogil

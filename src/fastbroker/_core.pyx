@@ -52,6 +52,7 @@ include "core/job_queue.pxi"
 include "core/worker_sessions.pxi"
 include "core/kept_outcomes.pxi"
 # The protocol handlers, then the class that composes everything and runs the loop.
+include "core/reply_batches.pxi"
 include "core/client_side.pxi"
 include "core/attempts.pxi"
 include "core/worker_side.pxi"

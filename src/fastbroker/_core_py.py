@@ -24,6 +24,7 @@ from fastbroker.core.idle_workers import IdleWorkers
 from fastbroker.core.job_queue import JobQueue as JobQueue
 from fastbroker.core.journal import Journal as Journal
 from fastbroker.core.kept_outcomes import KeptOutcomes as KeptOutcomes
+from fastbroker.core.reply_batches import ReplyBatches as ReplyBatches
 from fastbroker.core.request_ids import RequestIds
 from fastbroker.core.request_table import RequestTable
 from fastbroker.core.worker_sessions import WorkerSessions as WorkerSessions

@@ -5,10 +5,12 @@ cdef extern from *:
     """
     #define FB_WORKER_SIGNATURE "FBW01"
     #define FB_CLIENT_SIGNATURE "FBC01"
+    #define FB_CLIENT_SIGNATURE_V2 "FBC02"
     #define FB_MAX_REQUEST_TIMEOUT_MS 0xfffffffeu
     """
     const char *WORKER_SIGNATURE "FB_WORKER_SIGNATURE"
     const char *CLIENT_SIGNATURE "FB_CLIENT_SIGNATURE"
+    const char *CLIENT_SIGNATURE_V2 "FB_CLIENT_SIGNATURE_V2"
     const unsigned int MAX_REQUEST_TIMEOUT_MS "FB_MAX_REQUEST_TIMEOUT_MS"
 
 cdef enum:
@@ -49,6 +51,7 @@ cdef enum:
     DROP_ANSWER_BAD_ID = 5
     DROP_ANSWER_TOO_SHORT = 4
     DROP_ANSWER_UNKNOWN = 6
+    DROP_CLIENT_BAD_BATCH = 13
     DROP_CLIENT_BAD_COMMAND = 11
     DROP_CLIENT_BAD_ID = 12
     DROP_OUT_OF_MEMORY = 8
@@ -72,6 +75,7 @@ cdef enum:
     J_FORGET = 3
     J_START = 1
     J_SUBMIT = 0
+    MAX_BATCH = 1024
     MAX_CREDIT = 65536
     MAX_FRAMES = 4096
     MAX_LIVENESS = 1000
@@ -79,7 +83,7 @@ cdef enum:
     MAX_WAITERS = 8
     MIN_LIVENESS = 2
     N_COUNTERS = 22
-    N_DROP_REASONS = 13
+    N_DROP_REASONS = 14
     N_GAUGES = 6
     N_LATENCY = 16
     N_STATS = 46
@@ -90,6 +94,7 @@ cdef enum:
     REJECT_BAD_OPTIONS = 1
     REJECT_QUEUE_FULL = 3
     REJECT_TOO_LARGE = 2
+    REPLY_RECORD_SIZE = 19
     REQUEST_ID_SIZE = 16
     RESULT_OVERHEAD = 128
     RUN_DROP = 2
@@ -102,6 +107,7 @@ cdef enum:
     R_FAILED = 20
     R_OK = 19
     R_REJECTED = 18
+    R_REPLIES = 26
     R_STATS = 25
     R_STATUS = 24
     R_TIMED_OUT = 21
@@ -110,6 +116,7 @@ cdef enum:
     STATE_DONE = 3
     STATE_QUEUED = 1
     STATE_RUNNING = 2
+    SUBMIT_RECORD_SIZE = 27
     TASK_ID_SIZE = 16
 
 
@@ -153,6 +160,7 @@ cdef inline dict compiled_values():
         "DROP_ANSWER_BAD_ID": DROP_ANSWER_BAD_ID,
         "DROP_ANSWER_TOO_SHORT": DROP_ANSWER_TOO_SHORT,
         "DROP_ANSWER_UNKNOWN": DROP_ANSWER_UNKNOWN,
+        "DROP_CLIENT_BAD_BATCH": DROP_CLIENT_BAD_BATCH,
         "DROP_CLIENT_BAD_COMMAND": DROP_CLIENT_BAD_COMMAND,
         "DROP_CLIENT_BAD_ID": DROP_CLIENT_BAD_ID,
         "DROP_OUT_OF_MEMORY": DROP_OUT_OF_MEMORY,
@@ -176,6 +184,7 @@ cdef inline dict compiled_values():
         "J_FORGET": J_FORGET,
         "J_START": J_START,
         "J_SUBMIT": J_SUBMIT,
+        "MAX_BATCH": MAX_BATCH,
         "MAX_CREDIT": MAX_CREDIT,
         "MAX_FRAMES": MAX_FRAMES,
         "MAX_LIVENESS": MAX_LIVENESS,
@@ -195,6 +204,7 @@ cdef inline dict compiled_values():
         "REJECT_BAD_OPTIONS": REJECT_BAD_OPTIONS,
         "REJECT_QUEUE_FULL": REJECT_QUEUE_FULL,
         "REJECT_TOO_LARGE": REJECT_TOO_LARGE,
+        "REPLY_RECORD_SIZE": REPLY_RECORD_SIZE,
         "REQUEST_ID_SIZE": REQUEST_ID_SIZE,
         "RESULT_OVERHEAD": RESULT_OVERHEAD,
         "RUN_DROP": RUN_DROP,
@@ -207,6 +217,7 @@ cdef inline dict compiled_values():
         "R_FAILED": R_FAILED,
         "R_OK": R_OK,
         "R_REJECTED": R_REJECTED,
+        "R_REPLIES": R_REPLIES,
         "R_STATS": R_STATS,
         "R_STATUS": R_STATUS,
         "R_TIMED_OUT": R_TIMED_OUT,
@@ -215,6 +226,7 @@ cdef inline dict compiled_values():
         "STATE_DONE": STATE_DONE,
         "STATE_QUEUED": STATE_QUEUED,
         "STATE_RUNNING": STATE_RUNNING,
+        "SUBMIT_RECORD_SIZE": SUBMIT_RECORD_SIZE,
         "TASK_ID_SIZE": TASK_ID_SIZE,
     }
 
@@ -223,4 +235,5 @@ cdef inline tuple compiled_signatures():
     return (
         WORKER_SIGNATURE[:SIGNATURE_SIZE],
         CLIENT_SIGNATURE[:SIGNATURE_SIZE],
+        CLIENT_SIGNATURE_V2[:SIGNATURE_SIZE],
     )

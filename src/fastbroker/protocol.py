@@ -66,6 +66,19 @@ R_UNKNOWN = b"\x17"  # [id]
 R_STATUS = b"\x18"  # [id, state (1 byte), attempt (4 bytes BE), tries (4 bytes BE, 0: unlimited)]
 R_STATS = b"\x19"  # [id, names (comma-separated ASCII), values (8 bytes BE each, same order)]
 
+# -- FBC02, the batched client protocol, docs/PROTOCOL.md section 12 ---------------
+# [CLIENT_SIGNATURE_V2, C_SUBMIT, header, payload frames...]: many requests in one
+# message; the broker answers [CLIENT_SIGNATURE_V2, R_REPLIES, header, body frames...],
+# the replies of one loop turn to one client. STATUS, RESULT, CANCEL and STATS stay
+# FBC01 messages (on the same socket).
+CLIENT_SIGNATURE_V2 = b"FBC02"
+R_REPLIES = b"\x1a"  # FBC02: [header of REPLY_RECORD_SIZE records, body frames...]
+SUBMIT_RECORD_SIZE = 27  # id (16), flags (1), timeout ms (4 BE), tries (4 BE), payload frames (2 BE)
+REPLY_RECORD_SIZE = 19  # id (16), reply code (1: R_ACCEPTED ... R_CANCELLED), body frames (2 BE)
+MAX_BATCH = 1024
+"""Most requests in one FBC02 SUBMIT, and most records in one REPLIES (a message has
+at most MAX_FRAMES frames in all)."""
+
 OPTIONS_SIZE = 9  # flags (1 byte), timeout in ms (4 bytes BE, 0: broker default), tries (4 bytes BE, 0: default)
 OPT_NO_ACK = 0x01  # flag: do not send ACCEPTED
 OPT_KNOWN_FLAGS = OPT_NO_ACK
@@ -107,6 +120,7 @@ DROP_WORKER_BAD_COMMAND = 9
 DROP_WORKER_BAD_FRAMES = 10
 DROP_CLIENT_BAD_COMMAND = 11
 DROP_CLIENT_BAD_ID = 12
+DROP_CLIENT_BAD_BATCH = 13
 
 DROP_REASONS = (
     "request without an empty delimiter frame",
@@ -122,6 +136,7 @@ DROP_REASONS = (
     "worker command with the wrong frames",
     "client message with an unknown command or the wrong frames",
     "client message whose request id is not 16 bytes",
+    "client batch whose header does not match its frames",
 )
 
 # -- The STATS reply's names -------------------------------------------------------
@@ -205,7 +220,7 @@ JOURNAL_KINDS = ("submit", "start", "finish", "forget")
 # -- The generated declarations for compiled code ----------------------------------
 PXD_PATH = Path(__file__).with_name("_protocol.pxd")
 
-_SIGNATURES = ("WORKER_SIGNATURE", "CLIENT_SIGNATURE")
+_SIGNATURES = ("WORKER_SIGNATURE", "CLIENT_SIGNATURE", "CLIENT_SIGNATURE_V2")
 # Integers that do not fit a C int go to C as unsigned macros.
 _UNSIGNED = ("MAX_REQUEST_TIMEOUT_MS",)
 _ENUM_PREFIXES = ("CMD_", "C_", "R_", "OPT_", "STATE_", "REJECT_", "DROP_", "RUN_")
@@ -218,6 +233,9 @@ _ENUM_NAMES = (
     "MAX_LIVENESS",
     "REQUEST_ID_SIZE",
     "OPTIONS_SIZE",
+    "SUBMIT_RECORD_SIZE",
+    "REPLY_RECORD_SIZE",
+    "MAX_BATCH",
     "MAX_REQUEST_TRIES",
     "MAX_WAITERS",
     "RESULT_OVERHEAD",

@@ -94,11 +94,12 @@ class AsyncClient(RequestDefaults):
         check_interval: float = 2.0,
         window: int = DEFAULT_WINDOW,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
+        protocol: int = 2,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.address = address
-        self._set_defaults(timeout, tries, ack, check_interval, window, window_bytes)
+        self._set_defaults(timeout, tries, ack, check_interval, window, window_bytes, protocol)
         curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         if context is None:
@@ -113,7 +114,7 @@ class AsyncClient(RequestDefaults):
             if self._own_context:
                 self.context.term()
             raise
-        self._book = self._new_book(self._send, _deliver)
+        self._book = self._new_book(self._send, _deliver, self._flush_soon)
         self._reader: Optional[asyncio.Task] = None
         self._closed = False
 
@@ -123,6 +124,11 @@ class AsyncClient(RequestDefaults):
         # pyzmq sends at once when it can and queues in order when it cannot. What it
         # returns is an asyncio.Future; its hints say only Awaitable.
         self._socket.send_multipart(frames).add_done_callback(_ignore_send_result)  # type: ignore[attr-defined]
+
+    def _flush_soon(self) -> None:
+        # The first request of a batch: the rest of this callback's submits join it,
+        # and it goes when the event loop next runs its callbacks.
+        asyncio.get_running_loop().call_soon(self._book.flush_submits)
 
     def _start(self) -> None:
         if self._closed:
@@ -359,6 +365,7 @@ class AsyncClient(RequestDefaults):
                             break
                         book.on_message(frames)
                 book.tick()
+                book.flush_submits()  # held requests that the outcomes let in
         except asyncio.CancelledError:
             raise
         except Exception:

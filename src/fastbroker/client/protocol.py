@@ -1,4 +1,5 @@
-"""The client side of FBC01 (docs/PROTOCOL.md section 10), without any I/O.
+"""The client side of FBC01 and FBC02 (docs/PROTOCOL.md sections 10 and 12), without
+any I/O.
 
 Shared by ``fastbroker.Client`` (a thread owns the socket), ``fastbroker.AsyncClient``
 (an asyncio task owns it) and the CLI: message encoding and decoding, the checks of
@@ -10,6 +11,7 @@ so both clients drive the same logic from their own loop.
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 import time
@@ -25,6 +27,9 @@ from fastbroker.protocol import (
     C_STATUS,
     C_SUBMIT,
     CLIENT_SIGNATURE,
+    CLIENT_SIGNATURE_V2,
+    MAX_BATCH,
+    MAX_FRAMES,
     MAX_REQUEST_TIMEOUT_MS,
     MAX_REQUEST_TRIES,
     OPT_NO_ACK,
@@ -33,10 +38,12 @@ from fastbroker.protocol import (
     R_FAILED,
     R_OK,
     R_REJECTED,
+    R_REPLIES,
     R_STATUS,
     R_TIMED_OUT,
     R_UNKNOWN,
     REJECT_REASONS,
+    REPLY_RECORD_SIZE,
     REQUEST_ID_SIZE,
     STATE_DONE,
     STATE_QUEUED,
@@ -60,6 +67,11 @@ MAX_WINDOW = 1 << 20
 """The largest window a client accepts (requests in flight)."""
 SUBMIT_PAYLOAD_AT = 4
 """Index of the first payload frame of a SUBMIT message: [FBC01, SUBMIT, id, options, payload...]."""
+PROTOCOLS = (1, 2)
+"""The client protocols a client may speak: 1 is FBC01, 2 FBC02 (the default)."""
+_DEFAULT_OPTIONS = bytes(9)  # an FBC02 record's flags, timeout and tries for an empty options frame
+
+log = logging.getLogger("fastbroker.client")
 
 _OPTIONS = struct.Struct(">BII")
 _U32 = struct.Struct(">I")
@@ -90,6 +102,7 @@ class RequestDefaults:
     check_interval: float
     window: int
     window_bytes: int
+    protocol: int
 
     def _set_defaults(
         self,
@@ -99,6 +112,7 @@ class RequestDefaults:
         check_interval: float,
         window: int = DEFAULT_WINDOW,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
+        protocol: int = 2,
     ) -> None:
         self.timeout = check_request_timeout(timeout)
         self.tries = check_request_tries(tries)
@@ -106,9 +120,25 @@ class RequestDefaults:
         self.check_interval = check_seconds("check_interval", check_interval)
         self.window = check_count("window", window, 1, MAX_WINDOW)
         self.window_bytes = check_count("window_bytes", window_bytes, 1, 1 << 62)
+        if protocol not in PROTOCOLS or isinstance(protocol, bool):
+            raise ConfigError(f"protocol must be 1 (FBC01) or 2 (FBC02), not {protocol!r}")
+        self.protocol = protocol
 
-    def _new_book(self, send: Callable[[List[bytes]], None], deliver: Deliver) -> RequestBook:
-        return RequestBook(send, deliver, self.check_interval, window=self.window, window_bytes=self.window_bytes)
+    def _new_book(
+        self,
+        send: Callable[[List[bytes]], None],
+        deliver: Deliver,
+        on_pending: Optional[Callable[[], None]] = None,
+    ) -> RequestBook:
+        return RequestBook(
+            send,
+            deliver,
+            self.check_interval,
+            window=self.window,
+            window_bytes=self.window_bytes,
+            v2=self.protocol == 2,
+            on_pending=on_pending,
+        )
 
     def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
         return encode_options(
@@ -274,6 +304,52 @@ def decode_reply(frames: Sequence[bytes]) -> Optional[Reply]:
     return None
 
 
+def submit_batch_messages(records: Iterable[Tuple[bytes, bytes, Sequence[bytes]]]) -> List[List[bytes]]:
+    """FBC02 SUBMIT messages for (id, FBC01 options frame, payload frames) records: as few
+    as MAX_BATCH records and MAX_FRAMES frames a message allow, in order."""
+    messages: List[List[bytes]] = []
+    header = bytearray()
+    frames: List[bytes] = []
+    count = 0
+    for request_id, options, payload in records:
+        if count and (count == MAX_BATCH or len(frames) + len(payload) + 3 > MAX_FRAMES):
+            messages.append([CLIENT_SIGNATURE_V2, C_SUBMIT, bytes(header), *frames])
+            header, frames, count = bytearray(), [], 0
+        # A record is the id, the FBC01 options' 9 bytes and the payload's frame count.
+        header += request_id
+        header += options or _DEFAULT_OPTIONS
+        header += len(payload).to_bytes(2, "big")
+        frames.extend(payload)
+        count += 1
+    if count:
+        messages.append([CLIENT_SIGNATURE_V2, C_SUBMIT, bytes(header), *frames])
+    return messages
+
+
+def decode_replies(frames: Sequence[bytes]) -> Optional[List[Reply]]:
+    """The replies of an FBC02 REPLIES message ``[FBC02, REPLIES, header, body...]`` (as
+    a DEALER receives it), or None when its header does not match its frames. A record
+    that is not a well-formed reply is left out."""
+    if len(frames) < 3 or frames[0] != CLIENT_SIGNATURE_V2 or frames[1] != R_REPLIES:
+        return None
+    header, body = bytes(frames[2]), frames[3:]
+    if not header or len(header) % REPLY_RECORD_SIZE:
+        return None
+    replies: List[Reply] = []
+    at = 0
+    for offset in range(0, len(header), REPLY_RECORD_SIZE):
+        n = int.from_bytes(header[offset + 17 : offset + 19], "big")
+        if at + n > len(body):
+            return None
+        reply = decode_reply(
+            [CLIENT_SIGNATURE, header[offset + 16 : offset + 17], header[offset : offset + 16], *body[at : at + n]]
+        )
+        at += n
+        if reply is not None:
+            replies.append(reply)
+    return replies if at == len(body) else None
+
+
 def describe_outcome(reply: Reply) -> str:
     """One line for people: "ok", "failed: ValueError: bad", "timed out", "cancelled", "unknown"..."""
     if reply.kind == R_OK:
@@ -338,6 +414,14 @@ class RequestBook:
     flight (sent, outcome not received); the others are held here in submission order
     and sent as outcomes come back. So the broker holds at most two replies per request
     in flight for this client and never has to drop one at its high-water mark.
+
+    With ``v2`` (FBC02), SUBMITs are not sent one by one: the requests that enter the
+    window are gathered and ``flush_submits()``, which the loop calls once per turn,
+    sends them as few FBC02 SUBMIT messages (``on_pending()`` is called when the first
+    one waits, for a loop that must be told). Against a broker that does not speak
+    FBC02 (it drops those messages), the first UNKNOWN for a request it never
+    acknowledged, before anything FBC02 came from it, turns the book to FBC01 for good
+    (``v2`` False) and submits again.
     """
 
     def __init__(
@@ -350,6 +434,8 @@ class RequestBook:
         check_batch: int = CHECK_BATCH,
         window: int = DEFAULT_WINDOW,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
+        v2: bool = False,
+        on_pending: Optional[Callable[[], None]] = None,
     ) -> None:
         self._send = send
         self._deliver = deliver
@@ -374,6 +460,12 @@ class RequestBook:
         """RESULT queries the lazy pirate sent."""
         self.refetched = 0
         """Outcomes received after the lazy pirate asked for them (lost or late replies)."""
+        self.v2 = v2
+        """Whether SUBMITs go as FBC02 batches (False: FBC01, asked for or fallen back to)."""
+        self.heard_v2 = False
+        """Whether the broker has sent an FBC02 message: it speaks FBC02."""
+        self._pending: List[bytes] = []  # FBC02: ids to SUBMIT at the next flush_submits()
+        self._on_pending = on_pending
 
     # -- from the client ---------------------------------------------------------------
 
@@ -402,6 +494,7 @@ class RequestBook:
             "checks": self.checks,
             "refetched": self.refetched,
             "resubmitted": self.resubmitted,
+            "protocol": 2 if self.v2 else 1,
         }
 
     def _start_waiting(self) -> None:
@@ -427,7 +520,35 @@ class RequestBook:
         entry.sent = True
         self._in_flight[request_id] = None
         self.in_flight_bytes += entry.size
-        self._send(entry.message if entry.message is not None else result_message(request_id))
+        if entry.message is None:
+            self._send(result_message(request_id))
+        else:
+            self._send_submit(request_id, entry.message)
+
+    def _send_submit(self, request_id: bytes, message: List[bytes]) -> None:
+        """The SUBMIT of a request: now (FBC01), or at the next flush_submits() (FBC02)."""
+        if not self.v2:
+            self._send(message)
+            return
+        if not self._pending and self._on_pending is not None:
+            self._on_pending()
+        self._pending.append(request_id)
+
+    def flush_submits(self) -> int:
+        """Send the FBC02 SUBMITs gathered since the last call; returns how many messages."""
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, []
+        records = []
+        for request_id in pending:
+            entry = self._entries.get(request_id)
+            if entry is not None and entry.sent and entry.message is not None:  # not forgotten meanwhile
+                message = entry.message
+                records.append((request_id, message[3], message[SUBMIT_PAYLOAD_AT:]))
+        messages = submit_batch_messages(records)
+        for message in messages:
+            self._send(message)
+        return len(messages)
 
     def _leave(self, request_id: bytes, entry: _Entry) -> None:
         """An entry that was removed from _entries leaves the window: held ones move up."""
@@ -460,7 +581,7 @@ class RequestBook:
             if entry.sent:
                 entry.size = _payload_size(message)
                 self.in_flight_bytes += entry.size
-                self._send(message)
+                self._send_submit(request_id, message)
         # Else submitted already by this client: the broker would only add the same
         # socket as a waiter again; the future waits with the others.
 
@@ -527,7 +648,7 @@ class RequestBook:
         """Every future waiting gets `exc` (the client is closing)."""
         entries, queries = self._entries, self._queries
         self._entries, self._queries = {}, {}
-        self._in_flight, self._held, self.in_flight_bytes = {}, deque(), 0
+        self._in_flight, self._held, self.in_flight_bytes, self._pending = {}, deque(), 0, []
         for entry in entries.values():
             for sink in entry.sinks:
                 self._deliver(sink.future, None, exc)
@@ -538,11 +659,24 @@ class RequestBook:
     # -- from the broker ---------------------------------------------------------------
 
     def on_message(self, frames: Sequence[bytes]) -> Optional[Reply]:
-        """Handle one received message; returns the reply (None if malformed)."""
+        """Handle one received message (FBC01, or FBC02 REPLIES: each of its replies);
+        returns the (last) reply, None if malformed."""
         self._quiet_since = self._clock()
+        if frames and frames[0] == CLIENT_SIGNATURE_V2:
+            replies = decode_replies(frames)
+            if replies is None:
+                return None
+            self.heard_v2 = True
+            for one in replies:
+                self.on_reply(one)
+            return replies[-1] if replies else None
         reply = decode_reply(frames)
-        if reply is None:
-            return None
+        if reply is not None:
+            self.on_reply(reply)
+        return reply
+
+    def on_reply(self, reply: Reply) -> None:
+        """Act on one decoded reply."""
         request_id, kind = reply.request_id, reply.kind
         if reply.status is not None:  # STATUS or UNKNOWN
             futures = self._queries.get(request_id)
@@ -555,9 +689,9 @@ class RequestBook:
                 del self._queries[request_id]
         entry = self._entries.get(request_id)
         if entry is None:
-            return reply  # a duplicate outcome, or about an id nobody here waits for
+            return  # a duplicate outcome, or about an id nobody here waits for
         if not entry.sent and kind not in OUTCOME_KINDS:
-            return reply  # about an id held here (a status() of it, say): not its SUBMIT's
+            return  # about an id held here (a status() of it, say): not its SUBMIT's
         if kind == R_ACCEPTED:
             entry.accepted = True
         elif kind in OUTCOME_KINDS or kind == R_REJECTED:
@@ -571,15 +705,19 @@ class RequestBook:
             else:
                 # The broker lost it (restarted without a store): submit it again,
                 # with the same id, so that it runs once however many times it is sent.
+                if self.v2 and not self.heard_v2 and not entry.accepted:
+                    # Never a word in FBC02, and it does not know a request sent so:
+                    # a broker that drops FBC02. FBC01 from now on.
+                    self.v2 = False
+                    log.warning("the broker does not speak FBC02: the client falls back to FBC01")
                 self.resubmitted += 1
                 entry.accepted = False
-                self._send(entry.message)
+                self._send_submit(request_id, entry.message)
         elif kind == R_STATUS:
             entry.accepted = True
             if reply.status is not None and reply.status.state == "done":
                 # It finished but its outcome did not reach this socket.
                 self._send(result_message(request_id))
-        return reply
 
     def _finish(self, request_id: bytes, reply: Reply) -> None:
         entry = self._entries.pop(request_id)

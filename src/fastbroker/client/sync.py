@@ -152,6 +152,11 @@ class Client(RequestDefaults, Closeable):
     waiter again) and submits again (same id) those the broker lost (the lazy
     pirate, section 10.7).
 
+    ``protocol``: 2 (the default) sends requests as FBC02 batches, all those a turn
+    of the I/O thread has, and reads the broker's batched replies; 1 speaks FBC01, one
+    message per request. Against a broker that does not speak FBC02, the client falls
+    back to FBC01 by itself, after ``check_interval`` (docs/PROTOCOL.md section 12).
+
     Flow control: at most ``window`` requests (and ``window_bytes`` bytes of payload)
     are in flight at the broker; the others wait in this client, in order, and go as
     outcomes come back. ``submit()`` never blocks: it queues the request and returns
@@ -180,11 +185,12 @@ class Client(RequestDefaults, Closeable):
         check_interval: float = 2.0,
         window: int = DEFAULT_WINDOW,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
+        protocol: int = 2,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
     ) -> None:
         self.address = address
-        self._set_defaults(timeout, tries, ack, check_interval, window, window_bytes)
+        self._set_defaults(timeout, tries, ack, check_interval, window, window_bytes, protocol)
         curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
@@ -494,6 +500,7 @@ class Client(RequestDefaults, Closeable):
                             break
                         book.on_message(frames)
                 book.tick()
+                book.flush_submits()  # FBC02: this turn's requests, batched
                 self._flush()
         except Exception:
             log.exception("the client's I/O thread failed")

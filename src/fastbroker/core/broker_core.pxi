@@ -72,6 +72,7 @@ cdef class BrokerCore:
         self.sessions.release_all()
         self.kept.release_all()
         self.ids.clear()
+        self.client_side.batches.clear()
         self.store_journal.clear()
         self.store_journal.drop_held()
         self.table.clear()
@@ -198,6 +199,12 @@ cdef class BrokerCore:
             rc = self.worker_side.dispatch(now)
             if rc < 0:
                 return rc
+            # The FBC02 replies of the last turn (and of this one's expiries), before
+            # any return: nothing waits in a batch while the loop sleeps.
+            if self.client_side.batches.n:
+                rc = self.client_side.flush_batches()
+                if rc < 0:
+                    return rc
             if stop_on_drop and self.counters.last_drop >= 0:
                 return RUN_DROP
             if stop_on_event and self.event_queue.count:
@@ -319,9 +326,11 @@ cdef class BrokerCore:
     cdef int _on_request(self, int n) noexcept nogil:
         cdef int d, s, i
         cdef Req *r
-        if n >= 2 and zmsg_size(&self.scratch[1]) == SIGNATURE_SIZE and \
-                memcmp(zmsg_data(&self.scratch[1]), CLIENT_SIGNATURE, SIGNATURE_SIZE) == 0:
-            return self.client_side.on_client(self.scratch, n)
+        if n >= 2 and zmsg_size(&self.scratch[1]) == SIGNATURE_SIZE:
+            if memcmp(zmsg_data(&self.scratch[1]), CLIENT_SIGNATURE, SIGNATURE_SIZE) == 0:
+                return self.client_side.on_client(self.scratch, n)
+            if memcmp(zmsg_data(&self.scratch[1]), CLIENT_SIGNATURE_V2, SIGNATURE_SIZE) == 0:
+                return self.client_side.on_batch(self.scratch, n)
         d = find_delimiter(self.scratch, n)
         if d < 1:
             self.counters.drop(DROP_REQUEST_NO_DELIMITER)

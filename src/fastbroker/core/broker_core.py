@@ -47,6 +47,7 @@ from fastbroker.core.worker_sessions import WorkerSessions
 from fastbroker.core.worker_side import WorkerSide
 from fastbroker.protocol import (
     CLIENT_SIGNATURE,
+    CLIENT_SIGNATURE_V2,
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
     DEFAULT_RETENTION,
@@ -176,6 +177,7 @@ class BrokerCore:
         self.sessions.release_all()
         self.kept.release_all()
         self.ids.clear()
+        self.client_side.batches.clear()
         self.store_journal.clear()
         self.store_journal.drop_held()
         self.table.clear()
@@ -292,6 +294,7 @@ class BrokerCore:
         journal, event_queue, worker_side = self.store_journal, self.event_queue, self.worker_side
         expire, dispatch, drain = self.attempts.expire, worker_side.dispatch, self._drain
         on_ready, on_answer, on_request = worker_side.on_ready, self._on_answer, self._on_request
+        batches, flush_batches = self.client_side.batches, self.client_side.flush_batches
         counters.last_drop = -1
         polled = False
         while True:
@@ -302,6 +305,10 @@ class BrokerCore:
             if sessions.sess and (now >= sessions.next_tick or now >= sessions.next_check):
                 worker_side.tick(now)
             dispatch(now)
+            # The FBC02 replies of the last turn (and of this one's expiries), before
+            # any return: nothing waits in a batch while the loop sleeps.
+            if batches.b:
+                flush_batches()
             if stop_on_drop and counters.last_drop >= 0:
                 return protocol.RUN_DROP
             if stop_on_event and event_queue.queue:
@@ -372,10 +379,15 @@ class BrokerCore:
 
     @cdef
     def _on_request(self, m: list) -> None:
-        """A message on the requests endpoint: FBC01, or an original REQ client's request."""
-        if len(m) >= 2 and len(m[1]) == SIGNATURE_SIZE and m[1].bytes == CLIENT_SIGNATURE:
-            self.client_side.on_client(m)
-            return
+        """A message on the requests endpoint: FBC01, FBC02, or an original REQ client's request."""
+        if len(m) >= 2 and len(m[1]) == SIGNATURE_SIZE:
+            signature = m[1].bytes
+            if signature == CLIENT_SIGNATURE:
+                self.client_side.on_client(m)
+                return
+            if signature == CLIENT_SIGNATURE_V2:
+                self.client_side.on_batch(m)
+                return
         d = find_delimiter(m)
         if d < 1:
             self.counters.drop(protocol.DROP_REQUEST_NO_DELIMITER)

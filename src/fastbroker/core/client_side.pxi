@@ -35,6 +35,7 @@ cdef class ClientSide:
         self.counters = counters
         self.clock = clock
         self.s_requests = <void *><size_t>requests.underlying
+        self.batches = ReplyBatches()
 
     cdef int on_client(self, zmsg *m, int n) noexcept nogil:
         cdef uint8_t command
@@ -70,18 +71,16 @@ cdef class ClientSide:
             return self.reply_outcome(&m[0], v & ~DONE_BIT)
         if command == C_CANCEL:
             return self.cancel(m, v)
-        if self.add_waiter(&self.table.reqs[v], &m[0]) < 0:
+        if self.add_waiter(&self.table.reqs[v], &m[0], False) < 0:
             self.counters.drop(DROP_OUT_OF_MEMORY)
             return 0
         return self.reply_status(m, cid, v)
 
     cdef int submit(self, zmsg *m, int n, const uint8_t *cid) noexcept nogil:
+        """FBC01 SUBMIT: [identity, FBC01, SUBMIT, id, options, payload frames...]."""
         cdef const uint8_t *o
         cdef size_t olen
-        cdef uint32_t flags = 0, timeout_ms = 0, tries = 0, v
-        cdef int i, s, rc = 0
-        cdef Req *r
-        cdef CEnt *e
+        cdef uint32_t flags = 0, timeout_ms = 0, tries = 0
         if n < 6:
             self.counters.drop(DROP_CLIENT_BAD_COMMAND)
             return 0
@@ -89,33 +88,80 @@ cdef class ClientSide:
         o = <const uint8_t *>zmsg_data(&m[4])
         if olen == OPTIONS_SIZE:
             flags = o[0]
-            timeout_ms = (<uint32_t>o[1] << 24) | (<uint32_t>o[2] << 16) | (<uint32_t>o[3] << 8) | o[4]
-            tries = (<uint32_t>o[5] << 24) | (<uint32_t>o[6] << 16) | (<uint32_t>o[7] << 8) | o[8]
-        if (olen != 0 and olen != OPTIONS_SIZE) or (flags & ~(<uint32_t>OPT_KNOWN_FLAGS)) or \
-                timeout_ms > MAX_REQUEST_TIMEOUT_MS:
-            return self.reject(m, cid, REJECT_BAD_OPTIONS, BAD_OPTIONS_TEXT)
+            timeout_ms = load_u32(o + 1)
+            tries = load_u32(o + 5)
+        elif olen != 0:
+            flags = 0xFF  # neither empty nor 9 bytes: bad options
+        return self.submit_job(&m[0], False, cid, flags, timeout_ms, tries, &m[5], n - 5)
+
+    cdef int on_batch(self, zmsg *m, int n) noexcept nogil:
+        """FBC02 SUBMIT: [identity, FBC02, SUBMIT, header, payload frames...]; the header
+        is one SUBMIT_RECORD_SIZE record per request. A header that does not match the
+        frames drops the whole message; a request with bad options is REJECTED alone."""
+        cdef const uint8_t *h
+        cdef size_t hsize
+        cdef int count, j, nf, at, total = 0, rc
+        if n < 4 or zmsg_size(&m[2]) != 1 or (<const uint8_t *>zmsg_data(&m[2]))[0] != C_SUBMIT:
+            self.counters.drop(DROP_CLIENT_BAD_COMMAND)
+            return 0
+        hsize = zmsg_size(&m[3])
+        h = <const uint8_t *>zmsg_data(&m[3])
+        count = <int>(hsize // SUBMIT_RECORD_SIZE)
+        if hsize == 0 or hsize % SUBMIT_RECORD_SIZE or count > MAX_BATCH:
+            self.counters.drop(DROP_CLIENT_BAD_BATCH)
+            return 0
+        for j in range(count):
+            nf = (h[j * SUBMIT_RECORD_SIZE + 25] << 8) | h[j * SUBMIT_RECORD_SIZE + 26]
+            if nf == 0:
+                self.counters.drop(DROP_CLIENT_BAD_BATCH)
+                return 0
+            total += nf
+        if total != n - 4:
+            self.counters.drop(DROP_CLIENT_BAD_BATCH)
+            return 0
+        at = 4
+        for j in range(count):
+            h = <const uint8_t *>zmsg_data(&m[3]) + j * SUBMIT_RECORD_SIZE
+            nf = (h[25] << 8) | h[26]
+            rc = self.submit_job(&m[0], True, h, h[16], load_u32(h + 17), load_u32(h + 21), &m[at], nf)
+            if rc < 0:
+                return rc
+            at += nf
+        return 0
+
+    cdef int submit_job(self, zmsg *me, bint v2, const uint8_t *cid, uint32_t flags, uint32_t timeout_ms,
+                        uint32_t tries, zmsg *payload, int npayload) noexcept nogil:
+        """One request from client `me` (FBC01, or one record of an FBC02 batch): queued,
+        or a duplicate, or REJECTED. Its payload frames are moved out when it is queued."""
+        cdef uint32_t v
+        cdef int i, s, rc = 0
+        cdef Req *r
+        cdef CEnt *e
+        if (flags & ~(<uint32_t>OPT_KNOWN_FLAGS)) or timeout_ms > MAX_REQUEST_TIMEOUT_MS:
+            return self.reject(me, v2, cid, REJECT_BAD_OPTIONS, BAD_OPTIONS_TEXT)
         e = self.ids.entry(cid)
         if e != NULL:
             # The same id again: it runs once; this sender is told the outcome too.
             self.counters.add(CNT_DUPLICATES)
             v = e.value
-            if not v & DONE_BIT and self.add_waiter(&self.table.reqs[v], &m[0]) < 0:
+            if not v & DONE_BIT and self.add_waiter(&self.table.reqs[v], me, v2) < 0:
                 self.counters.drop(DROP_OUT_OF_MEMORY)
                 return 0
             if not flags & OPT_NO_ACK:
-                rc = self.reply(&m[0], R_ACCEPTED, cid, NULL, 0)
+                rc = self.to_client(me, v2, R_ACCEPTED, cid, NULL, 0)
             if rc >= 0 and v & DONE_BIT:
-                rc = self.reply_outcome(&m[0], v & ~DONE_BIT)
+                rc = self.to_client(me, v2, self.kept.done[v & ~DONE_BIT].code, cid,
+                                    self.kept.done[v & ~DONE_BIT].body, self.kept.done[v & ~DONE_BIT].nbody)
             return rc
         if self.queue.full():
-            return self.reject(m, cid, REJECT_QUEUE_FULL, QUEUE_FULL_TEXT)
+            return self.reject(me, v2, cid, REJECT_QUEUE_FULL, QUEUE_FULL_TEXT)
         s = self.table.alloc()
         if s < 0:
             self.counters.drop(DROP_OUT_OF_MEMORY)
             return 0
         r = &self.table.reqs[s]
         # Frames kept: the sender's identity (its first waiter), then the payload.
-        r.frames = <zmsg *>malloc((n - 4) * sizeof(zmsg))
+        r.frames = <zmsg *>malloc((npayload + 1) * sizeof(zmsg))
         if r.frames == NULL:
             self.table.release(s)
             self.counters.drop(DROP_OUT_OF_MEMORY)
@@ -125,14 +171,15 @@ cdef class ClientSide:
             self.counters.drop(DROP_OUT_OF_MEMORY)
             return 0
         zmsg_init(&r.frames[0])
-        zmsg_copy(&r.frames[0], &m[0])
-        for i in range(5, n):
-            zmsg_init(&r.frames[i - 4])
-            zmsg_move(&r.frames[i - 4], &m[i])
-        r.nframes = n - 4
+        zmsg_copy(&r.frames[0], me)
+        for i in range(npayload):
+            zmsg_init(&r.frames[i + 1])
+            zmsg_move(&r.frames[i + 1], &payload[i])
+        r.nframes = npayload + 1
         r.nenv = 1
+        r.v2_waiters = 1 if v2 else 0
         if self.queue.count or not self.idle.live:
-            own_small_frames(&r.frames[1], n - 5)
+            own_small_frames(&r.frames[1], npayload)
         r.client = True
         memcpy(r.cid, cid, REQUEST_ID_SIZE)
         if tries == 0:
@@ -147,10 +194,10 @@ cdef class ClientSide:
         if self.journal.on:
             self.journal.push(J_SUBMIT, cid, 0, &r.frames[1], r.nframes - 1, 0, r.tries, r.timeout)
         if not flags & OPT_NO_ACK:
-            return self.reply(&m[0], R_ACCEPTED, cid, NULL, 0)
+            return self.to_client(me, v2, R_ACCEPTED, cid, NULL, 0)
         return 0
 
-    cdef int reject(self, zmsg *m, const uint8_t *cid, int reason, const char *text) noexcept nogil:
+    cdef int reject(self, zmsg *me, bint v2, const uint8_t *cid, int reason, const char *text) noexcept nogil:
         cdef zmsg extra[2]
         cdef size_t n = strlen(text)
         cdef int rc
@@ -159,7 +206,7 @@ cdef class ClientSide:
         (<uint8_t *>zmsg_data(&extra[0]))[0] = <uint8_t>reason
         zmsg_init_size(&extra[1], n)
         memcpy(zmsg_data(&extra[1]), text, n)
-        rc = self.reply(&m[0], R_REJECTED, cid, extra, 2)
+        rc = self.to_client(me, v2, R_REJECTED, cid, extra, 2)
         close_msgs(extra, 2)
         return rc
 
@@ -168,14 +215,14 @@ cdef class ClientSide:
     cdef bint is_waiter(self, Req *r, zmsg *me) noexcept nogil:
         """Whether the client `me` (an identity frame) is one of r's waiters."""
         cdef int i
-        cdef size_t sz = zmsg_size(me)
         for i in range(r.nenv):
-            if zmsg_size(&r.frames[i]) == sz and memcmp(zmsg_data(&r.frames[i]), zmsg_data(me), sz) == 0:
+            if same_frame(&r.frames[i], me):
                 return True
         return False
 
-    cdef int add_waiter(self, Req *r, zmsg *me) noexcept nogil:
-        """Make the client `me` (the current message's sender) one of r's waiters."""
+    cdef int add_waiter(self, Req *r, zmsg *me, bint v2) noexcept nogil:
+        """Make the client `me` (the current message's sender, speaking FBC02 if v2) one
+        of r's waiters. One that is already keeps the protocol it had."""
         cdef int i
         cdef zmsg *grown
         if self.is_waiter(r, me):
@@ -185,6 +232,7 @@ cdef class ClientSide:
             for i in range(1, r.nenv):
                 zmsg_move(&r.frames[i - 1], &r.frames[i])
             zmsg_copy(&r.frames[r.nenv - 1], me)
+            r.v2_waiters = (r.v2_waiters >> 1) | ((1 << (r.nenv - 1)) if v2 else 0)
             return 0
         grown = <zmsg *>realloc(r.frames, (r.nframes + 1) * sizeof(zmsg))
         if grown == NULL:
@@ -197,6 +245,8 @@ cdef class ClientSide:
             zmsg_move(&r.frames[i], &r.frames[i - 1])
             i -= 1
         zmsg_copy(&r.frames[r.nenv], me)
+        if v2:
+            r.v2_waiters |= 1 << r.nenv
         r.nenv += 1
         r.nframes += 1
         return 0
@@ -241,6 +291,62 @@ cdef class ClientSide:
                 return self.counters.reply_lost(e)
             return 0
         return self.journal.hold(part, more)
+
+    cdef int to_client(self, zmsg *identity, bint v2, int code, const uint8_t *cid, zmsg *body,
+                       int nbody) noexcept nogil:
+        """A reply about request cid to a client: an FBC01 message now, or a record of
+        this turn's REPLIES batch to an FBC02 client (sent by flush_batches)."""
+        cdef int i, rc
+        if not v2:
+            return self.reply(identity, code, cid, body, nbody)
+        i = self.batches.find(identity)
+        if i < 0:
+            self.counters.drop(DROP_OUT_OF_MEMORY)
+            return 0
+        if self.batches.full(i, nbody):
+            rc = self.flush_batch(i)
+            if rc < 0:
+                return rc
+        if self.batches.add(i, code, cid, body, nbody) < 0:
+            self.counters.drop(DROP_OUT_OF_MEMORY)
+        return 0
+
+    cdef int flush_batch(self, int i) noexcept nogil:
+        """Send batch i as [identity, FBC02, REPLIES, header, body frames...] and empty it."""
+        cdef Batch *b = &self.batches.b[i]
+        cdef zmsg part
+        cdef int k, rc
+        if not b.count:
+            return 0
+        zmsg_init(&part)
+        zmsg_copy(&part, &b.identity)
+        rc = self.emit(&part, True)
+        if rc == 0:
+            zmsg_init_size(&part, SIGNATURE_SIZE)
+            memcpy(zmsg_data(&part), CLIENT_SIGNATURE_V2, SIGNATURE_SIZE)
+            self.emit(&part, True)
+            zmsg_init_size(&part, 1)
+            (<uint8_t *>zmsg_data(&part))[0] = <uint8_t>R_REPLIES
+            self.emit(&part, True)
+            zmsg_init_size(&part, b.nhead)
+            memcpy(zmsg_data(&part), b.head, b.nhead)
+            self.emit(&part, b.nbody > 0)
+            for k in range(b.nbody):
+                self.emit(&b.body[k], k + 1 < b.nbody)  # consumed: empty now
+            b.nbody = 0
+        self.batches.reset(i)
+        return rc if rc < 0 else 0
+
+    cdef int flush_batches(self) noexcept nogil:
+        """Send every FBC02 client its replies of this turn (called at the start of each
+        loop turn, so no reply waits longer than the turn that made it)."""
+        cdef int i, rc, result = 0
+        for i in range(self.batches.n):
+            rc = self.flush_batch(i)
+            if rc < 0:
+                result = rc
+        self.batches.clear()
+        return result
 
     cdef int reply_outcome(self, zmsg *identity, uint32_t d) noexcept nogil:
         cdef Done *o = &self.kept.done[d]
@@ -337,7 +443,7 @@ cdef class ClientSide:
         cdef int w, rc, result = 0
         cdef CEnt *e
         for w in range(r.nenv):
-            rc = self.reply(&r.frames[w], code, r.cid, body, nbody)
+            rc = self.to_client(&r.frames[w], r.v2_waiters & (1 << w), code, r.cid, body, nbody)
             if rc < 0:
                 result = rc
         e = self.ids.entry(r.cid)

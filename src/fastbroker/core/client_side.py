@@ -25,6 +25,7 @@ from fastbroker.core.idle_workers import IdleWorkers
 from fastbroker.core.job_queue import JobQueue
 from fastbroker.core.journal import Journal
 from fastbroker.core.kept_outcomes import Done, KeptOutcomes
+from fastbroker.core.reply_batches import ReplyBatches
 from fastbroker.core.request_ids import RequestIds
 from fastbroker.core.request_table import QUEUED, Req, RequestTable
 from fastbroker.core.worker_sessions import WorkerSessions
@@ -35,10 +36,12 @@ from fastbroker.protocol import (
     C_STATUS,
     C_SUBMIT,
     CLIENT_SIGNATURE,
+    CLIENT_SIGNATURE_V2,
     CMD_CANCEL,
     R_ACCEPTED,
     R_CANCELLED,
     R_REJECTED,
+    R_REPLIES,
     R_STATS,
     R_STATUS,
     R_UNKNOWN,
@@ -63,6 +66,7 @@ class ClientSide:
         "counters",
         "clock",
         "s_requests",
+        "batches",
     )
 
     def __init__(
@@ -90,6 +94,7 @@ class ClientSide:
         self.counters = counters
         self.clock = clock
         self.s_requests = requests
+        self.batches = ReplyBatches()  # its own: the FBC02 replies of the current turn
 
     @cdef
     def on_client(self, m: list) -> None:
@@ -128,12 +133,12 @@ class ClientSide:
         if command == C_CANCEL:
             self.cancel(m, v)
             return
-        self.add_waiter(v, m[0].bytes)
+        self.add_waiter(v, m[0].bytes, False)
         self.reply_status(m, cid, v)
 
     @cdef
     def submit(self, m: list, cid: bytes) -> None:
-        """SUBMIT: [identity, FBC01, SUBMIT, id, options, payload frames...]."""
+        """FBC01 SUBMIT: [identity, FBC01, SUBMIT, id, options, payload frames...]."""
         if len(m) < 6:
             self.counters.drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
@@ -143,41 +148,72 @@ class ClientSide:
             flags = options[0]
             timeout_ms = int.from_bytes(options[1:5], "big")
             tries = int.from_bytes(options[5:9], "big")
-        if (
-            len(options) not in (0, protocol.OPTIONS_SIZE)
-            or flags & ~protocol.OPT_KNOWN_FLAGS
-            or timeout_ms > protocol.MAX_REQUEST_TIMEOUT_MS
-        ):
-            self.reject(m, cid, protocol.REJECT_BAD_OPTIONS)
+        elif options:
+            flags = 0xFF  # neither empty nor 9 bytes: bad options
+        self.submit_job(m[0].bytes, False, cid, flags, timeout_ms, tries, m[5:])
+
+    @cdef
+    def on_batch(self, m: list) -> None:
+        """FBC02 SUBMIT: [identity, FBC02, SUBMIT, header, payload frames...]; the header
+        is one SUBMIT_RECORD_SIZE record per request. A header that does not match the
+        frames drops the whole message; a request with bad options is REJECTED alone."""
+        if len(m) < 4 or m[2].bytes != C_SUBMIT:
+            self.counters.drop(protocol.DROP_CLIENT_BAD_COMMAND)
+            return
+        h = m[3].bytes
+        size = protocol.SUBMIT_RECORD_SIZE
+        count = len(h) // size
+        if not h or len(h) % size or count > protocol.MAX_BATCH:
+            self.counters.drop(protocol.DROP_CLIENT_BAD_BATCH)
+            return
+        nframes = [int.from_bytes(h[j * size + 25 : j * size + 27], "big") for j in range(count)]
+        if 0 in nframes or sum(nframes) != len(m) - 4:
+            self.counters.drop(protocol.DROP_CLIENT_BAD_BATCH)
+            return
+        identity = m[0].bytes
+        at = 4
+        for j, nf in enumerate(nframes):
+            rec = h[j * size : (j + 1) * size]
+            flags, timeout_ms, tries = rec[16], int.from_bytes(rec[17:21], "big"), int.from_bytes(rec[21:25], "big")
+            self.submit_job(identity, True, rec[:16], flags, timeout_ms, tries, m[at : at + nf])
+            at += nf
+
+    @cdef
+    def submit_job(
+        self, me: bytes, v2: bool, cid: bytes, flags: int, timeout_ms: int, tries: int, payload: list
+    ) -> None:
+        """One request from client `me` (FBC01, or one record of an FBC02 batch): queued,
+        or a duplicate, or REJECTED."""
+        if flags & ~protocol.OPT_KNOWN_FLAGS or timeout_ms > protocol.MAX_REQUEST_TIMEOUT_MS:
+            self.reject(me, v2, cid, protocol.REJECT_BAD_OPTIONS)
             return
         ack = not flags & protocol.OPT_NO_ACK
-        identity = m[0].bytes
         v = self.ids.entry(cid)
         if v is not None:
             # The same id again: it runs once; this sender is told the outcome too.
             self.counters.add("duplicates")
             done = type(v) is Done
             if not done:
-                self.add_waiter(v, identity)
+                self.add_waiter(v, me, v2)
             if ack:
-                self.reply(identity, R_ACCEPTED, cid)
+                self.to_client(me, v2, R_ACCEPTED, cid)
             if done:
-                self.reply_outcome(identity, v)
+                self.to_client(me, v2, v.code, cid, v.body)
             return
         queue = self.queue
         if queue.full():
-            self.reject(m, cid, protocol.REJECT_QUEUE_FULL)
+            self.reject(me, v2, cid, protocol.REJECT_QUEUE_FULL)
             return
         if tries == 0:
             tries_left = queue.tries
         else:
             tries_left = min(tries, protocol.MAX_REQUEST_TRIES)
-        payload = m[5:]
         r = self.table.alloc([], payload, tries_left)
         r.timeout = queue.timeout if timeout_ms == 0 else timeout_ms / 1000.0
         r.arrived = monotonic()
         r.cid = cid
-        r.waiters.append(identity)
+        r.waiters.append(me)
+        r.v2_waiters = 1 if v2 else 0
         queue.push(r)
         self.ids.add(cid, r)
         queue.count += 1
@@ -185,13 +221,13 @@ class ClientSide:
         if self.journal.on:
             self.journal.push(("submit", cid, [f.bytes for f in payload], r.timeout, tries_left))
         if ack:
-            self.reply(identity, R_ACCEPTED, cid)
+            self.to_client(me, v2, R_ACCEPTED, cid)
 
     @cdef
-    def reject(self, m: list, cid: bytes, reason: int) -> None:
-        """REJECTED for `reason` (a protocol.REJECT_* code) to the sender of m."""
+    def reject(self, me: bytes, v2: bool, cid: bytes, reason: int) -> None:
+        """REJECTED for `reason` (a protocol.REJECT_* code) to client `me`."""
         self.counters.add("rejected")
-        self.reply(m[0].bytes, R_REJECTED, cid, [bytes([reason]), protocol.REJECT_REASONS[reason].encode()])
+        self.to_client(me, v2, R_REJECTED, cid, [bytes([reason]), protocol.REJECT_REASONS[reason].encode()])
 
     @cdef
     def is_waiter(self, r: Req, me: bytes) -> bool:
@@ -199,13 +235,17 @@ class ClientSide:
         return me in r.waiters
 
     @cdef
-    def add_waiter(self, r: Req, me: bytes) -> None:
-        """Make identity `me` one of r's waiters (on a full list the oldest gives way)."""
+    def add_waiter(self, r: Req, me: bytes, v2: bool) -> None:
+        """Make identity `me` (speaking FBC02 if v2) one of r's waiters (on a full list
+        the oldest gives way). One that is already keeps the protocol it had."""
         if self.is_waiter(r, me):
             return
+        if v2:
+            r.v2_waiters |= 1 << len(r.waiters)
         r.waiters.append(me)
         if len(r.waiters) > protocol.MAX_WAITERS:
             del r.waiters[0]
+            r.v2_waiters >>= 1
 
     @cdef
     def reply(self, identity: bytes, code: bytes, cid: bytes, body: Optional[list] = None) -> None:
@@ -225,6 +265,35 @@ class ClientSide:
         except zmq.ZMQError as exc:
             if self.counters.reply_lost(exc.errno) < 0:
                 raise
+
+    @cdef
+    def to_client(self, identity: bytes, v2: int, code: bytes, cid: bytes, body: Optional[list] = None) -> None:
+        """A reply about request cid to a client: an FBC01 message now, or a record of
+        this turn's REPLIES batch to an FBC02 client (sent by flush_batches)."""
+        if not v2:
+            self.reply(identity, code, cid, body)
+            return
+        frames = body or []
+        i = self.batches.find(identity)
+        if self.batches.full(i, len(frames)):
+            self.flush_batch(i)
+        self.batches.add(i, code, cid, frames)
+
+    @cdef
+    def flush_batch(self, i: int) -> None:
+        """Send batch i as [identity, FBC02, REPLIES, header, body frames...] and empty it."""
+        b = self.batches.b[i]
+        if b.count:
+            self.emit([b.identity, CLIENT_SIGNATURE_V2, R_REPLIES, bytes(b.head), *b.body])
+        self.batches.reset(i)
+
+    @cdef
+    def flush_batches(self) -> None:
+        """Send every FBC02 client its replies of this turn (called at the start of each
+        loop turn, so no reply waits longer than the turn that made it)."""
+        for i in range(len(self.batches.b)):
+            self.flush_batch(i)
+        self.batches.clear()
 
     @cdef
     def reply_outcome(self, identity: bytes, d: Done) -> None:
@@ -292,8 +361,8 @@ class ClientSide:
         outcome for RESULT (the caller releases the request)."""
         cid = r.cid
         assert cid is not None
-        for identity in r.waiters:
-            self.reply(identity, code, cid, body)
+        for w, identity in enumerate(r.waiters):
+            self.to_client(identity, r.v2_waiters & (1 << w), code, cid, body)
         if self.journal.on:
             self.journal.push(("finish", cid, code, [bytes(f) for f in body], r.attempts, r.tries))
         self.kept.keep(cid, code, body, r.attempts, r.tries, monotonic())

@@ -10,6 +10,17 @@ cdef void close_msgs(zmsg *msgs, int n) noexcept nogil:
         zmsg_close(&msgs[i])
 
 
+cdef inline uint32_t load_u32(const uint8_t *p) noexcept nogil:
+    """A big-endian unsigned 32-bit integer."""
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline bint same_frame(zmsg *a, zmsg *b) noexcept nogil:
+    """Whether two frames hold the same bytes."""
+    cdef size_t sz = zmsg_size(a)
+    return zmsg_size(b) == sz and memcmp(zmsg_data(a), zmsg_data(b), sz) == 0
+
+
 cdef int find_delimiter(zmsg *m, int n) noexcept nogil:
     """Index of the first empty frame of m[0:n], or -1."""
     cdef int i

@@ -67,6 +67,7 @@ cdef class RequestTable:
         self.reqs[s].frames = NULL
         self.reqs[s].nframes = 0
         self.reqs[s].nenv = 0
+        self.reqs[s].v2_waiters = 0
         self.reqs[s].attempts = 0
         self.reqs[s].worker = -1
         self.reqs[s].failed_on = -1

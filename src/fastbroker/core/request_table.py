@@ -45,6 +45,7 @@ class Req:
         "attempts",
         "cid",
         "waiters",
+        "v2_waiters",
         "fail",
         "arrived",
     )
@@ -65,6 +66,7 @@ class Req:
         # and the latest FAILED's (type, message) frames.
         self.cid: Optional[bytes] = None
         self.waiters: List[bytes] = []
+        self.v2_waiters = 0  # bit w: waiter w speaks FBC02 (its replies go in REPLIES batches)
         self.fail: Optional[list] = None
         self.arrived = 0.0  # when it entered the broker (for the latency histogram)
 

@@ -1,0 +1,152 @@
+"""The path a Python user runs, in pytest-benchmark: ``Client.map`` in this process, a
+broker process (``python -m fastbroker broker --core compiled``) and a worker process
+running a ``fastbroker.Worker`` subclass (``python -m fastbroker worker
+bench.test_user_path:Echo --credit 64``), over ipc; beside the reference the issues
+measure it against, a bare pyzmq echo in the same run: a DEALER in this process with
+256 messages in flight and a ROUTER echo loop in a process of its own, one message per
+job, Python both ends.
+
+    pytest bench/test_user_path.py --benchmark-only --benchmark-group-by=group
+
+Each benchmark sends N jobs of 16 bytes (FASTBROKER_USER_N [20000]) per round
+(FASTBROKER_BENCH_ROUNDS [5]); extra_info has jobs/s and the ratio to the bare echo's
+rate of the same run (issue 14's target for the user path: >= 1.5x with FBC02).
+``fbc01`` is the same client with ``protocol=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict, Iterator, List
+
+import pytest
+import zmq
+
+from fastbroker import Client, Worker
+
+from bench import e2e
+from bench.conftest import SIZES, WAIT_LIMIT, _env_int
+
+USER_N = _env_int("FASTBROKER_USER_N", 20_000)
+PAYLOADS = [b"%016d" % i for i in range(USER_N)]
+ECHO_WINDOW = 256
+CREDIT = 64
+_rates: Dict[str, float] = {}
+
+
+class Echo(Worker):
+    """The user's worker: answers the payload it is given."""
+
+    def process(self, data: bytes) -> bytes:
+        return data
+
+
+def echo_server(address: str, parent: int) -> None:
+    """The bare reference's server: a ROUTER that sends every message back as it came."""
+    ctx = zmq.Context(1)
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.bind(address)
+    print("bound", flush=True)
+    recv, send, poll = sock.recv_multipart, sock.send_multipart, sock.poll
+    end = time.monotonic() + e2e.CHILD_LIFETIME
+    while time.monotonic() < end and os.getppid() == parent:
+        if poll(200):
+            for _ in range(1000):
+                try:
+                    send(recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+
+
+def bare_echo(sock: zmq.Socket) -> List[bytes]:
+    """USER_N messages through the echo server, ECHO_WINDOW in flight: the answers in order."""
+    answers: List[bytes] = []
+    sent = 0
+    send, recv = sock.send, sock.recv
+    while sent < min(ECHO_WINDOW, USER_N):
+        send(PAYLOADS[sent])
+        sent += 1
+    while len(answers) < USER_N:
+        if not sock.poll(int(WAIT_LIMIT * 1000)):
+            raise RuntimeError("the echo server stopped answering")
+        answers.append(recv())
+        if sent < USER_N:
+            send(PAYLOADS[sent])
+            sent += 1
+    return answers
+
+
+class Served:
+    def __init__(self, run: e2e.Run) -> None:
+        deadline = time.monotonic() + WAIT_LIMIT
+        req, work, ans, echo = (f"ipc://{run.dir}/{name}" for name in ("req", "wrk", "ans", "echo"))
+        broker = run.start(["-m", "fastbroker", "-v", "broker", "--core", "compiled", req, work, ans], "broker")
+        run.wait_for_broker(broker, "user-path", "compiled", deadline)
+        run.start(["-m", "fastbroker", "worker", "bench.test_user_path:Echo", work, "--credit", str(CREDIT)], "worker")
+        server = run.start(["-m", "bench.test_user_path", "_echo", echo, str(os.getpid())], "echo")
+        if e2e.Lines(server, "echo").read(deadline) != "bound":
+            raise RuntimeError("the echo server did not bind")
+        self.address, self.echo = req, echo
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    with e2e.temporary_run(argparse.Namespace(transport="ipc"), prefix="fb-user-") as run:
+        yield Served(run)
+
+
+def _record(benchmark, name: str, walls: List[float]) -> None:
+    rate = USER_N / sorted(walls)[len(walls) // 2]
+    _rates[name] = rate
+    benchmark.extra_info.update(jobs=USER_N, jobs_per_s=round(rate))
+    if name != "bare-echo" and "bare-echo" in _rates:
+        benchmark.extra_info["ratio_to_bare_echo"] = round(rate / _rates["bare-echo"], 3)
+
+
+def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
+    benchmark.group = "user-path"
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(served.echo)
+    walls: List[float] = []
+
+    def one_round() -> None:
+        start = time.perf_counter()
+        answers = bare_echo(sock)
+        walls.append(time.perf_counter() - start)
+        assert answers == PAYLOADS
+
+    try:
+        benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
+    finally:
+        sock.close()
+    _record(benchmark, "bare-echo", walls)
+
+
+@pytest.mark.parametrize("protocol", [2, 1], ids=["fbc02", "fbc01"])
+def test_client_map_worker_subclass(benchmark, served: Served, protocol: int) -> None:
+    benchmark.group = "user-path"
+    walls: List[float] = []
+    with Client(served.address, protocol=protocol) as client:
+        assert client.call(b"warm", wait=WAIT_LIMIT) == b"warm"
+
+        def one_round() -> None:
+            start = time.perf_counter()
+            answers = list(client.map(PAYLOADS))
+            walls.append(time.perf_counter() - start)
+            assert answers == PAYLOADS
+
+        benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
+        assert client.stats()["protocol"] == protocol
+    _record(benchmark, f"map-{protocol}", walls)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["_echo"]:
+    echo_server(sys.argv[2], int(sys.argv[3]))
