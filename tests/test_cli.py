@@ -66,6 +66,15 @@ ERROR_CASES = {
     ),
     "worker-dealer-credit-0": (["worker", "workers_for_tests:DealerEcho", W, "--credit", "0"], "credit"),
     "worker-dealer-credit-huge": (["worker", "workers_for_tests:DealerEcho", W, "--credit", "99999999"], "credit"),
+    "worker-dealer-prefetch-negative": (["worker", "workers_for_tests:DealerEcho", W, "--prefetch", "-1"], "prefetch"),
+    "worker-dealer-credit-plus-prefetch": (
+        ["worker", "workers_for_tests:DealerEcho", W, "--credit", "65536", "--prefetch", "1"],
+        "credit + prefetch",
+    ),
+    "worker-req-prefetch": (
+        ["worker", "workers_for_tests:Echo", W, A, "--prefetch", "2"],
+        "only for fastbroker.Worker",
+    ),
     "worker-dealer-heartbeat-0": (["worker", "workers_for_tests:DealerEcho", W, "--heartbeat", "0"], "heartbeat"),
     "worker-dealer-heartbeat-nan": (["worker", "workers_for_tests:DealerEcho", W, "--heartbeat", "nan"], "heartbeat"),
     "worker-dealer-liveness-0": (["worker", "workers_for_tests:DealerEcho", W, "--liveness", "0"], "liveness"),

@@ -23,11 +23,11 @@ from typing import Callable, List
 import pytest
 import zmq
 
-from fastbroker import Broker, ReqWorker, protocol
-from fastbroker.protocol import CLIENT_SIGNATURE, CMD_ANSWER, CMD_CANCEL, CMD_FAILED, CMD_TASK
-from rigs import FAKE_WAIT, count_events, read_log, tid, wait_until
+from fastbroker import Broker, ConfigError, ReqWorker, protocol
+from fastbroker.protocol import CLIENT_SIGNATURE, CMD_ANSWER, CMD_CANCEL, CMD_FAILED, CMD_TASK, MAX_CREDIT
+from rigs import FAKE_WAIT, FakeBroker, count_events, read_log, tid, wait_until
 
-from workers_for_tests import GATE_DIR_ENV, JOB_LIMIT, LOG_ENV
+from workers_for_tests import GATE_DIR_ENV, JOB_LIMIT, LOG_ENV, CancelProbe
 
 WAIT = FAKE_WAIT
 """Bound of every wait for something that should take well under a second."""
@@ -142,6 +142,43 @@ def test_cancel_of_a_task_id_held_twice_ends_both(fake, job_env):
     assert broker.recv() == [CMD_ANSWER, tid(1), b"-gate:held"]
     assert count_events(log, "saw-cancel", "gate:held") == 1
     assert count_events(log, "start", "echo:again") == 0
+
+
+def _started(log) -> List[str]:
+    return [e.payload for e in read_log(log) if e.event == "start"]
+
+
+def test_prefetch_holds_jobs_beyond_credit_and_runs_them_one_at_a_time(ctx, job_env):
+    log, open_gate = job_env
+    broker = FakeBroker(ctx)
+    worker = CancelProbe(ctx, broker.address, credit=1, prefetch=2, heartbeat=1.0, liveness=20)
+    worker.stop_grace = 0.01
+    thread = threading.Thread(target=worker.run, name="prefetch-worker", daemon=True)
+    thread.start()
+    try:
+        broker.expect_ready(3)  # the broker's credit: credit + prefetch
+        for n, tag in enumerate((b"p1", b"p2", b"p3")):
+            broker.send(CMD_TASK, tid(n), b"gate:" + tag)
+        wait_until(lambda: _started(log) == ["gate:p1"], timeout=WAIT, message="the first job to start")
+        for n, tag in enumerate(("p1", "p2", "p3")):
+            wait_until(lambda: len(_started(log)) == n + 1, timeout=WAIT, message=f"job {tag} to start")
+            assert _started(log) == ["gate:p1", "gate:p2", "gate:p3"][: n + 1]  # one thread: one at a time
+            open_gate(tag)
+            assert broker.recv() == [CMD_ANSWER, tid(n), b"-gate:" + tag.encode()]
+        assert worker.stats.received == 3
+    finally:
+        for tag in ("p1", "p2", "p3"):
+            open_gate(tag)
+        worker.stop()
+        thread.join(WAIT)
+        worker.close()
+
+
+def test_prefetch_is_checked(ctx):
+    with pytest.raises(ConfigError, match="prefetch"):
+        CancelProbe(ctx, "tcp://127.0.0.1:1", prefetch=-1)
+    with pytest.raises(ConfigError, match="credit \\+ prefetch"):
+        CancelProbe(ctx, "tcp://127.0.0.1:1", credit=2, prefetch=MAX_CREDIT)
 
 
 def test_cancelled_is_false_outside_fbw01_jobs(ctx):

@@ -397,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs one Worker process takes at once, each in its own thread (default: 1)",
     )
     p.add_argument(
+        "--prefetch",
+        type=_count("prefetch", MAX_CREDIT, low=0),
+        default=None,
+        metavar="N",
+        help="jobs one Worker process may hold beyond --credit, waiting for a thread (default: 0); "
+        "their attempt timeout runs while they wait",
+    )
+    p.add_argument(
         "--heartbeat",
         type=_heartbeat,
         default=None,
@@ -654,7 +662,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from fastbroker.worker.pool import run_pool
 
     options = {
-        name: getattr(args, name) for name in ("credit", "heartbeat", "liveness") if getattr(args, name) is not None
+        name: getattr(args, name)
+        for name in ("credit", "prefetch", "heartbeat", "liveness")
+        if getattr(args, name) is not None
     }
     try:
         # Checked here, once, so that a bad key file is one line and exit 2 before any

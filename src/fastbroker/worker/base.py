@@ -244,7 +244,10 @@ class Worker(WorkerBase):
 
     ``run()`` runs the socket's I/O loop in the calling thread and ``process``
     in a pool of ``credit`` threads, so a long job never delays heartbeats. The
-    worker tells the broker how many jobs it takes at once (``credit``),
+    worker tells the broker how many jobs it takes at once (``credit``, plus
+    ``prefetch``: jobs it may hold waiting for a thread, 0 by default, for very short
+    jobs, whose round trip to the broker would leave threads idle; a prefetched job's
+    attempt timeout runs from when the broker sent it, wait included),
     heartbeats every ``heartbeat`` seconds, reconnects when the broker is silent
     for ``liveness`` heartbeats or says DISCONNECT, reports an exception raised
     by ``process`` as FAILED (the broker retries the job at once), and on
@@ -282,6 +285,7 @@ class Worker(WorkerBase):
         replies_addr: Optional[str] = None,
         *,
         credit: int = 1,
+        prefetch: int = 0,
         heartbeat: float = DEFAULT_HEARTBEAT,
         liveness: int = DEFAULT_LIVENESS,
         reconnect_max: Optional[float] = None,
@@ -291,6 +295,7 @@ class Worker(WorkerBase):
         self.requests_addr = requests_addr
         self.replies_addr = replies_addr
         self.credit = 1
+        self.prefetch = 0
         self.heartbeat = DEFAULT_HEARTBEAT
         self.liveness = DEFAULT_LIVENESS
         self.reconnect_max: Optional[float] = None
@@ -298,6 +303,7 @@ class Worker(WorkerBase):
         """The keys the session's sockets use (None: plain); see configure()."""
         self.configure(
             credit=credit,
+            prefetch=prefetch,
             heartbeat=heartbeat,
             liveness=liveness,
             reconnect_max=reconnect_max,
@@ -342,6 +348,7 @@ class Worker(WorkerBase):
         self,
         *,
         credit: Optional[int] = None,
+        prefetch: Optional[int] = None,
         heartbeat: Optional[float] = None,
         liveness: Optional[int] = None,
         reconnect_max: Optional[float] = None,
@@ -354,6 +361,10 @@ class Worker(WorkerBase):
             raise WorkerBase.Error("configure() must be called before run()")
         if credit is not None:
             self.credit = check_count("credit", credit, 1, MAX_CREDIT)
+        if prefetch is not None:
+            self.prefetch = check_count("prefetch", prefetch, 0, MAX_CREDIT)
+        if self.credit + self.prefetch > MAX_CREDIT:
+            raise ConfigError(f"credit + prefetch must be at most {MAX_CREDIT}, not {self.credit + self.prefetch}")
         if heartbeat is not None:
             self.heartbeat = check_heartbeat(heartbeat)
         if liveness is not None:

@@ -187,6 +187,8 @@ class Session:
         self.silence: float = worker.liveness * worker.heartbeat
         self.reconnect_max: float = worker.reconnect_max or self.silence
         self.credit: int = worker.credit
+        # Jobs the broker may send beyond those running: they wait here for a thread.
+        self.prefetch: int = worker.prefetch
         self.stats: WorkerStats = worker.stats
         self.sock: Optional[zmq.Socket] = None
         self.generation = 0  # sockets opened so far; each job remembers the one it came on
@@ -388,11 +390,12 @@ class Session:
     def _announce_credit(self, now: float) -> None:
         """Send READY when the credit the broker should use changes: on connect, on
         stop (0), and when a job taken on an earlier connection finishes (the new
-        connection's credit leaves room for those still running)."""
+        connection's credit leaves room for those still running). The broker's credit
+        is the worker's plus its prefetch: jobs it holds beyond those running."""
         if self.stopping:
             credit = 0
         else:
-            credit = max(0, self.credit - self.orphans)
+            credit = max(0, self.credit + self.prefetch - self.orphans)
         if credit == self.announced:
             return
         if self._send(now, _message(CMD_READY, credit.to_bytes(4, "big"))):
