@@ -338,12 +338,17 @@ def decode_replies(frames: Sequence[bytes]) -> Optional[List[Reply]]:
     replies: List[Reply] = []
     at = 0
     for offset in range(0, len(header), REPLY_RECORD_SIZE):
-        n = int.from_bytes(header[offset + 17 : offset + 19], "big")
+        n = (header[offset + 17] << 8) | header[offset + 18]
         if at + n > len(body):
             return None
-        reply = decode_reply(
-            [CLIENT_SIGNATURE, header[offset + 16 : offset + 17], header[offset : offset + 16], *body[at : at + n]]
-        )
+        request_id, kind = header[offset : offset + 16], header[offset + 16 : offset + 17]
+        # The two replies of every request, decoded here; the others as FBC01 replies.
+        if kind == R_OK and n:
+            reply: Optional[Reply] = Reply(request_id, kind, [bytes(f) for f in body[at : at + n]])
+        elif kind == R_ACCEPTED and not n:
+            reply = Reply(request_id, kind, [])
+        else:
+            reply = decode_reply([CLIENT_SIGNATURE, kind, request_id, *body[at : at + n]])
         at += n
         if reply is not None:
             replies.append(reply)
