@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import zmq
 
@@ -374,6 +374,24 @@ class Worker(WorkerBase):
         if curve_server_key is not None or curve_secret is not None:
             self.curve = security.client_keys(curve_server_key, curve_secret)
         return self
+
+    def process_batch(self, items: List[bytes]) -> Sequence[Union[bytes, BaseException]]:
+        """Optional, for code that can vectorise: process several jobs' payloads (each
+        one's frames joined) at once; return one answer per item, in order, or an
+        exception instance for an item that failed (that job is reported FAILED).
+        If it raises, every job of the batch is reported FAILED.
+
+        When a subclass defines it, it is called instead of ``process`` and
+        ``process_multipart``, with the jobs the worker holds when a thread is free:
+        at most ``credit + prefetch`` of them, never waiting for more (so use
+        ``prefetch`` to have batches). ``cancelled()`` is False inside it: a cancelled
+        job's answer is dropped by the broker."""
+        raise NotImplementedError  # never called: only an override is used
+
+    @property
+    def batched(self) -> bool:
+        """Whether this worker's class defines process_batch."""
+        return type(self).process_batch is not Worker.process_batch
 
     def cancelled(self) -> bool:
         """True once the broker has sent CANCEL for the job running in the calling

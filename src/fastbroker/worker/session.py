@@ -101,9 +101,19 @@ class JobPool:
     when the interpreter exits (after finishing the jobs they hold).
     """
 
-    def __init__(self, size: int, run: Callable[[int, bytes, List[bytes]], None], name: str) -> None:
+    def __init__(
+        self,
+        size: int,
+        run: Callable[[int, bytes, List[bytes]], None],
+        name: str,
+        run_batch: Optional[Callable[[List[Tuple[int, bytes, List[bytes]]]], None]] = None,
+        batch_max: int = 1,
+    ) -> None:
         self.size = size
         self.run = run
+        # With run_batch, a thread takes every job waiting (up to batch_max) at once.
+        self.run_batch = run_batch
+        self.batch_max = batch_max
         self.name = name
         self.queue: queue.SimpleQueue[Optional[int]] = queue.SimpleQueue()
         self.waiting: Dict[int, Tuple[bytes, List[bytes]]] = {}  # job number -> its arguments
@@ -149,9 +159,31 @@ class JobPool:
             if job is None:
                 continue  # withdrawn before this thread took it
             try:
-                run(number, *job)
+                if self.run_batch is None:
+                    run(number, *job)
+                elif not self._serve_batch((number, *job)):
+                    return
             except BaseException:  # run() reports the job's own errors: this is a bug
                 log.exception("a job thread failed")
+
+    def _serve_batch(self, first: Tuple[int, bytes, List[bytes]]) -> bool:
+        """Run `first` with the jobs waiting now (no waiting for more); False if the
+        pool's end (None) was taken meanwhile: it is the thread's last batch."""
+        batch, more = [first], True
+        while len(batch) < self.batch_max:
+            try:
+                number = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if number is None:
+                more = False
+                break
+            job = self.waiting.pop(number, None)
+            if job is not None:
+                batch.append((number, *job))
+        assert self.run_batch is not None
+        self.run_batch(batch)
+        return more
 
 
 _pools: weakref.WeakSet[JobPool] = weakref.WeakSet()
@@ -220,7 +252,13 @@ class Session:
         # discards; they are sent again on the next connection (a duplicate is
         # harmless: the broker drops an answer to an answered task).
         self.unconfirmed: List[List[bytes]] = []
-        self.pool = JobPool(self.credit, self._process, "fastbroker-job")
+        self.pool = JobPool(
+            self.credit,
+            self._process,
+            "fastbroker-job",
+            self._process_batch if worker.batched else None,
+            self.credit + self.prefetch,
+        )
         # The wake pipe was readable at the last poll (and may be at the start):
         # drain it before collecting results. A byte written later keeps it
         # readable, so the next poll returns at once and sets this again.
@@ -560,6 +598,27 @@ class Session:
         finally:
             local.job = None
         self.results.append(result)
+        self.worker.wake()
+
+    def _process_batch(self, jobs: List[Tuple[int, bytes, List[bytes]]]) -> None:
+        """In a pool thread: the user's process_batch over several jobs; each job's
+        outcome goes to the loop as if it had run alone."""
+        results: List[_Result] = []
+        try:
+            answers = list(self.worker.process_batch([b"".join(payload) for _, _, payload in jobs]))
+            if len(answers) != len(jobs):
+                raise ValueError(f"process_batch returned {len(answers)} answers for {len(jobs)} jobs")
+        except BaseException as exc:  # the batch's failure is each job's
+            log.exception("a batch of %d job(s) failed; reporting each FAILED so the broker retries it", len(jobs))
+            error = (type(exc).__name__, str(exc)[:FAILED_TEXT_LIMIT])
+            results = [(number, task_id, None, error) for number, task_id, _ in jobs]
+        else:
+            for (number, task_id, _), answer in zip(jobs, answers):
+                if isinstance(answer, BaseException):
+                    results.append((number, task_id, None, (type(answer).__name__, str(answer)[:FAILED_TEXT_LIMIT])))
+                else:
+                    results.append((number, task_id, [bytes(answer)], None))
+        self.results.extend(results)
         self.worker.wake()
 
     def _collect_results(self) -> None:
