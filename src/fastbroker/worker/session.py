@@ -263,6 +263,9 @@ class Session:
         # drain it before collecting results. A byte written later keeps it
         # readable, so the next poll returns at once and sets this again.
         self.woken = True
+        # True from a pool thread's wake-up until the loop takes the results: a job
+        # that ends while it is set needs no write to the pipe (one syscall per job less).
+        self.results_pending = False
 
     # -- the loop --------------------------------------------------------------------
 
@@ -277,6 +280,8 @@ class Session:
                     # Only when the pipe was readable: an empty pipe costs a failed read.
                     self.woken = False
                     self._drain_wake_pipe()
+                # Before taking the results: one appended from now on wakes again.
+                self.results_pending = False
                 self._collect_results()
                 if self.worker.stopping and not self.stopping:
                     self.stopping = True
@@ -598,7 +603,14 @@ class Session:
         finally:
             local.job = None
         self.results.append(result)
-        self.worker.wake()
+        self._result_ready()
+
+    def _result_ready(self) -> None:
+        """In a pool thread, after appending to results: wake the loop unless a wake-up
+        is already on its way (the loop clears the flag before taking the results)."""
+        if not self.results_pending:
+            self.results_pending = True
+            self.worker.wake()
 
     def _process_batch(self, jobs: List[Tuple[int, bytes, List[bytes]]]) -> None:
         """In a pool thread: the user's process_batch over several jobs; each job's
@@ -619,7 +631,7 @@ class Session:
                 else:
                     results.append((number, task_id, [bytes(answer)], None))
         self.results.extend(results)
-        self.worker.wake()
+        self._result_ready()
 
     def _collect_results(self) -> None:
         while self.results:
