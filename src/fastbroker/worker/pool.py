@@ -1,8 +1,11 @@
 """Runs one or several processes of a worker class for ``fastbroker worker``.
 
 With several processes, the parent forwards SIGINT/SIGTERM to its children and
-restarts a child that dies unexpectedly, with a back-off so a child that dies at
-once does not spin; after a stop was requested, nothing is restarted.
+restarts a child that dies unexpectedly: at once when it had been serving (it ran
+for CRASH_LOOP_WINDOW or more) or was killed by a signal from outside (SIGKILL,
+SIGTERM, SIGINT, SIGHUP: the OOM killer, an operator); with a back-off only when it
+keeps failing right after it starts (a crash loop), so that it does not spin. Each
+restart is logged with its cause. After a stop was requested, nothing is restarted.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import zmq
 
@@ -30,11 +33,32 @@ EXIT_CONFIG = 2
 PARENT_CHECK_INTERVAL = 1.0
 
 RESTART_DELAY = 0.5
-"""Seconds before restarting a child that died; doubles at each death in a row..."""
+"""Seconds before restarting a child that failed right after it started; doubles at
+each such failure in a row..."""
 RESTART_DELAY_MAX = 10.0
 """...up to this."""
-RESTART_RESET_AFTER = 30.0
-"""A child that ran this long died of something new: the next restart is quick again."""
+CRASH_LOOP_WINDOW = 2.0
+"""A child that exits on its own sooner than this after it started is in a crash loop
+(back-off); one that ran longer had been serving, and is restarted at once."""
+EXTERNAL_SIGNALS = frozenset((signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+"""Signals that come from outside the child (the OOM killer, an operator, a chaos test):
+its death is not its own doing, so it is restarted at once."""
+
+
+def restart_policy(exitcode: int, ran: float, delay: float) -> Tuple[float, float, str]:
+    """(seconds before the restart, the back-off for the next failure, the cause in
+    words) for a child that exited with `exitcode` (-N: signal N) after `ran` seconds,
+    when the back-off stood at `delay`."""
+    if exitcode < 0:
+        try:
+            cause = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            cause = f"killed by signal {-exitcode}"
+    else:
+        cause = f"exit status {exitcode}"
+    if ran >= CRASH_LOOP_WINDOW or -exitcode in EXTERNAL_SIGNALS:
+        return 0.0, RESTART_DELAY, cause
+    return delay, min(delay * 2, RESTART_DELAY_MAX), cause + f" {ran:.1f} s after it started (crash loop: back-off)"
 
 
 def _stop_when_orphaned(worker: Any, parent_pid: int) -> None:
@@ -228,18 +252,17 @@ def _on_exit(slot: _Slot, stopping: List[int]) -> None:
         # A configuration error would only repeat itself.
         log.error("worker process %s exited with status %d (configuration error); not restarting", proc.pid, code)
         return
+    assert code is not None
     ran = time.monotonic() - slot.started
-    if ran >= RESTART_RESET_AFTER:
-        slot.delay = RESTART_DELAY
-    slot.restart_at = time.monotonic() + slot.delay
+    wait, slot.delay, cause = restart_policy(code, ran, slot.delay)
+    slot.restart_at = time.monotonic() + wait
     log.warning(
-        "worker process %s died unexpectedly (exit status %s after %.1f s); restarting in %.1f s",
+        "worker process %s died unexpectedly (%s, after %.1f s); restarting %s",
         proc.pid,
-        code,
+        cause,
         ran,
-        slot.delay,
+        "at once" if wait == 0 else f"in {wait:.1f} s",
     )
-    slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX)
 
 
 __all__ = ["run_pool", "run_one", "make_worker"]
