@@ -241,9 +241,10 @@ def m_fbw(c: Chooser) -> Message:
         5: protocol.CMD_ANSWER,
         6: protocol.CMD_FAILED,
         7: protocol.CMD_FAILED,
+        8: protocol.CMD_EXTEND,
     }.get(k)
     if cmd is None:  # unknown commands, a TASK or CANCEL from a worker, multi-byte
-        cmd = pick(c, [b"", b"\x00", protocol.CMD_TASK, protocol.CMD_CANCEL, b"\x08", b"\xff", b"\x01\x00"])
+        cmd = pick(c, [b"", b"\x00", protocol.CMD_TASK, protocol.CMD_CANCEL, b"\x09", b"\xff", b"\x01\x00"])
     if cmd == protocol.CMD_READY:
         body = [credit(c)] + ([junk(c)] if c.randrange(6) == 0 else [])
     elif cmd in (protocol.CMD_HEARTBEAT, protocol.CMD_DISCONNECT):
@@ -256,6 +257,11 @@ def m_fbw(c: Chooser) -> Message:
         body = body if c.randrange(8) else []
     elif cmd == protocol.CMD_FAILED:
         body = [c.randbytes(pick(c, [16, 16, 3]))] + [junk(c) for _ in range(c.randrange(4))]
+    elif cmd == protocol.CMD_EXTEND:
+        # Ids no live task has, milliseconds of 4 bytes or not.
+        body = [c.randbytes(pick(c, [16, 16, 5]))]
+        if c.randrange(4):
+            body.append(c.randbytes(pick(c, [4, 4, 0, 3])))
     else:
         body = [junk(c) for _ in range(c.randrange(3))]
     sig = FBW if c.randrange(8) else pick(c, [b"FBW02", b"fbw01", b"", FBC])

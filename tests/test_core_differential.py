@@ -6,7 +6,7 @@ order, with the same counters, events and journal.
 A hypothesis state machine plays every peer on both sides at once: REQ clients,
 FBC01 clients (SUBMIT with options and repeated ids, STATUS, RESULT, CANCEL, STATS,
 and FBC02 batches of SUBMITs from the same sockets),
-FBW01 workers (READY with credit, ANSWER, FAILED, HEARTBEAT, DISCONNECT, answers for
+FBW01 workers (READY with credit, ANSWER, FAILED, EXTEND, HEARTBEAT, DISCONNECT, answers for
 task ids they do not hold, unknown or malformed), a worker of the original protocol,
 and raw sockets sending malformed or random messages. After each step it runs each
 core until it is quiet, and compares what every peer got during the step.
@@ -42,6 +42,7 @@ from fastbroker.protocol import (
     CLIENT_SIGNATURE as CSIG,
     CLIENT_SIGNATURE_V2 as CSIG2,
     CMD_CANCEL,
+    CMD_EXTEND,
     CMD_HEARTBEAT,
     CMD_TASK,
     OPT_NO_ACK,
@@ -435,6 +436,14 @@ class TwoCores(RuleBasedStateMachine):
         which = self._task(data, f"fbw-{w}")
         for side in self.sides:
             side.fbw[w].failed(side.raw_task(which), kind, message)
+        self.step_done()
+
+    @rule(data=st.data(), w=st.integers(0, N_FBW - 1), millis=st.sampled_from([b"\0\0\0\1", b"\xff" * 4, b"\0"]))
+    def fbw_extend(self, data, w, millis) -> None:
+        # No request has a timeout here: an EXTEND counts, or is dropped, and moves nothing.
+        which = self._task(data, f"fbw-{w}")
+        for side in self.sides:
+            side.fbw[w].command(CMD_EXTEND, side.raw_task(which), millis)
         self.step_done()
 
     @rule(w=st.integers(0, N_FBW - 1))

@@ -73,6 +73,11 @@ def check_retention(retention: float) -> float:
     return check_seconds("retention", retention, 0.0, 30 * 86400.0)
 
 
+def check_max_extend(seconds: float) -> float:
+    """Return a valid bound of one EXTEND in seconds, or raise ConfigError."""
+    return check_seconds("max_extend", seconds, 0.001, 30 * 86400.0)
+
+
 MAX_QUEUE_LIMIT = 1 << 31
 
 

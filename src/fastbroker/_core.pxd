@@ -478,10 +478,12 @@ cdef class WorkerSide:
     cdef Counters counters
     cdef Events events
     cdef void *s_workers
+    cdef double max_extend  # seconds: the most one EXTEND moves a deadline from now
 
     cdef int on_ready(self, zmsg *m, int n) noexcept nogil
     cdef int worker_ready(self, zmsg *m, int s, int d, int nb) noexcept nogil
     cdef int worker_failed(self, zmsg *m, int s, int d) noexcept nogil
+    cdef int worker_extend(self, zmsg *m, int s, int d, int nb) noexcept nogil
     cdef void worker_event(self, int kind, uint32_t s) noexcept nogil
     cdef int forget(self, uint32_t s, bint requeue=*) noexcept nogil
     cdef int tick(self, double now) noexcept nogil

@@ -17,6 +17,7 @@ cdef enum:
     CMD_ANSWER = 3
     CMD_CANCEL = 7
     CMD_DISCONNECT = 6
+    CMD_EXTEND = 8
     CMD_FAILED = 4
     CMD_HEARTBEAT = 5
     CMD_READY = 1
@@ -29,6 +30,7 @@ cdef enum:
     CNT_DUPLICATES = 17
     CNT_EVENTS_LOST = 19
     CNT_EXPIRED_RESULTS = 18
+    CNT_EXTENDED = 22
     CNT_FAILED = 10
     CNT_LATE_ANSWERS = 3
     CNT_READY = 7
@@ -82,11 +84,11 @@ cdef enum:
     MAX_REQUEST_TRIES = 1000000
     MAX_WAITERS = 8
     MIN_LIVENESS = 2
-    N_COUNTERS = 22
+    N_COUNTERS = 23
     N_DROP_REASONS = 14
     N_GAUGES = 6
     N_LATENCY = 16
-    N_STATS = 46
+    N_STATS = 47
     OPTIONS_SIZE = 9
     OPT_KNOWN_FLAGS = 1
     OPT_NO_ACK = 1
@@ -126,6 +128,7 @@ cdef inline dict compiled_values():
         "CMD_ANSWER": CMD_ANSWER,
         "CMD_CANCEL": CMD_CANCEL,
         "CMD_DISCONNECT": CMD_DISCONNECT,
+        "CMD_EXTEND": CMD_EXTEND,
         "CMD_FAILED": CMD_FAILED,
         "CMD_HEARTBEAT": CMD_HEARTBEAT,
         "CMD_READY": CMD_READY,
@@ -138,6 +141,7 @@ cdef inline dict compiled_values():
         "CNT_DUPLICATES": CNT_DUPLICATES,
         "CNT_EVENTS_LOST": CNT_EVENTS_LOST,
         "CNT_EXPIRED_RESULTS": CNT_EXPIRED_RESULTS,
+        "CNT_EXTENDED": CNT_EXTENDED,
         "CNT_FAILED": CNT_FAILED,
         "CNT_LATE_ANSWERS": CNT_LATE_ANSWERS,
         "CNT_READY": CNT_READY,

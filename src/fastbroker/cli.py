@@ -21,6 +21,7 @@ from fastbroker._common import (
     ConfigError,
     check_count,
     check_heartbeat,
+    check_max_extend,
     check_max_queue,
     check_retention,
     check_retention_bytes,
@@ -32,6 +33,7 @@ from fastbroker._select import CORE_NAMES
 from fastbroker.protocol import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
+    DEFAULT_MAX_EXTEND,
     DEFAULT_RETENTION,
     DEFAULT_RETENTION_BYTES,
     MAX_CREDIT,
@@ -161,6 +163,15 @@ def _max_message(text: str) -> int:
         return check_max_message(_size(text))  # type: ignore[return-value]
     except (ConfigError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _max_extend(text: str) -> float:
+    try:
+        return check_max_extend(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
+        ) from None
 
 
 def _max_queue(text: str) -> int:
@@ -322,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="most requests waiting for a worker; beyond it a new one is rejected (queue full) at once (default: no limit)",
+    )
+    p.add_argument(
+        "--max-extend",
+        type=_max_extend,
+        default=DEFAULT_MAX_EXTEND,
+        metavar="SECONDS",
+        help=f"the most one EXTEND from a worker moves its job's deadline from now (default: {DEFAULT_MAX_EXTEND:g})",
     )
     p.add_argument(
         "--max-message",
@@ -585,6 +603,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
             retention=args.retention,
             retention_bytes=args.retention_memory,
             max_queue=args.max_queue,
+            max_extend=args.max_extend,
             max_message=args.max_message,
             curve_secret=args.curve_secret,
             authorized_keys=args.authorized_keys,

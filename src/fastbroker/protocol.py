@@ -42,6 +42,9 @@ CMD_FAILED = b"\x04"  # worker -> broker: [task_id, exception type, message] (UT
 CMD_HEARTBEAT = b"\x05"  # both ways: []
 CMD_DISCONNECT = b"\x06"  # both ways: []
 CMD_CANCEL = b"\x07"  # broker -> worker: [task_id]; the client cancelled that job
+CMD_EXTEND = b"\x08"  # worker -> broker: [task_id, milliseconds (4 bytes BE)]; the job is alive
+DEFAULT_MAX_EXTEND = 300.0
+"""Seconds: the most one EXTEND moves an attempt's deadline from now (broker's --max-extend)."""
 
 # -- The client protocol (DEALER clients), docs/PROTOCOL.md section 10 -------------
 # A client's DEALER sends [CLIENT_SIGNATURE, command, body...] with NO empty
@@ -164,6 +167,7 @@ COUNTERS = (
     "events_lost",  # events not kept for the log (more than EVENT_QUEUE in one turn)
     "replies_dropped",  # replies to a client not sent: its pipe was at the high-water mark (not reading)
     "replies_unroutable",  # replies to a client not sent: it had disconnected
+    "extended",  # EXTENDs accepted from the worker running the attempt
 )
 GAUGES = ("queued", "running", "idle_workers", "workers", "retained", "retained_bytes")
 LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -21,8 +21,9 @@ cdef class BrokerCore:
     def __cinit__(self, requests, workers, answers, timeout=None, tries=None, *,
                   heartbeat=protocol.DEFAULT_HEARTBEAT, liveness=protocol.DEFAULT_LIVENESS, bytes epoch=None,
                   retention=protocol.DEFAULT_RETENTION, retention_bytes=protocol.DEFAULT_RETENTION_BYTES,
-                  max_queue=None):
+                  max_queue=None, max_extend=protocol.DEFAULT_MAX_EXTEND):
         max_queue = _common.check_max_queue(max_queue)
+        max_extend = _common.check_max_extend(max_extend)
         retention = _common.check_retention(retention)
         retention_bytes = _common.check_retention_bytes(retention_bytes)
         timeout = check_timeout(timeout)
@@ -50,7 +51,7 @@ cdef class BrokerCore:
         self.attempts = Attempts(self.table, self.heap, self.queue, self.sessions, self.client_side, self.counters,
                                  self.event_queue, self.clock, requests)
         self.worker_side = WorkerSide(self.sessions, self.idle, self.table, self.heap, self.queue, self.attempts,
-                                      self.store_journal, self.counters, self.event_queue, workers)
+                                      self.store_journal, self.counters, self.event_queue, workers, max_extend)
         self.scratch_cap = 64
         self.scratch = <zmsg *>malloc(self.scratch_cap * sizeof(zmsg))
         if self.scratch == NULL:
@@ -95,6 +96,10 @@ cdef class BrokerCore:
     @property
     def max_queue(self):
         return None if self.queue.limit == <size_t>-1 else self.queue.limit
+
+    @property
+    def max_extend(self):
+        return self.worker_side.max_extend
 
     @property
     def liveness(self):

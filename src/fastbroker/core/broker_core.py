@@ -23,6 +23,7 @@ from fastbroker import protocol
 from fastbroker._common import (
     check_count,
     check_heartbeat,
+    check_max_extend,
     check_max_queue,
     check_retention,
     check_retention_bytes,
@@ -50,6 +51,7 @@ from fastbroker.protocol import (
     CLIENT_SIGNATURE_V2,
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
+    DEFAULT_MAX_EXTEND,
     DEFAULT_RETENTION,
     DEFAULT_RETENTION_BYTES,
     MAX_LIVENESS,
@@ -104,8 +106,10 @@ class BrokerCore:
         retention: float = DEFAULT_RETENTION,
         retention_bytes: int = DEFAULT_RETENTION_BYTES,
         max_queue: Optional[int] = None,
+        max_extend: float = DEFAULT_MAX_EXTEND,
     ) -> None:
         max_queue = check_max_queue(max_queue)
+        max_extend = check_max_extend(max_extend)
         retention = check_retention(retention)
         retention_bytes = check_retention_bytes(retention_bytes)
         timeout = check_timeout(timeout)
@@ -162,6 +166,7 @@ class BrokerCore:
             self.counters,
             self.event_queue,
             workers,
+            max_extend,
         )
         self.closed = False
 
@@ -200,6 +205,10 @@ class BrokerCore:
     @property
     def max_queue(self) -> Optional[int]:
         return self.queue.limit
+
+    @property
+    def max_extend(self) -> float:
+        return self.worker_side.max_extend
 
     @property
     def liveness(self) -> int:

@@ -1,6 +1,6 @@
 # core/worker_side.pxi: WorkerSide, the workers endpoint: an original REQ worker's
 # "ready" and the FBW01 commands (READY with credit, ANSWER, FAILED, HEARTBEAT,
-# DISCONNECT), the workers' liveness (tick: heartbeats out, silent ones forgotten),
+# DISCONNECT, EXTEND), the workers' liveness (tick: heartbeats out, silent ones forgotten),
 # and dispatch, which sends queued jobs to idle workers.
 #
 # Owns: no state of its own (sessions are WorkerSessions', idle workers IdleWorkers').
@@ -14,7 +14,8 @@ cdef class WorkerSide:
     """Messages on the workers endpoint: [routing frames..., b"", body...]."""
 
     def __cinit__(self, WorkerSessions sessions, IdleWorkers idle, RequestTable table, DeadlineHeap heap,
-                  JobQueue queue, Attempts attempts, Journal journal, Counters counters, Events events, workers):
+                  JobQueue queue, Attempts attempts, Journal journal, Counters counters, Events events, workers,
+                  double max_extend):
         self.sessions = sessions
         self.idle = idle
         self.table = table
@@ -25,6 +26,7 @@ cdef class WorkerSide:
         self.counters = counters
         self.events = events
         self.s_workers = <void *><size_t>workers.underlying
+        self.max_extend = max_extend
 
     cdef int on_ready(self, zmsg *m, int n) noexcept nogil:
         """A message on the workers endpoint: an original REQ worker's ready, or FBW01."""
@@ -49,7 +51,7 @@ cdef class WorkerSide:
             self.counters.drop(DROP_WORKER_BAD_COMMAND)
             return 0
         command = (<const uint8_t *>zmsg_data(&m[d + 2]))[0]
-        if command < CMD_READY or command > CMD_DISCONNECT or command == CMD_TASK:
+        if command < CMD_READY or command > CMD_EXTEND or command == CMD_TASK or command == CMD_CANCEL:
             self.counters.drop(DROP_WORKER_BAD_COMMAND)
             return 0
         if self.sessions.set_key(m, d) < 0:
@@ -70,6 +72,8 @@ cdef class WorkerSide:
             if s < 0 and rc >= 0:
                 rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False)
             return rc if rc < 0 else 0
+        if command == CMD_EXTEND:
+            return self.worker_extend(m, s, d, nb)
         if nb != (5 if command == CMD_FAILED else 2):
             self.counters.drop(DROP_WORKER_BAD_FRAMES)
             return 0
@@ -141,6 +145,32 @@ cdef class WorkerSide:
                 zmsg_move(&r.fail[0], &m[d + 4])
                 zmsg_move(&r.fail[1], &m[d + 5])
         return self.attempts.retry_or_abort(<uint32_t>rs)
+
+    cdef int worker_extend(self, zmsg *m, int s, int d, int nb) noexcept nogil:
+        """EXTEND(task id, ms): the job is alive; its attempt's deadline becomes now plus
+        ms, at most max_extend (an attempt without a deadline keeps none)."""
+        cdef int rs, rc
+        cdef Req *r
+        cdef double seconds
+        if nb != 4 or zmsg_size(&m[d + 3]) != TASK_ID_SIZE or zmsg_size(&m[d + 4]) != 4:
+            self.counters.drop(DROP_WORKER_BAD_FRAMES)
+            return 0
+        if s < 0:
+            # From a worker this broker does not know: it must register again.
+            self.counters.drop(DROP_ANSWER_UNKNOWN)
+            rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False)
+            return rc if rc < 0 else 0
+        rs = self.table.find(<const uint8_t *>zmsg_data(&m[d + 3]), TASK_ID_SIZE)
+        if rs < 0 or self.table.reqs[rs].worker != s:
+            # Not the attempt in progress here (answered, timed out, or another worker's).
+            self.counters.drop(DROP_ANSWER_UNKNOWN)
+            return 0
+        self.counters.add(CNT_EXTENDED)
+        r = &self.table.reqs[rs]
+        if r.timeout >= 0:
+            seconds = load_u32(<const uint8_t *>zmsg_data(&m[d + 4])) / 1000.0
+            self.heap.insert(<uint32_t>rs, self.sessions.clock.now + min(seconds, self.max_extend))
+        return 0
 
     cdef void worker_event(self, int kind, uint32_t s) noexcept nogil:
         cdef zmsg *identity = &self.sessions.sess[s].env[0]

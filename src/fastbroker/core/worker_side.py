@@ -30,6 +30,7 @@ from fastbroker.core.worker_sessions import Sess, WorkerSessions
 from fastbroker.protocol import (
     CMD_ANSWER,
     CMD_DISCONNECT,
+    CMD_EXTEND,
     CMD_FAILED,
     CMD_HEARTBEAT,
     CMD_READY,
@@ -38,13 +39,25 @@ from fastbroker.protocol import (
     WORKER_SIGNATURE,
 )
 
-_COMMANDS = frozenset((CMD_READY, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT))
+_COMMANDS = frozenset((CMD_READY, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT, CMD_EXTEND))
 
 
 class WorkerSide:
     """Messages on the workers endpoint, worker liveness, and dispatch."""
 
-    __slots__ = ("sessions", "idle", "table", "heap", "queue", "attempts", "journal", "counters", "events", "s_workers")
+    __slots__ = (
+        "sessions",
+        "idle",
+        "table",
+        "heap",
+        "queue",
+        "attempts",
+        "journal",
+        "counters",
+        "events",
+        "s_workers",
+        "max_extend",
+    )
 
     def __init__(
         self,
@@ -58,6 +71,7 @@ class WorkerSide:
         counters: Counters,
         events: Events,
         workers: zmq.Socket,
+        max_extend: float,
     ) -> None:
         self.sessions = sessions
         self.idle = idle
@@ -69,6 +83,7 @@ class WorkerSide:
         self.counters = counters
         self.events = events
         self.s_workers = workers
+        self.max_extend = max_extend  # seconds: the most one EXTEND moves a deadline from now
 
     @cdef
     def on_ready(self, m: list) -> None:
@@ -108,6 +123,9 @@ class WorkerSide:
             self.attempts.answer(m[d + 3].bytes, m[d + 4 :], s)
             if s is None:
                 sessions.send_env(m[: d + 1], CMD_DISCONNECT)
+            return
+        if command == CMD_EXTEND:
+            self.worker_extend(m, s, d, nb)
             return
         if nb != (5 if command == CMD_FAILED else 2):
             self.counters.drop(protocol.DROP_WORKER_BAD_FRAMES)
@@ -162,6 +180,28 @@ class WorkerSide:
         if r.cid is not None:
             r.fail = m[d + 4 : d + 6]
         self.attempts.retry_or_abort(r)
+
+    @cdef
+    def worker_extend(self, m: list, s: Optional[Sess], d: int, nb: int) -> None:
+        """EXTEND [task id, ms]: the job is alive; its attempt's deadline becomes now plus
+        ms, at most max_extend (an attempt without a deadline keeps none)."""
+        if nb != 4 or len(m[d + 3]) != protocol.TASK_ID_SIZE or len(m[d + 4]) != 4:
+            self.counters.drop(protocol.DROP_WORKER_BAD_FRAMES)
+            return
+        if s is None:
+            # From a worker this broker does not know: it must register again.
+            self.counters.drop(protocol.DROP_ANSWER_UNKNOWN)
+            self.sessions.send_env(m[: d + 1], CMD_DISCONNECT)
+            return
+        r = self.table.find(m[d + 3].bytes)
+        if r is None or r.worker is not s:
+            # Not the attempt in progress here (answered, timed out, or another worker's).
+            self.counters.drop(protocol.DROP_ANSWER_UNKNOWN)
+            return
+        self.counters.add("extended")
+        if r.timeout is not None:
+            seconds = int.from_bytes(m[d + 4].bytes, "big") / 1000.0
+            self.heap.insert(r, self.sessions.clock.now + min(seconds, self.max_extend))
 
     @cdef
     def worker_event(self, kind: int, s: Sess) -> None:

@@ -17,6 +17,7 @@ from fastbroker._common import (
     ConfigError,
     check_count,
     check_heartbeat,
+    check_max_extend,
     check_max_queue,
     check_retention,
     check_retention_bytes,
@@ -27,6 +28,7 @@ from fastbroker._common import (
 from fastbroker.protocol import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
+    DEFAULT_MAX_EXTEND,
     DEFAULT_RETENTION,
     DEFAULT_RETENTION_BYTES,
     MAX_CREDIT,
@@ -131,6 +133,8 @@ class Broker(Closeable):
     memory finished FBC01 outcomes are kept for RESULT (docs/PROTOCOL.md section 10.6).
     ``max_queue`` bounds the requests waiting for a worker: beyond it a new request is
     refused at once (REJECTED "queue full"; a REQ client gets the empty answer).
+    ``max_extend`` (seconds) is the most one EXTEND from a worker moves its attempt's
+    deadline from now (docs/PROTOCOL.md section 4.13).
     ``max_message`` (bytes) is the largest frame a peer may send on any endpoint
     (ZMQ_MAXMSGSIZE): libzmq disconnects a peer that sends a larger one.
     ``curve_secret`` (the broker's secret key file) and ``authorized_keys`` (a
@@ -157,6 +161,7 @@ class Broker(Closeable):
         retention: float = DEFAULT_RETENTION,
         retention_bytes: int = DEFAULT_RETENTION_BYTES,
         max_queue: Optional[int] = None,
+        max_extend: float = DEFAULT_MAX_EXTEND,
         max_message: Optional[int] = None,
         curve_secret: Optional[security.KeyPath] = None,
         authorized_keys: Optional[security.KeyPath] = None,
@@ -170,6 +175,7 @@ class Broker(Closeable):
         retention = check_retention(retention)
         retention_bytes = check_retention_bytes(retention_bytes)
         max_queue = check_max_queue(max_queue)
+        max_extend = check_max_extend(max_extend)
         self.max_message = check_max_message(max_message)
         if (curve_secret is None) != (authorized_keys is None):
             raise ConfigError("curve_secret and authorized_keys go together: give both or neither")
@@ -227,6 +233,7 @@ class Broker(Closeable):
                 retention=retention,
                 retention_bytes=retention_bytes,
                 max_queue=max_queue,
+                max_extend=max_extend,
             )
             if self._store is not None:
                 self._restore(retention)

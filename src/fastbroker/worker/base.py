@@ -24,7 +24,14 @@ from fastbroker._common import (
     check_seconds,
     zmq_reason,
 )
-from fastbroker.protocol import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, MAX_CREDIT, MAX_LIVENESS, MIN_LIVENESS
+from fastbroker.protocol import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_LIVENESS,
+    MAX_CREDIT,
+    MAX_LIVENESS,
+    MAX_REQUEST_TIMEOUT_MS,
+    MIN_LIVENESS,
+)
 from fastbroker.wakepipe import WakePipe
 from fastbroker.worker.session import Session, WorkerStats
 
@@ -406,6 +413,20 @@ class Worker(WorkerBase):
         """
         job = getattr(self._job_local, "job", None)
         return job is not None and job[0] in job[1]
+
+    def extend(self, seconds: float) -> None:
+        """Tell the broker that the job running in the calling thread is alive: its
+        attempt's deadline becomes `seconds` from now (at most the broker's
+        ``max_extend``; an attempt without a timeout has no deadline to move). A long
+        job calls it now and then, more often than its timeout; a job that stops
+        calling it times out as before. Sent by the I/O loop, without waiting.
+        ``Error`` outside the thread running ``process``/``process_multipart``
+        (``process_batch`` included)."""
+        job = getattr(self._job_local, "job", None)
+        if job is None:
+            raise WorkerBase.Error("extend() is for the thread running process() or process_multipart()")
+        task_id, _, session, number = job
+        session.request_extend(number, task_id, check_seconds("extend", seconds, 0.001, MAX_REQUEST_TIMEOUT_MS / 1000))
 
     @property
     def wake_fd(self) -> int:

@@ -33,6 +33,7 @@ from fastbroker.protocol import (
     CMD_ANSWER,
     CMD_CANCEL,
     CMD_DISCONNECT,
+    CMD_EXTEND,
     CMD_FAILED,
     CMD_HEARTBEAT,
     CMD_READY,
@@ -244,6 +245,8 @@ class Session:
         # loop only; pool threads just test membership (Worker.cancelled()).
         self.cancelled: Set[bytes] = set()
         self.results: Deque[_Result] = collections.deque()
+        # (job number, task id, milliseconds): EXTENDs asked for by running jobs.
+        self.extends: Deque[Tuple[int, bytes, int]] = collections.deque()
         # (generation, frames): an ANSWER (generation None) is sent on whatever
         # socket comes next; a FAILED only on the socket its job came on.
         self.outbox: Deque[Tuple[Optional[int], List[bytes]]] = collections.deque()
@@ -283,6 +286,7 @@ class Session:
                 # Before taking the results: one appended from now on wakes again.
                 self.results_pending = False
                 self._collect_results()
+                self._collect_extends()
                 if self.worker.stopping and not self.stopping:
                     self.stopping = True
                     log.info("stopping: finishing %d job(s) in hand, then disconnecting", len(self.jobs))
@@ -582,8 +586,8 @@ class Session:
         """In a pool thread: run the user's code, hand the outcome to the loop."""
         result: _Result
         local = self.worker._job_local
-        # What Worker.cancelled() reads in this thread while the job runs.
-        local.job = (task_id, self.cancelled)
+        # What Worker.cancelled() and Worker.extend() read in this thread while the job runs.
+        local.job = (task_id, self.cancelled, self, number)
         try:
             answer = [bytes(frame) for frame in self.worker.process_multipart(payload)]
             if not answer:
@@ -604,6 +608,18 @@ class Session:
             local.job = None
         self.results.append(result)
         self._result_ready()
+
+    def request_extend(self, number: int, task_id: bytes, seconds: float) -> None:
+        """In a pool thread (Worker.extend): ask the loop to send EXTEND for the job."""
+        self.extends.append((number, task_id, max(1, min(round(seconds * 1000), 0xFFFFFFFF))))
+        self._result_ready()
+
+    def _collect_extends(self) -> None:
+        while self.extends:
+            number, task_id, ms = self.extends.popleft()
+            generation = self.jobs.get(number)
+            if generation is not None:  # still running: on the connection its job came on
+                self.outbox.append((generation, _message(CMD_EXTEND, task_id, ms.to_bytes(4, "big"))))
 
     def _result_ready(self) -> None:
         """In a pool thread, after appending to results: wake the loop unless a wake-up
