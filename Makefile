@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' -o -name py.typed)
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint lint-tools format test test-compiled test-pure bench bench-smoke soak chaos loadgen clean
+.PHONY: install demo lint lint-tools format test test-compiled test-pure bench bench-compare bench-smoke soak chaos loadgen clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install --quiet --upgrade pip
 	# setuptools builds in build/ and would ship modules a rename left there
 	rm -rf build
-	$(PY) -m pip install --quiet '.[test,lint]'
+	$(PY) -m pip install --quiet '.[test,lint,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -59,6 +59,21 @@ test-pure: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only $(PYTEST_ARGS)
+
+# A regression check between two commits: run the benchmarks, save the run
+# (.benchmarks/), and compare it with the last saved one; fail if a median got more
+# than BENCH_COMPARE_FAIL slower. The first run only saves. BENCH_ARGS narrows it
+# (e.g. BENCH_ARGS="bench/test_core_ops.py -k compiled").
+BENCH_COMPARE_FAIL ?= median:10%
+BENCH_ARGS ?= bench
+bench-compare: $(STAMP)
+	@if ls .benchmarks/*/*.json >/dev/null 2>&1; then \
+		$(PY) -m pytest $(BENCH_ARGS) --benchmark-only --benchmark-autosave --benchmark-compare \
+			--benchmark-compare-fail=$(BENCH_COMPARE_FAIL) --benchmark-columns=median,rounds; \
+	else \
+		echo "bench-compare: no saved run yet: this one is saved, the next one is compared with it"; \
+		$(PY) -m pytest $(BENCH_ARGS) --benchmark-only --benchmark-autosave --benchmark-columns=median,rounds; \
+	fi
 
 # Every benchmark once, untimed and small (about 10 s), so `make test` (and CI) sees a
 # broken benchmark; the figures come from `make bench`.
