@@ -32,7 +32,7 @@ def rows_by_group(data: dict) -> OrderedDict[str, List[Row]]:
         cpu = info.get("cpu_us_per_job")
         if isinstance(cpu, dict):
             cpu = sum(v for v in cpu.values() if isinstance(v, (int, float)))
-        label = bench.get("param") or bench.get("name", "?")
+        label = bench.get("param") or bench.get("name", "?").removeprefix("test_")
         groups.setdefault(bench.get("group") or "benchmarks", []).append(
             (str(label), float(rate), float(cpu) if isinstance(cpu, (int, float)) else None)
         )
@@ -72,6 +72,10 @@ def plot(data: dict, output: Path, title: Optional[str] = None) -> int:
         bars += len(rows)
         if with_cpu:
             cpu_ax = row_axes[1]
+            if all(cpu is None for _, _, cpu in rows):
+                cpu_ax.axis("off")
+                cpu_ax.text(0.5, 0.5, f"{group}: CPU per job not measured", ha="center", va="center", fontsize=9)
+                continue
             cpus = [cpu or 0.0 for _, _, cpu in rows]
             cpu_ax.barh(labels, cpus, color="tab:orange")
             cpu_ax.invert_yaxis()

@@ -9,8 +9,10 @@ job, Python both ends.
     pytest bench/test_user_path.py --benchmark-only --benchmark-group-by=group
 
 Each benchmark sends N jobs of 16 bytes (FASTBROKER_USER_N [20000]) per round
-(FASTBROKER_BENCH_ROUNDS [5]); extra_info has jobs/s and the ratio to the bare echo's
-rate of the same run (issue 14's target for the user path: >= 1.5x with FBC02).
+(FASTBROKER_BENCH_ROUNDS [5]); extra_info has jobs/s, the ratio to the bare echo's rate
+of the same run (issue 14's target for the user path: >= 1.5x with FBC02), and the CPU
+per job of each process over every round (warm-up included): this one (the client,
+every thread), the broker and the worker (or the echo server).
 ``fbc01`` is the same client with ``protocol=1``.
 """
 
@@ -88,11 +90,14 @@ class Served:
         req, work, ans, echo = (f"ipc://{run.dir}/{name}" for name in ("req", "wrk", "ans", "echo"))
         broker = run.start(["-m", "fastbroker", "-v", "broker", "--core", "compiled", req, work, ans], "broker")
         run.wait_for_broker(broker, "user-path", "compiled", deadline)
-        run.start(["-m", "fastbroker", "worker", "bench.test_user_path:Echo", work, "--credit", str(CREDIT)], "worker")
+        worker = run.start(
+            ["-m", "fastbroker", "worker", "bench.test_user_path:Echo", work, "--credit", str(CREDIT)], "worker"
+        )
         server = run.start(["-m", "bench.test_user_path", "_echo", echo, str(os.getpid())], "echo")
         if e2e.Lines(server, "echo").read(deadline) != "bound":
             raise RuntimeError("the echo server did not bind")
         self.address, self.echo = req, echo
+        self.pids = {"broker": broker.pid, "worker": worker.pid, "echo server": server.pid}
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +106,28 @@ def served() -> Iterator[Served]:
         yield Served(run)
 
 
-def _record(benchmark, name: str, walls: List[float]) -> None:
+class CpuMeter:
+    """CPU seconds of this process (every thread) and of the named child processes,
+    between start() and per_job(n): microseconds per job by process."""
+
+    def __init__(self, pids: Dict[str, int]) -> None:
+        self.pids = pids
+        self.start()
+
+    def start(self) -> None:
+        self.t0 = time.process_time()
+        self.c0 = {name: e2e.cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def per_job(self, jobs: int) -> Dict[str, float]:
+        figures = {"client": time.process_time() - self.t0}
+        figures.update({name: e2e.cpu_seconds(pid) - self.c0[name] for name, pid in self.pids.items()})
+        return {name: round(seconds / jobs * 1e6, 1) for name, seconds in figures.items()}
+
+
+def _record(benchmark, name: str, walls: List[float], cpu: Dict[str, float]) -> None:
     rate = USER_N / sorted(walls)[len(walls) // 2]
     _rates[name] = rate
-    benchmark.extra_info.update(jobs=USER_N, jobs_per_s=round(rate))
+    benchmark.extra_info.update(jobs=USER_N, jobs_per_s=round(rate), cpu_us_per_job=cpu)
     if name != "bare-echo" and "bare-echo" in _rates:
         benchmark.extra_info["ratio_to_bare_echo"] = round(rate / _rates["bare-echo"], 3)
 
@@ -123,11 +146,13 @@ def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
         walls.append(time.perf_counter() - start)
         assert answers == PAYLOADS
 
+    meter = CpuMeter({"echo server": served.pids["echo server"]})
     try:
         benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
+        cpu = meter.per_job(USER_N * (SIZES.socket_rounds + 1))
     finally:
         sock.close()
-    _record(benchmark, "bare-echo", walls)
+    _record(benchmark, "bare-echo", walls, cpu)
 
 
 @pytest.mark.parametrize("protocol", [2, 1], ids=["fbc02", "fbc01"])
@@ -143,9 +168,11 @@ def test_client_map_worker_subclass(benchmark, served: Served, protocol: int) ->
             walls.append(time.perf_counter() - start)
             assert answers == PAYLOADS
 
+        meter = CpuMeter({"broker": served.pids["broker"], "worker": served.pids["worker"]})
         benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
+        cpu = meter.per_job(USER_N * (SIZES.socket_rounds + 1))
         assert client.stats()["protocol"] == protocol
-    _record(benchmark, f"map-{protocol}", walls)
+    _record(benchmark, f"map-{protocol}", walls, cpu)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["_echo"]:
