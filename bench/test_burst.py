@@ -31,7 +31,6 @@ import asyncio
 import os
 import socket
 import time
-import uuid
 from typing import Callable, Dict, Iterator, List
 
 import pytest
@@ -39,7 +38,7 @@ import zmq
 
 from fastbroker import AsyncClient, Client
 from fastbroker.client.protocol import DEFAULT_WINDOW, MAX_WINDOW
-from fastbroker.protocol import C_STATS, CLIENT_SIGNATURE, R_STATS, decode_stats
+from fastbroker.server.metrics import request_stats
 
 from bench import e2e
 from bench.conftest import SIZES, WAIT_LIMIT, _env_int
@@ -61,13 +60,10 @@ def broker_stats(address: str) -> Dict[str, int]:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     try:
-        rid = uuid.uuid4().bytes
-        sock.send_multipart([CLIENT_SIGNATURE, C_STATS, rid])
-        if not sock.poll(int(WAIT_LIMIT * 1000)):
+        figures = request_stats(sock, WAIT_LIMIT)
+        if figures is None:
             raise RuntimeError(f"no STATS reply from {address}")
-        frames = sock.recv_multipart()
-        assert frames[:3] == [CLIENT_SIGNATURE, R_STATS, rid], frames[:3]
-        return decode_stats(frames[3], frames[4])
+        return figures
     finally:
         sock.close()
 

@@ -604,31 +604,21 @@ def submit_record(rid: bytes, nframes: int, flags: int = 0, timeout_ms: int = 0,
     return rid + struct.pack(">BIIH", flags, timeout_ms, tries, nframes)
 
 
-class FBClient2:
-    """A DEALER client speaking FBC02 frame by frame: ``submit(jobs)`` sends one SUBMIT
-    of [(id, [payload frames], flags, timeout_ms, tries)...]; ``collect()`` keeps each
+class FBClient2(FBClient):
+    """An FBClient that also speaks FBC02: ``submit(jobs)`` sends one FBC02 SUBMIT of
+    [(id, [payload frames], flags, timeout_ms, tries)...]; ``collect()`` keeps each
     REPLIES message's records in ``records`` as (id, code, body frames), in order, and
     counts the messages in ``messages``; FBC01 replies (to STATUS, RESULT...) go to
     ``inbox`` whole."""
 
     def __init__(self, sock: zmq.Socket):
-        self.sock = sock
+        super().__init__(sock)
         self.records: list = []
         self.messages = 0
-        self.inbox: list = []
 
-    def send(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
-
-    def submit(self, *jobs) -> None:
+    def submit(self, *jobs) -> None:  # type: ignore[override]
         header = b"".join(submit_record(job[0], len(job[1]), *job[2:]) for job in jobs)
         self.send(CSIG2, C_SUBMIT, header, *(f for job in jobs for f in job[1]))
-
-    def command(self, cmd: bytes, rid: bytes, *body: bytes) -> None:
-        self.send(CSIG, cmd, rid, *body)
-
-    def close(self) -> None:
-        self.sock.close(0)
 
     def collect(self) -> None:
         if self.sock.closed:

@@ -23,7 +23,6 @@ from fastbroker.client.protocol import RequestBook, decode_replies, decode_reply
 from fastbroker.protocol import (
     C_CANCEL,
     C_RESULT,
-    C_STATS,
     C_STATUS,
     C_SUBMIT,
     CLIENT_SIGNATURE,
@@ -39,8 +38,8 @@ from fastbroker.protocol import (
     R_TIMED_OUT,
     R_UNKNOWN,
     SUBMIT_RECORD_SIZE,
-    decode_stats,
 )
+from fastbroker.server.metrics import request_stats
 from rigs import BrokerRig, runs, wait_until
 
 from workers_for_tests import DealerEcho, DealerFailer, DealerGated
@@ -440,11 +439,9 @@ def broker_figures(address: str) -> dict:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     try:
-        rid = uuid.uuid4().bytes
-        sock.send_multipart([CLIENT_SIGNATURE, C_STATS, rid])
-        assert sock.poll(int(WAIT * 1000)), "no STATS reply"
-        frames = sock.recv_multipart()
-        return decode_stats(frames[3], frames[4])
+        figures = request_stats(sock, WAIT)
+        assert figures is not None, "no STATS reply"
+        return figures
     finally:
         sock.close()
 
