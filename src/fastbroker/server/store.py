@@ -9,6 +9,7 @@ durable store", for what each ``sync`` level promises.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import struct
@@ -189,34 +190,37 @@ class Store(Closeable):
 
     def apply(self, entries: Iterable[tuple], now: Optional[float] = None) -> int:
         """Write one turn's journal entries (BrokerCore.journal_take) in one
-        transaction; returns how many."""
+        transaction; returns how many. Each run of entries of one kind is one
+        executemany per statement, in the entries' order (a request submitted and
+        finished in the same turn is inserted, then deleted)."""
         finished_at = time.time() if now is None else now
         db = self._db
         count = 0
         db.execute("BEGIN")
         try:
-            for entry in entries:
-                kind, rid = entry[0], entry[1]
+            for kind, run in itertools.groupby(entries, key=lambda entry: entry[0]):
+                rows = list(run)
+                count += len(rows)
                 if kind == "submit":
-                    _, _, payload, timeout, tries = entry
-                    db.execute(
+                    db.executemany(
                         "INSERT OR IGNORE INTO requests (id, payload, timeout, tries, attempts) VALUES (?, ?, ?, ?, 0)",
-                        (rid, encode_frames(payload), timeout, tries),
+                        [(rid, encode_frames(payload), timeout, tries) for _, rid, payload, timeout, tries in rows],
                     )
                 elif kind == "start":
-                    db.execute("UPDATE requests SET attempts = ? WHERE id = ?", (entry[2], rid))
+                    db.executemany("UPDATE requests SET attempts = ? WHERE id = ?", [(e[2], e[1]) for e in rows])
                 elif kind == "finish":
-                    _, _, code, body, attempts, tries = entry
-                    db.execute("DELETE FROM requests WHERE id = ?", (rid,))
-                    db.execute(
+                    db.executemany("DELETE FROM requests WHERE id = ?", [(e[1],) for e in rows])
+                    db.executemany(
                         "INSERT OR REPLACE INTO outcomes (id, code, body, attempts, tries, finished) VALUES (?, ?, ?, ?, ?, ?)",
-                        (rid, code[0], encode_frames(body), attempts, tries, finished_at),
+                        [
+                            (rid, code[0], encode_frames(body), attempts, tries, finished_at)
+                            for _, rid, code, body, attempts, tries in rows
+                        ],
                     )
                 elif kind == "forget":
-                    db.execute("DELETE FROM outcomes WHERE id = ?", (rid,))
+                    db.executemany("DELETE FROM outcomes WHERE id = ?", [(e[1],) for e in rows])
                 else:
                     raise ValueError(f"unknown journal entry {kind!r}")
-                count += 1
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
