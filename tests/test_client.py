@@ -307,6 +307,22 @@ def test_book_v2_gathers_the_submits_of_a_turn_into_fbc02_batches_and_reads_repl
     assert b.sent[0][3:] == [b"p4", b"p5"]
 
 
+def test_book_v2_sends_gathered_submits_before_a_later_fbc01_command():
+    # The broker must see a request before a STATUS or CANCEL about it: a STATUS sent
+    # ahead of its request's batch found it UNKNOWN (seen in `make demo`).
+    b = Book()
+    b.book.v2 = True
+    rid = _submit(b, b"job")
+    b.book.query(rid, FakeFuture("q"))
+    b.book.cancel(rid)
+    assert [m[:2] for m in b.sent] == [
+        [CLIENT_SIGNATURE_V2, C_SUBMIT],
+        [CLIENT_SIGNATURE, C_STATUS],
+        [CLIENT_SIGNATURE, C_CANCEL],
+    ]
+    assert b.book.flush_submits() == 0  # nothing left to send
+
+
 def test_book_v2_falls_back_to_fbc01_when_the_broker_never_spoke_fbc02():
     b = Book(check_interval=1.0)
     b.book.v2 = True

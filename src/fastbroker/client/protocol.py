@@ -526,21 +526,22 @@ class RequestBook:
         self._in_flight[request_id] = None
         self.in_flight_bytes += entry.size
         if entry.message is None:
-            self._send(result_message(request_id))
+            self._send_now(result_message(request_id))
         else:
             self._send_submit(request_id, entry.message)
 
     def _send_submit(self, request_id: bytes, message: List[bytes]) -> None:
         """The SUBMIT of a request: now (FBC01), or at the next flush_submits() (FBC02)."""
         if not self.v2:
-            self._send(message)
+            self._send_now(message)
             return
         if not self._pending and self._on_pending is not None:
             self._on_pending()
         self._pending.append(request_id)
 
     def flush_submits(self) -> int:
-        """Send the FBC02 SUBMITs gathered since the last call; returns how many messages."""
+        """Send the FBC02 SUBMITs gathered since the last call (as FBC01 ones if the
+        book has fallen back meanwhile); returns how many messages."""
         if not self._pending:
             return 0
         pending, self._pending = self._pending, []
@@ -550,10 +551,21 @@ class RequestBook:
             if entry is not None and entry.sent and entry.message is not None:  # not forgotten meanwhile
                 message = entry.message
                 records.append((request_id, message[3], message[SUBMIT_PAYLOAD_AT:]))
-        messages = submit_batch_messages(records)
+        if self.v2:
+            messages = submit_batch_messages(records)
+        else:
+            messages = [submit_message(request_id, options, payload) for request_id, options, payload in records]
         for message in messages:
             self._send(message)
         return len(messages)
+
+    def _send_now(self, message: List[bytes]) -> None:
+        """Send an FBC01 message (STATUS, RESULT, CANCEL, an FBC01 SUBMIT) after the
+        SUBMITs gathered before it: the broker must see them in the order they were made
+        (a STATUS sent ahead of its request's batch would find it unknown)."""
+        if self._pending:
+            self.flush_submits()
+        self._send(message)
 
     def _leave(self, request_id: bytes, entry: _Entry) -> None:
         """An entry that was removed from _entries leaves the window: held ones move up."""
@@ -600,14 +612,14 @@ class RequestBook:
             return
         entry.sinks.append(_Sink(future, multipart))
         if entry.sent:
-            self._send(result_message(request_id))
+            self._send_now(result_message(request_id))
 
     def query(self, request_id: bytes, future: Any) -> None:
         """STATUS: the future gets a Status."""
         self._start_waiting()
         self._prune_queries()
         self._queries.setdefault(request_id, deque()).append(future)
-        self._send(status_message(request_id))
+        self._send_now(status_message(request_id))
 
     def _prune_queries(self) -> None:
         # A caller that gave up waiting (status() timed out) cancelled its future:
@@ -627,7 +639,7 @@ class RequestBook:
             else:
                 entry.cancelling = True
         # Sent even for a request held here: the id may be another client's.
-        self._send(cancel_message(request_id))
+        self._send_now(cancel_message(request_id))
 
     def forget(self, request_id: bytes, future: Any, cancel: bool = True) -> None:
         """A future cancelled by its owner waits no more; with `cancel`, the request
@@ -647,7 +659,7 @@ class RequestBook:
                     return
                 entry.cancelling = True
         if cancel:
-            self._send(cancel_message(request_id))
+            self._send_now(cancel_message(request_id))
 
     def fail_all(self, exc: BaseException) -> None:
         """Every future waiting gets `exc` (the client is closing)."""
@@ -722,7 +734,7 @@ class RequestBook:
             entry.accepted = True
             if reply.status is not None and reply.status.state == "done":
                 # It finished but its outcome did not reach this socket.
-                self._send(result_message(request_id))
+                self._send_now(result_message(request_id))
 
     def _finish(self, request_id: bytes, reply: Reply) -> None:
         entry = self._entries.pop(request_id)
@@ -765,7 +777,7 @@ class RequestBook:
             # RESULT rather than STATUS: the same answers (STATUS while it runs,
             # UNKNOWN if lost), but it also makes this socket a waiter, so an outcome
             # still reaches it after its connection or the broker (with a store) changed.
-            self._send(result_message(request_id))
+            self._send_now(result_message(request_id))
         self.checks += len(batch)
         return len(batch)
 
