@@ -241,6 +241,9 @@ def test_demo_runs_and_prints_a_summary(tmp_path, subprocess_env, core_name):
         "8 answers in order: -map-0 ... -map-7",
     ):
         assert line in result.stdout, result.stdout
+    # The client speaks FBC02 to this broker throughout (a STATUS overtaking its
+    # request's batch once made it fall back to FBC01).
+    assert "does not speak FBC02" not in result.stdout + result.stderr
     # FAILED with the worker's text if a DEALER worker ran it; REQ workers can only time out.
     assert (
         "client: broken (2 tries) -> FAILED: Dropped: this job always fails" in result.stdout
