@@ -312,7 +312,7 @@ def test_book_v2_sends_gathered_submits_before_a_later_fbc01_command():
     # ahead of its request's batch found it UNKNOWN (seen in `make demo`).
     b = Book()
     b.book.v2 = True
-    rid = _submit(b, b"job")
+    rid, _ = _submit(b, b"job"), _submit(b, b"other")
     b.book.query(rid, FakeFuture("q"))
     b.book.cancel(rid)
     assert [m[:2] for m in b.sent] == [
@@ -323,18 +323,29 @@ def test_book_v2_sends_gathered_submits_before_a_later_fbc01_command():
     assert b.book.flush_submits() == 0  # nothing left to send
 
 
+def test_book_v2_sends_a_lone_request_as_fbc01():
+    # A single call() costs what it did before FBC02: one request is not a batch.
+    b = Book()
+    b.book.v2 = True
+    rid = _submit(b, b"job")
+    assert b.book.flush_submits() == 1
+    assert b.sent == [[CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"job"]]
+
+
 def test_book_v2_falls_back_to_fbc01_when_the_broker_never_spoke_fbc02():
     b = Book(check_interval=1.0)
     b.book.v2 = True
-    rid = _submit(b, b"job")
+    rid, other = _submit(b, b"job"), _submit(b, b"other")
     b.book.flush_submits()
     assert b.sent[0][0] == CLIENT_SIGNATURE_V2
     b.sent.clear()
     b.clock.now += 1.0
-    assert b.book.tick() == 1  # silence: RESULT (FBC01)
+    assert b.book.tick() == 2  # silence: RESULT (FBC01) for both
     b.reply(R_UNKNOWN, rid)  # an FBC01 broker dropped the batch
     assert not b.book.v2 and b.book.stats()["protocol"] == 1
     assert b.sent[-1] == [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"job"]  # submitted again, FBC01
+    b.reply(R_UNKNOWN, other)
+    assert b.sent[-1] == [CLIENT_SIGNATURE, C_SUBMIT, other, b"", b"other"]
     b.reply(R_OK, rid, b"done")
     assert b.delivered[rid] == b"done"
 
@@ -342,12 +353,13 @@ def test_book_v2_falls_back_to_fbc01_when_the_broker_never_spoke_fbc02():
 def test_book_v2_does_not_fall_back_once_the_broker_spoke_fbc02():
     b = Book(check_interval=1.0)
     b.book.v2 = True
-    rid = _submit(b, b"job")
+    rid, other = _submit(b, b"job"), _submit(b, b"other")
     b.book.flush_submits()
     head = rid + R_ACCEPTED + b"\0\0"
     b.book.on_message([CLIENT_SIGNATURE_V2, R_REPLIES, head])
     b.reply(R_UNKNOWN, rid)  # the broker restarted without a store: lost, not FBC01
-    assert b.book.v2 and b.book.resubmitted == 1
+    b.reply(R_UNKNOWN, other)
+    assert b.book.v2 and b.book.resubmitted == 2
     assert b.book.flush_submits() == 1 and b.sent[-1][0] == CLIENT_SIGNATURE_V2
 
 
@@ -400,17 +412,20 @@ def test_client_against_a_broker_without_fbc02(protocol):
     thread.start()
     try:
         with Client(sock.getsockopt_string(zmq.LAST_ENDPOINT), check_interval=0.2, protocol=protocol) as client:
-            assert client.call(b"job", wait=WAIT) == b"re:job"
+            # Two at once: a batch (a lone request would go as FBC01 anyway).
+            futures = client.submit_many([b"a", b"b"])
+            assert [f.result(WAIT) for f in futures] == [b"re:a", b"re:b"]
             assert client.stats()["protocol"] == 1
     finally:
         stop.set()
         thread.join(WAIT)
         sock.close()
         ctx.term()
-    if protocol == 2:  # FBC02 first, dropped; RESULT; then FBC01
-        assert seen == [[CLIENT_SIGNATURE_V2, C_SUBMIT], [CLIENT_SIGNATURE, C_RESULT], [CLIENT_SIGNATURE, C_SUBMIT]]
+    if protocol == 2:  # FBC02 first, dropped; RESULT for both; then FBC01
+        assert seen[0] == [CLIENT_SIGNATURE_V2, C_SUBMIT]
+        assert sorted(seen[1:]) == sorted([[CLIENT_SIGNATURE, C_RESULT]] * 2 + [[CLIENT_SIGNATURE, C_SUBMIT]] * 2)
     else:
-        assert seen == [[CLIENT_SIGNATURE, C_SUBMIT]]
+        assert seen == [[CLIENT_SIGNATURE, C_SUBMIT]] * 2
 
 
 def test_client_speaks_fbc02_to_the_broker_by_default(rig):
