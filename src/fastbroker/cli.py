@@ -94,13 +94,23 @@ def _positive(text: str) -> int:
     return value
 
 
-def _heartbeat(text: str) -> float:
-    try:
-        return check_heartbeat(float(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
-        ) from None
+def _seconds(check: Callable[[float], float]) -> Callable[[str], float]:
+    """An argparse type: a number of seconds that `check` accepts (its ConfigError text)."""
+
+    def parse(text: str) -> float:
+        try:
+            return check(float(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
+            ) from None
+
+    return parse
+
+
+_heartbeat = _seconds(check_heartbeat)
+_retention = _seconds(check_retention)
+_max_extend = _seconds(check_max_extend)
 
 
 def _count(name: str, high: int, low: int = 1) -> Callable[[str], int]:
@@ -115,15 +125,6 @@ def _count(name: str, high: int, low: int = 1) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
-
-
-def _retention(text: str) -> float:
-    try:
-        return check_retention(float(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
-        ) from None
 
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -163,15 +164,6 @@ def _max_message(text: str) -> int:
         return check_max_message(_size(text))  # type: ignore[return-value]
     except (ConfigError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _max_extend(text: str) -> float:
-    try:
-        return check_max_extend(float(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
-        ) from None
 
 
 def _max_queue(text: str) -> int:
