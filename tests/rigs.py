@@ -407,6 +407,17 @@ def credit_frame(credit: int) -> bytes:
     return credit.to_bytes(4, "big")
 
 
+def waiting(sock: zmq.Socket, limit: int):
+    """The messages waiting on a test peer's socket (none once it is closed), at most
+    `limit`: what each peer's collect() reads in one go."""
+    if sock.closed:
+        return
+    for _ in range(limit):
+        if not sock.poll(0):
+            return
+        yield sock.recv_multipart(zmq.NOBLOCK)
+
+
 class FBWorker:
     """A DEALER worker whose every frame the test writes: [b"", b"FBW01", command,
     body...]. ``collect()`` (called on every pump of its rig) reads what the broker
@@ -453,12 +464,7 @@ class FBWorker:
 
     def collect(self) -> None:
         """Read what the broker sent; a live registered worker also heartbeats."""
-        if self.sock.closed:
-            return
-        for _ in range(10_000):
-            if not self.sock.poll(0):
-                break
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        for frames in waiting(self.sock, 10_000):
             assert frames[:2] == [b"", SIG] and len(frames) >= 3 and len(frames[2]) == 1, frames
             if frames[2] == CMD_HEARTBEAT:
                 assert frames == [b"", SIG, CMD_HEARTBEAT], frames
@@ -587,12 +593,7 @@ class FBClient:
         self.sock.close(0)
 
     def collect(self) -> None:
-        if self.sock.closed:
-            return
-        for _ in range(100_000):
-            if not self.sock.poll(0):
-                break
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        for frames in waiting(self.sock, 100_000):
             # Every reply: signature, a one-byte reply code, the 16-byte request id.
             assert len(frames) >= 3 and frames[0] == CSIG, frames
             assert len(frames[1]) == 1 and len(frames[2]) == 16, frames
@@ -621,12 +622,7 @@ class FBClient2(FBClient):
         self.send(CSIG2, C_SUBMIT, header, *(f for job in jobs for f in job[1]))
 
     def collect(self) -> None:
-        if self.sock.closed:
-            return
-        for _ in range(100_000):
-            if not self.sock.poll(0):
-                break
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        for frames in waiting(self.sock, 100_000):
             if frames[0] == CSIG:
                 self.inbox.append(frames)
                 continue
