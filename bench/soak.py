@@ -49,6 +49,7 @@ from fastbroker.worker.base import Worker
 
 REQUESTS, WORKERS, ANSWERS = "requests", "workers", "answers"
 FBW, FBC, FBC2 = protocol.WORKER_SIGNATURE, protocol.CLIENT_SIGNATURE, protocol.CLIENT_SIGNATURE_V2
+FBW2 = protocol.WORKER_SIGNATURE_V2
 HUGE = 64 * 1024
 """Size of the "huge" frames of the mix: big enough that a leak of them shows in RSS."""
 GOOD_PREFIX = b"good:"
@@ -264,9 +265,32 @@ def m_fbw(c: Chooser) -> Message:
             body.append(c.randbytes(pick(c, [4, 4, 0, 3])))
     else:
         body = [junk(c) for _ in range(c.randrange(3))]
-    sig = FBW if c.randrange(8) else pick(c, [b"FBW02", b"fbw01", b"", FBC])
+    sig = pick(c, [FBW, FBW2]) if c.randrange(8) else pick(c, [b"FBW03", b"fbw01", b"", FBC])
+    if sig == FBW2 and cmd == protocol.CMD_ANSWER:
+        body = fbw2_answer(c)
     head = [b""] if c.randrange(10) else []  # no delimiter: reason 2
     return Message(WORKERS, zmq.DEALER, head + [sig, cmd] + body, c.randrange(64) == 0)
+
+
+def fbw2_answer(c: Chooser) -> List[bytes]:
+    """An FBW02 ANSWER's body: 0-4 records (ids no live task has, outcomes right or
+    not, frame counts 0-3) and frames that match the header, or not (one more or one
+    fewer), or no header at all."""
+    if c.randrange(10) == 0:
+        return []
+    records, frames = [], []
+    for _ in range(c.randrange(5)):
+        count = c.randrange(4)
+        code = pick(c, [protocol.R_OK, protocol.R_OK, protocol.R_FAILED, b"\x00", b"\x99"])
+        rid = c.randbytes(16) if c.randrange(8) else c.randbytes(pick(c, [15, 17]))
+        records.append(rid + code + struct.pack(">H", count))
+        frames += [junk(c) for _ in range(count)]
+    k = c.randrange(8)
+    if k == 0:
+        frames.append(b"one more")
+    elif k == 1 and frames:
+        frames.pop()
+    return [b"".join(records)] + frames
 
 
 def m_original_ready(c: Chooser) -> Message:
@@ -417,6 +441,8 @@ class Crowd:
         if s.type == zmq.DEALER and s in self.pool[(WORKERS, zmq.DEALER)]:
             if len(frames) >= 4 and frames[:3] == [b"", FBW, protocol.CMD_TASK]:
                 self._fake_fbw_worker(s, frames[3], frames[4:])
+            elif len(frames) >= 5 and frames[:3] == [b"", FBW2, protocol.CMD_TASK]:
+                self._fake_fbw2_worker(s, frames[3:-1], frames[-1])
             elif len(frames) >= 2 and frames[0] == b"" and len(frames[1]) == protocol.TASK_ID_SIZE:
                 self.held.append((frames[1], frames[2:]))  # an original-protocol TASK
         elif s.type == zmq.REQ and s in self.pool[(WORKERS, zmq.REQ)] and frames:
@@ -442,6 +468,25 @@ class Crowd:
                 )
             )
         # else: ignore it (the attempt times out, or the fake is taken for dead)
+
+    def _fake_fbw2_worker(self, s: zmq.Socket, payload: List[bytes], header: bytes) -> None:
+        """An FBW02 TASK: each job answered right, FAILED or ignored, in one ANSWER
+        (sometimes garbled: a record's frame count one too many)."""
+        records, frames = [], []
+        for at in range(0, len(header) - len(header) % 18, 18):
+            task_id, count = header[at : at + 16], int.from_bytes(header[at + 16 : at + 18], "big")
+            data, payload = payload[:count], payload[count:]
+            k = self.rng.randrange(6)
+            if k < 3:
+                records.append(task_id + protocol.R_OK + b"\x00\x01")
+                frames.append(echo(data))
+            elif k < 5:
+                records.append(task_id + protocol.R_FAILED + b"\x00\x02")
+                frames += [b"HostileError", b"no"]
+        if records:
+            if self.rng.randrange(8) == 0:
+                records[0] = records[0][:17] + b"\x00\x05"  # the frames no longer add up: all dropped
+            s.send_multipart([b"", FBW2, protocol.CMD_ANSWER, b"".join(records), *frames])
 
     def close(self, grace: float = 0.3) -> None:
         deadline = time.monotonic() + grace

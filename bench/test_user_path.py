@@ -13,16 +13,19 @@ Each benchmark sends N jobs of 16 bytes (FASTBROKER_USER_N [20000]) per round
 of the same run (issue 14's target for the user path: >= 1.5x with FBC02), and the CPU
 per job of each process over every round (warm-up included): this one (the client,
 every thread), the broker and the worker (or the echo server).
-``fbc01`` is the same client with ``protocol=1``.
+``fbc02-fbw02`` is what a user gets by default (client and worker batch); ``fbc02-fbw01``
+and ``fbc01-fbw01`` the same client and worker with ``protocol=1`` (the worker process is
+started again with ``--protocol 1``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 import zmq
@@ -90,14 +93,27 @@ class Served:
         req, work, ans, echo = (f"ipc://{run.dir}/{name}" for name in ("req", "wrk", "ans", "echo"))
         broker = run.start(["-m", "fastbroker", "-v", "broker", "--core", "compiled", req, work, ans], "broker")
         run.wait_for_broker(broker, "user-path", "compiled", deadline)
-        worker = run.start(
-            ["-m", "fastbroker", "worker", "bench.test_user_path:Echo", work, "--credit", str(CREDIT)], "worker"
-        )
         server = run.start(["-m", "bench.test_user_path", "_echo", echo, str(os.getpid())], "echo")
         if e2e.Lines(server, "echo").read(deadline) != "bound":
             raise RuntimeError("the echo server did not bind")
+        self.run, self.work = run, work
         self.address, self.echo = req, echo
-        self.pids = {"broker": broker.pid, "worker": worker.pid, "echo server": server.pid}
+        self.pids = {"broker": broker.pid, "echo server": server.pid}
+        self.worker: Optional[subprocess.Popen] = None
+        self.worker_protocol = 0
+
+    def use_worker(self, protocol: int) -> None:
+        """One worker process speaking `protocol`: the one running, or a new one (the
+        other is stopped first, so that only one serves the broker)."""
+        if self.worker is not None and self.worker_protocol == protocol:
+            return
+        if self.worker is not None:
+            self.worker.terminate()
+            self.worker.wait(WAIT_LIMIT)
+        command = ["-m", "fastbroker", "worker", "bench.test_user_path:Echo", self.work, "--credit", str(CREDIT)]
+        self.worker = self.run.start([*command, "--protocol", str(protocol)], f"worker-fbw0{protocol}")
+        self.worker_protocol = protocol
+        self.pids["worker"] = self.worker.pid
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +171,13 @@ def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
     _record(benchmark, "bare-echo", walls, cpu)
 
 
-@pytest.mark.parametrize("protocol", [2, 1], ids=["fbc02", "fbc01"])
-def test_client_map_worker_subclass(benchmark, served: Served, protocol: int) -> None:
+@pytest.mark.parametrize(
+    "protocol, worker_protocol", [(2, 2), (2, 1), (1, 1)], ids=["fbc02-fbw02", "fbc02-fbw01", "fbc01-fbw01"]
+)
+def test_client_map_worker_subclass(benchmark, served: Served, protocol: int, worker_protocol: int) -> None:
     benchmark.group = "user-path"
     walls: List[float] = []
+    served.use_worker(worker_protocol)
     with Client(served.address, protocol=protocol) as client:
         assert client.call(b"warm", wait=WAIT_LIMIT) == b"warm"
 
@@ -172,7 +191,7 @@ def test_client_map_worker_subclass(benchmark, served: Served, protocol: int) ->
         benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
         cpu = meter.per_job(USER_N * (SIZES.socket_rounds + 1))
         assert client.stats()["protocol"] == protocol
-    _record(benchmark, f"map-{protocol}", walls, cpu)
+    _record(benchmark, f"map-{protocol}-{worker_protocol}", walls, cpu)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["_echo"]:

@@ -220,13 +220,14 @@ def job_env(tmp_path, monkeypatch):
     return log, open_gate
 
 
-@pytest.fixture
-def fake(ctx, job_env):
-    """(rigs.FakeBroker, the running CancelProbe worker) with credit 1; the worker has
-    sent READY. Teardown opens every gate the tests use, stops and closes the worker."""
-    broker = FakeBroker(ctx)
+@pytest.fixture(params=[2, 1], ids=["FBW02", "FBW01"])
+def fake(request, ctx, job_env):
+    """(rigs.FakeBroker, the running CancelProbe worker) with credit 1, in each worker
+    protocol; the worker has sent READY. Teardown opens every gate the tests use, stops
+    and closes the worker."""
+    broker = FakeBroker(ctx, request.param)
     # A long silence limit: the fake broker does not heartbeat, and the tests are short.
-    worker = CancelProbe(ctx, broker.address, credit=1, heartbeat=1.0, liveness=20)
+    worker = CancelProbe(ctx, broker.address, credit=1, heartbeat=1.0, liveness=20, protocol=request.param)
     worker.stop_grace = 0.01
     thread = threading.Thread(target=worker.run, name="cancel-probe-worker", daemon=True)
     thread.start()

@@ -52,9 +52,11 @@ from fastbroker.protocol import (
     DEFAULT_RETENTION,
     DEFAULT_RETENTION_BYTES,
     OPT_NO_ACK,
+    R_FAILED,
     R_REPLIES,
     R_STATUS,
     WORKER_SIGNATURE as SIG,
+    WORKER_SIGNATURE_V2 as SIG2,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for bench
@@ -425,10 +427,11 @@ class FBWorker:
     A "live" worker, once registered, sends HEARTBEAT every heartbeat/5 seconds so
     that only the workers a test makes silent can ever be taken for dead."""
 
-    def __init__(self, rig: WRig, sock: zmq.Socket, live: bool):
+    def __init__(self, rig: WRig, sock: zmq.Socket, live: bool, protocol: int = 1):
         self.rig = rig
         self.sock = sock
         self.live = live
+        self.sig = SIG2 if protocol == 2 else SIG  # FBW02 frames are the test's too
         self.registered = False  # the test believes the broker knows it
         self.inbox: list = []  # messages from the broker other than HEARTBEAT, in order
         self.heartbeat_times: list = []  # when each broker HEARTBEAT was read
@@ -439,7 +442,7 @@ class FBWorker:
         self._last_sent = time.monotonic()
 
     def command(self, cmd: bytes, *body: bytes) -> None:
-        self.send(b"", SIG, cmd, *body)
+        self.send(b"", self.sig, cmd, *body)
 
     def ready(self, credit: int) -> None:
         self.command(CMD_READY, credit_frame(credit))
@@ -465,13 +468,13 @@ class FBWorker:
     def collect(self) -> None:
         """Read what the broker sent; a live registered worker also heartbeats."""
         for frames in waiting(self.sock, 10_000):
-            assert frames[:2] == [b"", SIG] and len(frames) >= 3 and len(frames[2]) == 1, frames
+            assert frames[:2] == [b"", self.sig] and len(frames) >= 3 and len(frames[2]) == 1, frames
             if frames[2] == CMD_HEARTBEAT:
-                assert frames == [b"", SIG, CMD_HEARTBEAT], frames
+                assert frames == [b"", self.sig, CMD_HEARTBEAT], frames
                 self.heartbeat_times.append(time.monotonic())
                 continue
             if frames[2] == CMD_DISCONNECT:
-                assert frames == DISCONNECT_MSG, frames
+                assert frames == [b"", self.sig, CMD_DISCONNECT], frames
                 self.registered = False
             self.inbox.append(frames)
         if self.live and self.registered and time.monotonic() - self._last_sent >= self.rig.heartbeat / 5:
@@ -492,8 +495,8 @@ class WRig(Rig):
         self.heartbeat = heartbeat
         self.fbw: list = []
 
-    def dealer(self, identity=None, live=True) -> FBWorker:
-        worker = FBWorker(self, self.worker(zmq.DEALER, identity), live)
+    def dealer(self, identity=None, live=True, protocol: int = 1) -> FBWorker:
+        worker = FBWorker(self, self.worker(zmq.DEALER, identity), live, protocol)
         self.fbw.append(worker)
         return worker
 
@@ -792,30 +795,55 @@ FAKE_WAIT = 10.0
 under a second."""
 
 
+def split_answers(body: List[bytes]) -> List[List[bytes]]:
+    """An FBW02 ANSWER's body [header, frames...] as FBW01 ANSWER and FAILED messages
+    ([command, task id, frames...]); fails the test if the header does not match."""
+    header, frames = body[0], body[1:]
+    assert header and len(header) % 19 == 0, body
+    out, at = [], 0
+    for start in range(0, len(header), 19):
+        count = int.from_bytes(header[start + 17 : start + 19], "big")
+        command = CMD_FAILED if header[start + 16 : start + 17] == R_FAILED else CMD_ANSWER
+        out.append([command, header[start : start + 16], *frames[at : at + count]])
+        at += count
+    assert at == len(frames), body
+    return out
+
+
 def tid(n: int) -> bytes:
     """A 16-byte task id for the FakeBroker tests."""
     return b"CANCELTEST" + n.to_bytes(6, "big")
 
 
 class FakeBroker:
-    """A ROUTER bound on tcp 127.0.0.1 that speaks FBW01 to one worker: ``send`` a
-    command to it, ``recv`` its next message other than HEARTBEAT (failing the test if
-    none comes in time, or if it shows up with another identity: a new socket)."""
+    """A ROUTER bound on tcp 127.0.0.1 that speaks FBW01 or FBW02 (``protocol``, that of
+    the worker) to one worker: ``send`` a command to it, ``recv`` its next message other
+    than HEARTBEAT (failing the test if none comes in time, or if it shows up with
+    another identity: a new socket, or another protocol). Both show messages in FBW01's
+    shape: an FBW02 TASK is sent as a batch of one, and each outcome of an FBW02 ANSWER
+    is returned as an FBW01 ANSWER or FAILED (``batches`` keeps the records' counts)."""
 
-    def __init__(self, ctx: zmq.Context) -> None:
+    def __init__(self, ctx: zmq.Context, protocol: int = 2) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("tcp://127.0.0.1:*")
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.signature = SIG2 if protocol == 2 else SIG
         self.identity: Optional[bytes] = None
         self.got: List[List[bytes]] = []  # [command, body...] of every non-heartbeat message
+        self.pending: List[List[bytes]] = []  # outcomes of an FBW02 ANSWER not yet returned
+        self.batches: List[int] = []  # records in each FBW02 ANSWER received
 
     def send(self, command: bytes, *body: bytes) -> None:
         assert self.identity is not None
-        self.sock.send_multipart([self.identity, b"", SIG, command, *body])
+        if command == CMD_TASK and self.signature == SIG2:
+            body = (*body[1:], body[0] + len(body[1:]).to_bytes(2, "big"))
+        self.sock.send_multipart([self.identity, b"", self.signature, command, *body])
 
     def recv(self, timeout: float = FAKE_WAIT) -> List[bytes]:
         """The next message from the worker other than a HEARTBEAT, as [command, body...]."""
+        if self.pending:
+            return self.pending.pop(0)
         deadline = time.monotonic() + timeout
         for _ in range(10_000):
             left = deadline - time.monotonic()
@@ -823,12 +851,17 @@ class FakeBroker:
                 break
             frames = self.sock.recv_multipart()
             identity, rest = frames[0], frames[1:]
-            assert rest[:2] == [b"", SIG], frames
+            assert rest[:2] == [b"", self.signature], frames
             if self.identity is None:
                 self.identity = identity
             assert identity == self.identity, "the worker reconnected on a new socket"
             if rest[2] == CMD_HEARTBEAT:
                 continue
+            if rest[2] == CMD_ANSWER and self.signature == SIG2:
+                self.pending = split_answers(rest[3:])
+                self.batches.append(len(self.pending))
+                self.got.extend(self.pending)
+                return self.pending.pop(0)
             self.got.append(rest[2:])
             return rest[2:]
         pytest.fail(f"no message from the worker within {timeout} s; got so far: {self.got}")

@@ -1,6 +1,6 @@
 """Hostile input against a REAL broker process (issue 7): random multipart messages at
 all three endpoints (tcp on 127.0.0.1), from raw DEALER, REQ and PUSH sockets, among
-them FBW01 and FBC01 messages that are right, nearly right or wrong (signatures,
+them FBW01, FBW02, FBC01 and FBC02 messages that are right, nearly right or wrong (signatures,
 command bytes, ids of 0 to 65536 bytes, options frames with unknown flags, timeouts
 out of range and wrong lengths, credits above MAX_CREDIT, about MAX_FRAMES frames),
 while a ``fastbroker.Client`` and a ``DealerEcho`` worker process keep working.

@@ -257,6 +257,7 @@ def test_malformed_messages_on_every_endpoint_are_dropped(transport, procs, ctx,
         (client, [b"FBC01", b"\x09", b"\0" * 16], "client message with an unknown command or the wrong frames"),
         (client, [b"FBC01", b"\x02", b"short id"], "client message whose request id is not 16 bytes"),
         (client, [b"FBC02", b"\x01", b"\0" * 27, b"p"], "client batch whose header does not match its frames"),
+        (ready, [b"", b"FBW02", b"\x03", b"\0" * 19, b"a"], "worker batch whose header does not match its frames"),
     ]
     assert {reason for _, _, reason in malformed} == {r for r in DROP_REASONS if "memory" not in r}
     log_text = lambda: broker.proc.stderr_path.read_text(errors="replace")  # noqa: E731

@@ -23,7 +23,12 @@ def test_generated_pxd_is_current():
 
 def test_check_compiled_accepts_its_own_values_and_refuses_others():
     values = protocol.compiled_values()
-    signatures = (protocol.WORKER_SIGNATURE, protocol.CLIENT_SIGNATURE, protocol.CLIENT_SIGNATURE_V2)
+    signatures = (
+        protocol.WORKER_SIGNATURE,
+        protocol.CLIENT_SIGNATURE,
+        protocol.CLIENT_SIGNATURE_V2,
+        protocol.WORKER_SIGNATURE_V2,
+    )
     protocol.check_compiled(dict(values), signatures)
     stale = dict(values, R_OK=values["R_OK"] + 1)
     with pytest.raises(ImportError, match="R_OK"):
@@ -31,7 +36,7 @@ def test_check_compiled_accepts_its_own_values_and_refuses_others():
     with pytest.raises(ImportError, match="N_COUNTERS"):
         protocol.check_compiled({k: v for k, v in values.items() if k != "N_COUNTERS"}, signatures)
     with pytest.raises(ImportError):
-        protocol.check_compiled(values, (b"FBW01", b"FBC02", b"FBC01"))
+        protocol.check_compiled(values, (b"FBW01", b"FBC02", b"FBC01", b"FBW02"))
 
 
 def test_derived_values_follow_the_tuples():

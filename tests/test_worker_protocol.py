@@ -722,7 +722,7 @@ MALFORMED = [
     # Well-formed ANSWER frames with a bad id: dropped, and (from a stranger) DISCONNECT.
     ("answer-bad-id", [b"", SIG, CMD_ANSWER, b"short", b"answer"], protocol.DROP_ANSWER_BAD_ID),
     # Another signature is no FBW01 message: an original ready with two body frames.
-    ("other-signature", [b"", b"FBW02", CMD_READY, credit_frame(1)], protocol.DROP_READY_BAD_FRAMES),
+    ("other-signature", [b"", b"FBW99", CMD_READY, credit_frame(1)], protocol.DROP_READY_BAD_FRAMES),
 ]
 
 

@@ -174,6 +174,7 @@ cdef struct Sess:
     uint32_t ghosts  # jobs it still works on that ended without it (timed out, answered elsewhere)
     double expiry
     uint32_t jobs  # first request slot of its job list, NO_SLOT if none
+    bint v2  # its last READY was FBW02: it gets FBW02 messages, TASKs of many jobs
 
 
 # -- core/kept_outcomes.pxi -----------------------------------------------------------
@@ -357,7 +358,7 @@ cdef class WorkerSessions:
     cdef void attach(self, uint32_t rs, uint32_t s) noexcept nogil
     cdef void detach(self, uint32_t rs, bint by_worker=*) noexcept nogil
     cdef void settle_ghost(self, int s) noexcept nogil
-    cdef int send_env(self, zmsg *env, int nenv, int command, bint more) noexcept nogil
+    cdef int send_env(self, zmsg *env, int nenv, int command, bint more, bint v2) noexcept nogil
     cdef inline int send(self, uint32_t s, int command, bint more) noexcept nogil
 
 
@@ -461,6 +462,7 @@ cdef class Attempts:
     cdef void *s_requests
 
     cdef int answer(self, zmsg *tid, zmsg *body, int nbody, int from_s) noexcept nogil
+    cdef int answer_id(self, const uint8_t *tid, zmsg *body, int nbody, int from_s) noexcept nogil
     cdef int deliver(self, Req *r, zmsg *body, int nbody) noexcept nogil
     cdef int expire(self, double now) noexcept nogil
     cdef int retry_or_abort(self, uint32_t s) noexcept nogil
@@ -481,13 +483,18 @@ cdef class WorkerSide:
     cdef double max_extend  # seconds: the most one EXTEND moves a deadline from now
 
     cdef int on_ready(self, zmsg *m, int n) noexcept nogil
-    cdef int worker_ready(self, zmsg *m, int s, int d, int nb) noexcept nogil
+    cdef int worker_ready(self, zmsg *m, int s, int d, int nb, bint v2) noexcept nogil
     cdef int worker_failed(self, zmsg *m, int s, int d) noexcept nogil
-    cdef int worker_extend(self, zmsg *m, int s, int d, int nb) noexcept nogil
+    cdef int fail_attempt(self, const uint8_t *tid, int s, zmsg *text) noexcept nogil
+    cdef int worker_answers(self, zmsg *m, int s, int d, int nb) noexcept nogil
+    cdef int worker_extend(self, zmsg *m, int s, int d, int nb, bint v2) noexcept nogil
     cdef void worker_event(self, int kind, uint32_t s) noexcept nogil
     cdef int forget(self, uint32_t s, bint requeue=*) noexcept nogil
     cdef int tick(self, double now) noexcept nogil
     cdef int dispatch(self, double now) noexcept nogil
+    cdef int dispatch_batch(self, uint32_t sidx, size_t share, double now) noexcept nogil
+    cdef int unreachable(self, uint32_t sidx) noexcept nogil
+    cdef void start_attempt(self, uint32_t rs, int sidx, double now) noexcept nogil
     cdef int disconnect_all(self) noexcept nogil
 
 

@@ -6,14 +6,17 @@ cdef extern from *:
     #define FB_WORKER_SIGNATURE "FBW01"
     #define FB_CLIENT_SIGNATURE "FBC01"
     #define FB_CLIENT_SIGNATURE_V2 "FBC02"
+    #define FB_WORKER_SIGNATURE_V2 "FBW02"
     #define FB_MAX_REQUEST_TIMEOUT_MS 0xfffffffeu
     """
     const char *WORKER_SIGNATURE "FB_WORKER_SIGNATURE"
     const char *CLIENT_SIGNATURE "FB_CLIENT_SIGNATURE"
     const char *CLIENT_SIGNATURE_V2 "FB_CLIENT_SIGNATURE_V2"
+    const char *WORKER_SIGNATURE_V2 "FB_WORKER_SIGNATURE_V2"
     const unsigned int MAX_REQUEST_TIMEOUT_MS "FB_MAX_REQUEST_TIMEOUT_MS"
 
 cdef enum:
+    ANSWER_RECORD_SIZE = 19
     CMD_ANSWER = 3
     CMD_CANCEL = 7
     CMD_DISCONNECT = 6
@@ -62,6 +65,7 @@ cdef enum:
     DROP_REQUEST_NO_DELIMITER = 0
     DROP_REQUEST_NO_PAYLOAD = 1
     DROP_TOO_MANY_FRAMES = 7
+    DROP_WORKER_BAD_BATCH = 14
     DROP_WORKER_BAD_COMMAND = 9
     DROP_WORKER_BAD_FRAMES = 10
     EVENT_DATA_MAX = 64
@@ -85,7 +89,7 @@ cdef enum:
     MAX_WAITERS = 8
     MIN_LIVENESS = 2
     N_COUNTERS = 23
-    N_DROP_REASONS = 14
+    N_DROP_REASONS = 15
     N_GAUGES = 6
     N_LATENCY = 16
     N_STATS = 47
@@ -120,11 +124,13 @@ cdef enum:
     STATE_RUNNING = 2
     SUBMIT_RECORD_SIZE = 27
     TASK_ID_SIZE = 16
+    TASK_RECORD_SIZE = 18
 
 
 cdef inline dict compiled_values():
     """What this module was compiled with, for protocol.check_compiled."""
     return {
+        "ANSWER_RECORD_SIZE": ANSWER_RECORD_SIZE,
         "CMD_ANSWER": CMD_ANSWER,
         "CMD_CANCEL": CMD_CANCEL,
         "CMD_DISCONNECT": CMD_DISCONNECT,
@@ -173,6 +179,7 @@ cdef inline dict compiled_values():
         "DROP_REQUEST_NO_DELIMITER": DROP_REQUEST_NO_DELIMITER,
         "DROP_REQUEST_NO_PAYLOAD": DROP_REQUEST_NO_PAYLOAD,
         "DROP_TOO_MANY_FRAMES": DROP_TOO_MANY_FRAMES,
+        "DROP_WORKER_BAD_BATCH": DROP_WORKER_BAD_BATCH,
         "DROP_WORKER_BAD_COMMAND": DROP_WORKER_BAD_COMMAND,
         "DROP_WORKER_BAD_FRAMES": DROP_WORKER_BAD_FRAMES,
         "EVENT_DATA_MAX": EVENT_DATA_MAX,
@@ -232,6 +239,7 @@ cdef inline dict compiled_values():
         "STATE_RUNNING": STATE_RUNNING,
         "SUBMIT_RECORD_SIZE": SUBMIT_RECORD_SIZE,
         "TASK_ID_SIZE": TASK_ID_SIZE,
+        "TASK_RECORD_SIZE": TASK_RECORD_SIZE,
     }
 
 
@@ -240,4 +248,5 @@ cdef inline tuple compiled_signatures():
         WORKER_SIGNATURE[:SIGNATURE_SIZE],
         CLIENT_SIGNATURE[:SIGNATURE_SIZE],
         CLIENT_SIGNATURE_V2[:SIGNATURE_SIZE],
+        WORKER_SIGNATURE_V2[:SIGNATURE_SIZE],
     )

@@ -415,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
         "their attempt timeout runs while they wait",
     )
     p.add_argument(
+        "--protocol",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="worker protocol: 2 (FBW02, many jobs per message; the default) or 1 (FBW01, one job "
+        "per message); a FBW02 worker falls back to FBW01 by itself against a broker without FBW02",
+    )
+    p.add_argument(
         "--heartbeat",
         type=_heartbeat,
         default=None,
@@ -674,7 +682,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     options = {
         name: getattr(args, name)
-        for name in ("credit", "prefetch", "heartbeat", "liveness")
+        for name in ("credit", "prefetch", "heartbeat", "liveness", "protocol")
         if getattr(args, name) is not None
     }
     try:

@@ -46,6 +46,15 @@ CMD_EXTEND = b"\x08"  # worker -> broker: [task_id, milliseconds (4 bytes BE)]; 
 DEFAULT_MAX_EXTEND = 300.0
 """Seconds: the most one EXTEND moves an attempt's deadline from now (broker's --max-extend)."""
 
+# -- FBW02, the batched worker protocol, docs/PROTOCOL.md section 13 ---------------
+# The FBW01 commands and bodies under a second signature, except two: TASK carries
+# k jobs [payload frames..., header] (header LAST, so the broker commits each job as
+# it sends it) and ANSWER carries many outcomes [header, frames...]. A worker speaks
+# the protocol of its last READY; the broker answers each worker in its protocol.
+WORKER_SIGNATURE_V2 = b"FBW02"
+TASK_RECORD_SIZE = 18  # task id (16), payload frames (2 BE)
+ANSWER_RECORD_SIZE = 19  # task id (16), outcome (1: R_OK or R_FAILED), frames (2 BE)
+
 # -- The client protocol (DEALER clients), docs/PROTOCOL.md section 10 -------------
 # A client's DEALER sends [CLIENT_SIGNATURE, command, body...] with NO empty
 # delimiter, so the broker's ROUTER sees [identity, CLIENT_SIGNATURE, ...]: a REQ
@@ -124,6 +133,7 @@ DROP_WORKER_BAD_FRAMES = 10
 DROP_CLIENT_BAD_COMMAND = 11
 DROP_CLIENT_BAD_ID = 12
 DROP_CLIENT_BAD_BATCH = 13
+DROP_WORKER_BAD_BATCH = 14
 
 DROP_REASONS = (
     "request without an empty delimiter frame",
@@ -140,6 +150,7 @@ DROP_REASONS = (
     "client message with an unknown command or the wrong frames",
     "client message whose request id is not 16 bytes",
     "client batch whose header does not match its frames",
+    "worker batch whose header does not match its frames",
 )
 
 # -- The STATS reply's names -------------------------------------------------------
@@ -224,7 +235,7 @@ JOURNAL_KINDS = ("submit", "start", "finish", "forget")
 # -- The generated declarations for compiled code ----------------------------------
 PXD_PATH = Path(__file__).with_name("_protocol.pxd")
 
-_SIGNATURES = ("WORKER_SIGNATURE", "CLIENT_SIGNATURE", "CLIENT_SIGNATURE_V2")
+_SIGNATURES = ("WORKER_SIGNATURE", "CLIENT_SIGNATURE", "CLIENT_SIGNATURE_V2", "WORKER_SIGNATURE_V2")
 # Integers that do not fit a C int go to C as unsigned macros.
 _UNSIGNED = ("MAX_REQUEST_TIMEOUT_MS",)
 _ENUM_PREFIXES = ("CMD_", "C_", "R_", "OPT_", "STATE_", "REJECT_", "DROP_", "RUN_")
@@ -239,6 +250,8 @@ _ENUM_NAMES = (
     "OPTIONS_SIZE",
     "SUBMIT_RECORD_SIZE",
     "REPLY_RECORD_SIZE",
+    "TASK_RECORD_SIZE",
+    "ANSWER_RECORD_SIZE",
     "MAX_BATCH",
     "MAX_REQUEST_TRIES",
     "MAX_WAITERS",

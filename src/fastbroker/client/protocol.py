@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import struct
 import time
 import uuid
@@ -200,8 +201,32 @@ def check_request_id(request_id: Any) -> bytes:
     raise ConfigError(f"a request id is 16 bytes or a uuid, not {type(request_id).__name__}")
 
 
+ID_BATCH = 1024
+"""Request ids drawn from the system's randomness at once (see new_request_id)."""
+_fresh_ids: List[bytes] = []
+
+
 def new_request_id() -> bytes:
-    return uuid.uuid4().bytes
+    """A new request id: the 16 bytes of a random (version 4) uuid. They are drawn
+    ID_BATCH at a time: os.urandom releases the GIL, and a thread that gives it up
+    once per request must then wait for it behind the client's I/O thread (24 us a
+    request in Client.map, measured, against 0.5 us for the call alone)."""
+    try:
+        return _fresh_ids.pop()  # atomic under the GIL, as is extend()
+    except IndexError:
+        pass
+    block = os.urandom(16 * ID_BATCH)
+    ids = []
+    for at in range(0, len(block), 16):
+        raw = block[at : at + 16]
+        # The version (4) and variant (RFC 4122) bits, as uuid.uuid4() sets them.
+        ids.append(raw[:6] + bytes([raw[6] & 0x0F | 0x40, raw[7], raw[8] & 0x3F | 0x80]) + raw[9:])
+    _fresh_ids.extend(ids)
+    return _fresh_ids.pop()
+
+
+# A forked child must not hand out the ids its parent will.
+os.register_at_fork(after_in_child=_fresh_ids.clear)
 
 
 def payload_frames(payload: Payload) -> Tuple[List[bytes], bool]:

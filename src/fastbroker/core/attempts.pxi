@@ -28,13 +28,17 @@ cdef class Attempts:
     cdef int answer(self, zmsg *tid, zmsg *body, int nbody, int from_s) noexcept nogil:
         """Deliver the first answer for a task; later ones are dropped. from_s is
         the answering DEALER worker's session, -1 for a PUSH answer."""
-        cdef int s, rc
-        cdef bint own
-        cdef Req *r
         if zmsg_size(tid) != TASK_ID_SIZE:
             self.counters.drop(DROP_ANSWER_BAD_ID)
             return 0
-        s = self.table.find(<const uint8_t *>zmsg_data(tid), TASK_ID_SIZE)
+        return self.answer_id(<const uint8_t *>zmsg_data(tid), body, nbody, from_s)
+
+    cdef int answer_id(self, const uint8_t *tid, zmsg *body, int nbody, int from_s) noexcept nogil:
+        """answer() for a task id of TASK_ID_SIZE bytes (an FBW02 ANSWER record's)."""
+        cdef int s, rc
+        cdef bint own
+        cdef Req *r
+        s = self.table.find(tid, TASK_ID_SIZE)
         if s < 0:
             self.counters.drop(DROP_ANSWER_UNKNOWN)
             self.sessions.settle_ghost(from_s)

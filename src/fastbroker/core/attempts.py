@@ -60,6 +60,11 @@ class Attempts:
         if len(tid) != protocol.TASK_ID_SIZE:
             self.counters.drop(protocol.DROP_ANSWER_BAD_ID)
             return
+        self.answer_id(tid, body, from_s)
+
+    @cdef
+    def answer_id(self, tid: bytes, body: list, from_s: Optional[Sess]) -> None:
+        """answer() for a task id of TASK_ID_SIZE bytes (an FBW02 ANSWER record's)."""
         r = self.table.find(tid)
         if r is None:
             self.counters.drop(protocol.DROP_ANSWER_UNKNOWN)

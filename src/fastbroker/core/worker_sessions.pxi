@@ -104,6 +104,7 @@ cdef class WorkerSessions:
         w.inflight = 0
         w.ghosts = 0
         w.jobs = NO_SLOT
+        w.v2 = False
         w.expiry = self.clock.now + self.heartbeat * self.liveness
         self.count += 1
         if self.count == 1:
@@ -203,9 +204,10 @@ cdef class WorkerSessions:
 
     # -- sending ----------------------------------------------------------------
 
-    cdef int send_env(self, zmsg *env, int nenv, int command, bint more) noexcept nogil:
-        """Send copies of env, the signature and a command to a worker; the body, if
-        any, follows (more=True). Returns 0, 1 if the worker is unreachable, or -errno."""
+    cdef int send_env(self, zmsg *env, int nenv, int command, bint more, bint v2) noexcept nogil:
+        """Send copies of env, the signature (FBW02 if v2) and a command to a worker; the
+        body, if any, follows (more=True). Returns 0, 1 if the worker is unreachable, or
+        -errno."""
         cdef zmsg part
         cdef int i, e
         for i in range(nenv):
@@ -218,7 +220,7 @@ cdef class WorkerSessions:
                     return -e
                 return 1 if i == 0 else 0
         zmsg_init_size(&part, SIGNATURE_SIZE)
-        memcpy(zmsg_data(&part), WORKER_SIGNATURE, SIGNATURE_SIZE)
+        memcpy(zmsg_data(&part), WORKER_SIGNATURE_V2 if v2 else WORKER_SIGNATURE, SIGNATURE_SIZE)
         if zmsg_send(&part, self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
             zmsg_close(&part)
         zmsg_init_size(&part, 1)
@@ -228,5 +230,5 @@ cdef class WorkerSessions:
         return 0
 
     cdef inline int send(self, uint32_t s, int command, bint more) noexcept nogil:
-        """send_env to session s."""
-        return self.send_env(self.sess[s].env, self.sess[s].nenv, command, more)
+        """send_env to session s, in its protocol."""
+        return self.send_env(self.sess[s].env, self.sess[s].nenv, command, more, self.sess[s].v2)

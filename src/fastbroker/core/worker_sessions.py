@@ -20,13 +20,13 @@ from fastbroker.core.address_index import address_key
 from fastbroker.core.clock import Clock, monotonic
 from fastbroker.core.idle_workers import IdleWorkers
 from fastbroker.core.request_table import Req, RequestTable
-from fastbroker.protocol import WORKER_SIGNATURE
+from fastbroker.protocol import WORKER_SIGNATURE, WORKER_SIGNATURE_V2
 
 
 class Sess:
     """A DEALER worker known to the broker: where it is, its credit, its jobs."""
 
-    __slots__ = ("key", "env", "credit", "jobs", "ghosts", "expiry")
+    __slots__ = ("key", "env", "credit", "jobs", "ghosts", "expiry", "v2")
 
     def __init__(self, key: bytes, env: list) -> None:
         self.key = key
@@ -37,6 +37,7 @@ class Sess:
         # elsewhere): their credit stays taken until it answers or fails them.
         self.ghosts = 0
         self.expiry = 0.0
+        self.v2 = False  # its last READY was FBW02: it gets FBW02 messages, TASKs of many jobs
 
 
 class WorkerSessions:
@@ -146,12 +147,13 @@ class WorkerSessions:
             self.offer(s)
 
     @cdef
-    def send_env(self, env: list, command: bytes, body: Optional[list] = None) -> int:
-        """Send env, the signature, a command and the body, if any, to a worker.
-        Returns 0, or 1 if the worker is unreachable (gone: ROUTER_MANDATORY, or
-        not reading); raises on ETERM."""
+    def send_env(self, env: list, command: bytes, body: Optional[list] = None, v2: bool = False) -> int:
+        """Send env, the signature (FBW02 if v2), a command and the body, if any, to a
+        worker. Returns 0, or 1 if the worker is unreachable (gone: ROUTER_MANDATORY,
+        or not reading); raises on ETERM."""
+        signature = WORKER_SIGNATURE_V2 if v2 else WORKER_SIGNATURE
         try:
-            self.s_workers.send_multipart(env + [WORKER_SIGNATURE, command] + (body or []), zmq.DONTWAIT, copy=False)
+            self.s_workers.send_multipart(env + [signature, command] + (body or []), zmq.DONTWAIT, copy=False)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.ETERM:
                 raise
@@ -160,5 +162,5 @@ class WorkerSessions:
 
     @cdef
     def send(self, s: Sess, command: bytes, body: Optional[list] = None) -> int:
-        """send_env with session s's envelope."""
-        return self.send_env(s.env, command, body)
+        """send_env with session s's envelope, in its protocol."""
+        return self.send_env(s.env, command, body, s.v2)

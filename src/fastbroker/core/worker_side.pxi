@@ -33,6 +33,7 @@ cdef class WorkerSide:
         cdef int d = find_delimiter(m, n)
         cdef int nb, s, rc
         cdef uint8_t command
+        cdef bint v2
         if d < 1:
             self.counters.drop(DROP_READY_NO_DELIMITER)
             return 0
@@ -43,8 +44,11 @@ cdef class WorkerSide:
                 return 0
             self.counters.add(CNT_READY)
             return 0
-        if nb == 0 or zmsg_size(&m[d + 1]) != SIGNATURE_SIZE or \
-                memcmp(zmsg_data(&m[d + 1]), WORKER_SIGNATURE, SIGNATURE_SIZE) != 0:
+        if nb == 0 or zmsg_size(&m[d + 1]) != SIGNATURE_SIZE:
+            self.counters.drop(DROP_READY_BAD_FRAMES)
+            return 0
+        v2 = memcmp(zmsg_data(&m[d + 1]), WORKER_SIGNATURE_V2, SIGNATURE_SIZE) == 0
+        if not v2 and memcmp(zmsg_data(&m[d + 1]), WORKER_SIGNATURE, SIGNATURE_SIZE) != 0:
             self.counters.drop(DROP_READY_BAD_FRAMES)
             return 0
         if zmsg_size(&m[d + 2]) != 1:
@@ -61,7 +65,9 @@ cdef class WorkerSide:
         if s >= 0:
             self.sessions.touch(<uint32_t>s)
         if command == CMD_READY:
-            return self.worker_ready(m, s, d, nb)
+            return self.worker_ready(m, s, d, nb, v2)
+        if command == CMD_ANSWER and v2:
+            return self.worker_answers(m, s, d, nb)
         if command == CMD_ANSWER:
             if nb < 4:
                 self.counters.drop(DROP_WORKER_BAD_FRAMES)
@@ -70,10 +76,10 @@ cdef class WorkerSide:
             # still be waiting for it. That worker is told to register again.
             rc = self.attempts.answer(&m[d + 3], &m[d + 4], nb - 3, s)
             if s < 0 and rc >= 0:
-                rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False)
+                rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False, False)
             return rc if rc < 0 else 0
         if command == CMD_EXTEND:
-            return self.worker_extend(m, s, d, nb)
+            return self.worker_extend(m, s, d, nb, v2)
         if nb != (5 if command == CMD_FAILED else 2):
             self.counters.drop(DROP_WORKER_BAD_FRAMES)
             return 0
@@ -86,14 +92,16 @@ cdef class WorkerSide:
         if s < 0:
             # HEARTBEAT or FAILED from a worker this broker does not know (it was
             # restarted, or took the worker for dead): make it register again.
-            rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False)
+            rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False, v2)
             if rc < 0:
                 return rc
         if command == CMD_FAILED:
             return self.worker_failed(m, s, d)
         return 0
 
-    cdef int worker_ready(self, zmsg *m, int s, int d, int nb) noexcept nogil:
+    cdef int worker_ready(self, zmsg *m, int s, int d, int nb, bint v2) noexcept nogil:
+        """READY(credit) from the worker at m[0:d] (session s, or -1: a new one); the
+        worker speaks the protocol of its last READY (v2: FBW02)."""
         cdef const uint8_t *c
         cdef uint32_t credit
         if nb != 3 or zmsg_size(&m[d + 3]) != 4:
@@ -112,17 +120,23 @@ cdef class WorkerSide:
             self.counters.add(CNT_WORKERS_JOINED)
             self.worker_event(EV_WORKER_JOINED, <uint32_t>s)
         self.sessions.sess[s].credit = credit
+        self.sessions.sess[s].v2 = v2
         self.counters.add(CNT_READY)
         self.sessions.offer(<uint32_t>s)
         return 0
 
     cdef int worker_failed(self, zmsg *m, int s, int d) noexcept nogil:
-        cdef int rs
-        cdef Req *r
+        """FAILED(task id, exception type, message) from the worker at m[0:d]."""
         if zmsg_size(&m[d + 3]) != TASK_ID_SIZE:
             self.counters.drop(DROP_ANSWER_BAD_ID)
             return 0
-        rs = self.table.find(<const uint8_t *>zmsg_data(&m[d + 3]), TASK_ID_SIZE)
+        return self.fail_attempt(<const uint8_t *>zmsg_data(&m[d + 3]), s, &m[d + 4])
+
+    cdef int fail_attempt(self, const uint8_t *tid, int s, zmsg *text) noexcept nogil:
+        """Worker s reports the job `tid` failed; text: [exception type, message] (moved)."""
+        cdef int rs
+        cdef Req *r
+        rs = self.table.find(tid, TASK_ID_SIZE)
         if rs < 0 or s < 0 or self.table.reqs[rs].worker != s:
             # Not the attempt in progress (answered, timed out, or another worker's).
             self.counters.drop(DROP_ANSWER_UNKNOWN)
@@ -142,11 +156,50 @@ cdef class WorkerSide:
                     zmsg_init(&r.fail[1])
             # Without memory for the text, the outcome is still FAILED-less: TIMED_OUT.
             if r.fail != NULL:
-                zmsg_move(&r.fail[0], &m[d + 4])
-                zmsg_move(&r.fail[1], &m[d + 5])
+                zmsg_move(&r.fail[0], &text[0])
+                zmsg_move(&r.fail[1], &text[1])
         return self.attempts.retry_or_abort(<uint32_t>rs)
 
-    cdef int worker_extend(self, zmsg *m, int s, int d, int nb) noexcept nogil:
+    cdef int worker_answers(self, zmsg *m, int s, int d, int nb) noexcept nogil:
+        """FBW02 ANSWER [header, frames...]: one ANSWER_RECORD_SIZE record per outcome.
+        A header that does not match the frames drops the whole message; a record with
+        an unknown outcome or the wrong frames is dropped alone."""
+        cdef const uint8_t *h
+        cdef size_t hsize
+        cdef int count, j, nf, at, total = 0, rc = 0
+        if nb < 3:
+            self.counters.drop(DROP_WORKER_BAD_BATCH)
+            return 0
+        hsize = zmsg_size(&m[d + 3])
+        count = <int>(hsize // ANSWER_RECORD_SIZE)
+        if hsize == 0 or hsize % ANSWER_RECORD_SIZE or count > MAX_BATCH:
+            self.counters.drop(DROP_WORKER_BAD_BATCH)
+            return 0
+        h = <const uint8_t *>zmsg_data(&m[d + 3])
+        for j in range(count):
+            total += (h[j * ANSWER_RECORD_SIZE + 17] << 8) | h[j * ANSWER_RECORD_SIZE + 18]
+        if total != nb - 3:
+            self.counters.drop(DROP_WORKER_BAD_BATCH)
+            return 0
+        at = d + 4
+        for j in range(count):
+            h = <const uint8_t *>zmsg_data(&m[d + 3]) + j * ANSWER_RECORD_SIZE
+            nf = (h[17] << 8) | h[18]
+            if h[16] == R_OK and nf >= 1:
+                # Accepted even from a worker the broker has forgotten, as FBW01's ANSWER.
+                rc = self.attempts.answer_id(h, &m[at], nf, s)
+            elif h[16] == R_FAILED and nf == 2:
+                rc = self.fail_attempt(h, s, &m[at])
+            else:
+                self.counters.drop(DROP_WORKER_BAD_FRAMES)
+            if rc < 0:
+                return rc
+            at += nf
+        if s < 0:
+            rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False, True)
+        return rc if rc < 0 else 0
+
+    cdef int worker_extend(self, zmsg *m, int s, int d, int nb, bint v2) noexcept nogil:
         """EXTEND(task id, ms): the job is alive; its attempt's deadline becomes now plus
         ms, at most max_extend (an attempt without a deadline keeps none)."""
         cdef int rs, rc
@@ -158,7 +211,7 @@ cdef class WorkerSide:
         if s < 0:
             # From a worker this broker does not know: it must register again.
             self.counters.drop(DROP_ANSWER_UNKNOWN)
-            rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False)
+            rc = self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False, v2)
             return rc if rc < 0 else 0
         rs = self.table.find(<const uint8_t *>zmsg_data(&m[d + 3]), TASK_ID_SIZE)
         if rs < 0 or self.table.reqs[rs].worker != s:
@@ -245,11 +298,15 @@ cdef class WorkerSide:
     # -- dispatch -----------------------------------------------------------------
 
     cdef int dispatch(self, double now) noexcept nogil:
+        """Send queued jobs to idle workers, oldest first, while both last."""
         cdef int s, w, w2, i, e, nenv, sidx, rc
         cdef Req *r
         cdef Wk *wk
         cdef zmsg part
         cdef Ring *q
+        # An FBW02 worker's share of the queue, fixed for this pass: so that a few jobs
+        # spread over the idle workers, and many fill each one's credit.
+        cdef size_t share = (self.queue.count + self.idle.live - 1) // self.idle.live if self.idle.live else 0
         while self.idle.live:
             q = self.queue.next()
             if q == NULL:
@@ -268,6 +325,12 @@ cdef class WorkerSide:
                 w = w2
                 sidx = self.idle.slots[w].session
             wk = &self.idle.slots[w]
+            if sidx >= 0 and self.sessions.sess[sidx].v2:
+                self.idle.release(w)
+                rc = self.dispatch_batch(<uint32_t>sidx, share, now)
+                if rc < 0:
+                    return rc
+                continue
             # ROUTER_MANDATORY makes the first frame fail for a worker that is gone;
             # the job then stays at the front for the next idle worker.
             if sidx >= 0:
@@ -276,10 +339,7 @@ cdef class WorkerSide:
                 if rc < 0:
                     return rc
                 if rc == 1:
-                    self.counters.add(CNT_UNREACHABLE_WORKERS)
-                    self.counters.add(CNT_WORKERS_DEAD)
-                    self.worker_event(EV_WORKER_DEAD, <uint32_t>sidx)
-                    rc = self.forget(<uint32_t>sidx)
+                    rc = self.unreachable(<uint32_t>sidx)
                     if rc < 0:
                         return rc
                     continue
@@ -309,18 +369,84 @@ cdef class WorkerSide:
                     zmsg_close(&part)
             ring_drop_front(q)
             self.queue.count -= 1
-            r.state = RUNNING
-            r.attempts += 1
-            if self.journal.on and r.client:
-                self.journal.push(J_START, r.cid, 0, NULL, 0, r.attempts, 0, 0.0)
-            r.failed_on = -1
-            if r.tries_left > 0:
-                r.tries_left -= 1
-            if r.timeout >= 0:
-                # Without memory for a deadline the attempt simply has none.
-                self.heap.insert(<uint32_t>s, now + r.timeout)
+            self.start_attempt(<uint32_t>s, sidx, now)
             if sidx >= 0:
-                self.sessions.attach(<uint32_t>s, <uint32_t>sidx)
                 self.sessions.offer(<uint32_t>sidx)
-            self.counters.add(CNT_DISPATCHED)
         return 0
+
+    cdef int dispatch_batch(self, uint32_t sidx, size_t share, double now) noexcept nogil:
+        """One FBW02 TASK to worker sidx, taken from the idle FIFO: the queue's first
+        jobs, at most its spare credit, `share` (of the queue, for this pass), MAX_BATCH
+        and MAX_FRAMES. A failed job that another idle worker could retry ends the batch
+        before it. Each job is committed as its frames go; the header goes last."""
+        cdef uint8_t header[MAX_BATCH * TASK_RECORD_SIZE]
+        cdef Sess *w = &self.sessions.sess[sidx]
+        cdef size_t limit = w.credit - w.inflight if w.inflight < w.credit else 0
+        cdef int k = 0, frames = 0, s, i, nf, rc
+        cdef Req *r
+        cdef Ring *q
+        cdef zmsg part
+        if share < limit:
+            limit = share
+        if limit > MAX_BATCH:
+            limit = MAX_BATCH
+        if limit == 0:  # not reached: a worker is idle only with spare credit
+            return 0
+        rc = self.sessions.send(sidx, CMD_TASK, True)
+        if rc != 0:
+            return rc if rc < 0 else self.unreachable(sidx)
+        while <size_t>k < limit:
+            q = self.queue.next()
+            if q == NULL:
+                break
+            s = <int>(ring_front(q) >> 32)
+            r = &self.table.reqs[s]
+            nf = r.nframes - r.nenv
+            if k and (frames + nf > MAX_FRAMES or
+                      (r.failed_on == <int>sidx and r.failed_on_gen == w.gen and self.idle.live)):
+                break
+            for i in range(r.nenv, r.nframes):
+                # zmq_msg_copy shares the payload buffer: nothing is copied.
+                zmsg_init(&part)
+                zmsg_copy(&part, &r.frames[i])
+                if zmsg_send(&part, self.s_workers, ZSNDMORE | ZDONTWAIT) < 0:
+                    zmsg_close(&part)
+            self.table.write_id(<uint32_t>s, &header[k * TASK_RECORD_SIZE])
+            header[k * TASK_RECORD_SIZE + 16] = (nf >> 8) & 0xFF
+            header[k * TASK_RECORD_SIZE + 17] = nf & 0xFF
+            ring_drop_front(q)
+            self.queue.count -= 1
+            self.start_attempt(<uint32_t>s, <int>sidx, now)
+            frames += nf
+            k += 1
+        zmsg_init_size(&part, <size_t>k * TASK_RECORD_SIZE)
+        memcpy(zmsg_data(&part), header, <size_t>k * TASK_RECORD_SIZE)
+        if zmsg_send(&part, self.s_workers, ZDONTWAIT) < 0:
+            zmsg_close(&part)
+        self.sessions.offer(sidx)
+        return 0
+
+    cdef int unreachable(self, uint32_t sidx) noexcept nogil:
+        """A TASK to worker sidx failed at its first frame: it is gone."""
+        self.counters.add(CNT_UNREACHABLE_WORKERS)
+        self.counters.add(CNT_WORKERS_DEAD)
+        self.worker_event(EV_WORKER_DEAD, sidx)
+        return self.forget(sidx)
+
+    cdef void start_attempt(self, uint32_t rs, int sidx, double now) noexcept nogil:
+        """Request rs, taken off the queue, was sent to a worker (session sidx, or -1
+        for a REQ worker): its attempt starts now."""
+        cdef Req *r = &self.table.reqs[rs]
+        r.state = RUNNING
+        r.attempts += 1
+        if self.journal.on and r.client:
+            self.journal.push(J_START, r.cid, 0, NULL, 0, r.attempts, 0, 0.0)
+        r.failed_on = -1
+        if r.tries_left > 0:
+            r.tries_left -= 1
+        if r.timeout >= 0:
+            # Without memory for a deadline the attempt simply has none.
+            self.heap.insert(rs, now + r.timeout)
+        if sidx >= 0:
+            self.sessions.attach(rs, <uint32_t>sidx)
+        self.counters.add(CNT_DISPATCHED)

@@ -25,9 +25,10 @@ from fastbroker.core.frames import find_delimiter
 from fastbroker.core.idle_workers import IdleWorkers
 from fastbroker.core.job_queue import JobQueue
 from fastbroker.core.journal import Journal
-from fastbroker.core.request_table import RUNNING, RequestTable
+from fastbroker.core.request_table import RUNNING, Req, RequestTable
 from fastbroker.core.worker_sessions import Sess, WorkerSessions
 from fastbroker.protocol import (
+    ANSWER_RECORD_SIZE,
     CMD_ANSWER,
     CMD_DISCONNECT,
     CMD_EXTEND,
@@ -35,8 +36,13 @@ from fastbroker.protocol import (
     CMD_HEARTBEAT,
     CMD_READY,
     CMD_TASK,
+    MAX_BATCH,
     MAX_CREDIT,
+    MAX_FRAMES,
+    R_FAILED,
+    R_OK,
     WORKER_SIGNATURE,
+    WORKER_SIGNATURE_V2,
 )
 
 _COMMANDS = frozenset((CMD_READY, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT, CMD_EXTEND))
@@ -99,9 +105,11 @@ class WorkerSide:
             self.idle.push_env(m[: d + 1])
             self.counters.add("ready")
             return
-        if nb == 0 or m[d + 1].bytes != WORKER_SIGNATURE:
+        signature = m[d + 1].bytes if nb else b""
+        if signature != WORKER_SIGNATURE and signature != WORKER_SIGNATURE_V2:
             self.counters.drop(protocol.DROP_READY_BAD_FRAMES)
             return
+        v2 = signature == WORKER_SIGNATURE_V2
         command = m[d + 2].bytes
         if command not in _COMMANDS:
             self.counters.drop(protocol.DROP_WORKER_BAD_COMMAND)
@@ -112,7 +120,10 @@ class WorkerSide:
         if s is not None:
             sessions.touch(s)
         if command == CMD_READY:
-            self.worker_ready(m, s, d, nb)
+            self.worker_ready(m, s, d, nb, v2)
+            return
+        if command == CMD_ANSWER and v2:
+            self.worker_answers(m, s, d, nb)
             return
         if command == CMD_ANSWER:
             if nb < 4:
@@ -122,10 +133,10 @@ class WorkerSide:
             # still be waiting for it. That worker is told to register again.
             self.attempts.answer(m[d + 3].bytes, m[d + 4 :], s)
             if s is None:
-                sessions.send_env(m[: d + 1], CMD_DISCONNECT)
+                sessions.send_env(m[: d + 1], CMD_DISCONNECT, None, v2)
             return
         if command == CMD_EXTEND:
-            self.worker_extend(m, s, d, nb)
+            self.worker_extend(m, s, d, nb, v2)
             return
         if nb != (5 if command == CMD_FAILED else 2):
             self.counters.drop(protocol.DROP_WORKER_BAD_FRAMES)
@@ -139,13 +150,14 @@ class WorkerSide:
         if s is None:
             # HEARTBEAT or FAILED from a worker this broker does not know (it was
             # restarted, or took the worker for dead): make it register again.
-            sessions.send_env(m[: d + 1], CMD_DISCONNECT)
+            sessions.send_env(m[: d + 1], CMD_DISCONNECT, None, v2)
         if command == CMD_FAILED:
             self.worker_failed(m, s, d)
 
     @cdef
-    def worker_ready(self, m: list, s: Optional[Sess], d: int, nb: int) -> None:
-        """READY [credit] from the worker at m[0:d] (session s, or None: a new one)."""
+    def worker_ready(self, m: list, s: Optional[Sess], d: int, nb: int, v2: bool) -> None:
+        """READY [credit] from the worker at m[0:d] (session s, or None: a new one); the
+        worker speaks the protocol of its last READY (v2: FBW02)."""
         if nb != 3 or len(m[d + 3]) != 4:
             self.counters.drop(protocol.DROP_WORKER_BAD_FRAMES)
             return
@@ -158,6 +170,7 @@ class WorkerSide:
             self.counters.add("workers_joined")
             self.worker_event(EV_WORKER_JOINED, s)
         s.credit = credit
+        s.v2 = v2
         self.counters.add("ready")
         self.sessions.offer(s)
 
@@ -167,7 +180,12 @@ class WorkerSide:
         if len(m[d + 3]) != protocol.TASK_ID_SIZE:
             self.counters.drop(protocol.DROP_ANSWER_BAD_ID)
             return
-        r = self.table.find(m[d + 3].bytes)
+        self.fail_attempt(m[d + 3].bytes, s, m[d + 4 : d + 6])
+
+    @cdef
+    def fail_attempt(self, tid: bytes, s: Optional[Sess], text: list) -> None:
+        """Worker s reports the job `tid` failed; text: [exception type, message]."""
+        r = self.table.find(tid)
         if r is None or s is None or r.worker is not s:
             # Not the attempt in progress (answered, timed out, or another worker's).
             self.counters.drop(protocol.DROP_ANSWER_UNKNOWN)
@@ -178,11 +196,43 @@ class WorkerSide:
         self.sessions.detach(r)
         r.failed_on = s
         if r.cid is not None:
-            r.fail = m[d + 4 : d + 6]
+            r.fail = text
         self.attempts.retry_or_abort(r)
 
     @cdef
-    def worker_extend(self, m: list, s: Optional[Sess], d: int, nb: int) -> None:
+    def worker_answers(self, m: list, s: Optional[Sess], d: int, nb: int) -> None:
+        """FBW02 ANSWER [header, frames...]: one ANSWER_RECORD_SIZE record per outcome.
+        A header that does not match the frames drops the whole message; a record with
+        an unknown outcome or the wrong frames is dropped alone."""
+        header = m[d + 3].bytes if nb >= 3 else b""
+        count = len(header) // ANSWER_RECORD_SIZE
+        if not header or len(header) % ANSWER_RECORD_SIZE or count > MAX_BATCH:
+            self.counters.drop(protocol.DROP_WORKER_BAD_BATCH)
+            return
+        total = 0
+        for j in range(count):
+            total += int.from_bytes(header[j * ANSWER_RECORD_SIZE + 17 : j * ANSWER_RECORD_SIZE + 19], "big")
+        if total != nb - 3:
+            self.counters.drop(protocol.DROP_WORKER_BAD_BATCH)
+            return
+        at = d + 4
+        for j in range(count):
+            record = header[j * ANSWER_RECORD_SIZE : (j + 1) * ANSWER_RECORD_SIZE]
+            code = record[16:17]
+            nf = int.from_bytes(record[17:19], "big")
+            if code == R_OK and nf >= 1:
+                # Accepted even from a worker the broker has forgotten, as FBW01's ANSWER.
+                self.attempts.answer_id(record[:16], m[at : at + nf], s)
+            elif code == R_FAILED and nf == 2:
+                self.fail_attempt(record[:16], s, m[at : at + 2])
+            else:
+                self.counters.drop(protocol.DROP_WORKER_BAD_FRAMES)
+            at += nf
+        if s is None:
+            self.sessions.send_env(m[: d + 1], CMD_DISCONNECT, None, True)
+
+    @cdef
+    def worker_extend(self, m: list, s: Optional[Sess], d: int, nb: int, v2: bool) -> None:
         """EXTEND [task id, ms]: the job is alive; its attempt's deadline becomes now plus
         ms, at most max_extend (an attempt without a deadline keeps none)."""
         if nb != 4 or len(m[d + 3]) != protocol.TASK_ID_SIZE or len(m[d + 4]) != 4:
@@ -191,7 +241,7 @@ class WorkerSide:
         if s is None:
             # From a worker this broker does not know: it must register again.
             self.counters.drop(protocol.DROP_ANSWER_UNKNOWN)
-            self.sessions.send_env(m[: d + 1], CMD_DISCONNECT)
+            self.sessions.send_env(m[: d + 1], CMD_DISCONNECT, None, v2)
             return
         r = self.table.find(m[d + 3].bytes)
         if r is None or r.worker is not s:
@@ -268,6 +318,9 @@ class WorkerSide:
         queue = self.queue
         sessions = self.sessions
         counters = self.counters
+        # An FBW02 worker's share of the queue, fixed for this pass: so that a few jobs
+        # spread over the idle workers, and many fill each one's credit.
+        share = -(-queue.count // len(workers)) if workers else 0
         while workers:
             q = queue.next()
             if q is None:
@@ -281,13 +334,13 @@ class WorkerSide:
                 w = w2
             if type(w) is Sess:
                 s = w
+                if s.v2:
+                    self.dispatch_batch(s, share, now)
+                    continue
                 # ROUTER_MANDATORY makes the send fail for a worker that is gone;
                 # the job then stays at the front for the next idle worker.
                 if sessions.send(s, CMD_TASK, [r.task_id] + r.payload):
-                    counters.add("unreachable_workers")
-                    counters.add("workers_dead")
-                    self.worker_event(EV_WORKER_DEAD, s)
-                    self.forget(s)
+                    self.unreachable(s)
                     continue
             else:
                 s = None
@@ -300,16 +353,69 @@ class WorkerSide:
                     continue
             q.popleft()
             queue.count -= 1
-            r.state = RUNNING
-            r.attempts += 1
-            if self.journal.on and r.cid is not None:
-                self.journal.push(("start", r.cid, r.attempts))
-            r.failed_on = None
-            if r.tries_left > 0:
-                r.tries_left -= 1
-            if r.timeout is not None:
-                self.heap.insert(r, now + r.timeout)
+            self.start_attempt(r, s, now)
             if s is not None:
-                sessions.attach(r, s)
                 sessions.offer(s)
-            counters.add("dispatched")
+
+    @cdef
+    def dispatch_batch(self, s: Sess, share: int, now: float) -> None:
+        """One FBW02 TASK to worker s, taken from the idle FIFO: the queue's first jobs,
+        at most its spare credit, `share` (of the queue, for this pass), MAX_BATCH and
+        MAX_FRAMES. A failed job that another idle worker could retry ends the batch
+        before it."""
+        queue = self.queue
+        spare = s.credit - len(s.jobs) - s.ghosts
+        limit = min(spare, share, MAX_BATCH)
+        if limit < 1:  # not reached: a worker is idle only with spare credit
+            return
+        taken: list = []  # (FIFO, request), to put back if the worker is gone
+        frames: list = []
+        header = []
+        while len(taken) < limit:
+            q = queue.next()
+            if q is None:
+                break
+            r = q[0]
+            if taken and (len(frames) + len(r.payload) > MAX_FRAMES or (r.failed_on is s and self.idle.workers)):
+                break
+            q.popleft()
+            queue.count -= 1
+            taken.append((q, r))
+            frames += r.payload
+            header.append(r.task_id + len(r.payload).to_bytes(2, "big"))
+        frames.append(b"".join(header))
+        # Header last: the compiled core commits each job as it sends its frames.
+        if self.sessions.send(s, CMD_TASK, frames):
+            for q, r in reversed(taken):
+                q.appendleft(r)
+                queue.count += 1
+            self.unreachable(s)
+            return
+        for _, r in taken:
+            self.start_attempt(r, s, now)
+        self.sessions.offer(s)
+
+    @cdef
+    def unreachable(self, s: Sess) -> None:
+        """A TASK to worker s failed at its first frame: it is gone."""
+        self.counters.add("unreachable_workers")
+        self.counters.add("workers_dead")
+        self.worker_event(EV_WORKER_DEAD, s)
+        self.forget(s)
+
+    @cdef
+    def start_attempt(self, r: Req, s: Optional[Sess], now: float) -> None:
+        """Request r, taken off the queue, was sent to a worker (session s, or None for
+        a REQ worker): its attempt starts now."""
+        r.state = RUNNING
+        r.attempts += 1
+        if self.journal.on and r.cid is not None:
+            self.journal.push(("start", r.cid, r.attempts))
+        r.failed_on = None
+        if r.tries_left > 0:
+            r.tries_left -= 1
+        if r.timeout is not None:
+            self.heap.insert(r, now + r.timeout)
+        if s is not None:
+            self.sessions.attach(r, s)
+        self.counters.add("dispatched")

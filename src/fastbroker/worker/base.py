@@ -298,9 +298,11 @@ class Worker(WorkerBase):
         reconnect_max: Optional[float] = None,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
+        protocol: int = 2,
     ) -> None:
         self.requests_addr = requests_addr
         self.replies_addr = replies_addr
+        self.protocol = 2
         self.credit = 1
         self.prefetch = 0
         self.heartbeat = DEFAULT_HEARTBEAT
@@ -316,6 +318,7 @@ class Worker(WorkerBase):
             reconnect_max=reconnect_max,
             curve_server_key=curve_server_key,
             curve_secret=curve_secret,
+            protocol=protocol,
         )
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
@@ -361,6 +364,7 @@ class Worker(WorkerBase):
         reconnect_max: Optional[float] = None,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
+        protocol: Optional[int] = None,
     ) -> Worker:
         """Change settings before run(); None leaves one unchanged. ConfigError if invalid.
         The two CURVE key files go together (both None: unchanged)."""
@@ -380,6 +384,10 @@ class Worker(WorkerBase):
             self.reconnect_max = _check_reconnect_max(reconnect_max)
         if curve_server_key is not None or curve_secret is not None:
             self.curve = security.client_keys(curve_server_key, curve_secret)
+        if protocol is not None:
+            if protocol not in (1, 2):
+                raise ConfigError(f"protocol must be 1 (FBW01) or 2 (FBW02), not {protocol!r}")
+            self.protocol = protocol
         return self
 
     def process_batch(self, items: List[bytes]) -> Sequence[Union[bytes, BaseException]]:

@@ -38,9 +38,12 @@ from fastbroker.protocol import (
     CMD_HEARTBEAT,
     CMD_READY,
     CMD_TASK,
+    R_OK,
     RECV_BATCH,
     WORKER_SIGNATURE,
+    WORKER_SIGNATURE_V2,
 )
+from fastbroker.worker import wire
 
 log = logging.getLogger("fastbroker.worker")
 
@@ -65,6 +68,7 @@ class WorkerStats:
     heartbeats_sent: int = 0
     cancelled: int = 0  # CANCELs received for jobs in hand (started or not)
     cancelled_unstarted: int = 0  # of which withdrawn before a pool thread took them (FAILED at once)
+    protocol: int = 0  # what it speaks now: 2 (FBW02) or 1 (FBW01); 0 before its first connection
 
     def as_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -82,10 +86,6 @@ _POLLIN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
-
-
-def _message(command: bytes, *body: bytes) -> List[bytes]:
-    return [b"", WORKER_SIGNATURE, command, *body]
 
 
 class JobPool:
@@ -223,7 +223,13 @@ class Session:
         # Jobs the broker may send beyond those running: they wait here for a thread.
         self.prefetch: int = worker.prefetch
         self.stats: WorkerStats = worker.stats
+        # FBW02 (many jobs per TASK and per ANSWER) unless the worker asks for FBW01. A
+        # broker that never speaks on a new connection may not know FBW02: the next
+        # connection tries the other protocol, and so on until one is heard.
+        self.v2: bool = worker.protocol == 2
+        self.signature = WORKER_SIGNATURE_V2 if self.v2 else WORKER_SIGNATURE
         self.sock: Optional[zmq.Socket] = None
+        self.offered_v2 = False
         self.generation = 0  # sockets opened so far; each job remembers the one it came on
         self.heard = False  # the broker has spoken on this socket
         self.last_heard = 0.0
@@ -300,10 +306,13 @@ class Session:
                         self._announce_credit(now)
                     self._flush(now)
                     self._announce_credit(now)
+                    if not self.v2 and self.heard and not self.offered_v2 and self.announced:
+                        if self.worker.protocol == 2 and not self.stopping:
+                            self._offer_v2(now)
                     if now - self.last_heard > self.silence:
                         self._lose(now, f"no word from the broker for {now - self.last_heard:.1f} s")
                     elif now >= self.next_heartbeat:
-                        self._send(now, _message(CMD_HEARTBEAT))
+                        self._send(now, self._message(CMD_HEARTBEAT))
                         self.stats.heartbeats_sent += 1
                         self.next_heartbeat = now + self.heartbeat
                 if self.stopping and self._finished(now):
@@ -377,6 +386,8 @@ class Session:
         security.apply_curve(self.sock, self.worker.curve)
         self.sock.connect(self.address)
         self.heard = False
+        self.offered_v2 = False  # see _offer_v2
+        self.stats.protocol = 2 if self.v2 else 1
         self.last_heard = now  # the broker gets `silence` seconds to speak first
         self.next_heartbeat = now + self.heartbeat
         self.announced = None
@@ -412,6 +423,28 @@ class Session:
         self.failures += 1
         self.reconnect_at = now + delay
         log.info("reconnecting to %s in %.2f s: %s", self.address, delay, reason)
+        if not self.heard and self.worker.protocol == 2:
+            # Perhaps the broker does not know this protocol (a broker without FBW02
+            # drops FBW02 messages unanswered): the next connection tries the other.
+            self._use_protocol(not self.v2)
+            log.info("no word from the broker: trying %s on the next connection", self.signature.decode())
+
+    def _use_protocol(self, v2: bool) -> None:
+        """Speak FBW02 (v2) or FBW01 from now on; what waits to be sent is rewritten."""
+        self.v2 = v2
+        self.signature = WORKER_SIGNATURE_V2 if v2 else WORKER_SIGNATURE
+        self.stats.protocol = 2 if v2 else 1
+        self.outbox = collections.deque(
+            (gen, converted) for gen, frames in self.outbox for converted in wire.convert(frames, v2)
+        )
+
+    def _offer_v2(self, now: float) -> None:
+        """On an FBW01 connection of an FBW02 worker (it fell back while the broker was
+        silent, perhaps only down): offer FBW02 once with a READY in FBW02. A broker
+        that knows it answers in FBW02 from then on (see _receive); one that does not
+        drops that READY (counted) and the connection stays FBW01."""
+        if self._send(now, wire.message(WORKER_SIGNATURE_V2, CMD_READY, (self.announced or 0).to_bytes(4, "big"))):
+            self.offered_v2 = True
 
     def _hang_up(self) -> None:
         """The end of a graceful stop: deliver what is left, say DISCONNECT, close."""
@@ -426,7 +459,7 @@ class Session:
         self._announce_credit(now)
         self._flush(now)
         dropped = len(self.outbox)
-        self._send(now, _message(CMD_DISCONNECT))
+        self._send(now, self._message(CMD_DISCONNECT))
         # Bounded: a vanished broker must not keep the process alive.
         self.sock.close(linger=self.worker.linger_ms)
         self.sock = None
@@ -445,7 +478,7 @@ class Session:
             credit = max(0, self.credit + self.prefetch - self.orphans)
         if credit == self.announced:
             return
-        if self._send(now, _message(CMD_READY, credit.to_bytes(4, "big"))):
+        if self._send(now, self._message(CMD_READY, credit.to_bytes(4, "big"))):
             self.announced = credit
             if self.stopping and self.quiet_at is None:
                 self.quiet_at = now + self.worker.stop_grace
@@ -507,10 +540,13 @@ class Session:
             now = time.monotonic()
             self.last_heard = now
             self.unconfirmed = []
-            if len(frames) < 3 or frames[0] != b"" or frames[1] != WORKER_SIGNATURE:
-                log.debug("ignored a message that is not FBW01 (%d frames)", len(frames))
+            if len(frames) < 3 or frames[0] != b"" or frames[1] not in wire.SIGNATURES:
+                log.debug("ignored a message that is not FBW01 or FBW02 (%d frames)", len(frames))
                 continue
             command = frames[2]
+            if frames[1] == WORKER_SIGNATURE_V2 and not self.v2:
+                log.info("the broker speaks FBW02: using it")
+                self._use_protocol(True)
             if command == CMD_DISCONNECT:
                 self.stats.disconnects += 1
                 self._register_again()
@@ -520,7 +556,9 @@ class Session:
                 self.heard = True
                 self.failures = 0
                 log.info("connected to %s", self.address)
-            if command == CMD_TASK:
+            if command == CMD_TASK and frames[1] == WORKER_SIGNATURE_V2:
+                self._start_jobs(frames[3:])
+            elif command == CMD_TASK:
                 self._start_job(frames[3:])
             elif command == CMD_CANCEL:
                 self._cancel(frames[3:])
@@ -539,6 +577,15 @@ class Session:
         self.jobs[number] = self.generation
         self.by_task.setdefault(task_id, []).append(number)
         self.pool.submit(number, task_id, body[1:], len(self.jobs))
+
+    def _start_jobs(self, body: List[bytes]) -> None:
+        """An FBW02 TASK: [payload frames..., header]."""
+        jobs = wire.split_tasks(body)
+        if jobs is None:
+            log.warning("ignored a TASK whose header does not match its %d frames", len(body))
+            return
+        for task_id, payload in jobs:
+            self._start_job([task_id, *payload])
 
     def _cancel(self, body: List[bytes]) -> None:
         """CANCEL from the broker: withdraw the job if no pool thread has taken it
@@ -568,7 +615,7 @@ class Session:
             # As for any FAILED, only on the connection the job came on: the broker
             # has already put back the jobs of a connection it lost.
             if generation == self.generation and self.sock is not None:
-                self.outbox.append((generation, _message(CMD_FAILED, task_id, CANCELLED_TYPE, CANCELLED_TEXT)))
+                self.outbox.append((generation, self._message(CMD_FAILED, task_id, CANCELLED_TYPE, CANCELLED_TEXT)))
 
     def _forget(self, number: int, task_id: bytes) -> int:
         """The job is no longer in hand; returns the generation it came on."""
@@ -619,7 +666,7 @@ class Session:
             number, task_id, ms = self.extends.popleft()
             generation = self.jobs.get(number)
             if generation is not None:  # still running: on the connection its job came on
-                self.outbox.append((generation, _message(CMD_EXTEND, task_id, ms.to_bytes(4, "big"))))
+                self.outbox.append((generation, self._message(CMD_EXTEND, task_id, ms.to_bytes(4, "big"))))
 
     def _result_ready(self) -> None:
         """In a pool thread, after appending to results: wake the loop unless a wake-up
@@ -650,19 +697,30 @@ class Session:
         self._result_ready()
 
     def _collect_results(self) -> None:
+        # FBW02: the answers of this turn go as few ANSWER messages (FAILED stays one
+        # message each: it is rare, and goes only on the connection its job came on).
+        batch = wire.AnswerBatch() if self.v2 else None
         while self.results:
             number, task_id, answer, error = self.results.popleft()
             generation = self._forget(number, task_id)
             if answer is not None:
                 self.stats.answered += 1
-                self.outbox.append((None, _message(CMD_ANSWER, task_id, *answer)))
+                if batch is not None:
+                    batch.add(task_id, R_OK, answer)
+                else:
+                    self.outbox.append((None, self._message(CMD_ANSWER, task_id, *answer)))
                 continue
             self.stats.failed += 1
             assert error is not None
             if generation == self.generation and self.sock is not None:
                 name, text = error
                 self.outbox.append(
-                    (generation, _message(CMD_FAILED, task_id, name.encode(), text.encode("utf-8", "replace")))
+                    (generation, self._message(CMD_FAILED, task_id, name.encode(), text.encode("utf-8", "replace")))
                 )
             else:
                 log.info("job %s failed after its connection was lost; the broker re-queues it", task_id.hex())
+        if batch is not None:
+            self.outbox.extend((None, frames) for frames in batch.close())
+
+    def _message(self, command: bytes, *body: bytes) -> List[bytes]:
+        return wire.message(self.signature, command, *body)
