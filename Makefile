@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOADGEN := bench/.loadgen-built
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' -o -name py.typed)
 PYTEST_ARGS ?=
 
@@ -57,7 +58,7 @@ test-compiled: $(STAMP)
 test-pure: $(STAMP)
 	FASTBROKER_PURE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(LOADGEN)
 	$(PY) -m pytest bench --benchmark-only $(PYTEST_ARGS)
 
 # A regression check between two commits: run the benchmarks, save the run
@@ -77,9 +78,10 @@ bench-compare: $(STAMP)
 
 # Every benchmark once, untimed and small (about 10 s), so `make test` (and CI) sees a
 # broken benchmark; the figures come from `make bench`.
-bench-smoke: $(STAMP)
+bench-smoke: $(STAMP) $(LOADGEN)
 	FASTBROKER_BENCH_N=500 FASTBROKER_BENCH_K=500 FASTBROKER_BENCH_ROUNDS=1 \
 	FASTBROKER_DEPTH_DEPTHS=10,10000 FASTBROKER_DEPTH_ROUNDS=2 FASTBROKER_BURST_N=500 FASTBROKER_USER_N=500 \
+	FASTBROKER_LOAD_N=5000 \
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-disable
 
 # Hostile input, long: 1,000,000 messages at a broker (compiled core) that must stay
@@ -98,11 +100,15 @@ chaos: $(STAMP)
 	$(PY) -m bench.chaos --no-store --min-ratio 0.1 $(CHAOS_ARGS)
 	$(PY) -m bench.chaos --store --protocol 1 --min-ratio 0.1 $(CHAOS_ARGS)
 
-# The compiled load generators of bench/e2e.py (bench/_loadgen.pyx), built in place;
-# like the core, they use pyzmq's own libzmq (no second libzmq is linked).
-loadgen: $(STAMP)
+# The compiled load generators of bench/e2e.py and bench/test_broker_load.py
+# (bench/_loadgen.pyx), built in place when their sources change; like the core, they
+# use pyzmq's own libzmq (no second libzmq is linked).
+loadgen: $(LOADGEN)
+
+$(LOADGEN): $(STAMP) bench/_loadgen.pyx bench/build_loadgen.py src/fastbroker/_zmqdl.h src/fastbroker/_zmqdl.pxd src/fastbroker/_protocol.pxd
 	$(PY) -m pip install --quiet 'Cython>=3' 'setuptools>=77'
 	$(PY) bench/build_loadgen.py
+	touch $(LOADGEN)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so bench/_loadgen.c bench/*.so .pytest_cache .benchmarks .mypy_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info src/fastbroker/_core.c src/fastbroker/*.so bench/_loadgen.c bench/*.so $(LOADGEN) .pytest_cache .benchmarks .mypy_cache .ruff_cache

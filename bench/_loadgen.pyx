@@ -16,6 +16,10 @@ sockets (``Socket.underlying``) are used with the very libzmq that made them.
   FBC01 SUBMIT carries besides its options, ``[b"", b"FBC01", b"\x01", id(16),
   payload]``, expected back unchanged: ``zmq.proxy`` then moves as many frames per job
   as fastbroker does with FBC01 clients and FBW01 workers (24 against 23).
+  ``mode`` ``MODE_FBC2``: FBC02 ``SUBMIT`` batches (the same ids and options, one
+  27-byte record each), as many requests per message as the window lets in at that
+  moment (at most ``MAX_BATCH``): all of it at the start, then one batch per drain of
+  the replies; expects ``REPLIES`` of ``OK`` records only.
   The payload is the 8-byte little-endian counter then ``x`` padding; every reply is
   checked (id, payload, each once). The latency of each request (send of its first
   frame to receipt of its reply, CLOCK_MONOTONIC ns) is kept in a C array.
@@ -23,6 +27,8 @@ sockets (``Socket.underlying``) are used with the very libzmq that made them.
   connected DEALER. ``mode`` ``MODE_FBW``: FBW01 worker (``READY(credit)``, then an
   ``ANSWER`` with the payload frames for each ``TASK``, zero-copy; ``HEARTBEAT``
   every ``heartbeat`` seconds; ``READY`` again after a ``DISCONNECT``).
+  ``mode`` ``MODE_FBW2``: the same in FBW02: each ``TASK`` of k jobs is answered by one
+  ``ANSWER`` of k ``OK`` records, the payload frames sent back zero-copy.
   ``mode`` ``MODE_ECHO``: sends every message back unchanged (the proxy's backend:
   ``[client id, b"", payload]``). Runs until ``count`` messages were answered
   (``count <= 0``: no limit), ``stop_fd`` (>= 0) is readable, the parent process
@@ -43,7 +49,9 @@ import zmq.backend.cython._zmq as _pyzmq_backend
 
 from fastbroker._protocol cimport (
     CLIENT_SIGNATURE, WORKER_SIGNATURE, SIGNATURE_SIZE, REQUEST_ID_SIZE, OPTIONS_SIZE, MAX_CREDIT, OPT_NO_ACK, R_OK,
-    CMD_READY, CMD_TASK, CMD_ANSWER, CMD_HEARTBEAT, CMD_DISCONNECT,
+    CMD_READY, CMD_TASK, CMD_ANSWER, CMD_HEARTBEAT, CMD_DISCONNECT, CLIENT_SIGNATURE_V2, WORKER_SIGNATURE_V2,
+    C_SUBMIT, R_REPLIES, SUBMIT_RECORD_SIZE, REPLY_RECORD_SIZE, TASK_RECORD_SIZE, ANSWER_RECORD_SIZE, MAX_BATCH,
+    MAX_FRAMES,
 )
 from fastbroker._zmqdl cimport (
     zmsg, zpollitem, ZPOLLIN, ZDONTWAIT, ZSNDMORE, zmsg_init, zmsg_init_size, zmsg_data, zmsg_size, zmsg_more,
@@ -58,17 +66,21 @@ cdef enum:
     M_FBC = 0
     M_REQ = 1
     M_REQ_FBC_FRAMES = 2
+    M_FBC2 = 3
     M_FBW = 0
     M_ECHO = 1
+    M_FBW2 = 2
 
 MODE_FBC = M_FBC
 MODE_REQ = M_REQ
 MODE_REQ_FBC_FRAMES = M_REQ_FBC_FRAMES
+MODE_FBC2 = M_FBC2
 MODE_FBW = M_FBW
 MODE_ECHO = M_ECHO
+MODE_FBW2 = M_FBW2
 
 cdef enum:
-    MAXF = 16          # frames kept per received message (more: a bad message)
+    MAXF = MAX_FRAMES + 8  # frames kept per received message (more: a bad message); on the heap
     BATCH = 4096       # messages handled per drain before looking at the clock
     ID_SIZE = 8  # the generator's own sequence number at the head of each payload
 
@@ -242,11 +254,97 @@ cdef int client_send(Client *c) noexcept nogil:
     return 0
 
 
+cdef int client_send_batch(Client *c, int64_t k) noexcept nogil:
+    """One FBC02 SUBMIT of the next k requests (k <= MAX_BATCH)."""
+    cdef uint8_t cmd = C_SUBMIT
+    cdef uint8_t *h
+    cdef uint8_t *p
+    cdef zmsg m
+    cdef int64_t j
+    cdef uint64_t rid
+    if send_buf(c.sock, CLIENT_SIGNATURE_V2, SIGNATURE_SIZE, ZSNDMORE) or send_buf(c.sock, &cmd, 1, ZSNDMORE):
+        return -1
+    if zmsg_init_size(&m, <size_t>k * SUBMIT_RECORD_SIZE) != 0:
+        return -1
+    h = <uint8_t *>zmsg_data(&m)
+    memset(h, 0, <size_t>k * SUBMIT_RECORD_SIZE)
+    for j in range(k):
+        rid = c.first + <uint64_t>(c.sent + j)
+        put_le64(h + j * SUBMIT_RECORD_SIZE, rid)
+        memcpy(h + j * SUBMIT_RECORD_SIZE + 8, c.nonce, 8)
+        h[j * SUBMIT_RECORD_SIZE + 16] = OPT_NO_ACK
+        h[j * SUBMIT_RECORD_SIZE + 26] = 1  # one payload frame
+    while zmsg_send(&m, c.sock, ZSNDMORE) < 0:
+        if zerrno() != EINTR:
+            zmsg_close(&m)
+            return -1
+    for j in range(k):
+        rid = c.first + <uint64_t>c.sent
+        c.sent_at[c.sent] = now_ns()
+        if zmsg_init_size(&m, c.payload) != 0:
+            return -1
+        p = <uint8_t *>zmsg_data(&m)
+        put_le64(p, rid)
+        if c.payload > ID_SIZE:
+            memcpy(p + ID_SIZE, c.pad, c.payload - ID_SIZE)
+        while zmsg_send(&m, c.sock, ZSNDMORE if j + 1 < k else 0) < 0:
+            if zerrno() != EINTR:
+                zmsg_close(&m)
+                return -1
+        c.sent += 1
+    return 0
+
+
+cdef int client_fill(Client *c) noexcept nogil:
+    """Send what the window lets in now: one request (FBC01, REQ) or batches (FBC02)."""
+    cdef int64_t k
+    while c.sent < c.n and c.sent - c.received < c.window:
+        if c.mode != M_FBC2:
+            if client_send(c):
+                return -1
+            continue
+        k = min(c.window - (c.sent - c.received), c.n - c.sent, <int64_t>MAX_BATCH)
+        if client_send_batch(c, k):
+            return -1
+    return 0
+
+
+cdef int client_check2(Client *c, zmsg *f, int nf, int64_t now) noexcept nogil:
+    """Check an FBC02 REPLIES message: OK records, one frame each."""
+    cdef const uint8_t *h
+    cdef size_t hsize
+    cdef int j, at = 3, rc
+    cdef uint64_t rid
+    if nf < 3 or zmsg_size(&f[0]) != SIGNATURE_SIZE \
+            or memcmp(zmsg_data(&f[0]), CLIENT_SIGNATURE_V2, SIGNATURE_SIZE) != 0 \
+            or zmsg_size(&f[1]) != 1 or (<const uint8_t *>zmsg_data(&f[1]))[0] != R_REPLIES:
+        return E_BAD_REPLY
+    hsize = zmsg_size(&f[2])
+    if hsize == 0 or hsize % REPLY_RECORD_SIZE or <int>(hsize // REPLY_RECORD_SIZE) != nf - 3:
+        return E_BAD_REPLY
+    h = <const uint8_t *>zmsg_data(&f[2])
+    for j in range(nf - 3):
+        if h[j * REPLY_RECORD_SIZE + 16] != R_OK:
+            c.bad_value = h[j * REPLY_RECORD_SIZE + 16]
+            return E_NOT_OK
+        if h[j * REPLY_RECORD_SIZE + 17] != 0 or h[j * REPLY_RECORD_SIZE + 18] != 1:
+            return E_BAD_REPLY
+        rid = get_le64(h + j * REPLY_RECORD_SIZE)
+        if memcmp(h + j * REPLY_RECORD_SIZE + 8, c.nonce, 8) != 0:
+            c.bad_value = rid
+            return E_BAD_ID
+        rc = client_payload(c, rid, &f[at], now)
+        if rc:
+            return rc
+        at += 1
+    return 0
+
+
 cdef int client_check(Client *c, zmsg *f, int nf, int64_t now) noexcept nogil:
     """Check one reply and record its latency; 0 or an error code."""
     cdef const uint8_t *p
     cdef zmsg *pl
-    cdef uint64_t rid, i
+    cdef uint64_t rid
     if c.mode == M_FBC:
         if nf < 3 or zmsg_size(&f[0]) != SIGNATURE_SIZE \
                 or memcmp(zmsg_data(&f[0]), CLIENT_SIGNATURE, SIGNATURE_SIZE) != 0 \
@@ -273,6 +371,13 @@ cdef int client_check(Client *c, zmsg *f, int nf, int64_t now) noexcept nogil:
         if zmsg_size(pl) < ID_SIZE:
             return E_BAD_PAYLOAD
         rid = get_le64(<const uint8_t *>zmsg_data(pl))
+    return client_payload(c, rid, pl, now)
+
+
+cdef int client_payload(Client *c, uint64_t rid, zmsg *pl, int64_t now) noexcept nogil:
+    """Check the answer of request rid and record its latency; 0 or an error code."""
+    cdef const uint8_t *p
+    cdef uint64_t i
     i = rid - c.first
     if rid < c.first or i >= <uint64_t>c.sent:
         c.bad_value = rid
@@ -291,8 +396,7 @@ cdef int client_check(Client *c, zmsg *f, int nf, int64_t now) noexcept nogil:
     return 0
 
 
-cdef int client_loop(Client *c) noexcept nogil:
-    cdef zmsg f[MAXF]
+cdef int client_loop(Client *c, zmsg *f) noexcept nogil:
     cdef int nf = 0
     cdef int rc, k
     cdef zpollitem item
@@ -304,9 +408,8 @@ cdef int client_loop(Client *c) noexcept nogil:
     c.t0 = now_ns()
     last_progress = c.t0
     while c.received < c.n:
-        while c.sent < c.n and c.sent - c.received < c.window:
-            if client_send(c):
-                return E_SEND
+        if client_fill(c):
+            return E_SEND
         # Drain what is there, keeping the window full as replies come in.
         k = 0
         while k < BATCH:
@@ -318,12 +421,12 @@ cdef int client_loop(Client *c) noexcept nogil:
             if rc == 2:
                 return E_BAD_REPLY
             now = now_ns()
-            rc = client_check(c, f, nf, now)
+            rc = client_check2(c, f, nf, now) if c.mode == M_FBC2 else client_check(c, f, nf, now)
             close_frames(f, nf)
             if rc:
                 return rc
             k += 1
-            if c.sent < c.n:
+            if c.sent < c.n and c.mode != M_FBC2:
                 if client_send(c):
                     return E_SEND
         if k:
@@ -360,12 +463,13 @@ def client(sock, long long n, long long window, int payload, unsigned long long 
     cdef Client c
     cdef int err
     cdef bytes lat
+    cdef zmsg *frames = NULL
     if n < 1 or window < 1 or payload < ID_SIZE:
         raise ValueError("n >= 1, window >= 1, payload >= 8")
     if len(nonce) != 8:
         raise ValueError("nonce: 8 bytes")
-    if mode not in (MODE_FBC, MODE_REQ, MODE_REQ_FBC_FRAMES):
-        raise ValueError("mode: MODE_FBC, MODE_REQ or MODE_REQ_FBC_FRAMES")
+    if mode not in (MODE_FBC, MODE_REQ, MODE_REQ_FBC_FRAMES, MODE_FBC2):
+        raise ValueError("mode: MODE_FBC, MODE_REQ, MODE_REQ_FBC_FRAMES or MODE_FBC2")
     memset(&c, 0, sizeof(c))
     c.sock = <void *><size_t>sock.underlying
     c.mode = mode
@@ -380,12 +484,13 @@ def client(sock, long long n, long long window, int payload, unsigned long long 
     c.sent_at = <int64_t *>malloc(n * sizeof(int64_t))
     c.lat = <int64_t *>malloc(n * sizeof(int64_t))
     c.done = <uint8_t *>calloc(n, 1)
+    frames = <zmsg *>malloc(MAXF * sizeof(zmsg))
     try:
-        if c.pad == NULL or c.sent_at == NULL or c.lat == NULL or c.done == NULL:
+        if c.pad == NULL or c.sent_at == NULL or c.lat == NULL or c.done == NULL or frames == NULL:
             raise MemoryError()
         memset(c.pad, ord("x"), payload)
         with nogil:
-            err = client_loop(&c)
+            err = client_loop(&c, frames)
             if err == 0:
                 qsort(c.lat, n, sizeof(int64_t), cmp_i64)
         if err:
@@ -399,30 +504,62 @@ def client(sock, long long n, long long window, int payload, unsigned long long 
         free(c.sent_at)
         free(c.lat)
         free(c.done)
+        free(frames)
 
 
 # -- the worker ----------------------------------------------------------------------------
 
 
-cdef int send_ready(void *sock, unsigned long credit) noexcept nogil:
+cdef int send_ready(void *sock, unsigned long credit, const char *sig) noexcept nogil:
     cdef uint8_t cr[4]
     cdef uint8_t cmd = CMD_READY
     cr[0] = <uint8_t>(credit >> 24)
     cr[1] = <uint8_t>(credit >> 16)
     cr[2] = <uint8_t>(credit >> 8)
     cr[3] = <uint8_t>credit
-    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, WORKER_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE)
+    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, sig, SIGNATURE_SIZE, ZSNDMORE)
             or send_buf(sock, &cmd, 1, ZSNDMORE) or send_buf(sock, cr, 4, 0)):
         return -1
     return 0
 
 
-cdef int send_heartbeat(void *sock) noexcept nogil:
+cdef int send_heartbeat(void *sock, const char *sig) noexcept nogil:
     cdef uint8_t cmd = CMD_HEARTBEAT
-    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, WORKER_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE)
+    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, sig, SIGNATURE_SIZE, ZSNDMORE)
             or send_buf(sock, &cmd, 1, 0)):
         return -1
     return 0
+
+
+cdef int answer_batch(void *sock, zmsg *f, int nf) noexcept nogil:
+    """The FBW02 ANSWER of the TASK in f[0..nf): [payload frames..., header] after the
+    three frames "", FBW02, TASK; one OK record per job, the frames sent back as they came."""
+    cdef uint8_t cmd = CMD_ANSWER
+    cdef const uint8_t *th
+    cdef uint8_t *ah
+    cdef size_t k, j
+    cdef zmsg header
+    if nf < 5 or zmsg_size(&f[nf - 1]) == 0 or zmsg_size(&f[nf - 1]) % TASK_RECORD_SIZE:
+        return 1
+    k = zmsg_size(&f[nf - 1]) // TASK_RECORD_SIZE
+    if zmsg_init_size(&header, k * ANSWER_RECORD_SIZE) != 0:
+        return -1
+    th = <const uint8_t *>zmsg_data(&f[nf - 1])
+    ah = <uint8_t *>zmsg_data(&header)
+    for j in range(k):
+        memcpy(ah + j * ANSWER_RECORD_SIZE, th + j * TASK_RECORD_SIZE, 16)
+        ah[j * ANSWER_RECORD_SIZE + 16] = R_OK
+        ah[j * ANSWER_RECORD_SIZE + 17] = th[j * TASK_RECORD_SIZE + 16]
+        ah[j * ANSWER_RECORD_SIZE + 18] = th[j * TASK_RECORD_SIZE + 17]
+    if (send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, WORKER_SIGNATURE_V2, SIGNATURE_SIZE, ZSNDMORE)
+            or send_buf(sock, &cmd, 1, ZSNDMORE)):
+        zmsg_close(&header)
+        return -1
+    while zmsg_send(&header, sock, ZSNDMORE) < 0:
+        if zerrno() != EINTR:
+            zmsg_close(&header)
+            return -1
+    return -1 if send_frames(sock, f, 3, nf - 1) else 0
 
 
 cdef int send_frames(void *sock, zmsg *f, int first, int n) noexcept nogil:
@@ -451,15 +588,15 @@ cdef struct Worker:
     int stopped_by   # 1 count, 2 stop fd, 3 parent gone, 4 lifetime
 
 
-cdef int worker_loop(Worker *w) noexcept nogil:
-    cdef zmsg f[MAXF]
+cdef int worker_loop(Worker *w, zmsg *f) noexcept nogil:
     cdef int nf = 0
     cdef int rc, k, nitems
     cdef uint8_t cmd = CMD_ANSWER
     cdef const uint8_t *p
     cdef zpollitem items[2]
     cdef int64_t now, last_hb
-    cdef int fbw = w.mode == M_FBW
+    cdef int fbw = w.mode == M_FBW or w.mode == M_FBW2
+    cdef const char *sig = WORKER_SIGNATURE_V2 if w.mode == M_FBW2 else WORKER_SIGNATURE
     items[0].socket = w.sock
     items[0].fd = 0
     items[0].events = ZPOLLIN
@@ -469,7 +606,7 @@ cdef int worker_loop(Worker *w) noexcept nogil:
     items[1].events = ZPOLLIN
     items[1].revents = 0
     nitems = 2 if w.stop_fd >= 0 else 1
-    if fbw and send_ready(w.sock, w.credit):
+    if fbw and send_ready(w.sock, w.credit, sig):
         return E_SEND
     last_hb = now_ns()
     while True:
@@ -492,9 +629,19 @@ cdef int worker_loop(Worker *w) noexcept nogil:
                     return E_SEND
                 w.answered += 1
             elif nf >= 3 and zmsg_size(&f[0]) == 0 and zmsg_size(&f[1]) == SIGNATURE_SIZE \
-                    and memcmp(zmsg_data(&f[1]), WORKER_SIGNATURE, SIGNATURE_SIZE) == 0 and zmsg_size(&f[2]) == 1:
+                    and memcmp(zmsg_data(&f[1]), sig, SIGNATURE_SIZE) == 0 and zmsg_size(&f[2]) == 1:
                 p = <const uint8_t *>zmsg_data(&f[2])
-                if p[0] == CMD_TASK and nf >= 5:
+                if p[0] == CMD_TASK and w.mode == M_FBW2:
+                    rc = answer_batch(w.sock, f, nf)
+                    if rc < 0:
+                        close_frames(f, nf)
+                        return E_SEND
+                    if rc:
+                        w.other += 1
+                    else:
+                        w.answered += (zmsg_size(&f[nf - 1]) // TASK_RECORD_SIZE)
+                    close_frames(f, nf)
+                elif p[0] == CMD_TASK and nf >= 5:
                     # ANSWER: "", FBW01, 0x03, then the task id and payload frames as received
                     rc = (send_buf(w.sock, NULL, 0, ZSNDMORE)
                           or send_buf(w.sock, WORKER_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE)
@@ -507,7 +654,7 @@ cdef int worker_loop(Worker *w) noexcept nogil:
                     if p[0] == CMD_DISCONNECT:
                         w.disconnects += 1
                         close_frames(f, nf)
-                        if send_ready(w.sock, w.credit):
+                        if send_ready(w.sock, w.credit, sig):
                             return E_SEND
                     else:
                         if p[0] != CMD_HEARTBEAT:
@@ -521,7 +668,7 @@ cdef int worker_loop(Worker *w) noexcept nogil:
                 return 0
         now = now_ns()
         if fbw and now - last_hb >= w.hb_ns:
-            if send_heartbeat(w.sock):
+            if send_heartbeat(w.sock, sig):
                 return E_SEND
             w.heartbeats += 1
             last_hb = now
@@ -549,8 +696,9 @@ def worker(sock, int mode=MODE_FBW, unsigned long credit=MAX_CREDIT, double hear
     ``stopped_by`` (``count``, ``stop_fd``, ``parent``, ``lifetime``)."""
     cdef Worker w
     cdef int err
-    if mode not in (MODE_FBW, MODE_ECHO):
-        raise ValueError("mode: MODE_FBW or MODE_ECHO")
+    cdef zmsg *frames
+    if mode not in (MODE_FBW, MODE_ECHO, MODE_FBW2):
+        raise ValueError("mode: MODE_FBW, MODE_ECHO or MODE_FBW2")
     if credit > 65536 or heartbeat <= 0:
         raise ValueError("credit <= 65536, heartbeat > 0")
     memset(&w, 0, sizeof(w))
@@ -562,8 +710,12 @@ def worker(sock, int mode=MODE_FBW, unsigned long credit=MAX_CREDIT, double hear
     w.stop_fd = stop_fd
     w.parent = parent
     w.end_ns = now_ns() + <int64_t>(lifetime * 1e9)
+    frames = <zmsg *>malloc(MAXF * sizeof(zmsg))
+    if frames == NULL:
+        raise MemoryError()
     with nogil:
-        err = worker_loop(&w)
+        err = worker_loop(&w, frames)
+    free(frames)
     if err:
         raise RuntimeError(f"loadgen worker: {_ERRORS.get(err, err)}; {w.answered} answered")
     return {"answered": w.answered, "heartbeats": w.heartbeats, "disconnects": w.disconnects,

@@ -3,7 +3,7 @@
     python -m bench.e2e [--jobs N] [--window W] [--payload BYTES]
                         [--transport ipc|tcp] [--only compiled,pure,proxy]
                         [--rounds R] [--clients N] [--workers N] [--warmup N]
-                        [--loadgen compiled|python] [--protocol auto|fbc|req] [--pin]
+                        [--loadgen compiled|python] [--protocol auto|fbc|fbc2|req] [--pin]
                         (from the repository root)
 
 Brokers, each in its own process, one after the other (``--rounds`` times, interleaved:
@@ -27,7 +27,9 @@ for a 2-core machine). ``--loadgen compiled`` (the default when ``bench/_loadgen
 is built: ``make loadgen``) runs the same clients and workers as C loops without
 the GIL (``bench/_loadgen.pyx``); with it, fastbroker's clients speak FBC01
 (``SUBMIT`` with ``OPT_NO_ACK``, a 16-byte id from a counter; ``--protocol req``
-keeps the REQ envelope below, the only one ``zmq.proxy`` can carry).
+keeps the REQ envelope below, the only one ``zmq.proxy`` can carry; ``--protocol fbc2``:
+FBC02 clients, SUBMIT batches of what the window lets in, and FBW02 workers, which
+answer each TASK of k jobs with one ANSWER; the proxy still moves one job per message).
 ``--loadgen python`` is the pyzmq version described here:
 
 * a client is a DEALER socket sending ``[b"", payload]`` with ``--window``
@@ -87,6 +89,10 @@ STALL = 10.0
 CHILD_LIFETIME = 900.0
 """A child process exits by itself after this long, whatever happens."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_WINDOW = 256
+"""Most requests a proxy client keeps in flight: one message per reply, and zmq.proxy's
+frontend ROUTER drops replies at its SNDHWM (1000; with 900 in flight, 396 of 400,000
+replies were lost here and the client stalled)."""
 
 SIG = protocol.WORKER_SIGNATURE
 READY, TASK, ANSWER = protocol.CMD_READY, protocol.CMD_TASK, protocol.CMD_ANSWER
@@ -147,9 +153,8 @@ def run_worker(kind: str, addr: str, parent: int, loadgen: str = "python") -> No
     if loadgen == "compiled":
         assert _loadgen is not None, LOADGEN_ERROR
         _say("connected")  # the compiled worker sends its READY itself, first thing
-        _loadgen.worker(
-            sock, _loadgen.MODE_FBW if fbw else _loadgen.MODE_ECHO, 1 << 16, 0.5, 0, -1, parent, CHILD_LIFETIME
-        )
+        mode = {"fbw": _loadgen.MODE_FBW, "fbw2": _loadgen.MODE_FBW2}.get(kind, _loadgen.MODE_ECHO)
+        _loadgen.worker(sock, mode, 1 << 16, 0.5, 0, -1, parent, CHILD_LIFETIME)
         return
     if fbw:
         sock.send_multipart([b"", SIG, READY, BIG_CREDIT])
@@ -286,9 +291,11 @@ def run_client(
 
     def compiled_phase(first: int, n: int) -> Dict[str, object]:
         assert _loadgen is not None, LOADGEN_ERROR
-        mode = {"fbc": _loadgen.MODE_FBC, "req-fbc-frames": _loadgen.MODE_REQ_FBC_FRAMES}.get(
-            protocol, _loadgen.MODE_REQ
-        )
+        mode = {
+            "fbc": _loadgen.MODE_FBC,
+            "fbc2": _loadgen.MODE_FBC2,
+            "req-fbc-frames": _loadgen.MODE_REQ_FBC_FRAMES,
+        }.get(protocol, _loadgen.MODE_REQ)
         r = _loadgen.client(sock, n, window, payload, first, os.urandom(8), mode, STALL, parent)
         lat = memoryview(r["latencies_ns"]).cast("q")
         return {"start": r["start"], "end": r["end"], "n": n, **percentiles(lat, n)}
@@ -412,7 +419,9 @@ class Run:
             raise RuntimeError(f"the broker does not run the {core} core:\n{text}")
         return text
 
-    def measure(self, broker: str) -> Dict[str, object]:
+    def prepare(self, broker: str) -> Callable[[], Dict[str, object]]:
+        """Start `broker` and its load and warm up; returns what runs the measured jobs
+        (once) and returns the figures."""
         a = self.args
         me = str(os.getpid())
         req, work = self.endpoint("requests"), self.endpoint("workers")
@@ -431,7 +440,7 @@ class Run:
             text = self.wait_for_broker(bproc, broker, broker, deadline)
             info = text.split("broker on requests=", 1)[1].split()
             req, work = info[0], info[1].split("=", 1)[1]
-            worker_kind = "fbw"
+            worker_kind = "fbw2" if a.protocol == "fbc2" else "fbw"
         workers = [
             self.start(["-m", "bench.e2e", "_worker", worker_kind, work, me, a.loadgen], f"worker{i}", cpus=lcpus)
             for i in range(a.workers)
@@ -450,7 +459,7 @@ class Run:
                     "_client",
                     req,
                     str(n),
-                    str(a.window),
+                    str(min(a.window, PROXY_WINDOW) if broker.startswith("proxy") else a.window),
                     str(a.payload),
                     str(warmup),
                     me,
@@ -466,6 +475,22 @@ class Run:
         readers = [Lines(c, f"client{i}") for i, c in enumerate(clients)]
         wait_warm(readers)
         pids = {"broker": [bproc.pid], "client": [c.pid for c in clients], "worker": [w.pid for w in workers]}
+        return lambda: self._go(broker, protocol, bproc, clients, readers, pids)
+
+    def measure(self, broker: str) -> Dict[str, object]:
+        """Start `broker` and its load, warm up, then measure one run of the jobs."""
+        return self.prepare(broker)()
+
+    def _go(
+        self,
+        broker: str,
+        protocol: str,
+        bproc: subprocess.Popen,
+        clients: List[subprocess.Popen],
+        readers: List[Lines],
+        pids: Dict[str, List[int]],
+    ) -> Dict[str, object]:
+        a = self.args
         cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
         wall0 = time.monotonic()
         results = go_and_collect(clients, readers, a.max_seconds)
@@ -674,10 +699,10 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     p.add_argument(
         "--protocol",
-        choices=("auto", "fbc", "req"),
+        choices=("auto", "fbc", "fbc2", "req"),
         default="auto",
-        help="fastbroker clients: FBC01 (needs --loadgen compiled) or the REQ envelope; auto: fbc "
-        "with compiled load generators, else req. The proxy always carries req",
+        help="fastbroker clients: FBC01, FBC02 with FBW02 workers (both need --loadgen compiled) or the "
+        "REQ envelope; auto: fbc with compiled load generators, else req. The proxy always carries req",
     )
     p.add_argument(
         "--pin", action="store_true", help="pin the broker to CPU 0 and the load generators to the other CPUs"
@@ -692,16 +717,20 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             )
     elif args.loadgen == "compiled" and _loadgen is None:
         p.error(f"--loadgen compiled: bench._loadgen does not import ({LOADGEN_ERROR}); run `make loadgen`")
-    if args.window > 900:
+    if args.window > PROXY_WINDOW:
         print(
-            f"note: --window {args.window}: both brokers' requests ROUTER has SNDHWM 1000 per client "
-            f"(zmq.proxy's by default, fastbroker's REQUESTS_SNDHWM) and drops replies beyond it; "
-            f"a client may then stall"
+            f"note: --window {args.window}: zmq.proxy's frontend ROUTER has SNDHWM 1000 per client and drops "
+            f"replies beyond it, so its clients keep {PROXY_WINDOW} in flight"
+            + (
+                "; fastbroker's FBC01 and REQ clients meet its REQUESTS_SNDHWM the same way and may stall"
+                if args.protocol != "fbc2"
+                else " (FBC02 replies go many to a message)"
+            )
         )
     if args.protocol == "auto":
         args.protocol = "fbc" if args.loadgen == "compiled" else "req"
-    elif args.protocol == "fbc" and args.loadgen != "compiled":
-        p.error("--protocol fbc needs --loadgen compiled")
+    elif args.protocol in ("fbc", "fbc2") and args.loadgen != "compiled":
+        p.error(f"--protocol {args.protocol} needs --loadgen compiled")
     cpus = sorted(os.sched_getaffinity(0))
     if args.pin:
         if len(cpus) < 2:
@@ -743,7 +772,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{args.workers} worker process(es), payload {args.payload} B, {args.transport}, "
         f"warm-up {args.warmup} jobs/client"
     )
-    proto = "FBC01 SUBMIT with OPT_NO_ACK" if args.protocol == "fbc" else 'REQ envelope [b"", payload]'
+    proto = {
+        "fbc": "FBC01 SUBMIT with OPT_NO_ACK",
+        "fbc2": "FBC02 SUBMIT batches with OPT_NO_ACK, FBW02 workers",
+    }.get(args.protocol, 'REQ envelope [b"", payload]')
     pinned = (
         f"pinned: broker on CPU {args.cpus[0]}, load generators on CPUs {args.cpus[1]}" if args.pin else "not pinned"
     )
