@@ -4,7 +4,7 @@ and through brokers with ``--store`` at ``--sync full``, ``normal`` and ``off``.
     python -m bench.store_throughput [--jobs N] [--core compiled|pure] [--window W]
                                      [--clients N] [--workers N] [--rounds R]
                                      [--only memory,full,normal,off] [--no-ack]
-                                     [--dir DIR] [--profile]
+                                     [--protocol fbc1|fbc2] [--dir DIR] [--profile]
                                      (from the repository root)
 
 Each broker is ``python -m fastbroker broker --core CORE [--store FILE --sync S]`` in a
@@ -17,6 +17,10 @@ there too: a fresh store per measurement). Load, in processes of their own:
   16-byte payload, ``--window`` requests in flight; every OK outcome is checked (its
   id, its answer, once). A warm-up (2000 requests, not measured) comes first.
 * a worker is bench.e2e's raw FBW01 DEALER (READY with credit 65536, ANSWER per TASK).
+
+With ``--protocol fbc2`` the load is bench.e2e's compiled load generators instead
+(``bench/_loadgen.pyx``, ``make loadgen``): FBC02 SUBMIT batches without ACCEPTED and
+an FBW02 worker, the rate at which the store's cost per job shows most.
 
 Figures: jobs/s over the measured window (first SUBMIT to last outcome), the p50/p99
 round trip seen by the client, and the broker process's CPU per job (``/proc``, all
@@ -122,29 +126,19 @@ def measure(run: Run, mode: str, args: argparse.Namespace, profile: bool = False
         [*prefix, "-m", "fastbroker", "-v", "broker", "--core", args.core, *store, req, work, ans], f"broker-{mode}"
     )
     run.wait_for_broker(bproc, mode, args.core, deadline)
-    workers = [run.start(["-m", "bench.e2e", "_worker", "fbw", work, me], f"worker{i}") for i in range(args.workers)]
+    kind = ["fbw2", work, me, "compiled"] if args.protocol == "fbc2" else ["fbw", work, me]
+    workers = [run.start(["-m", "bench.e2e", "_worker", *kind], f"worker{i}") for i in range(args.workers)]
     for i, w in enumerate(workers):
         if Lines(w, f"worker{i}").read(deadline) != "connected":
             raise RuntimeError("worker did not connect")
     share = [args.jobs // args.clients + (1 if i < args.jobs % args.clients else 0) for i in range(args.clients)]
-    clients = [
-        run.start(
-            [
-                "-m",
-                "bench.store_throughput",
-                "_client",
-                req,
-                str(n),
-                str(args.window),
-                str(args.warmup),
-                str(int(args.ack)),
-                me,
-            ],
-            f"client{i}",
-            stdin=True,
-        )
-        for i, n in enumerate(share)
-    ]
+    if args.protocol == "fbc2":
+        common = [str(args.warmup), me, "compiled", "fbc2"]
+        argv = [["-m", "bench.e2e", "_client", req, str(n), str(args.window), "16", *common] for n in share]
+    else:
+        common = [str(args.warmup), str(int(args.ack)), me]
+        argv = [["-m", "bench.store_throughput", "_client", req, str(n), str(args.window), *common] for n in share]
+    clients = [run.start(a, f"client{i}", stdin=True) for i, a in enumerate(argv)]
     readers = [Lines(c, f"client{i}") for i, c in enumerate(clients)]
     wait_warm(readers)
     cpu0 = cpu_seconds(bproc.pid)
@@ -168,7 +162,7 @@ def measure(run: Run, mode: str, args: argparse.Namespace, profile: bool = False
         "cpu_pct": cpu / wall * 100,
         "p50_us": max(r["p50_us"] for r in results),
         "p99_us": max(r["p99_us"] for r in results),
-        "accepted": sum(r["accepted"] for r in results),
+        "accepted": sum(r.get("accepted", 0) for r in results),
     }
     if mode != "memory":
         out["store_bytes"] = sum(p.stat().st_size for p in run.dir.glob("store.db*"))
@@ -240,6 +234,13 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="measurements per mode, interleaved (default 2)")
     p.add_argument("--only", default=",".join(MODES), help="comma-separated subset of memory,full,normal,off")
     p.add_argument("--no-ack", dest="ack", action="store_false", help="SUBMIT with the no-ACCEPTED option")
+    p.add_argument(
+        "--protocol",
+        choices=("fbc1", "fbc2"),
+        default="fbc1",
+        help="fbc1: the Python FBC01 client and FBW01 worker (default); fbc2: the compiled FBC02 client "
+        "(no ACCEPTED) and FBW02 worker of bench/_loadgen (make loadgen)",
+    )
     p.add_argument("--profile", action="store_true", help="also profile each store mode's broker once (cProfile)")
     p.add_argument(
         "--dir",

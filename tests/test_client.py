@@ -777,6 +777,23 @@ def test_map_raises_the_first_failure_when_it_reaches_it(rig):
         next(results)
 
 
+def test_map_stopped_early_cancels_what_it_has_in_flight(rig, log_path, gate):
+    rig.start_broker()
+    rig.worker(DealerGated, credit=3)
+    client = rig.client()
+    results = client.map([b"0:first", b"0:gated-map-a", b"0:gated-map-b"], window=3)
+    assert next(results) == b"-0:first"
+    wait_until(
+        lambda: runs(log_path, "0:gated-map-a") and runs(log_path, "0:gated-map-b"),
+        timeout=WAIT,
+        message="both gated jobs to start",
+    )
+    results.close()  # the caller stops iterating: the two running jobs are cancelled
+    wait_until(lambda: rig.broker.stats()["cancelled"] == 2, timeout=WAIT, message="two CANCELs at the broker")
+    wait_until(lambda: client.stats()["in_flight"] == 0, timeout=WAIT, message="the client to forget them")
+    gate.touch()
+
+
 def test_result_of_an_id_after_the_client_restarted(rig, log_path, gate):
     rig.start_broker()
     rig.worker(DealerGated)

@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import threading
+import time
 import uuid
 from typing import List, NamedTuple
 
@@ -442,3 +443,27 @@ def test_debug_log_names_every_dropped_message(caplog):
     assert stats["drops"] == dict.fromkeys(reasons, 1)
     for reason in reasons:
         assert len([m for m in logged() if m.endswith(reason)]) == 1, logged()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_dead_dealer_workers_job_is_requeued_when_its_connection_closes(transport, procs, ctx, log_path, core_name):
+    # Heartbeats of 10 s and liveness 3: by silence alone the broker would take the dead
+    # worker for dead after 30 s, and no attempt timeout plays a part (-T 600). Its
+    # connection closing (the process is SIGKILLed) must be enough: the broker's monitor
+    # of the workers socket sees a disconnection, and a HEARTBEAT to every worker finds
+    # the one whose connection is gone (ROUTER_MANDATORY).
+    slow = ("--heartbeat", "10", "--liveness", "3")
+    broker = start_broker(procs, transport, core_name, "-T", "600", *slow)
+    env = {LOG_ENV: str(log_path)}
+    victim = procs.start(["worker", "workers_for_tests:DealerSlow", broker.workers, *slow], "victim", env=env)
+    pending = PendingRequest(ctx, broker.requests, [b"60:job-dies"])
+    wait_until(lambda: runs(log_path, "60:job-dies"), timeout=WAIT, message="the victim to take the job")
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(WAIT) == -signal.SIGKILL
+    echo = procs.start(["worker", "workers_for_tests:DealerEcho", broker.workers, *slow], "echo", env=env)
+    # Well under the 30 s of silence: only the closed connection can have told it.
+    assert pending.answer(wait=15.0) == [b"-60:job-dies"]
+    assert time.monotonic() - killed_at < 30.0
+    assert runs(log_path, "60:job-dies") == [victim.pid, echo.pid]
+    assert_alive(broker, procs)

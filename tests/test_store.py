@@ -315,7 +315,8 @@ def test_queued_requests_survive_a_restart_and_run_in_arrival_order(rig, log_pat
 
 
 def test_in_flight_requests_come_back_with_the_attempt_counted(rig, log_path, store_path, gate, procs):
-    # A slow heartbeat: the broker must not notice the worker's death before it stops.
+    # The broker stops while both jobs run; the worker is killed only then (a death
+    # the broker saw would end those attempts: its connection closing is enough).
     rig.broker_options["heartbeat"] = 5.0
     rig.start_broker()
     worker = procs.start(
@@ -327,10 +328,10 @@ def test_in_flight_requests_come_back_with_the_attempt_counted(rig, log_path, st
     last_try = client.submit(b"0:gated-last-try", tries=1)
     one_left = client.submit(b"0:gated-one-left", tries=2)
     wait_until(lambda: len(started(log_path)) == 2, timeout=WAIT, message=f"both jobs to start\n{procs.output()}")
-    worker.kill()
-    worker.wait(WAIT)
     client.close()
     rig.stop_broker()
+    worker.kill()  # so that it cannot answer the next broker
+    worker.wait(WAIT)
     report = check(str(store_path))
     assert (report.queued, report.in_flight, report.finished) == (0, 2, 0)
 

@@ -292,6 +292,39 @@ def test_silent_worker_is_dead_and_its_job_goes_to_another_at_once(make_wrig):
     assert_stats(rig.stats(), answered=1, running=0, late_answers=0, aborted=0)
 
 
+def test_a_worker_whose_connection_closed_is_dead_at_the_next_heartbeat(make_wrig):
+    # Liveness of 1000 heartbeats: silence alone would take 100 s. The HEARTBEAT the
+    # broker sends every 0.1 s fails for a connection that is gone (ROUTER_MANDATORY).
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3, liveness=1000)
+    gone = rig.dealer()
+    rig.register(gone, 1)
+    client = rig.client()
+    client.send(b"job")
+    task_id, _ = rig.task(gone)
+    gone.close()
+    other = rig.dealer()
+    rig.register(other, 1)
+    assert rig.task(other, timeout=20)[0] == task_id
+    assert_stats(rig.stats(), workers_dead=1, unreachable_workers=1, requeued=1, workers=1, timeouts=0)
+
+
+def test_probe_workers_forgets_at_once_the_workers_whose_connection_closed(make_wrig):
+    # Heartbeats every 10 s (liveness 3): nothing but the probe can find the dead worker
+    # within the test. The probe's HEARTBEAT to the live one is harmless.
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3, heartbeat=10.0, liveness=3)
+    gone, alive = rig.dealer(live=False), rig.dealer(live=False)
+    rig.register(gone, 1)
+    rig.register(alive, 1)
+    assert rig.core.probe_workers() == 0
+    gone.close()
+    # The ROUTER learns of the closed connection asynchronously: probe until it has.
+    found = []
+    rig.pump(lambda: found.append(rig.core.probe_workers()) or sum(found) == 1)
+    rig.pump(lambda: alive.heartbeat_times)
+    assert_stats(rig.stats(), workers_dead=1, unreachable_workers=1, workers=1, dropped=0)
+    assert rig.core.probe_workers() == 0
+
+
 def test_dead_worker_job_with_a_single_try_is_aborted(make_wrig):
     rig = make_wrig(timeout=LONG_TIMEOUT, tries=1, liveness=LIVENESS)
     silent = rig.dealer(live=False)

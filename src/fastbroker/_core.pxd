@@ -491,6 +491,7 @@ cdef class WorkerSide:
     cdef void worker_event(self, int kind, uint32_t s) noexcept nogil
     cdef int forget(self, uint32_t s, bint requeue=*) noexcept nogil
     cdef int tick(self, double now) noexcept nogil
+    cdef int probe(self) noexcept nogil
     cdef int dispatch(self, double now) noexcept nogil
     cdef int dispatch_batch(self, uint32_t sidx, size_t share, double now) noexcept nogil
     cdef int unreachable(self, uint32_t sidx) noexcept nogil

@@ -67,6 +67,18 @@ cdef class BrokerCore:
             return 0
         return self.worker_side.disconnect_all()
 
+    def probe_workers(self):
+        """HEARTBEAT every DEALER worker now and forget, at once, those whose connection
+        is gone (their jobs go back to the queue); returns how many. The Broker calls it
+        when the workers socket reports a disconnection."""
+        cdef int rc
+        if self.closed:
+            return 0
+        rc = self.worker_side.probe()
+        if rc < 0:
+            raise zmq.ZMQError(-rc)
+        return rc
+
     def close(self):
         """Release every message the core holds (queued jobs, idle workers)."""
         self.closed = True

@@ -176,6 +176,14 @@ class BrokerCore:
             return 0
         return self.worker_side.disconnect_all()
 
+    def probe_workers(self) -> int:
+        """HEARTBEAT every DEALER worker now and forget, at once, those whose connection
+        is gone (their jobs go back to the queue); returns how many. The Broker calls it
+        when the workers socket reports a disconnection."""
+        if self.closed:
+            return 0
+        return self.worker_side.probe()
+
     def close(self) -> None:
         """Release every message the core holds (queued jobs, idle workers)."""
         self.closed = True

@@ -278,10 +278,31 @@ cdef class WorkerSide:
                     earliest = self.sessions.sess[s].expiry
                 if beat:
                     rc = self.sessions.send(s, CMD_HEARTBEAT, False)
+                    if rc == 1:
+                        # Its connection is gone (ROUTER_MANDATORY): dead now, not
+                        # when its liveness runs out.
+                        rc = self.unreachable(s)
             if rc < 0:
                 return rc
         self.sessions.next_check = earliest
         return 0
+
+    cdef int probe(self) noexcept nogil:
+        """HEARTBEAT to every worker now; one whose connection is gone (the send fails:
+        ROUTER_MANDATORY) is forgotten at once and its jobs go back to the queue.
+        Returns how many were, or -errno."""
+        cdef uint32_t s
+        cdef int rc, count = 0
+        for s in range(self.sessions.cap):
+            if not self.sessions.sess[s].used:
+                continue
+            rc = self.sessions.send(s, CMD_HEARTBEAT, False)
+            if rc == 1:
+                rc = self.unreachable(s)
+                count += 1
+            if rc < 0:
+                return rc
+        return count
 
     cdef int disconnect_all(self) noexcept nogil:
         """Send DISCONNECT to every DEALER worker and forget them; returns how many."""

@@ -293,9 +293,23 @@ class WorkerSide:
                 self.forget(s)
             else:
                 earliest = min(earliest, s.expiry)
-                if beat:
-                    sessions.send(s, CMD_HEARTBEAT)
+                if beat and sessions.send(s, CMD_HEARTBEAT):
+                    # Its connection is gone (ROUTER_MANDATORY): dead now, not when
+                    # its liveness runs out.
+                    self.unreachable(s)
         sessions.next_check = earliest
+
+    @cdef
+    def probe(self) -> int:
+        """HEARTBEAT to every worker now; one whose connection is gone (the send fails:
+        ROUTER_MANDATORY) is forgotten at once and its jobs go back to the queue.
+        Returns how many were."""
+        count = 0
+        for s in list(self.sessions.sess.values()):
+            if self.sessions.send(s, CMD_HEARTBEAT):
+                self.unreachable(s)
+                count += 1
+        return count
 
     @cdef
     def disconnect_all(self) -> int:

@@ -35,6 +35,7 @@ from fastbroker.protocol import (
     MAX_LIVENESS,
     MIN_LIVENESS,
 )
+from fastbroker.server.disconnects import DisconnectWatch
 from fastbroker.server.store import DEFAULT_SYNC, Store
 from fastbroker.wakepipe import WakePipe
 
@@ -200,6 +201,8 @@ class Broker(Closeable):
         self._not_running = threading.Event()
         self._not_running.set()
         self._closed = False
+        # Set by the DisconnectWatch's thread: probe the workers in the loop's next turn.
+        self._probe_due = False
         try:
             if store is not None:
                 # First: a store that cannot be used must stop the broker before it binds.
@@ -358,6 +361,7 @@ class Broker(Closeable):
             self._core.record_events(True)
         self._not_running.clear()
         next_upkeep = time.monotonic() + STORE_UPKEEP_INTERVAL
+        watch = DisconnectWatch(self._sockets[1], self._on_disconnect)
         try:
             while not self._stopping.is_set():
                 # The core returns on a wake-up (stop(), a signal), when debug logging
@@ -377,6 +381,14 @@ class Broker(Closeable):
                     wait = next_upkeep - now
                 result = self._core.run(self._wake.read_fd, wait, debug, events)
                 self._wake.drain()
+                if self._probe_due:
+                    # Before the flag is read again: a disconnection from now on probes again.
+                    self._probe_due = False
+                    # First what is waiting on the sockets: libzmq queues a peer's last
+                    # messages before it reports the connection closed, so a worker that
+                    # said DISCONNECT and closed is one that left, not one that died.
+                    self._core.run(self._wake.read_fd, 0.0, debug, events)
+                    self._core.probe_workers()
                 if self._store is not None:
                     self._persist()
                 # One turn may have had both drops and events: whichever stopped the
@@ -386,6 +398,7 @@ class Broker(Closeable):
                 if events:
                     self._log_events()
         finally:
+            watch.close()
             if events:
                 self._log_events()
                 self._core.record_events(False)
@@ -424,6 +437,11 @@ class Broker(Closeable):
             self._persist()
             if result != protocol.RUN_JOURNAL or time.monotonic() >= deadline:
                 return
+
+    def _on_disconnect(self) -> None:
+        """A connection to the workers endpoint ended (DisconnectWatch's thread)."""
+        self._probe_due = True
+        self._wake.wake()
 
     def stop(self) -> None:
         """Make run() return; safe from other threads and signal handlers."""
