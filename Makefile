@@ -92,7 +92,7 @@ soak: $(STAMP)
 
 # The crash soak (issue 18): a durable broker SIGKILLed and restarted 3 times, pool
 # children SIGKILLed every 0.1-0.2 s, 5,000 jobs; then the same without a store and
-# with the FBC01 client; each against the calm rate of the same pool. Exits non-zero on
+# with FBC01 clients and FBW01 workers; each against the calm rate of the same pool. Exits non-zero on
 # any wrong, lost or twice-answered job, or a rate below 0.1x calm. Options in
 # CHAOS_ARGS are added to each run.
 chaos: $(STAMP)

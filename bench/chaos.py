@@ -74,7 +74,7 @@ class Chaos:
         hb = ["--heartbeat", "0.2", "--liveness", "3"]
         self.pool = run.start(
             ["-m", "fastbroker", "worker", "bench.chaos:ChaosEcho", self.addrs[1]]
-            + ["--processes", str(args.workers), "--credit", str(args.credit), *hb],
+            + ["--processes", str(args.workers), "--credit", str(args.credit), "--protocol", str(args.protocol), *hb],
             "pool",
         )
         self.worker_kills = 0
@@ -186,7 +186,13 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="seconds between two worker kills, MIN,MAX (default 0.1,0.2)",
     )
     p.add_argument("--broker-kills", type=int, default=3, help="broker SIGKILLs and restarts (default 3)")
-    p.add_argument("--protocol", type=int, choices=(1, 2), default=2, help="the client's protocol (default 2)")
+    p.add_argument(
+        "--protocol",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="the protocols of the client and the pool's workers: 2 (FBC02 + FBW02, the default) or 1 (FBC01 + FBW01)",
+    )
     p.add_argument(
         "--core", choices=("compiled", "pure"), default="compiled", help="the broker's core (default compiled)"
     )

@@ -11,10 +11,11 @@ measures:
 
 (a) re-queue delay: a worker holding a job is SIGKILLed; the time from the
     SIGKILL to the other worker starting the job (the broker's attempt timeout
-    is 600 s, so only its liveness check can bring the job back). Expected
-    between (liveness - 1) and (liveness + 1) heartbeats: the victim's last
-    heartbeat is up to one interval old at the kill, and the broker looks for
-    silent workers once per interval.
+    is 600 s). The victim's connection closes with its process, and the broker
+    hears of it from its workers socket's monitor (docs/PROTOCOL.md 4.8), so this
+    takes milliseconds; "by silence" gives what it would take by the liveness check
+    alone (a hung worker whose connection stays open), between (liveness - 1) and
+    (liveness + 1) heartbeats.
 (b) resume after a broker restart: the broker is SIGKILLed and started again at
     once on the same endpoints (as a supervisor would); a request is waiting in
     the client's socket. "away" is SIGKILL to the new broker bound (mostly
@@ -296,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         for heartbeat, liveness, samples in settings:
             figures = measure(core, heartbeat, liveness, samples)
-            expected = f"{(liveness - 1) * heartbeat:.1f}-{(liveness + 1) * heartbeat:.1f}"
+            by_silence = f"{(liveness - 1) * heartbeat:.1f}-{(liveness + 1) * heartbeat:.1f}"
             rows.append(
                 (
                     core,
@@ -304,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     str(liveness),
                     str(samples),
                     _fmt(figures["requeue"]),
-                    expected,
+                    by_silence,
                     _fmt(figures["away"]),
                     _fmt(figures["resume"]),
                     _fmt(figures["outage"]),
@@ -320,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "liveness",
         "n",
         "(a) requeue",
-        "expected",
+        "by silence",
         "(b) away",
         "(b) resume",
         "(b) kill->answer",
