@@ -7,7 +7,9 @@ A hypothesis state machine plays every peer on both sides at once: REQ clients,
 FBC01 clients (SUBMIT with options and repeated ids, STATUS, RESULT, CANCEL, STATS,
 and FBC02 batches of SUBMITs from the same sockets),
 FBW01 workers (READY with credit, ANSWER, FAILED, EXTEND, HEARTBEAT, DISCONNECT, answers for
-task ids they do not hold, unknown or malformed), a worker of the original protocol,
+task ids they do not hold, unknown or malformed) that may turn FBW02 (READY in FBW02, then
+TASKs of several jobs, answered by FBW02 ANSWERs of several records, some of them wrong,
+and malformed headers), a worker of the original protocol,
 and raw sockets sending malformed or random messages. After each step it runs each
 core until it is quiet, and compares what every peer got during the step.
 
@@ -48,9 +50,10 @@ from fastbroker.protocol import (
     OPT_NO_ACK,
     R_STATS,
     WORKER_SIGNATURE as WSIG,
+    WORKER_SIGNATURE_V2 as WSIG2,
     decode_stats,
 )
-from rigs import EPOCH, CRig, opts, submit_record
+from rigs import EPOCH, CRig, credit_frame, opts, submit_record
 
 pytestmark = pytest.mark.compiled_only(reason="differential test of both cores runs in the compiled run")
 
@@ -230,11 +233,21 @@ class Side:
                     break
                 frames = sock.recv_multipart(zmq.NOBLOCK)
                 # Broker heartbeats follow the clock, not the operations: left out.
-                if frames == [b"", WSIG, CMD_HEARTBEAT]:
+                if frames == [b"", WSIG, CMD_HEARTBEAT] or frames == [b"", WSIG2, CMD_HEARTBEAT]:
                     continue
-                got.setdefault(name, []).append([self.name_frame(f) for f in self._stats_reply(frames)])
+                named = [self.name_frame(f) for f in self._stats_reply(frames)]
+                if frames[1:3] == [WSIG2, CMD_TASK]:
+                    named[-1] = self._task_header(frames[-1])
+                got.setdefault(name, []).append(named)
                 n += 1
         return n
+
+    def _task_header(self, header: bytes) -> tuple:
+        """An FBW02 TASK's header as ((("task", n), payload frames), ...)."""
+        return tuple(
+            (self.name_frame(header[at : at + 16]), int.from_bytes(header[at + 16 : at + 18], "big"))
+            for at in range(0, len(header), 18)
+        )
 
     @staticmethod
     def _stats_reply(frames: list) -> list:
@@ -350,7 +363,9 @@ class TwoCores(RuleBasedStateMachine):
             if peer.startswith("req-"):
                 self.req_waiting[int(peer[4:])] = False
             for m in messages:
-                if peer.startswith("fbw-") and m[2] == CMD_TASK:
+                if peer.startswith("fbw-") and m[1:3] == [WSIG2, CMD_TASK]:
+                    self.held[peer] += [task[1] for task, _ in m[-1]]
+                elif peer.startswith("fbw-") and m[2] == CMD_TASK:
                     self.held[peer].append(m[3][1])
                 elif peer == "old-0" and len(m) >= 2 and isinstance(m[1], tuple):
                     self.held[peer].append(m[1][1])
@@ -417,6 +432,42 @@ class TwoCores(RuleBasedStateMachine):
     def fbw_ready(self, w, credit) -> None:
         for side in self.sides:
             side.fbw[w].ready(credit)
+        self.step_done()
+
+    @rule(w=st.integers(0, N_FBW - 1), credit=st.integers(0, 3))
+    def fbw_ready_v2(self, w, credit) -> None:
+        # The same socket turns FBW02 (a later FBW01 READY turns it back).
+        for side in self.sides:
+            side.fbw[w].send(b"", WSIG2, protocol.CMD_READY, credit_frame(credit))
+        self.step_done()
+
+    @rule(
+        data=st.data(),
+        w=st.integers(0, N_FBW - 1),
+        outcomes=st.lists(
+            st.tuples(
+                st.sampled_from([protocol.R_OK, protocol.R_OK, protocol.R_FAILED, b"\x99"]),
+                st.sampled_from([[b"ok"], [b"a", b"b"], [], [b"E", b"m"]]),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        garble=st.sampled_from([None, None, None, "extra", "short"]),
+    )
+    def fbw_answers_v2(self, data, w, outcomes, garble) -> None:
+        # One FBW02 ANSWER of several records; a record of an unknown outcome or the
+        # wrong frames is dropped alone; with `garble` the header and frames disagree.
+        tasks = [self._task(data, f"fbw-{w}") for _ in outcomes]
+        for side in self.sides:
+            header = b"".join(
+                side.raw_task(t) + code + len(frames).to_bytes(2, "big") for t, (code, frames) in zip(tasks, outcomes)
+            )
+            frames = [f for _, fs in outcomes for f in fs]
+            if garble == "extra":
+                frames.append(b"one more")
+            elif garble == "short":
+                header = header[:-1]
+            side.fbw[w].send(b"", WSIG2, protocol.CMD_ANSWER, header, *frames)
         self.step_done()
 
     @rule(data=st.data(), w=st.integers(0, N_FBW - 1), frames=answer_frames)
