@@ -13,9 +13,12 @@ Each benchmark sends N jobs of 16 bytes (FASTBROKER_USER_N [20000]) per round
 of the same run (issue 14's target for the user path: >= 1.5x with FBC02), and the CPU
 per job of each process over every round (warm-up included): this one (the client,
 every thread), the broker and the worker (or the echo server).
-``fbc02-fbw02`` is what a user gets by default (client and worker batch); ``fbc02-fbw01``
-and ``fbc01-fbw01`` the same client and worker with ``protocol=1`` (the worker process is
-started again with ``--protocol 1``).
+Rows: ``fbc02-fbw02`` is what a user gets by default (client and worker batch);
+``fbc02-fbw01`` and ``fbc01-fbw01`` the same client and worker with ``protocol=1``;
+``fbc02-fbw02-credit1`` the default protocols with ``--credit 1`` (one job at a time in the
+worker: the round trip per job); ``fbc02-fbw02-pure`` the default with the broker's pure
+core. The broker and worker processes are started again for each row that needs another
+core, worker protocol or credit.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import zmq
@@ -88,32 +91,42 @@ def bare_echo(sock: zmq.Socket) -> List[bytes]:
 
 
 class Served:
+    """The processes of the user path: the echo server (started once), and one broker
+    and one worker process, started again whenever a benchmark asks for another core,
+    worker protocol or credit (the others are stopped first: one of each serves)."""
+
     def __init__(self, run: e2e.Run) -> None:
         deadline = time.monotonic() + WAIT_LIMIT
-        req, work, ans, echo = (f"ipc://{run.dir}/{name}" for name in ("req", "wrk", "ans", "echo"))
-        broker = run.start(["-m", "fastbroker", "-v", "broker", "--core", "compiled", req, work, ans], "broker")
-        run.wait_for_broker(broker, "user-path", "compiled", deadline)
-        server = run.start(["-m", "bench.test_user_path", "_echo", echo, str(os.getpid())], "echo")
+        self.run = run
+        self.address, self.work, self.answers, self.echo = (
+            f"ipc://{run.dir}/{name}" for name in ("req", "wrk", "ans", "echo")
+        )
+        server = run.start(["-m", "bench.test_user_path", "_echo", self.echo, str(os.getpid())], "echo")
         if e2e.Lines(server, "echo").read(deadline) != "bound":
             raise RuntimeError("the echo server did not bind")
-        self.run, self.work = run, work
-        self.address, self.echo = req, echo
-        self.pids = {"broker": broker.pid, "echo server": server.pid}
+        self.pids = {"echo server": server.pid}
+        self.broker: Optional[subprocess.Popen] = None
         self.worker: Optional[subprocess.Popen] = None
-        self.worker_protocol = 0
+        self.setup: Tuple[str, int, int] = ("", 0, 0)
 
-    def use_worker(self, protocol: int) -> None:
-        """One worker process speaking `protocol`: the one running, or a new one (the
-        other is stopped first, so that only one serves the broker)."""
-        if self.worker is not None and self.worker_protocol == protocol:
+    def use(self, core: str, protocol: int, credit: int) -> None:
+        """A broker of `core` and one worker process speaking `protocol` with `credit`."""
+        if self.setup == (core, protocol, credit):
             return
-        if self.worker is not None:
-            self.worker.terminate()
-            self.worker.wait(WAIT_LIMIT)
-        command = ["-m", "fastbroker", "worker", "bench.test_user_path:Echo", self.work, "--credit", str(CREDIT)]
-        self.worker = self.run.start([*command, "--protocol", str(protocol)], f"worker-fbw0{protocol}")
-        self.worker_protocol = protocol
-        self.pids["worker"] = self.worker.pid
+        for proc in (self.worker, self.broker):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(WAIT_LIMIT)
+        deadline = time.monotonic() + WAIT_LIMIT
+        argv = ["-m", "fastbroker", "-v", "broker", "--core", core, self.address, self.work, self.answers]
+        self.broker = self.run.start(argv, f"broker-{core}")
+        self.run.wait_for_broker(self.broker, "user-path", core, deadline)
+        argv = ["-m", "fastbroker", "worker", "bench.test_user_path:Echo", self.work]
+        self.worker = self.run.start(
+            [*argv, "--credit", str(credit), "--protocol", str(protocol)], f"worker-fbw0{protocol}-{credit}"
+        )
+        self.pids.update(broker=self.broker.pid, worker=self.worker.pid)
+        self.setup = (core, protocol, credit)
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +184,23 @@ def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
     _record(benchmark, "bare-echo", walls, cpu)
 
 
-@pytest.mark.parametrize(
-    "protocol, worker_protocol", [(2, 2), (2, 1), (1, 1)], ids=["fbc02-fbw02", "fbc02-fbw01", "fbc01-fbw01"]
-)
-def test_client_map_worker_subclass(benchmark, served: Served, protocol: int, worker_protocol: int) -> None:
+# (name, broker core, client protocol, worker protocol, worker credit)
+ROWS = [
+    ("fbc02-fbw02", "compiled", 2, 2, CREDIT),
+    ("fbc02-fbw01", "compiled", 2, 1, CREDIT),
+    ("fbc01-fbw01", "compiled", 1, 1, CREDIT),
+    ("fbc02-fbw02-credit1", "compiled", 2, 2, 1),
+    ("fbc02-fbw02-pure", "pure", 2, 2, CREDIT),
+]
+
+
+@pytest.mark.parametrize("name, core, protocol, worker_protocol, credit", ROWS, ids=[row[0] for row in ROWS])
+def test_client_map_worker_subclass(
+    benchmark, served: Served, name: str, core: str, protocol: int, worker_protocol: int, credit: int
+) -> None:
     benchmark.group = "user-path"
     walls: List[float] = []
-    served.use_worker(worker_protocol)
+    served.use(core, worker_protocol, credit)
     with Client(served.address, protocol=protocol) as client:
         assert client.call(b"warm", wait=WAIT_LIMIT) == b"warm"
 
@@ -191,7 +214,7 @@ def test_client_map_worker_subclass(benchmark, served: Served, protocol: int, wo
         benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
         cpu = meter.per_job(USER_N * (SIZES.socket_rounds + 1))
         assert client.stats()["protocol"] == protocol
-    _record(benchmark, f"map-{protocol}-{worker_protocol}", walls, cpu)
+    _record(benchmark, name, walls, cpu)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["_echo"]:
