@@ -75,6 +75,11 @@ ERROR_CASES = {
         ["worker", "workers_for_tests:Echo", W, A, "--prefetch", "2"],
         "only for fastbroker.Worker",
     ),
+    "worker-dealer-protocol-3": (["worker", "workers_for_tests:DealerEcho", W, "--protocol", "3"], "invalid choice"),
+    "worker-req-protocol": (
+        ["worker", "workers_for_tests:Echo", W, A, "--protocol", "1"],
+        "only for fastbroker.Worker",
+    ),
     "worker-dealer-heartbeat-0": (["worker", "workers_for_tests:DealerEcho", W, "--heartbeat", "0"], "heartbeat"),
     "worker-dealer-heartbeat-nan": (["worker", "workers_for_tests:DealerEcho", W, "--heartbeat", "nan"], "heartbeat"),
     "worker-dealer-liveness-0": (["worker", "workers_for_tests:DealerEcho", W, "--liveness", "0"], "liveness"),

@@ -11,8 +11,10 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import zmq
 
+from fastbroker import ConfigError
 from fastbroker.protocol import (
     CMD_ANSWER,
     CMD_HEARTBEAT,
@@ -125,3 +127,9 @@ def test_a_worker_started_before_its_broker_ends_up_in_fbw02(tmp_path):
         assert list(client.map([b"%d" % n for n in range(50)])) == [b"-%d" % n for n in range(50)]
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("protocol", [0, 3, "2"])
+def test_a_worker_protocol_other_than_1_or_2_is_a_config_error(ctx, protocol):
+    with pytest.raises(ConfigError, match="protocol must be 1"):
+        DealerEcho(ctx, "tcp://127.0.0.1:5", protocol=protocol)
