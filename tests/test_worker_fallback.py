@@ -17,12 +17,17 @@ import zmq
 from fastbroker import ConfigError
 from fastbroker.protocol import (
     CMD_ANSWER,
+    CMD_EXTEND,
+    CMD_FAILED,
     CMD_HEARTBEAT,
     CMD_READY,
     CMD_TASK,
+    R_FAILED,
+    R_OK,
     WORKER_SIGNATURE as SIG,
     WORKER_SIGNATURE_V2 as SIG2,
 )
+from fastbroker.worker import wire
 from rigs import FAKE_WAIT, BrokerRig, tid, wait_until
 
 from workers_for_tests import DealerEcho
@@ -43,12 +48,21 @@ class OldBroker:
         self.last_beat = 0.0
 
     def recv(self, timeout: float = FAKE_WAIT) -> list:
-        """The next FBW01 message other than HEARTBEAT, as [command, body...]; heartbeats
-        the worker that sent the last one every HEARTBEAT meanwhile."""
+        """The next FBW01 message other than HEARTBEAT, as [command, body...]."""
+        got: list = []
+        self.serve(lambda: got, got, timeout, "an FBW01 message")
+        return got[0]
+
+    def serve(self, done, got: list, timeout: float = FAKE_WAIT, what: str = "") -> None:
+        """Read until done() is true: FBW02 messages go to ``ignored``, the first FBW01
+        message other than HEARTBEAT to `got`; the worker that last spoke FBW01 gets a
+        HEARTBEAT every HEARTBEAT meanwhile."""
         deadline = time.monotonic() + timeout
         for _ in range(100_000):
+            if done():
+                return
             now = time.monotonic()
-            assert now < deadline, f"no FBW01 message in {timeout} s; ignored {self.ignored}"
+            assert now < deadline, f"no {what} in {timeout} s; ignored {self.ignored}"
             if self.identity is not None and now - self.last_beat >= HEARTBEAT:
                 self.sock.send_multipart([self.identity, b"", SIG, CMD_HEARTBEAT])
                 self.last_beat = now
@@ -60,8 +74,8 @@ class OldBroker:
                 continue
             assert frames[:2] == [b"", SIG], frames
             self.identity = identity
-            if frames[2] != CMD_HEARTBEAT:
-                return frames[2:]
+            if frames[2] != CMD_HEARTBEAT and not got:
+                got.append(frames[2:])
         raise AssertionError("unreachable: the loop is bounded by its deadline")
 
     def send(self, command: bytes, *body: bytes) -> None:
@@ -86,9 +100,10 @@ def test_a_worker_falls_back_to_fbw01_against_a_broker_without_fbw02(ctx):
         assert worker.stats.reconnects >= 1
         broker.send(CMD_TASK, tid(1), b"one")
         assert broker.recv() == [CMD_ANSWER, tid(1), b"-one"]
-        # The FBW02 offer on the heard connection was ignored: it stays in FBW01.
-        wait_until(lambda: len(broker.ignored) >= 2, FAKE_WAIT, message="the FBW02 offer")
-        assert broker.ignored[-1] == [CMD_READY, (2).to_bytes(4, "big")]
+        # The FBW02 offer on the heard connection (a second READY in FBW02, after the
+        # first connection's READY and heartbeats) was ignored: it stays in FBW01.
+        ready = [CMD_READY, (2).to_bytes(4, "big")]
+        broker.serve(lambda: broker.ignored.count(ready) >= 2, [], what="the FBW02 offer")
         broker.send(CMD_TASK, tid(2), b"two")
         assert broker.recv() == [CMD_ANSWER, tid(2), b"-two"]
         assert worker.stats.protocol == 1
@@ -133,3 +148,32 @@ def test_a_worker_started_before_its_broker_ends_up_in_fbw02(tmp_path):
 def test_a_worker_protocol_other_than_1_or_2_is_a_config_error(ctx, protocol):
     with pytest.raises(ConfigError, match="protocol must be 1"):
         DealerEcho(ctx, "tcp://127.0.0.1:5", protocol=protocol)
+
+
+def test_messages_waiting_are_rewritten_in_the_other_protocol():
+    # What _use_protocol does to the outbox when the worker changes protocol.
+    t1, t2 = tid(1), tid(2)
+    batch = wire.AnswerBatch()
+    batch.add(t1, R_OK, [b"a", b"b"])
+    batch.add(t2, R_FAILED, [b"ValueError", b"bad"])
+    (v2,) = batch.close()
+    assert v2 == [b"", SIG2, CMD_ANSWER, t1 + R_OK + b"\x00\x02" + t2 + R_FAILED + b"\x00\x02", b"a", b"b"] + [
+        b"ValueError",
+        b"bad",
+    ]
+    assert wire.convert(v2, v2=False) == [
+        [b"", SIG, CMD_ANSWER, t1, b"a", b"b"],
+        [b"", SIG, CMD_FAILED, t2, b"ValueError", b"bad"],
+    ]
+    assert wire.convert(v2, v2=True) == [v2]
+    assert wire.convert([b"", SIG, CMD_ANSWER, t1, b"x"], v2=True) == [
+        [b"", SIG2, CMD_ANSWER, t1 + R_OK + b"\x00\x01", b"x"]
+    ]
+    extend = [b"", SIG, CMD_EXTEND, t1, b"\x00\x00\x00\x01"]
+    assert wire.convert(extend, v2=True) == [[b"", SIG2, *extend[2:]]]
+    # A TASK of two jobs, header last; a header that does not match is None.
+    body = [b"p1", b"p2a", b"p2b", t1 + b"\x00\x01" + t2 + b"\x00\x02"]
+    assert wire.split_tasks(body) == [(t1, [b"p1"]), (t2, [b"p2a", b"p2b"])]
+    assert wire.split_tasks(body[1:]) is None
+    assert wire.split_tasks([b"p", t1 + b"\x00\x00"]) is None
+    assert wire.split_tasks([]) is None

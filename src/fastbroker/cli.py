@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "worker",
         help="run workers of a Worker or ReqWorker subclass",
-        description="Run instances of a fastbroker.Worker (DEALER, FBW01) or fastbroker.ReqWorker (REQ/PUSH) subclass until SIGINT or SIGTERM.",
+        description="Run instances of a fastbroker.Worker (DEALER, FBW02 or FBW01) or fastbroker.ReqWorker (REQ/PUSH) subclass until SIGINT or SIGTERM.",
         parents=[verbose, curve],
     )
     p.add_argument("worker_class", metavar="MODULE:CLASS", help="the worker subclass, e.g. mypkg.jobs:Resize")

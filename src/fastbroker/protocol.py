@@ -164,12 +164,12 @@ COUNTERS = (
     "retried",  # timed-out requests put back in the queue
     "aborted",  # requests given up after their last try (empty answer sent)
     "ready",  # worker ready messages accepted
-    "unreachable_workers",  # idle workers found gone when a job was sent to them
+    "unreachable_workers",  # workers found gone when a job or a heartbeat was sent to them
     "dropped",  # malformed or unknown messages dropped (sum of the reasons)
     "failed",  # FAILED reports from workers (each counts a try)
     "workers_joined",  # DEALER workers that sent READY while unknown
     "workers_left",  # DEALER workers that sent DISCONNECT
-    "workers_dead",  # DEALER workers silent past liveness
+    "workers_dead",  # DEALER workers silent past liveness, or whose connection was gone
     "requeued",  # jobs put back in the queue because their worker died or left
     "cancelled",  # FBC01 requests cancelled by their client
     "rejected",  # FBC01 SUBMITs answered REJECTED
