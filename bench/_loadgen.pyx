@@ -29,6 +29,9 @@ sockets (``Socket.underlying``) are used with the very libzmq that made them.
   every ``heartbeat`` seconds; ``READY`` again after a ``DISCONNECT``).
   ``mode`` ``MODE_FBW2``: the same in FBW02: each ``TASK`` of k jobs is answered by one
   ``ANSWER`` of k ``OK`` records, the payload frames sent back zero-copy.
+* ``original_worker(socks, push, count, parent, lifetime)``: workers of the original
+  (2010) protocol, one per DEALER in ``socks`` (each plays a REQ worker: ``ready``, one
+  job, its answer pushed on ``push``, ``ready`` again).
   ``mode`` ``MODE_ECHO``: sends every message back unchanged (the proxy's backend:
   ``[client id, b"", payload]``). Runs until ``count`` messages were answered
   (``count <= 0``: no limit), ``stop_fd`` (>= 0) is readable, the parent process
@@ -720,4 +723,102 @@ def worker(sock, int mode=MODE_FBW, unsigned long credit=MAX_CREDIT, double hear
         raise RuntimeError(f"loadgen worker: {_ERRORS.get(err, err)}; {w.answered} answered")
     return {"answered": w.answered, "heartbeats": w.heartbeats, "disconnects": w.disconnects,
             "other": w.other,
+            "stopped_by": {1: "count", 2: "stop_fd", 3: "parent", 4: "lifetime"}.get(w.stopped_by, "?")}
+
+
+# -- the original protocol's workers (2010) --------------------------------------------------
+
+
+cdef int send_original_ready(void *sock) noexcept nogil:
+    """What a REQ worker sends when it wants a job: [b"", b"ready"] (the DEALER adds no
+    delimiter of its own, so it is written here, as a REQ socket would)."""
+    if send_buf(sock, NULL, 0, ZSNDMORE) or send_buf(sock, b"ready", 5, 0):
+        return -1
+    return 0
+
+
+cdef int original_loop(void **socks, int n, void *push, zpollitem *items, zmsg *f, Worker *w) noexcept nogil:
+    cdef int i, rc, nf = 0
+    for i in range(n):
+        if send_original_ready(socks[i]):
+            return E_SEND
+    while True:
+        rc = zpoll(items, n, 100)
+        if rc < 0:
+            if zerrno() == EINTR:
+                continue
+            return E_POLL
+        if rc == 0:
+            if now_ns() > w.end_ns:
+                w.stopped_by = 4
+                return 0
+            if w.parent > 0 and getppid() != w.parent:
+                w.stopped_by = 3
+                return 0
+            continue
+        for i in range(n):
+            if not items[i].revents & ZPOLLIN:
+                continue
+            while True:
+                rc = recv_message(socks[i], f, &nf, ZDONTWAIT)
+                if rc == 0:
+                    break
+                if rc < 0:
+                    return E_RECV
+                if rc == 2 or nf < 3 or zmsg_size(&f[0]) != 0:
+                    w.other += 1
+                    if rc != 2:
+                        close_frames(f, nf)
+                    continue
+                # [b"", task id, payload...]: [task id, payload...] back on PUSH
+                # (zero-copy), then ready again on this socket: one job at a time per
+                # socket, as in 2010.
+                rc = send_frames(push, f, 1, nf)
+                close_frames(f, nf)
+                if rc or send_original_ready(socks[i]):
+                    return E_SEND
+                w.answered += 1
+                if w.count > 0 and w.answered >= w.count:
+                    w.stopped_by = 1
+                    return 0
+
+
+def original_worker(socks, push, long long count=0, int parent=0, double lifetime=900.0):
+    """Workers of the original (2010) protocol: each DEALER of `socks`, connected to the
+    broker's workers endpoint, plays one REQ worker (ready, one job, its answer pushed
+    on `push`, connected to the answers endpoint, ready again), so that a process holds
+    len(socks) jobs at once. Runs like worker(); returns the same dict."""
+    cdef Worker w
+    cdef int err, i, n = len(socks)
+    cdef void **handles = NULL
+    cdef void *push_handle = <void *><size_t>push.underlying
+    cdef zpollitem *items = NULL
+    cdef zmsg *frames = NULL
+    if n < 1 or n > 4096:
+        raise ValueError("1 to 4096 sockets")
+    memset(&w, 0, sizeof(w))
+    w.count = count
+    w.parent = parent
+    w.end_ns = now_ns() + <int64_t>(lifetime * 1e9)
+    handles = <void **>malloc(n * sizeof(void *))
+    items = <zpollitem *>malloc(n * sizeof(zpollitem))
+    frames = <zmsg *>malloc(MAXF * sizeof(zmsg))
+    try:
+        if handles == NULL or items == NULL or frames == NULL:
+            raise MemoryError()
+        for i in range(n):
+            handles[i] = <void *><size_t>socks[i].underlying
+            items[i].socket = handles[i]
+            items[i].fd = 0
+            items[i].events = ZPOLLIN
+            items[i].revents = 0
+        with nogil:
+            err = original_loop(handles, n, push_handle, items, frames, &w)
+    finally:
+        free(handles)
+        free(items)
+        free(frames)
+    if err:
+        raise RuntimeError(f"loadgen original worker: {_ERRORS.get(err, err)}; {w.answered} answered")
+    return {"answered": w.answered, "heartbeats": 0, "disconnects": 0, "other": w.other,
             "stopped_by": {1: "count", 2: "stop_fd", 3: "parent", 4: "lifetime"}.get(w.stopped_by, "?")}

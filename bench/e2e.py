@@ -147,7 +147,21 @@ def child_dealer(addr: str) -> zmq.Socket:
     return sock
 
 
-def run_worker(kind: str, addr: str, parent: int, loadgen: str = "python") -> None:
+ORIGINAL_SOCKETS = 64
+"""Sockets of one original-protocol worker process: each a REQ worker (one job at a time)."""
+
+
+def run_worker(kind: str, addr: str, parent: int, loadgen: str = "python", answers: str = "") -> None:
+    if kind == "orig":
+        assert _loadgen is not None, LOADGEN_ERROR
+        socks = [child_dealer(addr) for _ in range(ORIGINAL_SOCKETS)]
+        push = zmq.Context(1).socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.connect(answers)
+        _say("connected")  # each socket sends its "ready" itself, first thing
+        _loadgen.original_worker(socks, push, 0, parent, CHILD_LIFETIME)
+        return
     sock = child_dealer(addr)
     fbw = kind == "fbw"
     if loadgen == "compiled":
@@ -439,10 +453,23 @@ class Run:
             )
             text = self.wait_for_broker(bproc, broker, broker, deadline)
             info = text.split("broker on requests=", 1)[1].split()
-            req, work = info[0], info[1].split("=", 1)[1]
-            worker_kind = "fbw2" if a.protocol == "fbc2" else "fbw"
+            req, work, ans = info[0], info[1].split("=", 1)[1], info[2].split("=", 1)[1]
+            worker_kind = {"fbc2": "fbw2", "orig": "orig"}.get(a.protocol, "fbw")
         workers = [
-            self.start(["-m", "bench.e2e", "_worker", worker_kind, work, me, a.loadgen], f"worker{i}", cpus=lcpus)
+            self.start(
+                [
+                    "-m",
+                    "bench.e2e",
+                    "_worker",
+                    worker_kind,
+                    work,
+                    me,
+                    a.loadgen,
+                    *([ans] if worker_kind == "orig" else []),
+                ],
+                f"worker{i}",
+                cpus=lcpus,
+            )
             for i in range(a.workers)
         ]
         for i, w in enumerate(workers):
@@ -699,10 +726,12 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     p.add_argument(
         "--protocol",
-        choices=("auto", "fbc", "fbc2", "req"),
+        choices=("auto", "fbc", "fbc2", "req", "orig"),
         default="auto",
-        help="fastbroker clients: FBC01, FBC02 with FBW02 workers (both need --loadgen compiled) or the "
-        "REQ envelope; auto: fbc with compiled load generators, else req. The proxy always carries req",
+        help="fastbroker clients: FBC01, FBC02 with FBW02 workers, the original protocol of 2010 (REQ "
+        "envelope, REQ workers answering on PUSH; these three need --loadgen compiled) or the REQ "
+        "envelope with FBW01 workers; auto: fbc with compiled load generators, else req. The proxy "
+        "always carries req",
     )
     p.add_argument(
         "--pin", action="store_true", help="pin the broker to CPU 0 and the load generators to the other CPUs"
@@ -729,7 +758,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         )
     if args.protocol == "auto":
         args.protocol = "fbc" if args.loadgen == "compiled" else "req"
-    elif args.protocol in ("fbc", "fbc2") and args.loadgen != "compiled":
+    elif args.protocol in ("fbc", "fbc2", "orig") and args.loadgen != "compiled":
         p.error(f"--protocol {args.protocol} needs --loadgen compiled")
     cpus = sorted(os.sched_getaffinity(0))
     if args.pin:
@@ -757,7 +786,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_proxy(argv[1], argv[2])
         return 0
     if argv and argv[0] == "_worker":
-        run_worker(argv[1], argv[2], int(argv[3]), *argv[4:5])
+        run_worker(argv[1], argv[2], int(argv[3]), *argv[4:6])
         return 0
     if argv and argv[0] == "_client":
         run_client(argv[1], *(int(x) for x in argv[2:7]), *argv[7:9])
@@ -775,6 +804,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     proto = {
         "fbc": "FBC01 SUBMIT with OPT_NO_ACK",
         "fbc2": "FBC02 SUBMIT batches with OPT_NO_ACK, FBW02 workers",
+        "orig": f"the 2010 protocol: REQ envelope, REQ workers ({ORIGINAL_SOCKETS} sockets a process) answering on PUSH",
     }.get(args.protocol, 'REQ envelope [b"", payload]')
     pinned = (
         f"pinned: broker on CPU {args.cpus[0]}, load generators on CPUs {args.cpus[1]}" if args.pin else "not pinned"

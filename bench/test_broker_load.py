@@ -14,6 +14,9 @@ fresh set of processes started and warmed up outside the timing, ``bench.e2e``'s
   issue 14's targets: >= 500,000 jobs/s and <= 1 us of broker CPU per job;
 * ``compiled-fbc``: FBC01 clients (window 256) and FBW01 workers, one job per message;
 * ``compiled-req``: the original REQ envelope (window 256) and FBW01 workers;
+* ``compiled-orig``: the original protocol of 2010 end to end: the REQ envelope (window
+  256) and REQ workers that answer on PUSH, one job at a time per socket (64 sockets in
+  the worker process: ``bench.e2e.ORIGINAL_SOCKETS``);
 * ``proxy``: ``zmq.proxy`` (window 256: its frontend drops replies at its SNDHWM).
 
 extra_info: jobs/s (median over the rounds), broker CPU us per job (from /proc, 10 ms
@@ -40,6 +43,7 @@ ROWS = {
     "compiled-fbc2": ("compiled", "fbc2", 4096),
     "compiled-fbc": ("compiled", "fbc", 256),
     "compiled-req": ("compiled", "req", 256),
+    "compiled-orig": ("compiled", "orig", 256),
 }
 _proxy: Dict[str, float] = {}
 
