@@ -220,8 +220,6 @@ cdef struct Client:
 cdef int client_send(Client *c) noexcept nogil:
     cdef uint8_t buf[REQUEST_ID_SIZE]
     cdef uint8_t opts[OPTIONS_SIZE]
-    cdef zmsg m
-    cdef uint8_t *p
     cdef uint64_t rid = c.first + <uint64_t>c.sent
     cdef uint8_t cmd = 1
     c.sent_at[c.sent] = now_ns()
@@ -242,18 +240,26 @@ cdef int client_send(Client *c) noexcept nogil:
             if (send_buf(c.sock, CLIENT_SIGNATURE, SIGNATURE_SIZE, ZSNDMORE) or send_buf(c.sock, &cmd, 1, ZSNDMORE)
                     or send_buf(c.sock, buf, REQUEST_ID_SIZE, ZSNDMORE)):
                 return -1
-    # the payload: 8-byte id then the padding
+    if send_payload(c, rid, 0):
+        return -1
+    c.sent += 1
+    return 0
+
+
+cdef int send_payload(Client *c, uint64_t rid, int flags) noexcept nogil:
+    """Request rid's payload frame: its 8-byte id, then the padding."""
+    cdef zmsg m
+    cdef uint8_t *p
     if zmsg_init_size(&m, c.payload) != 0:
         return -1
     p = <uint8_t *>zmsg_data(&m)
     put_le64(p, rid)
     if c.payload > ID_SIZE:
         memcpy(p + ID_SIZE, c.pad, c.payload - ID_SIZE)
-    while zmsg_send(&m, c.sock, 0) < 0:
+    while zmsg_send(&m, c.sock, flags) < 0:
         if zerrno() != EINTR:
             zmsg_close(&m)
             return -1
-    c.sent += 1
     return 0
 
 
@@ -261,7 +267,6 @@ cdef int client_send_batch(Client *c, int64_t k) noexcept nogil:
     """One FBC02 SUBMIT of the next k requests (k <= MAX_BATCH)."""
     cdef uint8_t cmd = C_SUBMIT
     cdef uint8_t *h
-    cdef uint8_t *p
     cdef zmsg m
     cdef int64_t j
     cdef uint64_t rid
@@ -282,18 +287,9 @@ cdef int client_send_batch(Client *c, int64_t k) noexcept nogil:
             zmsg_close(&m)
             return -1
     for j in range(k):
-        rid = c.first + <uint64_t>c.sent
         c.sent_at[c.sent] = now_ns()
-        if zmsg_init_size(&m, c.payload) != 0:
+        if send_payload(c, c.first + <uint64_t>c.sent, ZSNDMORE if j + 1 < k else 0):
             return -1
-        p = <uint8_t *>zmsg_data(&m)
-        put_le64(p, rid)
-        if c.payload > ID_SIZE:
-            memcpy(p + ID_SIZE, c.pad, c.payload - ID_SIZE)
-        while zmsg_send(&m, c.sock, ZSNDMORE if j + 1 < k else 0) < 0:
-            if zerrno() != EINTR:
-                zmsg_close(&m)
-                return -1
         c.sent += 1
     return 0
 
