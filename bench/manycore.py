@@ -2,7 +2,7 @@
 
     python -m bench.manycore [--processes 1,2] [--jobs N] [--work-us 0,500]
                              [--core compiled|pure] [--window W] [--credit C]
-                             [--rounds R] [--retention SECONDS]
+                             [--rounds R] [--retention SECONDS] [--cpu-affinity]
                              [--reference-jobs N] (from the repository root)
 
 One broker process (``python -m fastbroker -v broker --core CORE``, ipc endpoints in a
@@ -207,6 +207,7 @@ def measure(
                 str(processes),
                 "--credit",
                 str(args.credit),
+                *(["--cpu-affinity"] if args.cpu_affinity else []),
             ],
             f"pool{processes}-u{work_us}",
         )
@@ -389,6 +390,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--core", choices=("compiled", "pure"), default="compiled", help="the broker's core")
     p.add_argument("--window", type=int, default=64, help="requests in flight at the client (default 64)")
     p.add_argument("--credit", type=int, default=1, help="--credit of each worker process (default 1)")
+    p.add_argument(
+        "--cpu-affinity", action="store_true", help="run the pools with --cpu-affinity (one CPU per process)"
+    )
     p.add_argument("--rounds", type=int, default=3, help="runs per (size, processes), interleaved (default 3)")
     p.add_argument("--warmup", type=int, default=500, help="unmeasured jobs before each run (default 500)")
     p.add_argument("--payload", type=int, default=16, help="payload bytes, >= 8 (default 16)")

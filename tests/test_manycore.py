@@ -22,6 +22,7 @@ the second one's start and the test fails.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Dict, List, Tuple
 
@@ -30,6 +31,7 @@ import zmq
 from fastbroker import Client
 from fastbroker.client.sync import connect_dealer
 from fastbroker.server.metrics import request_stats
+from fastbroker.worker.pool import cpus_for
 from rigs import descendants, pid_alive, wait_until
 
 from workers_for_tests import MEET_LIMIT
@@ -114,3 +116,31 @@ def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_pa
     assert broker.poll() is None
     assert "Traceback" not in procs.output(), procs.output()
     stats.close(0)
+
+
+def test_cpu_affinity_pins_each_pool_process_to_one_cpu(procs, ctx, tmp_path, core_name):
+    # The children's CPUs as the kernel holds them (sched_getaffinity of each pid): one
+    # each, those of cpus_for() (the CPUs this test may use, in order, round again).
+    addrs = [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
+    broker = procs.start(["-v", "broker", "--core", core_name, *addrs], "broker")
+    wait_until(
+        lambda: "broker on requests=" in broker.stderr_path.read_text(errors="replace") or broker.poll() is not None,
+        timeout=WAIT,
+        message="the broker's 'broker on' log line",
+    )
+    stats = connect_dealer(ctx, addrs[0])
+    stats.setsockopt(zmq.LINGER, 0)
+    args = ["worker", "workers_for_tests:PidWorker", addrs[1], "--processes", str(PROCESSES), "--cpu-affinity"]
+    pool = procs.start(args, "pool")
+    wait_until(
+        lambda: broker_figures(stats)["workers"] == PROCESSES,
+        timeout=WAIT,
+        message=f"the broker to count {PROCESSES} workers\n{procs.output()}",
+    )
+    children = descendants(pool.pid)
+    assert len(children) == PROCESSES, children
+    pinned = sorted(sorted(os.sched_getaffinity(pid)) for pid in children)
+    assert pinned == sorted([cpu] for cpu in cpus_for(PROCESSES)), pinned
+    assert len(os.sched_getaffinity(pool.pid)) == len(os.sched_getaffinity(0)), "the parent is not pinned"
+    pool.send_signal(signal.SIGTERM)
+    assert pool.wait(WAIT) == 0, procs.output()

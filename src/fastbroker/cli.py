@@ -400,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-p", "--processes", type=_positive, default=1, help="worker processes to run (default: 1)")
     p.add_argument(
+        "--cpu-affinity",
+        action="store_true",
+        help="pin each worker process to one CPU of its own (the CPUs this command may use, in order; "
+        "round again past the last), for large servers; off by default",
+    )
+    p.add_argument(
         "--credit",
         type=_count("credit", MAX_CREDIT),
         default=None,
@@ -703,7 +709,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 given = ", ".join(f"--{name}" for name in options)
                 raise ConfigError(f"{given}: only for fastbroker.Worker subclasses; {args.worker_class} is a ReqWorker")
         # Both classes take the key files through configure().
-        return run_pool(cls, args.requests_addr, args.answers_addr, args.processes, {**options, **curve})
+        return run_pool(
+            cls, args.requests_addr, args.answers_addr, args.processes, {**options, **curve}, args.cpu_affinity
+        )
     except ConfigError as exc:
         return _fail(str(exc))
 

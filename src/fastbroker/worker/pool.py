@@ -124,11 +124,18 @@ def run_one(
 
 
 def _child(
-    cls: type, requests_addr: str, answers_addr: Optional[str], parent_pid: int, options: Optional[Mapping[str, Any]]
+    cls: type,
+    requests_addr: str,
+    answers_addr: Optional[str],
+    parent_pid: int,
+    options: Optional[Mapping[str, Any]],
+    cpu: Optional[int] = None,
 ) -> None:
     # Out of the terminal's process group: Ctrl-C reaches the parent only, which
     # passes it on once (a second SIGINT would make the child exit at once).
     os.setpgrp()
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     try:
         code = run_one(cls, requests_addr, answers_addr, parent_pid, options)
     except ConfigError as exc:
@@ -149,17 +156,30 @@ class _Slot:
         self.restart_at: Optional[float] = None
 
 
+def cpus_for(processes: int) -> List[int]:
+    """The CPU of each of `processes` children with ``--cpu-affinity``: the CPUs this
+    process may run on, in order, one per child, round again when there are more
+    children than CPUs."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return [allowed[i % len(allowed)] for i in range(processes)]
+
+
 def run_pool(
     cls: type,
     requests_addr: str,
     answers_addr: Optional[str],
     processes: int,
     options: Optional[Mapping[str, Any]] = None,
+    cpu_affinity: bool = False,
 ) -> int:
     """Run `processes` workers; signals to this process are passed on to each.
+    With `cpu_affinity`, each process is pinned to one CPU of its own (``cpus_for``).
     Returns the highest exit status of the last child of each slot (0 when all
     stopped cleanly)."""
+    cpus: List[Optional[int]] = list(cpus_for(processes)) if cpu_affinity else [None] * processes
     if processes == 1:
+        if cpus[0] is not None:
+            os.sched_setaffinity(0, {cpus[0]})
         return run_one(cls, requests_addr, answers_addr, 0, options)
     # fork: the class was imported here and needs no pickling; no ZeroMQ context
     # exists yet in this process, so none is inherited.
@@ -173,7 +193,9 @@ def run_pool(
 
     def start(slot: _Slot) -> BaseProcess:
         process = mp.Process(
-            target=_child, args=(cls, requests_addr, answers_addr, parent_pid, options), name=f"worker-{slot.index}"
+            target=_child,
+            args=(cls, requests_addr, answers_addr, parent_pid, options, cpus[slot.index]),
+            name=f"worker-{slot.index}",
         )
         slot.process = process
         process.start()
@@ -202,6 +224,8 @@ def run_pool(
         for slot in slots:
             start(slot)
         log.info("started %d worker processes: %s", processes, [s.process.pid for s in slots if s.process])
+        if cpu_affinity:
+            log.info("each pinned to one CPU: %s", cpus)
         _supervise(slots, start, stopping, wake_r)
     finally:
         os.close(wake_r)
@@ -265,4 +289,4 @@ def _on_exit(slot: _Slot, stopping: List[int]) -> None:
     )
 
 
-__all__ = ["run_pool", "run_one", "make_worker"]
+__all__ = ["run_pool", "run_one", "make_worker", "cpus_for"]
