@@ -55,7 +55,9 @@ def broker_figures(socket: zmq.Socket) -> Dict[str, int]:
     return figures
 
 
-def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_path, core_name):
+def broker_and_pool(procs, ctx, tmp_path, core_name, *pool_options: str):
+    """A broker process on ipc, a STATS socket to it, and a pool of PROCESSES PidWorkers
+    (with `pool_options`) that the broker counts: (addrs, stats socket, broker, pool)."""
     addrs = [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
     broker = procs.start(["-v", "broker", "--core", core_name, *addrs], "broker")
     wait_until(
@@ -66,13 +68,18 @@ def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_pa
     assert broker.poll() is None and f"core={core_name})" in broker.stderr_path.read_text(), procs.output()
     stats = connect_dealer(ctx, addrs[0])
     stats.setsockopt(zmq.LINGER, 0)
-
-    pool = procs.start(["worker", "workers_for_tests:PidWorker", addrs[1], "--processes", str(PROCESSES)], "pool")
+    args = ["worker", "workers_for_tests:PidWorker", addrs[1], "--processes", str(PROCESSES), *pool_options]
+    pool = procs.start(args, "pool")
     wait_until(
         lambda: broker_figures(stats)["workers"] == PROCESSES,
         timeout=WAIT,
         message=f"the broker to count {PROCESSES} workers\n{procs.output()}",
     )
+    return addrs, stats, broker, pool
+
+
+def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_path, core_name):
+    addrs, stats, broker, pool = broker_and_pool(procs, ctx, tmp_path, core_name)
     children = set(descendants(pool.pid))
     assert len(children) == PROCESSES, children
 
@@ -121,22 +128,7 @@ def test_one_broker_and_a_pool_of_two_dealer_worker_processes(procs, ctx, tmp_pa
 def test_cpu_affinity_pins_each_pool_process_to_one_cpu(procs, ctx, tmp_path, core_name):
     # The children's CPUs as the kernel holds them (sched_getaffinity of each pid): one
     # each, those of cpus_for() (the CPUs this test may use, in order, round again).
-    addrs = [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
-    broker = procs.start(["-v", "broker", "--core", core_name, *addrs], "broker")
-    wait_until(
-        lambda: "broker on requests=" in broker.stderr_path.read_text(errors="replace") or broker.poll() is not None,
-        timeout=WAIT,
-        message="the broker's 'broker on' log line",
-    )
-    stats = connect_dealer(ctx, addrs[0])
-    stats.setsockopt(zmq.LINGER, 0)
-    args = ["worker", "workers_for_tests:PidWorker", addrs[1], "--processes", str(PROCESSES), "--cpu-affinity"]
-    pool = procs.start(args, "pool")
-    wait_until(
-        lambda: broker_figures(stats)["workers"] == PROCESSES,
-        timeout=WAIT,
-        message=f"the broker to count {PROCESSES} workers\n{procs.output()}",
-    )
+    *_, pool = broker_and_pool(procs, ctx, tmp_path, core_name, "--cpu-affinity")
     children = descendants(pool.pid)
     assert len(children) == PROCESSES, children
     pinned = sorted(sorted(os.sched_getaffinity(pid)) for pid in children)

@@ -65,18 +65,25 @@ def queue_jobs(rig, client, payloads) -> list:
     return ids
 
 
+def queued_for_a_worker(make_crig, payloads, credit: int, **rig_options):
+    """A rig (attempt timeout 60 s), an FBC02 client whose `payloads` are queued, and an
+    FBW02 worker then registered with `credit`: (rig, client, ids, worker)."""
+    rig = make_crig(timeout=60.0, **rig_options)
+    client = rig.fbclient2()
+    ids = queue_jobs(rig, client, payloads)
+    worker = rig.dealer(protocol=2)
+    rig.register(worker, credit)
+    return rig, client, ids, worker
+
+
 def outcomes(rig, client, n: int) -> dict:
     """The next n reply records of `client`, by request id: (code, body frames)."""
     return {rid: (code, body) for rid, code, body in rig.records(client, n)}
 
 
 def test_a_task_carries_the_queued_jobs_up_to_the_spare_credit(make_crig):
-    rig = make_crig(timeout=60.0)
-    client = rig.fbclient2()
     payloads = [[b"j0"], [b"j1", b"second frame"], [b"j2"], [b"j3"], [b"j4"]]
-    ids = queue_jobs(rig, client, payloads)
-    worker = rig.dealer(protocol=2)
-    rig.register(worker, 3)
+    rig, client, ids, worker = queued_for_a_worker(make_crig, payloads, 3)
     jobs = tasks_of(rig.next_message(worker))
     assert [payload for _, payload in jobs] == payloads[:3]  # in order, frames kept
     assert_stats(rig.stats(), dispatched=3, running=3, queued=2, idle_workers=0, dropped=0)
@@ -96,11 +103,7 @@ def test_a_task_carries_the_queued_jobs_up_to_the_spare_credit(make_crig):
 
 
 def test_a_busy_credit_one_worker_gets_nothing_more(make_crig):
-    rig = make_crig(timeout=60.0)
-    client = rig.fbclient2()
-    ids = queue_jobs(rig, client, [[b"a"], [b"b"], [b"c"]])
-    worker = rig.dealer(protocol=2)
-    rig.register(worker, 1)
+    rig, client, ids, worker = queued_for_a_worker(make_crig, [[b"a"], [b"b"], [b"c"]], 1)
     for n, rid in enumerate(ids):
         jobs = tasks_of(rig.next_message(worker))
         assert len(jobs) == 1
@@ -125,11 +128,7 @@ def test_a_few_jobs_spread_over_the_idle_workers(make_crig):
 
 
 def test_an_answer_message_with_a_bad_record_delivers_the_others(make_crig):
-    rig = make_crig(timeout=60.0, tries=1)
-    client = rig.fbclient2()
-    ids = queue_jobs(rig, client, [[b"ok"], [b"odd"], [b"fails"]])
-    worker = rig.dealer(protocol=2)
-    rig.register(worker, 3)
+    rig, client, ids, worker = queued_for_a_worker(make_crig, [[b"ok"], [b"odd"], [b"fails"]], 3, tries=1)
     (t0, _), (t1, _), (t2, _) = tasks_of(rig.next_message(worker))
     answers(
         worker,
@@ -158,11 +157,7 @@ def test_an_answer_message_with_a_bad_record_delivers_the_others(make_crig):
     ],
 )
 def test_an_answer_whose_header_does_not_match_is_dropped_whole(make_crig, body_of):
-    rig = make_crig(timeout=60.0)
-    client = rig.fbclient2()
-    (rid,) = queue_jobs(rig, client, [[b"job"]])
-    worker = rig.dealer(protocol=2)
-    rig.register(worker, 1)
+    rig, client, (rid,), worker = queued_for_a_worker(make_crig, [[b"job"]], 1)
     ((task_id, _),) = tasks_of(rig.next_message(worker))
     worker.command(CMD_ANSWER, *body_of(task_id))
     rig.pump(lambda: rig.stats()["drops"].get(BAD_BATCH) == 1)
@@ -173,11 +168,7 @@ def test_an_answer_whose_header_does_not_match_is_dropped_whole(make_crig, body_
 
 
 def test_an_answer_from_an_unknown_worker_is_delivered_and_it_is_told_in_fbw02(make_crig):
-    rig = make_crig(timeout=60.0)
-    client = rig.fbclient2()
-    (rid,) = queue_jobs(rig, client, [[b"job"]])
-    worker = rig.dealer(protocol=2)
-    rig.register(worker, 1)
+    rig, client, (rid,), worker = queued_for_a_worker(make_crig, [[b"job"]], 1)
     ((task_id, _),) = tasks_of(rig.next_message(worker))
     stranger = rig.dealer(protocol=2, live=False)
     answers(stranger, (task_id, R_OK, [b"from a stranger"]))
@@ -199,11 +190,7 @@ def test_heartbeats_and_cancel_come_in_the_workers_protocol(make_crig):
 
 
 def test_a_worker_speaks_the_protocol_of_its_last_ready(make_crig):
-    rig = make_crig(timeout=60.0)
-    client = rig.fbclient2()
-    ids = queue_jobs(rig, client, [[b"a"], [b"b"], [b"c"]])
-    worker = rig.dealer(protocol=2)
-    rig.register(worker, 2)
+    rig, client, ids, worker = queued_for_a_worker(make_crig, [[b"a"], [b"b"], [b"c"]], 2)
     jobs = tasks_of(rig.next_message(worker))
     assert len(jobs) == 2
     # READY in FBW01 from the same socket: one job per TASK from now on.

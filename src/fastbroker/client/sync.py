@@ -193,6 +193,13 @@ class _MapSlot:
         return self.value
 
 
+def _submit(payload: Any, options: bytes, request_id: bytes, sink: Any) -> tuple:
+    """The I/O thread's "submit" command of one request; `sink` (a future or a map slot)
+    gets its outcome."""
+    frames, multipart = payload_frames(payload)
+    return ("submit", request_id, submit_message(request_id, options, frames), sink, multipart)
+
+
 def _deliver(future: Any, value: Any, exc: Optional[BaseException]) -> None:
     if type(future) is _MapSlot:
         future.resolve(value, exc)
@@ -322,12 +329,11 @@ class Client(RequestDefaults, Closeable):
     def _submit_command(
         self, payload: _Payload, options: bytes, request_id: Optional[bytes]
     ) -> Tuple[tuple, RequestFuture]:
-        frames, multipart = payload_frames(payload)
         rid = new_request_id() if request_id is None else check_request_id(request_id)
         future = RequestFuture()
         future.request_id = rid
         future._on_cancel = self._on_request_cancelled
-        return ("submit", rid, submit_message(rid, options, frames), future, multipart), future
+        return _submit(payload, options, rid, future), future
 
     def stats(self) -> Dict[str, int]:
         """This client's flow-control figures (read without a lock: a snapshot that may
@@ -466,10 +472,8 @@ class Client(RequestDefaults, Closeable):
                         except StopIteration:
                             exhausted = True
                             break
-                        frames, multipart = payload_frames(payload)
-                        rid = new_request_id()
-                        slot = _MapSlot(rid)
-                        commands.append(("submit", rid, submit_message(rid, options, frames), slot, multipart))
+                        slot = _MapSlot(new_request_id())
+                        commands.append(_submit(payload, options, slot.request_id, slot))
                         in_flight.append(slot)
                     if commands:
                         self._post(("submit_many", commands))

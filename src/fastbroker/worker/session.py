@@ -306,9 +306,7 @@ class Session:
                         self._announce_credit(now)
                     self._flush(now)
                     self._announce_credit(now)
-                    if not self.v2 and self.heard and not self.offered_v2 and self.announced:
-                        if self.worker.protocol == 2 and not self.stopping:
-                            self._offer_v2(now)
+                    self._offer_v2(now)
                     if now - self.last_heard > self.silence:
                         self._lose(now, f"no word from the broker for {now - self.last_heard:.1f} s")
                     elif now >= self.next_heartbeat:
@@ -442,7 +440,12 @@ class Session:
         """On an FBW01 connection of an FBW02 worker (it fell back while the broker was
         silent, perhaps only down): offer FBW02 once with a READY in FBW02. A broker
         that knows it answers in FBW02 from then on (see _receive); one that does not
-        drops that READY (counted) and the connection stays FBW01."""
+        drops that READY (counted) and the connection stays FBW01. Once per connection,
+        after the broker spoke and a credit was announced."""
+        if self.v2 or self.worker.protocol != 2 or self.offered_v2 or self.stopping:
+            return
+        if not self.heard or not self.announced:
+            return
         if self._send(now, wire.message(WORKER_SIGNATURE_V2, CMD_READY, (self.announced or 0).to_bytes(4, "big"))):
             self.offered_v2 = True
 
@@ -699,7 +702,7 @@ class Session:
     def _collect_results(self) -> None:
         # FBW02: the answers of this turn go as few ANSWER messages (FAILED stays one
         # message each: it is rare, and goes only on the connection its job came on).
-        batch = wire.AnswerBatch() if self.v2 else None
+        batch = wire.AnswerBatch() if self.v2 and self.results else None
         while self.results:
             number, task_id, answer, error = self.results.popleft()
             generation = self._forget(number, task_id)
