@@ -841,12 +841,13 @@ def test_retention_bytes_forget_the_oldest_outcomes_first(make_crig):
     for rid in ids[1:]:
         assert rig.ask(client, C_STATUS, rid)[1] == R_STATUS
     assert rig.ask(client, C_RESULT, ids[3]) == reply(R_OK, ids[3], b"b" * 60, b"c" * 40)
-    # A FAILED outcome costs its type and message: the next oldest goes.
+    # A FAILED outcome costs its type and message, and the payload it keeps (it is
+    # dead, ready for REQUEUE): the next oldest goes.
     failed = new_id()
     client.submit(failed, b"job", options=opts(OPT_NO_ACK, 0, 1))
     task_id, _ = rig.task(worker)
-    worker.failed(task_id, b"E" * 10, b"m" * (size - 10))
-    assert rig.reply(client) == reply(R_FAILED, failed, b"E" * 10, b"m" * (size - 10))
+    worker.failed(task_id, b"E" * 10, b"m" * (size - 13))
+    assert rig.reply(client) == reply(R_FAILED, failed, b"E" * 10, b"m" * (size - 13))
     assert_stats(rig.stats(), retained=3, retained_bytes=3 * cost, expired_results=2)
     assert rig.ask(client, C_STATUS, ids[1]) == reply(R_UNKNOWN, ids[1])
     for rid in (ids[2], ids[3], failed):

@@ -5,6 +5,7 @@ order, with the same counters, events and journal.
 
 A hypothesis state machine plays every peer on both sides at once: REQ clients,
 FBC01 clients (SUBMIT with options and repeated ids, STATUS, RESULT, CANCEL, STATS,
+the dead-letter's DEAD, REQUEUE and REQUEUE_ALL,
 and FBC02 batches of SUBMITs from the same sockets),
 FBW01 workers (READY with credit, ANSWER, FAILED, EXTEND, HEARTBEAT, DISCONNECT, answers for
 task ids they do not hold, unknown or malformed) that may turn FBW02 (READY in FBW02, then
@@ -36,6 +37,7 @@ from hypothesis.internal.conjecture import engine as hypothesis_engine
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from fastbroker import _core_py, protocol
+from fastbroker.client.protocol import decode_dead
 from fastbroker.protocol import (
     C_CANCEL,
     C_RESULT,
@@ -235,7 +237,7 @@ class Side:
                 # Broker heartbeats follow the clock, not the operations: left out.
                 if frames == [b"", WSIG, CMD_HEARTBEAT] or frames == [b"", WSIG2, CMD_HEARTBEAT]:
                     continue
-                named = [self.name_frame(f) for f in self._stats_reply(frames)]
+                named = [self.name_frame(f) for f in self._dead_reply(self._stats_reply(frames))]
                 if frames[1:3] == [WSIG2, CMD_TASK]:
                     named[-1] = self._task_header(frames[-1])
                 got.setdefault(name, []).append(named)
@@ -248,6 +250,15 @@ class Side:
             (self.name_frame(header[at : at + 16]), int.from_bytes(header[at + 16 : at + 18], "big"))
             for at in range(0, len(header), 18)
         )
+
+    @staticmethod
+    def _dead_reply(frames: list) -> list:
+        """A DEAD reply decoded, each record's age left out (a matter of the clock)."""
+        if len(frames) >= 3 and frames[0] == CSIG and frames[1] == protocol.R_DEAD:
+            dead = decode_dead(frames[3:])
+            assert dead is not None, frames
+            return frames[:3] + [(dead.total, tuple(d._replace(age=None) for d in dead.requests))]
+        return frames
 
     @staticmethod
     def _stats_reply(frames: list) -> list:
@@ -418,12 +429,18 @@ class TwoCores(RuleBasedStateMachine):
 
     @rule(
         c=st.integers(0, N_FBC - 1),
-        cmd=st.sampled_from([C_STATUS, C_RESULT, C_CANCEL, C_STATS]),
+        cmd=st.sampled_from([C_STATUS, C_RESULT, C_CANCEL, C_STATS, protocol.C_REQUEUE, protocol.C_REQUEUE_ALL]),
         rid=st.sampled_from(REQUEST_IDS),
     )
     def fbc_ask(self, c, cmd, rid) -> None:
         for side in self.sides:
             side.fbc[c].command(cmd, rid)
+        self.step_done()
+
+    @rule(c=st.integers(0, N_FBC - 1), limit=st.integers(0, 3))
+    def fbc_dead(self, c, limit) -> None:
+        for side in self.sides:
+            side.fbc[c].command(protocol.C_DEAD, REQUEST_IDS[0], limit.to_bytes(4, "big"))
         self.step_done()
 
     # -- FBW01 workers ----------------------------------------------------------------------

@@ -41,7 +41,18 @@ frame = st.one_of(
 )
 # FBC01 messages as a client's DEALER sends them, well formed or nearly so.
 client_message = st.tuples(
-    st.sampled_from([protocol.C_SUBMIT, protocol.C_STATUS, protocol.C_RESULT, protocol.C_CANCEL, b"\x09"]),
+    st.sampled_from(
+        [
+            protocol.C_SUBMIT,
+            protocol.C_STATUS,
+            protocol.C_RESULT,
+            protocol.C_CANCEL,
+            protocol.C_DEAD,
+            protocol.C_REQUEUE,
+            protocol.C_REQUEUE_ALL,
+            b"\x09",
+        ]
+    ),
     st.sampled_from(REQUEST_IDS + [b"short"]),
     st.lists(st.one_of(options, frame), max_size=3),
 ).map(lambda m: [protocol.CLIENT_SIGNATURE, m[0], m[1]] + m[2])

@@ -29,8 +29,10 @@ COMPILED_ONLY = {
     ("request_table", "RequestTable"): {"live", "write_id"},
     # the binary heap by hand: heapq in Python
     ("deadline_heap", "DeadlineHeap"): {"_place", "_sift_up", "_sift_down"},
-    # an outcome not kept for lack of memory
-    ("kept_outcomes", "KeptOutcomes"): {"not_kept"},
+    # an outcome not kept for lack of memory; freeing an outcome's frames by hand
+    ("kept_outcomes", "KeptOutcomes"): {"not_kept", "release_frames"},
+    # an entry's C memory: in Python an entry is a tuple appended
+    ("journal", "Journal"): {"add"},
 }
 PURE_ONLY: Dict[Tuple[str, str], set] = {}
 

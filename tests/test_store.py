@@ -22,7 +22,7 @@ import zmq
 import fastbroker
 from fastbroker import Broker, Client, ConfigError
 from fastbroker.client.protocol import decode_reply, encode_options, submit_message
-from fastbroker.protocol import R_ACCEPTED, R_OK, R_TIMED_OUT
+from fastbroker.protocol import R_ACCEPTED, R_FAILED, R_OK, R_TIMED_OUT
 from fastbroker.server.store import (
     SCHEMA_VERSION,
     Store,
@@ -97,9 +97,9 @@ def test_apply_and_load_round_trip_across_reopen(tmp_path):
             store.apply(
                 [
                     ("start", rid(3), 1),
-                    ("finish", rid(3), R_OK, [b"-three", b"x"], 1, 2),
+                    ("finish", rid(3), R_OK, [b"-three", b"x"], 1, 2, [], None),
                     ("start", rid(4), 1),
-                    ("finish", rid(4), R_TIMED_OUT, [], 1, 1),
+                    ("finish", rid(4), R_TIMED_OUT, [], 1, 1, [b"four"], None),
                     ("forget", rid(4)),
                 ],
                 now=1000.0,
@@ -131,8 +131,8 @@ def test_apply_is_one_transaction_a_bad_entry_rolls_back_the_turn(tmp_path):
 
 def test_outcomes_load_oldest_first(tmp_path):
     with Store(str(tmp_path / "s.db")) as store:
-        store.apply([("finish", rid(1), R_OK, [b"late"], 1, 1)], now=2000.0)
-        store.apply([("finish", rid(2), R_OK, [b"early"], 1, 1)], now=1000.0)
+        store.apply([("finish", rid(1), R_OK, [b"late"], 1, 1, [], None)], now=2000.0)
+        store.apply([("finish", rid(2), R_OK, [b"early"], 1, 1, [], None)], now=1000.0)
         assert [o.id for o in store.load()[1]] == [rid(2), rid(1)]
 
 
@@ -234,7 +234,7 @@ def test_check_is_read_only_and_counts(tmp_path):
     path = make_store(tmp_path / "s.db", 5, 10)
     with Store(str(path)) as store:
         ids = [r.id for r in store.load()[0]]
-        store.apply([("start", ids[0], 2), ("finish", ids[1], R_OK, [b"ok"], 1, 3)])
+        store.apply([("start", ids[0], 2), ("finish", ids[1], R_OK, [b"ok"], 1, 3, [], None)])
     before = path.read_bytes()
     report = check(str(path))
     assert (report.queued, report.in_flight, report.finished) == (3, 1, 1)
@@ -364,7 +364,7 @@ def test_outcomes_are_restored_for_result_and_forgotten_past_retention(tmp_path,
     rig.stop_broker()
     # An outcome that finished an hour ago, past the broker's retention (10 minutes).
     with Store(str(store_path)) as store:
-        store.apply([("finish", rid(99), R_OK, [b"old"], 1, 1)], now=time.time() - 3600)
+        store.apply([("finish", rid(99), R_OK, [b"old"], 1, 1, [], None)], now=time.time() - 3600)
     assert check(str(store_path)).finished == 2
 
     rig.start_broker()
@@ -385,8 +385,8 @@ def test_outcomes_are_restored_for_result_and_forgotten_past_retention(tmp_path,
 def test_retention_restored_counts_from_when_it_finished(tmp_path, rig, store_path):
     rig.broker_options["retention"] = 30.0
     with Store(str(store_path)) as store:
-        store.apply([("finish", rid(1), R_OK, [b"recent"], 1, 1)], now=time.time() - 5)
-        store.apply([("finish", rid(2), R_OK, [b"too-old"], 1, 1)], now=time.time() - 40)
+        store.apply([("finish", rid(1), R_OK, [b"recent"], 1, 1, [], None)], now=time.time() - 5)
+        store.apply([("finish", rid(2), R_OK, [b"too-old"], 1, 1, [], None)], now=time.time() - 40)
     broker = rig.start_broker()
     watcher = rig.client()
     assert watcher.result(rid(1)).result(WAIT) == b"recent"
@@ -533,7 +533,13 @@ def test_store_check_command_output_and_exit_codes(tmp_path, subprocess_env):
     good = make_store(tmp_path / "good.db", 4, 10)
     with Store(str(good)) as store:
         first = store.load()[0][0].id
-        store.apply([("start", first, 1), ("finish", rid(5), R_OK, [b"a"], 1, 1)])
+        store.apply(
+            [
+                ("start", first, 1),
+                ("finish", rid(5), R_OK, [b"a"], 1, 1, [], None),
+                ("finish", rid(6), R_FAILED, [b"E", b"m"], 1, 1, [b"job"], None),
+            ]
+        )
     result = run_cli(["store", "check", str(good)], subprocess_env, tmp_path, timeout=WAIT)
     assert result.returncode == 0, result
     lines = result.stdout.splitlines()
@@ -541,7 +547,8 @@ def test_store_check_command_output_and_exit_codes(tmp_path, subprocess_env):
     assert lines[1:] == [
         "queued: 3 (never sent to a worker)",
         "in flight: 1 (sent at least once, not finished)",
-        "finished: 1 (outcomes kept for RESULT)",
+        "finished: 2 (outcomes kept for RESULT)",
+        "dead: 1 (of the finished: FAILED or TIMED_OUT, payload kept for requeue)",
         "sound",
     ]
     result = run_cli(["store", "check", "--json", str(good)], subprocess_env, tmp_path, timeout=WAIT)
@@ -552,7 +559,8 @@ def test_store_check_command_output_and_exit_codes(tmp_path, subprocess_env):
         "version": SCHEMA_VERSION,
         "queued": 3,
         "in_flight": 1,
-        "finished": 1,
+        "finished": 2,
+        "dead": 1,
         "bytes": good.stat().st_size,
         "sound": True,
         "problems": [],

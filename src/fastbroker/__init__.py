@@ -5,7 +5,17 @@ from __future__ import annotations
 from fastbroker._common import BrokerError, ConfigError
 from fastbroker._select import core_name
 from fastbroker.client.asyncio import AsyncClient
-from fastbroker.client.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
+from fastbroker.client.outcomes import (
+    DeadLetters,
+    DeadRequest,
+    Rejected,
+    Requeued,
+    Status,
+    TaskCancelled,
+    TaskFailed,
+    TaskTimedOut,
+    UnknownRequest,
+)
 from fastbroker.client.sync import Client, ReqClient, TaskAborted
 from fastbroker.server.broker import Broker
 from fastbroker.worker.base import ReqWorker, Worker, WorkerBase
@@ -18,7 +28,10 @@ __all__ = [
     "BrokerError",
     "Client",
     "ConfigError",
+    "DeadLetters",
+    "DeadRequest",
     "Rejected",
+    "Requeued",
     "ReqClient",
     "ReqWorker",
     "Status",

@@ -107,8 +107,9 @@ cdef struct JEnt:
     uint32_t attempts
     int32_t tries
     double timeout  # < 0: none
-    zmsg *frames  # payload (submit) or outcome body (finish): shared copies
+    zmsg *frames  # payload (submit) or outcome body, then a dead request's payload (finish): shared copies
     int nframes
+    int nbody  # finish: frames[:nbody] are the outcome's body
 
 
 # -- core/request_table.pxi -----------------------------------------------------------
@@ -187,9 +188,13 @@ cdef struct Done:
     zmsg *body  # answer frames (OK) or type and message (FAILED); shared, not copied
     int nbody
     double finished
-    size_t size  # body bytes + RESULT_OVERHEAD
+    size_t size  # body and payload bytes + RESULT_OVERHEAD
     uint32_t attempts
     int32_t tries
+    zmsg *payload  # dead (FAILED or TIMED_OUT): the request's payload, for REQUEUE; else NULL
+    int npayload
+    double timeout  # dead: the request's per-attempt timeout, < 0: none
+    bint gone  # requeued: a tombstone in the FIFO until it reaches the front
 
 
 # == the classes, in include order ====================================================
@@ -238,8 +243,12 @@ cdef class Journal:
     cdef uint8_t *held_more
     cdef size_t nheld, held_cap
 
+    cdef JEnt *add(self, int kind, const uint8_t *cid, int code, int nframes, uint32_t attempts,
+                   int32_t tries, double timeout) noexcept nogil
     cdef void push(self, int kind, const uint8_t *cid, int code, zmsg *frames, int nframes,
                    uint32_t attempts, int32_t tries, double timeout) noexcept nogil
+    cdef void push_finish(self, const uint8_t *cid, int code, zmsg *body, int nbody, zmsg *payload,
+                          int npayload, uint32_t attempts, int32_t tries, double timeout) noexcept nogil
     cdef void clear(self) noexcept nogil
     cdef list take(self)
     cdef int hold(self, zmsg *part, bint more) noexcept nogil
@@ -373,17 +382,23 @@ cdef class KeptOutcomes:
     cdef uint32_t free_head
     cdef Ring fifo  # kept outcome slots, oldest first (only the front leaves)
     cdef size_t retained_bytes
+    cdef uint32_t count  # kept outcomes (tombstones not counted)
+    cdef uint32_t dead  # of which dead
     cdef double retention
     cdef size_t retention_bytes
 
-    cdef void keep(self, CEnt *e, const uint8_t *cid, int code, zmsg *body, int nbody,
-                   uint32_t attempts, int32_t tries, double finished) noexcept nogil
+    cdef void keep(self, CEnt *e, const uint8_t *cid, int code, zmsg *body, int nbody, zmsg *payload,
+                   int npayload, uint32_t attempts, int32_t tries, double timeout, double finished) noexcept nogil
     cdef void not_kept(self, CEnt *e, const uint8_t *cid) noexcept nogil
     cdef void forget_first(self) noexcept nogil
+    cdef void release_frames(self, Done *o) noexcept nogil
+    cdef void withdraw(self, uint32_t d) noexcept nogil
+    cdef int dead_list(self, uint32_t *found, int limit) noexcept nogil
     cdef void forget_due(self, double now) noexcept nogil
     cdef inline double first_expiry(self) noexcept nogil
     cdef void release_all(self) noexcept nogil
-    cdef int restore(self, bytes cid, bytes code, body, int attempts, int tries, double age) except -1
+    cdef int restore(self, bytes cid, bytes code, body, int attempts, int tries, double age, payload,
+                     timeout) except -1
 
 
 # -- core/reply_batches.pxi ----------------------------------------------------------
@@ -446,6 +461,11 @@ cdef class ClientSide:
     cdef int reply_status(self, zmsg *m, const uint8_t *cid, uint32_t v) noexcept nogil
     cdef int cancel(self, zmsg *m, uint32_t rs) noexcept nogil
     cdef int conclude(self, Req *r, int code, zmsg *body, int nbody) noexcept nogil
+    cdef int reply_dead(self, zmsg *m, const uint8_t *cid, uint32_t limit) noexcept nogil
+    cdef int requeue(self, zmsg *m, const uint8_t *cid, uint32_t v) noexcept nogil
+    cdef int requeue_all(self, zmsg *m, const uint8_t *cid) noexcept nogil
+    cdef int reply_requeued(self, zmsg *m, const uint8_t *cid, uint32_t count) noexcept nogil
+    cdef int requeue_dead(self, CEnt *e, uint32_t d) noexcept nogil
     cdef int restore(self, bytes cid, payload, timeout, int tries, int attempts) except -1
 
 

@@ -28,6 +28,7 @@ cdef enum:
     CNT_ABORTED = 6
     CNT_ANSWERED = 2
     CNT_CANCELLED = 15
+    CNT_DEAD_REQUEUED = 23
     CNT_DISPATCHED = 1
     CNT_DROPPED = 9
     CNT_DUPLICATES = 17
@@ -49,10 +50,14 @@ cdef enum:
     CNT_WORKERS_JOINED = 11
     CNT_WORKERS_LEFT = 12
     C_CANCEL = 4
+    C_DEAD = 6
+    C_REQUEUE = 7
+    C_REQUEUE_ALL = 8
     C_RESULT = 3
     C_STATS = 5
     C_STATUS = 2
     C_SUBMIT = 1
+    DEAD_RECORD_SIZE = 35
     DROP_ANSWER_BAD_ID = 5
     DROP_ANSWER_TOO_SHORT = 4
     DROP_ANSWER_UNKNOWN = 6
@@ -83,16 +88,17 @@ cdef enum:
     J_SUBMIT = 0
     MAX_BATCH = 1024
     MAX_CREDIT = 65536
+    MAX_DEAD_LIST = 1000
     MAX_FRAMES = 4096
     MAX_LIVENESS = 1000
     MAX_REQUEST_TRIES = 1000000
     MAX_WAITERS = 8
     MIN_LIVENESS = 2
-    N_COUNTERS = 23
+    N_COUNTERS = 24
     N_DROP_REASONS = 15
-    N_GAUGES = 6
+    N_GAUGES = 7
     N_LATENCY = 16
-    N_STATS = 47
+    N_STATS = 49
     OPTIONS_SIZE = 9
     OPT_KNOWN_FLAGS = 1
     OPT_NO_ACK = 1
@@ -110,10 +116,12 @@ cdef enum:
     RUN_WOKEN = 1
     R_ACCEPTED = 17
     R_CANCELLED = 22
+    R_DEAD = 27
     R_FAILED = 20
     R_OK = 19
     R_REJECTED = 18
     R_REPLIES = 26
+    R_REQUEUED = 28
     R_STATS = 25
     R_STATUS = 24
     R_TIMED_OUT = 21
@@ -142,6 +150,7 @@ cdef inline dict compiled_values():
         "CNT_ABORTED": CNT_ABORTED,
         "CNT_ANSWERED": CNT_ANSWERED,
         "CNT_CANCELLED": CNT_CANCELLED,
+        "CNT_DEAD_REQUEUED": CNT_DEAD_REQUEUED,
         "CNT_DISPATCHED": CNT_DISPATCHED,
         "CNT_DROPPED": CNT_DROPPED,
         "CNT_DUPLICATES": CNT_DUPLICATES,
@@ -163,10 +172,14 @@ cdef inline dict compiled_values():
         "CNT_WORKERS_JOINED": CNT_WORKERS_JOINED,
         "CNT_WORKERS_LEFT": CNT_WORKERS_LEFT,
         "C_CANCEL": C_CANCEL,
+        "C_DEAD": C_DEAD,
+        "C_REQUEUE": C_REQUEUE,
+        "C_REQUEUE_ALL": C_REQUEUE_ALL,
         "C_RESULT": C_RESULT,
         "C_STATS": C_STATS,
         "C_STATUS": C_STATUS,
         "C_SUBMIT": C_SUBMIT,
+        "DEAD_RECORD_SIZE": DEAD_RECORD_SIZE,
         "DROP_ANSWER_BAD_ID": DROP_ANSWER_BAD_ID,
         "DROP_ANSWER_TOO_SHORT": DROP_ANSWER_TOO_SHORT,
         "DROP_ANSWER_UNKNOWN": DROP_ANSWER_UNKNOWN,
@@ -197,6 +210,7 @@ cdef inline dict compiled_values():
         "J_SUBMIT": J_SUBMIT,
         "MAX_BATCH": MAX_BATCH,
         "MAX_CREDIT": MAX_CREDIT,
+        "MAX_DEAD_LIST": MAX_DEAD_LIST,
         "MAX_FRAMES": MAX_FRAMES,
         "MAX_LIVENESS": MAX_LIVENESS,
         "MAX_REQUEST_TIMEOUT_MS": MAX_REQUEST_TIMEOUT_MS,
@@ -225,10 +239,12 @@ cdef inline dict compiled_values():
         "RUN_WOKEN": RUN_WOKEN,
         "R_ACCEPTED": R_ACCEPTED,
         "R_CANCELLED": R_CANCELLED,
+        "R_DEAD": R_DEAD,
         "R_FAILED": R_FAILED,
         "R_OK": R_OK,
         "R_REJECTED": R_REJECTED,
         "R_REPLIES": R_REPLIES,
+        "R_REQUEUED": R_REQUEUED,
         "R_STATS": R_STATS,
         "R_STATUS": R_STATUS,
         "R_TIMED_OUT": R_TIMED_OUT,

@@ -37,6 +37,7 @@ from fastbroker.protocol import (
     DEFAULT_RETENTION,
     DEFAULT_RETENTION_BYTES,
     MAX_CREDIT,
+    MAX_DEAD_LIST,
     MAX_LIVENESS,
     MIN_LIVENESS,
 )
@@ -533,6 +534,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "dead",
+        help="list or requeue the requests the broker gave up on (the dead-letter)",
+        description=(
+            "The dead-letter: FBC01/FBC02 requests whose last try ended FAILED or TIMED_OUT, kept by the broker "
+            "with their payload (and in its store) until requeued or past --retention / --retention-memory."
+        ),
+        parents=[verbose],
+    )
+    dead_sub = p.add_subparsers(dest="dead_command", metavar="DEAD_COMMAND", parser_class=_Parser)
+    dead_sub.required = True
+    c = dead_sub.add_parser(
+        "list",
+        help="print how many requests are dead and the oldest of them",
+        description=(
+            "Print how many requests are dead, then one line per dead request, oldest first: id, outcome and "
+            "error, attempts, age, payload size. Exit 6 if the broker does not answer within --wait."
+        ),
+        parents=[verbose, curve],
+    )
+    c.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    c.add_argument(
+        "--limit",
+        type=_count("--limit", MAX_DEAD_LIST, 0),
+        default=100,
+        metavar="N",
+        help=f"list at most N (0 to {MAX_DEAD_LIST}; default: 100)",
+    )
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument(
+        "-w",
+        "--wait",
+        type=_wait,
+        default=DEFAULT_QUERY_WAIT,
+        metavar="SECONDS",
+        help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})",
+    )
+    c = dead_sub.add_parser(
+        "requeue",
+        help="queue dead requests again, by id or all",
+        description=(
+            "Queue dead requests again (same id and payload, every try anew), by id or with --all, and print "
+            "what happened to each. Exit 0 if every one was requeued; 1 if one was not dead (its status is "
+            "printed), the queue was full, or --all left some dead; 6 if the broker does not answer within --wait. "
+            "The new outcome: `fastbroker submit` of the same id, or Client.result(id)."
+        ),
+        parents=[verbose, curve],
+    )
+    c.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    c.add_argument("request_ids", metavar="ID", type=_request_id, nargs="*", help="request ids: 32 hex digits or uuids")
+    c.add_argument("--all", action="store_true", help="every dead request (oldest first, while the queue has room)")
+    c.add_argument(
+        "-w",
+        "--wait",
+        type=_wait,
+        default=DEFAULT_QUERY_WAIT,
+        metavar="SECONDS",
+        help=f"seconds to wait for the broker, per command (default: {DEFAULT_QUERY_WAIT:g})",
+    )
+
+    p = sub.add_parser(
         "keygen",
         help="write a CURVE key pair: NAME.key (public) and NAME.key_secret (secret)",
         description=(
@@ -869,6 +930,85 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dead(args: argparse.Namespace) -> int:
+    import zmq
+
+    from fastbroker.client.protocol import (
+        dead_message,
+        describe_outcome,
+        new_request_id,
+        request_once,
+        requeue_all_message,
+        requeue_message,
+    )
+    from fastbroker.client.sync import connect_dealer
+    from fastbroker.protocol import R_DEAD, R_REJECTED, R_REQUEUED
+
+    if args.dead_command == "requeue" and bool(args.request_ids) == bool(args.all):
+        return _fail("dead requeue: give request ids or --all (not both)")
+    try:
+        _check_address(args.address)
+        curve = _curve_keys(args)
+        context = zmq.Context(1)
+        try:
+            socket = connect_dealer(context, args.address, curve)
+        except BaseException:
+            context.term()
+            raise
+    except ConfigError as exc:
+        return _fail(str(exc))
+
+    def no_answer() -> int:
+        print(f"fastbroker: no answer from {args.address} within {args.wait:g} s", file=sys.stderr)
+        return EXIT_NO_REPLY
+
+    try:
+        if args.dead_command == "list":
+            rid = new_request_id()
+            reply = request_once(socket, dead_message(rid, args.limit), rid, args.wait)
+            if reply is None or reply.kind != R_DEAD:
+                return no_answer()
+            dead = reply.info
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "total": dead.total,
+                            "requests": [dict(d._asdict(), request_id=d.request_id.hex()) for d in dead.requests],
+                        }
+                    )
+                )
+            else:
+                print(f"{dead.total} dead request{'s' if dead.total != 1 else ''}")
+                for one in dead.requests:
+                    print(one.describe())
+            return EXIT_OK
+        if args.all:
+            rid = new_request_id()
+            reply = request_once(socket, requeue_all_message(rid), rid, args.wait)
+            if reply is None or reply.kind != R_REQUEUED:
+                return no_answer()
+            print(f"requeued {reply.info.requeued}, still dead {reply.info.dead}")
+            return EXIT_OK if reply.info.dead == 0 else 1
+        status = EXIT_OK
+        for rid in args.request_ids:
+            reply = request_once(socket, requeue_message(rid), rid, args.wait)
+            if reply is None:
+                return no_answer()
+            if reply.kind == R_REQUEUED:
+                print(f"{rid.hex()}: requeued")
+                continue
+            status = 1
+            if reply.kind == R_REJECTED:
+                print(f"{rid.hex()}: not requeued, {describe_outcome(reply)}")
+            else:
+                print(f"{rid.hex()}: not dead: {describe_outcome(reply)}")
+        return status
+    finally:
+        socket.close(0)
+        context.term()
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     from fastbroker.server.store import check
 
@@ -883,6 +1023,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         print(f"queued: {report.queued} (never sent to a worker)")
         print(f"in flight: {report.in_flight} (sent at least once, not finished)")
         print(f"finished: {report.finished} (outcomes kept for RESULT)")
+        print(f"dead: {report.dead} (of the finished: FAILED or TIMED_OUT, payload kept for requeue)")
         print("sound" if report.sound else "NOT SOUND: " + "; ".join(report.problems))
     return 0 if report.sound else 1
 
@@ -932,6 +1073,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "keygen": cmd_keygen,
         "store": cmd_store,
         "stats": cmd_stats,
+        "dead": cmd_dead,
     }
     try:
         return commands[args.command](args)

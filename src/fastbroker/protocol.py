@@ -67,6 +67,9 @@ C_STATUS = b"\x02"  # [id]
 C_RESULT = b"\x03"  # [id]
 C_CANCEL = b"\x04"  # [id]
 C_STATS = b"\x05"  # [id (any 16 bytes)]: the broker's counters
+C_DEAD = b"\x06"  # [id (any 16 bytes), limit (4 BE)]: list the dead-letter (R_DEAD)
+C_REQUEUE = b"\x07"  # [id]: run a dead request again (R_REQUEUED, REJECTED, STATUS or UNKNOWN)
+C_REQUEUE_ALL = b"\x08"  # [id (any 16 bytes)]: run every dead request again (R_REQUEUED)
 # broker -> client; every reply's first body frame is the request id
 R_ACCEPTED = b"\x11"  # [id]
 R_REJECTED = b"\x12"  # [id, reason code (1 byte), reason text]
@@ -77,6 +80,8 @@ R_CANCELLED = b"\x16"  # [id]
 R_UNKNOWN = b"\x17"  # [id]
 R_STATUS = b"\x18"  # [id, state (1 byte), attempt (4 bytes BE), tries (4 bytes BE, 0: unlimited)]
 R_STATS = b"\x19"  # [id, names (comma-separated ASCII), values (8 bytes BE each, same order)]
+R_DEAD = b"\x1b"  # [id, total (4 BE), header of DEAD_RECORD_SIZE records, (type, message) per record]
+R_REQUEUED = b"\x1c"  # [id, requeued (4 BE), dead left (4 BE)]
 
 # -- FBC02, the batched client protocol, docs/PROTOCOL.md section 12 ---------------
 # [CLIENT_SIGNATURE_V2, C_SUBMIT, header, payload frames...]: many requests in one
@@ -90,6 +95,10 @@ REPLY_RECORD_SIZE = 19  # id (16), reply code (1: R_ACCEPTED ... R_CANCELLED), b
 MAX_BATCH = 1024
 """Most requests in one FBC02 SUBMIT, and most records in one REPLIES (a message has
 at most MAX_FRAMES frames in all)."""
+
+DEAD_RECORD_SIZE = 35  # id (16), outcome (1), attempts (4 BE), tries (4 BE), age ms (4 BE), payload bytes (4 BE), payload frames (2 BE)
+MAX_DEAD_LIST = 1000
+"""Most records in one DEAD reply (a larger limit is cut to this)."""
 
 OPTIONS_SIZE = 9  # flags (1 byte), timeout in ms (4 bytes BE, 0: broker default), tries (4 bytes BE, 0: default)
 OPT_NO_ACK = 0x01  # flag: do not send ACCEPTED
@@ -114,7 +123,8 @@ socket adds one); beyond this the oldest is replaced."""
 DEFAULT_RETENTION = 600.0
 """Seconds a finished outcome is kept for RESULT."""
 DEFAULT_RETENTION_BYTES = 64 << 20
-"""Memory bound on kept outcomes: answer bytes plus RESULT_OVERHEAD each."""
+"""Memory bound on kept outcomes: answer bytes (and a dead request's payload) plus
+RESULT_OVERHEAD each."""
 RESULT_OVERHEAD = 128
 """Bytes counted per kept outcome on top of its answer frames (record, index entry)."""
 
@@ -179,8 +189,9 @@ COUNTERS = (
     "replies_dropped",  # replies to a client not sent: its pipe was at the high-water mark (not reading)
     "replies_unroutable",  # replies to a client not sent: it had disconnected
     "extended",  # EXTENDs accepted from the worker running the attempt
+    "dead_requeued",  # dead requests (FAILED or TIMED_OUT, payload kept) queued again by REQUEUE
 )
-GAUGES = ("queued", "running", "idle_workers", "workers", "retained", "retained_bytes")
+GAUGES = ("queued", "running", "idle_workers", "workers", "retained", "retained_bytes", "dead")
 LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Buckets of the latency of answered requests (arrival -> answer sent), seconds."""
 
@@ -250,6 +261,8 @@ _ENUM_NAMES = (
     "OPTIONS_SIZE",
     "SUBMIT_RECORD_SIZE",
     "REPLY_RECORD_SIZE",
+    "DEAD_RECORD_SIZE",
+    "MAX_DEAD_LIST",
     "TASK_RECORD_SIZE",
     "ANSWER_RECORD_SIZE",
     "MAX_BATCH",

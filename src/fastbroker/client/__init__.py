@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from fastbroker.client.asyncio import AsyncClient, AsyncRequestFuture
-from fastbroker.client.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
+from fastbroker.client.outcomes import (
+    DeadLetters,
+    DeadRequest,
+    Rejected,
+    Requeued,
+    Status,
+    TaskCancelled,
+    TaskFailed,
+    TaskTimedOut,
+    UnknownRequest,
+)
 from fastbroker.client.sync import Client, ReqClient, RequestFuture, TaskAborted, connect_dealer
 
 __all__ = [
     "AsyncClient",
     "AsyncRequestFuture",
     "Client",
+    "DeadLetters",
+    "DeadRequest",
     "Rejected",
+    "Requeued",
     "ReqClient",
     "RequestFuture",
     "Status",

@@ -31,7 +31,7 @@ import zmq.asyncio
 
 from fastbroker import security
 from fastbroker._common import BrokerError, check_count
-from fastbroker.client.outcomes import Status
+from fastbroker.client.outcomes import DeadLetters, Requeued, Status
 from fastbroker.client.protocol import (
     DEFAULT_WINDOW,
     DEFAULT_WINDOW_BYTES,
@@ -39,11 +39,18 @@ from fastbroker.client.protocol import (
     Payload,
     Progress,
     RequestDefaults,
+    check_dead_limit,
     check_request_id,
+    dead_message,
+    dead_result,
     encode_options,
     iter_with_len,
     new_request_id,
     payload_frames,
+    requeue_all_message,
+    requeue_all_result,
+    requeue_message,
+    requeue_result,
     submit_message,
 )
 from fastbroker.client.sync import Client, connect_dealer
@@ -218,6 +225,32 @@ class AsyncClient(RequestDefaults):
         rid = check_request_id(request_id)
         self._start()
         self._book.cancel(rid)
+
+    # -- the dead-letter ---------------------------------------------------------------
+
+    async def dead(self, limit: int = 100, wait: Optional[float] = 5.0) -> DeadLetters:
+        """The broker's dead-letter: see Client.dead()."""
+        rid = new_request_id()
+        return dead_result(await self._admin(rid, dead_message(rid, check_dead_limit(limit)), wait))
+
+    async def requeue(self, request_id: Any, wait: Optional[float] = 5.0) -> bool:
+        """Queue a dead request again: see Client.requeue()."""
+        rid = check_request_id(request_id)
+        return requeue_result(await self._admin(rid, requeue_message(rid), wait))
+
+    async def requeue_all(self, wait: Optional[float] = 5.0) -> Requeued:
+        """Queue every dead request again: see Client.requeue_all()."""
+        rid = new_request_id()
+        return requeue_all_result(await self._admin(rid, requeue_all_message(rid), wait))
+
+    async def _admin(self, request_id: bytes, message: List[bytes], wait: Optional[float]) -> Any:
+        self._start()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._book.admin(request_id, message, future)
+        try:
+            return await asyncio.wait_for(future, wait)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no answer from {self.address} within {wait} s") from None
 
     def result(self, request_id: Any, *, multipart: bool = False) -> AsyncRequestFuture:
         """A future for the outcome of an id submitted by this client or another

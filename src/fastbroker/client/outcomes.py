@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 from fastbroker._common import BrokerError
 
@@ -67,4 +67,61 @@ class Status(NamedTuple):
         return self.state
 
 
-__all__ = ["TaskFailed", "TaskTimedOut", "TaskCancelled", "Rejected", "UnknownRequest", "Status"]
+class DeadRequest(NamedTuple):
+    """A request the broker gave up on (its last try ended FAILED or TIMED_OUT), kept
+    with its payload in the dead-letter until requeued or past retention.
+
+    ``outcome``: "failed" or "timed_out"; ``error_type`` and ``error_message``: the
+    last FAILED's (empty for "timed_out"); ``attempts`` made; ``tries``: its most
+    attempts (None: unlimited); ``age``: seconds since it was given up; its payload's
+    size in ``payload_bytes`` and ``payload_frames``."""
+
+    request_id: bytes
+    outcome: str
+    error_type: str
+    error_message: str
+    attempts: int
+    tries: Optional[int]
+    age: float
+    payload_bytes: int
+    payload_frames: int
+
+    def describe(self) -> str:
+        """One line for people: id, outcome, error, attempts, age and size."""
+        what = f"failed: {self.error_type}: {self.error_message}" if self.outcome == "failed" else "timed out"
+        if self.outcome == "failed" and not self.error_message:
+            what = f"failed: {self.error_type}"
+        return (
+            f"{self.request_id.hex()}  {what}  ({self.attempts} attempt{'s' if self.attempts != 1 else ''}, "
+            f"{self.age:.1f} s ago, {self.payload_bytes} B in {self.payload_frames} frame"
+            f"{'s' if self.payload_frames != 1 else ''})"
+        )
+
+
+class DeadLetters(NamedTuple):
+    """The broker's answer to DEAD: ``total`` dead requests kept, ``requests`` the
+    oldest of them (at most the limit asked, and at most MAX_DEAD_LIST)."""
+
+    total: int
+    requests: List[DeadRequest]
+
+
+class Requeued(NamedTuple):
+    """The broker's answer to REQUEUE_ALL: ``requeued`` requests queued again, ``dead``
+    still kept dead (those left when the queue was full)."""
+
+    requeued: int
+    dead: int
+
+
+__all__ = [
+    "TaskFailed",
+    "TaskTimedOut",
+    "TaskCancelled",
+    "Rejected",
+    "UnknownRequest",
+    "Status",
+    "DeadRequest",
+    "DeadLetters",
+    "Requeued",
+]

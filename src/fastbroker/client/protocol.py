@@ -21,25 +21,42 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from fastbroker._common import BrokerError, ConfigError, check_count, check_seconds
-from fastbroker.client.outcomes import Rejected, Status, TaskCancelled, TaskFailed, TaskTimedOut, UnknownRequest
+from fastbroker.client.outcomes import (
+    DeadLetters,
+    DeadRequest,
+    Rejected,
+    Requeued,
+    Status,
+    TaskCancelled,
+    TaskFailed,
+    TaskTimedOut,
+    UnknownRequest,
+)
 from fastbroker.protocol import (
     C_CANCEL,
+    C_DEAD,
+    C_REQUEUE,
+    C_REQUEUE_ALL,
     C_RESULT,
     C_STATUS,
     C_SUBMIT,
     CLIENT_SIGNATURE,
     CLIENT_SIGNATURE_V2,
+    DEAD_RECORD_SIZE,
     MAX_BATCH,
+    MAX_DEAD_LIST,
     MAX_FRAMES,
     MAX_REQUEST_TIMEOUT_MS,
     MAX_REQUEST_TRIES,
     OPT_NO_ACK,
     R_ACCEPTED,
     R_CANCELLED,
+    R_DEAD,
     R_FAILED,
     R_OK,
     R_REJECTED,
     R_REPLIES,
+    R_REQUEUED,
     R_STATUS,
     R_TIMED_OUT,
     R_UNKNOWN,
@@ -87,7 +104,11 @@ REPLY_NAMES = {
     R_CANCELLED: "CANCELLED",
     R_UNKNOWN: "UNKNOWN",
     R_STATUS: "STATUS",
+    R_DEAD: "DEAD",
+    R_REQUEUED: "REQUEUED",
 }
+ADMIN_KINDS = frozenset((R_DEAD, R_REQUEUED, R_REJECTED, R_STATUS, R_UNKNOWN))
+"""The replies that answer a dead-letter command (RequestBook.admin)."""
 
 
 # -- options ---------------------------------------------------------------------------
@@ -260,6 +281,83 @@ def cancel_message(request_id: bytes) -> List[bytes]:
     return [CLIENT_SIGNATURE, C_CANCEL, request_id]
 
 
+def dead_message(request_id: bytes, limit: int) -> List[bytes]:
+    """DEAD: the dead-letter's count and its oldest `limit` requests (request_id: any
+    16 bytes, echoed in the reply)."""
+    return [CLIENT_SIGNATURE, C_DEAD, request_id, _U32.pack(limit)]
+
+
+def requeue_message(request_id: bytes) -> List[bytes]:
+    return [CLIENT_SIGNATURE, C_REQUEUE, request_id]
+
+
+def requeue_all_message(request_id: bytes) -> List[bytes]:
+    return [CLIENT_SIGNATURE, C_REQUEUE_ALL, request_id]
+
+
+def check_dead_limit(limit: int) -> int:
+    """A valid DEAD limit: 0 (the count only) to MAX_DEAD_LIST, or ConfigError."""
+    return check_count("limit", limit, 0, MAX_DEAD_LIST)
+
+
+def dead_result(reply: Reply) -> DeadLetters:
+    """What a DEAD command's reply says (BrokerError if it is not a DEAD reply)."""
+    if reply.kind != R_DEAD:
+        raise BrokerError(f"the broker answered DEAD with {reply.name}")
+    return reply.info
+
+
+def requeue_result(reply: Reply) -> bool:
+    """What a REQUEUE command's reply says: True, queued again; False, the broker has
+    no dead request of that id (unknown, queued, running, or done otherwise); Rejected
+    when the broker's queue is full."""
+    if reply.kind == R_REQUEUED:
+        return True
+    if reply.kind == R_REJECTED and reply.error is not None:
+        raise reply.error
+    return False
+
+
+def requeue_all_result(reply: Reply) -> Requeued:
+    """What a REQUEUE_ALL command's reply says."""
+    if reply.kind != R_REQUEUED:
+        raise BrokerError(f"the broker answered REQUEUE_ALL with {reply.name}")
+    return reply.info
+
+
+_DEAD_RECORD = struct.Struct(">16sBIIIIH")
+assert _DEAD_RECORD.size == DEAD_RECORD_SIZE
+
+
+def decode_dead(body: Sequence[bytes]) -> Optional[DeadLetters]:
+    """A DEAD reply's body [total, header, (type, message) per record], or None if
+    malformed."""
+    if len(body) < 2 or len(body[0]) != 4 or len(body[1]) % DEAD_RECORD_SIZE:
+        return None
+    count = len(body[1]) // DEAD_RECORD_SIZE
+    if len(body) != 2 + 2 * count:
+        return None
+    requests = []
+    for k in range(count):
+        rid, code, attempts, tries, age_ms, size, frames = _DEAD_RECORD.unpack_from(body[1], k * DEAD_RECORD_SIZE)
+        if bytes([code]) not in (R_FAILED, R_TIMED_OUT):
+            return None
+        requests.append(
+            DeadRequest(
+                rid,
+                "failed" if bytes([code]) == R_FAILED else "timed_out",
+                _text(body[2 + 2 * k]),
+                _text(body[3 + 2 * k]),
+                attempts,
+                tries or None,
+                age_ms / 1000.0,
+                size,
+                frames,
+            )
+        )
+    return DeadLetters(_U32.unpack(body[0])[0], requests)
+
+
 class Reply(NamedTuple):
     """A decoded broker reply. ``frames``: the body after the id (OK: the answer
     frames); ``status``: for STATUS and UNKNOWN; ``error``: the exception a
@@ -270,6 +368,7 @@ class Reply(NamedTuple):
     frames: List[bytes]
     status: Optional[Status] = None
     error: Optional[BrokerError] = None
+    info: Any = None  # DEAD: DeadLetters; REQUEUED: Requeued
 
     @property
     def name(self) -> str:
@@ -326,6 +425,13 @@ def decode_reply(frames: Sequence[bytes]) -> Optional[Reply]:
         if state not in _STATES:
             return None
         return Reply(request_id, kind, body, status=Status(_STATES[state], attempt, tries or None))
+    if kind == R_DEAD:
+        dead = decode_dead(body)
+        return None if dead is None else Reply(request_id, kind, body, info=dead)
+    if kind == R_REQUEUED:
+        if len(body) != 2 or len(body[0]) != 4 or len(body[1]) != 4:
+            return None
+        return Reply(request_id, kind, body, info=Requeued(_U32.unpack(body[0])[0], _U32.unpack(body[1])[0]))
     return None
 
 
@@ -485,6 +591,7 @@ class RequestBook:
         # skipped when its turn comes).
         self._held: Deque[bytes] = deque()
         self._queries: Dict[bytes, Deque[Any]] = {}
+        self._admin: Dict[bytes, Deque[Any]] = {}  # dead-letter commands waiting for their reply
         self._quiet_since = clock()
         self.resubmitted = 0
         """Requests submitted again after the broker said UNKNOWN (the lazy pirate)."""
@@ -654,6 +761,17 @@ class RequestBook:
         self._queries.setdefault(request_id, deque()).append(future)
         self._send_now(status_message(request_id))
 
+    def admin(self, request_id: bytes, message: List[bytes], future: Any) -> None:
+        """A dead-letter command (DEAD, REQUEUE, REQUEUE_ALL) about request_id: the
+        future gets the first reply about that id among ADMIN_KINDS (a Reply)."""
+        self._start_waiting()
+        if len(self._admin) >= 64:
+            # As for queries: callers that gave up leave done futures behind.
+            for rid in [rid for rid, fs in self._admin.items() if all(f.done() for f in fs)]:
+                del self._admin[rid]
+        self._admin.setdefault(request_id, deque()).append(future)
+        self._send_now(message)
+
     def _prune_queries(self) -> None:
         # A caller that gave up waiting (status() timed out) cancelled its future:
         # without this, a broker that never answers would make them pile up.
@@ -696,13 +814,13 @@ class RequestBook:
 
     def fail_all(self, exc: BaseException) -> None:
         """Every future waiting gets `exc` (the client is closing)."""
-        entries, queries = self._entries, self._queries
-        self._entries, self._queries = {}, {}
+        entries, queries, admin = self._entries, self._queries, self._admin
+        self._entries, self._queries, self._admin = {}, {}, {}
         self._in_flight, self._held, self.in_flight_bytes, self._pending = {}, deque(), 0, []
         for entry in entries.values():
             for sink in entry.sinks:
                 self._deliver(sink.future, None, exc)
-        for futures in queries.values():
+        for futures in list(queries.values()) + list(admin.values()):
             for future in futures:
                 self._deliver(future, None, exc)
 
@@ -728,6 +846,17 @@ class RequestBook:
     def on_reply(self, reply: Reply) -> None:
         """Act on one decoded reply."""
         request_id, kind = reply.request_id, reply.kind
+        if self._admin and kind in ADMIN_KINDS and request_id in self._admin:
+            waiting = self._admin[request_id]
+            while waiting:
+                future = waiting.popleft()
+                if not future.done():
+                    self._deliver(future, reply, None)
+                    break
+            if not waiting:
+                del self._admin[request_id]
+            if kind in (R_DEAD, R_REQUEUED):
+                return
         if reply.status is not None:  # STATUS or UNKNOWN
             futures = self._queries.get(request_id)
             while futures:

@@ -30,7 +30,7 @@ import zmq
 
 from fastbroker import security
 from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, zmq_reason
-from fastbroker.client.outcomes import Status
+from fastbroker.client.outcomes import DeadLetters, Requeued, Status
 from fastbroker.client.protocol import (
     DEFAULT_WINDOW,
     DEFAULT_WINDOW_BYTES,
@@ -38,11 +38,18 @@ from fastbroker.client.protocol import (
     Payload as _Payload,
     Progress,
     RequestDefaults,
+    check_dead_limit,
     check_request_id,
+    dead_message,
+    dead_result,
     encode_options,
     iter_with_len,
     new_request_id,
     payload_frames,
+    requeue_all_message,
+    requeue_all_result,
+    requeue_message,
+    requeue_result,
     submit_message,
 )
 from fastbroker.protocol import RECV_BATCH
@@ -389,6 +396,38 @@ class Client(RequestDefaults, Closeable):
         client's futures for it get TaskCancelled, or the outcome it already had."""
         self._post(("cancel", check_request_id(request_id)))
 
+    # -- the dead-letter ---------------------------------------------------------------
+
+    def dead(self, limit: int = 100, wait: Optional[float] = 5.0) -> DeadLetters:
+        """The broker's dead-letter: how many requests it gave up on (FAILED or
+        TIMED_OUT after their last try) and keeps with their payload, and the oldest
+        `limit` of them (0 to MAX_DEAD_LIST = 1000). TimeoutError after `wait` s."""
+        rid = new_request_id()
+        return dead_result(self._admin(rid, dead_message(rid, check_dead_limit(limit)), wait))
+
+    def requeue(self, request_id: Any, wait: Optional[float] = 5.0) -> bool:
+        """Queue a dead request again (same id and payload, every try anew): True if
+        it was, False if the broker has no dead request of that id (unknown, queued,
+        running, or done otherwise: status() says which); Rejected when its queue is
+        full. Its new outcome: result(request_id)."""
+        rid = check_request_id(request_id)
+        return requeue_result(self._admin(rid, requeue_message(rid), wait))
+
+    def requeue_all(self, wait: Optional[float] = 5.0) -> Requeued:
+        """Queue every dead request again, oldest first, while the broker's queue has
+        room: how many were, and how many are still dead."""
+        rid = new_request_id()
+        return requeue_all_result(self._admin(rid, requeue_all_message(rid), wait))
+
+    def _admin(self, request_id: bytes, message: List[bytes], wait: Optional[float]) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._post(("admin", request_id, message, future))
+        try:
+            return future.result(wait)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer from {self.address} within {wait} s") from None
+
     def result(self, request_id: Any, *, multipart: bool = False) -> RequestFuture:
         """A future for the outcome of an id, submitted by this client or another (e.g.
         before a restart): RESULT. UnknownRequest if the broker does not know it.
@@ -559,6 +598,8 @@ class Client(RequestDefaults, Closeable):
                 book.watch(command[1], command[2], command[3])
             elif kind == "cancel":
                 book.cancel(command[1])
+            elif kind == "admin":
+                book.admin(command[1], command[2], command[3])
             else:
                 return False
 
@@ -633,5 +674,5 @@ class Client(RequestDefaults, Closeable):
             if command[0] == "submit_many":
                 for one in command[1]:
                     _deliver(one[3], None, closed)
-            elif command[0] in ("submit", "query", "watch"):
-                _deliver(command[3] if command[0] == "submit" else command[2], None, closed)
+            elif command[0] in ("submit", "query", "watch", "admin"):
+                _deliver(command[3] if command[0] in ("submit", "admin") else command[2], None, closed)

@@ -129,8 +129,9 @@ cdef class BrokerCore:
         result["running"] = self.table.count - self.queue.count
         result["idle_workers"] = self.idle.live
         result["workers"] = self.sessions.count
-        result["retained"] = self.kept.fifo.count
+        result["retained"] = self.kept.count
         result["retained_bytes"] = self.kept.retained_bytes
+        result["dead"] = self.kept.dead
         result["drops"] = self.counters.drops_dict()
         result["latency"] = self.counters.latency_dict()
         return result
@@ -154,8 +155,9 @@ cdef class BrokerCore:
     def journal_take(self):
         """The changes since the last call, in order:
         ("submit", id, payload frames, timeout (s or None), tries (-1: unlimited)),
-        ("start", id, attempts), ("finish", id, reply code, body frames, attempts, tries),
-        ("forget", id). MemoryError if changes were lost for lack of memory."""
+        ("start", id, attempts), ("finish", id, reply code, body frames, attempts, tries,
+        payload frames (a dead request's, else []), timeout (s or None)), ("forget", id).
+        MemoryError if changes were lost for lack of memory."""
         return self.store_journal.take()
 
     def release_held(self):
@@ -167,9 +169,12 @@ cdef class BrokerCore:
         until a client sends RESULT or SUBMIT for it."""
         self.client_side.restore(cid, payload, timeout, tries, attempts)
 
-    def restore_outcome(self, bytes cid, bytes code, body, int attempts, int tries, double age):
-        """Keep a stored outcome, finished `age` seconds ago (restore oldest first)."""
-        self.kept.restore(cid, code, body, attempts, tries, age)
+    def restore_outcome(self, bytes cid, bytes code, body, int attempts, int tries, double age, payload=None,
+                        timeout=None):
+        """Keep a stored outcome, finished `age` seconds ago (restore oldest first). A
+        FAILED or TIMED_OUT outcome given its request's payload is dead: REQUEUE can
+        run it again (with `timeout` per attempt)."""
+        self.kept.restore(cid, code, body, attempts, tries, age, payload, timeout)
 
     def run(self, int wake_fd=-1, max_wait=None, bint stop_on_drop=False, bint stop_on_event=False):
         """Serve until woken; returns one of RUN_*. Raises zmq.ZMQError on a socket error."""

@@ -236,8 +236,9 @@ class BrokerCore:
         result["running"] = len(self.table) - queued
         result["idle_workers"] = len(self.idle)
         result["workers"] = len(self.sessions.sess)
-        result["retained"] = len(self.kept.fifo)
+        result["retained"] = self.kept.count
         result["retained_bytes"] = self.kept.retained_bytes
+        result["dead"] = self.kept.dead
         result["drops"] = self.counters.drops_dict()
         result["latency"] = self.counters.latency_dict()
         return result
@@ -261,8 +262,8 @@ class BrokerCore:
     def journal_take(self) -> List[tuple]:
         """The changes since the last call, in order:
         ("submit", id, payload frames, timeout (s or None), tries (-1: unlimited)),
-        ("start", id, attempts), ("finish", id, reply code, body frames, attempts, tries),
-        ("forget", id)."""
+        ("start", id, attempts), ("finish", id, reply code, body frames, attempts, tries,
+        payload frames (a dead request's, else []), timeout (s or None)), ("forget", id)."""
         return self.store_journal.take()
 
     def release_held(self) -> int:
@@ -277,10 +278,20 @@ class BrokerCore:
         self.client_side.restore(cid, payload, timeout, tries, attempts)
 
     def restore_outcome(
-        self, cid: bytes, code: bytes, body: List[bytes], attempts: int, tries: int, age: float
+        self,
+        cid: bytes,
+        code: bytes,
+        body: List[bytes],
+        attempts: int,
+        tries: int,
+        age: float,
+        payload: Optional[List[bytes]] = None,
+        timeout: Optional[float] = None,
     ) -> None:
-        """Keep a stored outcome, finished `age` seconds ago (restore oldest first)."""
-        self.kept.restore(cid, code, body, attempts, tries, age)
+        """Keep a stored outcome, finished `age` seconds ago (restore oldest first). A
+        FAILED or TIMED_OUT outcome given its request's payload is dead: REQUEUE can
+        run it again (with `timeout` per attempt)."""
+        self.kept.restore(cid, code, body, attempts, tries, age, payload, timeout)
 
     def run(
         self,

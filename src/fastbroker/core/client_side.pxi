@@ -1,6 +1,7 @@
 # core/client_side.pxi: ClientSide, the FBC01 client protocol (docs/PROTOCOL.md
 # section 10): SUBMIT, RESULT, STATUS, CANCEL and STATS, the waiters of a request,
-# every reply, and the end of an FBC01 request (conclude: tell its waiters, keep it).
+# every reply, the end of an FBC01 request (conclude: tell its waiters, keep it), and
+# the dead-letter's DEAD, REQUEUE and REQUEUE_ALL.
 #
 # Owns: no state of its own (the FBC01 index is RequestIds, the outcomes KeptOutcomes).
 # Touches: RequestTable (FBC01 requests: waiters, payload, options), RequestIds,
@@ -46,7 +47,7 @@ cdef class ClientSide:
             self.counters.drop(DROP_CLIENT_BAD_COMMAND)
             return 0
         command = (<const uint8_t *>zmsg_data(&m[2]))[0]
-        if command < C_SUBMIT or command > C_STATS:
+        if command < C_SUBMIT or command > C_REQUEUE_ALL:
             self.counters.drop(DROP_CLIENT_BAD_COMMAND)
             return 0
         if n < 4 or zmsg_size(&m[3]) != REQUEST_ID_SIZE:
@@ -55,17 +56,26 @@ cdef class ClientSide:
         cid = <const uint8_t *>zmsg_data(&m[3])
         if command == C_SUBMIT:
             return self.submit(m, n, cid)
+        if command == C_DEAD:
+            if n != 5 or zmsg_size(&m[4]) != 4:
+                self.counters.drop(DROP_CLIENT_BAD_COMMAND)
+                return 0
+            return self.reply_dead(m, cid, load_u32(<const uint8_t *>zmsg_data(&m[4])))
         if n != 4:
             self.counters.drop(DROP_CLIENT_BAD_COMMAND)
             return 0
         if command == C_STATS:
             return self.reply_stats(m, cid)
+        if command == C_REQUEUE_ALL:
+            return self.requeue_all(m, cid)
         e = self.ids.entry(cid)
         if e == NULL:
             return self.reply(&m[0], R_UNKNOWN, cid, NULL, 0)
         v = e.value
         if command == C_STATUS:
             return self.reply_status(m, cid, v)
+        if command == C_REQUEUE:
+            return self.requeue(m, cid, v)
         if v & DONE_BIT:
             # RESULT, or CANCEL of a finished request: its outcome.
             return self.reply_outcome(&m[0], v & ~DONE_BIT)
@@ -364,8 +374,9 @@ cdef class ClientSide:
         v[N_COUNTERS + 1] = self.table.count - self.queue.count
         v[N_COUNTERS + 2] = self.idle.live
         v[N_COUNTERS + 3] = self.sessions.count
-        v[N_COUNTERS + 4] = self.kept.fifo.count
+        v[N_COUNTERS + 4] = self.kept.count
         v[N_COUNTERS + 5] = self.kept.retained_bytes
+        v[N_COUNTERS + 6] = self.kept.dead
         for i in range(N_LATENCY):
             v[N_COUNTERS + N_GAUGES + i] = self.counters.latency_counts[i]
             count += self.counters.latency_counts[i]
@@ -440,8 +451,9 @@ cdef class ClientSide:
     cdef int conclude(self, Req *r, int code, zmsg *body, int nbody) noexcept nogil:
         """Tell every waiter of a finished FBC01 request its outcome, and keep the
         outcome for RESULT (the caller releases the request)."""
-        cdef int w, rc, result = 0
+        cdef int w, rc, result = 0, npayload
         cdef CEnt *e
+        cdef zmsg *payload
         for w in range(r.nenv):
             rc = self.to_client(&r.frames[w], r.v2_waiters & (1 << w), code, r.cid, body, nbody)
             if rc < 0:
@@ -449,10 +461,144 @@ cdef class ClientSide:
         e = self.ids.entry(r.cid)
         if e == NULL:
             return result
+        # A request given up keeps its payload: dead, until REQUEUE or retention.
+        payload = &r.frames[r.nenv] if code == R_FAILED or code == R_TIMED_OUT else NULL
+        npayload = r.nframes - r.nenv if payload != NULL else 0
         if self.journal.on:
-            self.journal.push(J_FINISH, r.cid, code, body, nbody, r.attempts, r.tries, 0.0)
-        self.kept.keep(e, r.cid, code, body, nbody, r.attempts, r.tries, self.clock.now)
+            self.journal.push_finish(r.cid, code, body, nbody, payload, npayload, r.attempts, r.tries, r.timeout)
+        self.kept.keep(e, r.cid, code, body, nbody, payload, npayload, r.attempts, r.tries, r.timeout,
+                       self.clock.now)
         return result
+
+    # -- the dead-letter ----------------------------------------------------------
+
+    cdef int reply_dead(self, zmsg *m, const uint8_t *cid, uint32_t limit) noexcept nogil:
+        """DEAD: how many dead requests are kept, and the oldest `limit` of them (at
+        most MAX_DEAD_LIST): a record each, then its error's type and message."""
+        cdef uint32_t found[MAX_DEAD_LIST]
+        cdef int count, k, w, rc
+        cdef zmsg *body
+        cdef uint8_t *rec
+        cdef Done *o
+        cdef size_t size
+        cdef double age
+        count = self.kept.dead_list(found, <int>min(limit, <uint32_t>MAX_DEAD_LIST))
+        body = <zmsg *>malloc((2 + 2 * count) * sizeof(zmsg))
+        if body == NULL:
+            self.counters.drop(DROP_OUT_OF_MEMORY)
+            return 0
+        zmsg_init_size(&body[0], 4)
+        store_u32(<uint8_t *>zmsg_data(&body[0]), self.kept.dead)
+        if zmsg_init_size(&body[1], <size_t>count * DEAD_RECORD_SIZE) < 0:
+            zmsg_close(&body[0])
+            free(body)
+            self.counters.drop(DROP_OUT_OF_MEMORY)
+            return 0
+        for k in range(count):
+            o = &self.kept.done[found[k]]
+            rec = <uint8_t *>zmsg_data(&body[1]) + k * DEAD_RECORD_SIZE
+            memcpy(rec, o.cid, REQUEST_ID_SIZE)
+            rec[16] = o.code
+            store_u32(rec + 17, o.attempts)
+            store_u32(rec + 21, <uint32_t>max(o.tries, 0))
+            age = (self.clock.now - o.finished) * 1000.0
+            store_u32(rec + 25, <uint32_t>min(max(age, 0.0), 4294967295.0))
+            size = 0
+            for w in range(o.npayload):
+                size += zmsg_size(&o.payload[w])
+            store_u32(rec + 29, <uint32_t>min(size, <size_t>0xFFFFFFFF))
+            rec[33] = (o.npayload >> 8) & 0xFF
+            rec[34] = o.npayload & 0xFF
+            for w in range(2):
+                zmsg_init(&body[2 + 2 * k + w])
+                if o.code == R_FAILED and w < o.nbody:
+                    zmsg_copy(&body[2 + 2 * k + w], &o.body[w])
+        rc = self.reply(&m[0], R_DEAD, cid, body, 2 + 2 * count)
+        close_msgs(body, 2 + 2 * count)
+        free(body)
+        return rc
+
+    cdef int requeue(self, zmsg *m, const uint8_t *cid, uint32_t v) noexcept nogil:
+        """REQUEUE of a known id (entry value v): REQUEUED if it was dead and is queued
+        again, REJECTED if the queue is full, else its STATUS (it is not dead)."""
+        cdef int rc
+        if not v & DONE_BIT or self.kept.done[v & ~DONE_BIT].payload == NULL:
+            return self.reply_status(m, cid, v)
+        if self.queue.full():
+            return self.reject(&m[0], False, cid, REJECT_QUEUE_FULL, QUEUE_FULL_TEXT)
+        rc = self.requeue_dead(self.ids.entry(cid), v & ~DONE_BIT)
+        if rc > 0:
+            self.counters.drop(DROP_OUT_OF_MEMORY)
+            return 0
+        return self.reply_requeued(m, cid, 1)
+
+    cdef int requeue_all(self, zmsg *m, const uint8_t *cid) noexcept nogil:
+        """REQUEUE_ALL: every dead request queued again, oldest first, while the
+        queue has room; REQUEUED says how many, and how many are still dead."""
+        cdef uint32_t *found
+        cdef uint32_t done = 0
+        cdef int count, k
+        cdef Done *o
+        found = <uint32_t *>malloc((self.kept.dead + 1) * sizeof(uint32_t))
+        if found == NULL:
+            self.counters.drop(DROP_OUT_OF_MEMORY)
+            return 0
+        count = self.kept.dead_list(found, <int>self.kept.dead)
+        for k in range(count):
+            if self.queue.full():
+                break
+            o = &self.kept.done[found[k]]
+            if self.requeue_dead(self.ids.entry(o.cid), found[k]) != 0:
+                break
+            done += 1
+        free(found)
+        return self.reply_requeued(m, cid, done)
+
+    cdef int reply_requeued(self, zmsg *m, const uint8_t *cid, uint32_t count) noexcept nogil:
+        cdef zmsg body[2]
+        cdef int rc
+        zmsg_init_size(&body[0], 4)
+        store_u32(<uint8_t *>zmsg_data(&body[0]), count)
+        zmsg_init_size(&body[1], 4)
+        store_u32(<uint8_t *>zmsg_data(&body[1]), self.kept.dead)
+        rc = self.reply(&m[0], R_REQUEUED, cid, body, 2)
+        close_msgs(body, 2)
+        return rc
+
+    cdef int requeue_dead(self, CEnt *e, uint32_t d) noexcept nogil:
+        """Queue dead outcome d (its id's entry e) again, behind those queued, as new:
+        every try anew, no waiters (a client sends RESULT for its outcome). Returns 0,
+        or 1 when out of memory (it stays dead)."""
+        cdef Done *o = &self.kept.done[d]
+        cdef Req *r
+        cdef int s, i
+        s = self.table.alloc()
+        if s < 0:
+            return 1
+        r = &self.table.reqs[s]
+        r.frames = <zmsg *>malloc(o.npayload * sizeof(zmsg))
+        if r.frames == NULL or self.queue.push(<uint32_t>s) < 0:
+            self.table.release(s)  # a ring entry already pushed turns into a tombstone
+            return 1
+        for i in range(o.npayload):
+            zmsg_init(&r.frames[i])
+            zmsg_move(&r.frames[i], &o.payload[i])
+        r.nframes = <uint16_t>o.npayload
+        r.nenv = 0
+        r.client = True
+        memcpy(r.cid, o.cid, REQUEST_ID_SIZE)
+        r.tries_left = o.tries if o.tries != 0 else self.queue.tries
+        r.tries = r.tries_left
+        r.attempts = 0
+        r.timeout = o.timeout
+        r.arrived = self.clock.now
+        self.kept.withdraw(d)  # the payload frames it closes are empty now
+        e.value = <uint32_t>s
+        self.queue.count += 1
+        self.counters.add(CNT_DEAD_REQUEUED)
+        if self.journal.on:
+            self.journal.push(J_SUBMIT, r.cid, 0, r.frames, r.nframes, 0, r.tries, r.timeout)
+        return 0
 
     # -- the durable store ------------------------------------------------------
 

@@ -3,7 +3,7 @@ core/client_side.pxi).
 
 Owns: nothing of its own: it handles FBC01 messages with the parts below.
 Touches: RequestTable (new requests), RequestIds (id -> request or outcome),
-KeptOutcomes (keep, replies), Journal (submit, finish, held replies), JobQueue
+KeptOutcomes (keep, replies, the dead-letter), Journal (submit, finish, held replies), JobQueue
 (queue, limit, defaults), WorkerSessions (CANCEL to the worker), DeadlineHeap
 (cancel), Counters; the requests socket (replies).
 
@@ -31,6 +31,9 @@ from fastbroker.core.request_table import QUEUED, Req, RequestTable
 from fastbroker.core.worker_sessions import WorkerSessions
 from fastbroker.protocol import (
     C_CANCEL,
+    C_DEAD,
+    C_REQUEUE,
+    C_REQUEUE_ALL,
     C_RESULT,
     C_STATS,
     C_STATUS,
@@ -40,14 +43,19 @@ from fastbroker.protocol import (
     CMD_CANCEL,
     R_ACCEPTED,
     R_CANCELLED,
+    R_DEAD,
+    R_FAILED,
     R_REJECTED,
     R_REPLIES,
+    R_REQUEUED,
     R_STATS,
     R_STATUS,
+    R_TIMED_OUT,
     R_UNKNOWN,
 )
 
-_COMMANDS = frozenset((C_SUBMIT, C_STATUS, C_RESULT, C_CANCEL, C_STATS))
+_COMMANDS = frozenset((C_SUBMIT, C_STATUS, C_RESULT, C_CANCEL, C_STATS, C_DEAD, C_REQUEUE, C_REQUEUE_ALL))
+_DEAD_CODES = (R_FAILED, R_TIMED_OUT)  # the outcomes of a request given up: dead
 _STATS_NAMES = ",".join(protocol.stats_fields()).encode("ascii")
 
 
@@ -113,11 +121,20 @@ class ClientSide:
         if command == C_SUBMIT:
             self.submit(m, cid)
             return
+        if command == C_DEAD:
+            if len(m) != 5 or len(m[4]) != 4:
+                self.counters.drop(protocol.DROP_CLIENT_BAD_COMMAND)
+                return
+            self.reply_dead(m, cid, int.from_bytes(m[4].bytes, "big"))
+            return
         if len(m) != 4:
             self.counters.drop(protocol.DROP_CLIENT_BAD_COMMAND)
             return
         if command == C_STATS:
             self.reply_stats(m, cid)
+            return
+        if command == C_REQUEUE_ALL:
+            self.requeue_all(m, cid)
             return
         v = self.ids.entry(cid)
         if v is None:
@@ -125,6 +142,9 @@ class ClientSide:
             return
         if command == C_STATUS:
             self.reply_status(m, cid, v)
+            return
+        if command == C_REQUEUE:
+            self.requeue(m, cid, v)
             return
         if type(v) is Done:
             # RESULT, or CANCEL of a finished request: its outcome.
@@ -312,8 +332,9 @@ class ClientSide:
             len(self.table) - queued,
             len(self.idle),
             len(self.sessions.sess),
-            len(self.kept.fifo),
+            self.kept.count,
             self.kept.retained_bytes,
+            self.kept.dead,
         ]
         values += counters.latency_counts
         values += [sum(counters.latency_counts), int(counters.latency_sum * 1e6)]
@@ -363,9 +384,79 @@ class ClientSide:
         assert cid is not None
         for w, identity in enumerate(r.waiters):
             self.to_client(identity, r.v2_waiters & (1 << w), code, cid, body)
+        # A request given up keeps its payload: dead, until REQUEUE or retention.
+        payload = [bytes(f) for f in r.payload] if code in _DEAD_CODES else None
         if self.journal.on:
-            self.journal.push(("finish", cid, code, [bytes(f) for f in body], r.attempts, r.tries))
-        self.kept.keep(cid, code, body, r.attempts, r.tries, monotonic())
+            self.journal.push_finish(cid, code, [bytes(f) for f in body], payload or [], r.attempts, r.tries, r.timeout)
+        self.kept.keep(cid, code, body, payload, r.attempts, r.tries, r.timeout, monotonic())
+
+    # -- the dead-letter ----------------------------------------------------------
+
+    @cdef
+    def reply_dead(self, m: list, cid: bytes, limit: int) -> None:
+        """DEAD: how many dead requests are kept, and the oldest `limit` of them (at
+        most MAX_DEAD_LIST): a record each, then its error's type and message."""
+        found = self.kept.dead_list(min(limit, protocol.MAX_DEAD_LIST))
+        now = monotonic()
+        head = bytearray()
+        errors: List[bytes] = []
+        for o in found:
+            payload: List[bytes] = o.payload or []
+            age_ms = min(int((now - o.finished) * 1000), 0xFFFFFFFF)
+            size = min(sum(len(f) for f in payload), 0xFFFFFFFF)
+            head += o.cid + o.code
+            head += o.attempts.to_bytes(4, "big") + max(o.tries, 0).to_bytes(4, "big")
+            head += max(age_ms, 0).to_bytes(4, "big") + size.to_bytes(4, "big") + len(payload).to_bytes(2, "big")
+            errors += o.body if o.code == R_FAILED else [b"", b""]
+        self.reply(m[0].bytes, R_DEAD, cid, [self.kept.dead.to_bytes(4, "big"), bytes(head)] + errors)
+
+    @cdef
+    def requeue(self, m: list, cid: bytes, v: Union[Req, Done]) -> None:
+        """REQUEUE of a known id: REQUEUED if it was dead and is queued again,
+        REJECTED if the queue is full, else its STATUS (it is not dead)."""
+        if type(v) is not Done or v.payload is None:
+            self.reply_status(m, cid, v)
+            return
+        if self.queue.full():
+            self.reject(m[0].bytes, False, cid, protocol.REJECT_QUEUE_FULL)
+            return
+        self.requeue_dead(v)
+        self.reply_requeued(m, cid, 1)
+
+    @cdef
+    def requeue_all(self, m: list, cid: bytes) -> None:
+        """REQUEUE_ALL: every dead request queued again, oldest first, while the
+        queue has room; REQUEUED says how many, and how many are still dead."""
+        done = 0
+        for o in self.kept.dead_list(self.kept.dead):
+            if self.queue.full():
+                break
+            self.requeue_dead(o)
+            done += 1
+        self.reply_requeued(m, cid, done)
+
+    @cdef
+    def reply_requeued(self, m: list, cid: bytes, count: int) -> None:
+        self.reply(m[0].bytes, R_REQUEUED, cid, [count.to_bytes(4, "big"), self.kept.dead.to_bytes(4, "big")])
+
+    @cdef
+    def requeue_dead(self, o: Done) -> None:
+        """Queue dead request o again, behind those queued, as new: every try anew, no
+        waiters (a client sends RESULT for its outcome)."""
+        payload = o.payload
+        assert payload is not None
+        tries = o.tries if o.tries != 0 else self.queue.tries
+        self.kept.withdraw(o)
+        r = self.table.alloc([], payload, tries)
+        r.timeout = o.timeout
+        r.arrived = monotonic()
+        r.cid = o.cid
+        self.queue.push(r)
+        self.ids.add(o.cid, r)
+        self.queue.count += 1
+        self.counters.add("dead_requeued")
+        if self.journal.on:
+            self.journal.push(("submit", o.cid, payload, r.timeout, tries))
 
     @cdef
     def restore(self, cid: bytes, payload: List[bytes], timeout: Optional[float], tries: int, attempts: int) -> None:

@@ -18,18 +18,19 @@ cdef class Journal:
         free(self.held)
         free(self.held_more)
 
-    cdef void push(self, int kind, const uint8_t *cid, int code, zmsg *frames, int nframes,
-                   uint32_t attempts, int32_t tries, double timeout) noexcept nogil:
+    cdef JEnt *add(self, int kind, const uint8_t *cid, int code, int nframes, uint32_t attempts,
+                   int32_t tries, double timeout) noexcept nogil:
+        """A new entry with room for nframes frames (to be set up by the caller), or
+        NULL when out of memory (then `lost`: run() says so)."""
         cdef JEnt *grown
         cdef JEnt *j
         cdef size_t ncap
-        cdef int i
         if self.count == self.cap:
             ncap = self.cap * 2 if self.cap else 256
             grown = <JEnt *>realloc(self.ents, ncap * sizeof(JEnt))
             if grown == NULL:
-                self.lost = True  # the store cannot be trusted now: run() says so
-                return
+                self.lost = True  # the store cannot be trusted now
+                return NULL
             self.ents = grown
             self.cap = ncap
         j = &self.ents[self.count]
@@ -38,7 +39,7 @@ cdef class Journal:
             j.frames = <zmsg *>malloc(nframes * sizeof(zmsg))
             if j.frames == NULL:
                 self.lost = True
-                return
+                return NULL
         self.count += 1
         j.kind = <uint8_t>kind
         j.code = <uint8_t>code
@@ -47,9 +48,34 @@ cdef class Journal:
         j.tries = tries
         j.timeout = timeout
         j.nframes = nframes
+        j.nbody = nframes
+        return j
+
+    cdef void push(self, int kind, const uint8_t *cid, int code, zmsg *frames, int nframes,
+                   uint32_t attempts, int32_t tries, double timeout) noexcept nogil:
+        cdef int i
+        cdef JEnt *j = self.add(kind, cid, code, nframes, attempts, tries, timeout)
+        if j == NULL:
+            return
         for i in range(nframes):
             zmsg_init(&j.frames[i])
             zmsg_copy(&j.frames[i], &frames[i])
+
+    cdef void push_finish(self, const uint8_t *cid, int code, zmsg *body, int nbody, zmsg *payload,
+                          int npayload, uint32_t attempts, int32_t tries, double timeout) noexcept nogil:
+        """A J_FINISH entry: the outcome's body frames, then a dead request's payload
+        (npayload frames; 0 for another outcome)."""
+        cdef int i
+        cdef JEnt *j = self.add(J_FINISH, cid, code, nbody + npayload, attempts, tries, timeout)
+        if j == NULL:
+            return
+        j.nbody = nbody
+        for i in range(nbody):
+            zmsg_init(&j.frames[i])
+            zmsg_copy(&j.frames[i], &body[i])
+        for i in range(npayload):
+            zmsg_init(&j.frames[nbody + i])
+            zmsg_copy(&j.frames[nbody + i], &payload[i])
 
     cdef void clear(self) noexcept nogil:
         cdef size_t i
@@ -61,8 +87,9 @@ cdef class Journal:
     cdef list take(self):
         """The changes since the last call, in order:
         ("submit", id, payload frames, timeout (s or None), tries (-1: unlimited)),
-        ("start", id, attempts), ("finish", id, reply code, body frames, attempts, tries),
-        ("forget", id). MemoryError if changes were lost for lack of memory."""
+        ("start", id, attempts), ("finish", id, reply code, body frames, attempts, tries,
+        payload frames (a dead request's, else []), timeout (s or None)), ("forget", id).
+        MemoryError if changes were lost for lack of memory."""
         cdef size_t i
         cdef JEnt *j
         if self.lost:
@@ -78,7 +105,8 @@ cdef class Journal:
             elif j.kind == J_START:
                 result.append(("start", cid, j.attempts))
             elif j.kind == J_FINISH:
-                result.append(("finish", cid, bytes([j.code]), frames, j.attempts, j.tries))
+                result.append(("finish", cid, bytes([j.code]), frames[:j.nbody], j.attempts, j.tries,
+                               frames[j.nbody:], None if j.timeout < 0 else j.timeout))
             else:
                 result.append(("forget", cid))
         self.clear()

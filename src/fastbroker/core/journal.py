@@ -6,12 +6,14 @@ Touches: the requests socket, in release() only. Users: ClientSide (submit, fini
 replies), KeptOutcomes (forget), WorkerSide (start), BrokerCore (journal, journal_take,
 release_held, and run's RUN_JOURNAL).
 
+Compiled only (absent here): add (an entry's C memory; here an entry is a tuple).
+
 Docs: docs/ARCHITECTURE.md, "The store".
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import zmq
 
@@ -34,8 +36,24 @@ class Journal:
     def push(self, entry: tuple) -> None:
         """Record one change: ("submit", id, payload frames, timeout (s or None),
         tries (-1: unlimited)), ("start", id, attempts), ("finish", id, reply code,
-        body frames, attempts, tries) or ("forget", id)."""
+        body frames, attempts, tries, payload frames (a dead request's, else []), timeout
+        (s or None)) or ("forget", id)."""
         self.ents.append(entry)
+
+    @cdef
+    def push_finish(
+        self,
+        cid: bytes,
+        code: bytes,
+        body: List[bytes],
+        payload: List[bytes],
+        attempts: int,
+        tries: int,
+        timeout: Optional[float],
+    ) -> None:
+        """Record a request's end: its outcome's body frames, and a dead request's
+        payload (FAILED or TIMED_OUT; [] for another outcome) and timeout."""
+        self.ents.append(("finish", cid, code, body, attempts, tries, payload, timeout))
 
     @cdef
     def clear(self) -> None:

@@ -2,11 +2,16 @@
 # RESULT and duplicate SUBMITs, and forgotten past `retention` seconds or when they
 # hold more than `retention_bytes`, oldest first.
 #
-# Owns: the Done slots (struct in _core.pxd) and their bodies, their FIFO, the bytes
-# retained.
+# A FAILED or TIMED_OUT outcome keeps its request's payload too: it is *dead* (the
+# dead-letter), listed by DEAD and run again by REQUEUE, which leaves a tombstone
+# (gone) in the FIFO: only the front leaves it.
+#
+# Owns: the Done slots (struct in _core.pxd), their bodies and dead payloads, their
+# FIFO, the bytes retained.
 # Touches: RequestIds (an id's entry points at its outcome: slot | DONE_BIT; forgetting
 # an outcome removes the id), Journal (J_FORGET), Counters (CNT_EXPIRED_RESULTS).
-# Users: ClientSide (keep on conclude, replies), BrokerCore (the loop's expiry).
+# Users: ClientSide (keep on conclude, replies, DEAD, REQUEUE), BrokerCore (the loop's
+# expiry).
 
 
 cdef class KeptOutcomes:
@@ -26,16 +31,20 @@ cdef class KeptOutcomes:
         free(self.done)
         ring_clear(&self.fifo)
 
-    cdef void keep(self, CEnt *e, const uint8_t *cid, int code, zmsg *body, int nbody,
-                   uint32_t attempts, int32_t tries, double finished) noexcept nogil:
-        """Keep an outcome for RESULT; ids entry e (the id's) then points to it."""
+    cdef void keep(self, CEnt *e, const uint8_t *cid, int code, zmsg *body, int nbody, zmsg *payload,
+                   int npayload, uint32_t attempts, int32_t tries, double timeout, double finished) noexcept nogil:
+        """Keep an outcome for RESULT, and a dead one's payload (payload: NULL unless
+        the request was given up, FAILED or TIMED_OUT); ids entry e (the id's) then
+        points to it."""
         cdef int w
         cdef uint32_t d, ncap
-        cdef size_t size = RESULT_OVERHEAD, sz
+        cdef size_t size = RESULT_OVERHEAD
         cdef Done *grown
         cdef Done *o
         for w in range(nbody):
             size += zmsg_size(&body[w])
+        for w in range(npayload):
+            size += zmsg_size(&payload[w])
         if self.retention <= 0 or size > self.retention_bytes:
             # Not kept (too big alone: forgotten at once, the others stay).
             self.ids.remove(e)
@@ -56,11 +65,17 @@ cdef class KeptOutcomes:
         d = self.free_head if self.free_head != NO_SLOT else self.used
         o = &self.done[d]
         o.body = NULL
+        o.payload = NULL
         if nbody:
             o.body = <zmsg *>malloc(nbody * sizeof(zmsg))
-        if (nbody and o.body == NULL) or ring_push(&self.fifo, d) < 0:
+        if payload != NULL and npayload:
+            o.payload = <zmsg *>malloc(npayload * sizeof(zmsg))
+        if (nbody and o.body == NULL) or (payload != NULL and npayload and o.payload == NULL) \
+                or ring_push(&self.fifo, d) < 0:
             free(o.body)
+            free(o.payload)
             o.body = NULL
+            o.payload = NULL
             self.not_kept(e, cid)
             return
         if d == self.free_head:
@@ -70,24 +85,20 @@ cdef class KeptOutcomes:
         memcpy(o.cid, cid, REQUEST_ID_SIZE)
         o.code = <uint8_t>code
         o.nbody = nbody
+        o.npayload = npayload if o.payload != NULL else 0
         o.size = size
-        for w in range(nbody):
-            sz = zmsg_size(&body[w])
-            if sz > MAX_VSM_SIZE and sz <= KEEP_COPY_MAX:
-                # A frame this size may lie in libzmq's shared receive buffer (8 KiB
-                # of data plus its reference counts, ~18 KB), which it would keep
-                # alive for as long as the outcome is kept: a copy of its own costs
-                # its size instead. Larger frames have buffers of their own: shared.
-                if zmsg_init_size(&o.body[w], sz) == 0:
-                    memcpy(zmsg_data(&o.body[w]), zmsg_data(&body[w]), sz)
-                    continue
-            zmsg_init(&o.body[w])
-            zmsg_copy(&o.body[w], &body[w])
+        keep_frames(o.body, body, nbody)
+        keep_frames(o.payload, payload, o.npayload)
         o.finished = finished
         o.attempts = attempts
         o.tries = tries
+        o.timeout = timeout
+        o.gone = False
         e.value = d | DONE_BIT
         self.retained_bytes += o.size
+        self.count += 1
+        if o.payload != NULL:
+            self.dead += 1
         while self.retained_bytes > self.retention_bytes:
             self.forget_first()
 
@@ -98,22 +109,72 @@ cdef class KeptOutcomes:
             self.journal.push(J_FORGET, cid, 0, NULL, 0, 0, 0, 0.0)
 
     cdef void forget_first(self) noexcept nogil:
+        """Forget the oldest kept outcome (a requeued one only frees its slot: its id
+        belongs to the new request)."""
         cdef uint32_t d = <uint32_t>ring_front(&self.fifo)
         cdef Done *o = &self.done[d]
-        cdef CEnt *e = self.ids.entry(o.cid)
+        cdef CEnt *e
         ring_drop_front(&self.fifo)
-        if e != NULL:
-            self.ids.remove(e)
-        close_msgs(o.body, o.nbody)
-        free(o.body)
-        o.body = NULL
-        o.nbody = 0
-        self.retained_bytes -= o.size
         o.next_free = self.free_head
         self.free_head = d
+        if o.gone:
+            return
+        e = self.ids.entry(o.cid)
+        if e != NULL:
+            self.ids.remove(e)
+        self.release_frames(o)
+        self.retained_bytes -= o.size
+        self.count -= 1
         self.counters.add(CNT_EXPIRED_RESULTS)
         if self.journal.on:
             self.journal.push(J_FORGET, o.cid, 0, NULL, 0, 0, 0, 0.0)
+
+    cdef void release_frames(self, Done *o) noexcept nogil:
+        """Free o's body and payload (a dead one is dead no more)."""
+        if o.payload != NULL:
+            self.dead -= 1
+        close_msgs(o.body, o.nbody)
+        free(o.body)
+        close_msgs(o.payload, o.npayload)
+        free(o.payload)
+        o.body = NULL
+        o.nbody = 0
+        o.payload = NULL
+        o.npayload = 0
+
+    cdef void withdraw(self, uint32_t d) noexcept nogil:
+        """Take dead outcome d out (REQUEUE: its id goes to the new request, which the
+        caller made from d's payload, moved out); it stays in the FIFO as a tombstone
+        until it reaches the front."""
+        cdef Done *o = &self.done[d]
+        self.release_frames(o)
+        o.gone = True
+        self.retained_bytes -= o.size
+        self.count -= 1
+        if self.journal.on:
+            self.journal.push(J_FORGET, o.cid, 0, NULL, 0, 0, 0, 0.0)
+
+    cdef int dead_list(self, uint32_t *found, int limit) noexcept nogil:
+        """Up to `limit` dead outcome slots into `found`, oldest first (a scan of the
+        FIFO); returns how many."""
+        cdef RingBlock *b = self.fifo.head
+        cdef size_t i = self.fifo.head_i, k
+        cdef uint32_t d
+        cdef int n = 0
+        if limit <= 0:
+            return 0
+        for k in range(self.fifo.count):
+            if i == RING_BLOCK:
+                b = b.next
+                i = 0
+            d = <uint32_t>b.items[i]
+            i += 1
+            if self.done[d].payload != NULL and not self.done[d].gone:
+                found[n] = d
+                n += 1
+                if n == limit:
+                    break
+        return n
 
     cdef void forget_due(self, double now) noexcept nogil:
         """Forget the outcomes kept `retention` seconds or longer."""
@@ -129,22 +190,24 @@ cdef class KeptOutcomes:
         """Free every kept outcome's body (closing; their ids are the caller's to
         clear). The slots and the FIFO's blocks stay until the object goes."""
         cdef uint32_t d
-        # A free slot has no body (NULL, 0 frames): every slot handed out can be freed.
+        # A free slot has no frames (NULL, 0): every slot handed out can be freed.
         for d in range(self.used):
-            close_msgs(self.done[d].body, self.done[d].nbody)
-            free(self.done[d].body)
-            self.done[d].body = NULL
-            self.done[d].nbody = 0
+            self.release_frames(&self.done[d])
             self.done[d].next_free = d + 1 if d + 1 < self.used else NO_SLOT
         self.free_head = 0 if self.used else NO_SLOT
         ring_empty(&self.fifo)
         self.retained_bytes = 0
+        self.count = 0
+        self.dead = 0
 
-    cdef int restore(self, bytes cid, bytes code, body, int attempts, int tries, double age) except -1:
-        """Keep a stored outcome, finished `age` seconds ago (restore oldest first)."""
-        cdef int i, n
+    cdef int restore(self, bytes cid, bytes code, body, int attempts, int tries, double age, payload,
+                     timeout) except -1:
+        """Keep a stored outcome, finished `age` seconds ago (restore oldest first); a
+        payload makes a FAILED or TIMED_OUT outcome dead (it is ignored on another)."""
+        cdef int i, n, npayload = 0
         cdef zmsg *frames
         cdef const uint8_t *key
+        cdef int c
         body = [bytes(f) for f in body]
         if len(cid) != REQUEST_ID_SIZE or code not in (protocol.R_OK, protocol.R_FAILED, protocol.R_TIMED_OUT,
                                                        protocol.R_CANCELLED):
@@ -152,16 +215,20 @@ cdef class KeptOutcomes:
         key = <const uint8_t *><const char *>cid
         if self.ids.entry(key) != NULL:
             raise ValueError(f"request {cid.hex()} is already in the broker")
+        c = (<const uint8_t *><const char *>code)[0]
+        payload = [bytes(f) for f in payload] if payload and (c == R_FAILED or c == R_TIMED_OUT) else []
+        timeout = check_timeout(timeout)
         n = len(body)
-        frames = <zmsg *>malloc((n if n else 1) * sizeof(zmsg))
+        npayload = len(payload)
+        frames = <zmsg *>malloc((n + npayload if n + npayload else 1) * sizeof(zmsg))
         if frames == NULL or self.ids.add(key, 0) < 0:
             free(frames)
             raise MemoryError()
-        for i, frame in enumerate(body):
+        for i, frame in enumerate(body + payload):
             zmsg_init_size(&frames[i], len(frame))
             memcpy(zmsg_data(&frames[i]), <const char *>frame, len(frame))
-        self.keep(self.ids.entry(key), key, (<const uint8_t *><const char *>code)[0], frames, n,
-                  attempts, tries, monotonic_now() - max(age, 0.0))
-        close_msgs(frames, n)
+        self.keep(self.ids.entry(key), key, c, frames, n, &frames[n] if npayload else NULL, npayload,
+                  attempts, tries, -1.0 if timeout is None else timeout, monotonic_now() - max(age, 0.0))
+        close_msgs(frames, n + npayload)
         free(frames)
         return 0

@@ -270,15 +270,16 @@ class Broker(Closeable):
         for o in outcomes:
             age = now - o.finished
             if age < retention:
-                core.restore_outcome(o.id, o.code, o.body, o.attempts, o.tries, age)
+                core.restore_outcome(o.id, o.code, o.body, o.attempts, o.tries, age, o.payload, o.timeout)
             else:
                 stale.append(("forget", o.id))
         used_up: List[tuple] = []
         for r in requests:
             if 0 <= r.tries <= r.attempts:
-                # Its last attempt was in flight when the broker stopped: that was its last try.
-                core.restore_outcome(r.id, protocol.R_TIMED_OUT, [], r.attempts, r.tries, 0.0)
-                used_up.append(("finish", r.id, protocol.R_TIMED_OUT, [], r.attempts, r.tries))
+                # Its last attempt was in flight when the broker stopped: that was its
+                # last try. Dead, so its payload stays for REQUEUE.
+                core.restore_outcome(r.id, protocol.R_TIMED_OUT, [], r.attempts, r.tries, 0.0, r.payload, r.timeout)
+                used_up.append(("finish", r.id, protocol.R_TIMED_OUT, [], r.attempts, r.tries, r.payload, r.timeout))
             else:
                 core.restore_request(r.id, r.payload, r.timeout, r.tries, r.attempts)
         self._store.apply(stale + used_up + core.journal_take())

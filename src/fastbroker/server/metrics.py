@@ -127,6 +127,7 @@ COUNTER_METRICS = {
     "workers_dead": ("fastbroker_workers_dead", "DEALER workers silent past liveness or whose connection was gone."),
     "replies_dropped": ("fastbroker_replies_dropped", "Replies not sent to a client not reading (high-water mark)."),
     "replies_unroutable": ("fastbroker_replies_unroutable", "Replies not sent to a client that had disconnected."),
+    "dead_requeued": ("fastbroker_dead_requeued", "Dead requests queued again by REQUEUE."),
 }
 GAUGE_METRICS = {
     "queued": ("fastbroker_jobs_queued", "Requests waiting for a worker."),
@@ -135,6 +136,7 @@ GAUGE_METRICS = {
     "idle_workers": ("fastbroker_workers_idle", "Workers waiting for a job."),
     "retained": ("fastbroker_retained_outcomes", "Finished FBC01 outcomes kept for RESULT."),
     "retained_bytes": ("fastbroker_retained_bytes", "Memory counted for kept outcomes."),
+    "dead": ("fastbroker_dead", "Requests given up (FAILED or TIMED_OUT) kept with their payload for REQUEUE."),
 }
 # "dropped" is exported by reason (from Broker.stats()["drops"]).
 UNLABELLED_COUNTERS = tuple(c for c in COUNTERS if c != "dropped")

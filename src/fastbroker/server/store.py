@@ -18,7 +18,10 @@ from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from fastbroker._common import Closeable, ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added the dead-letter: outcomes.payload and outcomes.timeout. A version 1 store is
+upgraded in place when a broker opens it (read-only ``check`` reads both)."""
+READABLE_VERSIONS = (1, 2)
 APPLICATION_ID = 0x46424B31  # "FBK1": marks the file as a fastbroker store
 
 SYNC_LEVELS = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
@@ -34,9 +37,15 @@ _SCHEMA = (
     # seq keeps the arrival order the queue is restored in.
     "CREATE TABLE requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,"
     " payload BLOB NOT NULL, timeout REAL, tries INTEGER NOT NULL, attempts INTEGER NOT NULL)",
+    # payload and timeout: a dead request's (FAILED or TIMED_OUT), for REQUEUE; else NULL.
     "CREATE TABLE outcomes (seq INTEGER PRIMARY KEY AUTOINCREMENT, id BLOB NOT NULL UNIQUE,"
     " code INTEGER NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL, tries INTEGER NOT NULL,"
-    " finished REAL NOT NULL)",
+    " finished REAL NOT NULL, payload BLOB, timeout REAL)",
+)
+_UPGRADE_FROM_1 = (
+    "ALTER TABLE outcomes ADD COLUMN payload BLOB",
+    "ALTER TABLE outcomes ADD COLUMN timeout REAL",
+    "UPDATE meta SET value = '2' WHERE key = 'version'",
 )
 
 _U32 = struct.Struct(">I")
@@ -61,6 +70,8 @@ class StoredOutcome(NamedTuple):
     attempts: int
     tries: int
     finished: float  # time.time() when it finished
+    payload: Optional[List[bytes]] = None  # dead (FAILED or TIMED_OUT): the request's payload
+    timeout: Optional[float] = None  # dead: its per-attempt timeout
 
 
 class StoreReport(NamedTuple):
@@ -69,6 +80,7 @@ class StoreReport(NamedTuple):
     queued: int  # never sent to a worker
     in_flight: int  # sent at least once, not finished
     finished: int
+    dead: int  # of the finished: FAILED or TIMED_OUT with their payload (the dead-letter)
     bytes: int
     sound: bool
     problems: List[str]
@@ -160,11 +172,17 @@ class Store(Closeable):
         row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         if row is None or not row[0].isdigit():
             raise _fail(self.path, "has no schema version: corrupt")
-        if int(row[0]) != SCHEMA_VERSION:
+        version = int(row[0])
+        if version not in READABLE_VERSIONS:
             raise _fail(self.path, f"is version {row[0]}; this fastbroker reads version {SCHEMA_VERSION}")
         problems = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
         if problems != ["ok"]:
             raise _fail(self.path, f"is corrupt: {'; '.join(problems[:3])}")
+        if version == 1:
+            db.execute("BEGIN")
+            for statement in _UPGRADE_FROM_1:
+                db.execute(statement)
+            db.execute("COMMIT")
 
     # -- what the broker does with it ------------------------------------------------
 
@@ -179,9 +197,19 @@ class Store(Closeable):
                 )
             ]
             outcomes = [
-                StoredOutcome(bytes(rid), bytes([code]), decode_frames(body), attempts, tries, finished)
-                for rid, code, body, attempts, tries, finished in self._db.execute(
-                    "SELECT id, code, body, attempts, tries, finished FROM outcomes ORDER BY finished, seq"
+                StoredOutcome(
+                    bytes(rid),
+                    bytes([code]),
+                    decode_frames(body),
+                    attempts,
+                    tries,
+                    finished,
+                    None if payload is None else decode_frames(payload),
+                    timeout,
+                )
+                for rid, code, body, attempts, tries, finished, payload, timeout in self._db.execute(
+                    "SELECT id, code, body, attempts, tries, finished, payload, timeout FROM outcomes"
+                    " ORDER BY finished, seq"
                 )
             ]
         except (sqlite3.Error, ValueError, TypeError) as exc:
@@ -211,10 +239,20 @@ class Store(Closeable):
                 elif kind == "finish":
                     db.executemany("DELETE FROM requests WHERE id = ?", [(e[1],) for e in rows])
                     db.executemany(
-                        "INSERT OR REPLACE INTO outcomes (id, code, body, attempts, tries, finished) VALUES (?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO outcomes (id, code, body, attempts, tries, finished, payload, timeout)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         [
-                            (rid, code[0], encode_frames(body), attempts, tries, finished_at)
-                            for _, rid, code, body, attempts, tries in rows
+                            (
+                                rid,
+                                code[0],
+                                encode_frames(body),
+                                attempts,
+                                tries,
+                                finished_at,
+                                encode_frames(payload) if payload else None,
+                                timeout if payload else None,
+                            )
+                            for _, rid, code, body, attempts, tries, payload, timeout in rows
                         ],
                     )
                 elif kind == "forget":
@@ -263,7 +301,7 @@ def check(path: str) -> StoreReport:
         # damaged is reported not sound (exit 1), with what could still be counted;
         # only what cannot be opened or is not a store is an error (exit 2).
         version: Optional[int] = 0
-        queued = in_flight = finished = unreadable = 0
+        queued = in_flight = finished = dead = unreadable = 0
         problems: List[str] = []
         try:
             row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
@@ -280,7 +318,13 @@ def check(path: str) -> StoreReport:
                 "SELECT COALESCE(SUM(attempts = 0), 0), COALESCE(SUM(attempts > 0), 0) FROM requests"
             ).fetchone()
             finished = db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0]
-            for (blob,) in db.execute("SELECT payload FROM requests UNION ALL SELECT body FROM outcomes"):
+            if version is not None and version >= 2:
+                dead = db.execute("SELECT COUNT(*) FROM outcomes WHERE payload IS NOT NULL").fetchone()[0]
+                blobs = "SELECT payload FROM requests UNION ALL SELECT body FROM outcomes"
+                blobs += " UNION ALL SELECT payload FROM outcomes WHERE payload IS NOT NULL"
+            else:
+                blobs = "SELECT payload FROM requests UNION ALL SELECT body FROM outcomes"
+            for (blob,) in db.execute(blobs):
                 try:
                     decode_frames(blob)
                 except (ValueError, TypeError):
@@ -291,8 +335,8 @@ def check(path: str) -> StoreReport:
         db.close()
     if version is None:
         version = 0
-    elif version != SCHEMA_VERSION:
+    elif version not in READABLE_VERSIONS:
         problems.append(f"version {version}; this fastbroker reads version {SCHEMA_VERSION}")
     if unreadable:
         problems.append(f"{unreadable} row(s) whose frames cannot be decoded")
-    return StoreReport(path, version, queued, in_flight, finished, os.path.getsize(path), not problems, problems)
+    return StoreReport(path, version, queued, in_flight, finished, dead, os.path.getsize(path), not problems, problems)
