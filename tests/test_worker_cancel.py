@@ -120,11 +120,35 @@ def test_cancel_for_a_job_not_in_hand_is_ignored(fake, job_env):
     assert broker.recv() == [CMD_ANSWER, tid(2), b"-echo:second"]
     assert worker.stats.cancelled == 0
     assert worker.stats.reconnects == 0
+    assert worker.stats.ignored == 2  # the malformed two, counted
     broker.send(CMD_TASK, tid(3), b"poll:third")
     wait_until(lambda: count_events(log, "start", "poll:third"), WAIT, message="the next job to start")
     broker.send(CMD_CANCEL, tid(3))
     assert broker.recv() == [CMD_ANSWER, tid(3), b"stopped:poll:third"]
     assert count_events(log, "cancelled-at-start", "poll:third") == 0
+
+
+def test_a_malformed_task_or_an_unknown_command_is_counted_and_ignored(fake, job_env):
+    broker, worker = fake
+
+    def send_raw(*frames: bytes) -> None:  # FakeBroker.send would make an FBW02 TASK right
+        broker.sock.send_multipart([broker.identity, b"", broker.signature, *frames])
+
+    if broker.signature == protocol.WORKER_SIGNATURE_V2:
+        # Headers that do not match the frames: one record for two frames, a record
+        # cut short, a record of 0 frames.
+        send_raw(CMD_TASK, b"a", b"b", tid(1) + (1).to_bytes(2, "big"))
+        send_raw(CMD_TASK, b"a", tid(1) + b"\x00")
+        send_raw(CMD_TASK, tid(1) + (0).to_bytes(2, "big"))
+    else:
+        send_raw(CMD_TASK)  # no task id
+        send_raw(CMD_TASK)
+        send_raw(CMD_TASK)
+    send_raw(b"\x7f", b"from a newer broker")
+    broker.send(CMD_TASK, tid(2), b"echo:good")
+    # The good one is served on the same socket; none of the others started a job.
+    assert broker.recv() == [CMD_ANSWER, tid(2), b"-echo:good"]
+    assert (worker.stats.ignored, worker.stats.received, worker.stats.reconnects) == (4, 1, 0)
 
 
 def test_cancel_of_a_task_id_held_twice_ends_both(fake, job_env):

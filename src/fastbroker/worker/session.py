@@ -69,6 +69,7 @@ class WorkerStats:
     cancelled: int = 0  # CANCELs received for jobs in hand (started or not)
     cancelled_unstarted: int = 0  # of which withdrawn before a pool thread took them (FAILED at once)
     protocol: int = 0  # what it speaks now: 2 (FBW02) or 1 (FBW01); 0 before its first connection
+    ignored: int = 0  # broker messages not acted on: an unknown command, a TASK or CANCEL with the wrong frames
 
     def as_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -566,12 +567,14 @@ class Session:
             elif command == CMD_CANCEL:
                 self._cancel(frames[3:])
             elif command != CMD_HEARTBEAT:
+                self.stats.ignored += 1
                 log.debug("ignored an unknown command %r", command)
 
     # -- jobs --------------------------------------------------------------------------
 
     def _start_job(self, body: List[bytes]) -> None:
         if not body:
+            self.stats.ignored += 1
             log.warning("ignored a TASK without a task id")
             return
         self.stats.received += 1
@@ -585,6 +588,7 @@ class Session:
         """An FBW02 TASK: [payload frames..., header]."""
         jobs = wire.split_tasks(body)
         if jobs is None:
+            self.stats.ignored += 1
             log.warning("ignored a TASK whose header does not match its %d frames", len(body))
             return
         for task_id, payload in jobs:
@@ -596,6 +600,7 @@ class Session:
         ``Worker.cancelled()`` tells the job; its ANSWER or FAILED is sent when it
         ends. Never blocks."""
         if len(body) != 1:
+            self.stats.ignored += 1
             log.debug("ignored a CANCEL with %d body frames", len(body))
             return
         task_id = bytes(body[0])
