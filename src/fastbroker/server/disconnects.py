@@ -8,6 +8,11 @@ answers a report by probing every DEALER worker (BrokerCore.probe_workers: a HEA
 to each; the send fails, ROUTER_MANDATORY, for exactly those whose connection is gone).
 The monitor is read on a thread of its own, which only sets a flag and wakes the loop:
 the core is touched by the loop's thread alone.
+
+The monitor's pipe holds at most 1000 unread events (its high-water mark); libzmq drops
+a later one. That loses no disconnection: the pipe is full only while 1000 reports wait,
+and the probe that the next of them causes, which comes after the dropped event, finds
+every connection that has ended by then, that one included. So nothing is counted.
 """
 
 from __future__ import annotations
