@@ -8,12 +8,13 @@ import os
 import re
 import signal
 import socket
+import subprocess
 
 import pytest
 import zmq
 
 import fastbroker
-from rigs import Processes, descendants, pid_alive, read_log, request, run_cli, runs, wait_until
+from rigs import PYTHON, Processes, descendants, pid_alive, read_log, request, run_cli, runs, wait_until
 
 from workers_for_tests import LOG_ENV, Echo
 
@@ -399,3 +400,21 @@ def test_worker_pool_backs_off_restarting_a_child_that_dies_at_once(procs, addrs
     # Each slot ran twice at least; a spinning pool would have run hundreds of
     # children, a backing-off one needs over 15 s for 6 runs per slot.
     assert 4 <= len(read_log(log_path)) <= 12, err
+
+
+def test_output_to_a_closed_pipe_is_no_traceback(tmp_path, subprocess_env):
+    # `fastbroker ... | head -1`: the reader may be gone before the command writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    err = tmp_path / "err"
+    with open(err, "wb") as err_file:
+        code = subprocess.run(
+            [PYTHON, "-m", "fastbroker", "keygen", "k", "--dir", str(tmp_path)],
+            stdout=write_end,
+            stderr=err_file,
+            env=subprocess_env,
+            timeout=60,
+        ).returncode
+    os.close(write_end)
+    assert code == 141, err.read_text()
+    assert err.read_text() == ""

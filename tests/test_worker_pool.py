@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from fastbroker.worker.pool import CRASH_LOOP_WINDOW, RESTART_DELAY, RESTART_DELAY_MAX, restart_policy
+from fastbroker.supervisor import CRASH_LOOP_WINDOW, RESTART_DELAY, RESTART_DELAY_MAX, restart_policy
 from rigs import descendants, wait_until
 
 WAIT = 20.0

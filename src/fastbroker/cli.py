@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Callable, List, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from fastbroker import __version__
 from fastbroker._common import (
@@ -42,6 +42,7 @@ from fastbroker.protocol import (
     MIN_LIVENESS,
 )
 from fastbroker.server.logsetup import LOG_FORMATS, setup_logging
+from fastbroker.server.shards import MAX_SHARDS
 from fastbroker.server.store import DEFAULT_SYNC, SYNC_LEVELS
 from fastbroker.signals import install_stop_handlers
 
@@ -379,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"address the metrics server listens on (default: {DEFAULT_METRICS_HOST})",
     )
     p.add_argument(
+        "--shards",
+        type=_count("--shards", MAX_SHARDS),
+        default=1,
+        metavar="N",
+        help=(
+            "run N independent brokers, one process each: shard K binds each endpoint's tcp port + K "
+            "(ipc: path.K) and uses --store PATH.K; clients and workers take the list (default: 1)"
+        ),
+    )
+    p.add_argument(
         "requests_addr", metavar="REQUESTS_ADDR", help="where clients send requests (ROUTER), e.g. tcp://*:5555"
     )
     p.add_argument("workers_addr", metavar="WORKERS_ADDR", help="where workers ask for jobs (ROUTER)")
@@ -391,13 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[verbose, curve],
     )
     p.add_argument("worker_class", metavar="MODULE:CLASS", help="the worker subclass, e.g. mypkg.jobs:Resize")
-    p.add_argument("requests_addr", metavar="WORKERS_ADDR", help="the broker's workers endpoint")
+    p.add_argument(
+        "requests_addr",
+        metavar="WORKERS_ADDR",
+        help="the broker's workers endpoint, or several brokers' comma-separated (process i serves broker i mod N)",
+    )
     p.add_argument(
         "answers_addr",
         metavar="ANSWERS_ADDR",
         nargs="?",
         default=None,
-        help="the broker's answers endpoint (ReqWorker subclasses only)",
+        help="the broker's answers endpoint (ReqWorker subclasses only; with several brokers, theirs in the same order)",
     )
     p.add_argument("-p", "--processes", type=_positive, default=1, help="worker processes to run (default: 1)")
     p.add_argument(
@@ -454,7 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         parents=[verbose, curve],
     )
-    p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint, e.g. tcp://host:5555")
+    p.add_argument(
+        "address",
+        metavar="ADDR",
+        help="the broker's requests endpoint, e.g. tcp://host:5555, or several brokers' comma-separated",
+    )
     p.add_argument("payload", metavar="PAYLOAD", nargs="?", default="-", help="the request (default: - reads stdin)")
     p.add_argument(
         "-T",
@@ -482,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the state of a request: queued, running (attempt N of M), done, or unknown (exit 1). Exit 6 if the broker does not answer within --wait.",
         parents=[verbose, curve],
     )
-    p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    p.add_argument(
+        "address", metavar="ADDR", help="the broker's requests endpoint, or several brokers' comma-separated"
+    )
     p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
     p.add_argument(
         "-w",
@@ -502,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         parents=[verbose, curve],
     )
-    p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    p.add_argument(
+        "address", metavar="ADDR", help="the broker's requests endpoint, or several brokers' comma-separated"
+    )
     p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
     p.add_argument(
         "-w",
@@ -522,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         parents=[verbose, curve],
     )
-    p.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    p.add_argument(
+        "address", metavar="ADDR", help="the broker's requests endpoint, or several brokers' comma-separated"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (the names as the broker sends them)")
     p.add_argument(
         "-w",
@@ -553,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         parents=[verbose, curve],
     )
-    c.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    c.add_argument(
+        "address", metavar="ADDR", help="the broker's requests endpoint, or several brokers' comma-separated"
+    )
     c.add_argument(
         "--limit",
         type=_count("--limit", MAX_DEAD_LIST, 0),
@@ -581,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         parents=[verbose, curve],
     )
-    c.add_argument("address", metavar="ADDR", help="the broker's requests endpoint")
+    c.add_argument(
+        "address", metavar="ADDR", help="the broker's requests endpoint, or several brokers' comma-separated"
+    )
     c.add_argument("request_ids", metavar="ID", type=_request_id, nargs="*", help="request ids: 32 hex digits or uuids")
     c.add_argument("--all", action="store_true", help="every dead request (oldest first, while the queue has room)")
     c.add_argument(
@@ -646,8 +675,6 @@ def _fail(message: str) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from fastbroker.server.broker import Broker
-
     if args.tries is not None and args.timeout is None:
         print(
             "fastbroker: warning: without --timeout, --tries only limits retries after FAILED "
@@ -656,6 +683,20 @@ def cmd_broker(args: argparse.Namespace) -> int:
         )
     if (args.curve_secret is None) != (args.authorized_keys is None):
         return _fail("--curve-secret and --authorized-keys go together: give both or neither")
+    if args.shards > 1:
+        from fastbroker.server.shards import run_shards
+
+        try:
+            return run_shards(args, _run_broker)
+        except ConfigError as exc:
+            return _fail(str(exc))
+    return _run_broker(args)
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    """One broker, with the options of `args`, until SIGINT or SIGTERM."""
+    from fastbroker.server.broker import Broker
+
     # Only the options given are passed on: Broker keeps its own defaults.
     options = {name: getattr(args, name) for name in ("heartbeat", "liveness") if getattr(args, name) is not None}
     try:
@@ -728,9 +769,75 @@ def load_worker_class(spec: str) -> type:
     return cls
 
 
-def _check_address(addr: str) -> None:
-    if "://" not in addr:
-        raise ConfigError(f"not a ZeroMQ address: {addr!r} (expected e.g. tcp://host:port or ipc:///path)")
+def _check_address(addr: str) -> List[str]:
+    """The brokers of ADDR (one, or a comma-separated list); ConfigError if one is not a
+    ZeroMQ address."""
+    from fastbroker.addresses import split_addresses
+
+    brokers = split_addresses(addr)
+    for one in brokers:
+        if "://" not in one:
+            raise ConfigError(f"not a ZeroMQ address: {one!r} (expected e.g. tcp://host:port or ipc:///path)")
+    return brokers
+
+
+class _Brokers:
+    """The DEALER sockets of the one-shot client commands (status, cancel, stats, dead):
+    one per broker of ADDR, opened when first used, closed on exit."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import zmq
+
+        self.addresses = _check_address(args.address)
+        self.curve = _curve_keys(args)
+        self.wait: float = args.wait
+        self.context = zmq.Context(1)
+        self.sockets: Dict[int, Any] = {}
+
+    def __enter__(self) -> _Brokers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for socket in self.sockets.values():
+            socket.close(0)
+        self.context.term()
+
+    def socket(self, shard: int) -> Any:
+        """The DEALER connected to broker `shard`."""
+        from fastbroker.client.sync import connect_dealer
+
+        if shard not in self.sockets:
+            self.sockets[shard] = connect_dealer(self.context, self.addresses[shard], self.curve)
+        return self.sockets[shard]
+
+    def ask(self, shard: int, message: List[bytes], request_id: bytes) -> Optional[Reply]:
+        """Send `message` to broker `shard`; its first reply about `request_id` other
+        than ACCEPTED, or None after --wait."""
+        from fastbroker.client.protocol import request_once
+
+        return request_once(self.socket(shard), message, request_id, self.wait)
+
+    def search(self, message: List[bytes], request_id: bytes) -> Tuple[Optional[Reply], List[str]]:
+        """Ask the brokers about an id in order from its home (client/shards.py) until one
+        knows it: (that reply, or the last UNKNOWN, or None; the brokers that said nothing)."""
+        from fastbroker.client.shards import search_order
+        from fastbroker.protocol import R_UNKNOWN
+
+        found: Optional[Reply] = None
+        silent = []
+        for shard in search_order(request_id, len(self.addresses)):
+            reply = self.ask(shard, message, request_id)
+            if reply is None:
+                silent.append(self.addresses[shard])
+                continue
+            found = reply
+            if reply.kind != R_UNKNOWN:
+                break
+        return found, silent
+
+    def no_answer(self, silent: Sequence[str]) -> int:
+        print(f"fastbroker: no answer from {', '.join(silent)} within {self.wait:g} s", file=sys.stderr)
+        return EXIT_NO_REPLY
 
 
 def _curve_keys(args: argparse.Namespace) -> Optional[CurveKeys]:
@@ -760,9 +867,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         else:
             curve = {}
         cls = load_worker_class(args.worker_class)
-        for addr in (args.requests_addr, args.answers_addr):
-            if addr is not None:
-                _check_address(addr)
+        brokers = _check_address(args.requests_addr)
+        answers = None if args.answers_addr is None else _check_address(args.answers_addr)
         if issubclass(cls, ReqWorker):
             if args.answers_addr is None:
                 raise ConfigError(f"ANSWERS_ADDR is required: {args.worker_class} is a ReqWorker (REQ/PUSH) subclass")
@@ -770,9 +876,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 given = ", ".join(f"--{name}" for name in options)
                 raise ConfigError(f"{given}: only for fastbroker.Worker subclasses; {args.worker_class} is a ReqWorker")
         # Both classes take the key files through configure().
-        return run_pool(
-            cls, args.requests_addr, args.answers_addr, args.processes, {**options, **curve}, args.cpu_affinity
-        )
+        return run_pool(cls, brokers, answers, args.processes, {**options, **curve}, args.cpu_affinity)
     except ConfigError as exc:
         return _fail(str(exc))
 
@@ -841,51 +945,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
         context.term()
 
 
-def _one_shot(args: argparse.Namespace, make_message: Callable[[bytes], List[bytes]]) -> Optional[Reply]:
-    """Send one command about args.request_id; the broker's reply, or None after args.wait."""
-    import zmq
-
-    from fastbroker.client.protocol import request_once
-    from fastbroker.client.sync import connect_dealer
-
-    _check_address(args.address)
-    curve = _curve_keys(args)
-    context = zmq.Context(1)
-    try:
-        socket = connect_dealer(context, args.address, curve)
-        try:
-            return request_once(socket, make_message(args.request_id), args.request_id, args.wait)
-        finally:
-            socket.close(0)
-    finally:
-        context.term()
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from fastbroker.client.protocol import status_message
 
     try:
-        reply = _one_shot(args, status_message)
+        with _Brokers(args) as brokers:
+            reply, silent = brokers.search(status_message(args.request_id), args.request_id)
+            if reply is None or reply.status is None or (silent and reply.status.state == "unknown"):
+                return brokers.no_answer(silent)
     except ConfigError as exc:
         return _fail(str(exc))
-    if reply is None or reply.status is None:
-        print(f"fastbroker: no answer from {args.address} within {args.wait:g} s", file=sys.stderr)
-        return EXIT_NO_REPLY
     print(reply.status.describe())
     return EXIT_OK if reply.status.state != "unknown" else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from fastbroker.client.protocol import cancel_message, describe_outcome
-    from fastbroker.protocol import R_CANCELLED
+    from fastbroker.protocol import R_CANCELLED, R_UNKNOWN
 
     try:
-        reply = _one_shot(args, cancel_message)
+        with _Brokers(args) as brokers:
+            reply, silent = brokers.search(cancel_message(args.request_id), args.request_id)
+            if reply is None or (silent and reply.kind == R_UNKNOWN):
+                return brokers.no_answer(silent)
     except ConfigError as exc:
         return _fail(str(exc))
-    if reply is None:
-        print(f"fastbroker: no answer from {args.address} within {args.wait:g} s", file=sys.stderr)
-        return EXIT_NO_REPLY
     if reply.kind == R_CANCELLED:
         print("cancelled")
         return EXIT_OK
@@ -897,104 +981,100 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    import json
-
-    import zmq
-
-    from fastbroker.client.sync import connect_dealer
     from fastbroker.server.metrics import format_stats, request_stats
 
     try:
-        _check_address(args.address)
-        curve = _curve_keys(args)
-        context = zmq.Context(1)
-        try:
-            socket = connect_dealer(context, args.address, curve)
-        except BaseException:
-            context.term()
-            raise
+        with _Brokers(args) as brokers:
+            each = []
+            for shard, address in enumerate(brokers.addresses):
+                try:
+                    figures = request_stats(brokers.socket(shard), args.wait)
+                except ValueError as exc:
+                    print(f"fastbroker: malformed STATS reply from {address}: {exc}", file=sys.stderr)
+                    return 1
+                if figures is None:
+                    return brokers.no_answer([address])
+                each.append(figures)
     except ConfigError as exc:
         return _fail(str(exc))
-    try:
-        figures = request_stats(socket, args.wait)
-    except ValueError as exc:
-        print(f"fastbroker: malformed STATS reply from {args.address}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        socket.close(0)
-        context.term()
-    if figures is None:
-        print(f"fastbroker: no answer from {args.address} within {args.wait:g} s", file=sys.stderr)
-        return EXIT_NO_REPLY
-    print(json.dumps(figures) if args.json else format_stats(figures))
+    if len(each) == 1:
+        print(json.dumps(each[0]) if args.json else format_stats(each[0]))
+        return EXIT_OK
+    total = {name: sum(figures.get(name, 0) for figures in each) for name in each[0]}
+    if args.json:
+        shards = [{"address": a, "figures": f} for a, f in zip(brokers.addresses, each)]
+        print(json.dumps({"total": total, "shards": shards}))
+    else:
+        print(f"all {len(each)} brokers")
+        print(format_stats(total))
+        for address, figures in zip(brokers.addresses, each):
+            print(f"\n{address}")
+            print(format_stats(figures))
     return EXIT_OK
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
-    import zmq
-
     from fastbroker.client.protocol import (
         dead_message,
         describe_outcome,
         new_request_id,
-        request_once,
         requeue_all_message,
         requeue_message,
     )
-    from fastbroker.client.sync import connect_dealer
-    from fastbroker.protocol import R_DEAD, R_REJECTED, R_REQUEUED
+    from fastbroker.client.shards import merge_dead, search_order
+    from fastbroker.protocol import R_DEAD, R_REJECTED, R_REQUEUED, R_UNKNOWN
 
     if args.dead_command == "requeue" and bool(args.request_ids) == bool(args.all):
         return _fail("dead requeue: give request ids or --all (not both)")
     try:
-        _check_address(args.address)
-        curve = _curve_keys(args)
-        context = zmq.Context(1)
-        try:
-            socket = connect_dealer(context, args.address, curve)
-        except BaseException:
-            context.term()
-            raise
+        brokers = _Brokers(args)
     except ConfigError as exc:
         return _fail(str(exc))
-
-    def no_answer() -> int:
-        print(f"fastbroker: no answer from {args.address} within {args.wait:g} s", file=sys.stderr)
-        return EXIT_NO_REPLY
-
-    try:
+    with brokers:
         if args.dead_command == "list":
-            rid = new_request_id()
-            reply = request_once(socket, dead_message(rid, args.limit), rid, args.wait)
-            if reply is None or reply.kind != R_DEAD:
-                return no_answer()
-            dead = reply.info
+            answers = []
+            for shard, address in enumerate(brokers.addresses):
+                rid = new_request_id()
+                reply = brokers.ask(shard, dead_message(rid, args.limit), rid)
+                if reply is None or reply.kind != R_DEAD:
+                    return brokers.no_answer([address])
+                answers.append(reply.info)
+            dead = merge_dead(answers, args.limit)
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "total": dead.total,
-                            "requests": [dict(d._asdict(), request_id=d.request_id.hex()) for d in dead.requests],
-                        }
-                    )
-                )
+                listed = [dict(d._asdict(), request_id=d.request_id.hex()) for d in dead.requests]
+                print(json.dumps({"total": dead.total, "requests": listed}))
             else:
                 print(f"{dead.total} dead request{'s' if dead.total != 1 else ''}")
                 for one in dead.requests:
                     print(one.describe())
             return EXIT_OK
         if args.all:
-            rid = new_request_id()
-            reply = request_once(socket, requeue_all_message(rid), rid, args.wait)
-            if reply is None or reply.kind != R_REQUEUED:
-                return no_answer()
-            print(f"requeued {reply.info.requeued}, still dead {reply.info.dead}")
-            return EXIT_OK if reply.info.dead == 0 else 1
+            requeued = left = 0
+            for shard, address in enumerate(brokers.addresses):
+                rid = new_request_id()
+                reply = brokers.ask(shard, requeue_all_message(rid), rid)
+                if reply is None or reply.kind != R_REQUEUED:
+                    return brokers.no_answer([address])
+                requeued += reply.info.requeued
+                left += reply.info.dead
+            print(f"requeued {requeued}, still dead {left}")
+            return EXIT_OK if left == 0 else 1
         status = EXIT_OK
         for rid in args.request_ids:
-            reply = request_once(socket, requeue_message(rid), rid, args.wait)
-            if reply is None:
-                return no_answer()
+            # Each broker from the id's home on, until one requeues it or refuses.
+            reply, silent = None, []
+            for shard in search_order(rid, len(brokers.addresses)):
+                answer = brokers.ask(shard, requeue_message(rid), rid)
+                if answer is None:
+                    silent.append(brokers.addresses[shard])
+                    continue
+                if reply is None or reply.kind == R_UNKNOWN:
+                    reply = answer
+                if answer.kind in (R_REQUEUED, R_REJECTED):
+                    reply = answer
+                    break
+            if reply is None or (silent and reply.kind == R_UNKNOWN):
+                return brokers.no_answer(silent)
             if reply.kind == R_REQUEUED:
                 print(f"{rid.hex()}: requeued")
                 continue
@@ -1004,9 +1084,6 @@ def cmd_dead(args: argparse.Namespace) -> int:
             else:
                 print(f"{rid.hex()}: not dead: {describe_outcome(reply)}")
         return status
-    finally:
-        socket.close(0)
-        context.term()
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -1079,6 +1156,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return commands[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`fastbroker stats ADDR | head`): not an
+        # error to report. Point stdout at /dev/null so the interpreter's final flush
+        # does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 __all__: List[str] = ["main", "build_parser", "load_worker_class"]

@@ -7,6 +7,7 @@ routing replies by id, the lazy pirate); only the loop around the socket differs
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from collections import deque
@@ -30,7 +31,8 @@ import zmq
 import zmq.asyncio
 
 from fastbroker import security
-from fastbroker._common import BrokerError, check_count
+from fastbroker._common import BrokerError, check_count, check_seconds
+from fastbroker.addresses import Addresses, split_addresses
 from fastbroker.client.outcomes import DeadLetters, Requeued, Status
 from fastbroker.client.protocol import (
     DEFAULT_WINDOW,
@@ -53,6 +55,7 @@ from fastbroker.client.protocol import (
     requeue_result,
     submit_message,
 )
+from fastbroker.client.shards import merge_dead, search_order
 from fastbroker.client.sync import Client, connect_dealer
 from fastbroker.protocol import RECV_BATCH
 
@@ -74,6 +77,12 @@ def _deliver(future: asyncio.Future, value: Any, exc: Optional[BaseException]) -
         future.set_exception(exc)
 
 
+def _send(socket: zmq.asyncio.Socket, frames: List[bytes]) -> None:
+    # pyzmq sends at once when it can and queues in order when it cannot. What it
+    # returns is an asyncio.Future; its hints say only Awaitable.
+    socket.send_multipart(frames).add_done_callback(_ignore_send_result)  # type: ignore[attr-defined]
+
+
 def _ignore_send_result(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.debug("send failed: %s", future.exception())
@@ -92,7 +101,7 @@ class AsyncClient(RequestDefaults):
 
     def __init__(
         self,
-        address: str,
+        address: Addresses,
         context: Optional[zmq.Context] = None,
         *,
         timeout: Optional[float] = None,
@@ -104,9 +113,14 @@ class AsyncClient(RequestDefaults):
         protocol: int = 2,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
+        failover_after: Optional[float] = None,
     ) -> None:
-        self.address = address
+        self.addresses = split_addresses(address)
+        self.address = ",".join(self.addresses)
         self._set_defaults(timeout, tries, ack, check_interval, window, window_bytes, protocol)
+        failover = (
+            3 * self.check_interval if failover_after is None else check_seconds("failover_after", failover_after)
+        )
         curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         if context is None:
@@ -115,22 +129,22 @@ class AsyncClient(RequestDefaults):
             self.context = context
         else:
             self.context = zmq.asyncio.Context.shadow(context.underlying)
+        self._sockets: List[zmq.asyncio.Socket] = []
         try:
-            self._socket = connect_dealer(self.context, address, curve)
+            for one in self.addresses:
+                self._sockets.append(connect_dealer(self.context, one, curve))
         except BaseException:
+            for sock in self._sockets:
+                sock.close(0)
             if self._own_context:
                 self.context.term()
             raise
-        self._book = self._new_book(self._send, _deliver, self._flush_soon)
+        sends = [functools.partial(_send, sock) for sock in self._sockets]
+        self._book, self._books = self._new_books(sends, _deliver, failover, self._flush_soon)
         self._reader: Optional[asyncio.Task] = None
         self._closed = False
 
     # -- the API -------------------------------------------------------------------------
-
-    def _send(self, frames: List[bytes]) -> None:
-        # pyzmq sends at once when it can and queues in order when it cannot. What it
-        # returns is an asyncio.Future; its hints say only Awaitable.
-        self._socket.send_multipart(frames).add_done_callback(_ignore_send_result)  # type: ignore[attr-defined]
 
     def _flush_soon(self) -> None:
         # The first request of a batch: the rest of this callback's submits join it,
@@ -230,27 +244,37 @@ class AsyncClient(RequestDefaults):
 
     async def dead(self, limit: int = 100, wait: Optional[float] = 5.0) -> DeadLetters:
         """The broker's dead-letter: see Client.dead()."""
-        rid = new_request_id()
-        return dead_result(await self._admin(rid, dead_message(rid, check_dead_limit(limit)), wait))
+        check_dead_limit(limit)
+        answers = []
+        for shard in range(len(self._books)):
+            rid = new_request_id()
+            answers.append(dead_result(await self._admin(shard, rid, dead_message(rid, limit), wait)))
+        return merge_dead(answers, limit)
 
     async def requeue(self, request_id: Any, wait: Optional[float] = 5.0) -> bool:
         """Queue a dead request again: see Client.requeue()."""
         rid = check_request_id(request_id)
-        return requeue_result(await self._admin(rid, requeue_message(rid), wait))
+        for shard in search_order(rid, len(self._books)):
+            if requeue_result(await self._admin(shard, rid, requeue_message(rid), wait)):
+                return True
+        return False
 
     async def requeue_all(self, wait: Optional[float] = 5.0) -> Requeued:
         """Queue every dead request again: see Client.requeue_all()."""
-        rid = new_request_id()
-        return requeue_all_result(await self._admin(rid, requeue_all_message(rid), wait))
+        answers = []
+        for shard in range(len(self._books)):
+            rid = new_request_id()
+            answers.append(requeue_all_result(await self._admin(shard, rid, requeue_all_message(rid), wait)))
+        return Requeued(sum(a.requeued for a in answers), sum(a.dead for a in answers))
 
-    async def _admin(self, request_id: bytes, message: List[bytes], wait: Optional[float]) -> Any:
+    async def _admin(self, shard: int, request_id: bytes, message: List[bytes], wait: Optional[float]) -> Any:
         self._start()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._book.admin(request_id, message, future)
+        self._books[shard].admin(request_id, message, future)
         try:
             return await asyncio.wait_for(future, wait)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no answer from {self.address} within {wait} s") from None
+            raise TimeoutError(f"no answer from {self.addresses[shard]} within {wait} s") from None
 
     def result(self, request_id: Any, *, multipart: bool = False) -> AsyncRequestFuture:
         """A future for the outcome of an id submitted by this client or another
@@ -359,7 +383,8 @@ class AsyncClient(RequestDefaults):
             except asyncio.CancelledError:
                 pass
         self._book.fail_all(BrokerError("client closed"))
-        self._socket.close(Client.linger_ms)
+        for socket in self._sockets:
+            socket.close(Client.linger_ms)
         if self._own_context:
             self.context.term()
 
@@ -382,21 +407,24 @@ class AsyncClient(RequestDefaults):
             self._book.forget(future.request_id, future, False)  # type: ignore[attr-defined]
 
     async def _read(self) -> None:
-        socket, book = self._socket, self._book
+        book, books, sockets = self._book, self._books, self._sockets
         poller = zmq.asyncio.Poller()
-        poller.register(socket, zmq.POLLIN)
+        for socket in sockets:
+            poller.register(socket, zmq.POLLIN)
         try:
             while True:
                 due = book.next_check()
                 wait = self.check_interval if due is None else due
-                events = await poller.poll(max(1, int(wait * 1000) + 1))
-                if events:
+                events = dict(await poller.poll(max(1, int(wait * 1000) + 1)))
+                for socket, one in zip(sockets, books):
+                    if not events.get(socket, 0) & zmq.POLLIN:
+                        continue
                     for _ in range(RECV_BATCH):
                         try:
                             frames = await socket.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        book.on_message(frames)
+                        one.on_message(frames)
                 book.tick()
                 book.flush_submits()  # held requests that the outcomes let in
         except asyncio.CancelledError:

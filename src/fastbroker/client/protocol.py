@@ -38,6 +38,7 @@ from fastbroker.protocol import (
     C_REQUEUE,
     C_REQUEUE_ALL,
     C_RESULT,
+    C_STATS,
     C_STATUS,
     C_SUBMIT,
     CLIENT_SIGNATURE,
@@ -146,21 +147,42 @@ class RequestDefaults:
             raise ConfigError(f"protocol must be 1 (FBC01) or 2 (FBC02), not {protocol!r}")
         self.protocol = protocol
 
-    def _new_book(
+    def _new_books(
         self,
-        send: Callable[[List[bytes]], None],
+        sends: Sequence[Callable[[List[bytes]], None]],
         deliver: Deliver,
+        failover_after: float,
         on_pending: Optional[Callable[[], None]] = None,
-    ) -> RequestBook:
-        return RequestBook(
-            send,
-            deliver,
-            self.check_interval,
-            window=self.window,
-            window_bytes=self.window_bytes,
-            v2=self.protocol == 2,
-            on_pending=on_pending,
-        )
+    ) -> Tuple[Any, List[RequestBook]]:
+        """(the book the client calls, one RequestBook per broker): with one broker that
+        book itself, with several a ShardedBook over them (client/shards.py)."""
+        if len(sends) == 1:
+            book = RequestBook(
+                sends[0],
+                deliver,
+                self.check_interval,
+                window=self.window,
+                window_bytes=self.window_bytes,
+                v2=self.protocol == 2,
+                on_pending=on_pending,
+            )
+            return book, [book]
+        from fastbroker.client.shards import ShardedBook  # it builds on this module
+
+        sharded = ShardedBook(deliver, self.check_interval, failover_after, time.monotonic)
+        for send in sends:
+            sharded.add(
+                RequestBook(
+                    send,
+                    sharded.deliver_from,
+                    self.check_interval,
+                    window=self.window,
+                    window_bytes=self.window_bytes,
+                    v2=self.protocol == 2,
+                    on_pending=on_pending,
+                )
+            )
+        return sharded, sharded.books
 
     def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
         return encode_options(
@@ -279,6 +301,11 @@ def result_message(request_id: bytes) -> List[bytes]:
 
 def cancel_message(request_id: bytes) -> List[bytes]:
     return [CLIENT_SIGNATURE, C_CANCEL, request_id]
+
+
+def stats_message(request_id: bytes) -> List[bytes]:
+    """STATS (the id: any 16 bytes, echoed)."""
+    return [CLIENT_SIGNATURE, C_STATS, request_id]
 
 
 def dead_message(request_id: bytes, limit: int) -> List[bytes]:
@@ -593,6 +620,7 @@ class RequestBook:
         self._queries: Dict[bytes, Deque[Any]] = {}
         self._admin: Dict[bytes, Deque[Any]] = {}  # dead-letter commands waiting for their reply
         self._quiet_since = clock()
+        self._heard = self._quiet_since  # the last message from the broker (or the start of a wait)
         self.resubmitted = 0
         """Requests submitted again after the broker said UNKNOWN (the lazy pirate)."""
         self.checks = 0
@@ -636,10 +664,54 @@ class RequestBook:
             "protocol": 2 if self.v2 else 1,
         }
 
+    @property
+    def last_heard(self) -> float:
+        """When the broker last sent something (or when waiting for it began)."""
+        return self._heard
+
+    def holds(self, request_id: bytes) -> bool:
+        """Whether this book waits for the outcome of the id."""
+        return request_id in self._entries
+
+    def probe(self, request_id: bytes) -> None:
+        """Send STATS (the id: any 16 bytes): a broker that answers is there."""
+        self._send_now(stats_message(request_id))
+
+    @property
+    def waiting(self) -> bool:
+        """Whether anything sent waits for the broker's reply."""
+        return bool(self._in_flight or self._queries or self._admin)
+
+    def surrender(self) -> List[Tuple[bytes, _Entry]]:
+        """Take every request out of this book, with their futures, for another book
+        (ShardedBook's failover): [(id, entry)], in submission order. The broker of this
+        book is not told; queries and dead-letter commands stay (they time out)."""
+        taken = list(self._entries.items())
+        self._entries = {}
+        self._in_flight, self._held, self.in_flight_bytes, self._pending = {}, deque(), 0, []
+        return taken
+
+    def adopt(self, request_id: bytes, entry: _Entry) -> None:
+        """A request that another book surrendered: submitted here (or watched, for an id
+        this client never submitted) as if new, with its futures. An id this book has
+        already gets the futures added to its own entry."""
+        if entry.cancelling:
+            # Its CANCEL went to the broker it leaves: as cancelled, not run elsewhere.
+            for sink in entry.sinks:
+                self._deliver(sink.future, None, _cancelled_reply(request_id).error)
+            return
+        mine = self._entries.get(request_id)
+        if mine is not None:
+            mine.sinks.extend(entry.sinks)
+            return
+        entry.sent = entry.accepted = entry.checked = entry.batched = False
+        self._entries[request_id] = entry
+        self._enter(request_id, entry)
+
     def _start_waiting(self) -> None:
         if not self._in_flight and not self._queries:
             # The silence that matters starts now, not when the last reply came.
-            self._quiet_since = self._clock()
+            self._quiet_since = self._heard = self._clock()
 
     # -- the window --------------------------------------------------------------------
 
@@ -829,7 +901,7 @@ class RequestBook:
     def on_message(self, frames: Sequence[bytes]) -> Optional[Reply]:
         """Handle one received message (FBC01, or FBC02 REPLIES: each of its replies);
         returns the (last) reply, None if malformed."""
-        self._quiet_since = self._clock()
+        self._quiet_since = self._heard = self._clock()
         if frames and frames[0] == CLIENT_SIGNATURE_V2:
             replies = decode_replies(frames)
             if replies is None:

@@ -29,7 +29,8 @@ from typing import (
 import zmq
 
 from fastbroker import security
-from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, zmq_reason
+from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, check_seconds, zmq_reason
+from fastbroker.addresses import Addresses, split_addresses
 from fastbroker.client.outcomes import DeadLetters, Requeued, Status
 from fastbroker.client.protocol import (
     DEFAULT_WINDOW,
@@ -37,6 +38,7 @@ from fastbroker.client.protocol import (
     MAX_WINDOW,
     Payload as _Payload,
     Progress,
+    RequestBook,
     RequestDefaults,
     check_dead_limit,
     check_request_id,
@@ -52,6 +54,7 @@ from fastbroker.client.protocol import (
     requeue_result,
     submit_message,
 )
+from fastbroker.client.shards import merge_dead, search_order
 from fastbroker.protocol import RECV_BATCH
 from fastbroker.wakepipe import WakePipe
 
@@ -262,7 +265,7 @@ class Client(RequestDefaults, Closeable):
 
     def __init__(
         self,
-        address: str,
+        address: Addresses,
         context: Optional[zmq.Context] = None,
         *,
         timeout: Optional[float] = None,
@@ -274,15 +277,24 @@ class Client(RequestDefaults, Closeable):
         protocol: int = 2,
         curve_server_key: Optional[security.KeyPath] = None,
         curve_secret: Optional[security.KeyPath] = None,
+        failover_after: Optional[float] = None,
     ) -> None:
-        self.address = address
+        self.addresses = split_addresses(address)
+        self.address = ",".join(self.addresses)
         self._set_defaults(timeout, tries, ack, check_interval, window, window_bytes, protocol)
+        failover = (
+            3 * self.check_interval if failover_after is None else check_seconds("failover_after", failover_after)
+        )
         curve = security.client_keys(curve_server_key, curve_secret)
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
+        self._sockets: List[zmq.Socket] = []
         try:
-            self._socket = connect_dealer(self.context, address, curve)
+            for one in self.addresses:
+                self._sockets.append(connect_dealer(self.context, one, curve))
         except BaseException:
+            for sock in self._sockets:
+                sock.close(0)
             if self._own_context:
                 self.context.term()
             raise
@@ -295,9 +307,10 @@ class Client(RequestDefaults, Closeable):
         # the close command (it would never be served).
         self._lock = threading.Lock()
         self._closed = False
-        self._outbox: Deque[List[bytes]] = deque()
-        self._book = self._new_book(self._outbox.append, _deliver)
-        self._thread = threading.Thread(target=self._loop, name=f"fastbroker-client {address}", daemon=True)
+        # One outbox and one book per broker; with several, a ShardedBook routes.
+        self._outboxes: List[Deque[List[bytes]]] = [deque() for _ in self._sockets]
+        self._book, self._books = self._new_books([o.append for o in self._outboxes], _deliver, failover)
+        self._thread = threading.Thread(target=self._loop, name=f"fastbroker-client {self.address}", daemon=True)
         self._thread.start()
 
     # -- the API -------------------------------------------------------------------------
@@ -401,32 +414,44 @@ class Client(RequestDefaults, Closeable):
     def dead(self, limit: int = 100, wait: Optional[float] = 5.0) -> DeadLetters:
         """The broker's dead-letter: how many requests it gave up on (FAILED or
         TIMED_OUT after their last try) and keeps with their payload, and the oldest
-        `limit` of them (0 to MAX_DEAD_LIST = 1000). TimeoutError after `wait` s."""
-        rid = new_request_id()
-        return dead_result(self._admin(rid, dead_message(rid, check_dead_limit(limit)), wait))
+        `limit` of them (0 to MAX_DEAD_LIST = 1000). TimeoutError after `wait` s.
+        With several brokers: theirs together, the oldest first."""
+        check_dead_limit(limit)
+        answers = []
+        for shard in range(len(self._books)):
+            rid = new_request_id()
+            answers.append(dead_result(self._admin(shard, rid, dead_message(rid, limit), wait)))
+        return merge_dead(answers, limit)
 
     def requeue(self, request_id: Any, wait: Optional[float] = 5.0) -> bool:
         """Queue a dead request again (same id and payload, every try anew): True if
         it was, False if the broker has no dead request of that id (unknown, queued,
         running, or done otherwise: status() says which); Rejected when its queue is
-        full. Its new outcome: result(request_id)."""
+        full. Its new outcome: result(request_id). With several brokers, they are asked
+        in order from the id's home."""
         rid = check_request_id(request_id)
-        return requeue_result(self._admin(rid, requeue_message(rid), wait))
+        for shard in search_order(rid, len(self._books)):
+            if requeue_result(self._admin(shard, rid, requeue_message(rid), wait)):
+                return True
+        return False
 
     def requeue_all(self, wait: Optional[float] = 5.0) -> Requeued:
         """Queue every dead request again, oldest first, while the broker's queue has
-        room: how many were, and how many are still dead."""
-        rid = new_request_id()
-        return requeue_all_result(self._admin(rid, requeue_all_message(rid), wait))
+        room: how many were, and how many are still dead (summed over the brokers)."""
+        answers = []
+        for shard in range(len(self._books)):
+            rid = new_request_id()
+            answers.append(requeue_all_result(self._admin(shard, rid, requeue_all_message(rid), wait)))
+        return Requeued(sum(a.requeued for a in answers), sum(a.dead for a in answers))
 
-    def _admin(self, request_id: bytes, message: List[bytes], wait: Optional[float]) -> Any:
+    def _admin(self, shard: int, request_id: bytes, message: List[bytes], wait: Optional[float]) -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._post(("admin", request_id, message, future))
+        self._post(("admin", shard, request_id, message, future))
         try:
             return future.result(wait)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise TimeoutError(f"no answer from {self.address} within {wait} s") from None
+            raise TimeoutError(f"no answer from {self.addresses[shard]} within {wait} s") from None
 
     def result(self, request_id: Any, *, multipart: bool = False) -> RequestFuture:
         """A future for the outcome of an id, submitted by this client or another (e.g.
@@ -599,12 +624,12 @@ class Client(RequestDefaults, Closeable):
             elif kind == "cancel":
                 book.cancel(command[1])
             elif kind == "admin":
-                book.admin(command[1], command[2], command[3])
+                self._books[command[1]].admin(command[2], command[3], command[4])
             else:
                 return False
 
-    def _flush(self) -> None:
-        outbox, send = self._outbox, self._socket.send
+    def _flush(self, outbox: Deque[List[bytes]], socket: zmq.Socket) -> None:
+        send = socket.send
         while outbox:
             # send_multipart without its per-frame checks and enum flags: every frame is
             # bytes. Only the first frame can meet a full queue (libzmq counts whole
@@ -619,38 +644,31 @@ class Client(RequestDefaults, Closeable):
             outbox.popleft()
 
     def _loop(self) -> None:
-        socket, book = self._socket, self._book
+        book, books, sockets, outboxes = self._book, self._books, self._sockets, self._outboxes
         poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
+        for socket in sockets:
+            poller.register(socket, zmq.POLLIN)
         poller.register(self._wake.read_fd, zmq.POLLIN)
         try:
             running = True
             while running:
                 due = book.next_check()
-                poller.modify(socket, zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0))
+                for socket, outbox in zip(sockets, outboxes):
+                    poller.modify(socket, zmq.POLLIN | (zmq.POLLOUT if outbox else 0))
                 events = dict(poller.poll(None if due is None else max(1, int(due * 1000) + 1)))
                 if self._wake.read_fd in events:
                     self._wake.drain()
                     # Before taking the commands: one posted from now on wakes again.
                     self._wake_pending = False
                 running = self._serve_commands()
-                if events.get(socket, 0) & zmq.POLLIN:
-                    recv = socket.recv
-                    for _ in range(RECV_BATCH):
-                        # recv_multipart, cheaper: a Frame says whether more parts
-                        # follow, without a getsockopt(RCVMORE) per frame.
-                        try:
-                            frame = recv(_NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        frames = [frame.bytes]
-                        while frame.more:
-                            frame = recv(_NOBLOCK, copy=False)
-                            frames.append(frame.bytes)
-                        book.on_message(frames)
+                for socket, one in zip(sockets, books):
+                    if events.get(socket, 0) & zmq.POLLIN:
+                        self._receive(socket, one)
                 book.tick()
                 book.flush_submits()  # FBC02: this turn's requests, batched
-                self._flush()
+                for socket, outbox in zip(sockets, outboxes):
+                    if outbox:
+                        self._flush(outbox, socket)
         except Exception:
             log.exception("the client's I/O thread failed")
         finally:
@@ -659,10 +677,27 @@ class Client(RequestDefaults, Closeable):
             # Commands queued before the close command still wait for an answer.
             self._serve_leftovers()
             book.fail_all(BrokerError("client closed"))
-            socket.close()
+            for socket in sockets:
+                socket.close()
             if self._own_context:
                 self.context.term()
             self._wake.close()
+
+    @staticmethod
+    def _receive(socket: zmq.Socket, book: RequestBook) -> None:
+        recv = socket.recv
+        for _ in range(RECV_BATCH):
+            # recv_multipart, cheaper: a Frame says whether more parts follow, without a
+            # getsockopt(RCVMORE) per frame.
+            try:
+                frame = recv(_NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            frames = [frame.bytes]
+            while frame.more:
+                frame = recv(_NOBLOCK, copy=False)
+                frames.append(frame.bytes)
+            book.on_message(frames)
 
     def _serve_leftovers(self) -> None:
         closed = BrokerError("client closed")
@@ -674,5 +709,7 @@ class Client(RequestDefaults, Closeable):
             if command[0] == "submit_many":
                 for one in command[1]:
                     _deliver(one[3], None, closed)
-            elif command[0] in ("submit", "query", "watch", "admin"):
-                _deliver(command[3] if command[0] in ("submit", "admin") else command[2], None, closed)
+            elif command[0] in ("submit", "query", "watch"):
+                _deliver(command[3] if command[0] == "submit" else command[2], None, closed)
+            elif command[0] == "admin":
+                _deliver(command[4], None, closed)

@@ -24,8 +24,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import zmq
 
 from fastbroker._common import Closeable, ConfigError
+from fastbroker.client.protocol import stats_message
 from fastbroker.protocol import (
-    C_STATS,
     CLIENT_SIGNATURE,
     COUNTERS,
     DROP_REASONS,
@@ -43,11 +43,6 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 
 
 # -- STATS, client side ---------------------------------------------------------------
-
-
-def stats_message(request_id: bytes) -> List[bytes]:
-    """The STATS command as a DEALER sends it; any 16 bytes serve as the id."""
-    return [CLIENT_SIGNATURE, C_STATS, request_id]
 
 
 def decode_stats_reply(frames: Sequence[bytes], request_id: bytes) -> Optional[Dict[str, int]]:
