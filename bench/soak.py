@@ -245,7 +245,7 @@ def m_fbw(c: Chooser) -> Message:
         8: protocol.CMD_EXTEND,
     }.get(k)
     if cmd is None:  # unknown commands, a TASK or CANCEL from a worker, multi-byte
-        cmd = pick(c, [b"", b"\x00", protocol.CMD_TASK, protocol.CMD_CANCEL, b"\x09", b"\xff", b"\x01\x00"])
+        cmd = pick(c, [b"", b"\x00", protocol.CMD_TASK, protocol.CMD_CANCEL, protocol.CMD_RETURN, b"\x7f", b"\x01\x00"])
     if cmd == protocol.CMD_READY:
         body = [credit(c)] + ([junk(c)] if c.randrange(6) == 0 else [])
     elif cmd in (protocol.CMD_HEARTBEAT, protocol.CMD_DISCONNECT):

@@ -7,7 +7,7 @@ A hypothesis state machine plays every peer on both sides at once: REQ clients,
 FBC01 clients (SUBMIT with options and repeated ids, STATUS, RESULT, CANCEL, STATS,
 the dead-letter's DEAD, REQUEUE and REQUEUE_ALL,
 and FBC02 batches of SUBMITs from the same sockets),
-FBW01 workers (READY with credit, ANSWER, FAILED, EXTEND, HEARTBEAT, DISCONNECT, answers for
+FBW01 workers (READY with credit, ANSWER, FAILED, EXTEND, RETURN, HEARTBEAT, DISCONNECT, answers for
 task ids they do not hold, unknown or malformed) that may turn FBW02 (READY in FBW02, then
 TASKs of several jobs, answered by FBW02 ANSWERs of several records, some of them wrong,
 and malformed headers), a worker of the original protocol,
@@ -152,7 +152,7 @@ restore = st.one_of(
 worker_junk = st.sampled_from(
     [
         [b"", WSIG],  # no command
-        [b"", WSIG, b"\x09"],  # unknown command
+        [b"", WSIG, b"\x7f"],  # unknown command
         [b"", WSIG, protocol.CMD_READY],  # no credit
         [b"", WSIG, protocol.CMD_READY, b"\x00\x00\x01"],  # short credit
         [b"", WSIG, protocol.CMD_READY, (protocol.MAX_CREDIT + 1).to_bytes(4, "big")],
@@ -504,6 +504,15 @@ class TwoCores(RuleBasedStateMachine):
         which = self._task(data, f"fbw-{w}")
         for side in self.sides:
             side.fbw[w].failed(side.raw_task(which), kind, message)
+        self.step_done()
+
+    @rule(data=st.data(), w=st.integers(0, N_FBW - 1), count=st.integers(0, 2))
+    def fbw_return(self, data, w, count) -> None:
+        # RETURN of held tasks (or others, or none: malformed), then the worker is blocked
+        # until its next READY.
+        which = [self._task(data, f"fbw-{w}") for _ in range(count)]
+        for side in self.sides:
+            side.fbw[w].command(protocol.CMD_RETURN, *(side.raw_task(t) for t in which))
         self.step_done()
 
     @rule(data=st.data(), w=st.integers(0, N_FBW - 1), millis=st.sampled_from([b"\0\0\0\1", b"\xff" * 4, b"\0"]))

@@ -15,7 +15,7 @@ import zmq
 from fastbroker import ConfigError
 from fastbroker.addresses import shard_address, shard_path, split_addresses
 from fastbroker.server.metrics import request_stats
-from rigs import descendants, pid_alive, run_cli, wait_until
+from rigs import descendants, pid_alive, read_log, run_cli, wait_until
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -271,6 +271,14 @@ def test_a_dead_shard_s_requests_move_and_come_back_once(shards, procs, ctx, tmp
         assert any(home_shard(f.request_id, 2) == 1 for f in later)
     assert moved > 0
     assert stats_of(ctx, shards.endpoint(1, 0))["answered"] >= sum(home_shard(f.request_id, 2) == 1 for f in later)
+    # Each worker process served both brokers with one credit (1): never two jobs at once.
+    events = [e for e in read_log(log_path) if e.event in ("start", "done")]
+    for pid in {e.pid for e in events}:
+        level = peak = 0
+        for e in sorted((e for e in events if e.pid == pid), key=lambda e: (e.time, e.event == "start")):
+            level += 1 if e.event == "start" else -1
+            peak = max(peak, level)
+        assert peak == 1, f"worker {pid} ran {peak} jobs at once"
 
 
 def test_async_client_with_a_list(shards, procs):

@@ -508,6 +508,7 @@ cdef class WorkerSide:
     cdef int fail_attempt(self, const uint8_t *tid, int s, zmsg *text) noexcept nogil
     cdef int worker_answers(self, zmsg *m, int s, int d, int nb) noexcept nogil
     cdef int worker_extend(self, zmsg *m, int s, int d, int nb, bint v2) noexcept nogil
+    cdef int worker_return(self, zmsg *m, int s, int d, int nb, bint v2) noexcept nogil
     cdef void worker_event(self, int kind, uint32_t s) noexcept nogil
     cdef int forget(self, uint32_t s, bint requeue=*) noexcept nogil
     cdef int tick(self, double now) noexcept nogil

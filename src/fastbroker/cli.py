@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from fastbroker import __version__
 from fastbroker._common import (
@@ -405,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "requests_addr",
         metavar="WORKERS_ADDR",
-        help="the broker's workers endpoint, or several brokers' comma-separated (process i serves broker i mod N)",
+        help=(
+            "the broker's workers endpoint, or several brokers' comma-separated (a Worker serves them all, one "
+            "credit for all; a ReqWorker process i serves broker i mod N)"
+        ),
     )
     p.add_argument(
         "answers_addr",
@@ -876,7 +879,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 given = ", ".join(f"--{name}" for name in options)
                 raise ConfigError(f"{given}: only for fastbroker.Worker subclasses; {args.worker_class} is a ReqWorker")
         # Both classes take the key files through configure().
-        return run_pool(cls, brokers, answers, args.processes, {**options, **curve}, args.cpu_affinity)
+        # A Worker serves every broker of the list from each process (one credit for
+        # all: CreditGate); a ReqWorker speaks to one broker, so process i takes broker i mod N.
+        requests: Union[str, List[str]] = brokers if issubclass(cls, ReqWorker) else ",".join(brokers)
+        return run_pool(cls, requests, answers, args.processes, {**options, **curve}, args.cpu_affinity)
     except ConfigError as exc:
         return _fail(str(exc))
 

@@ -43,6 +43,7 @@ CMD_HEARTBEAT = b"\x05"  # both ways: []
 CMD_DISCONNECT = b"\x06"  # both ways: []
 CMD_CANCEL = b"\x07"  # broker -> worker: [task_id]; the client cancelled that job
 CMD_EXTEND = b"\x08"  # worker -> broker: [task_id, milliseconds (4 bytes BE)]; the job is alive
+CMD_RETURN = b"\x09"  # worker -> broker: [task_id...]; jobs beyond its credit, given back (several brokers)
 DEFAULT_MAX_EXTEND = 300.0
 """Seconds: the most one EXTEND moves an attempt's deadline from now (broker's --max-extend)."""
 
@@ -189,6 +190,7 @@ COUNTERS = (
     "replies_dropped",  # replies to a client not sent: its pipe was at the high-water mark (not reading)
     "replies_unroutable",  # replies to a client not sent: it had disconnected
     "extended",  # EXTENDs accepted from the worker running the attempt
+    "returned",  # jobs a worker gave back with RETURN (queued again, no try counted)
     "dead_requeued",  # dead requests (FAILED or TIMED_OUT, payload kept) queued again by REQUEUE
 )
 GAUGES = ("queued", "running", "idle_workers", "workers", "retained", "retained_bytes", "dead")

@@ -1,6 +1,6 @@
 # core/worker_side.pxi: WorkerSide, the workers endpoint: an original REQ worker's
 # "ready" and the FBW01 commands (READY with credit, ANSWER, FAILED, HEARTBEAT,
-# DISCONNECT, EXTEND), the workers' liveness (tick: heartbeats out, silent ones forgotten),
+# DISCONNECT, EXTEND, RETURN), the workers' liveness (tick: heartbeats out, silent ones forgotten),
 # and dispatch, which sends queued jobs to idle workers.
 #
 # Owns: no state of its own (sessions are WorkerSessions', idle workers IdleWorkers').
@@ -55,7 +55,7 @@ cdef class WorkerSide:
             self.counters.drop(DROP_WORKER_BAD_COMMAND)
             return 0
         command = (<const uint8_t *>zmsg_data(&m[d + 2]))[0]
-        if command < CMD_READY or command > CMD_EXTEND or command == CMD_TASK or command == CMD_CANCEL:
+        if command < CMD_READY or command > CMD_RETURN or command == CMD_TASK or command == CMD_CANCEL:
             self.counters.drop(DROP_WORKER_BAD_COMMAND)
             return 0
         if self.sessions.set_key(m, d) < 0:
@@ -80,6 +80,8 @@ cdef class WorkerSide:
             return rc if rc < 0 else 0
         if command == CMD_EXTEND:
             return self.worker_extend(m, s, d, nb, v2)
+        if command == CMD_RETURN:
+            return self.worker_return(m, s, d, nb, v2)
         if nb != (5 if command == CMD_FAILED else 2):
             self.counters.drop(DROP_WORKER_BAD_FRAMES)
             return 0
@@ -223,6 +225,52 @@ cdef class WorkerSide:
         if r.timeout >= 0:
             seconds = load_u32(<const uint8_t *>zmsg_data(&m[d + 4])) / 1000.0
             self.heap.insert(<uint32_t>rs, self.sessions.clock.now + min(seconds, self.max_extend))
+        return 0
+
+    cdef int worker_return(self, zmsg *m, int s, int d, int nb, bint v2) noexcept nogil:
+        """RETURN [task id...]: jobs the worker got beyond its credit (two of its brokers
+        sent at once) go back to the front of the queue without counting a try, and the
+        worker gets nothing more until its next READY (its credit becomes 0, as after
+        READY(0): it finishes the jobs it holds)."""
+        cdef int k, rs
+        cdef Req *r
+        if nb < 3:
+            self.counters.drop(DROP_WORKER_BAD_FRAMES)
+            return 0
+        if s < 0:
+            # From a worker this broker does not know: its jobs were put back already.
+            self.counters.drop(DROP_ANSWER_UNKNOWN)
+            return self.sessions.send_env(m, d + 1, CMD_DISCONNECT, False, v2)
+        for k in range(d + 3, d + 1 + nb):
+            if zmsg_size(&m[k]) != TASK_ID_SIZE:
+                self.counters.drop(DROP_ANSWER_BAD_ID)
+                continue
+            rs = self.table.find(<const uint8_t *>zmsg_data(&m[k]), TASK_ID_SIZE)
+            if rs < 0 or self.table.reqs[rs].worker != s:
+                # Not running here (timed out meanwhile, cancelled, or another worker's).
+                self.counters.drop(DROP_ANSWER_UNKNOWN)
+                self.sessions.settle_ghost(s)
+                continue
+            self.heap.delete(<uint32_t>rs)
+            self.sessions.detach(<uint32_t>rs)
+            # As if never sent: the try is not counted.
+            r = &self.table.reqs[rs]
+            r.attempts -= 1
+            if r.tries_left >= 0:
+                r.tries_left += 1
+            if self.journal.on and r.client:
+                self.journal.push(J_START, r.cid, 0, NULL, 0, r.attempts, 0, 0.0)
+            if self.queue.requeue(<uint32_t>rs) < 0:
+                # Without memory to queue it again: as a failed attempt (retried or given up).
+                self.counters.drop(DROP_OUT_OF_MEMORY)
+                if self.attempts.retry_or_abort(<uint32_t>rs) < 0:
+                    return -1
+                continue
+            r.state = QUEUED
+            self.queue.count += 1
+            self.counters.add(CNT_RETURNED)
+        self.sessions.sess[s].credit = 0
+        self.sessions.offer(<uint32_t>s)
         return 0
 
     cdef void worker_event(self, int kind, uint32_t s) noexcept nogil:

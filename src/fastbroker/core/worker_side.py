@@ -25,7 +25,7 @@ from fastbroker.core.frames import find_delimiter
 from fastbroker.core.idle_workers import IdleWorkers
 from fastbroker.core.job_queue import JobQueue
 from fastbroker.core.journal import Journal
-from fastbroker.core.request_table import RUNNING, Req, RequestTable
+from fastbroker.core.request_table import QUEUED, RUNNING, Req, RequestTable
 from fastbroker.core.worker_sessions import Sess, WorkerSessions
 from fastbroker.protocol import (
     ANSWER_RECORD_SIZE,
@@ -35,6 +35,7 @@ from fastbroker.protocol import (
     CMD_FAILED,
     CMD_HEARTBEAT,
     CMD_READY,
+    CMD_RETURN,
     CMD_TASK,
     MAX_BATCH,
     MAX_CREDIT,
@@ -45,7 +46,7 @@ from fastbroker.protocol import (
     WORKER_SIGNATURE_V2,
 )
 
-_COMMANDS = frozenset((CMD_READY, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT, CMD_EXTEND))
+_COMMANDS = frozenset((CMD_READY, CMD_ANSWER, CMD_FAILED, CMD_HEARTBEAT, CMD_DISCONNECT, CMD_EXTEND, CMD_RETURN))
 
 
 class WorkerSide:
@@ -137,6 +138,9 @@ class WorkerSide:
             return
         if command == CMD_EXTEND:
             self.worker_extend(m, s, d, nb, v2)
+            return
+        if command == CMD_RETURN:
+            self.worker_return(m, s, d, nb, v2)
             return
         if nb != (5 if command == CMD_FAILED else 2):
             self.counters.drop(protocol.DROP_WORKER_BAD_FRAMES)
@@ -252,6 +256,45 @@ class WorkerSide:
         if r.timeout is not None:
             seconds = int.from_bytes(m[d + 4].bytes, "big") / 1000.0
             self.heap.insert(r, self.sessions.clock.now + min(seconds, self.max_extend))
+
+    @cdef
+    def worker_return(self, m: list, s: Optional[Sess], d: int, nb: int, v2: bool) -> None:
+        """RETURN [task id...]: jobs the worker got beyond its credit (two of its brokers
+        sent at once) go back to the front of the queue without counting a try, and the
+        worker gets nothing more until its next READY (its credit becomes 0, as after
+        READY(0): it finishes the jobs it holds)."""
+        if nb < 3:
+            self.counters.drop(protocol.DROP_WORKER_BAD_FRAMES)
+            return
+        if s is None:
+            # From a worker this broker does not know: its jobs were put back already.
+            self.counters.drop(protocol.DROP_ANSWER_UNKNOWN)
+            self.sessions.send_env(m[: d + 1], CMD_DISCONNECT, None, v2)
+            return
+        for frame in m[d + 3 :]:
+            if len(frame) != protocol.TASK_ID_SIZE:
+                self.counters.drop(protocol.DROP_ANSWER_BAD_ID)
+                continue
+            r = self.table.find(frame.bytes)
+            if r is None or r.worker is not s:
+                # Not running here (timed out meanwhile, cancelled, or another worker's).
+                self.counters.drop(protocol.DROP_ANSWER_UNKNOWN)
+                self.sessions.settle_ghost(s)
+                continue
+            self.heap.delete(r)
+            self.sessions.detach(r)
+            # As if never sent: the try is not counted.
+            r.attempts -= 1
+            if r.tries_left >= 0:
+                r.tries_left += 1
+            if self.journal.on and r.cid is not None:
+                self.journal.push(("start", r.cid, r.attempts))
+            self.queue.requeue(r)
+            r.state = QUEUED
+            self.queue.count += 1
+            self.counters.add("returned")
+        s.credit = 0
+        self.sessions.offer(s)
 
     @cdef
     def worker_event(self, kind: int, s: Sess) -> None:

@@ -24,6 +24,7 @@ from fastbroker._common import (
     check_seconds,
     zmq_reason,
 )
+from fastbroker.addresses import Addresses, split_addresses
 from fastbroker.protocol import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LIVENESS,
@@ -33,7 +34,7 @@ from fastbroker.protocol import (
     MIN_LIVENESS,
 )
 from fastbroker.wakepipe import WakePipe
-from fastbroker.worker.session import Session, WorkerStats
+from fastbroker.worker.session import CreditGate, Session, WorkerStats
 
 log = logging.getLogger("fastbroker.worker")
 
@@ -288,7 +289,7 @@ class Worker(WorkerBase):
     def __init__(
         self,
         context: Optional[zmq.Context],
-        requests_addr: str,
+        requests_addr: Addresses,
         replies_addr: Optional[str] = None,
         *,
         credit: int = 1,
@@ -300,7 +301,9 @@ class Worker(WorkerBase):
         curve_secret: Optional[security.KeyPath] = None,
         protocol: int = 2,
     ) -> None:
-        self.requests_addr = requests_addr
+        self.brokers = split_addresses(requests_addr)
+        """The brokers it serves: one, or several (a Session each, one credit for all)."""
+        self.requests_addr = self.brokers[0] if len(self.brokers) == 1 else ",".join(self.brokers)
         self.replies_addr = replies_addr
         self.protocol = 2
         self.credit = 1
@@ -322,18 +325,20 @@ class Worker(WorkerBase):
         )
         self._own_context = context is None
         self.context = context if context is not None else zmq.Context(1)
-        self._check_address(requests_addr)
+        for broker in self.brokers:
+            self._check_address(broker)
         # stop() may come from a signal handler or another thread while the
-        # loop sleeps in poll: the pipe wakes it; pool threads use it too.
-        self.wake_pipe = WakePipe()
+        # loop sleeps in poll: the pipe wakes it; pool threads use it too. One per
+        # broker's Session (the first is `wake_pipe`).
+        self._pipes = [WakePipe() for _ in self.brokers]
+        self.wake_pipe = self._pipes[0]
         self._keep_wake_pipe = False
         self._stop = threading.Event()
         self._running = False
         self._not_running = threading.Event()
         self._not_running.set()
         self._closed = False
-        self.stats = WorkerStats()
-        """Counters of this worker (jobs received/answered/failed, reconnects...)."""
+        self._link_stats = [WorkerStats() for _ in self.brokers]
         # Per pool thread: (task id, the session's set of cancelled ids) while a job runs.
         self._job_local = threading.local()
 
@@ -437,6 +442,14 @@ class Worker(WorkerBase):
         session.request_extend(number, task_id, check_seconds("extend", seconds, 0.001, MAX_REQUEST_TIMEOUT_MS / 1000))
 
     @property
+    def stats(self) -> WorkerStats:
+        """Counters of this worker (jobs received/answered/failed, reconnects...); with
+        several brokers, those of every connection summed (``protocol``: the lowest)."""
+        if len(self._link_stats) == 1:
+            return self._link_stats[0]
+        return WorkerStats.total(self._link_stats)
+
+    @property
     def wake_fd(self) -> int:
         """Write end of the pipe that wakes the loop; fit for ``signal.set_wakeup_fd``."""
         return self.wake_pipe.write_fd
@@ -450,10 +463,47 @@ class Worker(WorkerBase):
         self._running = True
         self._not_running.clear()
         try:
-            Session(self).run()
+            if len(self.brokers) == 1:
+                Session(self).run()
+            else:
+                self._run_sessions()
         finally:
             self._running = False
             self._not_running.set()
+
+    def _run_sessions(self) -> None:
+        """One Session per broker, each on a thread of its own but the first, sharing
+        one CreditGate: the credit is exact across the brokers (docs/PROTOCOL.md 4.14)."""
+        gate = CreditGate(self.credit + self.prefetch)
+        sessions = [
+            Session(self, broker, pipe, stats, gate)
+            for broker, pipe, stats in zip(self.brokers, self._pipes, self._link_stats)
+        ]
+        failed: List[BaseException] = []
+
+        def serve(session: Session) -> None:
+            try:
+                session.run()
+            except BaseException as exc:  # stop the others: this worker is broken
+                failed.append(exc)
+                log.exception("the session with %s failed", session.address)
+                self.stop()
+
+        threads = [
+            threading.Thread(target=serve, args=(one,), name=f"fastbroker-worker {one.address}") for one in sessions[1:]
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            sessions[0].run()
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            for thread in threads:
+                thread.join()
+        if failed:
+            raise failed[0]
 
     def stop(self) -> None:
         """Ask run() to hang up: READY(0), finish and answer the jobs held,
@@ -462,8 +512,9 @@ class Worker(WorkerBase):
         self.wake()
 
     def wake(self) -> None:
-        """Wake the I/O loop (pool threads call this when a job is done)."""
-        self.wake_pipe.wake()
+        """Wake the I/O loop (every Session's, with several brokers)."""
+        for pipe in self._pipes:
+            pipe.wake()
 
     @property
     def stopping(self) -> bool:
@@ -479,7 +530,8 @@ class Worker(WorkerBase):
         self._release_context()
         if self._keep_wake_pipe:
             return  # run() failed with jobs still running; they may still wake us
-        self.wake_pipe.close()
+        for pipe in self._pipes:
+            pipe.close()
 
     def _release_context(self) -> None:
         if self._own_context:

@@ -37,6 +37,7 @@ from fastbroker.protocol import (
     CMD_FAILED,
     CMD_HEARTBEAT,
     CMD_READY,
+    CMD_RETURN,
     CMD_TASK,
     R_OK,
     RECV_BATCH,
@@ -70,9 +71,19 @@ class WorkerStats:
     cancelled_unstarted: int = 0  # of which withdrawn before a pool thread took them (FAILED at once)
     protocol: int = 0  # what it speaks now: 2 (FBW02) or 1 (FBW01); 0 before its first connection
     ignored: int = 0  # broker messages not acted on: an unknown command, a TASK or CANCEL with the wrong frames
+    returned: int = 0  # jobs given back (RETURN): they came from one broker while others filled the credit
 
     def as_dict(self) -> Dict[str, int]:
         return asdict(self)
+
+    @classmethod
+    def total(cls, each: Sequence[WorkerStats]) -> WorkerStats:
+        """The counters of several connections summed (``protocol``: the lowest)."""
+        out = cls()
+        for name in asdict(out):
+            values = [getattr(one, name) for one in each]
+            setattr(out, name, min(values) if name == "protocol" else sum(values))
+        return out
 
 
 # A job's outcome from a pool thread: (job number, task id, answer frames or None,
@@ -211,19 +222,72 @@ def _end_pools_at_exit() -> None:
             thread.join()
 
 
-class Session:
-    """Runs one worker's loop until it has stopped and hung up."""
+class CreditGate:
+    """The jobs a worker connected to several brokers holds, one Session per broker:
+    at most ``limit`` (its credit plus prefetch) in all. Each broker is told the whole
+    credit; a job that comes when the gate is full is given back at once (RETURN), and
+    that broker sends nothing more until the Session tells it READY again, which it does
+    when the gate has room (``blocked`` sessions, oldest first, are woken by ``give``)."""
 
-    def __init__(self, worker: Any) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.lock = threading.Lock()
+        self.blocked: List[Session] = []
+
+    def take(self) -> bool:
+        """One more job in hand, if there is room."""
+        with self.lock:
+            if self.held >= self.limit:
+                return False
+            self.held += 1
+            return True
+
+    def give(self) -> None:
+        """A job is no longer in hand: the session that gave jobs back first may offer
+        its credit again (one per slot freed: waking them all would have them all send,
+        and all but one give back again)."""
+        with self.lock:
+            self.held -= 1
+            woken = self.blocked.pop(0) if self.blocked else None
+        if woken is not None:
+            woken.unblock()
+
+    def block(self, session: Session) -> None:
+        """`session` gave jobs back: wake it when there is room (at once if there is)."""
+        with self.lock:
+            if self.held >= self.limit:
+                if session not in self.blocked:
+                    self.blocked.append(session)
+                return
+        session.unblock()
+
+
+class Session:
+    """Runs one worker's loop until it has stopped and hung up: its connection to one
+    broker (a worker given several runs one Session per broker, sharing a CreditGate)."""
+
+    def __init__(
+        self,
+        worker: Any,
+        address: Optional[str] = None,
+        wake_pipe: Any = None,
+        stats: Optional[WorkerStats] = None,
+        gate: Optional[CreditGate] = None,
+    ) -> None:
         self.worker = worker
-        self.address: str = worker.requests_addr
+        self.address: str = worker.requests_addr if address is None else address
+        self.wake_pipe = worker.wake_pipe if wake_pipe is None else wake_pipe
+        self.gate = gate
+        self.returns: List[bytes] = []  # task ids to give back (RETURN) at the next flush
+        self.unblocked = False  # set by the gate (another thread): offer the credit again
         self.heartbeat: float = worker.heartbeat
         self.silence: float = worker.liveness * worker.heartbeat
         self.reconnect_max: float = worker.reconnect_max or self.silence
         self.credit: int = worker.credit
         # Jobs the broker may send beyond those running: they wait here for a thread.
         self.prefetch: int = worker.prefetch
-        self.stats: WorkerStats = worker.stats
+        self.stats: WorkerStats = worker.stats if stats is None else stats
         # FBW02 (many jobs per TASK and per ANSWER) unless the worker asks for FBW01. A
         # broker that never speaks on a new connection may not know FBW02: the next
         # connection tries the other protocol, and so on until one is heard.
@@ -300,6 +364,12 @@ class Session:
                 if self.sock is None and self.reconnect_at is not None and now >= self.reconnect_at:
                     self._open(now)
                 if self.sock is not None:
+                    if self.returns:
+                        self._give_back(now)
+                    if self.unblocked:
+                        # The broker took our credit for full when we gave jobs back.
+                        self.unblocked = False
+                        self.announced = None
                     # READY first on a new connection (the broker answers anything
                     # else from an unknown worker with DISCONNECT) and READY(0)
                     # before the last answers; a raised credit goes after them.
@@ -331,7 +401,7 @@ class Session:
                     self.worker._keep_wake_pipe = True
 
     def _poll(self, now: float) -> None:
-        pipe = self.worker.wake_pipe.read_fd
+        pipe = self.wake_pipe.read_fd
         sock = self.sock
         if sock is not None:
             items: List[Tuple[Any, int]] = [(pipe, _POLLIN), (sock, _POLLIN_OUT if self.outbox else _POLLIN)]
@@ -357,7 +427,7 @@ class Session:
         fewer bytes than asked for has emptied it (a byte written since keeps it
         readable for the next poll), so the read that fails on an empty pipe,
         and its exception, are not needed."""
-        fd = self.worker.wake_pipe.read_fd
+        fd = self.wake_pipe.read_fd
         try:
             for _ in range(64):  # bounded: a pipe holds at most 64 KiB here
                 if len(os.read(fd, 4096)) < 4096:
@@ -577,6 +647,10 @@ class Session:
             self.stats.ignored += 1
             log.warning("ignored a TASK without a task id")
             return
+        if self.gate is not None and not self.gate.take():
+            # Another broker filled the credit meanwhile: this one gets the job back.
+            self.returns.append(bytes(body[0]))
+            return
         self.stats.received += 1
         self.next_job += 1
         number, task_id = self.next_job, bytes(body[0])
@@ -625,9 +699,27 @@ class Session:
             if generation == self.generation and self.sock is not None:
                 self.outbox.append((generation, self._message(CMD_FAILED, task_id, CANCELLED_TYPE, CANCELLED_TEXT)))
 
+    def _give_back(self, now: float) -> None:
+        """RETURN the jobs that came beyond the credit (several brokers), then wait for
+        room (CreditGate.block) before offering the credit to this broker again."""
+        returns, self.returns = self.returns, []
+        self.stats.returned += len(returns)
+        log.debug("gave %d job(s) back to %s: the credit is full", len(returns), self.address)
+        self.outbox.append((self.generation, self._message(CMD_RETURN, *returns)))
+        self._flush(now)
+        assert self.gate is not None
+        self.gate.block(self)
+
+    def unblock(self) -> None:
+        """From the CreditGate (any thread): there is room again; offer the credit."""
+        self.unblocked = True
+        self.wake_pipe.wake()
+
     def _forget(self, number: int, task_id: bytes) -> int:
         """The job is no longer in hand; returns the generation it came on."""
         generation = self.jobs.pop(number)
+        if self.gate is not None:
+            self.gate.give()
         if generation != self.generation:
             self.orphans -= 1
         numbers = self.by_task[task_id]
@@ -681,7 +773,7 @@ class Session:
         is already on its way (the loop clears the flag before taking the results)."""
         if not self.results_pending:
             self.results_pending = True
-            self.worker.wake()
+            self.wake_pipe.wake()
 
     def _process_batch(self, jobs: List[Tuple[int, bytes, List[bytes]]]) -> None:
         """In a pool thread: the user's process_batch over several jobs; each job's

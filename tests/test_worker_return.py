@@ -1,0 +1,172 @@
+"""A worker connected to several brokers keeps one credit for all (issue 17 part 4,
+docs/PROTOCOL.md 4.14): RETURN gives back a job that came beyond the credit, which the
+broker queues again without counting a try and stops sending until the next READY.
+Part 1 plays the worker with raw sockets on each core (make_crig); part 2 runs a real
+fastbroker.Worker against two brokers and checks from its jobs' log that it never ran
+more jobs at once than its credit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from fastbroker import Broker, Client, Worker
+from fastbroker.protocol import (
+    C_STATUS,
+    CMD_DISCONNECT,
+    CMD_RETURN,
+    OPT_NO_ACK,
+    R_OK,
+    STATE_QUEUED,
+    STATE_RUNNING,
+)
+from rigs import LONG_TIMEOUT, assert_stats, new_id, opts, reply, status, wait_until
+
+WAIT = 20.0
+"""Bound of every wait for something that should take well under a second."""
+
+
+# -- 1. the broker's side ----------------------------------------------------------------
+
+
+def test_a_returned_job_is_queued_again_without_counting_a_try(make_crig):
+    rig = make_crig(timeout=LONG_TIMEOUT)
+    worker = rig.dealer()
+    rig.register(worker, 2)
+    client = rig.fbclient()
+    first, second = new_id(), new_id()
+    client.submit(first, b"one", options=opts(OPT_NO_ACK, 0, 1))  # a single try
+    client.submit(second, b"two", options=opts(OPT_NO_ACK, 0, 1))
+    (t1, p1), (t2, p2) = rig.task(worker), rig.task(worker)
+    assert (p1, p2) == ([b"one"], [b"two"])
+    worker.command(CMD_RETURN, t2)
+    rig.pump(lambda: rig.stats()["returned"] == 1)
+    # Queued again, its try not counted: STATUS says no attempt made, 1 try.
+    assert rig.ask(client, C_STATUS, second) == status(second, STATE_QUEUED, 0, 1)
+    # The worker gets nothing more until READY, though it holds 1 job of credit 2,
+    # and not even once that job is answered.
+    rig.quiet(worker)
+    worker.answer(t1, b"-one")
+    assert rig.reply(client) == reply(R_OK, first, b"-one")
+    rig.quiet(worker)
+    assert_stats(rig.stats(), queued=1, idle_workers=0, returned=1, retried=0, timeouts=0)
+    # READY again: the returned job comes back, still with its one try.
+    worker.ready(2)
+    task_id, payload = rig.task(worker)
+    assert payload == [b"two"]
+    assert rig.ask(client, C_STATUS, second) == status(second, STATE_RUNNING, 1, 1)
+    worker.answer(task_id, b"-two")
+    assert rig.reply(client) == reply(R_OK, second, b"-two")
+    assert_stats(rig.stats(), dispatched=3, answered=2, aborted=0)
+
+
+def test_several_jobs_returned_in_one_message(make_crig):
+    rig = make_crig(timeout=LONG_TIMEOUT)
+    worker = rig.dealer()
+    rig.register(worker, 3)
+    client = rig.fbclient()
+    ids = [new_id() for _ in range(3)]
+    for i, rid in enumerate(ids):
+        client.submit(rid, b"%d" % i, options=opts(OPT_NO_ACK))
+    tasks = [rig.task(worker) for _ in ids]
+    worker.command(CMD_RETURN, tasks[1][0], tasks[2][0])
+    rig.pump(lambda: rig.stats()["returned"] == 2)
+    other = rig.dealer()
+    rig.register(other, 5)
+    # In the order they had: job 1, then job 2 (ahead of anything new).
+    assert [rig.task(other)[1] for _ in range(2)] == [[b"1"], [b"2"]]
+
+
+def test_bad_returns_are_dropped_and_counted(make_crig):
+    rig = make_crig(timeout=LONG_TIMEOUT)
+    worker = rig.dealer()
+    rig.register(worker, 1)
+    client = rig.fbclient()
+    rid = new_id()
+    client.submit(rid, b"x", options=opts(OPT_NO_ACK))
+    task_id, _ = rig.task(worker)
+    before = rig.stats()["dropped"]
+    worker.command(CMD_RETURN)  # no task id
+    worker.command(CMD_RETURN, b"short")  # not a task id
+    worker.command(CMD_RETURN, task_id[:8] + b"\xff" * 8)  # not a job of this worker
+    rig.pump(lambda: rig.stats()["dropped"] == before + 3)
+    assert rig.stats()["drops"] == {
+        "worker command with the wrong frames": 1,
+        "answer whose task id is malformed": 1,
+        "answer for an unknown or already answered task": 1,
+    }
+    # The job in hand is not affected; RETURN from a worker it does not know: DISCONNECT.
+    stranger = rig.dealer(live=False)
+    stranger.command(CMD_RETURN, task_id)
+    rig.pump(lambda: stranger.inbox)
+    assert stranger.inbox[0][2] == CMD_DISCONNECT
+    worker.answer(task_id, b"fine")
+    assert rig.reply(client) == reply(R_OK, rid, b"fine")
+    assert rig.stats()["returned"] == 0
+
+
+# -- 2. fastbroker.Worker with two brokers -----------------------------------------------------
+
+
+class Timed(Worker):
+    """Sleeps 5 ms per job and notes (start, end) of each in `spans`."""
+
+    spans: list = []
+    lock = threading.Lock()
+
+    def process(self, data: bytes) -> bytes:
+        start = time.monotonic()
+        time.sleep(0.005)  # a job long enough for two brokers' TASKs to cross
+        with Timed.lock:
+            Timed.spans.append((start, time.monotonic()))
+        return b"-" + data
+
+
+def most_at_once(spans: list) -> int:
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    level = peak = 0
+    for _, step in edges:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+@pytest.mark.parametrize("credit", [1, 2])
+def test_one_credit_for_two_brokers(tmp_path, credit):
+    brokers = [
+        Broker(None, None, None, *(f"ipc://{tmp_path}/{name}{k}" for name in ("req", "wrk", "ans")), heartbeat=0.2)
+        for k in range(2)
+    ]
+    threads = [threading.Thread(target=b.run, name=f"broker{k}") for k, b in enumerate(brokers)]
+    for t in threads:
+        t.start()
+    Timed.spans = []
+    worker = Timed(None, [b.endpoints[1] for b in brokers], credit=credit, heartbeat=0.2)
+    wthread = threading.Thread(target=worker.run, name="worker")
+    wthread.start()
+    try:
+        with Client([b.endpoints[0] for b in brokers]) as client:
+            futures = client.submit_many([b"%d" % i for i in range(200)])
+            assert [f.result(WAIT) for f in futures] == [b"-%d" % i for i in range(200)]
+        # Both brokers were served, and the worker never held more than its credit.
+        answered = [b.stats()["answered"] for b in brokers]
+        assert sum(answered) == 200 and min(answered) > 0, answered
+        assert most_at_once(Timed.spans) <= credit
+        stats = worker.stats
+        assert stats.received == 200 + 0 and stats.answered == 200
+        returned = sum(b.stats()["returned"] for b in brokers)
+        assert returned == stats.returned
+        print(f"credit {credit}: {stats.returned} job(s) returned, answered per broker {answered}")
+    finally:
+        worker.stop()
+        wthread.join(WAIT)
+        worker.close()
+        for b in brokers:
+            b.stop()
+        for t in threads:
+            t.join(WAIT)
+        for b in brokers:
+            b.close()
+    wait_until(lambda: not wthread.is_alive(), WAIT)
