@@ -8,7 +8,7 @@ LOADGEN := bench/.loadgen-built
 SOURCES := pyproject.toml setup.py $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.h' -o -name py.typed)
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint lint-tools format test test-compiled test-pure bench bench-compare bench-smoke soak chaos loadgen clean
+.PHONY: install demo lint lint-tools format test test-compiled test-pure bench bench-compare bench-smoke bench-peers soak chaos loadgen clean
 
 install: $(STAMP)
 
@@ -81,8 +81,30 @@ bench-compare: $(STAMP)
 bench-smoke: $(STAMP) $(LOADGEN)
 	FASTBROKER_BENCH_N=500 FASTBROKER_BENCH_K=500 FASTBROKER_BENCH_ROUNDS=1 \
 	FASTBROKER_DEPTH_DEPTHS=10,10000 FASTBROKER_DEPTH_ROUNDS=2 FASTBROKER_BURST_N=500 FASTBROKER_USER_N=500 \
-	FASTBROKER_LOAD_N=5000 \
+	FASTBROKER_LOAD_N=5000 FASTBROKER_PEERS_N=200 FASTBROKER_PEERS_RTT=5 \
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-disable
+
+# fastbroker beside Dramatiq, Celery, RQ (on Redis) and NATS JetStream, one workload, one run
+# (bench/test_peers.py; bench/README.md, "Peers"): installs the bench-peers extra's packages into the
+# venv (not '.[bench-peers]', which would build fastbroker again) and Debian's redis-server and
+# nats-server when missing (apt-get: root), then runs only those benchmarks, where a missing peer
+# fails instead of skipping; the JSON, its table and its chart go to bench/results-out/ (git-ignored).
+# About 10 minutes on 2 cores; FASTBROKER_PEERS_N (20000 jobs) and PYTEST_ARGS (e.g. -k 1proc) narrow it.
+PEERS_STAMP := $(VENV)/.peers-installed
+PEERS_OUT := bench/results-out
+bench-peers: $(PEERS_STAMP)
+	@command -v redis-server >/dev/null && { command -v nats-server || test -x /usr/sbin/nats-server; } >/dev/null \
+		|| { apt-get update && apt-get install -y redis-server nats-server; }
+	mkdir -p $(PEERS_OUT)
+	FASTBROKER_PEERS_REQUIRED=1 $(PY) -m pytest bench/test_peers.py -p no:cacheprovider --benchmark-only \
+		--benchmark-group-by=group --benchmark-columns=median,rounds --benchmark-json=$(PEERS_OUT)/peers.json $(PYTEST_ARGS)
+	$(PY) -m bench.peers.table $(PEERS_OUT)/peers.json | tee $(PEERS_OUT)/peers.md
+	$(PY) -m bench.plot $(PEERS_OUT)/peers.json -o $(PEERS_OUT)/peers.png --log --title "fastbroker and its peers"
+
+$(PEERS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench-peers"]))' > $(VENV)/bench-peers.txt
+	$(PY) -m pip install --quiet -r $(VENV)/bench-peers.txt
+	touch $(PEERS_STAMP)
 
 # Hostile input, long: 1,000,000 messages at a broker (compiled core) that must stay
 # up, answer a good client right and not grow; see bench/README.md. Options in
@@ -93,12 +115,14 @@ soak: $(STAMP)
 # The crash soak (issue 18): a durable broker SIGKILLed and restarted 3 times, pool
 # children SIGKILLed every 0.1-0.2 s, 5,000 jobs; then the same without a store and
 # with FBC01 clients and FBW01 workers; each against the calm rate of the same pool. Exits non-zero on
-# any wrong, lost or twice-answered job, or a rate below 0.1x calm. Options in
+# any wrong, lost or twice-answered job, or a rate below 0.1x calm; last, two durable
+# brokers (shards) killed in turn, the pool and client given both. Options in
 # CHAOS_ARGS are added to each run.
 chaos: $(STAMP)
 	$(PY) -m bench.chaos --store --min-ratio 0.1 $(CHAOS_ARGS)
 	$(PY) -m bench.chaos --no-store --min-ratio 0.1 $(CHAOS_ARGS)
 	$(PY) -m bench.chaos --store --protocol 1 --min-ratio 0.1 $(CHAOS_ARGS)
+	$(PY) -m bench.chaos --store --shards 2 --broker-kills 4 --min-ratio 0.1 $(CHAOS_ARGS)
 
 # The compiled load generators of bench/e2e.py and bench/test_broker_load.py
 # (bench/_loadgen.pyx), built in place when their sources change; like the core, they

@@ -3,7 +3,7 @@ processes under churn, against the same pool and broker calm, in one run.
 
     python -m bench.chaos [--jobs N] [--workers W] [--credit C] [--store | --no-store]
                           [--kill-every MIN,MAX] [--broker-kills K] [--protocol 1|2]
-                          [--max-seconds S]      (from the repository root)
+                          [--shards S] [--max-seconds S]      (from the repository root)
 
 One broker process (``python -m fastbroker broker --core compiled -T 3 -t 100``, or
 ``--core pure``,
@@ -17,6 +17,10 @@ over ipc in a temporary directory. This process is the client (``fastbroker.Clie
    pool's children every MIN–MAX seconds (the pool restarts it) and the broker is
    SIGKILLed K times, evenly through the run, and started again on the same endpoints
    (and store).
+
+With ``--shards S``: S such brokers (shard k on the endpoints and store file that
+``fastbroker broker --shards`` would give it), the pool and the client given the list;
+the broker kills go to the shards in turn.
 
 Reported: correct, wrong, lost (no outcome by the end), failed (an outcome other than
 the answer: FAILED or TIMED_OUT after 100 tries), answered twice (two outcomes for one
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from fastbroker import Client, Worker
+from fastbroker.addresses import shard_address, shard_path
 
 from bench import e2e
 from bench.proctree import descendants
@@ -66,26 +71,35 @@ class ChaosEcho(Worker):
 class Chaos:
     def __init__(self, run: e2e.Run, args: argparse.Namespace) -> None:
         self.run, self.args = run, args
-        self.addrs = [f"ipc://{run.dir}/{name}" for name in ("req", "wrk", "ans")]
-        self.store = run.dir / "broker.db"
+        base = [f"ipc://{run.dir}/{name}" for name in ("req", "wrk", "ans")]
+        # Shard k's endpoints and store, as `fastbroker broker --shards` numbers them.
+        self.addrs = [[shard_address(a, k) for a in base] for k in range(args.shards)]
+        self.stores = [shard_path(str(run.dir / "broker.db"), k) for k in range(args.shards)]
         self.log = run.dir / "jobs.log"
         run.env[LOG_ENV] = str(self.log)
-        self.broker = self.start_broker()
+        self.brokers = [self.start_broker(k) for k in range(args.shards)]
         hb = ["--heartbeat", "0.2", "--liveness", "3"]
         self.pool = run.start(
-            ["-m", "fastbroker", "worker", "bench.chaos:ChaosEcho", self.addrs[1]]
+            ["-m", "fastbroker", "worker", "bench.chaos:ChaosEcho", ",".join(a[1] for a in self.addrs)]
             + ["--processes", str(args.workers), "--credit", str(args.credit), "--protocol", str(args.protocol), *hb],
             "pool",
         )
         self.worker_kills = 0
         self.broker_kills = 0
 
-    def start_broker(self):
+    @property
+    def requests(self) -> str:
+        """The requests endpoint, or the list of the shards'."""
+        return ",".join(a[0] for a in self.addrs)
+
+    def start_broker(self, shard: int):
         options = ["-T", "3", "-t", "100", "--heartbeat", "0.2", "--liveness", "3"]
         if self.args.store:
-            options += ["--store", str(self.store), "--sync", "normal"]
+            options += ["--store", self.stores[shard], "--sync", "normal"]
         core = self.args.core
-        proc = self.run.start(["-m", "fastbroker", "-v", "broker", "--core", core, *options, *self.addrs], "broker")
+        proc = self.run.start(
+            ["-m", "fastbroker", "-v", "broker", "--core", core, *options, *self.addrs[shard]], f"broker{shard}"
+        )
         self.run.wait_for_broker(proc, "chaos", core, time.monotonic() + e2e.START_WAIT)
         return proc
 
@@ -105,25 +119,26 @@ class Chaos:
                     pass
 
     def kill_broker(self) -> None:
-        self.broker.kill()
-        self.broker.wait(e2e.START_WAIT)
+        shard = self.broker_kills % len(self.brokers)
+        self.brokers[shard].kill()
+        self.brokers[shard].wait(e2e.START_WAIT)
         self.broker_kills += 1
-        self.broker = self.start_broker()
+        self.brokers[shard] = self.start_broker(shard)
 
 
 def outcomes_seen(client: Client) -> Dict[bytes, int]:
     """Counts the outcomes (any kind) that reach the client's socket, per id: a wrapper
     of its RequestBook.on_reply, which its I/O thread calls for every reply."""
     seen: Dict[bytes, int] = collections.Counter()
-    book = client._book
-    original = book.on_reply
+    for book in client._books:  # one per broker
+        original = book.on_reply
 
-    def on_reply(reply):
-        if reply.is_outcome:
-            seen[reply.request_id] += 1
-        original(reply)
+        def on_reply(reply, original=original):
+            if reply.is_outcome:
+                seen[reply.request_id] += 1
+            original(reply)
 
-    book.on_reply = on_reply  # type: ignore[method-assign]
+        book.on_reply = on_reply  # type: ignore[method-assign]
     return seen
 
 
@@ -186,6 +201,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="seconds between two worker kills, MIN,MAX (default 0.1,0.2)",
     )
     p.add_argument("--broker-kills", type=int, default=3, help="broker SIGKILLs and restarts (default 3)")
+    p.add_argument("--shards", type=int, default=1, help="brokers, killed in turn (default 1)")
     p.add_argument(
         "--protocol",
         type=int,
@@ -207,8 +223,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if not 0 < low <= high:
         p.error("--kill-every: 0 < MIN <= MAX")
     args.kill_every = (low, high)
-    if args.jobs < 1 or args.workers < 1 or args.credit < 1 or args.broker_kills < 0:
-        p.error("--jobs, --workers and --credit must be at least 1, --broker-kills at least 0")
+    if args.jobs < 1 or args.workers < 1 or args.credit < 1 or args.broker_kills < 0 or args.shards < 1:
+        p.error("--jobs, --workers, --credit and --shards must be at least 1, --broker-kills at least 0")
     return args
 
 
@@ -221,7 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run = e2e.Run(Path(tmp), argparse.Namespace(transport="ipc"))
         try:
             chaos = Chaos(run, args)
-            with Client(chaos.addrs[0], check_interval=0.5, protocol=args.protocol) as client:
+            with Client(chaos.requests, check_interval=0.5, protocol=args.protocol) as client:
                 seen = outcomes_seen(client)
                 start = time.monotonic()
                 calm = list(client.map(calm_payloads, timeout=None))
@@ -235,7 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rate = result["correct"] / result["wall"] if result["wall"] else 0.0
     ratio = rate / calm_rate
     print(
-        f"chaos: core={args.core} store={'yes' if args.store else 'no'} protocol={args.protocol} jobs={args.jobs} "
+        f"chaos: core={args.core} store={'yes' if args.store else 'no'} protocol={args.protocol} "
+        f"shards={args.shards} jobs={args.jobs} "
         f"workers={args.workers}x{args.credit} kill every {args.kill_every[0]:g}-{args.kill_every[1]:g} s"
     )
     print(

@@ -3,10 +3,11 @@ reports them (``extra_info["jobs_per_s"]``), one panel per benchmark group, and 
 it CPU per job where a benchmark reports it (``extra_info["cpu_us_per_job"]``, a number
 or a dict of per-process figures, summed).
 
-    python -m bench.plot RESULTS.json [-o chart.png] [--title TEXT]
+    python -m bench.plot RESULTS.json [-o chart.png] [--title TEXT] [--log]
 
 Needs matplotlib (``pip install '.[bench]'``; ``make install`` has it). The file type
-follows the output's suffix (.png, .svg, .pdf).
+follows the output's suffix (.png, .svg, .pdf). ``--log``: logarithmic axes, for figures
+that span orders of magnitude (bench/test_peers.py's: RQ's fork per job to fastbroker).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def rows_by_group(data: dict) -> OrderedDict[str, List[Row]]:
     return groups
 
 
-def plot(data: dict, output: Path, title: Optional[str] = None) -> int:
+def plot(data: dict, output: Path, title: Optional[str] = None, log: bool = False) -> int:
     """Draw the chart; returns how many bars it has (0: nothing reported jobs/s)."""
     import matplotlib
 
@@ -65,6 +66,9 @@ def plot(data: dict, output: Path, title: Optional[str] = None) -> int:
         rates = [rate for _, rate, _ in rows]
         ax = row_axes[0]
         ax.barh(labels, rates, color="tab:blue")
+        if log:
+            ax.set_xscale("log")
+        ax.margins(x=0.15)  # room for the figures written after each bar
         ax.invert_yaxis()
         ax.set_title(f"{group}: jobs/s", fontsize=10)
         for y, rate in enumerate(rates):
@@ -78,8 +82,15 @@ def plot(data: dict, output: Path, title: Optional[str] = None) -> int:
                 continue
             cpus = [cpu or 0.0 for _, _, cpu in rows]
             cpu_ax.barh(labels, cpus, color="tab:orange")
+            if log:
+                cpu_ax.set_xscale("log")
+            cpu_ax.margins(x=0.15)
             cpu_ax.invert_yaxis()
             cpu_ax.set_title(f"{group}: CPU µs per job (all processes)", fontsize=10)
+            for y, cpu in enumerate(cpus):
+                cpu_ax.annotate(
+                    f"{cpu:,.0f}", (cpu, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8
+                )
             cpu_ax.set_yticklabels([])
     if title:
         fig.suptitle(title)
@@ -94,6 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("json", type=Path, help="a file written by pytest --benchmark-json")
     p.add_argument("-o", "--output", type=Path, default=None, help="the chart (default: the JSON's name, .png)")
     p.add_argument("--title", default=None)
+    p.add_argument("--log", action="store_true", help="logarithmic axes (figures spanning orders of magnitude)")
     args = p.parse_args(argv)
     try:
         data: Dict = json.loads(args.json.read_text())
@@ -102,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     output = args.output or args.json.with_suffix(".png")
     try:
-        bars = plot(data, output, args.title)
+        bars = plot(data, output, args.title, args.log)
     except ImportError:
         print("bench.plot: error: matplotlib is not installed (pip install '.[bench]')", file=sys.stderr)
         return 2
