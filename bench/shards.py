@@ -13,6 +13,12 @@ the jobs/s of all clients together, and the CPU of every process (the shards, th
 clients, the workers) per job. On a machine with fewer cores than processes the gain is
 bounded by the cores: the CPU columns say where they went.
 
+Part 3, the worker. One ``fastbroker worker bench.test_user_path:Echo --credit 64``
+process given the list of B brokers (``--worker-brokers``, default 1,4), each broker fed
+by its own compiled FBC02 client at once (``--worker-jobs`` in all): the worker
+process's CPU per job, its jobs/s, and the jobs it gave back (RETURN, broker counter
+``returned``), against B = 1.
+
 Part 2, the client. ``fastbroker.Client.map`` of ``--client-jobs`` empty jobs in this
 process, against ``fastbroker broker --shards B`` for each B of ``--client-brokers``
 (its list of B brokers), each shard with a compiled FBW02 worker: the CPU of this
@@ -31,6 +37,7 @@ import time
 from typing import ContextManager, Dict, List, Optional, Sequence
 
 from fastbroker.addresses import shard_address
+from fastbroker.server.metrics import request_stats
 
 from bench.e2e import (
     LOADGEN_ERROR,
@@ -38,6 +45,7 @@ from bench.e2e import (
     Lines,
     Run,
     _loadgen,
+    child_dealer,
     cpu_seconds,
     go_and_collect,
     machine,
@@ -142,6 +150,48 @@ def measure_client(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
         return {"brokers": brokers, "rate": n / wall, "cpu_us": cpu / n * 1e6}
 
 
+def measure_worker(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
+    """One round of part 3: one Python Worker process serving a list of `brokers`."""
+    with contextlib_run(args) as run:
+        _, endpoints, _ = start_shards(run, brokers)
+        worker = run.start(
+            ["-m", "fastbroker", "-v", "worker", "bench.test_user_path:Echo", ",".join(w for _, w in endpoints)]
+            + ["--credit", "64"],
+            "worker",
+        )
+        deadline = time.monotonic() + START_WAIT
+        while run.stderr_of(worker).count("connected to") < brokers:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not connect:\n{run.stderr_of(worker)}")
+            time.sleep(0.01)
+        me = str(os.getpid())
+        share = [args.worker_jobs // brokers + (1 if k < args.worker_jobs % brokers else 0) for k in range(brokers)]
+        clients = [
+            run.start(
+                ["-m", "bench.e2e", "_client", req, str(n), "256", "16", "500", me, "compiled", "fbc2"],
+                f"client{k}",
+                stdin=True,
+            )
+            for k, ((req, _), n) in enumerate(zip(endpoints, share))
+        ]
+        readers = [Lines(c, f"client{k}") for k, c in enumerate(clients)]
+        wait_warm(readers)
+        cpu0 = cpu_seconds(worker.pid)
+        results = go_and_collect(clients, readers, 300.0)
+        cpu = cpu_seconds(worker.pid) - cpu0
+        jobs = sum(r["n"] for r in results)
+        elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+        returned = 0
+        for req, _ in endpoints:
+            sock = child_dealer(req)
+            try:
+                figures = request_stats(sock, START_WAIT)
+            finally:
+                sock.close(0)
+            returned += figures["returned"] if figures else 0
+        return {"brokers": brokers, "rate": jobs / elapsed, "cpu_us": cpu / jobs * 1e6, "returned": returned / jobs}
+
+
 def contextlib_run(args: argparse.Namespace) -> ContextManager[Run]:
     """A bench.e2e Run (its children killed at the end) in a temporary directory."""
     args.transport, args.cpus = "ipc", (None, None)
@@ -170,6 +220,25 @@ def report_brokers(results: List[Dict[str, object]], args: argparse.Namespace) -
         )
 
 
+def report_worker(results: List[Dict[str, float]], args: argparse.Namespace) -> None:
+    print(
+        f"part 3: one fastbroker worker (credit 64) serving a list of B brokers, each fed by a compiled client; "
+        f"{args.worker_jobs} jobs; median of {args.rounds}"
+    )
+    print("| brokers in the list | jobs/s | worker CPU µs/job | × 1 broker | jobs given back per job run |")
+    print("|---:|---:|---:|---:|---:|")
+    med = statistics.median
+    base = None
+    for b in args.worker_brokers:
+        rs = [r for r in results if r["brokers"] == b]
+        cpu = med(r["cpu_us"] for r in rs)
+        base = base or cpu
+        print(
+            f"| {b} | {med(r['rate'] for r in rs):,.0f} | {cpu:.1f} | {cpu / base:.2f} "
+            f"| {med(r['returned'] for r in rs):.2f} |"
+        )
+
+
 def report_client(results: List[Dict[str, float]], args: argparse.Namespace) -> None:
     print(f"part 2: fastbroker.Client.map of {args.client_jobs} jobs over a list of B brokers; median of {args.rounds}")
     print("| brokers in the list | jobs/s | client CPU µs/job | × 1 broker |")
@@ -193,17 +262,17 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5000, help="unmeasured jobs per client first (default 5000)")
     p.add_argument("--client-brokers", default="1,4", help="list lengths of part 2 (default 1,4; empty: skip)")
     p.add_argument("--client-jobs", type=int, default=20_000, help="jobs per round of part 2 (default 20000)")
+    p.add_argument("--worker-brokers", default="1,4", help="list lengths of part 3 (default 1,4; empty: skip)")
+    p.add_argument("--worker-jobs", type=int, default=40_000, help="jobs per round of part 3 (default 40000)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, interleaved; medians reported (default 3)")
     args = p.parse_args(argv)
     args.shards = [int(x) for x in args.shards.split(",") if x.strip()]
     args.client_brokers = [int(x) for x in args.client_brokers.split(",") if x.strip()]
+    args.worker_brokers = [int(x) for x in args.worker_brokers.split(",") if x.strip()]
     if _loadgen is None:
         p.error(f"bench._loadgen does not import ({LOADGEN_ERROR}); run `make loadgen`")
-    if (
-        args.jobs < 1
-        or args.client_jobs < 1
-        or args.rounds < 1
-        or any(s < 1 for s in args.shards + args.client_brokers)
+    if min(args.jobs, args.client_jobs, args.worker_jobs, args.rounds) < 1 or any(
+        s < 1 for s in args.shards + args.client_brokers + args.worker_brokers
     ):
         p.error("counts must be >= 1")
     return args
@@ -216,15 +285,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(machine())
     brokers: List[Dict[str, object]] = []
     clients: List[Dict[str, float]] = []
+    workers: List[Dict[str, float]] = []
     for _ in range(args.rounds):
         for s in args.shards:
             brokers.append(measure_brokers(args, s))
         for b in args.client_brokers:
             clients.append(measure_client(args, b))
+        for b in args.worker_brokers:
+            workers.append(measure_worker(args, b))
     if brokers:
         report_brokers(brokers, args)
     if clients:
         report_client(clients, args)
+    if workers:
+        report_worker(workers, args)
     return 0
 
 

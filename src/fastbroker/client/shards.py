@@ -94,6 +94,12 @@ class ShardedBook:
     def _order(self, request_id: bytes) -> List[int]:
         return search_order(request_id, len(self.books))
 
+    def _search(self, request_id: bytes) -> List[int]:
+        """The brokers to ask about an id, from its home; those down last (one that
+        does not answer would hold the question up)."""
+        order = self._order(request_id)
+        return [s for s in order if self.down[s] is None] + [s for s in order if self.down[s] is not None]
+
     def _live(self, request_id: bytes) -> int:
         order = self._order(request_id)
         for shard in order:
@@ -122,10 +128,13 @@ class ShardedBook:
     # -- the RequestBook interface -------------------------------------------------------
 
     def submit(self, request_id: bytes, message: List[bytes], future: Any, multipart: bool) -> None:
-        shard = self.placed.get(request_id)
-        if shard is None:
-            shard = self._live(request_id)
-            if shard != home_shard(request_id, len(self.books)):
+        # The common case first, without building the search order: the home is live
+        # and the id was not placed elsewhere.
+        shard = zlib.crc32(request_id) % len(self.books)
+        if self.down[shard] is not None or (self.placed and request_id in self.placed):
+            shard = self.placed.get(request_id, -1)
+            if shard < 0:
+                shard = self._live(request_id)
                 self.placed[request_id] = shard
         self.books[shard].submit(request_id, message, future, multipart)
 
@@ -134,7 +143,7 @@ class ShardedBook:
         if shard is not None:
             self.books[shard].watch(request_id, future, multipart)
             return
-        order = self._order(request_id)
+        order = self._search(request_id)
         self.books[order[0]].watch(request_id, _Chain(future, request_id, order[1:], multipart, "watch"), multipart)
 
     def query(self, request_id: bytes, future: Any) -> None:
@@ -142,7 +151,7 @@ class ShardedBook:
         if shard is not None:
             self.books[shard].query(request_id, future)
             return
-        order = self._order(request_id)
+        order = self._search(request_id)
         self.books[order[0]].query(request_id, _Chain(future, request_id, order[1:], False, "query"))
 
     def cancel(self, request_id: bytes) -> None:
