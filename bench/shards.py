@@ -220,36 +220,34 @@ def report_brokers(results: List[Dict[str, object]], args: argparse.Namespace) -
         )
 
 
+def _ratio_table(results: List[Dict[str, float]], lengths: Sequence[int], columns: List[tuple]) -> None:
+    """Print a table of medians per list length, the CPU column also as a ratio to the
+    first length; `columns`: (header, key, format), the CPU one keyed "cpu_us"."""
+    print("| brokers in the list | " + " | ".join(h for h, _, _ in columns) + " | × 1 broker |")
+    print("|---:|" + "---:|" * (len(columns) + 1))
+    base = None
+    for b in lengths:
+        rs = [r for r in results if r["brokers"] == b]
+        cells = [fmt.format(statistics.median(r[key] for r in rs)) for _, key, fmt in columns]
+        cpu = statistics.median(r["cpu_us"] for r in rs)
+        base = base or cpu
+        print(f"| {b} | " + " | ".join(cells) + f" | {cpu / base:.2f} |")
+
+
 def report_worker(results: List[Dict[str, float]], args: argparse.Namespace) -> None:
     print(
         f"part 3: one fastbroker worker (credit 64) serving a list of B brokers, each fed by a compiled client; "
         f"{args.worker_jobs} jobs; median of {args.rounds}"
     )
-    print("| brokers in the list | jobs/s | worker CPU µs/job | × 1 broker | jobs given back per job run |")
-    print("|---:|---:|---:|---:|---:|")
-    med = statistics.median
-    base = None
-    for b in args.worker_brokers:
-        rs = [r for r in results if r["brokers"] == b]
-        cpu = med(r["cpu_us"] for r in rs)
-        base = base or cpu
-        print(
-            f"| {b} | {med(r['rate'] for r in rs):,.0f} | {cpu:.1f} | {cpu / base:.2f} "
-            f"| {med(r['returned'] for r in rs):.2f} |"
-        )
+    columns = [("jobs/s", "rate", "{:,.0f}"), ("worker CPU µs/job", "cpu_us", "{:.1f}")]
+    _ratio_table(results, args.worker_brokers, columns + [("given back per job run", "returned", "{:.2f}")])
 
 
 def report_client(results: List[Dict[str, float]], args: argparse.Namespace) -> None:
     print(f"part 2: fastbroker.Client.map of {args.client_jobs} jobs over a list of B brokers; median of {args.rounds}")
-    print("| brokers in the list | jobs/s | client CPU µs/job | × 1 broker |")
-    print("|---:|---:|---:|---:|")
-    med = statistics.median
-    base = None
-    for b in args.client_brokers:
-        rs = [r for r in results if r["brokers"] == b]
-        cpu = med(r["cpu_us"] for r in rs)
-        base = base or cpu
-        print(f"| {b} | {med(r['rate'] for r in rs):,.0f} | {cpu:.1f} | {cpu / base:.2f} |")
+    _ratio_table(
+        results, args.client_brokers, [("jobs/s", "rate", "{:,.0f}"), ("client CPU µs/job", "cpu_us", "{:.1f}")]
+    )
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
