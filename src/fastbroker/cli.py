@@ -240,6 +240,18 @@ def _port(text: str) -> int:
     return value
 
 
+def _add_query_wait(p: argparse.ArgumentParser, per_command: bool = False) -> None:
+    """-w/--wait of the one-shot client commands (status, cancel, stats, dead)."""
+    p.add_argument(
+        "-w",
+        "--wait",
+        type=_wait,
+        default=DEFAULT_QUERY_WAIT,
+        metavar="SECONDS",
+        help=f"seconds to wait for the broker{', per command' if per_command else ''} (default: {DEFAULT_QUERY_WAIT:g})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastbroker", description="ZeroMQ task broker: workers ask for jobs when ready.")
     parser.add_argument("--version", action="version", version=f"fastbroker {__version__}")
@@ -508,14 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         "address", metavar="ADDR", help="the broker's requests endpoint, or several brokers' comma-separated"
     )
     p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
-    p.add_argument(
-        "-w",
-        "--wait",
-        type=_wait,
-        default=DEFAULT_QUERY_WAIT,
-        metavar="SECONDS",
-        help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})",
-    )
+    _add_query_wait(p)
 
     p = sub.add_parser(
         "cancel",
@@ -530,14 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         "address", metavar="ADDR", help="the broker's requests endpoint, or several brokers' comma-separated"
     )
     p.add_argument("request_id", metavar="ID", type=_request_id, help="the request id: 32 hex digits or a uuid")
-    p.add_argument(
-        "-w",
-        "--wait",
-        type=_wait,
-        default=DEFAULT_QUERY_WAIT,
-        metavar="SECONDS",
-        help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})",
-    )
+    _add_query_wait(p)
 
     p = sub.add_parser(
         "stats",
@@ -552,14 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         "address", metavar="ADDR", help="the broker's requests endpoint, or several brokers' comma-separated"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object (the names as the broker sends them)")
-    p.add_argument(
-        "-w",
-        "--wait",
-        type=_wait,
-        default=DEFAULT_QUERY_WAIT,
-        metavar="SECONDS",
-        help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})",
-    )
+    _add_query_wait(p)
 
     p = sub.add_parser(
         "dead",
@@ -592,14 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"list at most N (0 to {MAX_DEAD_LIST}; default: 100)",
     )
     c.add_argument("--json", action="store_true", help="print one JSON object")
-    c.add_argument(
-        "-w",
-        "--wait",
-        type=_wait,
-        default=DEFAULT_QUERY_WAIT,
-        metavar="SECONDS",
-        help=f"seconds to wait for the broker (default: {DEFAULT_QUERY_WAIT:g})",
-    )
+    _add_query_wait(c)
     c = dead_sub.add_parser(
         "requeue",
         help="queue dead requests again, by id or all",
@@ -616,14 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("request_ids", metavar="ID", type=_request_id, nargs="*", help="request ids: 32 hex digits or uuids")
     c.add_argument("--all", action="store_true", help="every dead request (oldest first, while the queue has room)")
-    c.add_argument(
-        "-w",
-        "--wait",
-        type=_wait,
-        default=DEFAULT_QUERY_WAIT,
-        metavar="SECONDS",
-        help=f"seconds to wait for the broker, per command (default: {DEFAULT_QUERY_WAIT:g})",
-    )
+    _add_query_wait(c, per_command=True)
 
     p = sub.add_parser(
         "keygen",
