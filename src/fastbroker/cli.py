@@ -797,9 +797,13 @@ class _Brokers:
 
         return request_once(self.socket(shard), message, request_id, self.wait)
 
-    def search(self, message: List[bytes], request_id: bytes) -> Tuple[Optional[Reply], List[str]]:
+    def search(
+        self, message: List[bytes], request_id: bytes, final: Optional[Sequence[bytes]] = None
+    ) -> Tuple[Optional[Reply], List[str]]:
         """Ask the brokers about an id in order from its home (client/shards.py) until one
-        knows it: (that reply, or the last UNKNOWN, or None; the brokers that said nothing)."""
+        answers with a reply of a kind in `final` (None: any but UNKNOWN): (that reply, or
+        else the first other than UNKNOWN, or an UNKNOWN, or None; the brokers that said
+        nothing)."""
         from fastbroker.client.shards import search_order
         from fastbroker.protocol import R_UNKNOWN
 
@@ -810,8 +814,10 @@ class _Brokers:
             if reply is None:
                 silent.append(self.addresses[shard])
                 continue
-            found = reply
-            if reply.kind != R_UNKNOWN:
+            if found is None or found.kind == R_UNKNOWN:
+                found = reply
+            if (reply.kind != R_UNKNOWN) if final is None else (reply.kind in final):
+                found = reply
                 break
         return found, silent
 
@@ -1004,7 +1010,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
         requeue_all_message,
         requeue_message,
     )
-    from fastbroker.client.shards import merge_dead, search_order
+    from fastbroker.client.shards import merge_dead
     from fastbroker.protocol import R_DEAD, R_REJECTED, R_REQUEUED, R_UNKNOWN
 
     if args.dead_command == "requeue" and bool(args.request_ids) == bool(args.all):
@@ -1045,17 +1051,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
         status = EXIT_OK
         for rid in args.request_ids:
             # Each broker from the id's home on, until one requeues it or refuses.
-            reply, silent = None, []
-            for shard in search_order(rid, len(brokers.addresses)):
-                answer = brokers.ask(shard, requeue_message(rid), rid)
-                if answer is None:
-                    silent.append(brokers.addresses[shard])
-                    continue
-                if reply is None or reply.kind == R_UNKNOWN:
-                    reply = answer
-                if answer.kind in (R_REQUEUED, R_REJECTED):
-                    reply = answer
-                    break
+            reply, silent = brokers.search(requeue_message(rid), rid, (R_REQUEUED, R_REJECTED))
             if reply is None or (silent and reply.kind == R_UNKNOWN):
                 return brokers.no_answer(silent)
             if reply.kind == R_REQUEUED:
