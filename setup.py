@@ -1,4 +1,4 @@
-"""Build the compiled core; everything else is in pyproject.toml.
+"""Build the compiled parts; everything else is in pyproject.toml.
 
 The extension needs no zmq.h and links no libzmq: it resolves libzmq's functions at
 import time from the copy pyzmq already loaded (see src/fastbroker/_zmqdl.h).
@@ -11,12 +11,24 @@ from setuptools import Extension, setup
 
 # One extension module from one .pyx: _core.pyx includes its parts, core/*.pxi (found
 # relative to it; cythonize rebuilds when one of them changes), and _core.pxd declares them.
-extension = Extension(
+core = Extension(
     "fastbroker._core",
     ["src/fastbroker/_core.pyx"],
     include_dirs=["src/fastbroker"],
     libraries=["dl"],
     extra_compile_args=["-O2"],
 )
+# The worker's compiled session: its I/O loop on a thread of its own, without the GIL.
+worker_session = Extension(
+    "fastbroker.worker._session",
+    ["src/fastbroker/worker/_session.pyx"],
+    include_dirs=["src/fastbroker"],
+    libraries=["dl", "pthread"],
+    extra_compile_args=["-O2"],
+)
 
-setup(ext_modules=cythonize([extension], language_level=3, compiler_directives={"embedsignature": True}))
+setup(
+    ext_modules=cythonize(
+        [core, worker_session], language_level=3, compiler_directives={"embedsignature": True}
+    )
+)

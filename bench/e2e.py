@@ -371,7 +371,12 @@ class Run:
         self.count = 0
 
     def start(
-        self, argv: Sequence[str], name: str, stdin: bool = False, cpus: Optional[Sequence[int]] = None
+        self,
+        argv: Sequence[str],
+        name: str,
+        stdin: bool = False,
+        cpus: Optional[Sequence[int]] = None,
+        env: Optional[Dict[str, str]] = None,
     ) -> subprocess.Popen:
         self.count += 1
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
@@ -382,7 +387,7 @@ class Run:
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=f,
-                env=self.env,
+                env=self.env if env is None else {**self.env, **env},
                 cwd=str(REPO),
                 start_new_session=True,
                 preexec_fn=pin,

@@ -17,8 +17,10 @@ Rows: ``fbc02-fbw02`` is what a user gets by default (client and worker batch);
 ``fbc02-fbw01`` and ``fbc01-fbw01`` the same client and worker with ``protocol=1``;
 ``fbc02-fbw02-credit1`` the default protocols with ``--credit 1`` (one job at a time in the
 worker: the round trip per job); ``fbc02-fbw02-pure`` the default with the broker's pure
-core. The broker and worker processes are started again for each row that needs another
-core, worker protocol or credit.
+core; the ``-pure-session`` rows run the worker's pure-Python session (FASTBROKER_PURE=1 in
+the worker process only) instead of its compiled one (issue 15), at credit 64 and 1. The
+broker and worker processes are started again for each row that needs another core,
+worker protocol, credit or session.
 """
 
 from __future__ import annotations
@@ -107,11 +109,12 @@ class Served:
         self.pids = {"echo server": server.pid}
         self.broker: Optional[subprocess.Popen] = None
         self.worker: Optional[subprocess.Popen] = None
-        self.setup: Tuple[str, int, int] = ("", 0, 0)
+        self.setup: Tuple[str, int, int, str] = ("", 0, 0, "")
 
-    def use(self, core: str, protocol: int, credit: int) -> None:
-        """A broker of `core` and one worker process speaking `protocol` with `credit`."""
-        if self.setup == (core, protocol, credit):
+    def use(self, core: str, protocol: int, credit: int, session: str = "compiled") -> None:
+        """A broker of `core` and one worker process speaking `protocol` with `credit`,
+        on its `session` ("compiled" or "pure")."""
+        if self.setup == (core, protocol, credit, session):
             return
         for proc in (self.worker, self.broker):
             if proc is not None:
@@ -123,10 +126,12 @@ class Served:
         self.run.wait_for_broker(self.broker, "user-path", core, deadline)
         argv = ["-m", "fastbroker", "worker", "bench.test_user_path:Echo", self.work]
         self.worker = self.run.start(
-            [*argv, "--credit", str(credit), "--protocol", str(protocol)], f"worker-fbw0{protocol}-{credit}"
+            [*argv, "--credit", str(credit), "--protocol", str(protocol)],
+            f"worker-fbw0{protocol}-{credit}-{session}",
+            env={"FASTBROKER_PURE": "1" if session == "pure" else ""},
         )
         self.pids.update(broker=self.broker.pid, worker=self.worker.pid)
-        self.setup = (core, protocol, credit)
+        self.setup = (core, protocol, credit, session)
 
 
 @pytest.fixture(scope="module")
@@ -184,23 +189,32 @@ def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
     _record(benchmark, "bare-echo", walls, cpu)
 
 
-# (name, broker core, client protocol, worker protocol, worker credit)
+# (name, broker core, client protocol, worker protocol, worker credit, worker session)
 ROWS = [
-    ("fbc02-fbw02", "compiled", 2, 2, CREDIT),
-    ("fbc02-fbw01", "compiled", 2, 1, CREDIT),
-    ("fbc01-fbw01", "compiled", 1, 1, CREDIT),
-    ("fbc02-fbw02-credit1", "compiled", 2, 2, 1),
-    ("fbc02-fbw02-pure", "pure", 2, 2, CREDIT),
+    ("fbc02-fbw02", "compiled", 2, 2, CREDIT, "compiled"),
+    ("fbc02-fbw02-pure-session", "compiled", 2, 2, CREDIT, "pure"),
+    ("fbc02-fbw01", "compiled", 2, 1, CREDIT, "compiled"),
+    ("fbc01-fbw01", "compiled", 1, 1, CREDIT, "compiled"),
+    ("fbc02-fbw02-credit1", "compiled", 2, 2, 1, "compiled"),
+    ("fbc02-fbw02-credit1-pure-session", "compiled", 2, 2, 1, "pure"),
+    ("fbc02-fbw02-pure", "pure", 2, 2, CREDIT, "compiled"),
 ]
 
 
-@pytest.mark.parametrize("name, core, protocol, worker_protocol, credit", ROWS, ids=[row[0] for row in ROWS])
+@pytest.mark.parametrize("name, core, protocol, worker_protocol, credit, session", ROWS, ids=[row[0] for row in ROWS])
 def test_client_map_worker_subclass(
-    benchmark, served: Served, name: str, core: str, protocol: int, worker_protocol: int, credit: int
+    benchmark,
+    served: Served,
+    name: str,
+    core: str,
+    protocol: int,
+    worker_protocol: int,
+    credit: int,
+    session: str,
 ) -> None:
     benchmark.group = "user-path"
     walls: List[float] = []
-    served.use(core, worker_protocol, credit)
+    served.use(core, worker_protocol, credit, session)
     with Client(served.address, protocol=protocol) as client:
         assert client.call(b"warm", wait=WAIT_LIMIT) == b"warm"
 
@@ -215,6 +229,36 @@ def test_client_map_worker_subclass(
         cpu = meter.per_job(USER_N * (SIZES.socket_rounds + 1))
         assert client.stats()["protocol"] == protocol
     _record(benchmark, name, walls, cpu)
+
+
+CALLS = min(USER_N, 2000)
+
+
+@pytest.mark.parametrize("session", ["compiled", "pure"])
+def test_one_call_at_a_time(benchmark, served: Served, session: str) -> None:
+    """The single-job round trip (issue 15: not slower on the compiled session): one
+    ``call()`` at a time, CALLS per round, through a ``--credit 1`` worker on either
+    session; extra_info has the p50 and p99 of every call's round trip."""
+    benchmark.group = "user-path-call"
+    served.use("compiled", 2, 1, session)
+    latencies: List[int] = []
+    with Client(served.address) as client:
+        assert client.call(b"warm", wait=WAIT_LIMIT) == b"warm"
+
+        def one_round() -> None:
+            for payload in PAYLOADS[:CALLS]:
+                start = time.perf_counter_ns()
+                answer = client.call(payload, wait=WAIT_LIMIT)
+                latencies.append(time.perf_counter_ns() - start)
+                assert answer == payload
+
+        benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
+    latencies.sort()
+    benchmark.extra_info.update(
+        calls=CALLS,
+        p50_us=round(latencies[len(latencies) // 2] / 1e3, 1),
+        p99_us=round(latencies[len(latencies) * 99 // 100] / 1e3, 1),
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["_echo"]:

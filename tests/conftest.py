@@ -42,6 +42,12 @@ def pytest_sessionstart(session):
             "the compiled extension did not load",
             returncode=3,
         )
+    if os.environ.get(REQUIRE_COMPILED_ENV) == "1" and _select.worker_session()[1] != "compiled":
+        pytest.exit(
+            f"{REQUIRE_COMPILED_ENV}=1 but the worker's session is the pure one: "
+            "the compiled extension fastbroker.worker._session did not load",
+            returncode=3,
+        )
 
 
 def pytest_runtest_setup(item):

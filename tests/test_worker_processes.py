@@ -398,6 +398,52 @@ def test_job_ten_heartbeats_long_runs_once(cls, procs, ctx, pending, log_path, c
     assert stats["workers_joined"] == 2, stats
 
 
+@pytest.mark.parametrize(
+    "cls",
+    [
+        "DealerSpin",
+        pytest.param(
+            "DealerGilHolder",
+            marks=pytest.mark.compiled_only(
+                reason="needs the compiled core: the pure session's loop takes the GIL for each heartbeat"
+            ),
+        ),
+    ],
+    ids=["python-cpu-bound", "gil-held-in-c"],
+)
+def test_job_holding_the_gil_ten_seconds_keeps_its_worker(cls, procs, ctx, pending, log_path, core_name):
+    """Issue 15: a job that keeps the GIL for 10 s (100 heartbeats, 33 times the broker's
+    patience): in Python code (both sessions), or in C without ever letting it go (the
+    compiled session, whose loop heartbeats without the GIL). The worker is not taken
+    for dead, its job runs once, and the job sent meanwhile goes to the other worker:
+    the busy one, at credit 1, gets nothing more."""
+    broker = start_broker(procs, "tcp", core_name, "-T", "60")
+    workers = [start_dealer(procs, broker, cls, log_path, f"w{n}") for n in range(2)]
+    warm_up(ctx, broker, {w.pid for w in workers}, log_path, procs, "warm")
+    warm_ups = len(events(log_path, prefix="0:warm-"))
+
+    seconds = 10
+    payload = f"{seconds}:hold".encode()
+    job = pending(broker.requests, payload)
+    started = wait_until(lambda: events(log_path, prefix=payload.decode()), timeout=WAIT, message="the job's start")
+    holder = started[0].pid
+    meanwhile = pending(broker.requests, b"0:meanwhile")
+    assert meanwhile.answer(procs) == [b"-0:meanwhile"]
+    assert [e.pid for e in events(log_path, prefix="0:meanwhile")] != [holder], read_log(log_path)
+    assert job.answer(procs, wait=WAIT + seconds) == [b"-" + payload]
+    assert meanwhile.answered_at is not None and job.answered_at is not None
+    assert meanwhile.answered_at < job.answered_at
+    assert len(runs(log_path, payload.decode())) == 1, read_log(log_path)
+    for w in workers:
+        err = w.stderr_path.read_text(errors="replace")
+        assert "reconnecting" not in err and "DISCONNECT" not in err, err
+    no_traceback(*workers)
+    stats = stop_broker(broker, procs)
+    assert stats["requeued"] == 0 and stats["workers_dead"] == 0 and stats["timeouts"] == 0, stats
+    assert stats["dispatched"] == stats["answered"] == warm_ups + 2, stats
+    assert stats["workers_joined"] == 2, stats
+
+
 # -- 4. credit ------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ original-worker WORKERS_ADDR ANSWERS_ADDR DROP_RATE SEED`` runs the worker.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import sys
@@ -129,6 +130,18 @@ class _SpinJob:
         return b"-" + data
 
 
+class _GilHoldJob:
+    """Payload ``SECONDS:TAG``: holds the GIL for SECONDS without running Python code,
+    as a C extension that never releases it does: libc's sleep() called through
+    ctypes.PyDLL, which keeps the GIL for the call. Then answers b"-" + data."""
+
+    def process(self, data: bytes) -> bytes:
+        log_event("start", data)
+        ctypes.PyDLL(None).sleep(int(float(data.split(b":", 1)[0])))
+        log_event("done", data)
+        return b"-" + data
+
+
 class Dropped(Exception):
     pass
 
@@ -182,6 +195,10 @@ class DealerGated(_GatedJob, Worker):
 
 class DealerSpin(_SpinJob, Worker):
     """DEALER Worker: ``SECONDS:TAG`` spins the CPU in Python for SECONDS, then answers."""
+
+
+class DealerGilHolder(_GilHoldJob, Worker):
+    pass
 
 
 class DiesAtOnce(Worker):

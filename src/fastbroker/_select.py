@@ -1,4 +1,5 @@
-"""Chooses the broker core: compiled by default, pure Python on request or as a fallback.
+"""Chooses the compiled parts or their pure twins: the broker core and the worker's
+session, compiled by default, pure Python on request or as a fallback.
 
 This module alone reads FASTBROKER_PURE; everything else asks it.
 """
@@ -52,3 +53,32 @@ core, core_name = _default()
 def resolve(name: Optional[str]) -> ModuleType:
     """The core to use for an explicit choice, or the default one for None."""
     return core if name is None else load(name)
+
+
+_worker_session: Optional[tuple[ModuleType, str]] = None
+
+
+def worker_session() -> tuple[ModuleType, str]:
+    """The worker's session module (its ``Session`` and ``CreditGate``) and its name: the
+    compiled one (fastbroker.worker._session) unless FASTBROKER_PURE asks for the pure
+    twin (fastbroker.worker.session) or the extension is missing (then the pure one, with
+    a warning). Chosen once."""
+    global _worker_session
+    if _worker_session is None:
+        from fastbroker.worker import session as pure_session
+
+        if pure_requested():
+            _worker_session = (pure_session, "pure")
+        else:
+            try:
+                from fastbroker.worker import _session  # type: ignore[attr-defined]
+
+                _worker_session = (_session, "compiled")
+            except ImportError as exc:
+                warnings.warn(
+                    f"fastbroker: compiled worker session unavailable ({exc}); using the pure-Python one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                _worker_session = (pure_session, "pure")
+    return _worker_session

@@ -1,7 +1,7 @@
 # The libzmq functions the compiled code uses, as _zmqdl.h declares them: resolved at
 # import through pyzmq's own extension module (fbz_load), so they act on pyzmq's
-# bundled libzmq and no second copy is ever linked. Shared by fastbroker._core and the
-# benchmarks' load generators (bench/_loadgen.pyx).
+# bundled libzmq and no second copy is ever linked. Shared by fastbroker._core, the worker's
+# compiled session (fastbroker.worker._session) and the benchmarks' load generators (bench/_loadgen.pyx).
 
 cdef extern from "_zmqdl.h" nogil:
     ctypedef struct zmsg "fb_zmq_msg_t":
@@ -12,11 +12,14 @@ cdef extern from "_zmqdl.h" nogil:
         short events
         short revents
     int ZPOLLIN "FBZ_POLLIN"
+    int ZPOLLOUT "FBZ_POLLOUT"
     int ZDONTWAIT "FBZ_DONTWAIT"
     int ZSNDMORE "FBZ_SNDMORE"
     int ZETERM "FBZ_ETERM"
     int zmsg_init "fbz_msg_init"(zmsg *m)
     int zmsg_init_size "fbz_msg_init_size"(zmsg *m, size_t size)
+    ctypedef void zfree_fn "fbz_free_fn"(void *data, void *hint)
+    int zmsg_init_data "fbz_msg_init_data"(zmsg *m, void *data, size_t size, zfree_fn *free_fn, void *hint)
     void *zmsg_data "fbz_msg_data"(zmsg *m)
     size_t zmsg_size "fbz_msg_size"(const zmsg *m)
     int zmsg_more "fbz_msg_more"(const zmsg *m)
@@ -27,4 +30,8 @@ cdef extern from "_zmqdl.h" nogil:
     int zmsg_recv "fbz_msg_recv"(zmsg *m, void *socket, int flags)
     int zpoll "fbz_poll"(zpollitem *items, int n, long timeout)
     int zerrno "fbz_errno"()
+    void *zsocket "fbz_socket"(void *context, int kind)
+    int zclose "fbz_close"(void *socket)
+    int zconnect "fbz_connect"(void *socket, const char *address)
+    int zsetsockopt "fbz_setsockopt"(void *socket, int option, const void *value, size_t size)
     const char *fbz_load(const char *path)

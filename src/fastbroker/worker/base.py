@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import zmq
 
-from fastbroker import security
+from fastbroker import _select, security
 from fastbroker._common import (
     BrokerError,
     Closeable,
@@ -34,7 +34,7 @@ from fastbroker.protocol import (
     MIN_LIVENESS,
 )
 from fastbroker.wakepipe import WakePipe
-from fastbroker.worker.session import CreditGate, Session, WorkerStats
+from fastbroker.worker.session import WorkerStats
 
 log = logging.getLogger("fastbroker.worker")
 
@@ -54,8 +54,9 @@ class WorkerBase(Closeable):
 
     def process_multipart(self, frames: List[bytes]) -> Sequence[bytes]:
         """Process a job's payload frames; return the answer frames.
-        By default, joins the frames and calls ``process``."""
-        return [self.process(b"".join(frames))]
+        By default, joins the frames and calls ``process`` (a lone frame as it came:
+        ``bytes``, or a ``memoryview`` with ``Worker.zero_copy_min``)."""
+        return [self.process(frames[0] if len(frames) == 1 else b"".join(frames))]
 
     def process(self, data: bytes) -> bytes:
         """Process a job's payload (frames joined); return the answer."""
@@ -250,8 +251,11 @@ def _check_reconnect_max(value: Optional[float]) -> Optional[float]:
 class Worker(WorkerBase):
     """A DEALER worker speaking FBW01 on the broker's workers endpoint.
 
-    ``run()`` runs the socket's I/O loop in the calling thread and ``process``
-    in a pool of ``credit`` threads, so a long job never delays heartbeats. The
+    ``run()`` runs the socket's I/O loop and ``process`` in up to ``credit``
+    threads, so a long job never delays heartbeats. The loop is compiled and runs on a
+    thread of its own without the GIL: a job that holds the GIL (pure-Python CPU work,
+    or C code that never releases it) does not stop the heartbeats either (the
+    pure-Python loop, under ``FASTBROKER_PURE=1``, needs the GIL for each). The
     worker tells the broker how many jobs it takes at once (``credit``, plus
     ``prefetch``: jobs it may hold waiting for a thread, 0 by default, for very short
     jobs, whose round trip to the broker would leave threads idle; a prefetched job's
@@ -285,6 +289,14 @@ class Worker(WorkerBase):
     stop_grace: float = 0.05
     """Seconds a stopping worker keeps listening after READY(0) for jobs the
     broker sent before reading it (the broker re-queues any it misses anyway)."""
+
+    zero_copy_min: Optional[int] = None
+    """Payload frames of at least this many bytes reach ``process_multipart`` (and
+    ``process``, for a one-frame payload) as read-only ``memoryview``s of the received
+    message, without a copy; None (the default): always ``bytes``. For large payloads
+    whose job reads them without needing ``bytes``' methods (``numpy.frombuffer``,
+    ``hashlib``, slicing). Answers of 64 KiB or more are sent without a copy anyway
+    (``running.ANSWER_ZERO_COPY_MIN``)."""
 
     def __init__(
         self,
@@ -339,7 +351,9 @@ class Worker(WorkerBase):
         self._not_running.set()
         self._closed = False
         self._link_stats = [WorkerStats() for _ in self.brokers]
-        # Per pool thread: (task id, the session's set of cancelled ids) while a job runs.
+        # The sessions of the current (or last) run(): stop() tells them, stats reads them.
+        self._sessions: List[Any] = []
+        # Per job thread: (task id, its session, its job number) while a job runs.
         self._job_local = threading.local()
 
     def _check_address(self, address: str) -> None:
@@ -425,7 +439,7 @@ class Worker(WorkerBase):
         ANSWER or FAILED for it, which the broker needs to free the worker's credit.
         """
         job = getattr(self._job_local, "job", None)
-        return job is not None and job[0] in job[1]
+        return job is not None and job[1].job_cancelled(job[2], job[0])
 
     def extend(self, seconds: float) -> None:
         """Tell the broker that the job running in the calling thread is alive: its
@@ -438,13 +452,15 @@ class Worker(WorkerBase):
         job = getattr(self._job_local, "job", None)
         if job is None:
             raise WorkerBase.Error("extend() is for the thread running process() or process_multipart()")
-        task_id, _, session, number = job
+        task_id, session, number = job
         session.request_extend(number, task_id, check_seconds("extend", seconds, 0.001, MAX_REQUEST_TIMEOUT_MS / 1000))
 
     @property
     def stats(self) -> WorkerStats:
         """Counters of this worker (jobs received/answered/failed, reconnects...); with
         several brokers, those of every connection summed (``protocol``: the lowest)."""
+        for session in self._sessions:
+            session.update_stats()
         if len(self._link_stats) == 1:
             return self._link_stats[0]
         return WorkerStats.total(self._link_stats)
@@ -464,7 +480,13 @@ class Worker(WorkerBase):
         self._not_running.clear()
         try:
             if len(self.brokers) == 1:
-                Session(self).run()
+                # The compiled session unless the pure one is asked for.
+                sessions, _ = _select.worker_session()
+                session = sessions.Session(self, stats=self._link_stats[0])
+                self._sessions = [session]
+                if self.stopping:  # stop() came before the session was listed
+                    session.request_stop()
+                session.run()
             else:
                 self._run_sessions()
         finally:
@@ -474,14 +496,19 @@ class Worker(WorkerBase):
     def _run_sessions(self) -> None:
         """One Session per broker, each on a thread of its own but the first, sharing
         one CreditGate: the credit is exact across the brokers (docs/PROTOCOL.md 4.14)."""
-        gate = CreditGate(self.credit + self.prefetch)
+        chosen, _ = _select.worker_session()
+        gate = chosen.CreditGate(self.credit + self.prefetch)
         sessions = [
-            Session(self, broker, pipe, stats, gate)
+            chosen.Session(self, broker, pipe, stats, gate)
             for broker, pipe, stats in zip(self.brokers, self._pipes, self._link_stats)
         ]
+        self._sessions = list(sessions)
+        if self.stopping:  # stop() came before the sessions were listed
+            for one in sessions:
+                one.request_stop()
         failed: List[BaseException] = []
 
-        def serve(session: Session) -> None:
+        def serve(session: Any) -> None:
             try:
                 session.run()
             except BaseException as exc:  # stop the others: this worker is broken
@@ -509,6 +536,8 @@ class Worker(WorkerBase):
         """Ask run() to hang up: READY(0), finish and answer the jobs held,
         DISCONNECT, return. Safe from other threads and signal handlers."""
         self._stop.set()
+        for session in self._sessions:
+            session.request_stop()
         self.wake()
 
     def wake(self) -> None:

@@ -45,11 +45,9 @@ from fastbroker.protocol import (
     WORKER_SIGNATURE_V2,
 )
 from fastbroker.worker import wire
+from fastbroker.worker.running import run_batch, run_one
 
 log = logging.getLogger("fastbroker.worker")
-
-FAILED_TEXT_LIMIT = 2000
-"""Characters of an exception's message sent in FAILED (the full traceback is logged)."""
 
 CANCELLED_TYPE = b"Cancelled"
 CANCELLED_TEXT = b"cancelled by the client"
@@ -287,6 +285,7 @@ class Session:
         self.credit: int = worker.credit
         # Jobs the broker may send beyond those running: they wait here for a thread.
         self.prefetch: int = worker.prefetch
+        self.views_min: Optional[int] = worker.zero_copy_min
         self.stats: WorkerStats = worker.stats if stats is None else stats
         # FBW02 (many jobs per TASK and per ANSWER) unless the worker asks for FBW01. A
         # broker that never speaks on a new connection may not know FBW02: the next
@@ -527,6 +526,7 @@ class Session:
             # Answers finished while away: one last connection to deliver them.
             self._open(time.monotonic())
         if self.sock is None:
+            self.outbox.clear()
             log.info("stopped (not connected to %s)", self.address)
             return
         now = time.monotonic()
@@ -537,6 +537,9 @@ class Session:
         # Bounded: a vanished broker must not keep the process alive.
         self.sock.close(linger=self.worker.linger_ms)
         self.sock = None
+        # What is left is not sent any more: let the answers go (the Worker keeps its sessions).
+        self.outbox.clear()
+        self.unconfirmed = []
         if dropped:
             log.warning("%d answer(s) could not be queued for %s before disconnecting", dropped, self.address)
         log.info("disconnected from %s", self.address)
@@ -605,10 +608,12 @@ class Session:
             # recv_multipart's copying receive would.
             try:
                 frame = recv(_NOBLOCK, copy=False)
-                frames = [frame.bytes]
+                frames: List[Any] = [frame.bytes]  # bytes, or memoryviews (zero_copy_min)
                 while frame.more:
                     frame = recv(_NOBLOCK, copy=False)
-                    frames.append(frame.bytes)
+                    # Worker.zero_copy_min: a large payload frame as a view of the message.
+                    views = self.views_min
+                    frames.append(frame.bytes if views is None or len(frame) < views else frame.buffer)
             except zmq.Again:
                 return
             now = time.monotonic()
@@ -710,6 +715,14 @@ class Session:
         assert self.gate is not None
         self.gate.block(self)
 
+    def request_stop(self) -> None:
+        """Worker.stop(): nothing to do here, the loop reads ``worker.stopping`` each turn
+        (the compiled twin, whose loop cannot read it without the GIL, sets a flag)."""
+
+    def update_stats(self) -> None:
+        """Worker.stats: nothing to do here, the loop writes ``stats`` itself (the compiled
+        twin copies its counters in)."""
+
     def unblock(self) -> None:
         """From the CreditGate (any thread): there is room again; offer the credit."""
         self.unblocked = True
@@ -731,30 +744,19 @@ class Session:
 
     def _process(self, number: int, task_id: bytes, payload: List[bytes]) -> None:
         """In a pool thread: run the user's code, hand the outcome to the loop."""
-        result: _Result
         local = self.worker._job_local
         # What Worker.cancelled() and Worker.extend() read in this thread while the job runs.
-        local.job = (task_id, self.cancelled, self, number)
+        local.job = (task_id, self, number)
         try:
-            answer = [bytes(frame) for frame in self.worker.process_multipart(payload)]
-            if not answer:
-                raise ValueError("process_multipart returned no frames")
-            if answer == [b""]:
-                log.warning("job %s: the answer is one empty frame, which clients read as an abort", task_id.hex())
-            result = (number, task_id, answer, None)
-        except BaseException as exc:  # anything the job raises is the job's failure, not the worker's
-            if task_id in self.cancelled:
-                # The expected way for a job to stop early: no traceback.
-                log.info(
-                    "job %s stopped after its cancellation (%s); reporting FAILED", task_id.hex(), type(exc).__name__
-                )
-            else:
-                log.exception("job %s: processing failed; reporting FAILED so the broker retries it", task_id.hex())
-            result = (number, task_id, None, (type(exc).__name__, str(exc)[:FAILED_TEXT_LIMIT]))
+            answer, error = run_one(self.worker, task_id, payload, lambda: task_id in self.cancelled)
         finally:
             local.job = None
-        self.results.append(result)
+        self.results.append((number, task_id, answer, error))
         self._result_ready()
+
+    def job_cancelled(self, number: int, task_id: bytes) -> bool:
+        """Worker.cancelled(): whether the broker cancelled this running job."""
+        return task_id in self.cancelled
 
     def request_extend(self, number: int, task_id: bytes, seconds: float) -> None:
         """In a pool thread (Worker.extend): ask the loop to send EXTEND for the job."""
@@ -778,22 +780,8 @@ class Session:
     def _process_batch(self, jobs: List[Tuple[int, bytes, List[bytes]]]) -> None:
         """In a pool thread: the user's process_batch over several jobs; each job's
         outcome goes to the loop as if it had run alone."""
-        results: List[_Result] = []
-        try:
-            answers = list(self.worker.process_batch([b"".join(payload) for _, _, payload in jobs]))
-            if len(answers) != len(jobs):
-                raise ValueError(f"process_batch returned {len(answers)} answers for {len(jobs)} jobs")
-        except BaseException as exc:  # the batch's failure is each job's
-            log.exception("a batch of %d job(s) failed; reporting each FAILED so the broker retries it", len(jobs))
-            error = (type(exc).__name__, str(exc)[:FAILED_TEXT_LIMIT])
-            results = [(number, task_id, None, error) for number, task_id, _ in jobs]
-        else:
-            for (number, task_id, _), answer in zip(jobs, answers):
-                if isinstance(answer, BaseException):
-                    results.append((number, task_id, None, (type(answer).__name__, str(answer)[:FAILED_TEXT_LIMIT])))
-                else:
-                    results.append((number, task_id, [bytes(answer)], None))
-        self.results.extend(results)
+        outcomes = run_batch(self.worker, [payload for _, _, payload in jobs])
+        self.results.extend((number, task_id, *outcome) for (number, task_id, _), outcome in zip(jobs, outcomes))
         self._result_ready()
 
     def _collect_results(self) -> None:
@@ -824,3 +812,9 @@ class Session:
 
     def _message(self, command: bytes, *body: bytes) -> List[bytes]:
         return wire.message(self.signature, command, *body)
+
+
+def drop_released_answers() -> None:
+    """Nothing to do here: pyzmq copies the answers it sends (the compiled twin sends
+    large ones from the job's own object and drops its references here, as its job
+    threads do)."""

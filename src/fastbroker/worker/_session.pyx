@@ -1,0 +1,1426 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The compiled twin of ``fastbroker.worker.session.Session``: one DEALER worker's
+connection to one broker, with the I/O loop in C on a thread of its own that never
+takes the GIL to do its work (docs/ARCHITECTURE.md, "The worker's sessions").
+
+The loop thread owns the socket: connecting and reconnecting with back-off, READY and
+the credit, heartbeats both ways, TASK (FBW01 and FBW02), CANCEL, DISCONNECT, and the
+outbox of ANSWER, FAILED and EXTEND. Python runs only in the job threads: each takes
+a job from the table (waiting without the GIL), runs the user's ``process()`` and puts
+the outcome back. A ``process()`` that holds the GIL for minutes therefore cannot stop
+the heartbeats: the broker keeps the worker, and the job's own deadline is what
+catches a job that never ends.
+
+The loop takes the GIL only to log a change of connection (rare). Same behaviour as
+the pure Session, which stays the twin (FASTBROKER_PURE=1) and is run by the same tests.
+"""
+
+from libc.stdint cimport uint8_t
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memcmp, memmove, memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.unistd cimport read, write
+from cpython.buffer cimport PyBuffer_FillInfo
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+
+cdef extern from "Python.h":
+    void Py_DecRef(PyObject *o)  # a function, on a pointer: no reference taken to drop one
+
+import logging
+import os
+import threading
+
+import zmq
+import zmq.backend.cython._zmq as _pyzmq_backend
+
+from fastbroker import protocol
+from fastbroker.worker.running import ANSWER_ZERO_COPY_MIN, run_batch, run_one
+from fastbroker.worker.session import CANCELLED_TEXT, CANCELLED_TYPE, _watch_at_exit
+
+from fastbroker._protocol cimport *
+from fastbroker._zmqdl cimport (
+    zmsg, zpollitem, ZPOLLIN, ZPOLLOUT, ZDONTWAIT, ZSNDMORE, zmsg_init, zmsg_init_size, zmsg_init_data, zmsg_data,
+    zmsg_size, zmsg_more, zmsg_close, zmsg_copy, zmsg_move, zmsg_send, zmsg_recv, zpoll, zsocket, zclose, zconnect,
+    zsetsockopt, fbz_load,
+)
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_init(pthread_mutex_t *mutex, void *attr)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_cond_init(pthread_cond_t *cond, void *attr)
+    int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
+    int pthread_cond_signal(pthread_cond_t *cond)
+    int pthread_cond_broadcast(pthread_cond_t *cond)
+    int pthread_cond_destroy(pthread_cond_t *cond)
+
+cdef const char *_load_error = fbz_load(os.fsencode(_pyzmq_backend.__file__))
+if _load_error != NULL:
+    raise ImportError("fastbroker.worker._session: " + (<bytes>_load_error).decode())
+protocol.check_compiled(compiled_values(), compiled_signatures())
+
+log = logging.getLogger("fastbroker.worker")
+
+# libzmq's option and socket numbers, from pyzmq (which wraps the same libzmq).
+cdef int _DEALER = zmq.DEALER
+cdef int _LINGER = zmq.LINGER
+cdef int _CURVE_SECRETKEY = zmq.CURVE_SECRETKEY
+cdef int _CURVE_PUBLICKEY = zmq.CURVE_PUBLICKEY
+cdef int _CURVE_SERVERKEY = zmq.CURVE_SERVERKEY
+
+cdef enum:
+    # Slot states.
+    S_FREE = 0
+    S_WAITING = 1  # payload in hand, no thread has it yet
+    S_RUNNING = 2  # a job thread runs it
+    S_DONE = 3  # outcome put back, not yet collected by the loop
+    S_OUTBOX = 4  # to be sent
+    S_SENT = 5  # an ANSWER sent since the broker last spoke (sent again if the connection is lost)
+    # Slot kinds: what the outbox sends.
+    K_ANSWER = 0
+    K_FAILED = 1
+    K_EXTEND = 2
+    K_RETURN = 3  # jobs given back: their ids are the slot's frames
+    # How the loop ended.
+    LOOP_STOPPED = 0  # graceful hang-up
+    LOOP_ABORTED = 1  # run()'s caller was interrupted
+    LOOP_NO_CONTEXT = 2  # the context was terminated under it
+    LOOP_NO_MEMORY = 3
+    # Counters, in WorkerStats' order (STAT_NAMES).
+    N_RECEIVED = 0
+    N_ANSWERED = 1
+    N_FAILED = 2
+    N_CONNECTS = 3
+    N_RECONNECTS = 4
+    N_DISCONNECTS = 5
+    N_HEARTBEATS_SENT = 6
+    N_CANCELLED = 7
+    N_CANCELLED_UNSTARTED = 8
+    N_IGNORED = 9
+    N_RETURNED = 10
+
+STAT_NAMES = (
+    "received", "answered", "failed", "connects", "reconnects", "disconnects", "heartbeats_sent", "cancelled",
+    "cancelled_unstarted", "ignored", "returned",
+)
+
+# Set when an allocation failed: the loop ends (LOOP_NO_MEMORY) at its next turn, and
+# the broker re-queues what this worker held when it sees it gone.
+cdef int _out_of_memory = 0
+cdef char _WAKE_BYTE = 0
+
+# The FAILED of a job cancelled before it started, as C strings for the loop.
+cdef bytes _cancelled_type = CANCELLED_TYPE
+cdef bytes _cancelled_text = CANCELLED_TEXT
+cdef const char *_CANCELLED_TYPE = _cancelled_type
+cdef const char *_CANCELLED_TEXT = _cancelled_text
+cdef size_t _CANCELLED_TYPE_SIZE = len(_cancelled_type)
+cdef size_t _CANCELLED_TEXT_SIZE = len(_cancelled_text)
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+# -- answers sent without a copy --------------------------------------------------------
+# An answer frame of at least ANSWER_ZERO_COPY_MIN bytes is sent from the job's bytes
+# object itself. libzmq lets it go when done, perhaps on its I/O thread, which must never
+# wait for the GIL (a job may hold it for minutes, and that thread carries the
+# heartbeats): _release_answer only notes the object, and a job thread drops the
+# references the next time it holds the GIL (_drop_released), as run() does at its end.
+
+cdef Py_ssize_t _ANSWER_ZERO_COPY_MIN = ANSWER_ZERO_COPY_MIN
+cdef pthread_mutex_t _released_lock
+pthread_mutex_init(&_released_lock, NULL)
+cdef void **_released = NULL
+cdef int _released_count = 0
+cdef int _released_cap = 0
+
+
+cdef void _release_answer(void *data, void *hint) noexcept nogil:
+    global _released, _released_count, _released_cap
+    cdef void **grown
+    pthread_mutex_lock(&_released_lock)
+    if _released_count == _released_cap:
+        grown = <void **>realloc(_released, (_released_cap * 2 + 64) * sizeof(void *))
+        if grown == NULL:  # the object stays alive: a leak, not a crash
+            pthread_mutex_unlock(&_released_lock)
+            return
+        _released = grown
+        _released_cap = _released_cap * 2 + 64
+    _released[_released_count] = hint
+    _released_count += 1
+    pthread_mutex_unlock(&_released_lock)
+
+
+cdef void _drop_released():
+    """With the GIL: drop the references of the answers libzmq is done with."""
+    global _released, _released_count, _released_cap
+    cdef void **objects
+    cdef int n, i
+    pthread_mutex_lock(&_released_lock)
+    objects = _released
+    n = _released_count
+    _released = NULL
+    _released_count = _released_cap = 0
+    pthread_mutex_unlock(&_released_lock)
+    for i in range(n):
+        Py_DecRef(<PyObject *>objects[i])
+    free(objects)
+
+
+def drop_released_answers():
+    """Drop the references of the answers libzmq is done with now (the job threads do it
+    whenever they take a job, and run() at its end)."""
+    _drop_released()
+
+
+cdef class ReceivedFrame:
+    """A received payload frame lent to the job without a copy (Worker.zero_copy_min):
+    owns the message, and reads as a read-only buffer (the job gets a memoryview)."""
+
+    cdef zmsg msg
+
+    def __cinit__(self):
+        zmsg_init(&self.msg)
+
+    def __dealloc__(self):
+        zmsg_close(&self.msg)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, zmsg_data(&self.msg), zmsg_size(&self.msg), 1, flags)
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
+# -- rings ------------------------------------------------------------------------------
+
+cdef int _ring_grow(Ring *r) noexcept nogil:
+    cdef int cap = r.cap * 2 if r.cap else 16
+    cdef long long *items = <long long *>malloc(cap * sizeof(long long))
+    cdef int i
+    global _out_of_memory
+    if items == NULL:
+        _out_of_memory = 1
+        return -1
+    for i in range(r.count):
+        items[i] = r.items[(r.head + i) % r.cap]
+    free(r.items)
+    r.items = items
+    r.cap = cap
+    r.head = 0
+    return 0
+
+
+cdef inline void _ring_push(Ring *r, long long value) noexcept nogil:
+    if r.count == r.cap and _ring_grow(r) < 0:
+        return
+    r.items[(r.head + r.count) % r.cap] = value
+    r.count += 1
+
+
+cdef inline void _ring_push_front(Ring *r, long long value) noexcept nogil:
+    if r.count == r.cap and _ring_grow(r) < 0:
+        return
+    r.head = (r.head + r.cap - 1) % r.cap
+    r.items[r.head] = value
+    r.count += 1
+
+
+cdef inline long long _ring_pop(Ring *r) noexcept nogil:
+    cdef long long value = r.items[r.head]
+    r.head = (r.head + 1) % r.cap
+    r.count -= 1
+    return value
+
+
+cdef inline long long _ring_at(Ring *r, int i) noexcept nogil:
+    return r.items[(r.head + i) % r.cap]
+
+
+cdef void _ring_remove(Ring *r, long long value) noexcept nogil:
+    """Take every `value` out, keeping the others' order."""
+    cdef int i, kept = 0
+    cdef long long item
+    for i in range(r.count):
+        item = r.items[(r.head + i) % r.cap]
+        if item != value:
+            r.items[(r.head + kept) % r.cap] = item
+            kept += 1
+    r.count = kept
+
+
+cdef inline void _put_bytes(zmsg *m, const void *data, size_t size) noexcept nogil:
+    global _out_of_memory
+    if zmsg_init_size(m, size) != 0:
+        _out_of_memory = 1
+        zmsg_init(m)
+        return
+    if size:
+        memcpy(zmsg_data(m), data, size)
+
+
+cdef inline void _close_all(zmsg *frames, int n) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        zmsg_close(&frames[i])
+
+
+cdef class CreditGate:
+    """The jobs a worker connected to several brokers holds, one Session per broker:
+    at most ``limit`` in all (the pure CreditGate's rule, in C for the loops that run
+    without the GIL). A job that comes when the gate is full is given back (RETURN); its
+    session offers its credit again when there is room, the blocked sessions oldest
+    first, one per slot freed."""
+
+    def __cinit__(self):
+        pthread_mutex_init(&self.lock, NULL)
+
+    def __init__(self, int limit):
+        self.limit = limit
+
+    def __dealloc__(self):
+        free(self.blocked)
+        pthread_mutex_destroy(&self.lock)
+
+    cdef int take(self) noexcept nogil:
+        """One more job in hand, if there is room."""
+        cdef int room
+        pthread_mutex_lock(&self.lock)
+        room = self.held < self.limit
+        if room:
+            self.held += 1
+        pthread_mutex_unlock(&self.lock)
+        return room
+
+    cdef void give(self) noexcept nogil:
+        """A job is no longer in hand: the session that gave jobs back first may offer
+        its credit again (one per slot freed: waking them all would have them all send,
+        and all but one give back again)."""
+        cdef Blocked woken
+        cdef int found = 0
+        pthread_mutex_lock(&self.lock)
+        self.held -= 1
+        if self.blocked_count:
+            woken = self.blocked[0]
+            found = 1
+            self.blocked_count -= 1
+            memmove(self.blocked, self.blocked + 1, self.blocked_count * sizeof(Blocked))
+        pthread_mutex_unlock(&self.lock)
+        if found:
+            woken.unblocked[0] = 1
+            write(woken.wake_fd, &_WAKE_BYTE, 1)
+
+    cdef void block(self, int *unblocked, int wake_fd) noexcept nogil:
+        """A session gave jobs back: wake it when there is room (at once if there is)."""
+        cdef int i
+        cdef Blocked *grown
+        global _out_of_memory
+        pthread_mutex_lock(&self.lock)
+        if self.held >= self.limit:
+            for i in range(self.blocked_count):
+                if self.blocked[i].unblocked == unblocked:
+                    pthread_mutex_unlock(&self.lock)
+                    return
+            if self.blocked_count == self.blocked_cap:
+                grown = <Blocked *>realloc(self.blocked, (self.blocked_cap * 2 + 4) * sizeof(Blocked))
+                if grown == NULL:
+                    _out_of_memory = 1
+                    pthread_mutex_unlock(&self.lock)
+                    return
+                self.blocked = grown
+                self.blocked_cap = self.blocked_cap * 2 + 4
+            self.blocked[self.blocked_count].unblocked = unblocked
+            self.blocked[self.blocked_count].wake_fd = wake_fd
+            self.blocked_count += 1
+            pthread_mutex_unlock(&self.lock)
+            return
+        pthread_mutex_unlock(&self.lock)
+        unblocked[0] = 1
+        write(wake_fd, &_WAKE_BYTE, 1)
+
+
+cdef class Session:
+    """Runs one worker's loop until it has stopped and hung up: its connection to one
+    broker (a worker given several runs one Session per broker, sharing a CreditGate).
+    The same constructor and methods as the pure Session."""
+
+    def __cinit__(self):
+        pthread_mutex_init(&self.lock, NULL)
+        pthread_cond_init(&self.jobs_waiting, NULL)
+        pthread_cond_init(&self.threads_wanted, NULL)
+
+    def __init__(self, worker, address=None, wake_pipe=None, stats=None, gate=None):
+        from fastbroker.wakepipe import WakePipe
+
+        self.gate = gate  # a compiled CreditGate, or None
+        self.has_gate = gate is not None
+
+        self.worker = worker
+        self.address = worker.requests_addr if address is None else address
+        self.address_c = self.address.encode()
+        self.wake_pipe = worker.wake_pipe if wake_pipe is None else wake_pipe
+        self.stats = worker.stats if stats is None else stats
+        self.result_pipe = WakePipe()  # job threads -> loop; the wake pipe is the worker's (stop, signals)
+        self.wake_fd = self.wake_pipe.read_fd
+        self.wake_write_fd = self.wake_pipe.write_fd
+        self.result_fd = self.result_pipe.read_fd
+        self.result_write_fd = self.result_pipe.write_fd
+        self.context = <void *><size_t>worker.context.underlying
+        curve = worker.curve
+        self.curve_secret = None if curve is None else curve.secret
+        self.curve_public = None if curve is None else curve.public
+        self.curve_server = None if curve is None else curve.server_key
+        self.has_curve = curve is not None
+        self.heartbeat = worker.heartbeat
+        self.silence = worker.liveness * worker.heartbeat
+        self.reconnect_max = worker.reconnect_max or self.silence
+        self.stop_grace = worker.stop_grace
+        self.linger_ms = worker.linger_ms
+        self.credit = worker.credit
+        self.prefetch = worker.prefetch
+        self.batched = worker.batched
+        self.views_min = -1 if worker.zero_copy_min is None else max(1, worker.zero_copy_min)
+        self.batch_max = self.credit + self.prefetch if self.batched else 1
+        self.worker_protocol = worker.protocol
+        self.v2 = worker.protocol == 2
+        self.announced = -1
+        self.reconnect_at = -1.0
+        self.quiet_at = -1.0
+        self.threads = []
+        self.thread_count = 0
+        self.closed = False
+        _watch_at_exit(self)
+
+    def __dealloc__(self):
+        cdef int i
+        if self.slots != NULL:
+            for i in range(self.slots_cap):
+                if self.slots[i].frames != NULL:
+                    _close_all(self.slots[i].frames, self.slots[i].nframes)
+                    free(self.slots[i].frames)
+            free(self.slots)
+        free(self.free_slots.items)
+        free(self.waiting.items)
+        free(self.done.items)
+        free(self.extends.items)
+        free(self.outbox.items)
+        free(self.unconfirmed.items)
+        free(self.frames)
+        free(self.out)
+        free(self.returns)
+        pthread_cond_destroy(&self.jobs_waiting)
+        pthread_cond_destroy(&self.threads_wanted)
+        pthread_mutex_destroy(&self.lock)
+
+    # -- what Python calls -------------------------------------------------------------
+
+    def run(self):
+        """Serve until the worker stops, then hang up; the loop runs on a thread of its
+        own while this one waits (so a signal handler of the main thread still runs)."""
+        if self.worker.stopping:
+            self.stop_requested = 1
+        self.spawner = threading.Thread(target=self._spawn_threads, name="fastbroker-worker-spawner", daemon=True)
+        self.spawner.start()
+        loop = threading.Thread(target=self._run_loop, name=f"fastbroker-worker-io {self.address}", daemon=True)
+        loop.start()
+        try:
+            loop.join()
+        except BaseException:
+            self.aborting = 1
+            self.wake_pipe.wake()
+            loop.join()
+            self.shutdown(wait=False, cancel_waiting=True)
+            raise
+        if self.result_code == LOOP_STOPPED:
+            self.shutdown(wait=True)
+            self.spawner.join()
+            self.result_pipe.close()
+            _drop_released()
+            return
+        self.shutdown(wait=False, cancel_waiting=True)
+        if self.result_code == LOOP_NO_MEMORY:
+            raise MemoryError("the worker's session ran out of memory")
+        raise RuntimeError(f"the worker's session ended: its ZeroMQ context was terminated (code {self.result_code})")
+
+    def _run_loop(self):
+        with nogil:
+            self.result_code = self._loop()
+
+    def request_stop(self):
+        """From Worker.stop() (any thread, a signal handler): hang up gracefully."""
+        self.stop_requested = 1
+        self.wake_pipe.wake()
+
+    def shutdown(self, wait, cancel_waiting=False):
+        """Let the job threads end (without the jobs still waiting, with `cancel_waiting`);
+        with `wait`, until they have. Jobs running then keep the result pipe open."""
+        cdef int slot
+        pthread_mutex_lock(&self.lock)
+        self.pool_closed = 1
+        if cancel_waiting:
+            while self.waiting.count:
+                slot = <int>_ring_pop(&self.waiting)
+                self._free_slot(slot)
+                self.in_hand -= 1
+        pthread_cond_broadcast(&self.jobs_waiting)
+        pthread_cond_broadcast(&self.threads_wanted)
+        pthread_mutex_unlock(&self.lock)
+        self.closed = True
+        if self.in_hand:
+            # Jobs still running will write to the pipes when done: keep their fds.
+            self.worker._keep_wake_pipe = True
+        if wait:
+            for thread in list(self.threads):
+                thread.join()
+
+    def update_stats(self):
+        """Copy the loop's counters into ``stats`` (a WorkerStats)."""
+        stats = self.stats
+        for i, name in enumerate(STAT_NAMES):
+            setattr(stats, name, self.counters[i])
+        stats.protocol = 0 if not self.counters[N_CONNECTS] else (2 if self.v2 else 1)
+
+    def job_cancelled(self, int number, task_id):
+        """Worker.cancelled(): whether the broker cancelled this running job."""
+        cdef int cancelled
+        pthread_mutex_lock(&self.lock)
+        cancelled = self.slots[number].cancelled
+        pthread_mutex_unlock(&self.lock)
+        return cancelled != 0
+
+    def request_extend(self, int number, task_id, seconds):
+        """In a job thread (Worker.extend): ask the loop to send EXTEND for the job."""
+        cdef long long ms = max(1, min(round(seconds * 1000), 0xFFFFFFFF))
+        cdef int wake
+        pthread_mutex_lock(&self.lock)
+        _ring_push(&self.extends, (<long long>number << 32) | ms)
+        wake = not self.results_pending
+        self.results_pending = 1
+        pthread_mutex_unlock(&self.lock)
+        if wake:
+            write(self.result_write_fd, &_WAKE_BYTE, 1)
+
+    # -- the job threads -----------------------------------------------------------------
+
+    def _spawn_threads(self):
+        """Starts the job threads the loop asks for (it cannot: that takes the GIL), as
+        jobs come: one when a job waits and no thread is idle, up to the credit."""
+        cdef int wanted, closed
+        while True:
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                while not self.spawn_wanted and not self.pool_closed:
+                    pthread_cond_wait(&self.threads_wanted, &self.lock)
+                wanted = self.spawn_wanted
+                self.spawn_wanted = 0
+                closed = self.pool_closed
+                pthread_mutex_unlock(&self.lock)
+            if closed:
+                return
+            for _ in range(wanted):
+                thread = threading.Thread(target=self._serve, name=f"fastbroker-job_{len(self.threads)}")
+                thread.start()
+                self.threads.append(thread)
+
+    def _serve(self):
+        worker = self.worker
+        local = worker._job_local
+        first = True
+        while True:
+            jobs = self._take(self.batch_max, first)
+            first = False
+            if jobs is None:
+                return
+            try:
+                if self.batched:
+                    outcomes = run_batch(worker, [payload for _, _, payload in jobs])
+                    for (number, _, _), (answer, error) in zip(jobs, outcomes):
+                        self._finish(number, answer, error)
+                    continue
+                number, task_id, payload = jobs[0]
+                local.job = (task_id, self, number)
+                try:
+                    answer, error = run_one(worker, task_id, payload, lambda: self.job_cancelled(number, task_id))
+                finally:
+                    local.job = None
+                self._finish(number, answer, error)
+            except BaseException:  # run_one() reports the job's own errors: this is a bug
+                log.exception("a job thread failed")
+
+    def _take(self, int most, bint first):
+        """Up to `most` jobs as [(number, task id, payload frames)], waiting for one
+        without the GIL; None once the pool is closed. `first`: the thread's first call
+        (it was one of those `starting`)."""
+        cdef int n = 0, i, j
+        cdef int number_one, count_one
+        cdef zmsg *payload_one
+        cdef uint8_t id_one[16]
+        cdef int *numbers = &number_one
+        cdef zmsg **payloads = &payload_one
+        cdef int *counts = &count_one
+        cdef uint8_t *ids = id_one
+        if most > 1:
+            numbers = <int *>malloc(most * sizeof(int))
+            payloads = <zmsg **>malloc(most * sizeof(zmsg *))
+            counts = <int *>malloc(most * sizeof(int))
+            ids = <uint8_t *>malloc(most * 16)
+            if numbers == NULL or payloads == NULL or counts == NULL or ids == NULL:
+                free(numbers)
+                free(payloads)
+                free(counts)
+                free(ids)
+                raise MemoryError()
+        if _released_count:
+            _drop_released()
+        # With the GIL first: while jobs wait, a thread keeps it from one job to the next
+        # (as the pure pool's threads do), instead of handing it around at every job.
+        pthread_mutex_lock(&self.lock)
+        if first:
+            self.starting -= 1
+        if self.waiting.count == 0 and not self.pool_closed:
+            pthread_mutex_unlock(&self.lock)
+            with nogil:
+                pthread_mutex_lock(&self.lock)
+                while self.waiting.count == 0 and not self.pool_closed:
+                    self.idle_threads += 1
+                    pthread_cond_wait(&self.jobs_waiting, &self.lock)
+                    self.idle_threads -= 1
+                n = self._take_waiting(most, numbers, payloads, counts, ids)
+                if self.waiting.count and self.idle_threads:
+                    pthread_cond_signal(&self.jobs_waiting)  # the next one, for the jobs left
+                pthread_mutex_unlock(&self.lock)
+        else:
+            n = self._take_waiting(most, numbers, payloads, counts, ids)
+            pthread_mutex_unlock(&self.lock)
+        jobs = None
+        if n:
+            jobs = []
+            for i in range(n):
+                payload = [self._payload_frame(&payloads[i][j]) for j in range(counts[i])]
+                _close_all(payloads[i], counts[i])
+                free(payloads[i])
+                jobs.append((numbers[i], PyBytes_FromStringAndSize(<char *>ids + i * 16, 16), payload))
+        if most > 1:
+            free(ids)
+            free(numbers)
+            free(payloads)
+            free(counts)
+        return jobs
+
+    cdef object _payload_frame(self, zmsg *frame):
+        """A payload frame for the job: bytes (a copy), or a view of the message itself
+        (moved out of `frame`) when Worker.zero_copy_min says so."""
+        cdef ReceivedFrame lent
+        cdef size_t size = zmsg_size(frame)
+        if self.views_min < 0 or size < <size_t>self.views_min:
+            return PyBytes_FromStringAndSize(<char *>zmsg_data(frame), size)
+        lent = ReceivedFrame.__new__(ReceivedFrame)
+        zmsg_move(&lent.msg, frame)
+        return memoryview(lent)
+
+    cdef int _take_waiting(self, int most, int *numbers, zmsg **payloads, int *counts,
+                           uint8_t *ids) noexcept nogil:
+        """With the lock: move up to `most` waiting jobs out of the table (now running)."""
+        cdef int n = 0, slot
+        while self.waiting.count and n < most:
+            slot = <int>_ring_pop(&self.waiting)
+            self.slots[slot].state = S_RUNNING
+            numbers[n] = slot
+            payloads[n] = self.slots[slot].frames
+            counts[n] = self.slots[slot].nframes
+            memcpy(ids + n * 16, self.slots[slot].task_id, 16)
+            self.slots[slot].frames = NULL
+            self.slots[slot].nframes = 0
+            n += 1
+        return n
+
+    def _finish(self, int number, answer, error):
+        """In a job thread: put the job's outcome back for the loop to send."""
+        cdef list frames
+        cdef int kind, n, i, wake
+        cdef Py_ssize_t size
+        cdef bytes frame
+        if answer is not None:
+            frames, kind = answer, K_ANSWER
+        else:
+            frames, kind = [error[0].encode(), error[1].encode("utf-8", "replace")], K_FAILED
+        n = len(frames)
+        cdef zmsg *msgs = <zmsg *>malloc((n or 1) * sizeof(zmsg))
+        if msgs == NULL:
+            raise MemoryError()
+        for i in range(n):
+            frame = frames[i]
+            size = PyBytes_GET_SIZE(frame)
+            if size >= _ANSWER_ZERO_COPY_MIN:
+                Py_INCREF(frame)  # until _release_answer (see above)
+                if zmsg_init_data(&msgs[i], PyBytes_AS_STRING(frame), size, _release_answer, <PyObject *>frame) == 0:
+                    continue
+                Py_DECREF(frame)
+            _put_bytes(&msgs[i], PyBytes_AS_STRING(frame), size)
+        pthread_mutex_lock(&self.lock)
+        self.slots[number].frames = msgs
+        self.slots[number].nframes = n
+        self.slots[number].kind = kind
+        self.slots[number].state = S_DONE
+        _ring_push(&self.done, number)
+        wake = not self.results_pending
+        self.results_pending = 1
+        pthread_mutex_unlock(&self.lock)
+        if wake:
+            write(self.result_write_fd, &_WAKE_BYTE, 1)
+
+    # -- the loop (its own thread, no GIL) ---------------------------------------------------
+
+    cdef int _loop(self) noexcept nogil:
+        cdef double now
+        cdef int jobs
+        if not self.stop_requested:
+            if self._open(_now()) < 0:
+                return LOOP_NO_CONTEXT
+        while True:
+            now = _now()
+            if self.aborting:
+                self._close_socket(0)
+                self._drop_outbox()
+                return LOOP_ABORTED
+            if _out_of_memory:
+                self._close_socket(0)
+                return LOOP_NO_MEMORY
+            self._collect()
+            if self.stop_requested and not self.stopping:
+                self.stopping = 1
+                jobs = self.in_hand
+                with gil:
+                    log.info("stopping: finishing %d job(s) in hand, then disconnecting", jobs)
+            if self.sock == NULL and self.reconnect_at >= 0 and now >= self.reconnect_at:
+                if self._open(now) < 0:
+                    return LOOP_NO_CONTEXT
+            if self.sock != NULL:
+                if self.returns_count:
+                    self._give_back(now)
+                if self.unblocked:
+                    # The broker took our credit for full when we gave jobs back.
+                    self.unblocked = 0
+                    self.announced = -1
+                # READY first on a new connection (the broker answers anything else from
+                # an unknown worker with DISCONNECT) and READY(0) before the last answers.
+                if self.stopping or self.announced < 0:
+                    self._announce_credit(now)
+                self._flush(now)
+                self._announce_credit(now)
+                self._offer_v2(now)
+                if now - self.last_heard > self.silence:
+                    self._lose(now)
+                elif now >= self.next_heartbeat:
+                    if self._send_small(now, self._signature(), CMD_HEARTBEAT, NULL, 0):
+                        self.counters[N_HEARTBEATS_SENT] += 1
+                    self.next_heartbeat = now + self.heartbeat
+            if self.stopping and self._finished(now):
+                self._hang_up()
+                return LOOP_STOPPED
+            self._poll(now)
+
+    cdef const char *_signature(self) noexcept nogil:
+        return WORKER_SIGNATURE_V2 if self.v2 else WORKER_SIGNATURE
+
+    cdef void _poll(self, double now) noexcept nogil:
+        cdef zpollitem items[3]
+        cdef int n = 2, rc
+        cdef double due = -1.0, wait
+        cdef long timeout
+        items[0].socket = NULL
+        items[0].fd = self.wake_fd
+        items[0].events = ZPOLLIN
+        items[1].socket = NULL
+        items[1].fd = self.result_fd
+        items[1].events = ZPOLLIN
+        if self.sock != NULL:
+            items[2].socket = self.sock
+            items[2].fd = 0
+            items[2].events = ZPOLLIN | (ZPOLLOUT if self.outbox.count else 0)
+            n = 3
+            due = self.next_heartbeat
+            if self.last_heard + self.silence < due:
+                due = self.last_heard + self.silence
+        elif self.reconnect_at >= 0:
+            due = self.reconnect_at
+        if self.quiet_at >= 0 and now < self.quiet_at and (due < 0 or self.quiet_at < due):
+            due = self.quiet_at
+        wait = due - now if due >= 0 else self.heartbeat
+        if wait < 0:
+            wait = 0
+        # Round up: waking a hair early would spin through a turn with nothing due.
+        timeout = <long>(wait * 1000)
+        if timeout < wait * 1000:
+            timeout += 1
+        rc = zpoll(items, n, timeout)
+        if rc <= 0:
+            return  # nothing, EINTR, or a socket closed under us: the next turn sees
+        if items[0].revents:
+            self._drain(self.wake_fd)
+        if items[1].revents:
+            self._drain(self.result_fd)
+        if n == 3 and items[2].revents & ZPOLLIN:
+            self._receive()
+
+    cdef void _drain(self, int fd) noexcept nogil:
+        cdef char buffer[4096]
+        cdef int _
+        for _ in range(64):  # bounded: a pipe holds at most 64 KiB here
+            if read(fd, buffer, 4096) < 4096:
+                return
+
+    cdef int _finished(self, double now) noexcept nogil:
+        """A stopping worker may hang up: no job in hand, no answer to send, and the
+        grace for jobs racing READY(0) has passed."""
+        if self.in_hand:
+            return 0
+        if self.sock == NULL:
+            return 1
+        return self.outbox.count == 0 and (self.quiet_at < 0 or now >= self.quiet_at)
+
+    # -- the connection --------------------------------------------------------------------
+
+    cdef int _open(self, double now) noexcept nogil:
+        cdef int zero = 0
+        cdef int connection
+        cdef const char *address
+        self.sock = zsocket(self.context, _DEALER)
+        if self.sock == NULL:
+            return -1
+        self.generation += 1
+        self.orphans = self.in_hand
+        # Abandoning a connection must not wait for it; the last close sets its own linger.
+        zsetsockopt(self.sock, _LINGER, &zero, sizeof(int))
+        if self.has_curve:
+            with gil:  # the keys are bytes objects; once per connection
+                zsetsockopt(self.sock, _CURVE_SECRETKEY, <char *>self.curve_secret, len(self.curve_secret))
+                zsetsockopt(self.sock, _CURVE_PUBLICKEY, <char *>self.curve_public, len(self.curve_public))
+                zsetsockopt(self.sock, _CURVE_SERVERKEY, <char *>self.curve_server, len(self.curve_server))
+        with gil:
+            address = <char *>self.address_c
+        zconnect(self.sock, address)  # checked by Worker() already
+        self.heard = 0
+        self.offered_v2 = 0
+        self.last_heard = now  # the broker gets `silence` seconds to speak first
+        self.next_heartbeat = now + self.heartbeat
+        self.announced = -1
+        self.reconnect_at = -1.0
+        self.counters[N_CONNECTS] += 1
+        if self.counters[N_CONNECTS] > 1:
+            self.counters[N_RECONNECTS] += 1
+        connection = self.generation
+        with gil:
+            log.debug("connecting to %s (connection %d)", self.address, connection)
+        return 0
+
+    cdef void _close_socket(self, int linger_ms) noexcept nogil:
+        if self.sock != NULL:
+            zsetsockopt(self.sock, _LINGER, &linger_ms, sizeof(int))
+            zclose(self.sock)
+            self.sock = NULL
+
+    cdef void _register_again(self) noexcept nogil:
+        """DISCONNECT: the broker does not know this worker. Register again with READY
+        on the same socket (see the pure Session); the jobs in hand become orphans."""
+        self.generation += 1
+        self.orphans = self.in_hand
+        self.announced = -1
+        self._confirm()
+        with gil:
+            log.info("the broker sent DISCONNECT: registering again")
+
+    cdef void _lose(self, double now) noexcept nogil:
+        """Drop the connection and schedule the next: at once after one loss, then
+        heartbeat/2 doubling up to reconnect_max while the broker stays silent."""
+        cdef double delay = 0.0, silent = now - self.last_heard
+        cdef int i, slot
+        self._close_socket(0)
+        # ANSWERs not confirmed may have been discarded with the socket's queue.
+        i = self.unconfirmed.count - 1
+        while i >= 0:
+            slot = <int>_ring_at(&self.unconfirmed, i)
+            self.slots[slot].state = S_OUTBOX
+            _ring_push_front(&self.outbox, slot)
+            i -= 1
+        self.unconfirmed.count = 0
+        if self.failures:
+            delay = self.heartbeat / 2 * (1 << min(self.failures - 1, 30))
+            if delay > self.reconnect_max:
+                delay = self.reconnect_max
+        self.failures += 1
+        self.reconnect_at = now + delay
+        with gil:
+            log.info("reconnecting to %s in %.2f s: no word from the broker for %.1f s", self.address, delay, silent)
+        if not self.heard and self.worker_protocol == 2:
+            # Perhaps the broker does not know FBW02: the next connection tries the other.
+            self._use_protocol(not self.v2)
+            with gil:
+                log.info("no word from the broker: trying %s on the next connection", "FBW02" if self.v2 else "FBW01")
+
+    cdef void _use_protocol(self, int v2) noexcept nogil:
+        # The outbox holds outcomes, not messages: they are written in the protocol of the
+        # moment they are sent.
+        self.v2 = v2
+
+    cdef void _hang_up(self) noexcept nogil:
+        """The end of a graceful stop: deliver what is left, say DISCONNECT, close."""
+        cdef int i, answers = 0, dropped
+        cdef double now
+        for i in range(self.outbox.count):
+            if self.slots[<int>_ring_at(&self.outbox, i)].kind == K_ANSWER:
+                answers = 1
+        if self.sock == NULL and answers:
+            # Answers finished while away: one last connection to deliver them.
+            self._open(_now())
+        if self.sock == NULL:
+            self._drop_outbox()
+            with gil:
+                log.info("stopped (not connected to %s)", self.address)
+            return
+        now = _now()
+        self._announce_credit(now)
+        self._flush(now)
+        dropped = self.outbox.count
+        self._send_small(now, self._signature(), CMD_DISCONNECT, NULL, 0)
+        # Bounded: a vanished broker must not keep the process alive.
+        self._close_socket(self.linger_ms)
+        self._drop_outbox()
+        with gil:
+            if dropped:
+                log.warning("%d answer(s) could not be queued for %s before disconnecting", dropped, self.address)
+            log.info("disconnected from %s", self.address)
+
+    cdef void _announce_credit(self, double now) noexcept nogil:
+        """READY when the credit the broker should use changes (see the pure Session)."""
+        cdef int credit = 0
+        cdef uint8_t body[4]
+        if not self.stopping:
+            credit = self.credit + self.prefetch - self.orphans
+            if credit < 0:
+                credit = 0
+        if credit == self.announced:
+            return
+        body[0] = (credit >> 24) & 0xFF
+        body[1] = (credit >> 16) & 0xFF
+        body[2] = (credit >> 8) & 0xFF
+        body[3] = credit & 0xFF
+        if self._send_small(now, self._signature(), CMD_READY, body, 4):
+            self.announced = credit
+            if self.stopping and self.quiet_at < 0:
+                self.quiet_at = now + self.stop_grace
+
+    cdef void _offer_v2(self, double now) noexcept nogil:
+        """On an FBW01 connection of an FBW02 worker: offer FBW02 once (see the pure Session)."""
+        cdef uint8_t body[4]
+        if self.v2 or self.worker_protocol != 2 or self.offered_v2 or self.stopping:
+            return
+        if not self.heard or self.announced <= 0:
+            return
+        body[0] = (self.announced >> 24) & 0xFF
+        body[1] = (self.announced >> 16) & 0xFF
+        body[2] = (self.announced >> 8) & 0xFF
+        body[3] = self.announced & 0xFF
+        if self._send_small(now, WORKER_SIGNATURE_V2, CMD_READY, body, 4):
+            self.offered_v2 = 1
+
+    # -- sending ---------------------------------------------------------------------------
+
+    cdef int _out_room(self, int n) noexcept nogil:
+        cdef zmsg *grown
+        global _out_of_memory
+        if n <= self.out_cap:
+            return 0
+        grown = <zmsg *>realloc(self.out, n * sizeof(zmsg))
+        if grown == NULL:
+            _out_of_memory = 1
+            return -1
+        self.out = grown
+        self.out_cap = n
+        return 0
+
+    cdef void _out_head(self, const char *signature, int command) noexcept nogil:
+        cdef uint8_t byte = command
+        zmsg_init(&self.out[0])
+        _put_bytes(&self.out[1], signature, SIGNATURE_SIZE)
+        _put_bytes(&self.out[2], &byte, 1)
+
+    cdef int _send_small(self, double now, const char *signature, int command,
+                         const void *body, size_t size) noexcept nogil:
+        """[b"", signature, command] and one body frame of `size` bytes if `body`."""
+        if self._out_room(4) < 0:
+            return 0
+        self._out_head(signature, command)
+        if body == NULL:
+            return self._send_frames(now, 3)
+        _put_bytes(&self.out[3], body, size)
+        return self._send_frames(now, 4)
+
+    cdef int _send_frames(self, double now, int n) noexcept nogil:
+        """Send `out[:n]` without blocking (consuming them); 0 when the socket's queue is
+        full. Only the first frame can meet a full queue (libzmq counts whole messages
+        against the high-water mark), so a message goes whole or not at all."""
+        cdef int i
+        for i in range(n):
+            if zmsg_send(&self.out[i], self.sock, ZDONTWAIT | (ZSNDMORE if i < n - 1 else 0)) < 0:
+                _close_all(&self.out[i], n - i)
+                return 0
+        # Any message tells the broker we are alive: the heartbeat can wait.
+        self.next_heartbeat = now + self.heartbeat
+        return 1
+
+    cdef void _flush(self, double now) noexcept nogil:
+        cdef int slot
+        cdef Slot *s
+        while self.outbox.count and self.sock != NULL:
+            slot = <int>_ring_at(&self.outbox, 0)
+            s = &self.slots[slot]
+            if s.kind != K_ANSWER and s.generation != self.generation:
+                # The broker re-queues the jobs of a connection it lost; a FAILED on a
+                # new one would count a second try.
+                _ring_pop(&self.outbox)
+                self._lock_free_slot(slot)
+                continue
+            if s.kind == K_ANSWER and self.v2:
+                if not self._flush_answers(now):
+                    return  # full: the poll waits for POLLOUT
+            elif not self._flush_one(now, slot):
+                return
+
+    cdef int _flush_answers(self, double now) noexcept nogil:
+        """The ANSWERs at the head of the outbox as one FBW02 ANSWER (at most MAX_BATCH
+        records and MAX_FRAMES frames); they stay in their slots until confirmed."""
+        cdef int k = 0, frames = 4, i, j, at, slot, _
+        cdef Slot *s
+        cdef uint8_t *header
+        while k < self.outbox.count and k < MAX_BATCH:
+            s = &self.slots[<int>_ring_at(&self.outbox, k)]
+            if s.kind != K_ANSWER or (k and frames + s.nframes > MAX_FRAMES):
+                break
+            frames += s.nframes
+            k += 1
+        if self._out_room(frames) < 0:
+            return 0
+        self._out_head(WORKER_SIGNATURE_V2, CMD_ANSWER)
+        if zmsg_init_size(&self.out[3], k * ANSWER_RECORD_SIZE) != 0:
+            _close_all(self.out, 3)
+            return 0
+        header = <uint8_t *>zmsg_data(&self.out[3])
+        at = 4
+        for i in range(k):
+            s = &self.slots[<int>_ring_at(&self.outbox, i)]
+            memcpy(header + i * ANSWER_RECORD_SIZE, s.task_id, 16)
+            header[i * ANSWER_RECORD_SIZE + 16] = R_OK
+            header[i * ANSWER_RECORD_SIZE + 17] = (s.nframes >> 8) & 0xFF
+            header[i * ANSWER_RECORD_SIZE + 18] = s.nframes & 0xFF
+            for j in range(s.nframes):
+                zmsg_init(&self.out[at])
+                zmsg_copy(&self.out[at], &s.frames[j])
+                at += 1
+        if not self._send_frames(now, at):
+            return 0
+        for _ in range(k):
+            slot = <int>_ring_pop(&self.outbox)
+            self.slots[slot].state = S_SENT
+            _ring_push(&self.unconfirmed, slot)
+        return 1
+
+    cdef int _flush_one(self, double now, int slot) noexcept nogil:
+        """One FBW01 ANSWER (kept until confirmed), or a FAILED, EXTEND or RETURN (either
+        protocol): [b"", signature, command, task id, frames...] (RETURN: no task id)."""
+        cdef Slot *s = &self.slots[slot]
+        cdef int first = 3 if s.kind == K_RETURN else 4
+        cdef int n = first + s.nframes, j, command
+        if s.kind == K_ANSWER:
+            command = CMD_ANSWER
+        elif s.kind == K_FAILED:
+            command = CMD_FAILED
+        elif s.kind == K_EXTEND:
+            command = CMD_EXTEND
+        else:
+            command = CMD_RETURN
+        if self._out_room(n) < 0:
+            return 0
+        self._out_head(self._signature(), command)
+        if s.kind != K_RETURN:
+            _put_bytes(&self.out[3], s.task_id, 16)
+        for j in range(s.nframes):
+            zmsg_init(&self.out[first + j])
+            zmsg_copy(&self.out[first + j], &s.frames[j])
+        if not self._send_frames(now, n):
+            return 0
+        _ring_pop(&self.outbox)
+        if s.kind == K_ANSWER:
+            s.state = S_SENT
+            _ring_push(&self.unconfirmed, slot)
+        else:
+            self._lock_free_slot(slot)
+        return 1
+
+    # -- receiving -------------------------------------------------------------------------
+
+    cdef void _receive(self) noexcept nogil:
+        cdef int _, n
+        for _ in range(RECV_BATCH):  # bounded, so results and timers get their turn
+            if self.sock == NULL:
+                return
+            n = self._recv_message()
+            if n < 0:
+                return
+            self._handle(n)
+            _close_all(self.frames, n)
+
+    cdef int _recv_message(self) noexcept nogil:
+        """The next message's frames into `frames`; its frame count, or -1 if none."""
+        cdef int n = 0
+        cdef zmsg *grown
+        global _out_of_memory
+        while True:
+            if n == self.frames_cap:
+                grown = <zmsg *>realloc(self.frames, (self.frames_cap * 2 + 16) * sizeof(zmsg))
+                if grown == NULL:
+                    _out_of_memory = 1
+                    _close_all(self.frames, n)
+                    return -1
+                self.frames = grown
+                self.frames_cap = self.frames_cap * 2 + 16
+            zmsg_init(&self.frames[n])
+            if zmsg_recv(&self.frames[n], self.sock, ZDONTWAIT) < 0:
+                zmsg_close(&self.frames[n])
+                if n:  # cannot happen: the parts of a message arrive together
+                    _close_all(self.frames, n)
+                return -1
+            n += 1
+            if not zmsg_more(&self.frames[n - 1]):
+                return n
+
+    cdef void _handle(self, int n) noexcept nogil:
+        cdef int command = -1, v2_message
+        cdef const char *signature
+        self.last_heard = _now()
+        self._confirm()
+        if n < 3 or zmsg_size(&self.frames[0]) != 0 or zmsg_size(&self.frames[1]) != SIGNATURE_SIZE:
+            return
+        signature = <const char *>zmsg_data(&self.frames[1])
+        if memcmp(signature, WORKER_SIGNATURE_V2, SIGNATURE_SIZE) == 0:
+            v2_message = 1
+        elif memcmp(signature, WORKER_SIGNATURE, SIGNATURE_SIZE) == 0:
+            v2_message = 0
+        else:
+            return
+        if zmsg_size(&self.frames[2]) == 1:
+            command = (<uint8_t *>zmsg_data(&self.frames[2]))[0]
+        if v2_message and not self.v2:
+            with gil:
+                log.info("the broker speaks FBW02: using it")
+            self._use_protocol(1)
+        if command == CMD_DISCONNECT:
+            self.counters[N_DISCONNECTS] += 1
+            self._register_again()
+            return
+        if not self.heard:
+            # Not on DISCONNECT: a broker that keeps refusing us must meet the back-off.
+            self.heard = 1
+            self.failures = 0
+            with gil:
+                log.info("connected to %s", self.address)
+        if command == CMD_TASK and v2_message:
+            self._start_jobs(n)
+        elif command == CMD_TASK:
+            if n < 4 or zmsg_size(&self.frames[3]) != 16:
+                self.counters[N_IGNORED] += 1
+                return
+            pthread_mutex_lock(&self.lock)
+            self._start_job(<const uint8_t *>zmsg_data(&self.frames[3]), 4, n - 4)
+            pthread_mutex_unlock(&self.lock)
+        elif command == CMD_CANCEL:
+            self._cancel(n)
+        elif command != CMD_HEARTBEAT:
+            self.counters[N_IGNORED] += 1
+
+    cdef void _start_jobs(self, int n) noexcept nogil:
+        """An FBW02 TASK: [b"", signature, TASK, payload frames..., header]; the header
+        checked whole before any job starts."""
+        cdef int body = n - 4, records, i, at = 3, count
+        cdef const uint8_t *header
+        cdef size_t size = zmsg_size(&self.frames[n - 1]) if n > 3 else 0
+        if n < 4 or size == 0 or size % TASK_RECORD_SIZE:
+            self.counters[N_IGNORED] += 1
+            return
+        header = <const uint8_t *>zmsg_data(&self.frames[n - 1])
+        records = size // TASK_RECORD_SIZE
+        count = 0
+        for i in range(records):
+            at = (header[i * TASK_RECORD_SIZE + 16] << 8) | header[i * TASK_RECORD_SIZE + 17]
+            if at == 0:
+                self.counters[N_IGNORED] += 1
+                return
+            count += at
+        if count != body:
+            self.counters[N_IGNORED] += 1
+            return
+        at = 3
+        pthread_mutex_lock(&self.lock)
+        for i in range(records):
+            count = (header[i * TASK_RECORD_SIZE + 16] << 8) | header[i * TASK_RECORD_SIZE + 17]
+            self._start_job(header + i * TASK_RECORD_SIZE, at, count)
+            at += count
+        pthread_mutex_unlock(&self.lock)
+
+    cdef void _start_job(self, const uint8_t *task_id, int first, int count) noexcept nogil:
+        """With the lock: a job for the threads, its payload moved from `frames`."""
+        cdef int slot, i
+        cdef Slot *s
+        cdef uint8_t *grown
+        global _out_of_memory
+        if self.has_gate and not self.gate.take():
+            # Another broker filled the credit meanwhile: this one gets the job back.
+            if self.returns_count == self.returns_cap:
+                grown = <uint8_t *>realloc(self.returns, (self.returns_cap * 2 + 16) * 16)
+                if grown == NULL:
+                    _out_of_memory = 1
+                    return
+                self.returns = grown
+                self.returns_cap = self.returns_cap * 2 + 16
+            memcpy(self.returns + self.returns_count * 16, task_id, 16)
+            self.returns_count += 1
+            return
+        slot = self._new_slot()
+        if slot < 0:
+            return
+        s = &self.slots[slot]
+        s.frames = <zmsg *>malloc((count or 1) * sizeof(zmsg))
+        if s.frames == NULL:
+            _out_of_memory = 1
+            self._free_slot(slot)
+            return
+        for i in range(count):
+            zmsg_init(&s.frames[i])
+            zmsg_move(&s.frames[i], &self.frames[first + i])
+        s.nframes = count
+        memcpy(s.task_id, task_id, 16)
+        s.state = S_WAITING
+        s.kind = K_ANSWER
+        s.generation = self.generation
+        s.cancelled = 0
+        self.in_hand += 1
+        self.counters[N_RECEIVED] += 1
+        _ring_push(&self.waiting, slot)
+        if self.waiting.count == 1 and self.idle_threads:
+            # One idle thread is woken for jobs that come together; it wakes the next
+            # if more wait (see _take): waking one per job would have them all fight for
+            # the GIL over jobs that one thread runs back to back.
+            pthread_cond_signal(&self.jobs_waiting)
+        # A thread for it, unless one is idle (a signalled thread stays counted idle until
+        # it takes its job) or on its way, up to the credit (as the pure JobPool starts them).
+        if self.waiting.count > self.idle_threads + self.starting and self.thread_count < self.credit:
+            self.thread_count += 1
+            self.starting += 1
+            self.spawn_wanted += 1
+            pthread_cond_signal(&self.threads_wanted)
+
+    cdef void _cancel(self, int n) noexcept nogil:
+        """CANCEL from the broker: a job no thread has taken is withdrawn and FAILED at
+        once; a running one is marked (Worker.cancelled()) and answered when it returns."""
+        cdef const uint8_t *task_id
+        cdef int slot, running = 0, withdrawn = 0
+        global _out_of_memory
+        cdef Slot *s
+        if n != 4:
+            self.counters[N_IGNORED] += 1
+            return
+        if zmsg_size(&self.frames[3]) != 16:
+            return  # not an id this worker was given
+        task_id = <const uint8_t *>zmsg_data(&self.frames[3])
+        pthread_mutex_lock(&self.lock)
+        for slot in range(self.slots_cap):
+            s = &self.slots[slot]
+            if s.state < S_WAITING or s.state > S_DONE or memcmp(s.task_id, task_id, 16) != 0:
+                continue
+            self.counters[N_CANCELLED] += 1
+            if s.state != S_WAITING:
+                s.cancelled = 1
+                running += 1
+                continue
+            self.counters[N_CANCELLED_UNSTARTED] += 1
+            withdrawn += 1
+            _ring_remove(&self.waiting, slot)
+            _close_all(s.frames, s.nframes)
+            self.in_hand -= 1
+            if self.has_gate:
+                self.gate.give()
+            if s.generation != self.generation:
+                self.orphans -= 1
+            # As for any FAILED, only on the connection the job came on.
+            if s.generation != self.generation or self.sock == NULL:
+                self._free_slot(slot)
+                continue
+            free(s.frames)
+            s.frames = <zmsg *>malloc(2 * sizeof(zmsg))
+            if s.frames == NULL:
+                _out_of_memory = 1
+                s.nframes = 0
+                self._free_slot(slot)
+                continue
+            s.nframes = 2
+            _put_bytes(&s.frames[0], _CANCELLED_TYPE, _CANCELLED_TYPE_SIZE)
+            _put_bytes(&s.frames[1], _CANCELLED_TEXT, _CANCELLED_TEXT_SIZE)
+            s.kind = K_FAILED
+            s.state = S_OUTBOX
+            _ring_push(&self.outbox, slot)
+        pthread_mutex_unlock(&self.lock)
+        if running or withdrawn:
+            with gil:
+                tid = PyBytes_FromStringAndSize(<char *>task_id, 16).hex()
+                if running:
+                    log.info("job %s cancelled by the client while running; answering it when it returns", tid)
+                if withdrawn:
+                    log.info("job %s cancelled by the client before it started; not running it", tid)
+
+    cdef void _confirm(self) noexcept nogil:
+        """The broker spoke: the ANSWERs sent before have reached it."""
+        if not self.unconfirmed.count:
+            return
+        pthread_mutex_lock(&self.lock)
+        while self.unconfirmed.count:
+            self._free_slot(<int>_ring_pop(&self.unconfirmed))
+        pthread_mutex_unlock(&self.lock)
+
+    cdef void _give_back(self, double now) noexcept nogil:
+        """RETURN the jobs that came beyond the credit (several brokers), then wait for
+        room (CreditGate.block) before offering the credit to this broker again."""
+        cdef int slot, i, n = self.returns_count
+        cdef Slot *s
+        global _out_of_memory
+        self.returns_count = 0
+        self.counters[N_RETURNED] += n
+        pthread_mutex_lock(&self.lock)
+        slot = self._new_slot()
+        if slot >= 0:
+            s = &self.slots[slot]
+            s.frames = <zmsg *>malloc(n * sizeof(zmsg))
+            if s.frames == NULL:
+                _out_of_memory = 1
+                self._free_slot(slot)
+            else:
+                for i in range(n):
+                    _put_bytes(&s.frames[i], self.returns + i * 16, 16)
+                s.nframes = n
+                s.kind = K_RETURN
+                s.generation = self.generation
+                s.state = S_OUTBOX
+                _ring_push(&self.outbox, slot)
+        pthread_mutex_unlock(&self.lock)
+        self._flush(now)
+        self.gate.block(&self.unblocked, self.wake_write_fd)
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    cdef void _collect(self) noexcept nogil:
+        """Take the outcomes and EXTENDs the job threads put back since the last turn."""
+        cdef int slot, number
+        cdef long long item
+        cdef Slot *s
+        cdef Slot *job
+        cdef uint8_t ms[4]
+        pthread_mutex_lock(&self.lock)
+        # Before taking them: one put back from now on wakes the loop again.
+        self.results_pending = 0
+        while self.done.count:
+            slot = <int>_ring_pop(&self.done)
+            s = &self.slots[slot]
+            self.in_hand -= 1
+            if self.has_gate:
+                self.gate.give()
+            if s.generation != self.generation:
+                self.orphans -= 1
+            if s.kind == K_ANSWER:
+                self.counters[N_ANSWERED] += 1
+                s.state = S_OUTBOX
+                _ring_push(&self.outbox, slot)
+                continue
+            self.counters[N_FAILED] += 1
+            if s.generation == self.generation and self.sock != NULL:
+                s.state = S_OUTBOX
+                _ring_push(&self.outbox, slot)
+            else:  # the broker re-queues the jobs of a connection it lost
+                self._free_slot(slot)
+        while self.extends.count:
+            item = _ring_pop(&self.extends)
+            number = <int>(item >> 32)
+            if self.slots[number].state != S_RUNNING:
+                continue  # it has ended
+            slot = self._new_slot()
+            if slot < 0:
+                break
+            job = &self.slots[number]
+            s = &self.slots[slot]
+            memcpy(s.task_id, job.task_id, 16)
+            s.generation = job.generation
+            s.kind = K_EXTEND
+            s.state = S_OUTBOX
+            s.frames = <zmsg *>malloc(sizeof(zmsg))
+            if s.frames == NULL:
+                self._free_slot(slot)
+                break
+            s.nframes = 1
+            ms[0] = (item >> 24) & 0xFF
+            ms[1] = (item >> 16) & 0xFF
+            ms[2] = (item >> 8) & 0xFF
+            ms[3] = item & 0xFF
+            _put_bytes(&s.frames[0], ms, 4)
+            _ring_push(&self.outbox, slot)
+        pthread_mutex_unlock(&self.lock)
+
+    # -- the slot table (with the lock) ---------------------------------------------------------
+
+    cdef int _new_slot(self) noexcept nogil:
+        cdef int cap, i
+        cdef Slot *grown
+        global _out_of_memory
+        if not self.free_slots.count:
+            cap = self.slots_cap * 2 if self.slots_cap else 64
+            grown = <Slot *>realloc(self.slots, cap * sizeof(Slot))
+            if grown == NULL:
+                _out_of_memory = 1
+                return -1
+            memset(grown + self.slots_cap, 0, (cap - self.slots_cap) * sizeof(Slot))
+            self.slots = grown
+            for i in range(self.slots_cap, cap):
+                _ring_push(&self.free_slots, i)
+            self.slots_cap = cap
+            if _out_of_memory:
+                return -1
+        return <int>_ring_pop(&self.free_slots)
+
+    cdef void _free_slot(self, int slot) noexcept nogil:
+        cdef Slot *s = &self.slots[slot]
+        if s.frames != NULL:
+            _close_all(s.frames, s.nframes)
+            free(s.frames)
+        s.frames = NULL
+        s.nframes = 0
+        s.state = S_FREE
+        s.cancelled = 0
+        _ring_push(&self.free_slots, slot)
+
+    cdef void _drop_outbox(self) noexcept nogil:
+        """The end: what is left to send (or to send again) is not sent any more; let the
+        answers go (the Worker keeps its sessions)."""
+        pthread_mutex_lock(&self.lock)
+        while self.outbox.count:
+            self._free_slot(<int>_ring_pop(&self.outbox))
+        while self.unconfirmed.count:
+            self._free_slot(<int>_ring_pop(&self.unconfirmed))
+        pthread_mutex_unlock(&self.lock)
+
+    cdef void _lock_free_slot(self, int slot) noexcept nogil:
+        pthread_mutex_lock(&self.lock)
+        self._free_slot(slot)
+        pthread_mutex_unlock(&self.lock)
