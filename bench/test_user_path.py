@@ -17,8 +17,9 @@ Rows: ``fbc02-fbw02`` is what a user gets by default (client and worker batch);
 ``fbc02-fbw01`` and ``fbc01-fbw01`` the same client and worker with ``protocol=1``;
 ``fbc02-fbw02-credit1`` the default protocols with ``--credit 1`` (one job at a time in the
 worker: the round trip per job); ``fbc02-fbw02-pure`` the default with the broker's pure
-core; the ``-pure-session`` rows run the worker's pure-Python session (FASTBROKER_PURE=1 in
-the worker process only) instead of its compiled one (issue 15), at credit 64 and 1. The
+core; the ``-prefetch`` rows give the worker ``--prefetch 64`` (jobs queued in it beyond the
+64 running); the ``-pure-session`` rows run the worker's pure-Python session
+(FASTBROKER_PURE=1 in the worker process only) instead of its compiled one (issue 15). The
 broker and worker processes are started again for each row that needs another core,
 worker protocol, credit or session.
 """
@@ -109,12 +110,12 @@ class Served:
         self.pids = {"echo server": server.pid}
         self.broker: Optional[subprocess.Popen] = None
         self.worker: Optional[subprocess.Popen] = None
-        self.setup: Tuple[str, int, int, str] = ("", 0, 0, "")
+        self.setup: Tuple[str, int, int, str, int] = ("", 0, 0, "", 0)
 
-    def use(self, core: str, protocol: int, credit: int, session: str = "compiled") -> None:
-        """A broker of `core` and one worker process speaking `protocol` with `credit`,
-        on its `session` ("compiled" or "pure")."""
-        if self.setup == (core, protocol, credit, session):
+    def use(self, core: str, protocol: int, credit: int, session: str = "compiled", prefetch: int = 0) -> None:
+        """A broker of `core` and one worker process speaking `protocol` with `credit` and
+        `prefetch`, on its `session` ("compiled" or "pure")."""
+        if self.setup == (core, protocol, credit, session, prefetch):
             return
         for proc in (self.worker, self.broker):
             if proc is not None:
@@ -126,12 +127,12 @@ class Served:
         self.run.wait_for_broker(self.broker, "user-path", core, deadline)
         argv = ["-m", "fastbroker", "worker", "bench.test_user_path:Echo", self.work]
         self.worker = self.run.start(
-            [*argv, "--credit", str(credit), "--protocol", str(protocol)],
-            f"worker-fbw0{protocol}-{credit}-{session}",
+            [*argv, "--credit", str(credit), "--prefetch", str(prefetch), "--protocol", str(protocol)],
+            f"worker-fbw0{protocol}-{credit}-{prefetch}-{session}",
             env={"FASTBROKER_PURE": "1" if session == "pure" else ""},
         )
         self.pids.update(broker=self.broker.pid, worker=self.worker.pid)
-        self.setup = (core, protocol, credit, session)
+        self.setup = (core, protocol, credit, session, prefetch)
 
 
 @pytest.fixture(scope="module")
@@ -189,19 +190,23 @@ def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
     _record(benchmark, "bare-echo", walls, cpu)
 
 
-# (name, broker core, client protocol, worker protocol, worker credit, worker session)
+# (name, broker core, client protocol, worker protocol, worker credit, worker session, prefetch)
 ROWS = [
-    ("fbc02-fbw02", "compiled", 2, 2, CREDIT, "compiled"),
-    ("fbc02-fbw02-pure-session", "compiled", 2, 2, CREDIT, "pure"),
-    ("fbc02-fbw01", "compiled", 2, 1, CREDIT, "compiled"),
-    ("fbc01-fbw01", "compiled", 1, 1, CREDIT, "compiled"),
-    ("fbc02-fbw02-credit1", "compiled", 2, 2, 1, "compiled"),
-    ("fbc02-fbw02-credit1-pure-session", "compiled", 2, 2, 1, "pure"),
-    ("fbc02-fbw02-pure", "pure", 2, 2, CREDIT, "compiled"),
+    ("fbc02-fbw02", "compiled", 2, 2, CREDIT, "compiled", 0),
+    ("fbc02-fbw02-pure-session", "compiled", 2, 2, CREDIT, "pure", 0),
+    ("fbc02-fbw02-prefetch", "compiled", 2, 2, CREDIT, "compiled", CREDIT),
+    ("fbc02-fbw02-prefetch-pure-session", "compiled", 2, 2, CREDIT, "pure", CREDIT),
+    ("fbc02-fbw01", "compiled", 2, 1, CREDIT, "compiled", 0),
+    ("fbc01-fbw01", "compiled", 1, 1, CREDIT, "compiled", 0),
+    ("fbc02-fbw02-credit1", "compiled", 2, 2, 1, "compiled", 0),
+    ("fbc02-fbw02-credit1-pure-session", "compiled", 2, 2, 1, "pure", 0),
+    ("fbc02-fbw02-pure", "pure", 2, 2, CREDIT, "compiled", 0),
 ]
 
 
-@pytest.mark.parametrize("name, core, protocol, worker_protocol, credit, session", ROWS, ids=[row[0] for row in ROWS])
+@pytest.mark.parametrize(
+    "name, core, protocol, worker_protocol, credit, session, prefetch", ROWS, ids=[row[0] for row in ROWS]
+)
 def test_client_map_worker_subclass(
     benchmark,
     served: Served,
@@ -211,10 +216,11 @@ def test_client_map_worker_subclass(
     worker_protocol: int,
     credit: int,
     session: str,
+    prefetch: int,
 ) -> None:
     benchmark.group = "user-path"
     walls: List[float] = []
-    served.use(core, worker_protocol, credit, session)
+    served.use(core, worker_protocol, credit, session, prefetch)
     with Client(served.address, protocol=protocol) as client:
         assert client.call(b"warm", wait=WAIT_LIMIT) == b"warm"
 

@@ -140,15 +140,19 @@ def test_a_malformed_task_or_an_unknown_command_is_counted_and_ignored(fake, job
         send_raw(CMD_TASK, b"a", b"b", tid(1) + (1).to_bytes(2, "big"))
         send_raw(CMD_TASK, b"a", tid(1) + b"\x00")
         send_raw(CMD_TASK, tid(1) + (0).to_bytes(2, "big"))
+        # More records than MAX_BATCH (PROTOCOL.md 13.2), each of one frame, all there.
+        over = protocol.MAX_BATCH + 1
+        send_raw(CMD_TASK, *[b"x"] * over, (tid(1) + (1).to_bytes(2, "big")) * over)
     else:
         send_raw(CMD_TASK)  # no task id
         send_raw(CMD_TASK)
         send_raw(CMD_TASK)
+        send_raw(CMD_TASK, b"short", b"echo:x")  # a task id is 16 bytes
     send_raw(b"\x7f", b"from a newer broker")
     broker.send(CMD_TASK, tid(2), b"echo:good")
     # The good one is served on the same socket; none of the others started a job.
     assert broker.recv() == [CMD_ANSWER, tid(2), b"-echo:good"]
-    assert (worker.stats.ignored, worker.stats.received, worker.stats.reconnects) == (4, 1, 0)
+    assert (worker.stats.ignored, worker.stats.received, worker.stats.reconnects) == (5, 1, 0)
 
 
 def test_cancel_of_a_task_id_held_twice_ends_both(fake, job_env):

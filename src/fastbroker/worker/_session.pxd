@@ -25,6 +25,13 @@ cdef struct Slot:
     zmsg *frames  # payload (waiting), answer or failure (done), milliseconds (extend)
 
 
+# A line the loop asks the spawner thread to log (the loop never takes the GIL).
+cdef struct LogRecord:
+    int what  # L_* in _session.pyx, a key of LOG_FORMATS
+    double a, b
+    uint8_t task_id[16]
+
+
 # A growable ring of integers (job slots, or extend requests as number << 32 | ms).
 cdef struct Ring:
     long long *items
@@ -66,6 +73,11 @@ cdef class Session:
     cdef readonly list threads
     cdef object failure  # an exception from the job threads' start, raised by run()
     cdef bytes address_c
+    cdef const char *address_ptr  # into address_c, for the loop
+    cdef const char *curve_secret_c
+    cdef const char *curve_public_c
+    cdef const char *curve_server_c
+    cdef size_t curve_sizes[3]  # secret, public, server
     cdef bytes curve_secret, curve_public, curve_server  # CURVE keys (None: plain)
     cdef int has_curve
     cdef object __weakref__  # the at-exit hook keeps sessions in a WeakSet
@@ -82,6 +94,7 @@ cdef class Session:
     cdef int stopping
     cdef int stop_requested  # set by request_stop() (any thread)
     cdef int aborting  # set by run() when its caller is interrupted
+    cdef int terminated  # the ZeroMQ context was terminated under the loop
     cdef int woken
     cdef int in_hand, orphans
     cdef int result_code  # how _loop ended: LOOP_* below
@@ -97,6 +110,8 @@ cdef class Session:
     cdef object spawner
     cdef public bint closed
     cdef uint64_t counters[12]  # C_* below, copied to `stats` by update_stats()
+    cdef LogRecord logs[256]  # LOG_QUEUE
+    cdef int log_count, logs_lost
     # Scratch for the message being received (`frames`) and the one being sent (`out`).
     cdef zmsg *frames
     cdef int frames_cap
@@ -137,6 +152,7 @@ cdef class Session:
     cdef int _out_room(self, int n) noexcept nogil
     cdef void _out_head(self, const char *signature, int command) noexcept nogil
     cdef const char *_signature(self) noexcept nogil
+    cdef void _log(self, int what, double a, double b, const uint8_t *task_id) noexcept nogil
     cdef void _lock_free_slot(self, int slot) noexcept nogil
     cdef void _give_back(self, double now) noexcept nogil
     cdef void _drop_outbox(self) noexcept nogil

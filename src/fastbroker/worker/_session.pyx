@@ -11,8 +11,9 @@ the outcome back. A ``process()`` that holds the GIL for minutes therefore canno
 the heartbeats: the broker keeps the worker, and the job's own deadline is what
 catches a job that never ends.
 
-The loop takes the GIL only to log a change of connection (rare). Same behaviour as
-the pure Session, which stays the twin (FASTBROKER_PURE=1) and is run by the same tests.
+The loop never takes the GIL: its log lines are queued for the spawner thread (the
+Python thread that also starts the job threads) to write. Same behaviour as the pure
+Session, which stays the twin (FASTBROKER_PURE=1) and is run by the same tests.
 """
 
 from libc.stdint cimport uint8_t
@@ -29,6 +30,7 @@ cdef extern from "Python.h":
 
 import logging
 import os
+import signal
 import threading
 
 import zmq
@@ -41,8 +43,8 @@ from fastbroker.worker.session import CANCELLED_TEXT, CANCELLED_TYPE, _watch_at_
 from fastbroker._protocol cimport *
 from fastbroker._zmqdl cimport (
     zmsg, zpollitem, ZPOLLIN, ZPOLLOUT, ZDONTWAIT, ZSNDMORE, zmsg_init, zmsg_init_size, zmsg_init_data, zmsg_data,
-    zmsg_size, zmsg_more, zmsg_close, zmsg_copy, zmsg_move, zmsg_send, zmsg_recv, zpoll, zsocket, zclose, zconnect,
-    zsetsockopt, fbz_load,
+    zmsg_size, zmsg_more, zmsg_close, zmsg_copy, zmsg_move, zmsg_send, zmsg_recv, zpoll, zerrno, ZETERM, zsocket,
+    zclose, zconnect, zsetsockopt, fbz_load,
 )
 
 cdef extern from "<pthread.h>" nogil:
@@ -83,6 +85,23 @@ cdef enum:
     K_FAILED = 1
     K_EXTEND = 2
     K_RETURN = 3  # jobs given back: their ids are the slot's frames
+    # Log codes (LOG_FORMATS).
+    L_STOPPING = 1
+    L_CONNECTING = 2
+    L_REGISTERING = 3
+    L_RECONNECTING = 4
+    L_TRYING_V1 = 5
+    L_TRYING_V2 = 6
+    L_STOPPED_AWAY = 7
+    L_DROPPED = 8
+    L_DISCONNECTED = 9
+    L_SPEAKS_V2 = 10
+    L_CONNECTED = 11
+    L_CANCEL_RUNNING = 12
+    L_CANCEL_WAITING = 13
+    L_BAD_TASK = 14
+    L_TASK_NO_ID = 15
+    LOG_QUEUE = 256  # records waiting for the spawner; beyond, counted in logs_lost
     # How the loop ended.
     LOOP_STOPPED = 0  # graceful hang-up
     LOOP_ABORTED = 1  # run()'s caller was interrupted
@@ -101,6 +120,26 @@ cdef enum:
     N_IGNORED = 9
     N_RETURNED = 10
 
+# What the loop logs, by code: it never takes the GIL, so it queues (code, a, b, task id)
+# and the spawner thread writes the lines (_emit_logs).
+LOG_FORMATS = {
+    1: (logging.INFO, "stopping: finishing {a:.0f} job(s) in hand, then disconnecting"),
+    2: (logging.DEBUG, "connecting to {address} (connection {a:.0f})"),
+    3: (logging.INFO, "the broker sent DISCONNECT: registering again"),
+    4: (logging.INFO, "reconnecting to {address} in {a:.2f} s: no word from the broker for {b:.1f} s"),
+    5: (logging.INFO, "no word from the broker: trying FBW01 on the next connection"),
+    6: (logging.INFO, "no word from the broker: trying FBW02 on the next connection"),
+    7: (logging.INFO, "stopped (not connected to {address})"),
+    8: (logging.WARNING, "{a:.0f} answer(s) could not be queued for {address} before disconnecting"),
+    9: (logging.INFO, "disconnected from {address}"),
+    10: (logging.INFO, "the broker speaks FBW02: using it"),
+    11: (logging.INFO, "connected to {address}"),
+    12: (logging.INFO, "job {task} cancelled by the client while running; answering it when it returns"),
+    13: (logging.INFO, "job {task} cancelled by the client before it started; not running it"),
+    14: (logging.WARNING, "ignored a TASK whose header does not match its {a:.0f} frames"),
+    15: (logging.WARNING, "ignored a TASK without a 16-byte task id"),
+}
+
 STAT_NAMES = (
     "received", "answered", "failed", "connects", "reconnects", "disconnects", "heartbeats_sent", "cancelled",
     "cancelled_unstarted", "ignored", "returned",
@@ -109,6 +148,7 @@ STAT_NAMES = (
 # Set when an allocation failed: the loop ends (LOOP_NO_MEMORY) at its next turn, and
 # the broker re-queues what this worker held when it sees it gone.
 cdef int _out_of_memory = 0
+cdef int _running_sessions = 0  # run()s in progress in this process (they share the flag above)
 cdef char _WAKE_BYTE = 0
 
 # The FAILED of a job cancelled before it started, as C strings for the loop.
@@ -118,6 +158,23 @@ cdef const char *_CANCELLED_TYPE = _cancelled_type
 cdef const char *_CANCELLED_TEXT = _cancelled_text
 cdef size_t _CANCELLED_TYPE_SIZE = len(_cancelled_type)
 cdef size_t _CANCELLED_TEXT_SIZE = len(_cancelled_text)
+
+
+JOIN_SLICE = 0.1
+"""Seconds run() waits for the loop thread at a time (see run())."""
+
+# Signals a process is sent to stop or be told something; the threads of a session block
+# them, so the kernel delivers them to a thread that does not (the main one, whose
+# handlers Python runs), not to a thread that would only set Python's flag.
+_ASYNC_SIGNALS = {
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
+    if hasattr(signal, name)
+}
+
+
+def _main_thread_takes_signals():
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
 
 
 cdef inline double _now() noexcept nogil:
@@ -130,15 +187,18 @@ cdef inline double _now() noexcept nogil:
 # An answer frame of at least ANSWER_ZERO_COPY_MIN bytes is sent from the job's bytes
 # object itself. libzmq lets it go when done, perhaps on its I/O thread, which must never
 # wait for the GIL (a job may hold it for minutes, and that thread carries the
-# heartbeats): _release_answer only notes the object, and a job thread drops the
-# references the next time it holds the GIL (_drop_released), as run() does at its end.
+# heartbeats): _release_answer only notes the object and signals the releaser, a daemon
+# thread of this module, which drops the references when it gets the GIL.
 
 cdef Py_ssize_t _ANSWER_ZERO_COPY_MIN = ANSWER_ZERO_COPY_MIN
 cdef pthread_mutex_t _released_lock
 pthread_mutex_init(&_released_lock, NULL)
+cdef pthread_cond_t _released_ready
+pthread_cond_init(&_released_ready, NULL)
 cdef void **_released = NULL
 cdef int _released_count = 0
 cdef int _released_cap = 0
+_releaser = None  # the thread, started with the first answer sent this way
 
 
 cdef void _release_answer(void *data, void *hint) noexcept nogil:
@@ -154,6 +214,7 @@ cdef void _release_answer(void *data, void *hint) noexcept nogil:
         _released_cap = _released_cap * 2 + 64
     _released[_released_count] = hint
     _released_count += 1
+    pthread_cond_signal(&_released_ready)
     pthread_mutex_unlock(&_released_lock)
 
 
@@ -173,9 +234,26 @@ cdef void _drop_released():
     free(objects)
 
 
+def _release_forever():
+    while True:
+        with nogil:
+            pthread_mutex_lock(&_released_lock)
+            while not _released_count:
+                pthread_cond_wait(&_released_ready, &_released_lock)
+            pthread_mutex_unlock(&_released_lock)
+        _drop_released()
+
+
+cdef void _start_releaser():
+    global _releaser
+    if _releaser is None:
+        _releaser = threading.Thread(target=_release_forever, name="fastbroker-answer-releaser", daemon=True)
+        _releaser.start()
+
+
 def drop_released_answers():
-    """Drop the references of the answers libzmq is done with now (the job threads do it
-    whenever they take a job, and run() at its end)."""
+    """Drop the references of the answers libzmq is done with now (the releaser thread
+    does it as they come; this is for a caller that must know they are gone)."""
     _drop_released()
 
 
@@ -364,6 +442,7 @@ cdef class Session:
         self.worker = worker
         self.address = worker.requests_addr if address is None else address
         self.address_c = self.address.encode()
+        self.address_ptr = self.address_c
         self.wake_pipe = worker.wake_pipe if wake_pipe is None else wake_pipe
         self.stats = worker.stats if stats is None else stats
         self.result_pipe = WakePipe()  # job threads -> loop; the wake pipe is the worker's (stop, signals)
@@ -377,6 +456,10 @@ cdef class Session:
         self.curve_public = None if curve is None else curve.public
         self.curve_server = None if curve is None else curve.server_key
         self.has_curve = curve is not None
+        if self.has_curve:  # C pointers into the bytes this object keeps, for the loop
+            self.curve_secret_c, self.curve_sizes[0] = self.curve_secret, len(self.curve_secret)
+            self.curve_public_c, self.curve_sizes[1] = self.curve_public, len(self.curve_public)
+            self.curve_server_c, self.curve_sizes[2] = self.curve_server, len(self.curve_server)
         self.heartbeat = worker.heartbeat
         self.silence = worker.liveness * worker.heartbeat
         self.reconnect_max = worker.reconnect_max or self.silence
@@ -423,14 +506,28 @@ cdef class Session:
     def run(self):
         """Serve until the worker stops, then hang up; the loop runs on a thread of its
         own while this one waits (so a signal handler of the main thread still runs)."""
+        global _out_of_memory, _running_sessions
         if self.worker.stopping:
             self.stop_requested = 1
+        if not _running_sessions:
+            _out_of_memory = 0  # an earlier run's failure must not end this one
+        _running_sessions += 1
+        try:
+            self._run()
+        finally:
+            _running_sessions -= 1
+            self._emit_logs()  # what the loop said last
+
+    def _run(self):
         self.spawner = threading.Thread(target=self._spawn_threads, name="fastbroker-worker-spawner", daemon=True)
         self.spawner.start()
         loop = threading.Thread(target=self._run_loop, name=f"fastbroker-worker-io {self.address}", daemon=True)
         loop.start()
         try:
-            loop.join()
+            # In slices: a signal the kernel delivers to another thread only sets Python's
+            # flag, and the handler (Worker.stop) runs when this thread next wakes.
+            while loop.is_alive():
+                loop.join(JOIN_SLICE)
         except BaseException:
             self.aborting = 1
             self.wake_pipe.wake()
@@ -441,14 +538,17 @@ cdef class Session:
             self.shutdown(wait=True)
             self.spawner.join()
             self.result_pipe.close()
-            _drop_released()
             return
         self.shutdown(wait=False, cancel_waiting=True)
+        self.spawner.join()
+        if self.failure is not None:
+            raise self.failure
         if self.result_code == LOOP_NO_MEMORY:
             raise MemoryError("the worker's session ran out of memory")
-        raise RuntimeError(f"the worker's session ended: its ZeroMQ context was terminated (code {self.result_code})")
+        raise RuntimeError("the worker's session ended: its ZeroMQ context was terminated")
 
     def _run_loop(self):
+        _main_thread_takes_signals()
         with nogil:
             self.result_code = self._loop()
 
@@ -512,28 +612,60 @@ cdef class Session:
         """Starts the job threads the loop asks for (it cannot: that takes the GIL), as
         jobs come: one when a job waits and no thread is idle, up to the credit."""
         cdef int wanted, closed
+        _main_thread_takes_signals()  # and the job threads, which this one starts
         while True:
             with nogil:
                 pthread_mutex_lock(&self.lock)
-                while not self.spawn_wanted and not self.pool_closed:
+                while not self.spawn_wanted and not self.log_count and not self.pool_closed:
                     pthread_cond_wait(&self.threads_wanted, &self.lock)
                 wanted = self.spawn_wanted
                 self.spawn_wanted = 0
                 closed = self.pool_closed
                 pthread_mutex_unlock(&self.lock)
+            self._emit_logs()
             if closed:
                 return
             for _ in range(wanted):
                 thread = threading.Thread(target=self._serve, name=f"fastbroker-job_{len(self.threads)}")
-                thread.start()
+                try:
+                    thread.start()
+                except BaseException as exc:  # no thread for the jobs: the worker cannot go on
+                    self.failure = exc
+                    self.aborting = 1
+                    self.wake_pipe.wake()
+                    return
                 self.threads.append(thread)
+
+    def _emit_logs(self):
+        """Write the lines the loop queued (in a Python thread: the spawner, or run())."""
+        cdef LogRecord records[LOG_QUEUE]
+        cdef int n, lost, i
+        pthread_mutex_lock(&self.lock)
+        n = self.log_count
+        memcpy(records, self.logs, n * sizeof(LogRecord))
+        self.log_count = 0
+        lost = self.logs_lost
+        self.logs_lost = 0
+        pthread_mutex_unlock(&self.lock)
+        for i in range(n):
+            level, text = LOG_FORMATS[records[i].what]
+            if not log.isEnabledFor(level):
+                continue
+            task = (<bytes>records[i].task_id[:16]).hex()
+            log.log(level, "%s", text.format(address=self.address, task=task, a=records[i].a, b=records[i].b))
+        if lost:
+            log.warning("%d log line(s) of the session with %s were lost (too many at once)", lost, self.address)
 
     def _serve(self):
         worker = self.worker
         local = worker._job_local
         first = True
         while True:
-            jobs = self._take(self.batch_max, first)
+            try:
+                jobs = self._take(self.batch_max, first)
+            except MemoryError:  # _take has ended the session (see _out_of_memory)
+                log.exception("a job thread could not take its job")
+                return
             first = False
             if jobs is None:
                 return
@@ -546,7 +678,7 @@ cdef class Session:
                 number, task_id, payload = jobs[0]
                 local.job = (task_id, self, number)
                 try:
-                    answer, error = run_one(worker, task_id, payload, lambda: self.job_cancelled(number, task_id))
+                    answer, error = run_one(worker, task_id, payload, self, number)
                 finally:
                     local.job = None
                 self._finish(number, answer, error)
@@ -575,9 +707,8 @@ cdef class Session:
                 free(payloads)
                 free(counts)
                 free(ids)
+                self._end_out_of_memory()
                 raise MemoryError()
-        if _released_count:
-            _drop_released()
         # With the GIL first: while jobs wait, a thread keeps it from one job to the next
         # (as the pure pool's threads do), instead of handing it around at every job.
         pthread_mutex_lock(&self.lock)
@@ -599,19 +730,33 @@ cdef class Session:
             n = self._take_waiting(most, numbers, payloads, counts, ids)
             pthread_mutex_unlock(&self.lock)
         jobs = None
-        if n:
-            jobs = []
+        try:
+            if n:
+                jobs = []
+                for i in range(n):
+                    payload = [self._payload_frame(&payloads[i][j]) for j in range(counts[i])]
+                    jobs.append((numbers[i], PyBytes_FromStringAndSize(<char *>ids + i * 16, 16), payload))
+        except MemoryError:
+            # Jobs taken and not run would hold the credit for ever: end the session (the
+            # broker re-queues what this worker held when it sees it gone).
+            self._end_out_of_memory()
+            raise
+        finally:
             for i in range(n):
-                payload = [self._payload_frame(&payloads[i][j]) for j in range(counts[i])]
                 _close_all(payloads[i], counts[i])
                 free(payloads[i])
-                jobs.append((numbers[i], PyBytes_FromStringAndSize(<char *>ids + i * 16, 16), payload))
-        if most > 1:
-            free(ids)
-            free(numbers)
-            free(payloads)
-            free(counts)
+            if most > 1:
+                free(ids)
+                free(numbers)
+                free(payloads)
+                free(counts)
         return jobs
+
+    def _end_out_of_memory(self):
+        """A job thread could not allocate: the loop ends (LOOP_NO_MEMORY) at once."""
+        global _out_of_memory
+        _out_of_memory = 1
+        write(self.result_write_fd, &_WAKE_BYTE, 1)
 
     cdef object _payload_frame(self, zmsg *frame):
         """A payload frame for the job: bytes (a copy), or a view of the message itself
@@ -653,11 +798,13 @@ cdef class Session:
         n = len(frames)
         cdef zmsg *msgs = <zmsg *>malloc((n or 1) * sizeof(zmsg))
         if msgs == NULL:
+            self._end_out_of_memory()
             raise MemoryError()
         for i in range(n):
             frame = frames[i]
             size = PyBytes_GET_SIZE(frame)
             if size >= _ANSWER_ZERO_COPY_MIN:
+                _start_releaser()
                 Py_INCREF(frame)  # until _release_answer (see above)
                 if zmsg_init_data(&msgs[i], PyBytes_AS_STRING(frame), size, _release_answer, <PyObject *>frame) == 0:
                     continue
@@ -679,7 +826,6 @@ cdef class Session:
 
     cdef int _loop(self) noexcept nogil:
         cdef double now
-        cdef int jobs
         if not self.stop_requested:
             if self._open(_now()) < 0:
                 return LOOP_NO_CONTEXT
@@ -692,12 +838,14 @@ cdef class Session:
             if _out_of_memory:
                 self._close_socket(0)
                 return LOOP_NO_MEMORY
+            if self.terminated:
+                self._close_socket(0)
+                self._drop_outbox()
+                return LOOP_NO_CONTEXT
             self._collect()
             if self.stop_requested and not self.stopping:
                 self.stopping = 1
-                jobs = self.in_hand
-                with gil:
-                    log.info("stopping: finishing %d job(s) in hand, then disconnecting", jobs)
+                self._log(L_STOPPING, self.in_hand, 0, NULL)
             if self.sock == NULL and self.reconnect_at >= 0 and now >= self.reconnect_at:
                 if self._open(now) < 0:
                     return LOOP_NO_CONTEXT
@@ -718,8 +866,8 @@ cdef class Session:
                 if now - self.last_heard > self.silence:
                     self._lose(now)
                 elif now >= self.next_heartbeat:
-                    if self._send_small(now, self._signature(), CMD_HEARTBEAT, NULL, 0):
-                        self.counters[N_HEARTBEATS_SENT] += 1
+                    self._send_small(now, self._signature(), CMD_HEARTBEAT, NULL, 0)
+                    self.counters[N_HEARTBEATS_SENT] += 1
                     self.next_heartbeat = now + self.heartbeat
             if self.stopping and self._finished(now):
                 self._hang_up()
@@ -728,6 +876,24 @@ cdef class Session:
 
     cdef const char *_signature(self) noexcept nogil:
         return WORKER_SIGNATURE_V2 if self.v2 else WORKER_SIGNATURE
+
+    cdef void _log(self, int what, double a, double b, const uint8_t *task_id) noexcept nogil:
+        """Queue a log line for the spawner thread to write (the loop never takes the
+        GIL); without the lock held. Lines beyond LOG_QUEUE waiting are counted, not kept."""
+        cdef LogRecord *record
+        pthread_mutex_lock(&self.lock)
+        if self.log_count == LOG_QUEUE:
+            self.logs_lost += 1
+        else:
+            record = &self.logs[self.log_count]
+            record.what = what
+            record.a = a
+            record.b = b
+            if task_id != NULL:
+                memcpy(record.task_id, task_id, 16)
+            self.log_count += 1
+            pthread_cond_signal(&self.threads_wanted)
+        pthread_mutex_unlock(&self.lock)
 
     cdef void _poll(self, double now) noexcept nogil:
         cdef zpollitem items[3]
@@ -760,8 +926,10 @@ cdef class Session:
         if timeout < wait * 1000:
             timeout += 1
         rc = zpoll(items, n, timeout)
+        if rc < 0 and zerrno() == ZETERM:
+            self.terminated = 1  # the context was terminated under us: the loop ends
         if rc <= 0:
-            return  # nothing, EINTR, or a socket closed under us: the next turn sees
+            return  # nothing, or EINTR
         if items[0].revents:
             self._drain(self.wake_fd)
         if items[1].revents:
@@ -789,8 +957,6 @@ cdef class Session:
 
     cdef int _open(self, double now) noexcept nogil:
         cdef int zero = 0
-        cdef int connection
-        cdef const char *address
         self.sock = zsocket(self.context, _DEALER)
         if self.sock == NULL:
             return -1
@@ -799,13 +965,10 @@ cdef class Session:
         # Abandoning a connection must not wait for it; the last close sets its own linger.
         zsetsockopt(self.sock, _LINGER, &zero, sizeof(int))
         if self.has_curve:
-            with gil:  # the keys are bytes objects; once per connection
-                zsetsockopt(self.sock, _CURVE_SECRETKEY, <char *>self.curve_secret, len(self.curve_secret))
-                zsetsockopt(self.sock, _CURVE_PUBLICKEY, <char *>self.curve_public, len(self.curve_public))
-                zsetsockopt(self.sock, _CURVE_SERVERKEY, <char *>self.curve_server, len(self.curve_server))
-        with gil:
-            address = <char *>self.address_c
-        zconnect(self.sock, address)  # checked by Worker() already
+            zsetsockopt(self.sock, _CURVE_SECRETKEY, self.curve_secret_c, self.curve_sizes[0])
+            zsetsockopt(self.sock, _CURVE_PUBLICKEY, self.curve_public_c, self.curve_sizes[1])
+            zsetsockopt(self.sock, _CURVE_SERVERKEY, self.curve_server_c, self.curve_sizes[2])
+        zconnect(self.sock, self.address_ptr)  # checked by Worker() already
         self.heard = 0
         self.offered_v2 = 0
         self.last_heard = now  # the broker gets `silence` seconds to speak first
@@ -815,9 +978,7 @@ cdef class Session:
         self.counters[N_CONNECTS] += 1
         if self.counters[N_CONNECTS] > 1:
             self.counters[N_RECONNECTS] += 1
-        connection = self.generation
-        with gil:
-            log.debug("connecting to %s (connection %d)", self.address, connection)
+        self._log(L_CONNECTING, self.generation, 0, NULL)
         return 0
 
     cdef void _close_socket(self, int linger_ms) noexcept nogil:
@@ -833,8 +994,7 @@ cdef class Session:
         self.orphans = self.in_hand
         self.announced = -1
         self._confirm()
-        with gil:
-            log.info("the broker sent DISCONNECT: registering again")
+        self._log(L_REGISTERING, 0, 0, NULL)
 
     cdef void _lose(self, double now) noexcept nogil:
         """Drop the connection and schedule the next: at once after one loss, then
@@ -856,13 +1016,11 @@ cdef class Session:
                 delay = self.reconnect_max
         self.failures += 1
         self.reconnect_at = now + delay
-        with gil:
-            log.info("reconnecting to %s in %.2f s: no word from the broker for %.1f s", self.address, delay, silent)
+        self._log(L_RECONNECTING, delay, silent, NULL)
         if not self.heard and self.worker_protocol == 2:
             # Perhaps the broker does not know FBW02: the next connection tries the other.
             self._use_protocol(not self.v2)
-            with gil:
-                log.info("no word from the broker: trying %s on the next connection", "FBW02" if self.v2 else "FBW01")
+            self._log(L_TRYING_V2 if self.v2 else L_TRYING_V1, 0, 0, NULL)
 
     cdef void _use_protocol(self, int v2) noexcept nogil:
         # The outbox holds outcomes, not messages: they are written in the protocol of the
@@ -881,8 +1039,7 @@ cdef class Session:
             self._open(_now())
         if self.sock == NULL:
             self._drop_outbox()
-            with gil:
-                log.info("stopped (not connected to %s)", self.address)
+            self._log(L_STOPPED_AWAY, 0, 0, NULL)
             return
         now = _now()
         self._announce_credit(now)
@@ -892,10 +1049,9 @@ cdef class Session:
         # Bounded: a vanished broker must not keep the process alive.
         self._close_socket(self.linger_ms)
         self._drop_outbox()
-        with gil:
-            if dropped:
-                log.warning("%d answer(s) could not be queued for %s before disconnecting", dropped, self.address)
-            log.info("disconnected from %s", self.address)
+        if dropped:
+            self._log(L_DROPPED, dropped, 0, NULL)
+        self._log(L_DISCONNECTED, 0, 0, NULL)
 
     cdef void _announce_credit(self, double now) noexcept nogil:
         """READY when the credit the broker should use changes (see the pure Session)."""
@@ -969,6 +1125,8 @@ cdef class Session:
         cdef int i
         for i in range(n):
             if zmsg_send(&self.out[i], self.sock, ZDONTWAIT | (ZSNDMORE if i < n - 1 else 0)) < 0:
+                if zerrno() == ZETERM:
+                    self.terminated = 1
                 _close_all(&self.out[i], n - i)
                 return 0
         # Any message tells the broker we are alive: the heartbeat can wait.
@@ -999,6 +1157,7 @@ cdef class Session:
         cdef int k = 0, frames = 4, i, j, at, slot, _
         cdef Slot *s
         cdef uint8_t *header
+        global _out_of_memory
         while k < self.outbox.count and k < MAX_BATCH:
             s = &self.slots[<int>_ring_at(&self.outbox, k)]
             if s.kind != K_ANSWER or (k and frames + s.nframes > MAX_FRAMES):
@@ -1010,6 +1169,7 @@ cdef class Session:
         self._out_head(WORKER_SIGNATURE_V2, CMD_ANSWER)
         if zmsg_init_size(&self.out[3], k * ANSWER_RECORD_SIZE) != 0:
             _close_all(self.out, 3)
+            _out_of_memory = 1
             return 0
         header = <uint8_t *>zmsg_data(&self.out[3])
         at = 4
@@ -1092,6 +1252,8 @@ cdef class Session:
                 self.frames_cap = self.frames_cap * 2 + 16
             zmsg_init(&self.frames[n])
             if zmsg_recv(&self.frames[n], self.sock, ZDONTWAIT) < 0:
+                if zerrno() == ZETERM:
+                    self.terminated = 1
                 zmsg_close(&self.frames[n])
                 if n:  # cannot happen: the parts of a message arrive together
                     _close_all(self.frames, n)
@@ -1117,8 +1279,7 @@ cdef class Session:
         if zmsg_size(&self.frames[2]) == 1:
             command = (<uint8_t *>zmsg_data(&self.frames[2]))[0]
         if v2_message and not self.v2:
-            with gil:
-                log.info("the broker speaks FBW02: using it")
+            self._log(L_SPEAKS_V2, 0, 0, NULL)
             self._use_protocol(1)
         if command == CMD_DISCONNECT:
             self.counters[N_DISCONNECTS] += 1
@@ -1128,13 +1289,13 @@ cdef class Session:
             # Not on DISCONNECT: a broker that keeps refusing us must meet the back-off.
             self.heard = 1
             self.failures = 0
-            with gil:
-                log.info("connected to %s", self.address)
+            self._log(L_CONNECTED, 0, 0, NULL)
         if command == CMD_TASK and v2_message:
             self._start_jobs(n)
         elif command == CMD_TASK:
             if n < 4 or zmsg_size(&self.frames[3]) != 16:
                 self.counters[N_IGNORED] += 1
+                self._log(L_TASK_NO_ID, 0, 0, NULL)
                 return
             pthread_mutex_lock(&self.lock)
             self._start_job(<const uint8_t *>zmsg_data(&self.frames[3]), 4, n - 4)
@@ -1150,20 +1311,21 @@ cdef class Session:
         cdef int body = n - 4, records, i, at = 3, count
         cdef const uint8_t *header
         cdef size_t size = zmsg_size(&self.frames[n - 1]) if n > 3 else 0
-        if n < 4 or size == 0 or size % TASK_RECORD_SIZE:
+        if n < 4 or size == 0 or size % TASK_RECORD_SIZE or size // TASK_RECORD_SIZE > MAX_BATCH:
             self.counters[N_IGNORED] += 1
+            self._log(L_BAD_TASK, n - 3, 0, NULL)
             return
         header = <const uint8_t *>zmsg_data(&self.frames[n - 1])
         records = size // TASK_RECORD_SIZE
         count = 0
         for i in range(records):
             at = (header[i * TASK_RECORD_SIZE + 16] << 8) | header[i * TASK_RECORD_SIZE + 17]
-            if at == 0:
-                self.counters[N_IGNORED] += 1
-                return
             count += at
-        if count != body:
+            if at == 0 or count > body:  # checked as it goes: the sum never overflows
+                break
+        if count != body or at == 0:
             self.counters[N_IGNORED] += 1
+            self._log(L_BAD_TASK, n - 3, 0, NULL)
             return
         at = 3
         pthread_mutex_lock(&self.lock)
@@ -1252,6 +1414,7 @@ cdef class Session:
             withdrawn += 1
             _ring_remove(&self.waiting, slot)
             _close_all(s.frames, s.nframes)
+            s.nframes = 0
             self.in_hand -= 1
             if self.has_gate:
                 self.gate.give()
@@ -1275,13 +1438,10 @@ cdef class Session:
             s.state = S_OUTBOX
             _ring_push(&self.outbox, slot)
         pthread_mutex_unlock(&self.lock)
-        if running or withdrawn:
-            with gil:
-                tid = PyBytes_FromStringAndSize(<char *>task_id, 16).hex()
-                if running:
-                    log.info("job %s cancelled by the client while running; answering it when it returns", tid)
-                if withdrawn:
-                    log.info("job %s cancelled by the client before it started; not running it", tid)
+        if running:
+            self._log(L_CANCEL_RUNNING, 0, 0, task_id)
+        if withdrawn:
+            self._log(L_CANCEL_WAITING, 0, 0, task_id)
 
     cdef void _confirm(self) noexcept nogil:
         """The broker spoke: the ANSWERs sent before have reached it."""
@@ -1328,6 +1488,7 @@ cdef class Session:
         cdef long long item
         cdef Slot *s
         cdef Slot *job
+        global _out_of_memory
         cdef uint8_t ms[4]
         pthread_mutex_lock(&self.lock)
         # Before taking them: one put back from now on wakes the loop again.
@@ -1367,6 +1528,7 @@ cdef class Session:
             s.state = S_OUTBOX
             s.frames = <zmsg *>malloc(sizeof(zmsg))
             if s.frames == NULL:
+                _out_of_memory = 1
                 self._free_slot(slot)
                 break
             s.nframes = 1

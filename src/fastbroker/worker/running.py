@@ -6,12 +6,17 @@ job's outcome: shared by both sessions (the pure ``session.Session`` and the com
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
+
+from fastbroker.protocol import MAX_FRAMES
 
 log = logging.getLogger("fastbroker.worker")
 
 FAILED_TEXT_LIMIT = 2000
 """Characters of an exception's message sent in FAILED (the full traceback is logged)."""
+
+MAX_ANSWER_FRAMES = MAX_FRAMES - 4
+"""Frames of one answer: what an ANSWER message can carry besides its own four."""
 
 ANSWER_ZERO_COPY_MIN = 65536
 """Answer frames of at least this many bytes are sent from the job's own ``bytes`` object,
@@ -26,17 +31,21 @@ def failure(exc: BaseException) -> Tuple[str, str]:
     return type(exc).__name__, str(exc)[:FAILED_TEXT_LIMIT]
 
 
-def run_one(worker: Any, task_id: bytes, payload: List[bytes], was_cancelled: Callable[[], bool]) -> Outcome:
-    """``worker.process_multipart(payload)`` as one job's outcome; never raises."""
+def run_one(worker: Any, task_id: bytes, payload: List[bytes], session: Any, number: int) -> Outcome:
+    """``worker.process_multipart(payload)`` as one job's outcome; never raises. `session`
+    and `number` say whether it was cancelled (``session.job_cancelled``), asked only
+    when it raised."""
     try:
         answer = [bytes(frame) for frame in worker.process_multipart(payload)]
         if not answer:
             raise ValueError("process_multipart returned no frames")
+        if len(answer) > MAX_ANSWER_FRAMES:
+            raise ValueError(f"process_multipart returned {len(answer)} frames; at most {MAX_ANSWER_FRAMES}")
         if answer == [b""]:
             log.warning("job %s: the answer is one empty frame, which clients read as an abort", task_id.hex())
         return answer, None
     except BaseException as exc:  # anything the job raises is the job's failure, not the worker's
-        if was_cancelled():
+        if session.job_cancelled(number, task_id):
             # The expected way for a job to stop early: no traceback.
             log.info("job %s stopped after its cancellation (%s); reporting FAILED", task_id.hex(), type(exc).__name__)
         else:

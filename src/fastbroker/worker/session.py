@@ -41,6 +41,7 @@ from fastbroker.protocol import (
     CMD_TASK,
     R_OK,
     RECV_BATCH,
+    TASK_ID_SIZE,
     WORKER_SIGNATURE,
     WORKER_SIGNATURE_V2,
 )
@@ -648,9 +649,9 @@ class Session:
     # -- jobs --------------------------------------------------------------------------
 
     def _start_job(self, body: List[bytes]) -> None:
-        if not body:
+        if not body or len(body[0]) != TASK_ID_SIZE:
             self.stats.ignored += 1
-            log.warning("ignored a TASK without a task id")
+            log.warning("ignored a TASK without a 16-byte task id")
             return
         if self.gate is not None and not self.gate.take():
             # Another broker filled the credit meanwhile: this one gets the job back.
@@ -748,7 +749,7 @@ class Session:
         # What Worker.cancelled() and Worker.extend() read in this thread while the job runs.
         local.job = (task_id, self, number)
         try:
-            answer, error = run_one(self.worker, task_id, payload, lambda: task_id in self.cancelled)
+            answer, error = run_one(self.worker, task_id, payload, self, number)
         finally:
             local.job = None
         self.results.append((number, task_id, answer, error))

@@ -36,7 +36,7 @@ def split_tasks(body: Sequence[bytes]) -> Optional[List[Tuple[bytes, List[bytes]
     if not body:
         return None
     header = bytes(body[-1])
-    if not header or len(header) % TASK_RECORD_SIZE:
+    if not header or len(header) % TASK_RECORD_SIZE or len(header) // TASK_RECORD_SIZE > MAX_BATCH:
         return None
     jobs = []
     at = 0
