@@ -160,6 +160,10 @@ cdef size_t _CANCELLED_TYPE_SIZE = len(_cancelled_type)
 cdef size_t _CANCELLED_TEXT_SIZE = len(_cancelled_text)
 
 
+# Seconds the loop sleeps at most while jobs wait for a thread: the job threads then put
+# outcomes back without waking it, and it sends those of a millisecond together.
+cdef double BACKLOG_POLL = 0.001
+
 JOIN_SLICE = 0.1
 """Seconds run() waits for the loop thread at a time (see run())."""
 
@@ -582,8 +586,13 @@ cdef class Session:
         self.slots[number].kind = kind
         self.slots[number].state = S_DONE
         _ring_push(&self.done, number)
-        wake = not self.results_pending
-        self.results_pending = 1
+        # While jobs wait for a thread (prefetch), the loop sleeps at most
+        # BACKLOG_POLL: an outcome need not wake it, and goes with the others of that
+        # moment (one ANSWER, one wake-up, for many). Only the loop adds waiting jobs,
+        # so a loop asleep with none waiting is always woken.
+        wake = not self.results_pending and not self.waiting.count
+        if wake:
+            self.results_pending = 1
         pthread_mutex_unlock(&self.lock)
         if wake:
             write(self.result_write_fd, &_WAKE_BYTE, 1)
@@ -685,6 +694,10 @@ cdef class Session:
         if self.quiet_at >= 0 and now < self.quiet_at and (due < 0 or self.quiet_at < due):
             due = self.quiet_at
         wait = due - now if due >= 0 else self.heartbeat
+        pthread_mutex_lock(&self.lock)
+        if self.waiting.count and wait > BACKLOG_POLL:
+            wait = BACKLOG_POLL  # outcomes may come without a wake-up (see _finish)
+        pthread_mutex_unlock(&self.lock)
         if wait < 0:
             wait = 0
         # Round up: waking a hair early would spin through a turn with nothing due.
