@@ -295,8 +295,8 @@ class Worker(WorkerBase):
     ``process``, for a one-frame payload) as read-only ``memoryview``s of the received
     message, without a copy; None (the default): always ``bytes``. For large payloads
     whose job reads them without needing ``bytes``' methods (``numpy.frombuffer``,
-    ``hashlib``, slicing). Answers of 64 KiB or more are sent without a copy anyway
-    (``running.ANSWER_ZERO_COPY_MIN``)."""
+    ``hashlib``, slicing). The compiled session sends answers of 64 KiB or more without a
+    copy anyway (``running.ANSWER_ZERO_COPY_MIN``)."""
 
     def __init__(
         self,
