@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from types import ModuleType
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 PURE_ENV = "FASTBROKER_PURE"
 CORE_NAMES = ("compiled", "pure")
@@ -33,18 +33,26 @@ def load(name: str) -> ModuleType:
     raise ValueError(f"unknown core {name!r}: choose one of {', '.join(CORE_NAMES)}")
 
 
-def _default() -> tuple[ModuleType, str]:
+def _prefer_compiled(
+    what: str, compiled: Callable[[], ModuleType], pure: Callable[[], ModuleType]
+) -> tuple[ModuleType, str]:
+    """The compiled `what` unless FASTBROKER_PURE asks for the pure one or the compiled one
+    cannot be imported (then the pure one, with one RuntimeWarning saying why)."""
     if pure_requested():
-        return load("pure"), "pure"
+        return pure(), "pure"
     try:
-        return load("compiled"), "compiled"
+        return compiled(), "compiled"
     except ImportError as exc:
         warnings.warn(
-            f"fastbroker: compiled core unavailable ({exc}); using the pure-Python core",
+            f"fastbroker: compiled {what} unavailable ({exc}); using the pure-Python {what}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return load("pure"), "pure"
+        return pure(), "pure"
+
+
+def _default() -> tuple[ModuleType, str]:
+    return _prefer_compiled("core", lambda: load("compiled"), lambda: load("pure"))
 
 
 core, core_name = _default()
@@ -60,25 +68,20 @@ _worker_session: Optional[tuple[ModuleType, str]] = None
 
 def worker_session() -> tuple[ModuleType, str]:
     """The worker's session module (its ``Session`` and ``CreditGate``) and its name: the
-    compiled one (fastbroker.worker._session) unless FASTBROKER_PURE asks for the pure
-    twin (fastbroker.worker.session) or the extension is missing (then the pure one, with
-    a warning). Chosen once."""
+    compiled one (fastbroker.worker._session) or the pure twin (fastbroker.worker.session),
+    by the core's rule (_prefer_compiled). Chosen once."""
     global _worker_session
     if _worker_session is None:
-        from fastbroker.worker import session as pure_session
 
-        if pure_requested():
-            _worker_session = (pure_session, "pure")
-        else:
-            try:
-                from fastbroker.worker import _session  # type: ignore[attr-defined]
+        def compiled() -> ModuleType:
+            from fastbroker.worker import _session  # type: ignore[attr-defined]
 
-                _worker_session = (_session, "compiled")
-            except ImportError as exc:
-                warnings.warn(
-                    f"fastbroker: compiled worker session unavailable ({exc}); using the pure-Python one",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                _worker_session = (pure_session, "pure")
+            return _session
+
+        def pure() -> ModuleType:
+            from fastbroker.worker import session
+
+            return session
+
+        _worker_session = _prefer_compiled("worker session", compiled, pure)
     return _worker_session

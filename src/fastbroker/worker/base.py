@@ -479,33 +479,32 @@ class Worker(WorkerBase):
         self._running = True
         self._not_running.clear()
         try:
-            if len(self.brokers) == 1:
-                # The compiled session unless the pure one is asked for.
-                sessions, _ = _select.worker_session()
-                session = sessions.Session(self, stats=self._link_stats[0])
-                self._sessions = [session]
-                if self.stopping:  # stop() came before the session was listed
-                    session.request_stop()
-                session.run()
+            sessions = self._new_sessions()
+            if len(sessions) == 1:
+                sessions[0].run()
             else:
-                self._run_sessions()
+                self._run_sessions(sessions)
         finally:
             self._running = False
             self._not_running.set()
 
-    def _run_sessions(self) -> None:
-        """One Session per broker, each on a thread of its own but the first, sharing
-        one CreditGate: the credit is exact across the brokers (docs/PROTOCOL.md 4.14)."""
+    def _new_sessions(self) -> List[Any]:
+        """The sessions of one run(), listed for stop() and stats: one per broker, the
+        compiled ones unless the pure ones are asked for; several share one CreditGate,
+        so that the credit is exact across the brokers (docs/PROTOCOL.md 4.14)."""
         chosen, _ = _select.worker_session()
-        gate = chosen.CreditGate(self.credit + self.prefetch)
-        sessions = [
+        gate = chosen.CreditGate(self.credit + self.prefetch) if len(self.brokers) > 1 else None
+        self._sessions = [
             chosen.Session(self, broker, pipe, stats, gate)
             for broker, pipe, stats in zip(self.brokers, self._pipes, self._link_stats)
         ]
-        self._sessions = list(sessions)
         if self.stopping:  # stop() came before the sessions were listed
-            for one in sessions:
-                one.request_stop()
+            for session in self._sessions:
+                session.request_stop()
+        return self._sessions
+
+    def _run_sessions(self, sessions: List[Any]) -> None:
+        """Several sessions, each on a thread of its own but the first."""
         failed: List[BaseException] = []
 
         def serve(session: Any) -> None:
