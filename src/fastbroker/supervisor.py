@@ -21,6 +21,8 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Callable, List, Optional, Tuple
 
+from fastbroker.signals import STOP_SIGNALS
+
 EXIT_CONFIG = 2
 """A child's exit status for a configuration error: restarting would only repeat it."""
 
@@ -106,7 +108,15 @@ def supervise(
             target=target, args=(slot.index, parent_pid), name=f"{what}-{slot.index}".replace(" ", "-")
         )
         slot.process = process
-        process.start()
+        # SIGINT and SIGTERM stay blocked across the fork: the child inherits this process's
+        # handler (forward), which in the child would signal the child itself, again and
+        # again. Blocked, a signal waits until the child has its own handlers
+        # (signals.install_stop_handlers unblocks them); here, until the child is listed.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         slot.exited = False
         slot.started = time.monotonic()
         slot.restart_at = None
