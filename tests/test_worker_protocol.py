@@ -325,6 +325,23 @@ def test_probe_workers_forgets_at_once_the_workers_whose_connection_closed(make_
     assert rig.core.probe_workers() == 0
 
 
+def test_a_worker_that_said_disconnect_then_closed_has_left_though_a_probe_found_it_gone(make_wrig):
+    # The worker's DISCONNECT waits unread in the broker's socket when the probe's
+    # HEARTBEAT to it fails: the broker must read it before judging, and count the worker
+    # as one that left, not one that died (CI once saw workers_dead=1 in this race).
+    rig = make_wrig(timeout=LONG_TIMEOUT, tries=3, heartbeat=10.0, liveness=3)
+    leaving = rig.dealer(live=False)
+    rig.register(leaving, 1)
+    leaving.disconnect()
+    leaving.sock.close(linger=2000)  # the DISCONNECT goes out before the connection closes
+    # The ROUTER learns of the closed connection asynchronously; the core's loop does
+    # not run meanwhile, so nothing reads the DISCONNECT.
+    assert wait_until(rig.core.probe_workers, message="the probe to find the closed connection") == 1
+    assert_stats(rig.stats(), unreachable_workers=1, workers_dead=0, workers_left=0)
+    rig.pump_stat("workers_left", 1)
+    assert_stats(rig.stats(), workers=0, workers_left=1, workers_dead=0, unreachable_workers=1, dropped=0)
+
+
 def test_dead_worker_job_with_a_single_try_is_aborted(make_wrig):
     rig = make_wrig(timeout=LONG_TIMEOUT, tries=1, liveness=LIVENESS)
     silent = rig.dealer(live=False)
@@ -858,10 +875,11 @@ def test_unreachable_worker_with_a_job_in_flight_gives_it_back(make_wrig):
     rig.register(live, 2)
     gone.close()
     wait_until(peer_gone(rig, b"gone-worker"), message="the router to drop the closed worker")
-    # `gone` (spare credit, first in line) is tried for j1 and found gone: it is
-    # forgotten and j0 goes back to the front of the queue.
+    # `gone` (spare credit, first in line) is tried for j1 and found gone: j1 goes to
+    # `live`; `gone` is forgotten at the next scan, once its last messages are read,
+    # and j0 goes back to the queue, then to `live`.
     client.send_multipart([b"", b"j1"])
-    got = rig.tasks_in(live, 2)
+    got = sorted(rig.tasks_in(live, 2), key=lambda task: task[1])
     assert got[0] == (held_id, [b"j0"])
     assert got[1][1] == [b"j1"]
     assert_stats(

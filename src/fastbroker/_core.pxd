@@ -176,6 +176,10 @@ cdef struct Sess:
     double expiry
     uint32_t jobs  # first request slot of its job list, NO_SLOT if none
     bint v2  # its last READY was FBW02: it gets FBW02 messages, TASKs of many jobs
+    # -1, or WorkerSessions.polls when a send to it failed (its connection is gone):
+    # forgotten once the loop has polled again, so that a DISCONNECT it sent before
+    # closing is read first and it is counted as left, not dead.
+    int64_t gone
 
 
 # -- core/kept_outcomes.pxi -----------------------------------------------------------
@@ -353,6 +357,7 @@ cdef class WorkerSessions:
     cdef int liveness
     cdef double next_tick  # next heartbeat to the workers
     cdef double next_check  # earliest time a worker may have gone silent too long
+    cdef int64_t polls  # the loop's polls so far: a gone session waits for the next one
     cdef uint8_t *keybuf  # the current worker message's address key
     cdef size_t keybuf_cap
     cdef size_t keylen

@@ -266,6 +266,7 @@ cdef class BrokerCore:
             if nitems == 4 and items[3].revents:
                 return RUN_WOKEN
             self.clock.now = monotonic_now()
+            self.sessions.polls += 1  # a session found gone before now has its messages read
             # Ready messages first, so jobs arriving in the same turn find them.
             if items[1].revents:
                 rc = self._drain(self.s_workers, 1)

@@ -373,6 +373,7 @@ class BrokerCore:
             if wake_fd >= 0 and wake_fd in ready:
                 return protocol.RUN_WOKEN
             clock.now = monotonic()
+            sessions.polls += 1  # a session found gone before now has its messages read
             # Ready messages first, so jobs arriving in the same turn find them.
             if workers in ready:
                 drain(workers, on_ready)

@@ -105,6 +105,7 @@ cdef class WorkerSessions:
         w.ghosts = 0
         w.jobs = NO_SLOT
         w.v2 = False
+        w.gone = -1
         w.expiry = self.clock.now + self.heartbeat * self.liveness
         self.count += 1
         if self.count == 1:
@@ -144,11 +145,12 @@ cdef class WorkerSessions:
     # -- credit and job lists ---------------------------------------------------
 
     cdef void offer(self, uint32_t s) noexcept nogil:
-        """Keep the worker in the idle FIFO exactly while it has spare credit."""
+        """Keep the worker in the idle FIFO exactly while it has spare credit (and is
+        not gone)."""
         cdef Sess *w = &self.sess[s]
         cdef int slot = self.idle.find(w.key, w.keylen)
         cdef uint8_t *key
-        if w.inflight < w.credit:
+        if w.inflight < w.credit and w.gone < 0:
             if slot < 0:
                 key = <uint8_t *>malloc(w.keylen if w.keylen else 1)
                 if key != NULL:

@@ -26,7 +26,7 @@ from fastbroker.protocol import WORKER_SIGNATURE, WORKER_SIGNATURE_V2
 class Sess:
     """A DEALER worker known to the broker: where it is, its credit, its jobs."""
 
-    __slots__ = ("key", "env", "credit", "jobs", "ghosts", "expiry", "v2")
+    __slots__ = ("key", "env", "credit", "jobs", "ghosts", "expiry", "v2", "gone")
 
     def __init__(self, key: bytes, env: list) -> None:
         self.key = key
@@ -38,6 +38,10 @@ class Sess:
         self.ghosts = 0
         self.expiry = 0.0
         self.v2 = False  # its last READY was FBW02: it gets FBW02 messages, TASKs of many jobs
+        # -1, or WorkerSessions.polls when a send to it failed (its connection is gone):
+        # forgotten once the loop has polled again, so that a DISCONNECT it sent before
+        # closing is read first and it is counted as left, not dead.
+        self.gone = -1
 
 
 class WorkerSessions:
@@ -54,6 +58,7 @@ class WorkerSessions:
         "next_tick",
         "next_check",
         "key",
+        "polls",
     )
 
     def __init__(
@@ -69,6 +74,7 @@ class WorkerSessions:
         self.next_tick = 0.0  # next heartbeat to the workers
         self.next_check = 0.0  # earliest time a worker may have gone silent too long
         self.key = b""  # the current worker message's address key
+        self.polls = 0  # the loop's polls so far: a gone session waits for the next one
 
     @cdef
     def set_key(self, m: list, d: int) -> None:
@@ -110,8 +116,9 @@ class WorkerSessions:
 
     @cdef
     def offer(self, s: Sess) -> None:
-        """Keep the worker in the idle FIFO exactly while it has spare credit."""
-        if len(s.jobs) + s.ghosts < s.credit:
+        """Keep the worker in the idle FIFO exactly while it has spare credit (and is
+        not gone)."""
+        if len(s.jobs) + s.ghosts < s.credit and s.gone < 0:
             if self.idle.find(s.key) is None:
                 self.idle.push_key(s.key, s)
         else:

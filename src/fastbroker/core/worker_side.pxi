@@ -306,50 +306,58 @@ cdef class WorkerSide:
 
     cdef int tick(self, double now) noexcept nogil:
         """Forget workers silent past liveness, at the moment the earliest one may
-        be; heartbeat the others every interval. Expiries only move later, so the
-        earliest one seen in a scan is when the next scan is due."""
+        be, and those found gone once the loop has polled since; heartbeat the others
+        every interval. Expiries only move later, so the earliest one seen in a scan
+        is when the next scan is due."""
         cdef uint32_t s
+        cdef Sess *w
         cdef int rc = 0
         cdef bint beat = now >= self.sessions.next_tick
         cdef double earliest = now + self.sessions.heartbeat * self.sessions.liveness
         if beat:
             self.sessions.next_tick = now + self.sessions.heartbeat
         for s in range(self.sessions.cap):
-            if not self.sessions.sess[s].used:
+            w = &self.sessions.sess[s]
+            if not w.used:
                 continue
-            if now >= self.sessions.sess[s].expiry:
+            if (w.gone >= 0 and self.sessions.polls > w.gone) or (w.gone < 0 and now >= w.expiry):
                 self.counters.add(CNT_WORKERS_DEAD)
                 self.worker_event(EV_WORKER_DEAD, s)
                 rc = self.forget(s)
-            else:
-                if self.sessions.sess[s].expiry < earliest:
-                    earliest = self.sessions.sess[s].expiry
-                if beat:
-                    rc = self.sessions.send(s, CMD_HEARTBEAT, False)
-                    if rc == 1:
-                        # Its connection is gone (ROUTER_MANDATORY): dead now, not
-                        # when its liveness runs out.
-                        rc = self.unreachable(s)
-            if rc < 0:
-                return rc
+                if rc < 0:
+                    return rc
+                continue
+            if w.gone < 0 and beat:
+                rc = self.sessions.send(s, CMD_HEARTBEAT, False)
+                if rc < 0:
+                    return rc
+                if rc == 1:
+                    # Its connection is gone (ROUTER_MANDATORY): dead at the next
+                    # scan, not when its liveness runs out.
+                    self.unreachable(s)
+            if w.gone >= 0:
+                earliest = now
+            elif w.expiry < earliest:
+                earliest = w.expiry
         self.sessions.next_check = earliest
         return 0
 
     cdef int probe(self) noexcept nogil:
         """HEARTBEAT to every worker now; one whose connection is gone (the send fails:
-        ROUTER_MANDATORY) is forgotten at once and its jobs go back to the queue.
-        Returns how many were, or -errno."""
+        ROUTER_MANDATORY) is forgotten at the loop's next scan, after its last messages
+        are read, and its jobs go back to the queue. Returns how many were found, or
+        -errno."""
         cdef uint32_t s
         cdef int rc, count = 0
         for s in range(self.sessions.cap):
-            if not self.sessions.sess[s].used:
+            if not self.sessions.sess[s].used or self.sessions.sess[s].gone >= 0:
                 continue
             rc = self.sessions.send(s, CMD_HEARTBEAT, False)
-            if rc == 1:
-                rc = self.unreachable(s)
-                count += 1
             if rc < 0:
                 return rc
+            if rc == 1:
+                self.unreachable(s)
+                count += 1
         return count
 
     cdef int disconnect_all(self) noexcept nogil:
@@ -496,11 +504,18 @@ cdef class WorkerSide:
         return 0
 
     cdef int unreachable(self, uint32_t sidx) noexcept nogil:
-        """A TASK to worker sidx failed at its first frame: it is gone."""
+        """A send to worker sidx failed at its first frame: its connection is gone. It
+        gets nothing more and is forgotten at the next scan (tick), once the loop has
+        polled: libzmq still holds the messages it sent before closing, and a
+        DISCONNECT among them makes it a worker that left, not one that died."""
+        cdef Sess *w = &self.sessions.sess[sidx]
+        cdef int slot = self.idle.find(w.key, w.keylen)
         self.counters.add(CNT_UNREACHABLE_WORKERS)
-        self.counters.add(CNT_WORKERS_DEAD)
-        self.worker_event(EV_WORKER_DEAD, sidx)
-        return self.forget(sidx)
+        w.gone = self.sessions.polls
+        if slot >= 0:
+            self.idle.remove_slot(<uint32_t>slot)
+        self.sessions.next_check = self.sessions.clock.now
+        return 0
 
     cdef void start_attempt(self, uint32_t rs, int sidx, double now) noexcept nogil:
         """Request rs, taken off the queue, was sent to a worker (session sidx, or -1

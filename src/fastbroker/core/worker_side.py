@@ -322,34 +322,35 @@ class WorkerSide:
     @cdef
     def tick(self, now: float) -> None:
         """Forget workers silent past liveness, at the moment the earliest one may
-        be; heartbeat the others every interval. Expiries only move later, so the
-        earliest one seen in a scan is when the next scan is due."""
+        be, and those found gone once the loop has polled since; heartbeat the others
+        every interval. Expiries only move later, so the earliest one seen in a scan
+        is when the next scan is due."""
         sessions = self.sessions
         beat = now >= sessions.next_tick
         if beat:
             sessions.next_tick = now + sessions.heartbeat
         earliest = now + sessions.heartbeat * sessions.liveness
         for s in list(sessions.sess.values()):
-            if now >= s.expiry:
+            if (s.gone >= 0 and sessions.polls > s.gone) or (s.gone < 0 and now >= s.expiry):
                 self.counters.add("workers_dead")
                 self.worker_event(EV_WORKER_DEAD, s)
                 self.forget(s)
-            else:
-                earliest = min(earliest, s.expiry)
-                if beat and sessions.send(s, CMD_HEARTBEAT):
-                    # Its connection is gone (ROUTER_MANDATORY): dead now, not when
-                    # its liveness runs out.
-                    self.unreachable(s)
+                continue
+            if s.gone < 0 and beat and sessions.send(s, CMD_HEARTBEAT):
+                # Its connection is gone (ROUTER_MANDATORY): dead at the next scan,
+                # not when its liveness runs out.
+                self.unreachable(s)
+            earliest = min(earliest, now if s.gone >= 0 else s.expiry)
         sessions.next_check = earliest
 
     @cdef
     def probe(self) -> int:
         """HEARTBEAT to every worker now; one whose connection is gone (the send fails:
-        ROUTER_MANDATORY) is forgotten at once and its jobs go back to the queue.
-        Returns how many were."""
+        ROUTER_MANDATORY) is forgotten at the loop's next scan, after its last messages
+        are read, and its jobs go back to the queue. Returns how many were found."""
         count = 0
         for s in list(self.sessions.sess.values()):
-            if self.sessions.send(s, CMD_HEARTBEAT):
+            if s.gone < 0 and self.sessions.send(s, CMD_HEARTBEAT):
                 self.unreachable(s)
                 count += 1
         return count
@@ -454,11 +455,15 @@ class WorkerSide:
 
     @cdef
     def unreachable(self, s: Sess) -> None:
-        """A TASK to worker s failed at its first frame: it is gone."""
+        """A send to worker s failed at its first frame: its connection is gone. It
+        gets nothing more and is forgotten at the next scan (tick), once the loop has
+        polled: libzmq still holds the messages it sent before closing, and a
+        DISCONNECT among them makes it a worker that left, not one that died."""
         self.counters.add("unreachable_workers")
-        self.counters.add("workers_dead")
-        self.worker_event(EV_WORKER_DEAD, s)
-        self.forget(s)
+        sessions = self.sessions
+        s.gone = sessions.polls
+        self.idle.remove_slot(s.key)
+        sessions.next_check = sessions.clock.now
 
     @cdef
     def start_attempt(self, r: Req, s: Optional[Sess], now: float) -> None:
