@@ -27,8 +27,17 @@ worker_session = Extension(
     extra_compile_args=["-O2"],
 )
 
+# Whole messages in and out of a client's socket in one call (the client's I/O loop).
+client_wire = Extension(
+    "fastbroker.client._wire",
+    ["src/fastbroker/client/_wire.pyx"],
+    include_dirs=["src/fastbroker"],
+    libraries=["dl"],
+    extra_compile_args=["-O2"],
+)
+
 setup(
     ext_modules=cythonize(
-        [core, worker_session], language_level=3, compiler_directives={"embedsignature": True}
+        [core, worker_session, client_wire], language_level=3, compiler_directives={"embedsignature": True}
     )
 )

@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence
 
 from fastbroker import Client, Worker
 from fastbroker.addresses import shard_address, shard_path
+from fastbroker.client.protocol import replies_of
 
 from bench import e2e
 from bench.proctree import descendants
@@ -128,17 +129,18 @@ class Chaos:
 
 def outcomes_seen(client: Client) -> Dict[bytes, int]:
     """Counts the outcomes (any kind) that reach the client's socket, per id: a wrapper
-    of its RequestBook.on_reply, which its I/O thread calls for every reply."""
+    of its RequestBook.on_message, which its I/O thread calls for every message."""
     seen: Dict[bytes, int] = collections.Counter()
     for book in client._books:  # one per broker
-        original = book.on_reply
+        original = book.on_message
 
-        def on_reply(reply, original=original):
-            if reply.is_outcome:
-                seen[reply.request_id] += 1
-            original(reply)
+        def on_message(frames, original=original):
+            for reply in replies_of(frames):
+                if reply.is_outcome:
+                    seen[reply.request_id] += 1
+            return original(frames)
 
-        book.on_reply = on_reply  # type: ignore[method-assign]
+        book.on_message = on_message  # type: ignore[method-assign]
     return seen
 
 

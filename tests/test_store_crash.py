@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 from fastbroker import Client
+from fastbroker.client.protocol import replies_of
 from fastbroker.protocol import R_ACCEPTED
 from rigs import Processes, read_log, wait_until
 
@@ -43,26 +44,27 @@ FINISH_WAIT = 40.0
 class Wire:
     """What reached the client's socket, per id: ACCEPTED and outcome replies.
 
-    Recorded by wrapping the client's RequestBook.on_reply (its I/O thread calls it
-    for every reply, each of an FBC02 REPLIES message too), since futures only ever see
-    one outcome."""
+    Recorded by wrapping the client's RequestBook.on_message (its I/O thread calls it
+    for every message received) and decoding each message here as well, each reply of
+    an FBC02 REPLIES message too, since futures only ever see one outcome."""
 
     def __init__(self, client: Client) -> None:
         self.accepted: Set[bytes] = set()
         self.outcomes: Dict[bytes, int] = collections.Counter()
         self.lock = threading.Lock()
         book = client._book
-        original = book.on_reply
+        original = book.on_message
 
-        def on_reply(reply):
+        def on_message(frames):
             with self.lock:
-                if reply.kind == R_ACCEPTED:
-                    self.accepted.add(reply.request_id)
-                elif reply.is_outcome:
-                    self.outcomes[reply.request_id] += 1
-            original(reply)
+                for reply in replies_of(frames):
+                    if reply.kind == R_ACCEPTED:
+                        self.accepted.add(reply.request_id)
+                    elif reply.is_outcome:
+                        self.outcomes[reply.request_id] += 1
+            return original(frames)
 
-        book.on_reply = on_reply  # type: ignore[method-assign]
+        book.on_message = on_message  # type: ignore[method-assign]
 
     def snapshot(self):
         with self.lock:

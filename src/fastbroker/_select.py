@@ -1,5 +1,6 @@
-"""Chooses the compiled parts or their pure twins: the broker core and the worker's
-session, compiled by default, pure Python on request or as a fallback.
+"""Chooses the compiled parts or their pure twins: the broker core, the worker's
+session and the client's wire, compiled by default, pure Python on request or as a
+fallback.
 
 This module alone reads FASTBROKER_PURE; everything else asks it.
 """
@@ -85,3 +86,27 @@ def worker_session() -> tuple[ModuleType, str]:
 
         _worker_session = _prefer_compiled("worker session", compiled, pure)
     return _worker_session
+
+
+_client_wire: Optional[tuple[ModuleType, str]] = None
+
+
+def client_wire() -> tuple[ModuleType, str]:
+    """The client's wire module (``recv_messages``, ``send_message``) and its name: the
+    compiled one (fastbroker.client._wire) or the pure twin (fastbroker.client.wire), by
+    the core's rule (_prefer_compiled). Chosen once."""
+    global _client_wire
+    if _client_wire is None:
+
+        def compiled() -> ModuleType:
+            from fastbroker.client import _wire  # type: ignore[attr-defined]
+
+            return _wire
+
+        def pure() -> ModuleType:
+            from fastbroker.client import wire
+
+            return wire
+
+        _client_wire = _prefer_compiled("client wire", compiled, pure)
+    return _client_wire

@@ -1,7 +1,8 @@
 # The libzmq functions the compiled code uses, as _zmqdl.h declares them: resolved at
 # import through pyzmq's own extension module (fbz_load), so they act on pyzmq's
 # bundled libzmq and no second copy is ever linked. Shared by fastbroker._core, the worker's
-# compiled session (fastbroker.worker._session) and the benchmarks' load generators (bench/_loadgen.pyx).
+# compiled session (fastbroker.worker._session), the client's wire (fastbroker.client._wire)
+# and the benchmarks' load generators (bench/_loadgen.pyx).
 
 cdef extern from "_zmqdl.h" nogil:
     ctypedef struct zmsg "fb_zmq_msg_t":

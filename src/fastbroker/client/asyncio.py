@@ -56,7 +56,7 @@ from fastbroker.client.protocol import (
     submit_message,
 )
 from fastbroker.client.shards import merge_dead, search_order
-from fastbroker.client.sync import Client, connect_dealer
+from fastbroker.client.sync import Client, _wire, connect_dealer
 from fastbroker.protocol import RECV_BATCH
 
 log = logging.getLogger("fastbroker.async_client")
@@ -408,6 +408,9 @@ class AsyncClient(RequestDefaults):
 
     async def _read(self) -> None:
         book, books, sockets = self._book, self._books, self._sockets
+        # The same sockets as plain (blocking-API) ones, which the wire reads: an asyncio
+        # socket's recv returns a future. A shadow does not own its socket.
+        plains = [zmq.Socket.shadow(socket.underlying) for socket in sockets]
         poller = zmq.asyncio.Poller()
         for socket in sockets:
             poller.register(socket, zmq.POLLIN)
@@ -416,14 +419,11 @@ class AsyncClient(RequestDefaults):
                 due = book.next_check()
                 wait = self.check_interval if due is None else due
                 events = dict(await poller.poll(max(1, int(wait * 1000) + 1)))
-                for socket, one in zip(sockets, books):
-                    if not events.get(socket, 0) & zmq.POLLIN:
-                        continue
-                    for _ in range(RECV_BATCH):
-                        try:
-                            frames = await socket.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                for socket, plain, one in zip(sockets, plains, books):
+                    if socket.closed or not events.get(socket, 0) & zmq.POLLIN:
+                        continue  # (a shadow cannot tell that its socket was closed)
+                    # Read at once, without a future per message: these never block.
+                    for frames in _wire.recv_messages(plain, RECV_BATCH):
                         one.on_message(frames)
                 book.tick()
                 book.flush_submits()  # held requests that the outcomes let in

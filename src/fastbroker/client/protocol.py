@@ -484,33 +484,54 @@ def submit_batch_messages(records: Iterable[Tuple[bytes, bytes, Sequence[bytes]]
     return messages
 
 
+_REPLY_RECORD = struct.Struct(">16scH")  # an FBC02 REPLIES header record: id, reply code, body frames
+
+
+def reply_records(frames: Sequence[bytes]) -> Optional[List[Tuple[bytes, bytes, int]]]:
+    """The header records of an FBC02 REPLIES message ``[FBC02, REPLIES, header,
+    body...]`` (as a DEALER receives it): (id, reply code, body frames) each, the bodies
+    following one another from frame 3; None when the header does not match its frames."""
+    if len(frames) < 3 or frames[0] != CLIENT_SIGNATURE_V2 or frames[1] != R_REPLIES:
+        return None
+    header = frames[2]
+    if not header or len(header) % REPLY_RECORD_SIZE:
+        return None
+    records = list(_REPLY_RECORD.iter_unpack(header))
+    if sum([record[2] for record in records]) != len(frames) - 3:
+        return None
+    return records
+
+
 def decode_replies(frames: Sequence[bytes]) -> Optional[List[Reply]]:
     """The replies of an FBC02 REPLIES message ``[FBC02, REPLIES, header, body...]`` (as
     a DEALER receives it), or None when its header does not match its frames. A record
     that is not a well-formed reply is left out."""
-    if len(frames) < 3 or frames[0] != CLIENT_SIGNATURE_V2 or frames[1] != R_REPLIES:
-        return None
-    header, body = bytes(frames[2]), frames[3:]
-    if not header or len(header) % REPLY_RECORD_SIZE:
+    records = reply_records(frames)
+    if records is None:
         return None
     replies: List[Reply] = []
-    at = 0
-    for offset in range(0, len(header), REPLY_RECORD_SIZE):
-        n = (header[offset + 17] << 8) | header[offset + 18]
-        if at + n > len(body):
-            return None
-        request_id, kind = header[offset : offset + 16], header[offset + 16 : offset + 17]
+    at = 3
+    for request_id, kind, n in records:
         # The two replies of every request, decoded here; the others as FBC01 replies.
         if kind == R_OK and n:
-            reply: Optional[Reply] = Reply(request_id, kind, [bytes(f) for f in body[at : at + n]])
+            reply: Optional[Reply] = Reply(request_id, kind, [bytes(f) for f in frames[at : at + n]])
         elif kind == R_ACCEPTED and not n:
             reply = Reply(request_id, kind, [])
         else:
-            reply = decode_reply([CLIENT_SIGNATURE, kind, request_id, *body[at : at + n]])
+            reply = decode_reply([CLIENT_SIGNATURE, kind, request_id, *frames[at : at + n]])
         at += n
         if reply is not None:
             replies.append(reply)
-    return replies if at == len(body) else None
+    return replies
+
+
+def replies_of(frames: Sequence[bytes]) -> List[Reply]:
+    """Every well-formed reply in a message a client receives, FBC01 or FBC02 (for
+    tools that watch a client's socket: the chaos benchmark, the crash tests)."""
+    if frames and frames[0] == CLIENT_SIGNATURE_V2:
+        return decode_replies(frames) or []
+    reply = decode_reply(frames)
+    return [] if reply is None else [reply]
 
 
 def describe_outcome(reply: Reply) -> str:
@@ -545,7 +566,7 @@ class _Sink:
 
 
 def _payload_size(message: Optional[List[bytes]]) -> int:
-    return 0 if message is None else sum(len(frame) for frame in message[SUBMIT_PAYLOAD_AT:])
+    return 0 if message is None else sum(map(len, message[SUBMIT_PAYLOAD_AT:]))
 
 
 class _Entry:
@@ -903,17 +924,38 @@ class RequestBook:
         returns the (last) reply, None if malformed."""
         self._quiet_since = self._heard = self._clock()
         if frames and frames[0] == CLIENT_SIGNATURE_V2:
-            replies = decode_replies(frames)
-            if replies is None:
-                return None
-            self.heard_v2 = True
-            for one in replies:
-                self.on_reply(one)
-            return replies[-1] if replies else None
+            return self._on_replies(frames)
         reply = decode_reply(frames)
         if reply is not None:
             self.on_reply(reply)
         return reply
+
+    def _on_replies(self, frames: Sequence[bytes]) -> Optional[Reply]:
+        """An FBC02 REPLIES message. The two replies of every request, ACCEPTED and OK,
+        are handled here as on_reply would, without a Reply each (they are most of what
+        a client reads); the others are decoded and go to on_reply."""
+        records = reply_records(frames)
+        if records is None:
+            return None
+        self.heard_v2 = True
+        entries = self._entries
+        last: Optional[Reply] = None
+        at = 3
+        for request_id, kind, n in records:
+            if kind == R_OK and n:
+                entry = entries.get(request_id)
+                if entry is not None:
+                    self._finish_ok(request_id, list(frames[at : at + n]))
+            elif kind == R_ACCEPTED and not n:
+                entry = entries.get(request_id)
+                if entry is not None and entry.sent:
+                    entry.accepted = True
+            else:
+                last = decode_reply([CLIENT_SIGNATURE, kind, request_id, *frames[at : at + n]])
+                if last is not None:
+                    self.on_reply(last)
+            at += n
+        return last
 
     def on_reply(self, reply: Reply) -> None:
         """Act on one decoded reply."""
@@ -971,16 +1013,24 @@ class RequestBook:
                 self._send_now(result_message(request_id))
 
     def _finish(self, request_id: bytes, reply: Reply) -> None:
+        if reply.kind == R_OK:
+            self._finish_ok(request_id, reply.frames)
+            return
         entry = self._entries.pop(request_id)
         if entry.checked:
             self.refetched += 1
         self._leave(request_id, entry)
         for sink in entry.sinks:
-            if reply.kind == R_OK:
-                value = reply.frames if sink.multipart else b"".join(reply.frames)
-                self._deliver(sink.future, value, None)
-            else:
-                self._deliver(sink.future, None, reply.error)
+            self._deliver(sink.future, None, reply.error)
+
+    def _finish_ok(self, request_id: bytes, frames: List[bytes]) -> None:
+        """The answer (its frames) of a request this book waits for."""
+        entry = self._entries.pop(request_id)
+        if entry.checked:
+            self.refetched += 1
+        self._leave(request_id, entry)
+        for sink in entry.sinks:
+            self._deliver(sink.future, frames if sink.multipart else b"".join(frames), None)
 
     # -- the lazy pirate ---------------------------------------------------------------
 

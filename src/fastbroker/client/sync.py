@@ -28,7 +28,7 @@ from typing import (
 
 import zmq
 
-from fastbroker import security
+from fastbroker import _select, security
 from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, check_seconds, zmq_reason
 from fastbroker.addresses import Addresses, split_addresses
 from fastbroker.client.outcomes import DeadLetters, Requeued, Status
@@ -58,10 +58,9 @@ from fastbroker.client.shards import merge_dead, search_order
 from fastbroker.protocol import RECV_BATCH
 from fastbroker.wakepipe import WakePipe
 
-# Plain ints: pyzmq's constants are enum flags, whose operators cost microseconds each
-# in the I/O thread's per-frame calls.
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+# Whole messages in and out of the I/O thread's sockets: compiled (one call per message)
+# or the pure twin, by the core's rule.
+_wire = _select.client_wire()[0]
 
 log = logging.getLogger("fastbroker.client")
 
@@ -628,18 +627,11 @@ class Client(RequestDefaults, Closeable):
             else:
                 return False
 
-    def _flush(self, outbox: Deque[List[bytes]], socket: zmq.Socket) -> None:
-        send = socket.send
+    @staticmethod
+    def _flush(outbox: Deque[List[bytes]], socket: zmq.Socket) -> None:
+        send = _wire.send_message
         while outbox:
-            # send_multipart without its per-frame checks and enum flags: every frame is
-            # bytes. Only the first frame can meet a full queue (libzmq counts whole
-            # messages against the high-water mark), so a message goes whole or not at all.
-            frames = outbox[0]
-            try:
-                for i in range(len(frames) - 1):
-                    send(frames[i], _NOBLOCK_MORE)
-                send(frames[-1], _NOBLOCK)
-            except zmq.Again:
+            if not send(socket, outbox[0]):
                 return  # the socket's queue is full: POLLOUT says when to go on
             outbox.popleft()
 
@@ -685,19 +677,9 @@ class Client(RequestDefaults, Closeable):
 
     @staticmethod
     def _receive(socket: zmq.Socket, book: RequestBook) -> None:
-        recv = socket.recv
-        for _ in range(RECV_BATCH):
-            # recv_multipart, cheaper: a Frame says whether more parts follow, without a
-            # getsockopt(RCVMORE) per frame.
-            try:
-                frame = recv(_NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            frames = [frame.bytes]
-            while frame.more:
-                frame = recv(_NOBLOCK, copy=False)
-                frames.append(frame.bytes)
-            book.on_message(frames)
+        on_message = book.on_message
+        for frames in _wire.recv_messages(socket, RECV_BATCH):
+            on_message(frames)
 
     def _serve_leftovers(self) -> None:
         closed = BrokerError("client closed")
