@@ -65,3 +65,18 @@ def test_plot_refuses_a_file_without_jobs_per_second_in_one_line(tmp_path):
         result = run(["-m", "bench.plot", *args], tmp_path)
         assert result.returncode == 2, result
         assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_client_wire_compares_both_wires_with_right_answers(tmp_path, subprocess_env):
+    # bench/client_wire.py checks every answer of every map; a figure per wire means
+    # both ran to the end.
+    result = run(["-m", "bench.client_wire", "--jobs", "300", "--rounds", "1"], tmp_path, subprocess_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["compiled", "pure"], result.stdout
+    assert all("jobs/s" in line and "us/job" in line for line in lines), result.stdout
+
+
+def test_client_wire_refuses_bad_arguments_without_a_traceback(tmp_path):
+    result = run(["-m", "bench.client_wire", "--jobs", "0"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

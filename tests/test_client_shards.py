@@ -112,6 +112,21 @@ def test_a_silent_broker_is_down_its_requests_move_and_it_is_probed():
     assert commands(sent[1]) == [(C_SUBMIT, fresh)] and fresh not in book.placed
 
 
+def test_while_a_broker_is_down_the_loop_sleeps_until_its_next_probe():
+    # The client's loop polls for next_check() seconds: a broker down must not make it
+    # spin (the live brokers' probe times, never set, once counted as due at once).
+    clock = Clock()
+    book, _ = make(3, clock, failover_after=3.0)
+    future = submit(book, rid_with_home(1, 3))
+    clock.now += 3.0
+    book.tick()
+    assert book.down[1] is not None
+    assert book.next_check() is not None and book.next_check() > 0.9  # the probe, check_interval (1 s) on
+    clock.now += 0.5
+    assert 0.4 < book.next_check() <= 0.5
+    future.cancel()
+
+
 def test_an_id_this_client_did_not_place_is_looked_for_in_order():
     clock = Clock()
     book, sent = make(3, clock)

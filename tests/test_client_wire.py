@@ -34,10 +34,17 @@ def test_messages_go_and_come_whole_in_order_up_to_the_limit(twin, pair):
     for message in messages:
         assert twin.send_message(a, message) is True
     got: list = []
-    wait_until(lambda: got.extend(twin.recv_messages(b, 3)) or len(got) >= 3, message="three messages")
-    assert got == messages[:3]  # the limit: three at most in one call
-    wait_until(lambda: got.extend(twin.recv_messages(b, 100)) or len(got) == 4, message="the fourth")
+    sizes: list = []  # of each call's batch
+
+    def receive() -> bool:
+        batch = twin.recv_messages(b, 3)
+        sizes.append(len(batch))
+        got.extend(batch)
+        return len(got) >= len(messages)
+
+    wait_until(receive, message="the four messages")
     assert got == messages
+    assert max(sizes) <= 3  # the limit: three at most in one call
     assert twin.recv_messages(b, 100) == []  # nothing waits: no blocking, no error
 
 
@@ -85,3 +92,22 @@ def test_an_empty_message_is_refused(twin, pair):
     a, _ = pair
     with pytest.raises((ValueError, IndexError)):
         twin.send_message(a, [])
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_a_call_takes_at_most_its_limit(twin):
+    # inproc: a sent message is in the peer's queue when send returns, so the counts are exact.
+    ctx = zmq.Context(1)
+    a, b = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        b.bind("inproc://limit")
+        a.connect("inproc://limit")
+        for i in range(5):
+            assert twin.send_message(a, [b"m", b"%d" % i])
+        assert twin.recv_messages(b, 3) == [[b"m", b"0"], [b"m", b"1"], [b"m", b"2"]]
+        assert twin.recv_messages(b, 3) == [[b"m", b"3"], [b"m", b"4"]]
+        assert twin.recv_messages(b, 3) == []
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

@@ -171,12 +171,20 @@ class ShardedBook:
         return sum(book.flush_submits() for book in self.books)
 
     def next_check(self) -> Optional[float]:
-        due = [d for d in (book.next_check() for book in self.books) if d is not None]
-        if any(d is not None for d in self.down):
-            due.append(max(0.0, min(self._next_probe) - self._clock()))
-        waiting = [b.last_heard + self.failover_after - self._clock() for b in self.books if b.waiting]
-        due += [max(0.0, w) for w in waiting]
-        return min(due) if due else None
+        # Once a turn of the client's loop: one pass, one look at the clock.
+        now = self._clock()
+        earliest: Optional[float] = None
+        for shard, book in enumerate(self.books):
+            due = book.next_check()
+            if book.waiting:
+                silence = max(0.0, book.last_heard + self.failover_after - now)
+                due = silence if due is None else min(due, silence)
+            if self.down[shard] is not None:
+                probe = max(0.0, self._next_probe[shard] - now)
+                due = probe if due is None else min(due, probe)
+            if due is not None and (earliest is None or due < earliest):
+                earliest = due
+        return earliest
 
     def tick(self) -> int:
         now = self._clock()

@@ -61,6 +61,9 @@ from fastbroker.wakepipe import WakePipe
 # Whole messages in and out of the I/O thread's sockets: compiled (one call per message)
 # or the pure twin, by the core's rule.
 _wire = _select.client_wire()[0]
+# Plain ints: pyzmq's constants are enum flags, whose operators cost microseconds each.
+_POLLIN = int(zmq.POLLIN)
+_POLLIN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
 
 log = logging.getLogger("fastbroker.client")
 
@@ -641,12 +644,18 @@ class Client(RequestDefaults, Closeable):
         for socket in sockets:
             poller.register(socket, zmq.POLLIN)
         poller.register(self._wake.read_fd, zmq.POLLIN)
+        # What each socket is polled for now: changed only when its outbox fills or
+        # empties (a modify() and pyzmq's enum operators cost microseconds a socket a turn).
+        polled_for = [_POLLIN] * len(sockets)
         try:
             running = True
             while running:
                 due = book.next_check()
-                for socket, outbox in zip(sockets, outboxes):
-                    poller.modify(socket, zmq.POLLIN | (zmq.POLLOUT if outbox else 0))
+                for i, outbox in enumerate(outboxes):
+                    wanted = _POLLIN_OUT if outbox else _POLLIN
+                    if polled_for[i] != wanted:
+                        poller.modify(sockets[i], wanted)
+                        polled_for[i] = wanted
                 events = dict(poller.poll(None if due is None else max(1, int(due * 1000) + 1)))
                 if self._wake.read_fd in events:
                     self._wake.drain()
@@ -654,7 +663,7 @@ class Client(RequestDefaults, Closeable):
                     self._wake_pending = False
                 running = self._serve_commands()
                 for socket, one in zip(sockets, books):
-                    if events.get(socket, 0) & zmq.POLLIN:
+                    if events.get(socket, 0) & _POLLIN:
                         self._receive(socket, one)
                 book.tick()
                 book.flush_submits()  # FBC02: this turn's requests, batched
