@@ -36,8 +36,15 @@ client_wire = Extension(
     extra_compile_args=["-O2"],
 )
 
+# The client's RequestBook compiled (twin of client/book.py).
+client_book = Extension(
+    "fastbroker.client._book",
+    ["src/fastbroker/client/_book.pyx"],
+    extra_compile_args=["-O2"],
+)
+
 setup(
     ext_modules=cythonize(
-        [core, worker_session, client_wire], language_level=3, compiler_directives={"embedsignature": True}
+        [core, worker_session, client_wire, client_book], language_level=3, compiler_directives={"embedsignature": True}
     )
 )

@@ -48,6 +48,12 @@ def pytest_sessionstart(session):
             "the compiled extension fastbroker.worker._session did not load",
             returncode=3,
         )
+    if os.environ.get(REQUIRE_COMPILED_ENV) == "1" and _select.client_book()[1] != "compiled":
+        pytest.exit(
+            f"{REQUIRE_COMPILED_ENV}=1 but the client's book is the pure one: "
+            "the compiled extension fastbroker.client._book did not load",
+            returncode=3,
+        )
     if os.environ.get(REQUIRE_COMPILED_ENV) == "1" and _select.client_wire()[1] != "compiled":
         pytest.exit(
             f"{REQUIRE_COMPILED_ENV}=1 but the client's wire is the pure one: "

@@ -1,7 +1,8 @@
 """fastbroker.Client and AsyncClient (FBC01, docs/PROTOCOL.md section 10) against a
 real Broker run in a thread, with real DEALER workers (threads or processes).
 
-The first tests drive client_protocol's RequestBook directly: it is the logic both
+The first tests drive the RequestBook (the compiled one, or the pure twin under
+FASTBROKER_PURE) directly: it is the logic both
 clients share (routing replies by id, the lazy pirate), and it does no I/O."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import zmq
 
 import fastbroker
 from fastbroker import AsyncClient, BrokerError, Client, ConfigError, Status, Worker
-from fastbroker.client.protocol import RequestBook, decode_replies, decode_reply, encode_options
+from fastbroker._select import client_book
+from fastbroker.client.protocol import decode_replies, decode_reply, encode_options
 from fastbroker.protocol import (
     C_CANCEL,
     C_RESULT,
@@ -125,7 +127,7 @@ class Book:
         self.sent: List[List[bytes]] = []
         self.delivered: dict = {}
         self.clock = FakeClock()
-        self.book = RequestBook(
+        self.book = client_book()[0].RequestBook(
             self.sent.append, self._deliver, check_interval, clock=self.clock, check_batch=check_batch, **window
         )
 
@@ -283,9 +285,7 @@ def test_book_lazy_pirate_checks_only_what_is_in_flight_and_counts_refetched():
 
 def test_book_v2_gathers_the_submits_of_a_turn_into_fbc02_batches_and_reads_replies():
     pending = []
-    b = Book(window=4)
-    b.book.v2 = True
-    b.book._on_pending = lambda: pending.append(1)
+    b = Book(window=4, v2=True, on_pending=lambda: pending.append(1))
     ids = [_submit(b, b"p%d" % i) for i in range(6)]
     assert b.sent == [] and pending == [1]  # gathered; the loop was told once
     assert b.book.flush_submits() == 1

@@ -7,8 +7,9 @@ from __future__ import annotations
 import concurrent.futures
 from typing import List
 
+from fastbroker._select import client_book
 from fastbroker.client.outcomes import UnknownRequest
-from fastbroker.client.protocol import RequestBook, submit_message
+from fastbroker.client.protocol import submit_message
 from fastbroker.client.shards import PROBE_ID, ShardedBook, home_shard, search_order
 from fastbroker.protocol import (
     C_RESULT,
@@ -40,7 +41,7 @@ def make(n: int, clock: Clock, failover_after: float = 3.0):
     sent: List[List[list]] = [[] for _ in range(n)]
     sharded = ShardedBook(deliver, 1.0, failover_after, clock)
     for k in range(n):
-        sharded.add(RequestBook(sent[k].append, sharded.deliver_from, 1.0, clock=clock))
+        sharded.add(client_book()[0].RequestBook(sent[k].append, sharded.deliver_from, 1.0, clock=clock))
     return sharded, sent
 
 

@@ -1,5 +1,5 @@
 """Chooses the compiled parts or their pure twins: the broker core, the worker's
-session and the client's wire, compiled by default, pure Python on request or as a
+session, the client's wire and its book, compiled by default, pure Python on request or as a
 fallback.
 
 This module alone reads FASTBROKER_PURE; everything else asks it.
@@ -110,3 +110,27 @@ def client_wire() -> tuple[ModuleType, str]:
 
         _client_wire = _prefer_compiled("client wire", compiled, pure)
     return _client_wire
+
+
+_client_book: Optional[tuple[ModuleType, str]] = None
+
+
+def client_book() -> tuple[ModuleType, str]:
+    """The client's book module (its ``RequestBook``) and its name: the compiled one
+    (fastbroker.client._book) or the pure twin (fastbroker.client.book), by the core's
+    rule (_prefer_compiled). Chosen once."""
+    global _client_book
+    if _client_book is None:
+
+        def compiled() -> ModuleType:
+            from fastbroker.client import _book  # type: ignore[attr-defined]
+
+            return _book
+
+        def pure() -> ModuleType:
+            from fastbroker.client import book
+
+            return book
+
+        _client_book = _prefer_compiled("client book", compiled, pure)
+    return _client_book

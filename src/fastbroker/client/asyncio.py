@@ -1,6 +1,6 @@
 """``AsyncClient``: the FBC01 client on asyncio (zmq.asyncio), one reader task per client.
 
-The same logic as ``fastbroker.Client`` (fastbroker.client.protocol.RequestBook:
+The same logic as ``fastbroker.Client`` (fastbroker.client.book.RequestBook:
 routing replies by id, the lazy pirate); only the loop around the socket differs.
 """
 

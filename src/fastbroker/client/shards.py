@@ -22,8 +22,8 @@ import logging
 import zlib
 from typing import Any, Callable, Dict, List, Optional
 
+from fastbroker.client.book import Deliver, RequestBook  # the pure twin, for the type hints
 from fastbroker.client.outcomes import DeadLetters, Status, UnknownRequest
-from fastbroker.client.protocol import Deliver, RequestBook
 
 log = logging.getLogger("fastbroker.client")
 

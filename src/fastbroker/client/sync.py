@@ -38,7 +38,6 @@ from fastbroker.client.protocol import (
     MAX_WINDOW,
     Payload as _Payload,
     Progress,
-    RequestBook,
     RequestDefaults,
     check_dead_limit,
     check_request_id,
@@ -685,7 +684,7 @@ class Client(RequestDefaults, Closeable):
             self._wake.close()
 
     @staticmethod
-    def _receive(socket: zmq.Socket, book: RequestBook) -> None:
+    def _receive(socket: zmq.Socket, book: Any) -> None:
         on_message = book.on_message
         for frames in _wire.recv_messages(socket, RECV_BATCH):
             on_message(frames)
