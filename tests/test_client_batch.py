@@ -4,6 +4,8 @@ driven in-process as in test_client_protocol.py: raw DEALER clients write every 
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from fastbroker import protocol
@@ -183,3 +185,24 @@ def test_replies_to_a_gone_fbc02_client_are_counted(make_crig):
     # One REPLIES message per turn: both outcomes in one (counted once) or in two.
     rig.pump(lambda: rig.stats()["replies_unroutable"] >= 1)
     assert rig.stats()["replies_unroutable"] in (1, 2)
+
+
+def test_the_compiled_books_batches_are_byte_for_byte_the_pure_ones():
+    # client/_book.pyx writes the FBC02 SUBMIT header in place; client/protocol.py's
+    # submit_batch_messages is the reference: same messages, same splits at MAX_BATCH
+    # records and MAX_FRAMES frames.
+    from fastbroker.client import _book  # type: ignore[attr-defined]
+    from fastbroker.client.protocol import encode_options, submit_batch_messages, submit_message
+    from fastbroker.protocol import MAX_BATCH, MAX_FRAMES
+
+    rng = random.Random(7)
+    for count, most_frames in ((1, 1), (2, 3), (MAX_BATCH + 5, 1), (1500, 7), (3, MAX_FRAMES - 10)):
+        submits = []
+        for i in range(count):
+            options = rng.choice([b"", encode_options(1.5, 3), encode_options(None, None, ack=False)])
+            frames = [b"f%d" % k for k in range(rng.randint(1, most_frames))]
+            submits.append(submit_message(i.to_bytes(16, "big"), options, frames))
+        expected = submit_batch_messages([(m[2], m[3], m[4:]) for m in submits])
+        assert _book.submit_batches(submits) == expected, (count, most_frames)
+        if count == MAX_BATCH + 5:
+            assert len(expected) == 2  # the split at MAX_BATCH records was compared too
