@@ -41,7 +41,7 @@ def make(n: int, clock: Clock, failover_after: float = 3.0):
     sent: List[List[list]] = [[] for _ in range(n)]
     sharded = ShardedBook(deliver, 1.0, failover_after, clock)
     for k in range(n):
-        sharded.add(client_book()[0].RequestBook(sent[k].append, sharded.deliver_from, 1.0, clock=clock))
+        sharded.add(client_book()[0].RequestBook(sent[k].append, deliver, 1.0, clock=clock))
     return sharded, sent
 
 

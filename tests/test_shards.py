@@ -227,6 +227,28 @@ def test_a_client_spreads_requests_over_the_brokers_by_id(shards, procs, ctx):
     assert 0 < homes.count(0) < 200
 
 
+def test_a_map_over_a_list_keeps_the_window_at_each_broker(shards, procs):
+    # The window is per broker: a map's default bound is the window times the brokers,
+    # so that each broker's batches are as large as with one broker.
+    import threading
+
+    from fastbroker import Client
+
+    payloads = [b"%d" % i for i in range(40)]
+    answers: list = []
+    with Client(shards.requests, window=3) as client:
+        mapper = threading.Thread(target=lambda: answers.extend(client.map(payloads)), name="map")
+        mapper.start()
+        try:
+            # No worker yet: the map submits its bound and waits for the first answer.
+            wait_until(lambda: client.stats()["in_flight"] + client.stats()["queued"] == 6, timeout=WAIT)
+            procs.start(["worker", "workers_for_tests:DealerEcho", shards.workers], "worker")
+        finally:
+            mapper.join(WAIT)
+        assert not mapper.is_alive()
+    assert answers == [b"-" + p for p in payloads]
+
+
 def test_another_client_finds_a_request_by_its_id(shards, procs, ctx):
     from fastbroker import Client
 

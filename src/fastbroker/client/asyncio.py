@@ -31,13 +31,12 @@ import zmq
 import zmq.asyncio
 
 from fastbroker import security
-from fastbroker._common import BrokerError, check_count, check_seconds
+from fastbroker._common import BrokerError, check_seconds
 from fastbroker.addresses import Addresses, split_addresses
 from fastbroker.client.outcomes import DeadLetters, Requeued, Status
 from fastbroker.client.protocol import (
     DEFAULT_WINDOW,
     DEFAULT_WINDOW_BYTES,
-    MAX_WINDOW,
     Payload,
     Progress,
     RequestDefaults,
@@ -327,9 +326,9 @@ class AsyncClient(RequestDefaults):
         tries: Optional[int] = None,
     ) -> AsyncIterator[Union[bytes, List[bytes]]]:
         """An async iterator of the answers in input order, at most `window` (default:
-        the client's) submitted and not yet yielded (see Client.map). `iterable` may
-        be a plain or an async iterable."""
-        window = self.window if window is None else check_count("window", window, 1, MAX_WINDOW)
+        the client's for each broker of its list) submitted and not yet yielded (see
+        Client.map). `iterable` may be a plain or an async iterable."""
+        window = self._map_window(window)
         encode_options(timeout, tries)
         return self._map(iterable, window, progress, timeout, tries)
 

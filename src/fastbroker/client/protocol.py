@@ -114,6 +114,7 @@ class RequestDefaults:
     """What Client and AsyncClient share of their settings: the defaults of each
     request, and the options frame they make of them."""
 
+    addresses: List[str]
     timeout: Optional[float]
     tries: Optional[int]
     ack: bool
@@ -173,7 +174,7 @@ class RequestDefaults:
             sharded.add(
                 RequestBook(
                     send,
-                    sharded.deliver_from,
+                    deliver,
                     self.check_interval,
                     window=self.window,
                     window_bytes=self.window_bytes,
@@ -182,6 +183,14 @@ class RequestDefaults:
                 )
             )
         return sharded, sharded.books
+
+    def _map_window(self, window: Optional[int]) -> int:
+        """A map's bound on what it has submitted and not yet yielded: `window`, checked;
+        by default the client's window for each broker of its list (the window is per
+        broker, so a list's map keeps each broker's batches as large as one broker's)."""
+        if window is None:
+            return min(self.window * len(self.addresses), MAX_WINDOW)
+        return check_count("window", window, 1, MAX_WINDOW)
 
     def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
         return encode_options(

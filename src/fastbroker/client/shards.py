@@ -51,11 +51,15 @@ def merge_dead(answers: List[DeadLetters], limit: int) -> DeadLetters:
 
 class _Chain:
     """A future's stand-in while an id is looked for broker after broker: the books
-    deliver to it, and it passes on the first answer that is not "unknown"."""
+    deliver to it as to any future (the client's deliver calls its set_result or
+    set_exception), and it passes on the first answer that is not "unknown"."""
 
-    __slots__ = ("future", "request_id", "order", "multipart", "kind")
+    __slots__ = ("sharded", "future", "request_id", "order", "multipart", "kind")
 
-    def __init__(self, future: Any, request_id: bytes, order: List[int], multipart: bool, kind: str) -> None:
+    def __init__(
+        self, sharded: ShardedBook, future: Any, request_id: bytes, order: List[int], multipart: bool, kind: str
+    ) -> None:
+        self.sharded = sharded
         self.future = future
         self.request_id = request_id
         self.order = order  # the brokers still to ask, in order
@@ -65,15 +69,34 @@ class _Chain:
     def done(self) -> bool:
         return bool(self.future.done())
 
+    def set_result(self, value: Any) -> None:
+        self._settle(value, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._settle(None, exc)
+
+    def _settle(self, value: Any, exc: Optional[BaseException]) -> None:
+        """An answer from the broker asked last: the next one is asked on "unknown"."""
+        unknown = isinstance(exc, UnknownRequest) or (isinstance(value, Status) and value.state == "unknown")
+        if unknown and self.order and not self.done():
+            book = self.sharded.books[self.order.pop(0)]
+            if self.kind == "watch":
+                book.watch(self.request_id, self, self.multipart)
+            else:
+                book.query(self.request_id, self)
+            return
+        self.sharded.deliver(self.future, value, exc)
+
 
 class ShardedBook:
     """The RequestBook interface over one RequestBook per broker (``books``, built by
-    the client with ``deliver=ShardedBook.deliver_from`` of this object)."""
+    the client with the same ``deliver`` as this object's: the books resolve futures
+    themselves, and a chain of brokers asked in turn is a future to them, a _Chain)."""
 
     def __init__(
         self, deliver: Deliver, check_interval: float, failover_after: float, clock: Callable[[], float]
     ) -> None:
-        self._deliver = deliver
+        self.deliver = deliver
         self.check_interval = check_interval
         self.failover_after = failover_after
         self._clock = clock
@@ -110,21 +133,6 @@ class ShardedBook:
     def _holder(self, request_id: bytes) -> int:
         return self.placed.get(request_id, home_shard(request_id, len(self.books)))
 
-    def deliver_from(self, future: Any, value: Any, exc: Optional[BaseException]) -> None:
-        """The books' deliver: a chain asks the next broker on "unknown"."""
-        if type(future) is not _Chain:
-            self._deliver(future, value, exc)
-            return
-        unknown = isinstance(exc, UnknownRequest) or (isinstance(value, Status) and value.state == "unknown")
-        if unknown and future.order and not future.done():
-            shard = future.order.pop(0)
-            if future.kind == "watch":
-                self.books[shard].watch(future.request_id, future, future.multipart)
-            else:
-                self.books[shard].query(future.request_id, future)
-            return
-        self._deliver(future.future, value, exc)
-
     # -- the RequestBook interface -------------------------------------------------------
 
     def submit(self, request_id: bytes, message: List[bytes], future: Any, multipart: bool) -> None:
@@ -144,7 +152,9 @@ class ShardedBook:
             self.books[shard].watch(request_id, future, multipart)
             return
         order = self._search(request_id)
-        self.books[order[0]].watch(request_id, _Chain(future, request_id, order[1:], multipart, "watch"), multipart)
+        self.books[order[0]].watch(
+            request_id, _Chain(self, future, request_id, order[1:], multipart, "watch"), multipart
+        )
 
     def query(self, request_id: bytes, future: Any) -> None:
         shard = self.placed.get(request_id)
@@ -152,7 +162,7 @@ class ShardedBook:
             self.books[shard].query(request_id, future)
             return
         order = self._search(request_id)
-        self.books[order[0]].query(request_id, _Chain(future, request_id, order[1:], False, "query"))
+        self.books[order[0]].query(request_id, _Chain(self, future, request_id, order[1:], False, "query"))
 
     def cancel(self, request_id: bytes) -> None:
         shard = self.placed.get(request_id)

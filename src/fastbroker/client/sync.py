@@ -29,13 +29,12 @@ from typing import (
 import zmq
 
 from fastbroker import _select, security
-from fastbroker._common import BrokerError, Closeable, ConfigError, check_count, check_seconds, zmq_reason
+from fastbroker._common import BrokerError, Closeable, ConfigError, check_seconds, zmq_reason
 from fastbroker.addresses import Addresses, split_addresses
 from fastbroker.client.outcomes import DeadLetters, Requeued, Status
 from fastbroker.client.protocol import (
     DEFAULT_WINDOW,
     DEFAULT_WINDOW_BYTES,
-    MAX_WINDOW,
     Payload as _Payload,
     Progress,
     RequestDefaults,
@@ -505,12 +504,13 @@ class Client(RequestDefaults, Closeable):
         tries: Optional[int] = None,
     ) -> Iterator[Union[bytes, List[bytes]]]:
         """The answers to the payloads, in their order, with at most `window` requests
-        (default: the client's window) submitted and not yet yielded; it takes items
+        (default: the client's window for each broker of its list, as the window is per
+        broker) submitted and not yet yielded; it takes items
         from `iterable` only as answers come, so any iterable streams in bounded
         memory. Iterating raises the exception of the first request that failed
         when it reaches it; requests still in flight are cancelled when iteration
         stops early. ``progress``: a progress bar on stderr."""
-        window = self.window if window is None else check_count("window", window, 1, MAX_WINDOW)
+        window = self._map_window(window)
         encode_options(timeout, tries)  # bad options fail here, not at the first next()
         return self._map(iterable, window, progress, timeout, tries)
 
