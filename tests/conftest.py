@@ -42,24 +42,13 @@ def pytest_sessionstart(session):
             "the compiled extension did not load",
             returncode=3,
         )
-    if os.environ.get(REQUIRE_COMPILED_ENV) == "1" and _select.worker_session()[1] != "compiled":
-        pytest.exit(
-            f"{REQUIRE_COMPILED_ENV}=1 but the worker's session is the pure one: "
-            "the compiled extension fastbroker.worker._session did not load",
-            returncode=3,
-        )
-    if os.environ.get(REQUIRE_COMPILED_ENV) == "1" and _select.client_book()[1] != "compiled":
-        pytest.exit(
-            f"{REQUIRE_COMPILED_ENV}=1 but the client's book is the pure one: "
-            "the compiled extension fastbroker.client._book did not load",
-            returncode=3,
-        )
-    if os.environ.get(REQUIRE_COMPILED_ENV) == "1" and _select.client_wire()[1] != "compiled":
-        pytest.exit(
-            f"{REQUIRE_COMPILED_ENV}=1 but the client's wire is the pure one: "
-            "the compiled extension fastbroker.client._wire did not load",
-            returncode=3,
-        )
+    for what, (compiled, _) in _select.TWINS.items():
+        if os.environ.get(REQUIRE_COMPILED_ENV) == "1" and _select.twin(what)[1] != "compiled":
+            pytest.exit(
+                f"{REQUIRE_COMPILED_ENV}=1 but the {what} is the pure one: "
+                f"the compiled extension {compiled} did not load",
+                returncode=3,
+            )
 
 
 def pytest_runtest_setup(item):

@@ -7,10 +7,11 @@ This module alone reads FASTBROKER_PURE; everything else asks it.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
-from typing import Callable, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 PURE_ENV = "FASTBROKER_PURE"
 CORE_NAMES = ("compiled", "pure")
@@ -35,7 +36,7 @@ def load(name: str) -> ModuleType:
 
 
 def _prefer_compiled(
-    what: str, compiled: Callable[[], ModuleType], pure: Callable[[], ModuleType]
+    what: str, compiled: Callable[[], ModuleType], pure: Callable[[], ModuleType], stacklevel: int = 4
 ) -> tuple[ModuleType, str]:
     """The compiled `what` unless FASTBROKER_PURE asks for the pure one or the compiled one
     cannot be imported (then the pure one, with one RuntimeWarning saying why)."""
@@ -47,7 +48,7 @@ def _prefer_compiled(
         warnings.warn(
             f"fastbroker: compiled {what} unavailable ({exc}); using the pure-Python {what}",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
         return pure(), "pure"
 
@@ -64,73 +65,37 @@ def resolve(name: Optional[str]) -> ModuleType:
     return core if name is None else load(name)
 
 
-_worker_session: Optional[tuple[ModuleType, str]] = None
+# The parts that have a compiled twin beside the core: what each is called in warnings,
+# its compiled module and its pure one.
+TWINS = {
+    "worker session": ("fastbroker.worker._session", "fastbroker.worker.session"),
+    "client wire": ("fastbroker.client._wire", "fastbroker.client.wire"),
+    "client book": ("fastbroker.client._book", "fastbroker.client.book"),
+}
+_chosen: Dict[str, tuple[ModuleType, str]] = {}
+
+
+def twin(what: str) -> tuple[ModuleType, str]:
+    """The module chosen for one of TWINS and its name ("compiled" or "pure"), by the
+    core's rule (_prefer_compiled). Chosen once."""
+    if what not in _chosen:
+        compiled, pure = TWINS[what]
+        _chosen[what] = _prefer_compiled(
+            what, lambda: importlib.import_module(compiled), lambda: importlib.import_module(pure), stacklevel=5
+        )
+    return _chosen[what]
 
 
 def worker_session() -> tuple[ModuleType, str]:
-    """The worker's session module (its ``Session`` and ``CreditGate``) and its name: the
-    compiled one (fastbroker.worker._session) or the pure twin (fastbroker.worker.session),
-    by the core's rule (_prefer_compiled). Chosen once."""
-    global _worker_session
-    if _worker_session is None:
-
-        def compiled() -> ModuleType:
-            from fastbroker.worker import _session  # type: ignore[attr-defined]
-
-            return _session
-
-        def pure() -> ModuleType:
-            from fastbroker.worker import session
-
-            return session
-
-        _worker_session = _prefer_compiled("worker session", compiled, pure)
-    return _worker_session
-
-
-_client_wire: Optional[tuple[ModuleType, str]] = None
+    """The worker's session module (its ``Session`` and ``CreditGate``) and its name."""
+    return twin("worker session")
 
 
 def client_wire() -> tuple[ModuleType, str]:
-    """The client's wire module (``recv_messages``, ``send_message``) and its name: the
-    compiled one (fastbroker.client._wire) or the pure twin (fastbroker.client.wire), by
-    the core's rule (_prefer_compiled). Chosen once."""
-    global _client_wire
-    if _client_wire is None:
-
-        def compiled() -> ModuleType:
-            from fastbroker.client import _wire  # type: ignore[attr-defined]
-
-            return _wire
-
-        def pure() -> ModuleType:
-            from fastbroker.client import wire
-
-            return wire
-
-        _client_wire = _prefer_compiled("client wire", compiled, pure)
-    return _client_wire
-
-
-_client_book: Optional[tuple[ModuleType, str]] = None
+    """The client's wire module (``recv_messages``, ``send_message``) and its name."""
+    return twin("client wire")
 
 
 def client_book() -> tuple[ModuleType, str]:
-    """The client's book module (its ``RequestBook``) and its name: the compiled one
-    (fastbroker.client._book) or the pure twin (fastbroker.client.book), by the core's
-    rule (_prefer_compiled). Chosen once."""
-    global _client_book
-    if _client_book is None:
-
-        def compiled() -> ModuleType:
-            from fastbroker.client import _book  # type: ignore[attr-defined]
-
-            return _book
-
-        def pure() -> ModuleType:
-            from fastbroker.client import book
-
-            return book
-
-        _client_book = _prefer_compiled("client book", compiled, pure)
-    return _client_book
+    """The client's book module (its ``RequestBook``) and its name."""
+    return twin("client book")

@@ -139,9 +139,9 @@ cdef class _Entry:
     cdef public Py_ssize_t size  # payload bytes it holds in the window
     cdef public bint batched  # its SUBMIT last went in an FBC02 batch
 
-    def __init__(self, message):
+    def __init__(self, message, _Sink sink):
         self.message = message
-        self.sinks = []
+        self.sinks = [sink]
         self.size = _payload_size(message)
 
 
@@ -282,7 +282,6 @@ cdef class RequestBook:
             mine.sinks.extend(entry.sinks)
             return
         entry.sent = entry.accepted = entry.checked = entry.batched = False
-        self._entries[request_id] = entry
         self._enter(request_id, entry)
 
     cdef void _start_waiting(self) except *:
@@ -297,7 +296,9 @@ cdef class RequestBook:
         return n == 0 or (n < self.window and self.in_flight_bytes + size <= self.window_bytes)
 
     cdef void _enter(self, bytes request_id, _Entry entry) except *:
-        """A new entry: sent now if the window has room and nothing is held before it."""
+        """A new entry, recorded: sent now if the window has room and nothing is held
+        before it."""
+        self._entries[request_id] = entry
         if not self._held and self._fits(entry.size):
             self._launch(request_id, entry)
         else:
@@ -376,13 +377,11 @@ cdef class RequestBook:
 
     def submit(self, bytes request_id, list message, future, bint multipart):
         cdef _Entry entry = self._entries.get(request_id)
+        cdef _Sink sink = _Sink(future, multipart)
         if entry is None:
-            entry = _Entry(message)
-            self._entries[request_id] = entry
-            entry.sinks.append(_Sink(future, multipart))
-            self._enter(request_id, entry)
+            self._enter(request_id, _Entry(message, sink))
             return
-        entry.sinks.append(_Sink(future, multipart))
+        entry.sinks.append(sink)
         if entry.message is None:
             # Only watched so far: from now on it can be submitted again if lost.
             entry.message = message
@@ -396,13 +395,11 @@ cdef class RequestBook:
     def watch(self, bytes request_id, future, bint multipart):
         """RESULT: wait for the outcome of an id (submitted by anyone)."""
         cdef _Entry entry = self._entries.get(request_id)
+        cdef _Sink sink = _Sink(future, multipart)
         if entry is None:
-            entry = _Entry(None)
-            self._entries[request_id] = entry
-            entry.sinks.append(_Sink(future, multipart))
-            self._enter(request_id, entry)
+            self._enter(request_id, _Entry(None, sink))
             return
-        entry.sinks.append(_Sink(future, multipart))
+        entry.sinks.append(sink)
         if entry.sent:
             self._send_now(result_message(request_id))
 

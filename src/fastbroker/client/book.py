@@ -67,11 +67,11 @@ class _Entry:
 
     __slots__ = ("message", "sinks", "accepted", "cancelling", "sent", "checked", "size", "batched")
 
-    def __init__(self, message: Optional[List[bytes]]) -> None:
+    def __init__(self, message: Optional[List[bytes]], sink: _Sink) -> None:
         # The SUBMIT message, kept to submit it again if the broker loses it;
         # None for an id only watched with RESULT (it cannot be re-submitted).
         self.message = message
-        self.sinks: List[_Sink] = []
+        self.sinks: List[_Sink] = [sink]
         self.accepted = False
         self.cancelling = False
         self.sent = False  # in the window: its SUBMIT (or RESULT) has gone to the broker
@@ -219,7 +219,6 @@ class RequestBook:
             mine.sinks.extend(entry.sinks)
             return
         entry.sent = entry.accepted = entry.checked = entry.batched = False
-        self._entries[request_id] = entry
         self._enter(request_id, entry)
 
     def _start_waiting(self) -> None:
@@ -234,7 +233,9 @@ class RequestBook:
         return n == 0 or (n < self.window and self.in_flight_bytes + size <= self.window_bytes)
 
     def _enter(self, request_id: bytes, entry: _Entry) -> None:
-        """A new entry: sent now if the window has room and nothing is held before it."""
+        """A new entry, recorded: sent now if the window has room and nothing is held
+        before it."""
+        self._entries[request_id] = entry
         if not self._held and self._fits(entry.size):
             self._launch(request_id, entry)
         else:
@@ -312,12 +313,11 @@ class RequestBook:
 
     def submit(self, request_id: bytes, message: List[bytes], future: Any, multipart: bool) -> None:
         entry = self._entries.get(request_id)
+        sink = _Sink(future, multipart)
         if entry is None:
-            entry = self._entries[request_id] = _Entry(message)
-            entry.sinks.append(_Sink(future, multipart))
-            self._enter(request_id, entry)
+            self._enter(request_id, _Entry(message, sink))
             return
-        entry.sinks.append(_Sink(future, multipart))
+        entry.sinks.append(sink)
         if entry.message is None:
             # Only watched so far: from now on it can be submitted again if lost.
             entry.message = message
@@ -331,12 +331,11 @@ class RequestBook:
     def watch(self, request_id: bytes, future: Any, multipart: bool) -> None:
         """RESULT: wait for the outcome of an id (submitted by anyone)."""
         entry = self._entries.get(request_id)
+        sink = _Sink(future, multipart)
         if entry is None:
-            entry = self._entries[request_id] = _Entry(None)
-            entry.sinks.append(_Sink(future, multipart))
-            self._enter(request_id, entry)
+            self._enter(request_id, _Entry(None, sink))
             return
-        entry.sinks.append(_Sink(future, multipart))
+        entry.sinks.append(sink)
         if entry.sent:
             self._send_now(result_message(request_id))
 
