@@ -16,8 +16,9 @@ bounded by the cores: the CPU columns say where they went.
 Part 3, the worker. One ``fastbroker worker bench.test_user_path:Echo --credit 64``
 process given the list of B brokers (``--worker-brokers``, default 1,4), each broker fed
 by its own compiled FBC02 client at once (``--worker-jobs`` in all): the worker
-process's CPU per job, its jobs/s, and the jobs it gave back (RETURN, broker counter
-``returned``), against B = 1.
+process's CPU per job, its jobs/s, the brokers' CPU per job, the jobs it gave back
+(RETURN, broker counter ``returned``) and the jobs the brokers sent per job run
+(``dispatched``, the warm-up's included), against B = 1.
 
 Part 2, the client. ``fastbroker.Client.map`` of ``--client-jobs`` empty jobs in this
 process, against ``fastbroker broker --shards B`` for each B of ``--client-brokers``
@@ -153,7 +154,7 @@ def measure_client(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
 def measure_worker(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
     """One round of part 3: one Python Worker process serving a list of `brokers`."""
     with contextlib_run(args) as run:
-        _, endpoints, _ = start_shards(run, brokers)
+        _, endpoints, broker_pids = start_shards(run, brokers)
         worker = run.start(
             ["-m", "fastbroker", "-v", "worker", "bench.test_user_path:Echo", ",".join(w for _, w in endpoints)]
             + ["--credit", "64"],
@@ -177,11 +178,13 @@ def measure_worker(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
         readers = [Lines(c, f"client{k}") for k, c in enumerate(clients)]
         wait_warm(readers)
         cpu0 = cpu_seconds(worker.pid)
+        brokers_cpu0 = sum(cpu_seconds(p) for p in broker_pids)
         results = go_and_collect(clients, readers, 300.0)
         cpu = cpu_seconds(worker.pid) - cpu0
+        brokers_cpu = sum(cpu_seconds(p) for p in broker_pids) - brokers_cpu0
         jobs = sum(r["n"] for r in results)
         elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
-        returned = 0
+        returned = dispatched = 0
         for req, _ in endpoints:
             sock = child_dealer(req)
             try:
@@ -189,7 +192,16 @@ def measure_worker(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
             finally:
                 sock.close(0)
             returned += figures["returned"] if figures else 0
-        return {"brokers": brokers, "rate": jobs / elapsed, "cpu_us": cpu / jobs * 1e6, "returned": returned / jobs}
+            dispatched += figures["dispatched"] if figures else 0
+        return {
+            "brokers": brokers,
+            "rate": jobs / elapsed,
+            "cpu_us": cpu / jobs * 1e6,
+            "brokers_us": brokers_cpu / jobs * 1e6,
+            "returned": returned / jobs,
+            # Of every round's jobs and warm-up; the same for B = 1 and B > 1.
+            "dispatched": dispatched / jobs,
+        }
 
 
 def contextlib_run(args: argparse.Namespace) -> ContextManager[Run]:
@@ -240,7 +252,8 @@ def report_worker(results: List[Dict[str, float]], args: argparse.Namespace) -> 
         f"{args.worker_jobs} jobs; median of {args.rounds}"
     )
     columns = [("jobs/s", "rate", "{:,.0f}"), ("worker CPU µs/job", "cpu_us", "{:.1f}")]
-    _ratio_table(results, args.worker_brokers, columns + [("given back per job run", "returned", "{:.2f}")])
+    columns += [("brokers' CPU µs/job", "brokers_us", "{:.1f}"), ("given back per job run", "returned", "{:.2f}")]
+    _ratio_table(results, args.worker_brokers, columns + [("sent per job run", "dispatched", "{:.2f}")])
 
 
 def report_client(results: List[Dict[str, float]], args: argparse.Namespace) -> None:
