@@ -80,3 +80,18 @@ def test_client_wire_compares_both_wires_with_right_answers(tmp_path, subprocess
 def test_client_wire_refuses_bad_arguments_without_a_traceback(tmp_path):
     result = run(["-m", "bench.client_wire", "--jobs", "0"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_async_client_bench_measures_each_way_with_right_answers(tmp_path, subprocess_env):
+    # bench/async_client.py checks every answer of every way; a figure per way means
+    # each ran to the end.
+    result = run(["-m", "bench.async_client", "--jobs", "300", "--rounds", "1"], tmp_path, subprocess_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["sync map", "async map", "async gather"], result.stdout
+    assert all("jobs/s" in line and "us/job" in line for line in lines), result.stdout
+
+
+def test_async_client_bench_refuses_bad_arguments_without_a_traceback(tmp_path):
+    result = run(["-m", "bench.async_client", "--rounds", "0"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

@@ -17,6 +17,7 @@ from typing import List
 
 import pytest
 import zmq
+import zmq.asyncio
 
 import fastbroker
 from fastbroker import AsyncClient, BrokerError, Client, ConfigError, Status, Worker
@@ -693,6 +694,95 @@ def test_async_client_gather_status_and_map(rig, log_path):
     asyncio.run(asyncio.wait_for(main(), WAIT))
 
 
+def test_async_client_answers_come_without_the_lazy_pirate(rig):
+    """Through a real broker, with the lazy pirate a minute away (check_interval): every
+    answer must come from the reader's own wake-ups, the client sending past its asyncio
+    socket (the case where that could lose a wake-up is made on purpose below). 300
+    calls one after the other, each waiting for its answer, then bursts."""
+    rig.start_broker()
+    rig.worker(DealerEcho, credit=4)
+
+    async def main():
+        async with AsyncClient(rig.address, check_interval=60.0) as client:
+            for i in range(300):
+                assert await client.call(b"%d" % i) == b"-%d" % i
+            for _ in range(5):
+                answers = await asyncio.gather(*client.submit_many([b"%d" % i for i in range(500)]))
+                assert answers == [b"-%d" % i for i in range(500)]
+            assert client.stats()["refetched"] == 0
+
+    asyncio.run(asyncio.wait_for(main(), WAIT))
+
+
+def test_async_sends_wait_in_order_while_the_socket_is_full():
+    """The AsyncClient's sender keeps what a full socket cannot take, in order, and a
+    task sends it as room comes (inproc, high-water marks of 1, a reader that starts
+    late)."""
+    from fastbroker.client.asyncio import _Sender
+
+    async def main():
+        context = zmq.asyncio.Context()
+        receiver = context.socket(zmq.PULL)
+        receiver.set_hwm(1)
+        receiver.bind("inproc://full")
+        socket = context.socket(zmq.PUSH)
+        socket.set_hwm(1)
+        socket.connect("inproc://full")
+        sender = _Sender(socket)
+        try:
+            messages = [[b"%d" % i, b"x" * i] for i in range(50)]
+            for frames in messages:
+                sender.send(frames)
+            assert sender.outbox and sender.draining is not None  # the socket is full
+            got = [await asyncio.wait_for(receiver.recv_multipart(), WAIT) for _ in messages]
+            assert got == messages
+            deadline = time.monotonic() + WAIT
+            while sender.draining is not None:
+                assert time.monotonic() < deadline, "the sending task did not end"
+                await asyncio.sleep(0.01)  # the pace of a bounded poll; the task must run
+            assert not sender.outbox
+        finally:
+            sender.close()
+            socket.close(0)
+            receiver.close(0)
+            context.term()
+
+    asyncio.run(asyncio.wait_for(main(), 3 * WAIT))
+
+
+def test_async_sender_has_the_socket_look_again_after_a_send():
+    """What the sender's own test above cannot make happen on purpose: a message arrives
+    while the event loop is busy, and a send past pyzmq (libzmq reads the socket's
+    commands then) takes the signal that would have woken a poll of the socket. The
+    sender has the asyncio socket look again after each send: the poll wakes."""
+    from fastbroker.client.asyncio import _Sender
+
+    async def main():
+        context = zmq.asyncio.Context()
+        router = context.socket(zmq.PAIR)  # the broker's end
+        router.bind("inproc://look-again")
+        socket = context.socket(zmq.PAIR)
+        socket.connect("inproc://look-again")
+        sender = _Sender(socket)
+        try:
+            sender.send([b"hello"])
+            assert await asyncio.wait_for(router.recv_multipart(), WAIT) == [b"hello"]
+            polled = socket.poll(timeout=None, flags=zmq.POLLIN)
+            await asyncio.sleep(0.01)  # the poll is waiting for the socket's signal
+            await router.send_multipart([b"answer"])
+            time.sleep(0.05)  # the loop is busy: the answer arrives, its signal waits
+            sender.send([b"more"])  # libzmq reads the socket's commands (and the signal)
+            assert await asyncio.wait_for(polled, 5.0) & zmq.POLLIN
+            assert await asyncio.wait_for(socket.recv_multipart(), WAIT) == [b"answer"]
+        finally:
+            sender.close()
+            socket.close(0)
+            router.close(0)
+            context.term()
+
+    asyncio.run(asyncio.wait_for(main(), 3 * WAIT))
+
+
 def test_async_client_timeout_and_cancel(rig, log_path):
     rig.start_broker()
     rig.worker(DealerGated, credit=4)
@@ -791,6 +881,68 @@ def test_map_stopped_early_cancels_what_it_has_in_flight(rig, log_path, gate):
     results.close()  # the caller stops iterating: the two running jobs are cancelled
     wait_until(lambda: rig.broker.stats()["cancelled"] == 2, timeout=WAIT, message="two CANCELs at the broker")
     wait_until(lambda: client.stats()["in_flight"] == 0, timeout=WAIT, message="the client to forget them")
+    gate.touch()
+
+
+def test_async_map_keeps_input_order_and_at_most_window_in_flight(rig):
+    rig.start_broker()
+    rig.worker(Concurrency, credit=16)
+    payloads = [b"%.2f:%d" % (0.05 * (3 - i % 3), i) for i in range(12)]
+    Concurrency.peak = 0
+
+    async def main():
+        async with AsyncClient(rig.address) as client:
+            return [answer async for answer in client.map(payloads, window=3)]
+
+    assert asyncio.run(asyncio.wait_for(main(), WAIT)) == [b"-" + p for p in payloads]
+    assert Concurrency.peak == 3
+
+
+def test_async_map_raises_the_first_failure_when_it_reaches_it(rig):
+    rig.start_broker()
+    rig.worker(FailsBad, credit=4)
+
+    async def main():
+        async with AsyncClient(rig.address) as client:
+            results = client.map([b"ok-1", b"bad-2", b"ok-3"], window=4, tries=1)
+            assert await results.__anext__() == b"-ok-1"
+            with pytest.raises(fastbroker.TaskFailed, match="bad-2"):
+                await results.__anext__()
+            with pytest.raises(StopAsyncIteration):
+                await results.__anext__()
+
+    asyncio.run(asyncio.wait_for(main(), WAIT))
+
+
+def test_async_map_stopped_early_and_a_wait_given_up_cancel_at_the_broker(rig, log_path, gate):
+    """What the map has in flight when its caller stops iterating, and a request whose
+    awaiting was given up (``asyncio.wait_for`` cancels its future), are cancelled at
+    the broker: the future's cancel() tells the client, not only the map's end."""
+    rig.start_broker()
+    rig.worker(DealerGated, credit=3)
+
+    async def until(condition, message):
+        deadline = time.monotonic() + WAIT
+        while not condition():
+            assert time.monotonic() < deadline, message
+            await asyncio.sleep(0.01)  # the pace of a bounded poll; the client's loop must run
+
+    async def main():
+        async with AsyncClient(rig.address) as client:
+            results = client.map([b"0:first", b"0:gated-amap-a", b"0:gated-amap-b"], window=3)
+            assert await results.__anext__() == b"-0:first"
+            await until(lambda: runs(log_path, "0:gated-amap-a") and runs(log_path, "0:gated-amap-b"), "two jobs")
+            await results.aclose()
+            await until(lambda: rig.broker.stats()["cancelled"] == 2, "two CANCELs at the broker")
+            future = client.submit(b"0:gated-awaited")
+            await until(lambda: runs(log_path, "0:gated-awaited"), "the job to start")
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(future, 0.05)
+            assert future.cancelled()
+            await until(lambda: rig.broker.stats()["cancelled"] == 3, "a third CANCEL at the broker")
+            await until(lambda: client.stats()["in_flight"] == 0, "the client to forget them")
+
+    asyncio.run(asyncio.wait_for(main(), 3 * WAIT))  # beyond the waits inside: their messages say what failed
     gate.touch()
 
 

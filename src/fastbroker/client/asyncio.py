@@ -7,7 +7,6 @@ routing replies by id, the lazy pirate); only the loop around the socket differs
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sys
 from collections import deque
@@ -16,6 +15,7 @@ from typing import (
     Any,
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Deque,
     Dict,
     Iterable,
@@ -62,12 +62,61 @@ log = logging.getLogger("fastbroker.async_client")
 
 
 class AsyncRequestFuture(asyncio.Future):
-    """An AsyncClient's future for one request; ``request_id`` is its 16-byte id."""
+    """An AsyncClient's future for one request; ``request_id`` is its 16-byte id.
+
+    ``cancel()`` also tells the client (which tells the broker, for a submitted
+    request): an override rather than a done-callback, which would cost every request
+    a callback scheduled on the event loop when it finishes."""
 
     request_id: bytes
+    _on_cancel: Optional[Callable[[AsyncRequestFuture], None]] = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+        return True
 
 
-def _deliver(future: asyncio.Future, value: Any, exc: Optional[BaseException]) -> None:
+class _MapSlot:
+    """A request of ``AsyncClient.map``: what a future does for it, cheaper (an
+    asyncio future is made only when the map waits for this very one)."""
+
+    __slots__ = ("request_id", "value", "exc", "finished", "waiter")
+
+    def __init__(self, request_id: bytes) -> None:
+        self.request_id = request_id
+        self.value: Any = None
+        self.exc: Optional[BaseException] = None
+        self.finished = False
+        self.waiter: Optional[asyncio.Future] = None
+
+    def done(self) -> bool:
+        return self.finished
+
+    def resolve(self, value: Any, exc: Optional[BaseException]) -> None:
+        if self.finished:
+            return  # told its outcome once
+        self.value, self.exc = value, exc
+        self.finished = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def result(self) -> Any:
+        if not self.finished:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        if self.exc is not None:
+            raise self.exc
+        return self.value
+
+
+def _deliver(future: Any, value: Any, exc: Optional[BaseException]) -> None:
+    if type(future) is _MapSlot:
+        future.resolve(value, exc)
+        return
     if future.done():
         return  # cancelled by its owner meanwhile
     if exc is None:
@@ -76,15 +125,54 @@ def _deliver(future: asyncio.Future, value: Any, exc: Optional[BaseException]) -
         future.set_exception(exc)
 
 
-def _send(socket: zmq.asyncio.Socket, frames: List[bytes]) -> None:
-    # pyzmq sends at once when it can and queues in order when it cannot. What it
-    # returns is an asyncio.Future; its hints say only Awaitable.
-    socket.send_multipart(frames).add_done_callback(_ignore_send_result)  # type: ignore[attr-defined]
+class _Sender:
+    """An AsyncClient's sends on one socket: each message at once in one call of the
+    compiled wire (pyzmq's asyncio send_multipart costs a call and a flag operation a
+    frame and a future a message) or, when the socket's queue is full, kept in order
+    and sent by a task that waits for room."""
 
+    def __init__(self, socket: zmq.asyncio.Socket) -> None:
+        self.socket = socket
+        self.plain = zmq.Socket.shadow(socket.underlying)  # the wire's: it does not own the socket
+        self.outbox: Deque[List[bytes]] = deque()
+        self.draining: Optional[asyncio.Task] = None
 
-def _ignore_send_result(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.debug("send failed: %s", future.exception())
+    def send(self, frames: List[bytes]) -> None:
+        try:
+            if self.outbox or not _wire.send_message(self.plain, frames):
+                self.outbox.append(frames)
+                if self.draining is None:
+                    self.draining = asyncio.get_running_loop().create_task(self._drain())
+                return
+            self.notice_events()
+        except zmq.ZMQError as exc:
+            log.debug("send failed: %s", exc)
+
+    def notice_events(self) -> None:
+        """After libzmq calls made past pyzmq's asyncio socket: they may have taken the
+        socket's edge-triggered signal, so the reader's poll (or the task waiting for
+        room) would not wake for what is pending; asked for EVENTS, the asyncio socket
+        looks and wakes them."""
+        self.socket.get(zmq.EVENTS)
+
+    async def _drain(self) -> None:
+        try:
+            while self.outbox:
+                # pyzmq 27's stub gives poll() a timeout only; the method takes flags too.
+                await self.socket.poll(None, zmq.POLLOUT)  # type: ignore[call-arg]
+                while self.outbox and _wire.send_message(self.plain, self.outbox[0]):
+                    self.outbox.popleft()
+                self.notice_events()
+        except zmq.ZMQError as exc:
+            log.debug("send failed: %s", exc)
+        finally:
+            self.draining = None
+
+    def close(self) -> None:
+        """What is still waiting for room is not sent (as pyzmq's queued sends at close)."""
+        if self.draining is not None:
+            self.draining.cancel()
+        self.outbox.clear()
 
 
 class AsyncClient(RequestDefaults):
@@ -138,7 +226,8 @@ class AsyncClient(RequestDefaults):
             if self._own_context:
                 self.context.term()
             raise
-        sends = [functools.partial(_send, sock) for sock in self._sockets]
+        self._senders = [_Sender(sock) for sock in self._sockets]
+        sends = [sender.send for sender in self._senders]
         self._book, self._books = self._new_books(sends, _deliver, failover, self._flush_soon)
         self._reader: Optional[asyncio.Task] = None
         self._closed = False
@@ -184,7 +273,7 @@ class AsyncClient(RequestDefaults):
         self._start()
         future = AsyncRequestFuture()
         future.request_id = rid
-        future.add_done_callback(self._on_request_done)
+        future._on_cancel = self._on_request_cancelled
         self._book.submit(rid, submit_message(rid, options, frames), future, multipart)
         return future
 
@@ -282,7 +371,7 @@ class AsyncClient(RequestDefaults):
         self._start()
         future = AsyncRequestFuture()
         future.request_id = rid
-        future.add_done_callback(self._on_watch_done)
+        future._on_cancel = self._on_watch_cancelled
         self._book.watch(rid, future, multipart)
         return future
 
@@ -343,26 +432,39 @@ class AsyncClient(RequestDefaults):
             items, total = iter_with_len(iterable)
             source = iter(items)
         bar = Progress(sys.stderr, total) if progress else None
-        in_flight: Deque[AsyncRequestFuture] = deque()
+        in_flight: Deque[_MapSlot] = deque()
+        options = self._options(timeout, tries)
+        book = self._book
+        # Refilled by batches (a quarter of the window at least), as Client.map does.
+        refill_at = window - max(1, window // 4)
         try:
             exhausted = False
             while True:
-                while not exhausted and len(in_flight) < window:
-                    try:
-                        payload = await source.__anext__() if is_async else next(source)
-                    except (StopIteration, StopAsyncIteration):
-                        exhausted = True
-                        break
-                    in_flight.append(self.submit(payload, timeout=timeout, tries=tries))
+                if not exhausted and len(in_flight) <= refill_at:
+                    self._start()
+                    while len(in_flight) < window:
+                        try:
+                            payload = await source.__anext__() if is_async else next(source)
+                        except (StopIteration, StopAsyncIteration):
+                            exhausted = True
+                            break
+                        frames, multipart = payload_frames(payload)
+                        slot = _MapSlot(new_request_id())
+                        book.submit(slot.request_id, submit_message(slot.request_id, options, frames), slot, multipart)
+                        in_flight.append(slot)
                 if not in_flight:
                     return
-                answer = await in_flight.popleft()
+                answer = await in_flight[0].result()
+                in_flight.popleft()
                 if bar is not None:
                     bar.update()
                 yield answer
         finally:
-            for future in in_flight:
-                future.cancel()
+            # Stopped early: the requests still in flight are cancelled at the broker.
+            if not self._closed:
+                for slot in in_flight:
+                    if not slot.finished:
+                        book.forget(slot.request_id, slot, True)
             if bar is not None:
                 bar.close()
 
@@ -382,6 +484,8 @@ class AsyncClient(RequestDefaults):
             except asyncio.CancelledError:
                 pass
         self._book.fail_all(BrokerError("client closed"))
+        for sender in self._senders:
+            sender.close()
         for socket in self._sockets:
             socket.close(Client.linger_ms)
         if self._own_context:
@@ -397,19 +501,16 @@ class AsyncClient(RequestDefaults):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _on_request_done(self, future: asyncio.Future) -> None:
-        if future.cancelled() and not self._closed:
-            self._book.forget(future.request_id, future, True)  # type: ignore[attr-defined]
+    def _on_request_cancelled(self, future: AsyncRequestFuture) -> None:
+        if not self._closed:
+            self._book.forget(future.request_id, future, True)
 
-    def _on_watch_done(self, future: asyncio.Future) -> None:
-        if future.cancelled() and not self._closed:
-            self._book.forget(future.request_id, future, False)  # type: ignore[attr-defined]
+    def _on_watch_cancelled(self, future: AsyncRequestFuture) -> None:
+        if not self._closed:
+            self._book.forget(future.request_id, future, False)
 
     async def _read(self) -> None:
-        book, books, sockets = self._book, self._books, self._sockets
-        # The same sockets as plain (blocking-API) ones, which the wire reads: an asyncio
-        # socket's recv returns a future. A shadow does not own its socket.
-        plains = [zmq.Socket.shadow(socket.underlying) for socket in sockets]
+        book, books, sockets, senders = self._book, self._books, self._sockets, self._senders
         poller = zmq.asyncio.Poller()
         for socket in sockets:
             poller.register(socket, zmq.POLLIN)
@@ -418,12 +519,15 @@ class AsyncClient(RequestDefaults):
                 due = book.next_check()
                 wait = self.check_interval if due is None else due
                 events = dict(await poller.poll(max(1, int(wait * 1000) + 1)))
-                for socket, plain, one in zip(sockets, plains, books):
+                for socket, sender, one in zip(sockets, senders, books):
                     if socket.closed or not events.get(socket, 0) & zmq.POLLIN:
                         continue  # (a shadow cannot tell that its socket was closed)
-                    # Read at once, without a future per message: these never block.
-                    for frames in _wire.recv_messages(plain, RECV_BATCH):
+                    # Read at once, on the sender's plain socket, without a future per
+                    # message (an asyncio socket's recv returns one): these never block.
+                    for frames in _wire.recv_messages(sender.plain, RECV_BATCH):
                         one.on_message(frames)
+                    if sender.draining is not None:
+                        sender.notice_events()  # the task waiting for room must see it
                 book.tick()
                 book.flush_submits()  # held requests that the outcomes let in
         except asyncio.CancelledError:
