@@ -12,7 +12,6 @@ import threading
 from collections import deque
 from typing import (
     Any,
-    Callable,
     Deque,
     Dict,
     Iterable,
@@ -31,6 +30,7 @@ import zmq
 from fastbroker import _select, security
 from fastbroker._common import BrokerError, Closeable, ConfigError, check_seconds, zmq_reason
 from fastbroker.addresses import Addresses, split_addresses
+from fastbroker.client.futures import RequestFuture
 from fastbroker.client.outcomes import DeadLetters, Requeued, Status
 from fastbroker.client.protocol import (
     DEFAULT_WINDOW,
@@ -145,24 +145,6 @@ def connect_dealer(context: zmq.Context[_Socket], address: str, curve: Optional[
         socket.close(0)
         raise ConfigError(f"cannot connect to {address!r}: {exc}") from None
     return socket
-
-
-class RequestFuture(concurrent.futures.Future):
-    """A Client's future for one request; ``request_id`` is its 16-byte id.
-
-    ``cancel()`` also tells the client (which tells the broker, for a submitted request):
-    an override rather than a done-callback, which would cost every request a lock
-    round and a call when it finishes."""
-
-    request_id: bytes
-    _on_cancel: Optional[Callable[[RequestFuture], None]] = None
-
-    def cancel(self) -> bool:
-        if not super().cancel():
-            return False
-        if self._on_cancel is not None:
-            self._on_cancel(self)
-        return True
 
 
 class _MapSlot:
