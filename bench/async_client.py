@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from fastbroker import AsyncClient, Client
 
-from bench.client_wire import START_WAIT, cpu_seconds
+from bench.client_wire import START_WAIT, cpu_seconds, served
 
 WAYS = ("sync map", "async map", "async gather")
 
@@ -39,17 +36,7 @@ def measure(jobs: int, rounds: int) -> Dict[str, List[Tuple[float, float]]]:
     """(jobs/s, CPU µs/job) per round, for each of WAYS."""
     results: Dict[str, List[Tuple[float, float]]] = {way: [] for way in WAYS}
     payloads = [b"%016d" % i for i in range(jobs)]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory(prefix="fb-async-") as tmp:
-        requests, workers, answers = (f"ipc://{tmp}/{name}" for name in ("req", "wrk", "ans"))
-        python = [sys.executable, "-m", "fastbroker"]
-        procs = [
-            subprocess.Popen([*python, "broker", "--core", "compiled", requests, workers, answers]),
-            subprocess.Popen(
-                [*python, "worker", "bench.test_user_path:Echo", workers, "--credit", "64", "--prefetch", "64"],
-                cwd=repo,
-            ),
-        ]
+    with served("fb-async-") as requests:
         loop = asyncio.new_event_loop()
         try:
             with Client(requests) as client:
@@ -85,10 +72,6 @@ def measure(jobs: int, rounds: int) -> Dict[str, List[Tuple[float, float]]]:
                     loop.run_until_complete(aclient.close())
         finally:
             loop.close()
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(START_WAIT)
     return results
 
 

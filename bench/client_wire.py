@@ -15,6 +15,7 @@ thread's) over the rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import fastbroker.client.sync as sync
 from fastbroker import Client
@@ -37,12 +38,13 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(jobs: int, rounds: int) -> Dict[str, List[Tuple[float, float]]]:
-    """(jobs/s, CPU µs/job) per round, for "compiled" and "pure"."""
-    results: Dict[str, List[Tuple[float, float]]] = {"compiled": [], "pure": []}
-    payloads = [b"%016d" % i for i in range(jobs)]
+@contextlib.contextmanager
+def served(prefix: str) -> Iterator[str]:
+    """A broker process (compiled core) and an Echo worker process (``--credit 64
+    --prefetch 64``, compiled session) over ipc in a temporary directory, stopped on the
+    way out; yields the requests endpoint."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory(prefix="fb-wire-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         requests, workers, answers = (f"ipc://{tmp}/{name}" for name in ("req", "wrk", "ans"))
         python = [sys.executable, "-m", "fastbroker"]
         procs = [
@@ -52,6 +54,20 @@ def measure(jobs: int, rounds: int) -> Dict[str, List[Tuple[float, float]]]:
                 cwd=repo,
             ),
         ]
+        try:
+            yield requests
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(START_WAIT)
+
+
+def measure(jobs: int, rounds: int) -> Dict[str, List[Tuple[float, float]]]:
+    """(jobs/s, CPU µs/job) per round, for "compiled" and "pure"."""
+    results: Dict[str, List[Tuple[float, float]]] = {"compiled": [], "pure": []}
+    payloads = [b"%016d" % i for i in range(jobs)]
+    with served("fb-wire-") as requests:
         saved = sync._wire
         try:
             with Client(requests) as client:
@@ -71,10 +87,6 @@ def measure(jobs: int, rounds: int) -> Dict[str, List[Tuple[float, float]]]:
                         results[name].append((jobs / elapsed, used / jobs * 1e6))
         finally:
             sync._wire = saved
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(START_WAIT)
     return results
 
 
