@@ -95,3 +95,18 @@ def test_async_client_bench_measures_each_way_with_right_answers(tmp_path, subpr
 def test_async_client_bench_refuses_bad_arguments_without_a_traceback(tmp_path):
     result = run(["-m", "bench.async_client", "--rounds", "0"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_client_threads_bench_measures_each_way_with_right_answers(tmp_path, subprocess_env):
+    # bench/client_threads.py checks every answer of every way.
+    result = run(["-m", "bench.client_threads", "--jobs", "300", "--rounds", "1", "--no-gc"], tmp_path, subprocess_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("garbage collector off"), result.stdout
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["map", "submit", "submit_many"], result.stdout
+    assert all("caller's thread" in line and "I/O thread" in line for line in lines[1:]), result.stdout
+
+
+def test_client_threads_bench_refuses_bad_arguments_without_a_traceback(tmp_path):
+    result = run(["-m", "bench.client_threads", "--jobs", "0"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
