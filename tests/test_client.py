@@ -742,7 +742,7 @@ def test_async_sends_wait_in_order_while_the_socket_is_full():
                 await asyncio.sleep(0.01)  # the pace of a bounded poll; the task must run
             assert not sender.outbox
         finally:
-            sender.close()
+            await sender.close()
             socket.close(0)
             receiver.close(0)
             context.term()
@@ -775,10 +775,56 @@ def test_async_sender_has_the_socket_look_again_after_a_send():
             assert await asyncio.wait_for(polled, 5.0) & zmq.POLLIN
             assert await asyncio.wait_for(socket.recv_multipart(), WAIT) == [b"answer"]
         finally:
-            sender.close()
+            await sender.close()
             socket.close(0)
             router.close(0)
             context.term()
+
+    asyncio.run(asyncio.wait_for(main(), 3 * WAIT))
+
+
+def test_async_map_of_an_async_iterable_ends_when_the_client_closes_meanwhile(tmp_path):
+    """Closed by another task while the map awaits its iterable's next item: the map
+    raises BrokerError("client closed"), it does not submit to a closed client and wait
+    for an answer that cannot come."""
+
+    async def main():
+        client = AsyncClient(f"ipc://{tmp_path}/nobody")  # no broker: nothing is ever answered
+
+        async def payloads():
+            await asyncio.sleep(0.2)  # the next item comes slowly (a stream)
+            for i in range(5):
+                yield b"%d" % i
+
+        async def consume():
+            return [answer async for answer in client.map(payloads())]
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        await client.close()
+        with pytest.raises(BrokerError, match="client closed"):
+            await asyncio.wait_for(task, WAIT)
+
+    asyncio.run(asyncio.wait_for(main(), 3 * WAIT))
+
+
+def test_async_client_closed_by_a_failed_reader_still_releases_its_sockets(tmp_path):
+    """The reader task, failing, closes the client for its callers (pending futures get
+    BrokerError); close() afterwards must still close the sockets."""
+
+    async def main():
+        client = AsyncClient(f"ipc://{tmp_path}/nobody", check_interval=0.05)
+
+        def broken_tick():
+            raise RuntimeError("a bug in the book")
+
+        client._book.tick = broken_tick
+        future = client.submit(b"x")
+        with pytest.raises(BrokerError, match="client closed"):
+            await asyncio.wait_for(future, WAIT)
+        assert client.closed
+        await client.close()
+        assert all(socket.closed for socket in client._sockets)
 
     asyncio.run(asyncio.wait_for(main(), 3 * WAIT))
 

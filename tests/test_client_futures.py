@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import subprocess
+import sys
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -126,3 +129,81 @@ def test_one_object_for_the_collector_where_a_plain_future_makes_many():
 
     assert tracked_per_future(RequestFuture) <= 1.5
     assert tracked_per_future(concurrent.futures.Future) >= 5  # what it saves, on this Python
+
+
+def test_a_failed_result_read_leaves_no_cycle_for_the_collector():
+    # As Future's: the raise's frame must not hold the future (future -> exception ->
+    # traceback -> frame -> future), or each failed future waits for a collection.
+    gc.collect()
+    gc.disable()
+    try:
+        future = RequestFuture()
+        future.set_exception(ValueError("x"))
+        with pytest.raises(ValueError):
+            future.result()
+        alive = weakref.ref(future)
+        del future
+        assert alive() is None  # freed by its count, no collection needed
+    finally:
+        gc.enable()
+
+
+FINALIZER_IN_A_PASS = """
+import gc, sys
+from fastbroker.client.futures import RequestFuture
+
+class Handle:
+    # In a cycle: freed by a pass of the collector, whose finalizer cancels a future.
+    def __init__(self, future):
+        self.future, self.me = future, self
+
+    def __del__(self):
+        self.future.cancel()
+
+for k in range(1, 17):  # the pass starts at each allocation in turn
+    victim = RequestFuture()
+    gc.collect()
+    gc.disable()
+    Handle(RequestFuture())
+    gc.set_threshold(gc.get_count()[0] + k)
+    gc.enable()
+    victim.add_done_callback(lambda f: None)  # makes the victim's Condition
+    gc.disable()
+gc.set_threshold(700)
+gc.enable()
+print("done")
+"""
+
+
+def test_a_collector_pass_while_a_condition_is_made_does_not_deadlock(tmp_path):
+    """A pass of the garbage collector can start at any allocation, and its finalizers
+    can use futures: one starting while a future's Condition is being made, whose
+    finalizer cancels another future, must not wait for the lock held by its own thread
+    (11 of these 16 placements hung when the lock was plain and held over the making)."""
+    script = tmp_path / "finalizer.py"
+    script.write_text(FINALIZER_IN_A_PASS)
+    try:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        pytest.fail("deadlocked: a finalizer waited for the lock its own thread held")
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stdout + result.stderr
+
+
+def test_two_threads_cancelling_at_once_tell_the_client_once():
+    futures = [RequestFuture() for _ in range(20000)]
+    told: list = []
+    for future in futures:
+        future._on_cancel = told.append
+    together = threading.Barrier(2)
+
+    def cancel_each():
+        for future in futures:
+            together.wait(WAIT)  # both threads cancel the same future at the same moment
+            assert future.cancel()
+
+    threads = [threading.Thread(target=cancel_each) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(3 * WAIT)
+    assert len(told) == len(futures)  # each told once, by the call that cancelled it

@@ -164,15 +164,22 @@ class _Sender:
                     self.outbox.popleft()
                 self.notice_events()
         except zmq.ZMQError as exc:
-            log.debug("send failed: %s", exc)
+            # The socket is gone (closed, its context ended): none of these can go.
+            log.debug("send failed: %s; %d message(s) not sent", exc, len(self.outbox))
+            self.outbox.clear()
         finally:
             self.draining = None
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """What is still waiting for room is not sent (as pyzmq's queued sends at close)."""
-        if self.draining is not None:
-            self.draining.cancel()
+        draining = self.draining
         self.outbox.clear()
+        if draining is not None:
+            draining.cancel()
+            try:
+                await draining
+            except asyncio.CancelledError:
+                pass
 
 
 class AsyncClient(RequestDefaults):
@@ -231,6 +238,7 @@ class AsyncClient(RequestDefaults):
         self._book, self._books = self._new_books(sends, _deliver, failover, self._flush_soon)
         self._reader: Optional[asyncio.Task] = None
         self._closed = False
+        self._released = False  # close() has closed the sockets (the reader may close the client before)
 
     # -- the API -------------------------------------------------------------------------
 
@@ -448,6 +456,8 @@ class AsyncClient(RequestDefaults):
                         except (StopIteration, StopAsyncIteration):
                             exhausted = True
                             break
+                        if self._closed:  # meanwhile (an async iterable's await)
+                            raise BrokerError("client closed")
                         frames, multipart = payload_frames(payload)
                         slot = _MapSlot(new_request_id())
                         book.submit(slot.request_id, submit_message(slot.request_id, options, frames), slot, multipart)
@@ -474,9 +484,9 @@ class AsyncClient(RequestDefaults):
 
     async def close(self) -> None:
         """Stop the reader task; futures still pending fail with BrokerError("client closed")."""
-        if self._closed:
+        if self._released:
             return
-        self._closed = True
+        self._closed = self._released = True
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -485,7 +495,7 @@ class AsyncClient(RequestDefaults):
                 pass
         self._book.fail_all(BrokerError("client closed"))
         for sender in self._senders:
-            sender.close()
+            await sender.close()
         for socket in self._sockets:
             socket.close(Client.linger_ms)
         if self._own_context:

@@ -15,6 +15,10 @@ Every method of Future that uses the Condition reaches it through ``_condition``
 property here, so they all keep working unchanged. ``_MADE`` (one lock for all these
 futures) makes the Condition appear, and the outcome set without one, one at a time:
 whoever finds no Condition under it knows that nobody waits and no callback waits.
+Nothing is allocated while it is held (the Condition and lists are made before, the
+attributes they go to exist from the start): an allocation can start a pass of the
+collector, whose finalizers may use another of these futures; and it is reentrant for
+what is left (a signal handler's Python code runs between any two instructions).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from concurrent.futures._base import (  # the states Future's own methods compar
     PENDING,
     RUNNING,
 )
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
-_MADE = threading.Lock()
+_MADE = threading.RLock()
 _OVER = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
@@ -44,32 +48,44 @@ class RequestFuture(concurrent.futures.Future):
     request_id: bytes
     _on_cancel: Optional[Callable[[RequestFuture], None]] = None
     # Until the Condition is made: nothing waits, nothing to call back (see the module).
-    _waiters: Any = ()
-    _done_callbacks: Any = ()
+    _waiters: Any
+    _done_callbacks: Any
 
     def __init__(self) -> None:  # Future.__init__ without its Condition
         self._made: Optional[threading.Condition] = None
         self._state = PENDING
         self._result: Any = None
         self._exception: Optional[BaseException] = None
+        # Set here, so that replacing them under _MADE allocates nothing.
+        self._waiters = ()
+        self._done_callbacks = ()
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         made = self._made
         if made is None:
+            # Made before the lock (see the module).
+            condition = threading.Condition()
+            waiters: List[Any] = []
+            callbacks: List[Any] = []
             with _MADE:
                 if self._made is None:
-                    self._waiters = []
-                    self._done_callbacks = []
-                    self._made = threading.Condition()
+                    self._waiters = waiters
+                    self._done_callbacks = callbacks
+                    self._made = condition
                 made = self._made
         return made
 
     def cancel(self) -> bool:
-        if self.cancelled():
-            return True  # as Future's, without telling the client again
-        if not super().cancel():
-            return False
+        """Future.cancel(), and the client told once, by the call that cancelled it."""
+        with self._condition:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            self._state = CANCELLED
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         if self._on_cancel is not None:
             self._on_cancel(self)
         return True
@@ -88,7 +104,12 @@ class RequestFuture(concurrent.futures.Future):
     def result(self, timeout: Optional[float] = None) -> Any:
         if self._state == FINISHED:
             if self._exception is not None:
-                raise self._exception
+                try:
+                    raise self._exception
+                finally:
+                    # As Future's: the traceback's frame must not keep the future alive
+                    # (a cycle through its exception for the collector).
+                    del self
             return self._result
         return super().result(timeout)
 
