@@ -111,9 +111,11 @@ def test_bad_returns_are_dropped_and_counted(make_crig):
 
 
 class Timed(Worker):
-    """Sleeps 5 ms per job and notes (start, end) of each in `spans`."""
+    """Sleeps 5 ms per job and notes (start, end) of each in `spans`, and the thread
+    that ran it in `threads`."""
 
     spans: list = []
+    threads: set = set()
     lock = threading.Lock()
 
     def process(self, data: bytes) -> bytes:
@@ -121,6 +123,7 @@ class Timed(Worker):
         time.sleep(0.005)  # a job long enough for two brokers' TASKs to cross
         with Timed.lock:
             Timed.spans.append((start, time.monotonic()))
+            Timed.threads.add(threading.get_ident())
         return b"-" + data
 
 
@@ -143,6 +146,7 @@ def test_one_credit_for_two_brokers(tmp_path, credit):
     for t in threads:
         t.start()
     Timed.spans = []
+    Timed.threads = set()
     worker = Timed(None, [b.endpoints[1] for b in brokers], credit=credit, heartbeat=0.2)
     wthread = threading.Thread(target=worker.run, name="worker")
     wthread.start()
@@ -154,6 +158,9 @@ def test_one_credit_for_two_brokers(tmp_path, credit):
         answered = [b.stats()["answered"] for b in brokers]
         assert sum(answered) == 200 and min(answered) > 0, answered
         assert most_at_once(Timed.spans) <= credit
+        # One pool of job threads for every broker (one loop, one job table): with
+        # credit 1, process() is only ever called from one thread.
+        assert len(Timed.threads) <= credit, Timed.threads
         stats = worker.stats
         assert stats.received == 200 + 0 and stats.answered == 200
         returned = sum(b.stats()["returned"] for b in brokers)

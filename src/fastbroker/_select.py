@@ -87,7 +87,7 @@ def twin(what: str) -> tuple[ModuleType, str]:
 
 
 def worker_session() -> tuple[ModuleType, str]:
-    """The worker's session module (its ``Session`` and ``CreditGate``) and its name."""
+    """The worker's session module (its ``open_sessions`` and ``Session``) and its name."""
     return twin("worker session")
 
 

@@ -863,7 +863,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{given}: only for fastbroker.Worker subclasses; {args.worker_class} is a ReqWorker")
         # Both classes take the key files through configure().
         # A Worker serves every broker of the list from each process (one credit for
-        # all: CreditGate); a ReqWorker speaks to one broker, so process i takes broker i mod N.
+        # all); a ReqWorker speaks to one broker, so process i takes broker i mod N.
         requests: Union[str, List[str]] = brokers if issubclass(cls, ReqWorker) else ",".join(brokers)
         return run_pool(cls, requests, answers, args.processes, {**options, **curve}, args.cpu_affinity)
     except ConfigError as exc:

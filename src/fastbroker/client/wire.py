@@ -7,12 +7,13 @@ alone; every frame is bytes.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List
 
 import zmq
 
+from fastbroker._common import send_message as send_message  # the twins share the name
+
 _NOBLOCK = zmq.NOBLOCK
-_NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 
 
 def recv_messages(socket: zmq.Socket, limit: int) -> List[List[bytes]]:
@@ -32,17 +33,3 @@ def recv_messages(socket: zmq.Socket, limit: int) -> List[List[bytes]]:
             frames.append(frame.bytes)
         messages.append(frames)
     return messages
-
-
-def send_message(socket: zmq.Socket, frames: Sequence[bytes]) -> bool:
-    """Send the message without blocking; False if the socket's queue is full (nothing
-    sent: libzmq counts whole messages against the high-water mark, so only the first
-    frame can meet it)."""
-    send = socket.send
-    try:
-        for i in range(len(frames) - 1):
-            send(frames[i], _NOBLOCK_MORE)
-        send(frames[-1], _NOBLOCK)
-    except zmq.Again:
-        return False
-    return True

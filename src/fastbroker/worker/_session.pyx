@@ -17,8 +17,8 @@ Session, which stays the twin (FASTBROKER_PURE=1) and is run by the same tests.
 """
 
 from libc.stdint cimport uint8_t
-from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, memcmp, memmove, memset
+from libc.stdlib cimport calloc, malloc, realloc, free
+from libc.string cimport memcpy, memcmp, memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.unistd cimport read, write
 from cpython.buffer cimport PyBuffer_FillInfo
@@ -190,34 +190,47 @@ cdef inline double _now() noexcept nogil:
 # The parts, in dependency order (each only uses the ones above it).
 include "compiled/zero_copy.pxi"
 include "compiled/rings.pxi"
-include "compiled/credit_gate.pxi"
+include "compiled/link.pxi"
+
+
+def open_sessions(worker):
+    """The sessions of one Worker.run(): one, whatever the number of brokers (a Link
+    each, one loop, one job table, one pool of job threads)."""
+    return [Session(worker)]
 
 
 cdef class Session:
-    """Runs one worker's loop until it has stopped and hung up: its connection to one
-    broker (a worker given several runs one Session per broker, sharing a CreditGate).
-    The same constructor and methods as the pure Session."""
+    """Runs one worker's loop until it has stopped and hung up: its connections to its
+    brokers (a Link each, compiled/link.pxi), one job table and one pool of job threads
+    for all of them, the credit exact across them. The pure twin runs a Session per
+    broker instead; the same methods."""
 
     def __cinit__(self):
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.jobs_waiting, NULL)
         pthread_cond_init(&self.threads_wanted, NULL)
 
-    def __init__(self, worker, address=None, wake_pipe=None, stats=None, gate=None):
+    def __init__(self, worker, addresses=None, wake_pipe=None, stats=None):
         from fastbroker.wakepipe import WakePipe
 
-        self.gate = gate  # a compiled CreditGate, or None
-        self.has_gate = gate is not None
-
+        cdef int i
         self.worker = worker
-        self.address = worker.requests_addr if address is None else address
-        self.address_c = self.address.encode()
-        self.address_ptr = self.address_c
-        self.wake_pipe = worker.wake_pipe if wake_pipe is None else wake_pipe
-        self.stats = worker.stats if stats is None else stats
-        self.result_pipe = WakePipe()  # job threads -> loop; the wake pipe is the worker's (stop, signals)
+        self.addresses = list(worker.brokers if addresses is None else addresses)
+        self.address = ",".join(self.addresses)
+        self.wake_pipe = worker.wake_pipe if wake_pipe is None else wake_pipe  # stop(), signals
+        self.stats = list(worker._link_stats if stats is None else stats)
+        if not self.addresses or len(self.stats) != len(self.addresses):
+            raise ValueError("a Session needs one WorkerStats per broker")
+        self.addresses_c = [address.encode() for address in self.addresses]
+        self.link_count = len(self.addresses)
+        self.links = <Link *>calloc(self.link_count, sizeof(Link))
+        self.poll_items = calloc(2 + self.link_count, sizeof(zpollitem))
+        if self.links == NULL or self.poll_items == NULL:
+            raise MemoryError()
+        for i in range(self.link_count):
+            _link_init(&self.links[i], i, <const char *>(<bytes>self.addresses_c[i]))
         self.wake_fd = self.wake_pipe.read_fd
-        self.wake_write_fd = self.wake_pipe.write_fd
+        self.result_pipe = WakePipe()  # job threads -> loop
         self.result_fd = self.result_pipe.read_fd
         self.result_write_fd = self.result_pipe.write_fd
         self.context = <void *><size_t>worker.context.underlying
@@ -237,14 +250,15 @@ cdef class Session:
         self.linger_ms = worker.linger_ms
         self.credit = worker.credit
         self.prefetch = worker.prefetch
+        # One broker never sends beyond the credit it was told; several may together.
+        self.limit = self.credit + self.prefetch
+        self.has_limit = self.link_count > 1
         self.batched = worker.batched
         self.views_min = -1 if worker.zero_copy_min is None else max(1, worker.zero_copy_min)
         self.batch_max = self.credit + self.prefetch if self.batched else 1
         self.worker_protocol = worker.protocol
-        self.v2 = worker.protocol == 2
-        self.announced = -1
-        self.reconnect_at = -1.0
-        self.quiet_at = -1.0
+        for i in range(self.link_count):
+            self.links[i].v2 = worker.protocol == 2
         self.threads = []
         self.thread_count = 0
         self.closed = False
@@ -258,15 +272,16 @@ cdef class Session:
                     _close_all(self.slots[i].frames, self.slots[i].nframes)
                     free(self.slots[i].frames)
             free(self.slots)
+        if self.links != NULL:
+            for i in range(self.link_count):
+                _link_free(&self.links[i])
+            free(self.links)
+        free(self.poll_items)
+        free(self.blocked.items)
         free(self.free_slots.items)
         free(self.waiting.items)
         free(self.done.items)
         free(self.extends.items)
-        free(self.outbox.items)
-        free(self.unconfirmed.items)
-        free(self.frames)
-        free(self.out)
-        free(self.returns)
         pthread_cond_destroy(&self.jobs_waiting)
         pthread_cond_destroy(&self.threads_wanted)
         pthread_mutex_destroy(&self.lock)
@@ -336,6 +351,7 @@ cdef class Session:
         if cancel_waiting:
             while self.waiting.count:
                 slot = <int>_ring_pop(&self.waiting)
+                self.links[self.slots[slot].link].in_hand -= 1
                 self._free_slot(slot)
                 self.in_hand -= 1
         pthread_cond_broadcast(&self.jobs_waiting)
@@ -350,11 +366,15 @@ cdef class Session:
                 thread.join()
 
     def update_stats(self):
-        """Copy the loop's counters into ``stats`` (a WorkerStats)."""
-        stats = self.stats
-        for i, name in enumerate(STAT_NAMES):
-            setattr(stats, name, self.counters[i])
-        stats.protocol = 0 if not self.counters[N_CONNECTS] else (2 if self.v2 else 1)
+        """Copy each link's counters into its WorkerStats."""
+        cdef int i
+        cdef Link *k
+        for i in range(self.link_count):
+            k = &self.links[i]
+            stats = self.stats[i]
+            for j, name in enumerate(STAT_NAMES):
+                setattr(stats, name, k.counters[j])
+            stats.protocol = 0 if not k.counters[N_CONNECTS] else (2 if k.v2 else 1)
 
     def job_cancelled(self, int number, task_id):
         """Worker.cancelled(): whether the broker cancelled this running job."""
@@ -375,7 +395,6 @@ cdef class Session:
         pthread_mutex_unlock(&self.lock)
         if wake:
             write(self.result_write_fd, &_WAKE_BYTE, 1)
-
     # -- the job threads -----------------------------------------------------------------
 
     def _spawn_threads(self):
@@ -422,7 +441,8 @@ cdef class Session:
             if not log.isEnabledFor(level):
                 continue
             task = (<bytes>records[i].task_id[:16]).hex()
-            log.log(level, "%s", text.format(address=self.address, task=task, a=records[i].a, b=records[i].b))
+            address = self.addresses[records[i].link]
+            log.log(level, "%s", text.format(address=address, task=task, a=records[i].a, b=records[i].b))
         if lost:
             log.warning("%d log line(s) of the session with %s were lost (too many at once)", lost, self.address)
 
@@ -601,60 +621,50 @@ cdef class Session:
 
     cdef int _loop(self) noexcept nogil:
         cdef double now
+        cdef int i
         if not self.stop_requested:
-            if self._open(_now()) < 0:
-                return LOOP_NO_CONTEXT
+            now = _now()
+            for i in range(self.link_count):
+                if _link_open(self, &self.links[i], now) < 0:
+                    self._end()
+                    return LOOP_NO_CONTEXT
         while True:
             now = _now()
             if self.aborting:
-                self._close_socket(0)
-                self._drop_outbox()
+                self._end()
                 return LOOP_ABORTED
             if _out_of_memory:
-                self._close_socket(0)
+                self._end()
                 return LOOP_NO_MEMORY
             if self.terminated:
-                self._close_socket(0)
-                self._drop_outbox()
+                self._end()
                 return LOOP_NO_CONTEXT
             self._collect()
             if self.stop_requested and not self.stopping:
                 self.stopping = 1
-                self._log(L_STOPPING, self.in_hand, 0, NULL)
-            if self.sock == NULL and self.reconnect_at >= 0 and now >= self.reconnect_at:
-                if self._open(now) < 0:
+                self._log(0, L_STOPPING, self.in_hand, 0, NULL)
+            for i in range(self.link_count):
+                if _link_turn(self, &self.links[i], now) < 0:
+                    self._end()
                     return LOOP_NO_CONTEXT
-            if self.sock != NULL:
-                if self.returns_count:
-                    self._give_back(now)
-                if self.unblocked:
-                    # The broker took our credit for full when we gave jobs back.
-                    self.unblocked = 0
-                    self.announced = -1
-                # READY first on a new connection (the broker answers anything else from
-                # an unknown worker with DISCONNECT) and READY(0) before the last answers.
-                if self.stopping or self.announced < 0:
-                    self._announce_credit(now)
-                self._flush(now)
-                self._announce_credit(now)
-                self._offer_v2(now)
-                if now - self.last_heard > self.silence:
-                    self._lose(now)
-                elif now >= self.next_heartbeat:
-                    self._send_small(now, self._signature(), CMD_HEARTBEAT, NULL, 0)
-                    self.counters[N_HEARTBEATS_SENT] += 1
-                    self.next_heartbeat = now + self.heartbeat
             if self.stopping and self._finished(now):
-                self._hang_up()
+                for i in range(self.link_count):
+                    _link_hang_up(self, &self.links[i])
                 return LOOP_STOPPED
             self._poll(now)
 
-    cdef const char *_signature(self) noexcept nogil:
-        return WORKER_SIGNATURE_V2 if self.v2 else WORKER_SIGNATURE
+    cdef void _end(self) noexcept nogil:
+        """The loop ends without hanging up: every socket closed at once, what was left
+        to send dropped (the brokers re-queue what this worker held when they see it gone)."""
+        cdef int i
+        for i in range(self.link_count):
+            _link_close_socket(&self.links[i], 0)
+            _link_drop_outbox(self, &self.links[i])
 
-    cdef void _log(self, int what, double a, double b, const uint8_t *task_id) noexcept nogil:
-        """Queue a log line for the spawner thread to write (the loop never takes the
-        GIL); without the lock held. Lines beyond LOG_QUEUE waiting are counted, not kept."""
+    cdef void _log(self, int link, int what, double a, double b, const uint8_t *task_id) noexcept nogil:
+        """Queue a log line about `link` for the spawner thread to write (the loop never
+        takes the GIL); without the lock held. Lines beyond LOG_QUEUE waiting are
+        counted, not kept."""
         cdef LogRecord *record
         pthread_mutex_lock(&self.lock)
         if self.log_count == LOG_QUEUE:
@@ -662,6 +672,7 @@ cdef class Session:
         else:
             record = &self.logs[self.log_count]
             record.what = what
+            record.link = link
             record.a = a
             record.b = b
             if task_id != NULL:
@@ -671,28 +682,32 @@ cdef class Session:
         pthread_mutex_unlock(&self.lock)
 
     cdef void _poll(self, double now) noexcept nogil:
-        cdef zpollitem items[3]
-        cdef int n = 2, rc
-        cdef double due = -1.0, wait
+        """Wait for a wake-up, an outcome, a message from any broker (or room to send to
+        one with something waiting) or the next timer, and read what came."""
+        cdef zpollitem *items = <zpollitem *>self.poll_items
+        cdef int n = 0, i, rc, links_at
+        cdef double due = -1.0, wait, when
         cdef long timeout
-        items[0].socket = NULL
-        items[0].fd = self.wake_fd
-        items[0].events = ZPOLLIN
-        items[1].socket = NULL
-        items[1].fd = self.result_fd
-        items[1].events = ZPOLLIN
-        if self.sock != NULL:
-            items[2].socket = self.sock
-            items[2].fd = 0
-            items[2].events = ZPOLLIN | (ZPOLLOUT if self.outbox.count else 0)
-            n = 3
-            due = self.next_heartbeat
-            if self.last_heard + self.silence < due:
-                due = self.last_heard + self.silence
-        elif self.reconnect_at >= 0:
-            due = self.reconnect_at
-        if self.quiet_at >= 0 and now < self.quiet_at and (due < 0 or self.quiet_at < due):
-            due = self.quiet_at
+        cdef Link *k
+        items[n].socket = NULL
+        items[n].fd = self.wake_fd
+        items[n].events = ZPOLLIN
+        n += 1
+        items[n].socket = NULL
+        items[n].fd = self.result_fd
+        items[n].events = ZPOLLIN
+        n += 1
+        links_at = n
+        for i in range(self.link_count):
+            k = &self.links[i]
+            when = _link_due(self, k, now)
+            if when >= 0 and (due < 0 or when < due):
+                due = when
+            if k.sock != NULL:
+                items[n].socket = k.sock
+                items[n].fd = i  # the link's number: zmq_poll ignores fd when socket is set
+                items[n].events = ZPOLLIN | (ZPOLLOUT if k.outbox.count else 0)
+                n += 1
         wait = due - now if due >= 0 else self.heartbeat
         pthread_mutex_lock(&self.lock)
         if self.waiting.count and wait > BACKLOG_POLL:
@@ -709,12 +724,12 @@ cdef class Session:
             self.terminated = 1  # the context was terminated under us: the loop ends
         if rc <= 0:
             return  # nothing, or EINTR
-        if items[0].revents:
-            self._drain(self.wake_fd)
-        if items[1].revents:
-            self._drain(self.result_fd)
-        if n == 3 and items[2].revents & ZPOLLIN:
-            self._receive()
+        for i in range(links_at):
+            if items[i].revents:
+                self._drain(items[i].fd)
+        for i in range(links_at, n):
+            if items[i].revents & ZPOLLIN:
+                _link_receive(self, &self.links[items[i].fd])
 
     cdef void _drain(self, int fd) noexcept nogil:
         cdef char buffer[4096]
@@ -724,413 +739,27 @@ cdef class Session:
                 return
 
     cdef int _finished(self, double now) noexcept nogil:
-        """A stopping worker may hang up: no job in hand, no answer to send, and the
-        grace for jobs racing READY(0) has passed."""
+        """A stopping worker may hang up: no job in hand, and nothing left to send to
+        any broker (see _link_finished)."""
+        cdef int i
         if self.in_hand:
             return 0
-        if self.sock == NULL:
-            return 1
-        return self.outbox.count == 0 and (self.quiet_at < 0 or now >= self.quiet_at)
-
-    # -- the connection --------------------------------------------------------------------
-
-    cdef int _open(self, double now) noexcept nogil:
-        cdef int zero = 0
-        self.sock = zsocket(self.context, _DEALER)
-        if self.sock == NULL:
-            return -1
-        self.generation += 1
-        self.orphans = self.in_hand
-        # Abandoning a connection must not wait for it; the last close sets its own linger.
-        zsetsockopt(self.sock, _LINGER, &zero, sizeof(int))
-        if self.has_curve:
-            zsetsockopt(self.sock, _CURVE_SECRETKEY, self.curve_secret_c, self.curve_sizes[0])
-            zsetsockopt(self.sock, _CURVE_PUBLICKEY, self.curve_public_c, self.curve_sizes[1])
-            zsetsockopt(self.sock, _CURVE_SERVERKEY, self.curve_server_c, self.curve_sizes[2])
-        zconnect(self.sock, self.address_ptr)  # checked by Worker() already
-        self.heard = 0
-        self.offered_v2 = 0
-        self.last_heard = now  # the broker gets `silence` seconds to speak first
-        self.next_heartbeat = now + self.heartbeat
-        self.announced = -1
-        self.reconnect_at = -1.0
-        self.counters[N_CONNECTS] += 1
-        if self.counters[N_CONNECTS] > 1:
-            self.counters[N_RECONNECTS] += 1
-        self._log(L_CONNECTING, self.generation, 0, NULL)
-        return 0
-
-    cdef void _close_socket(self, int linger_ms) noexcept nogil:
-        if self.sock != NULL:
-            zsetsockopt(self.sock, _LINGER, &linger_ms, sizeof(int))
-            zclose(self.sock)
-            self.sock = NULL
-
-    cdef void _register_again(self) noexcept nogil:
-        """DISCONNECT: the broker does not know this worker. Register again with READY
-        on the same socket (see the pure Session); the jobs in hand become orphans."""
-        self.generation += 1
-        self.orphans = self.in_hand
-        self.announced = -1
-        self._confirm()
-        self._log(L_REGISTERING, 0, 0, NULL)
-
-    cdef void _lose(self, double now) noexcept nogil:
-        """Drop the connection and schedule the next: at once after one loss, then
-        heartbeat/2 doubling up to reconnect_max while the broker stays silent."""
-        cdef double delay = 0.0, silent = now - self.last_heard
-        cdef int i, slot
-        self._close_socket(0)
-        # ANSWERs not confirmed may have been discarded with the socket's queue.
-        i = self.unconfirmed.count - 1
-        while i >= 0:
-            slot = <int>_ring_at(&self.unconfirmed, i)
-            self.slots[slot].state = S_OUTBOX
-            _ring_push_front(&self.outbox, slot)
-            i -= 1
-        self.unconfirmed.count = 0
-        if self.failures:
-            delay = self.heartbeat / 2 * (1 << min(self.failures - 1, 30))
-            if delay > self.reconnect_max:
-                delay = self.reconnect_max
-        self.failures += 1
-        self.reconnect_at = now + delay
-        self._log(L_RECONNECTING, delay, silent, NULL)
-        if not self.heard and self.worker_protocol == 2:
-            # Perhaps the broker does not know FBW02: the next connection tries the other.
-            self._use_protocol(not self.v2)
-            self._log(L_TRYING_V2 if self.v2 else L_TRYING_V1, 0, 0, NULL)
-
-    cdef void _use_protocol(self, int v2) noexcept nogil:
-        # The outbox holds outcomes, not messages: they are written in the protocol of the
-        # moment they are sent.
-        self.v2 = v2
-
-    cdef void _hang_up(self) noexcept nogil:
-        """The end of a graceful stop: deliver what is left, say DISCONNECT, close."""
-        cdef int i, answers = 0, dropped
-        cdef double now
-        for i in range(self.outbox.count):
-            if self.slots[<int>_ring_at(&self.outbox, i)].kind == K_ANSWER:
-                answers = 1
-        if self.sock == NULL and answers:
-            # Answers finished while away: one last connection to deliver them.
-            self._open(_now())
-        if self.sock == NULL:
-            self._drop_outbox()
-            self._log(L_STOPPED_AWAY, 0, 0, NULL)
-            return
-        now = _now()
-        self._announce_credit(now)
-        self._flush(now)
-        dropped = self.outbox.count
-        self._send_small(now, self._signature(), CMD_DISCONNECT, NULL, 0)
-        # Bounded: a vanished broker must not keep the process alive.
-        self._close_socket(self.linger_ms)
-        self._drop_outbox()
-        if dropped:
-            self._log(L_DROPPED, dropped, 0, NULL)
-        self._log(L_DISCONNECTED, 0, 0, NULL)
-
-    cdef void _announce_credit(self, double now) noexcept nogil:
-        """READY when the credit the broker should use changes (see the pure Session)."""
-        cdef int credit = 0
-        cdef uint8_t body[4]
-        if not self.stopping:
-            credit = self.credit + self.prefetch - self.orphans
-            if credit < 0:
-                credit = 0
-        if credit == self.announced:
-            return
-        body[0] = (credit >> 24) & 0xFF
-        body[1] = (credit >> 16) & 0xFF
-        body[2] = (credit >> 8) & 0xFF
-        body[3] = credit & 0xFF
-        if self._send_small(now, self._signature(), CMD_READY, body, 4):
-            self.announced = credit
-            if self.stopping and self.quiet_at < 0:
-                self.quiet_at = now + self.stop_grace
-
-    cdef void _offer_v2(self, double now) noexcept nogil:
-        """On an FBW01 connection of an FBW02 worker: offer FBW02 once (see the pure Session)."""
-        cdef uint8_t body[4]
-        if self.v2 or self.worker_protocol != 2 or self.offered_v2 or self.stopping:
-            return
-        if not self.heard or self.announced <= 0:
-            return
-        body[0] = (self.announced >> 24) & 0xFF
-        body[1] = (self.announced >> 16) & 0xFF
-        body[2] = (self.announced >> 8) & 0xFF
-        body[3] = self.announced & 0xFF
-        if self._send_small(now, WORKER_SIGNATURE_V2, CMD_READY, body, 4):
-            self.offered_v2 = 1
-
-    # -- sending ---------------------------------------------------------------------------
-
-    cdef int _out_room(self, int n) noexcept nogil:
-        cdef zmsg *grown
-        global _out_of_memory
-        if n <= self.out_cap:
-            return 0
-        grown = <zmsg *>realloc(self.out, n * sizeof(zmsg))
-        if grown == NULL:
-            _out_of_memory = 1
-            return -1
-        self.out = grown
-        self.out_cap = n
-        return 0
-
-    cdef void _out_head(self, const char *signature, int command) noexcept nogil:
-        cdef uint8_t byte = command
-        zmsg_init(&self.out[0])
-        _put_bytes(&self.out[1], signature, SIGNATURE_SIZE)
-        _put_bytes(&self.out[2], &byte, 1)
-
-    cdef int _send_small(self, double now, const char *signature, int command,
-                         const void *body, size_t size) noexcept nogil:
-        """[b"", signature, command] and one body frame of `size` bytes if `body`."""
-        if self._out_room(4) < 0:
-            return 0
-        self._out_head(signature, command)
-        if body == NULL:
-            return self._send_frames(now, 3)
-        _put_bytes(&self.out[3], body, size)
-        return self._send_frames(now, 4)
-
-    cdef int _send_frames(self, double now, int n) noexcept nogil:
-        """Send `out[:n]` without blocking (consuming them); 0 when the socket's queue is
-        full. Only the first frame can meet a full queue (libzmq counts whole messages
-        against the high-water mark), so a message goes whole or not at all."""
-        cdef int i
-        for i in range(n):
-            if zmsg_send(&self.out[i], self.sock, ZDONTWAIT | (ZSNDMORE if i < n - 1 else 0)) < 0:
-                if zerrno() == ZETERM:
-                    self.terminated = 1
-                _close_all(&self.out[i], n - i)
+        for i in range(self.link_count):
+            if not _link_finished(&self.links[i], now):
                 return 0
-        # Any message tells the broker we are alive: the heartbeat can wait.
-        self.next_heartbeat = now + self.heartbeat
         return 1
 
-    cdef void _flush(self, double now) noexcept nogil:
-        cdef int slot
-        cdef Slot *s
-        while self.outbox.count and self.sock != NULL:
-            slot = <int>_ring_at(&self.outbox, 0)
-            s = &self.slots[slot]
-            if s.kind != K_ANSWER and s.generation != self.generation:
-                # The broker re-queues the jobs of a connection it lost; a FAILED on a
-                # new one would count a second try.
-                _ring_pop(&self.outbox)
-                self._lock_free_slot(slot)
-                continue
-            if s.kind == K_ANSWER and self.v2:
-                if not self._flush_answers(now):
-                    return  # full: the poll waits for POLLOUT
-            elif not self._flush_one(now, slot):
-                return
+    # -- the job table: jobs in, outcomes out -----------------------------------------------
 
-    cdef int _flush_answers(self, double now) noexcept nogil:
-        """The ANSWERs at the head of the outbox as one FBW02 ANSWER (at most MAX_BATCH
-        records and MAX_FRAMES frames); they stay in their slots until confirmed."""
-        cdef int k = 0, frames = 4, i, j, at, slot, _
-        cdef Slot *s
-        cdef uint8_t *header
-        global _out_of_memory
-        while k < self.outbox.count and k < MAX_BATCH:
-            s = &self.slots[<int>_ring_at(&self.outbox, k)]
-            if s.kind != K_ANSWER or (k and frames + s.nframes > MAX_FRAMES):
-                break
-            frames += s.nframes
-            k += 1
-        if self._out_room(frames) < 0:
-            return 0
-        self._out_head(WORKER_SIGNATURE_V2, CMD_ANSWER)
-        if zmsg_init_size(&self.out[3], k * ANSWER_RECORD_SIZE) != 0:
-            _close_all(self.out, 3)
-            _out_of_memory = 1
-            return 0
-        header = <uint8_t *>zmsg_data(&self.out[3])
-        at = 4
-        for i in range(k):
-            s = &self.slots[<int>_ring_at(&self.outbox, i)]
-            memcpy(header + i * ANSWER_RECORD_SIZE, s.task_id, 16)
-            header[i * ANSWER_RECORD_SIZE + 16] = R_OK
-            header[i * ANSWER_RECORD_SIZE + 17] = (s.nframes >> 8) & 0xFF
-            header[i * ANSWER_RECORD_SIZE + 18] = s.nframes & 0xFF
-            for j in range(s.nframes):
-                zmsg_init(&self.out[at])
-                zmsg_copy(&self.out[at], &s.frames[j])
-                at += 1
-        if not self._send_frames(now, at):
-            return 0
-        for _ in range(k):
-            slot = <int>_ring_pop(&self.outbox)
-            self.slots[slot].state = S_SENT
-            _ring_push(&self.unconfirmed, slot)
-        return 1
-
-    cdef int _flush_one(self, double now, int slot) noexcept nogil:
-        """One FBW01 ANSWER (kept until confirmed), or a FAILED, EXTEND or RETURN (either
-        protocol): [b"", signature, command, task id, frames...] (RETURN: no task id)."""
-        cdef Slot *s = &self.slots[slot]
-        cdef int first = 3 if s.kind == K_RETURN else 4
-        cdef int n = first + s.nframes, j, command
-        if s.kind == K_ANSWER:
-            command = CMD_ANSWER
-        elif s.kind == K_FAILED:
-            command = CMD_FAILED
-        elif s.kind == K_EXTEND:
-            command = CMD_EXTEND
-        else:
-            command = CMD_RETURN
-        if self._out_room(n) < 0:
-            return 0
-        self._out_head(self._signature(), command)
-        if s.kind != K_RETURN:
-            _put_bytes(&self.out[3], s.task_id, 16)
-        for j in range(s.nframes):
-            zmsg_init(&self.out[first + j])
-            zmsg_copy(&self.out[first + j], &s.frames[j])
-        if not self._send_frames(now, n):
-            return 0
-        _ring_pop(&self.outbox)
-        if s.kind == K_ANSWER:
-            s.state = S_SENT
-            _ring_push(&self.unconfirmed, slot)
-        else:
-            self._lock_free_slot(slot)
-        return 1
-
-    # -- receiving -------------------------------------------------------------------------
-
-    cdef void _receive(self) noexcept nogil:
-        cdef int _, n
-        for _ in range(RECV_BATCH):  # bounded, so results and timers get their turn
-            if self.sock == NULL:
-                return
-            n = self._recv_message()
-            if n < 0:
-                return
-            self._handle(n)
-            _close_all(self.frames, n)
-
-    cdef int _recv_message(self) noexcept nogil:
-        """The next message's frames into `frames`; its frame count, or -1 if none."""
-        cdef int n = 0
-        cdef zmsg *grown
-        global _out_of_memory
-        while True:
-            if n == self.frames_cap:
-                grown = <zmsg *>realloc(self.frames, (self.frames_cap * 2 + 16) * sizeof(zmsg))
-                if grown == NULL:
-                    _out_of_memory = 1
-                    _close_all(self.frames, n)
-                    return -1
-                self.frames = grown
-                self.frames_cap = self.frames_cap * 2 + 16
-            zmsg_init(&self.frames[n])
-            if zmsg_recv(&self.frames[n], self.sock, ZDONTWAIT) < 0:
-                if zerrno() == ZETERM:
-                    self.terminated = 1
-                zmsg_close(&self.frames[n])
-                if n:  # cannot happen: the parts of a message arrive together
-                    _close_all(self.frames, n)
-                return -1
-            n += 1
-            if not zmsg_more(&self.frames[n - 1]):
-                return n
-
-    cdef void _handle(self, int n) noexcept nogil:
-        cdef int command = -1, v2_message
-        cdef const char *signature
-        self.last_heard = _now()
-        self._confirm()
-        if n < 3 or zmsg_size(&self.frames[0]) != 0 or zmsg_size(&self.frames[1]) != SIGNATURE_SIZE:
-            return
-        signature = <const char *>zmsg_data(&self.frames[1])
-        if memcmp(signature, WORKER_SIGNATURE_V2, SIGNATURE_SIZE) == 0:
-            v2_message = 1
-        elif memcmp(signature, WORKER_SIGNATURE, SIGNATURE_SIZE) == 0:
-            v2_message = 0
-        else:
-            return
-        if zmsg_size(&self.frames[2]) == 1:
-            command = (<uint8_t *>zmsg_data(&self.frames[2]))[0]
-        if v2_message and not self.v2:
-            self._log(L_SPEAKS_V2, 0, 0, NULL)
-            self._use_protocol(1)
-        if command == CMD_DISCONNECT:
-            self.counters[N_DISCONNECTS] += 1
-            self._register_again()
-            return
-        if not self.heard:
-            # Not on DISCONNECT: a broker that keeps refusing us must meet the back-off.
-            self.heard = 1
-            self.failures = 0
-            self._log(L_CONNECTED, 0, 0, NULL)
-        if command == CMD_TASK and v2_message:
-            self._start_jobs(n)
-        elif command == CMD_TASK:
-            if n < 4 or zmsg_size(&self.frames[3]) != 16:
-                self.counters[N_IGNORED] += 1
-                self._log(L_TASK_NO_ID, 0, 0, NULL)
-                return
-            pthread_mutex_lock(&self.lock)
-            self._start_job(<const uint8_t *>zmsg_data(&self.frames[3]), 4, n - 4)
-            pthread_mutex_unlock(&self.lock)
-        elif command == CMD_CANCEL:
-            self._cancel(n)
-        elif command != CMD_HEARTBEAT:
-            self.counters[N_IGNORED] += 1
-
-    cdef void _start_jobs(self, int n) noexcept nogil:
-        """An FBW02 TASK: [b"", signature, TASK, payload frames..., header]; the header
-        checked whole before any job starts."""
-        cdef int body = n - 4, records, i, at = 3, count
-        cdef const uint8_t *header
-        cdef size_t size = zmsg_size(&self.frames[n - 1]) if n > 3 else 0
-        if n < 4 or size == 0 or size % TASK_RECORD_SIZE or size // TASK_RECORD_SIZE > MAX_BATCH:
-            self.counters[N_IGNORED] += 1
-            self._log(L_BAD_TASK, n - 3, 0, NULL)
-            return
-        header = <const uint8_t *>zmsg_data(&self.frames[n - 1])
-        records = size // TASK_RECORD_SIZE
-        count = 0
-        for i in range(records):
-            at = (header[i * TASK_RECORD_SIZE + 16] << 8) | header[i * TASK_RECORD_SIZE + 17]
-            count += at
-            if at == 0 or count > body:  # checked as it goes: the sum never overflows
-                break
-        if count != body or at == 0:
-            self.counters[N_IGNORED] += 1
-            self._log(L_BAD_TASK, n - 3, 0, NULL)
-            return
-        at = 3
-        pthread_mutex_lock(&self.lock)
-        for i in range(records):
-            count = (header[i * TASK_RECORD_SIZE + 16] << 8) | header[i * TASK_RECORD_SIZE + 17]
-            self._start_job(header + i * TASK_RECORD_SIZE, at, count)
-            at += count
-        pthread_mutex_unlock(&self.lock)
-
-    cdef void _start_job(self, const uint8_t *task_id, int first, int count) noexcept nogil:
-        """With the lock: a job for the threads, its payload moved from `frames`."""
+    cdef void _start_job(self, Link *k, const uint8_t *task_id, int first, int count) noexcept nogil:
+        """With the lock: a job from `k` for the threads, its payload moved from the
+        link's received frames; given back (RETURN) if the credit is full."""
         cdef int slot, i
         cdef Slot *s
-        cdef uint8_t *grown
         global _out_of_memory
-        if self.has_gate and not self.gate.take():
+        if self.has_limit and self.in_hand >= self.limit:
             # Another broker filled the credit meanwhile: this one gets the job back.
-            if self.returns_count == self.returns_cap:
-                grown = <uint8_t *>realloc(self.returns, (self.returns_cap * 2 + 16) * 16)
-                if grown == NULL:
-                    _out_of_memory = 1
-                    return
-                self.returns = grown
-                self.returns_cap = self.returns_cap * 2 + 16
-            memcpy(self.returns + self.returns_count * 16, task_id, 16)
-            self.returns_count += 1
+            _link_hold_back(k, task_id)
             return
         slot = self._new_slot()
         if slot < 0:
@@ -1143,15 +772,17 @@ cdef class Session:
             return
         for i in range(count):
             zmsg_init(&s.frames[i])
-            zmsg_move(&s.frames[i], &self.frames[first + i])
+            zmsg_move(&s.frames[i], &k.frames[first + i])
         s.nframes = count
         memcpy(s.task_id, task_id, 16)
         s.state = S_WAITING
         s.kind = K_ANSWER
-        s.generation = self.generation
+        s.link = k.index
+        s.generation = k.generation
         s.cancelled = 0
         self.in_hand += 1
-        self.counters[N_RECEIVED] += 1
+        k.in_hand += 1
+        k.counters[N_RECEIVED] += 1
         _ring_push(&self.waiting, slot)
         if self.waiting.count == 1 and self.idle_threads:
             # One idle thread is woken for jobs that come together; it wakes the next
@@ -1166,41 +797,35 @@ cdef class Session:
             self.spawn_wanted += 1
             pthread_cond_signal(&self.threads_wanted)
 
-    cdef void _cancel(self, int n) noexcept nogil:
-        """CANCEL from the broker: a job no thread has taken is withdrawn and FAILED at
+    cdef void _cancel(self, Link *k, const uint8_t *task_id) noexcept nogil:
+        """CANCEL from `k`'s broker: a job no thread has taken is withdrawn and FAILED at
         once; a running one is marked (Worker.cancelled()) and answered when it returns."""
-        cdef const uint8_t *task_id
         cdef int slot, running = 0, withdrawn = 0
         global _out_of_memory
         cdef Slot *s
-        if n != 4:
-            self.counters[N_IGNORED] += 1
-            return
-        if zmsg_size(&self.frames[3]) != 16:
-            return  # not an id this worker was given
-        task_id = <const uint8_t *>zmsg_data(&self.frames[3])
         pthread_mutex_lock(&self.lock)
         for slot in range(self.slots_cap):
             s = &self.slots[slot]
-            if s.state < S_WAITING or s.state > S_DONE or memcmp(s.task_id, task_id, 16) != 0:
+            if s.state < S_WAITING or s.state > S_DONE or s.link != k.index or memcmp(s.task_id, task_id, 16) != 0:
                 continue
-            self.counters[N_CANCELLED] += 1
+            k.counters[N_CANCELLED] += 1
             if s.state != S_WAITING:
                 s.cancelled = 1
                 running += 1
                 continue
-            self.counters[N_CANCELLED_UNSTARTED] += 1
+            k.counters[N_CANCELLED_UNSTARTED] += 1
             withdrawn += 1
             _ring_remove(&self.waiting, slot)
             _close_all(s.frames, s.nframes)
             s.nframes = 0
             self.in_hand -= 1
-            if self.has_gate:
-                self.gate.give()
-            if s.generation != self.generation:
-                self.orphans -= 1
+            k.in_hand -= 1
+            if self.has_limit:
+                self._room_made()
+            if s.generation != k.generation:
+                k.orphans -= 1
             # As for any FAILED, only on the connection the job came on.
-            if s.generation != self.generation or self.sock == NULL:
+            if s.generation != k.generation or k.sock == NULL:
                 self._free_slot(slot)
                 continue
             free(s.frames)
@@ -1215,58 +840,21 @@ cdef class Session:
             _put_bytes(&s.frames[1], _CANCELLED_TEXT, _CANCELLED_TEXT_SIZE)
             s.kind = K_FAILED
             s.state = S_OUTBOX
-            _ring_push(&self.outbox, slot)
+            _ring_push(&k.outbox, slot)
         pthread_mutex_unlock(&self.lock)
         if running:
-            self._log(L_CANCEL_RUNNING, 0, 0, task_id)
+            self._log(k.index, L_CANCEL_RUNNING, 0, 0, task_id)
         if withdrawn:
-            self._log(L_CANCEL_WAITING, 0, 0, task_id)
-
-    cdef void _confirm(self) noexcept nogil:
-        """The broker spoke: the ANSWERs sent before have reached it."""
-        if not self.unconfirmed.count:
-            return
-        pthread_mutex_lock(&self.lock)
-        while self.unconfirmed.count:
-            self._free_slot(<int>_ring_pop(&self.unconfirmed))
-        pthread_mutex_unlock(&self.lock)
-
-    cdef void _give_back(self, double now) noexcept nogil:
-        """RETURN the jobs that came beyond the credit (several brokers), then wait for
-        room (CreditGate.block) before offering the credit to this broker again."""
-        cdef int slot, i, n = self.returns_count
-        cdef Slot *s
-        global _out_of_memory
-        self.returns_count = 0
-        self.counters[N_RETURNED] += n
-        pthread_mutex_lock(&self.lock)
-        slot = self._new_slot()
-        if slot >= 0:
-            s = &self.slots[slot]
-            s.frames = <zmsg *>malloc(n * sizeof(zmsg))
-            if s.frames == NULL:
-                _out_of_memory = 1
-                self._free_slot(slot)
-            else:
-                for i in range(n):
-                    _put_bytes(&s.frames[i], self.returns + i * 16, 16)
-                s.nframes = n
-                s.kind = K_RETURN
-                s.generation = self.generation
-                s.state = S_OUTBOX
-                _ring_push(&self.outbox, slot)
-        pthread_mutex_unlock(&self.lock)
-        self._flush(now)
-        self.gate.block(&self.unblocked, self.wake_write_fd)
-
-    # -- outcomes ----------------------------------------------------------------------------
+            self._log(k.index, L_CANCEL_WAITING, 0, 0, task_id)
 
     cdef void _collect(self) noexcept nogil:
-        """Take the outcomes and EXTENDs the job threads put back since the last turn."""
+        """Take the outcomes and EXTENDs the job threads put back since the last turn,
+        into the outbox of the link each job came from."""
         cdef int slot, number
         cdef long long item
         cdef Slot *s
         cdef Slot *job
+        cdef Link *k
         global _out_of_memory
         cdef uint8_t ms[4]
         pthread_mutex_lock(&self.lock)
@@ -1275,20 +863,22 @@ cdef class Session:
         while self.done.count:
             slot = <int>_ring_pop(&self.done)
             s = &self.slots[slot]
+            k = &self.links[s.link]
             self.in_hand -= 1
-            if self.has_gate:
-                self.gate.give()
-            if s.generation != self.generation:
-                self.orphans -= 1
+            k.in_hand -= 1
+            if self.has_limit:
+                self._room_made()
+            if s.generation != k.generation:
+                k.orphans -= 1
             if s.kind == K_ANSWER:
-                self.counters[N_ANSWERED] += 1
+                k.counters[N_ANSWERED] += 1
                 s.state = S_OUTBOX
-                _ring_push(&self.outbox, slot)
+                _ring_push(&k.outbox, slot)
                 continue
-            self.counters[N_FAILED] += 1
-            if s.generation == self.generation and self.sock != NULL:
+            k.counters[N_FAILED] += 1
+            if s.generation == k.generation and k.sock != NULL:
                 s.state = S_OUTBOX
-                _ring_push(&self.outbox, slot)
+                _ring_push(&k.outbox, slot)
             else:  # the broker re-queues the jobs of a connection it lost
                 self._free_slot(slot)
         while self.extends.count:
@@ -1302,6 +892,7 @@ cdef class Session:
             job = &self.slots[number]
             s = &self.slots[slot]
             memcpy(s.task_id, job.task_id, 16)
+            s.link = job.link
             s.generation = job.generation
             s.kind = K_EXTEND
             s.state = S_OUTBOX
@@ -1316,8 +907,29 @@ cdef class Session:
             ms[2] = (item >> 8) & 0xFF
             ms[3] = item & 0xFF
             _put_bytes(&s.frames[0], ms, 4)
-            _ring_push(&self.outbox, slot)
+            _ring_push(&self.links[s.link].outbox, slot)
         pthread_mutex_unlock(&self.lock)
+
+    # -- the credit across several brokers ----------------------------------------------------
+
+    cdef void _wait_for_room(self, Link *k) noexcept nogil:
+        """`k` gave jobs back (its broker now takes this worker for full): it offers its
+        credit again when there is room, the links that gave back oldest first, one per
+        job that leaves (waking them all would have them all send, and all but one give
+        back again)."""
+        if self.in_hand < self.limit:
+            k.unblocked = 1
+        elif not k.blocked:
+            k.blocked = 1
+            _ring_push(&self.blocked, k.index)
+
+    cdef void _room_made(self) noexcept nogil:
+        """A job left the hand: the link blocked longest may offer its credit again."""
+        cdef int index
+        if self.blocked.count:
+            index = <int>_ring_pop(&self.blocked)
+            self.links[index].blocked = 0
+            self.links[index].unblocked = 1
 
     # -- the slot table (with the lock) ---------------------------------------------------------
 
@@ -1350,16 +962,6 @@ cdef class Session:
         s.state = S_FREE
         s.cancelled = 0
         _ring_push(&self.free_slots, slot)
-
-    cdef void _drop_outbox(self) noexcept nogil:
-        """The end: what is left to send (or to send again) is not sent any more; let the
-        answers go (the Worker keeps its sessions)."""
-        pthread_mutex_lock(&self.lock)
-        while self.outbox.count:
-            self._free_slot(<int>_ring_pop(&self.outbox))
-        while self.unconfirmed.count:
-            self._free_slot(<int>_ring_pop(&self.unconfirmed))
-        pthread_mutex_unlock(&self.lock)
 
     cdef void _lock_free_slot(self, int slot) noexcept nogil:
         pthread_mutex_lock(&self.lock)

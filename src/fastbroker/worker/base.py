@@ -314,7 +314,7 @@ class Worker(WorkerBase):
         protocol: int = 2,
     ) -> None:
         self.brokers = split_addresses(requests_addr)
-        """The brokers it serves: one, or several (a Session each, one credit for all)."""
+        """The brokers it serves: one, or several (one credit for all)."""
         self.requests_addr = self.brokers[0] if len(self.brokers) == 1 else ",".join(self.brokers)
         self.replies_addr = replies_addr
         self.protocol = 2
@@ -340,10 +340,9 @@ class Worker(WorkerBase):
         for broker in self.brokers:
             self._check_address(broker)
         # stop() may come from a signal handler or another thread while the
-        # loop sleeps in poll: the pipe wakes it; pool threads use it too. One per
-        # broker's Session (the first is `wake_pipe`).
-        self._pipes = [WakePipe() for _ in self.brokers]
-        self.wake_pipe = self._pipes[0]
+        # loop sleeps in poll: the pipe wakes it; pool threads use it too (one loop
+        # serves every broker).
+        self.wake_pipe = WakePipe()
         self._keep_wake_pipe = False
         self._stop = threading.Event()
         self._running = False
@@ -479,57 +478,23 @@ class Worker(WorkerBase):
         self._running = True
         self._not_running.clear()
         try:
-            sessions = self._new_sessions()
-            if len(sessions) == 1:
-                sessions[0].run()
-            else:
-                self._run_sessions(sessions)
+            for session in self._new_sessions():  # one, whatever the number of brokers
+                session.run()
         finally:
             self._running = False
             self._not_running.set()
 
     def _new_sessions(self) -> List[Any]:
-        """The sessions of one run(), listed for stop() and stats: one per broker, the
-        compiled ones unless the pure ones are asked for; several share one CreditGate,
-        so that the credit is exact across the brokers (docs/PROTOCOL.md 4.14)."""
+        """The sessions of one run(), listed for stop() and stats, from the compiled
+        session module unless the pure one is asked for: one Session, which serves
+        every broker (one loop, one job table, the credit exact across the brokers:
+        docs/PROTOCOL.md 4.14)."""
         chosen, _ = _select.worker_session()
-        gate = chosen.CreditGate(self.credit + self.prefetch) if len(self.brokers) > 1 else None
-        self._sessions = [
-            chosen.Session(self, broker, pipe, stats, gate)
-            for broker, pipe, stats in zip(self.brokers, self._pipes, self._link_stats)
-        ]
+        self._sessions = chosen.open_sessions(self)
         if self.stopping:  # stop() came before the sessions were listed
             for session in self._sessions:
                 session.request_stop()
         return self._sessions
-
-    def _run_sessions(self, sessions: List[Any]) -> None:
-        """Several sessions, each on a thread of its own but the first."""
-        failed: List[BaseException] = []
-
-        def serve(session: Any) -> None:
-            try:
-                session.run()
-            except BaseException as exc:  # stop the others: this worker is broken
-                failed.append(exc)
-                log.exception("the session with %s failed", session.address)
-                self.stop()
-
-        threads = [
-            threading.Thread(target=serve, args=(one,), name=f"fastbroker-worker {one.address}") for one in sessions[1:]
-        ]
-        for thread in threads:
-            thread.start()
-        try:
-            sessions[0].run()
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            for thread in threads:
-                thread.join()
-        if failed:
-            raise failed[0]
 
     def stop(self) -> None:
         """Ask run() to hang up: READY(0), finish and answer the jobs held,
@@ -540,9 +505,8 @@ class Worker(WorkerBase):
         self.wake()
 
     def wake(self) -> None:
-        """Wake the I/O loop (every Session's, with several brokers)."""
-        for pipe in self._pipes:
-            pipe.wake()
+        """Wake the I/O loop."""
+        self.wake_pipe.wake()
 
     @property
     def stopping(self) -> bool:
@@ -558,8 +522,7 @@ class Worker(WorkerBase):
         self._release_context()
         if self._keep_wake_pipe:
             return  # run() failed with jobs still running; they may still wake us
-        for pipe in self._pipes:
-            pipe.close()
+        self.wake_pipe.close()
 
     def _release_context(self) -> None:
         if self._own_context:

@@ -1,9 +1,11 @@
-"""The I/O loop of a DEALER ``Worker`` (protocol FBW01): one connection to the
-broker at a time, heartbeats both ways, reconnection with back-off, jobs run in a
-thread pool, graceful hang-up, CANCEL from the broker. ``Worker.run()`` runs
-``Session(worker).run()``.
+"""The I/O loop of a DEALER ``Worker`` (FBW02, or FBW01), pure Python: one loop for
+every broker of the worker's list (a ``Link`` each, worker/link.py: connection,
+heartbeats both ways, reconnection with back-off, the framing), one job table and one
+pool of job threads, the credit exact across the brokers, graceful hang-up, CANCEL
+from the broker. ``Worker.run()`` runs ``open_sessions(worker)``'s one Session.
+The compiled twin is worker/_session.pyx, same names.
 
-Only the loop's thread touches the socket; pool threads hand results back
+Only the loop's thread touches the sockets; pool threads hand results back
 through a deque and wake the loop through the worker's pipe.
 
 CANCEL (PROTOCOL.md 4.12): the broker has dropped the job and keeps its credit
@@ -28,24 +30,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 
 import zmq
 
-from fastbroker import security
-from fastbroker.protocol import (
-    CMD_ANSWER,
-    CMD_CANCEL,
-    CMD_DISCONNECT,
-    CMD_EXTEND,
-    CMD_FAILED,
-    CMD_HEARTBEAT,
-    CMD_READY,
-    CMD_RETURN,
-    CMD_TASK,
-    R_OK,
-    RECV_BATCH,
-    TASK_ID_SIZE,
-    WORKER_SIGNATURE,
-    WORKER_SIGNATURE_V2,
-)
+from fastbroker.protocol import CMD_ANSWER, CMD_EXTEND, CMD_FAILED, R_OK
 from fastbroker.worker import wire
+from fastbroker.worker.link import Link
 from fastbroker.worker.running import run_batch, run_one
 
 log = logging.getLogger("fastbroker.worker")
@@ -94,9 +81,6 @@ _Result = Tuple[int, bytes, Optional[List[bytes]], Optional[Tuple[str, str]]]
 # each in a loop that runs for every job.
 _POLLIN = int(zmq.POLLIN)
 _POLLIN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
-_NOBLOCK = int(zmq.NOBLOCK)
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_EVENTS = int(zmq.EVENTS)
 
 
 class JobPool:
@@ -221,111 +205,55 @@ def _end_pools_at_exit() -> None:
             thread.join()
 
 
-class CreditGate:
-    """The jobs a worker connected to several brokers holds, one Session per broker:
-    at most ``limit`` (its credit plus prefetch) in all. Each broker is told the whole
-    credit; a job that comes when the gate is full is given back at once (RETURN), and
-    that broker sends nothing more until the Session tells it READY again, which it does
-    when the gate has room (``blocked`` sessions, oldest first, are woken by ``give``)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self.lock = threading.Lock()
-        self.blocked: List[Session] = []
-
-    def take(self) -> bool:
-        """One more job in hand, if there is room."""
-        with self.lock:
-            if self.held >= self.limit:
-                return False
-            self.held += 1
-            return True
-
-    def give(self) -> None:
-        """A job is no longer in hand: the session that gave jobs back first may offer
-        its credit again (one per slot freed: waking them all would have them all send,
-        and all but one give back again)."""
-        with self.lock:
-            self.held -= 1
-            woken = self.blocked.pop(0) if self.blocked else None
-        if woken is not None:
-            woken.unblock()
-
-    def block(self, session: Session) -> None:
-        """`session` gave jobs back: wake it when there is room (at once if there is)."""
-        with self.lock:
-            if self.held >= self.limit:
-                if session not in self.blocked:
-                    self.blocked.append(session)
-                return
-        session.unblock()
+def open_sessions(worker: Any) -> List[Session]:
+    """The sessions of one Worker.run(): one, whatever the number of brokers (a Link
+    each, one loop, one job table, one pool of job threads)."""
+    return [Session(worker)]
 
 
 class Session:
-    """Runs one worker's loop until it has stopped and hung up: its connection to one
-    broker (a worker given several runs one Session per broker, sharing a CreditGate)."""
+    """Runs one worker's loop until it has stopped and hung up: its connections to its
+    brokers (a Link each, worker/link.py), one job table and one pool of job threads
+    for all of them, the credit exact across them (docs/PROTOCOL.md 4.14)."""
 
     def __init__(
         self,
         worker: Any,
-        address: Optional[str] = None,
+        addresses: Optional[Sequence[str]] = None,
         wake_pipe: Any = None,
-        stats: Optional[WorkerStats] = None,
-        gate: Optional[CreditGate] = None,
+        stats: Optional[Sequence[WorkerStats]] = None,
     ) -> None:
         self.worker = worker
-        self.address: str = worker.requests_addr if address is None else address
-        self.wake_pipe = worker.wake_pipe if wake_pipe is None else wake_pipe
-        self.gate = gate
-        self.returns: List[bytes] = []  # task ids to give back (RETURN) at the next flush
-        self.unblocked = False  # set by the gate (another thread): offer the credit again
+        self.addresses: List[str] = list(worker.brokers if addresses is None else addresses)
+        self.address = ",".join(self.addresses)  # for names and logs
+        self.wake_pipe = worker.wake_pipe if wake_pipe is None else wake_pipe  # stop(), signals, job threads
+        each = list(worker._link_stats if stats is None else stats)
+        if not self.addresses or len(each) != len(self.addresses):
+            raise ValueError("a Session needs one WorkerStats per broker")
         self.heartbeat: float = worker.heartbeat
         self.silence: float = worker.liveness * worker.heartbeat
         self.reconnect_max: float = worker.reconnect_max or self.silence
         self.credit: int = worker.credit
         # Jobs the broker may send beyond those running: they wait here for a thread.
         self.prefetch: int = worker.prefetch
+        # One broker never sends beyond the credit it was told; several may together.
+        self.limit = self.credit + self.prefetch
+        self.has_limit = len(self.addresses) > 1
         self.views_min: Optional[int] = worker.zero_copy_min
-        self.stats: WorkerStats = worker.stats if stats is None else stats
-        # FBW02 (many jobs per TASK and per ANSWER) unless the worker asks for FBW01. A
-        # broker that never speaks on a new connection may not know FBW02: the next
-        # connection tries the other protocol, and so on until one is heard.
-        self.v2: bool = worker.protocol == 2
-        self.signature = WORKER_SIGNATURE_V2 if self.v2 else WORKER_SIGNATURE
-        self.sock: Optional[zmq.Socket] = None
-        self.offered_v2 = False
-        self.generation = 0  # sockets opened so far; each job remembers the one it came on
-        self.heard = False  # the broker has spoken on this socket
-        self.last_heard = 0.0
-        self.next_heartbeat = 0.0
-        self.announced: Optional[int] = None  # credit last sent in READY on this socket
-        self.failures = 0  # connections lost in a row without hearing the broker
-        self.reconnect_at: Optional[float] = None
-        self.quiet_at: Optional[float] = None  # a stopping worker expects no more jobs after this
+        self.links = [Link(self, index, address, one) for index, (address, one) in enumerate(zip(self.addresses, each))]
+        self.blocked: Deque[Link] = collections.deque()  # links that gave jobs back, oldest first
         self.stopping = False
         self.next_job = 0
-        self.jobs: Dict[int, int] = {}  # job number -> generation of the socket it came on
-        # Jobs in hand that came on an earlier generation (counted, not searched for
-        # at each turn: with a large credit, that search was the loop's longest step).
-        self.orphans = 0
-        # task id -> numbers of the jobs in hand with it: usually one, but a timed-out
-        # attempt still running here and a later try of the same job make two.
-        self.by_task: Dict[bytes, List[int]] = {}
-        # Task ids the broker cancelled while their job runs here. Written by this
-        # loop only; pool threads just test membership (Worker.cancelled()).
-        self.cancelled: Set[bytes] = set()
+        self.jobs: Dict[int, Tuple[Link, int]] = {}  # job number -> its link and that link's generation then
+        # (link number, task id) -> numbers of the jobs in hand with it: usually one, but
+        # a timed-out attempt still running here and a later try of the same job make two.
+        self.by_task: Dict[Tuple[int, bytes], List[int]] = {}
+        # Jobs the broker cancelled while they run here. Written by this loop only; pool
+        # threads just test membership (Worker.cancelled()).
+        self.cancelled: Set[int] = set()
         self.results: Deque[_Result] = collections.deque()
         # (job number, task id, milliseconds): EXTENDs asked for by running jobs.
         self.extends: Deque[Tuple[int, bytes, int]] = collections.deque()
-        # (generation, frames): an ANSWER (generation None) is sent on whatever
-        # socket comes next; a FAILED only on the socket its job came on.
-        self.outbox: Deque[Tuple[Optional[int], List[bytes]]] = collections.deque()
-        # ANSWERs sent since the broker last spoke: if the connection is lost now,
-        # they may still sit in the socket's queue, which closing (linger 0)
-        # discards; they are sent again on the next connection (a duplicate is
-        # harmless: the broker drops an answer to an answered task).
-        self.unconfirmed: List[List[bytes]] = []
         self.pool = JobPool(
             self.credit,
             self._process,
@@ -347,7 +275,9 @@ class Session:
         graceful = False
         try:
             if not self.worker.stopping:
-                self._open(time.monotonic())
+                now = time.monotonic()
+                for link in self.links:
+                    link.open(now)
             while True:
                 now = time.monotonic()
                 if self.woken:
@@ -361,29 +291,8 @@ class Session:
                 if self.worker.stopping and not self.stopping:
                     self.stopping = True
                     log.info("stopping: finishing %d job(s) in hand, then disconnecting", len(self.jobs))
-                if self.sock is None and self.reconnect_at is not None and now >= self.reconnect_at:
-                    self._open(now)
-                if self.sock is not None:
-                    if self.returns:
-                        self._give_back(now)
-                    if self.unblocked:
-                        # The broker took our credit for full when we gave jobs back.
-                        self.unblocked = False
-                        self.announced = None
-                    # READY first on a new connection (the broker answers anything
-                    # else from an unknown worker with DISCONNECT) and READY(0)
-                    # before the last answers; a raised credit goes after them.
-                    if self.stopping or self.announced is None:
-                        self._announce_credit(now)
-                    self._flush(now)
-                    self._announce_credit(now)
-                    self._offer_v2(now)
-                    if now - self.last_heard > self.silence:
-                        self._lose(now, f"no word from the broker for {now - self.last_heard:.1f} s")
-                    elif now >= self.next_heartbeat:
-                        self._send(now, self._message(CMD_HEARTBEAT))
-                        self.stats.heartbeats_sent += 1
-                        self.next_heartbeat = now + self.heartbeat
+                for link in self.links:
+                    link.turn(now)
                 if self.stopping and self._finished(now):
                     self._hang_up()
                     graceful = True
@@ -391,9 +300,8 @@ class Session:
                 self._poll(now)
         finally:
             if not graceful:  # an error escaped the loop: release without waiting
-                if self.sock is not None:
-                    self.sock.close(linger=0)
-                    self.sock = None
+                for link in self.links:
+                    link.close_socket(0)
                 self.pool.shutdown(wait=False, cancel_waiting=True)
                 if self.jobs:
                     # Jobs still running will write to the wake pipe when done:
@@ -401,26 +309,25 @@ class Session:
                     self.worker._keep_wake_pipe = True
 
     def _poll(self, now: float) -> None:
-        pipe = self.wake_pipe.read_fd
-        sock = self.sock
-        if sock is not None:
-            items: List[Tuple[Any, int]] = [(pipe, _POLLIN), (sock, _POLLIN_OUT if self.outbox else _POLLIN)]
-            due: Optional[float] = min(self.next_heartbeat, self.last_heard + self.silence)
-        else:
-            items = [(pipe, _POLLIN)]
-            due = self.reconnect_at
-        if self.quiet_at is not None and now < self.quiet_at and (due is None or self.quiet_at < due):
-            due = self.quiet_at
+        """Wait for a wake-up, a message from any broker (or room to send to one with
+        something waiting) or the next timer, and read what came."""
+        items: List[Tuple[Any, int]] = [(self.wake_pipe.read_fd, _POLLIN)]
+        due: Optional[float] = None
+        for link in self.links:
+            when = link.due(now)
+            if when is not None and (due is None or when < due):
+                due = when
+            if link.sock is not None:
+                items.append((link.sock, _POLLIN_OUT if link.outbox else _POLLIN))
         wait = max(0.0, due - now) if due is not None else self.heartbeat
         # Round up: waking a hair early would spin through a turn with nothing due.
-        receive = False
         for item, events in zmq.zmq_poll(items, int(math.ceil(wait * 1000))):
-            if item is sock:
-                receive = events & _POLLIN
-            else:
+            if isinstance(item, int):
                 self.woken = True
-        if receive:
-            self._receive()
+            elif events & _POLLIN:
+                for link in self.links:
+                    if link.sock is item:
+                        link.receive()
 
     def _drain_wake_pipe(self) -> None:
         """WakePipe.drain() in one read instead of two: a pipe's read that returns
@@ -436,312 +343,144 @@ class Session:
             pass  # empty (BlockingIOError) or closed
 
     def _finished(self, now: float) -> bool:
-        """A stopping worker may hang up: no job in hand, no answer to send, and the
-        grace for jobs racing READY(0) has passed."""
-        if self.jobs:
-            return False
-        if self.sock is None:
-            return True
-        return not self.outbox and (self.quiet_at is None or now >= self.quiet_at)
-
-    # -- the connection ----------------------------------------------------------------
-
-    def _open(self, now: float) -> None:
-        self.generation += 1
-        self.orphans = len(self.jobs)
-        self.sock = self.worker.context.socket(zmq.DEALER)
-        # Abandoning a connection must not wait for it; the last close sets its own linger.
-        self.sock.setsockopt(zmq.LINGER, 0)
-        security.apply_curve(self.sock, self.worker.curve)
-        self.sock.connect(self.address)
-        self.heard = False
-        self.offered_v2 = False  # see _offer_v2
-        self.stats.protocol = 2 if self.v2 else 1
-        self.last_heard = now  # the broker gets `silence` seconds to speak first
-        self.next_heartbeat = now + self.heartbeat
-        self.announced = None
-        self.reconnect_at = None
-        self.stats.connects += 1
-        if self.stats.connects > 1:
-            self.stats.reconnects += 1
-        log.debug("connecting to %s (connection %d)", self.address, self.generation)
-
-    def _register_again(self) -> None:
-        """DISCONNECT: the broker does not know this worker (it was restarted, took
-        the worker for dead, or is closing). Register again with READY on the same
-        socket rather than open a new one: a READY sent just before this DISCONNECT
-        may already have registered it, and the TASKs that followed it are on this
-        socket. (A broker that is closing is found out by its silence.)"""
-        # The jobs in hand belong to the registration the broker forgot: they are
-        # orphans for the credit, and their FAILEDs would be for attempts it re-queued.
-        self.generation += 1
-        self.orphans = len(self.jobs)
-        self.announced = None
-        self.unconfirmed = []
-        log.info("the broker sent DISCONNECT: registering again")
-
-    def _lose(self, now: float, reason: str) -> None:
-        """Drop the connection and schedule the next: at once after one loss, then
-        heartbeat/2 doubling up to reconnect_max while the broker stays silent."""
-        assert self.sock is not None
-        self.sock.close(linger=0)
-        self.sock = None
-        self.outbox.extendleft((None, frames) for frames in reversed(self.unconfirmed))
-        self.unconfirmed = []
-        delay = 0.0 if self.failures == 0 else min(self.heartbeat / 2 * 2 ** (self.failures - 1), self.reconnect_max)
-        self.failures += 1
-        self.reconnect_at = now + delay
-        log.info("reconnecting to %s in %.2f s: %s", self.address, delay, reason)
-        if not self.heard and self.worker.protocol == 2:
-            # Perhaps the broker does not know this protocol (a broker without FBW02
-            # drops FBW02 messages unanswered): the next connection tries the other.
-            self._use_protocol(not self.v2)
-            log.info("no word from the broker: trying %s on the next connection", self.signature.decode())
-
-    def _use_protocol(self, v2: bool) -> None:
-        """Speak FBW02 (v2) or FBW01 from now on; what waits to be sent is rewritten."""
-        self.v2 = v2
-        self.signature = WORKER_SIGNATURE_V2 if v2 else WORKER_SIGNATURE
-        self.stats.protocol = 2 if v2 else 1
-        self.outbox = collections.deque(
-            (gen, converted) for gen, frames in self.outbox for converted in wire.convert(frames, v2)
-        )
-
-    def _offer_v2(self, now: float) -> None:
-        """On an FBW01 connection of an FBW02 worker (it fell back while the broker was
-        silent, perhaps only down): offer FBW02 once with a READY in FBW02. A broker
-        that knows it answers in FBW02 from then on (see _receive); one that does not
-        drops that READY (counted) and the connection stays FBW01. Once per connection,
-        after the broker spoke and a credit was announced."""
-        if self.v2 or self.worker.protocol != 2 or self.offered_v2 or self.stopping:
-            return
-        if not self.heard or not self.announced:
-            return
-        if self._send(now, wire.message(WORKER_SIGNATURE_V2, CMD_READY, (self.announced or 0).to_bytes(4, "big"))):
-            self.offered_v2 = True
+        """A stopping worker may hang up: no job in hand, and nothing left to send to
+        any broker (see Link.finished)."""
+        return not self.jobs and all(link.finished(now) for link in self.links)
 
     def _hang_up(self) -> None:
-        """The end of a graceful stop: deliver what is left, say DISCONNECT, close."""
+        """The end of a graceful stop: every link delivers what is left, says
+        DISCONNECT and closes."""
         self.pool.shutdown(wait=True)
-        if self.sock is None and any(gen is None for gen, _ in self.outbox):
-            # Answers finished while away: one last connection to deliver them.
-            self._open(time.monotonic())
-        if self.sock is None:
-            self.outbox.clear()
-            log.info("stopped (not connected to %s)", self.address)
-            return
-        now = time.monotonic()
-        self._announce_credit(now)
-        self._flush(now)
-        dropped = len(self.outbox)
-        self._send(now, self._message(CMD_DISCONNECT))
-        # Bounded: a vanished broker must not keep the process alive.
-        self.sock.close(linger=self.worker.linger_ms)
-        self.sock = None
-        # What is left is not sent any more: let the answers go (the Worker keeps its sessions).
-        self.outbox.clear()
-        self.unconfirmed = []
-        if dropped:
-            log.warning("%d answer(s) could not be queued for %s before disconnecting", dropped, self.address)
-        log.info("disconnected from %s", self.address)
+        for link in self.links:
+            link.hang_up()
 
-    def _announce_credit(self, now: float) -> None:
-        """Send READY when the credit the broker should use changes: on connect, on
-        stop (0), and when a job taken on an earlier connection finishes (the new
-        connection's credit leaves room for those still running). The broker's credit
-        is the worker's plus its prefetch: jobs it holds beyond those running."""
-        if self.stopping:
-            credit = 0
-        else:
-            credit = max(0, self.credit + self.prefetch - self.orphans)
-        if credit == self.announced:
-            return
-        if self._send(now, self._message(CMD_READY, credit.to_bytes(4, "big"))):
-            self.announced = credit
-            if self.stopping and self.quiet_at is None:
-                self.quiet_at = now + self.worker.stop_grace
+    # -- the job table: jobs in, outcomes out --------------------------------------------
 
-    def _send(self, now: float, frames: Sequence[bytes]) -> bool:
-        """Send without blocking; False when the socket's queue is full."""
-        assert self.sock is not None
-        # send_multipart, without its per-frame type checks and enum flags: every
-        # frame here is bytes. Only the first frame can meet a full queue (libzmq
-        # counts whole messages against the high-water mark), so a message is
-        # sent whole or not at all, as with send_multipart.
-        send = self.sock.send
-        try:
-            for i in range(len(frames) - 1):
-                send(frames[i], _NOBLOCK_MORE)
-            send(frames[-1], _NOBLOCK)
-        except zmq.Again:
-            return False
-        # Any message tells the broker we are alive: the heartbeat can wait.
-        self.next_heartbeat = now + self.heartbeat
-        return True
-
-    def _flush(self, now: float) -> None:
-        while self.outbox and self.sock is not None:
-            gen, frames = self.outbox[0]
-            if gen is not None and gen != self.generation:
-                # The broker re-queues the jobs of a connection it lost; a
-                # FAILED on a new one would count a second try.
-                self.outbox.popleft()
-                continue
-            if not self._send(now, frames):
-                return  # full: the poll waits for POLLOUT
-            self.outbox.popleft()
-            if gen is None:
-                self.unconfirmed.append(frames)
-
-    def _receive(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        recv = sock.recv
-        for turn in range(RECV_BATCH):  # bounded, so results and timers get their turn
-            # The poll said POLLIN for the first message; before each next one,
-            # asking is cheaper than the exception of an empty socket.
-            # EVENTS is an int option; pyzmq types getsockopt() int | bytes (a cast() costs a call a message).
-            if turn and not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
-                return
-            # recv_multipart, cheaper: a Frame tells whether more parts follow
-            # without a getsockopt(RCVMORE) each; .bytes copies it once, as
-            # recv_multipart's copying receive would.
-            try:
-                frame = recv(_NOBLOCK, copy=False)
-                frames: List[Any] = [frame.bytes]  # bytes, or memoryviews (zero_copy_min)
-                while frame.more:
-                    frame = recv(_NOBLOCK, copy=False)
-                    # Worker.zero_copy_min: a large payload frame as a view of the message.
-                    views = self.views_min
-                    frames.append(frame.bytes if views is None or len(frame) < views else frame.buffer)
-            except zmq.Again:
-                return
-            now = time.monotonic()
-            self.last_heard = now
-            self.unconfirmed = []
-            if len(frames) < 3 or frames[0] != b"" or frames[1] not in wire.SIGNATURES:
-                log.debug("ignored a message that is not FBW01 or FBW02 (%d frames)", len(frames))
-                continue
-            command = frames[2]
-            if frames[1] == WORKER_SIGNATURE_V2 and not self.v2:
-                log.info("the broker speaks FBW02: using it")
-                self._use_protocol(True)
-            if command == CMD_DISCONNECT:
-                self.stats.disconnects += 1
-                self._register_again()
-                continue
-            if not self.heard:
-                # Not on DISCONNECT: a broker that keeps refusing us must meet the back-off.
-                self.heard = True
-                self.failures = 0
-                log.info("connected to %s", self.address)
-            if command == CMD_TASK and frames[1] == WORKER_SIGNATURE_V2:
-                self._start_jobs(frames[3:])
-            elif command == CMD_TASK:
-                self._start_job(frames[3:])
-            elif command == CMD_CANCEL:
-                self._cancel(frames[3:])
-            elif command != CMD_HEARTBEAT:
-                self.stats.ignored += 1
-                log.debug("ignored an unknown command %r", command)
-
-    # -- jobs --------------------------------------------------------------------------
-
-    def _start_job(self, body: List[bytes]) -> None:
-        if not body or len(body[0]) != TASK_ID_SIZE:
-            self.stats.ignored += 1
-            log.warning("ignored a TASK without a 16-byte task id")
-            return
-        if self.gate is not None and not self.gate.take():
+    def start_job(self, link: Link, task_id: bytes, payload: List[bytes]) -> None:
+        """A job from `link` for the pool; given back (RETURN) if the credit is full."""
+        if self.has_limit and len(self.jobs) >= self.limit:
             # Another broker filled the credit meanwhile: this one gets the job back.
-            self.returns.append(bytes(body[0]))
+            link.returns.append(task_id)
             return
-        self.stats.received += 1
+        link.stats.received += 1
+        link.in_hand += 1
         self.next_job += 1
-        number, task_id = self.next_job, bytes(body[0])
-        self.jobs[number] = self.generation
-        self.by_task.setdefault(task_id, []).append(number)
-        self.pool.submit(number, task_id, body[1:], len(self.jobs))
+        number = self.next_job
+        self.jobs[number] = (link, link.generation)
+        self.by_task.setdefault((link.index, task_id), []).append(number)
+        self.pool.submit(number, task_id, payload, len(self.jobs))
 
-    def _start_jobs(self, body: List[bytes]) -> None:
-        """An FBW02 TASK: [payload frames..., header]."""
-        jobs = wire.split_tasks(body)
-        if jobs is None:
-            self.stats.ignored += 1
-            log.warning("ignored a TASK whose header does not match its %d frames", len(body))
-            return
-        for task_id, payload in jobs:
-            self._start_job([task_id, *payload])
-
-    def _cancel(self, body: List[bytes]) -> None:
-        """CANCEL from the broker: withdraw the job if no pool thread has taken it
+    def cancel(self, link: Link, task_id: bytes) -> None:
+        """CANCEL from `link`'s broker: withdraw the job if no pool thread has taken it
         yet (FAILED at once, so the broker frees its credit), else mark it so that
         ``Worker.cancelled()`` tells the job; its ANSWER or FAILED is sent when it
         ends. Never blocks."""
-        if len(body) != 1:
-            self.stats.ignored += 1
-            log.debug("ignored a CANCEL with %d body frames", len(body))
-            return
-        task_id = bytes(body[0])
-        numbers = self.by_task.get(task_id)
+        numbers = self.by_task.get((link.index, task_id))
         if not numbers:
             # It may have just finished, its answer crossing the CANCEL.
             log.debug("ignored a CANCEL for job %s, which is not in hand", task_id.hex())
             return
         for number in list(numbers):
-            self.stats.cancelled += 1
+            link.stats.cancelled += 1
             # Withdrawing succeeds only while the job waits in the pool's queue;
             # from then on the pool never runs it, so no result will come.
             if not self.pool.withdraw(number):
-                self.cancelled.add(task_id)
+                self.cancelled.add(number)
                 log.info("job %s cancelled by the client while running; answering it when it returns", task_id.hex())
                 continue
-            self.stats.cancelled_unstarted += 1
-            generation = self._forget(number, task_id)
+            link.stats.cancelled_unstarted += 1
+            _, generation = self._forget(number, task_id)
             log.info("job %s cancelled by the client before it started; not running it", task_id.hex())
             # As for any FAILED, only on the connection the job came on: the broker
             # has already put back the jobs of a connection it lost.
-            if generation == self.generation and self.sock is not None:
-                self.outbox.append((generation, self._message(CMD_FAILED, task_id, CANCELLED_TYPE, CANCELLED_TEXT)))
+            if generation == link.generation and link.sock is not None:
+                link.outbox.append((generation, link.message(CMD_FAILED, task_id, CANCELLED_TYPE, CANCELLED_TEXT)))
 
-    def _give_back(self, now: float) -> None:
-        """RETURN the jobs that came beyond the credit (several brokers), then wait for
-        room (CreditGate.block) before offering the credit to this broker again."""
-        returns, self.returns = self.returns, []
-        self.stats.returned += len(returns)
-        log.debug("gave %d job(s) back to %s: the credit is full", len(returns), self.address)
-        self.outbox.append((self.generation, self._message(CMD_RETURN, *returns)))
-        self._flush(now)
-        assert self.gate is not None
-        self.gate.block(self)
+    def _forget(self, number: int, task_id: bytes) -> Tuple[Link, int]:
+        """The job is no longer in hand; returns its link and the generation it came on."""
+        link, generation = self.jobs.pop(number)
+        link.in_hand -= 1
+        if self.has_limit:
+            self._room_made()
+        if generation != link.generation:
+            link.orphans -= 1
+        key = (link.index, task_id)
+        numbers = self.by_task[key]
+        numbers.remove(number)
+        if not numbers:
+            del self.by_task[key]
+        self.cancelled.discard(number)
+        return link, generation
+
+    def _collect_results(self) -> None:
+        # FBW02: the answers of this turn go as few ANSWER messages per broker (FAILED
+        # stays one message each: it is rare, and goes only on the connection its job
+        # came on).
+        if not self.results:
+            return
+        batches: Dict[Link, wire.AnswerBatch] = {}
+        while self.results:
+            number, task_id, answer, error = self.results.popleft()
+            link, generation = self._forget(number, task_id)
+            if answer is not None:
+                link.stats.answered += 1
+                if link.v2:
+                    batch = batches.get(link)
+                    if batch is None:
+                        batch = batches[link] = wire.AnswerBatch()
+                    batch.add(task_id, R_OK, answer)
+                else:
+                    link.outbox.append((None, link.message(CMD_ANSWER, task_id, *answer)))
+                continue
+            link.stats.failed += 1
+            assert error is not None
+            if generation == link.generation and link.sock is not None:
+                name, text = error
+                link.outbox.append(
+                    (generation, link.message(CMD_FAILED, task_id, name.encode(), text.encode("utf-8", "replace")))
+                )
+            else:
+                log.info("job %s failed after its connection was lost; the broker re-queues it", task_id.hex())
+        for link, batch in batches.items():
+            link.outbox.extend((None, frames) for frames in batch.close())
+
+    def _collect_extends(self) -> None:
+        while self.extends:
+            number, task_id, ms = self.extends.popleft()
+            job = self.jobs.get(number)
+            if job is not None:  # still running: on the connection its job came on
+                link, generation = job
+                link.outbox.append((generation, link.message(CMD_EXTEND, task_id, ms.to_bytes(4, "big"))))
+
+    # -- the credit across several brokers -------------------------------------------------
+
+    def wait_for_room(self, link: Link) -> None:
+        """`link` gave jobs back (its broker now takes this worker for full): it offers
+        its credit again when there is room, the links that gave back oldest first, one
+        per job that leaves (waking them all would have them all send, and all but one
+        give back again)."""
+        if len(self.jobs) < self.limit:
+            link.unblocked = True
+        elif not link.blocked:
+            link.blocked = True
+            self.blocked.append(link)
+
+    def _room_made(self) -> None:
+        """A job left the hand: the link blocked longest may offer its credit again."""
+        if self.blocked:
+            link = self.blocked.popleft()
+            link.blocked = False
+            link.unblocked = True
+
+    # -- what the Worker and the job threads call ------------------------------------------
 
     def request_stop(self) -> None:
         """Worker.stop(): nothing to do here, the loop reads ``worker.stopping`` each turn
         (the compiled twin, whose loop cannot read it without the GIL, sets a flag)."""
 
     def update_stats(self) -> None:
-        """Worker.stats: nothing to do here, the loop writes ``stats`` itself (the compiled
-        twin copies its counters in)."""
-
-    def unblock(self) -> None:
-        """From the CreditGate (any thread): there is room again; offer the credit."""
-        self.unblocked = True
-        self.wake_pipe.wake()
-
-    def _forget(self, number: int, task_id: bytes) -> int:
-        """The job is no longer in hand; returns the generation it came on."""
-        generation = self.jobs.pop(number)
-        if self.gate is not None:
-            self.gate.give()
-        if generation != self.generation:
-            self.orphans -= 1
-        numbers = self.by_task[task_id]
-        numbers.remove(number)
-        if not numbers:
-            del self.by_task[task_id]
-            self.cancelled.discard(task_id)
-        return generation
+        """Worker.stats: nothing to do here, the links write their ``stats`` themselves
+        (the compiled twin copies its counters in)."""
 
     def _process(self, number: int, task_id: bytes, payload: List[bytes]) -> None:
         """In a pool thread: run the user's code, hand the outcome to the loop."""
@@ -757,19 +496,12 @@ class Session:
 
     def job_cancelled(self, number: int, task_id: bytes) -> bool:
         """Worker.cancelled(): whether the broker cancelled this running job."""
-        return task_id in self.cancelled
+        return number in self.cancelled
 
     def request_extend(self, number: int, task_id: bytes, seconds: float) -> None:
         """In a pool thread (Worker.extend): ask the loop to send EXTEND for the job."""
         self.extends.append((number, task_id, max(1, min(round(seconds * 1000), 0xFFFFFFFF))))
         self._result_ready()
-
-    def _collect_extends(self) -> None:
-        while self.extends:
-            number, task_id, ms = self.extends.popleft()
-            generation = self.jobs.get(number)
-            if generation is not None:  # still running: on the connection its job came on
-                self.outbox.append((generation, self._message(CMD_EXTEND, task_id, ms.to_bytes(4, "big"))))
 
     def _result_ready(self) -> None:
         """In a pool thread, after appending to results: wake the loop unless a wake-up
@@ -784,35 +516,6 @@ class Session:
         outcomes = run_batch(self.worker, [payload for _, _, payload in jobs])
         self.results.extend((number, task_id, *outcome) for (number, task_id, _), outcome in zip(jobs, outcomes))
         self._result_ready()
-
-    def _collect_results(self) -> None:
-        # FBW02: the answers of this turn go as few ANSWER messages (FAILED stays one
-        # message each: it is rare, and goes only on the connection its job came on).
-        batch = wire.AnswerBatch() if self.v2 and self.results else None
-        while self.results:
-            number, task_id, answer, error = self.results.popleft()
-            generation = self._forget(number, task_id)
-            if answer is not None:
-                self.stats.answered += 1
-                if batch is not None:
-                    batch.add(task_id, R_OK, answer)
-                else:
-                    self.outbox.append((None, self._message(CMD_ANSWER, task_id, *answer)))
-                continue
-            self.stats.failed += 1
-            assert error is not None
-            if generation == self.generation and self.sock is not None:
-                name, text = error
-                self.outbox.append(
-                    (generation, self._message(CMD_FAILED, task_id, name.encode(), text.encode("utf-8", "replace")))
-                )
-            else:
-                log.info("job %s failed after its connection was lost; the broker re-queues it", task_id.hex())
-        if batch is not None:
-            self.outbox.extend((None, frames) for frames in batch.close())
-
-    def _message(self, command: bytes, *body: bytes) -> List[bytes]:
-        return wire.message(self.signature, command, *body)
 
 
 def drop_released_answers() -> None:
