@@ -4,7 +4,8 @@ running a ``fastbroker.Worker`` subclass (``python -m fastbroker worker
 bench.test_user_path:Echo --credit 64``), over ipc; beside the reference the issues
 measure it against, a bare pyzmq echo in the same run: a DEALER in this process with
 256 messages in flight and a ROUTER echo loop in a process of its own, one message per
-job, Python both ends.
+job, Python both ends; and the same echo with one message in flight, the floor of the
+``--credit 1`` rows (a round trip per job).
 
     pytest bench/test_user_path.py --benchmark-only --benchmark-group-by=group
 
@@ -45,6 +46,7 @@ USER_N = _env_int("FASTBROKER_USER_N", 20_000)
 PAYLOADS = [b"%016d" % i for i in range(USER_N)]
 ECHO_WINDOW = 256
 CREDIT = 64
+CALLS = min(USER_N, 2000)  # one-at-a-time rows: jobs per round
 _rates: Dict[str, float] = {}
 
 
@@ -165,6 +167,9 @@ def _record(benchmark, name: str, walls: List[float], cpu: Dict[str, float]) -> 
     benchmark.extra_info.update(jobs=USER_N, jobs_per_s=round(rate), cpu_us_per_job=cpu)
     if name != "bare-echo" and "bare-echo" in _rates:
         benchmark.extra_info["ratio_to_bare_echo"] = round(rate / _rates["bare-echo"], 3)
+    if "credit1" in name and "bare-one-in-flight" in _rates:
+        # A credit-1 row against its floor: one round trip per job, nothing else.
+        benchmark.extra_info["ratio_to_one_in_flight"] = round(rate / _rates["bare-one-in-flight"], 3)
 
 
 def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
@@ -188,6 +193,49 @@ def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
     finally:
         sock.close()
     _record(benchmark, "bare-echo", walls, cpu)
+
+
+def test_bare_pyzmq_one_in_flight(benchmark, served: Served) -> None:
+    """The floor of any one-job-at-a-time path (``--credit 1``, one ``call()`` at a time):
+    the bare echo with one message in flight, a round trip between two Python
+    processes through libzmq and nothing else. A credit-1 worker needs at least one such
+    round trip per job (broker to worker and back), its client's traffic besides."""
+    benchmark.group = "user-path"
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(served.echo)
+    walls: List[float] = []
+    latencies: List[int] = []
+    payloads = PAYLOADS[:CALLS]
+
+    def one_round() -> None:
+        start = time.perf_counter()
+        for payload in payloads:
+            sent = time.perf_counter_ns()
+            sock.send(payload)
+            if not sock.poll(int(WAIT_LIMIT * 1000)):
+                raise RuntimeError("the echo server stopped answering")
+            assert sock.recv() == payload
+            latencies.append(time.perf_counter_ns() - sent)
+        walls.append(time.perf_counter() - start)
+
+    meter = CpuMeter({"echo server": served.pids["echo server"]})
+    try:
+        benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
+        cpu = meter.per_job(CALLS * (SIZES.socket_rounds + 1))
+    finally:
+        sock.close()
+    rate = CALLS / sorted(walls)[len(walls) // 2]
+    _rates["bare-one-in-flight"] = rate
+    latencies.sort()
+    benchmark.extra_info.update(
+        jobs=CALLS,
+        jobs_per_s=round(rate),
+        cpu_us_per_job=cpu,
+        p50_us=round(latencies[len(latencies) // 2] / 1e3, 1),
+        p99_us=round(latencies[len(latencies) * 99 // 100] / 1e3, 1),
+    )
 
 
 # (name, broker core, client protocol, worker protocol, worker credit, worker session, prefetch)
@@ -235,9 +283,6 @@ def test_client_map_worker_subclass(
         cpu = meter.per_job(USER_N * (SIZES.socket_rounds + 1))
         assert client.stats()["protocol"] == protocol
     _record(benchmark, name, walls, cpu)
-
-
-CALLS = min(USER_N, 2000)
 
 
 @pytest.mark.parametrize("session", ["compiled", "pure"])
