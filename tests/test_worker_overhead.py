@@ -151,17 +151,23 @@ def test_job_pool_starts_threads_as_needed_and_withdraws_only_waiting_jobs():
 
     pool = JobPool(2, run, "fastbroker-job-test")
     try:
-        pool.submit(1, b"t1", [b"p"], busy=1)
-        assert len(pool.threads) == 1
+        pool.submit(1, b"t1", [b"p"])
+        assert len(pool.threads) == 1  # the first job starts one
         wait_until(lambda: ran == [1], WAIT, message="job 1 to start")
-        pool.submit(2, b"t2", [b"p"], busy=2)
-        pool.submit(3, b"t3", [b"p"], busy=3)
+        pool.submit(2, b"t2", [b"p"])
+        pool.submit(3, b"t3", [b"p"])
+        assert len(pool.threads) == 1  # more only when pace() sees the jobs wait
+        # Job 1 blocks its thread: once no job has been taken for stuck_after, the
+        # loop's pace() adds a thread, then another (up to the size only).
+        for _ in range(3):
+            time.sleep(pool.stuck_after * 2)
+            pool.pace(time.monotonic())
         assert len(pool.threads) == 2  # never more than its size
         wait_until(lambda: ran == [1, 2], WAIT, message="job 2 to start")
         assert not pool.withdraw(1), "a running job cannot be withdrawn"
         assert pool.withdraw(3), "a waiting job can"
         assert not pool.withdraw(3), "only once"
-        pool.submit(4, b"t4", [b"p"], busy=3)
+        pool.submit(4, b"t4", [b"p"])
         assert len(pool.threads) == 2
     finally:
         gate.set()
@@ -169,7 +175,39 @@ def test_job_pool_starts_threads_as_needed_and_withdraws_only_waiting_jobs():
     assert sorted(ran) == [1, 2, 4]
     assert not any(t.is_alive() for t in pool.threads)
     with pytest.raises(RuntimeError):
-        pool.submit(5, b"t5", [b"p"], busy=1)
+        pool.submit(5, b"t5", [b"p"])
+
+
+def test_job_pool_adds_a_thread_only_when_its_threads_stop_keeping_up():
+    """pace() adds a thread when jobs wait and no thread has taken one for
+    ``stuck_after``; not while a thread took one more recently (quick jobs: one thread
+    takes them as they come, and more would only fight for the GIL)."""
+    gate = threading.Event()
+    ran: List[int] = []
+
+    def run(number: int, task_id: bytes, payload: List[bytes]) -> None:
+        ran.append(number)
+        if number == 0:
+            assert gate.wait(WAIT)
+
+    pool = JobPool(8, run, "fastbroker-job-test")
+    try:
+        pool.submit(0, b"t0", [])
+        wait_until(lambda: ran == [0], WAIT, message="job 0 to start")
+        pool.submit(1, b"t1", [])  # waits: the one thread is in job 0
+        pool.pace(pool.last_take + pool.stuck_after / 2)
+        assert len(pool.threads) == 1, "a job was taken less than stuck_after ago"
+        pool.last_pace = 0.0  # pace() looks again at once
+        pool.pace(pool.last_take + pool.stuck_after * 2)
+        assert len(pool.threads) == 2, "stuck for stuck_after: one more thread"
+        wait_until(lambda: 1 in ran, WAIT, message="job 1 to run on the new thread")
+        pool.last_pace = 0.0
+        pool.pace(time.monotonic() + 1.0)
+        assert len(pool.threads) == 2, "nothing waits: no thread added"
+    finally:
+        gate.set()
+        pool.shutdown(wait=True)
+    assert sorted(ran) == [0, 1]
 
 
 def test_job_pool_runs_or_withdraws_each_job_exactly_once():
@@ -180,7 +218,7 @@ def test_job_pool_runs_or_withdraws_each_job_exactly_once():
     withdrawn = set()
     try:
         for number in range(2000):
-            pool.submit(number, b"t", [], busy=3)
+            pool.submit(number, b"t", [])
             if number % 2 and pool.withdraw(number - 1):
                 withdrawn.add(number - 1)
     finally:
@@ -207,9 +245,9 @@ def test_a_pool_left_running_lets_the_interpreter_exit_after_its_job(tmp_path):
             open({str(done)!r}, "w").close()
 
         pool = JobPool(2, run, "fastbroker-job")
-        pool.submit(1, b"t", [], busy=1)
-        pool.submit(2, b"t", [], busy=1)
-        pool.submit(3, b"t", [], busy=1)
+        pool.submit(1, b"t", [])
+        pool.submit(2, b"t", [])
+        pool.submit(3, b"t", [])
         assert started.wait(20), "no job started"
         # no shutdown(): the interpreter exits with the pool running a job
     """)

@@ -111,6 +111,9 @@ cdef class Session:
     cdef Ring free_slots, waiting, done, extends
     cdef int results_pending, idle_threads, thread_count, pool_closed
     cdef int spawn_wanted, starting  # threads the loop asked for, not yet started / not yet waiting
+    cdef double last_take  # when a job thread last took jobs
+    cdef double last_pace  # when _pace_threads last looked
+    cdef int pace  # threads _pace_threads adds next if the jobs still wait
     cdef object spawner
     cdef public bint closed
     cdef LogRecord logs[256]  # LOG_QUEUE
@@ -126,6 +129,8 @@ cdef class Session:
     cdef void _collect(self) noexcept nogil
     cdef void _wait_for_room(self, Link *k) noexcept nogil
     cdef void _room_made(self) noexcept nogil
+    cdef void _pace_threads(self, double now) noexcept nogil
+    cdef void _add_threads(self, int n) noexcept nogil
     cdef int _new_slot(self) noexcept nogil
     cdef object _payload_frame(self, zmsg *frame)
     cdef int _take_waiting(self, int most, int *numbers, zmsg **payloads, int *counts,

@@ -38,7 +38,7 @@ import zmq.backend.cython._zmq as _pyzmq_backend
 
 from fastbroker import protocol
 from fastbroker.worker.running import ANSWER_ZERO_COPY_MIN, run_batch, run_one
-from fastbroker.worker.session import CANCELLED_TEXT, CANCELLED_TYPE, _watch_at_exit
+from fastbroker.worker.session import BACKLOG_POLL as _BACKLOG_POLL, CANCELLED_TEXT, CANCELLED_TYPE, _watch_at_exit
 
 from fastbroker._protocol cimport *
 from fastbroker._zmqdl cimport (
@@ -160,9 +160,10 @@ cdef size_t _CANCELLED_TYPE_SIZE = len(_cancelled_type)
 cdef size_t _CANCELLED_TEXT_SIZE = len(_cancelled_text)
 
 
-# Seconds the loop sleeps at most while jobs wait for a thread: the job threads then put
-# outcomes back without waking it, and it sends those of a millisecond together.
-cdef double BACKLOG_POLL = 0.001
+# Seconds the loop sleeps at most while jobs wait for a thread (the pure twin's
+# BACKLOG_POLL): the job threads then put outcomes back without waking it, and it sends
+# those of a millisecond together; and it looks whether the threads keep up (_pace_threads).
+cdef double BACKLOG_POLL = _BACKLOG_POLL
 
 JOIN_SLICE = 0.1
 """Seconds run() waits for the loop thread at a time (see run())."""
@@ -260,6 +261,7 @@ cdef class Session:
         for i in range(self.link_count):
             self.links[i].v2 = worker.protocol == 2
         self.threads = []
+        self.pace = 1
         self.thread_count = 0
         self.closed = False
         _watch_at_exit(self)
@@ -513,8 +515,6 @@ cdef class Session:
                     pthread_cond_wait(&self.jobs_waiting, &self.lock)
                     self.idle_threads -= 1
                 n = self._take_waiting(most, numbers, payloads, counts, ids)
-                if self.waiting.count and self.idle_threads:
-                    pthread_cond_signal(&self.jobs_waiting)  # the next one, for the jobs left
                 pthread_mutex_unlock(&self.lock)
         else:
             n = self._take_waiting(most, numbers, payloads, counts, ids)
@@ -573,6 +573,8 @@ cdef class Session:
             self.slots[slot].frames = NULL
             self.slots[slot].nframes = 0
             n += 1
+        if n:
+            self.last_take = _now()  # the threads keep up (see _pace_threads)
         return n
 
     def _finish(self, int number, answer, error):
@@ -640,6 +642,7 @@ cdef class Session:
                 self._end()
                 return LOOP_NO_CONTEXT
             self._collect()
+            self._pace_threads(now)
             if self.stop_requested and not self.stopping:
                 self.stopping = 1
                 self._log(0, L_STOPPING, self.in_hand, 0, NULL)
@@ -785,17 +788,13 @@ cdef class Session:
         k.counters[N_RECEIVED] += 1
         _ring_push(&self.waiting, slot)
         if self.waiting.count == 1 and self.idle_threads:
-            # One idle thread is woken for jobs that come together; it wakes the next
-            # if more wait (see _take): waking one per job would have them all fight for
-            # the GIL over jobs that one thread runs back to back.
+            # One idle thread is woken for the jobs that come together: it runs them back
+            # to back, keeping the GIL while jobs wait (see _take). More threads only if
+            # they stop keeping up (_pace_threads): woken at once, they would all fight
+            # for the GIL over jobs that one thread runs in microseconds.
             pthread_cond_signal(&self.jobs_waiting)
-        # A thread for it, unless one is idle (a signalled thread stays counted idle until
-        # it takes its job) or on its way, up to the credit (as the pure JobPool starts them).
-        if self.waiting.count > self.idle_threads + self.starting and self.thread_count < self.credit:
-            self.thread_count += 1
-            self.starting += 1
-            self.spawn_wanted += 1
-            pthread_cond_signal(&self.threads_wanted)
+        elif self.thread_count == 0:
+            self._add_threads(1)
 
     cdef void _cancel(self, Link *k, const uint8_t *task_id) noexcept nogil:
         """CANCEL from `k`'s broker: a job no thread has taken is withdrawn and FAILED at
@@ -909,6 +908,45 @@ cdef class Session:
             _put_bytes(&s.frames[0], ms, 4)
             _ring_push(&self.links[s.link].outbox, slot)
         pthread_mutex_unlock(&self.lock)
+
+    # -- how many job threads ---------------------------------------------------------------
+
+    cdef void _pace_threads(self, double now) noexcept nogil:
+        """Jobs wait and no thread has taken one for BACKLOG_POLL: the threads there are
+        are busy (a process() that sleeps, waits on I/O or runs long), so wake or start
+        more: one the first time, twice as many each time they are stuck again before
+        the jobs stop waiting, up to the credit. A process() that is quick gets one
+        thread, which takes every job."""
+        cdef int wanted, woken
+        if now - self.last_pace < BACKLOG_POLL:
+            return
+        self.last_pace = now
+        pthread_mutex_lock(&self.lock)
+        if self.pool_closed or not self.waiting.count:
+            self.pace = 1  # the threads caught up
+            pthread_mutex_unlock(&self.lock)
+            return
+        if now - self.last_take < BACKLOG_POLL:
+            pthread_mutex_unlock(&self.lock)
+            return
+        wanted = min(self.pace, self.waiting.count)
+        woken = min(wanted, self.idle_threads)
+        for _ in range(woken):
+            pthread_cond_signal(&self.jobs_waiting)
+        self._add_threads(wanted - woken - self.starting)
+        self.pace = min(2 * self.pace, self.credit)
+        pthread_mutex_unlock(&self.lock)
+
+    cdef void _add_threads(self, int n) noexcept nogil:
+        """With the lock: ask the spawner for `n` more job threads, within the credit."""
+        if n > self.credit - self.thread_count:
+            n = self.credit - self.thread_count
+        if n <= 0:
+            return
+        self.thread_count += n
+        self.starting += n
+        self.spawn_wanted += n
+        pthread_cond_signal(&self.threads_wanted)
 
     # -- the credit across several brokers ----------------------------------------------------
 

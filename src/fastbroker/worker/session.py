@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -83,8 +84,14 @@ _POLLIN = int(zmq.POLLIN)
 _POLLIN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
 
 
+BACKLOG_POLL = 0.001
+"""Seconds the compiled twin's loop sleeps at most while jobs wait for a thread (it
+lets outcomes come without a wake-up meanwhile), and how long without a job taken
+means its threads are stuck (``_pace_threads``); the pure loop's is ``JobPool.stuck_after``."""
+
+
 class JobPool:
-    """Up to ``size`` threads that run jobs, started as jobs come: what the loop
+    """Up to ``size`` threads that run jobs, started as they are needed: what the loop
     used a ThreadPoolExecutor for, without its Future, Condition and semaphore per
     job, which cost more than the hand-off itself (and hold the GIL longer after
     the job, when the loop wants it back to send the answer).
@@ -115,19 +122,46 @@ class JobPool:
         self.waiting: Dict[int, Tuple[bytes, List[bytes]]] = {}  # job number -> its arguments
         self.threads: List[threading.Thread] = []
         self.closed = False
+        self.last_take = 0.0  # when a thread last took a job (time.monotonic())
+        self.last_pace = 0.0  # when pace() last looked
+        self.next_threads = 1  # threads pace() adds next if the jobs still wait
+        # How long without a take means the threads are stuck: here the loop is Python
+        # too, and a thread ready to take a job may wait for the GIL up to a switch
+        # interval (5 ms) while the loop reads a batch; longer, and it is not the GIL.
+        self.stuck_after = max(BACKLOG_POLL, 2 * sys.getswitchinterval())
         _watch_at_exit(self)
 
-    def submit(self, number: int, task_id: bytes, payload: List[bytes], busy: int) -> None:
-        """Queue a job; `busy`: the jobs in hand, this one included. A thread is
-        started while there are fewer than those (and than ``size``)."""
+    def submit(self, number: int, task_id: bytes, payload: List[bytes]) -> None:
+        """Queue a job (the first one starts a thread; pace() starts the others)."""
         if self.closed:
             raise RuntimeError("cannot run new jobs after the pool was shut down")
         self.waiting[number] = (task_id, payload)
-        if len(self.threads) < min(busy, self.size):
+        if not self.threads:
+            self._start(1)
+        self.queue.put(number)
+
+    def pace(self, now: float) -> None:
+        """From the loop at every turn: jobs wait and no thread has taken one for
+        ``stuck_after``, so the threads there are are busy (a process() that sleeps, waits
+        on I/O or runs long): start more, one the first time, twice as many each time
+        they are stuck again before the jobs stop waiting, up to ``size``. A process() that is quick gets one
+        thread, which takes every job: more would only fight for the GIL."""
+        if now - self.last_pace < self.stuck_after:
+            return
+        self.last_pace = now
+        if self.closed or not self.waiting:
+            self.next_threads = 1  # the threads caught up
+            return
+        if now - self.last_take < self.stuck_after:
+            return
+        self._start(min(self.next_threads, len(self.waiting)))
+        self.next_threads = min(2 * self.next_threads, self.size)
+
+    def _start(self, n: int) -> None:
+        for _ in range(min(n, self.size - len(self.threads))):
             thread = threading.Thread(target=self._serve, name=f"{self.name}_{len(self.threads)}")
             thread.start()
             self.threads.append(thread)
-        self.queue.put(number)
 
     def withdraw(self, number: int) -> bool:
         """Take back a job no thread has taken yet; False if one has (it runs to its end)."""
@@ -154,6 +188,7 @@ class JobPool:
             job = take(number, None)
             if job is None:
                 continue  # withdrawn before this thread took it
+            self.last_take = time.monotonic()
             try:
                 if self.run_batch is None:
                     run(number, *job)
@@ -177,6 +212,7 @@ class JobPool:
             job = self.waiting.pop(number, None)
             if job is not None:
                 batch.append((number, *job))
+                self.last_take = time.monotonic()
         assert self.run_batch is not None
         self.run_batch(batch)
         return more
@@ -288,6 +324,7 @@ class Session:
                 self.results_pending = False
                 self._collect_results()
                 self._collect_extends()
+                self.pool.pace(now)
                 if self.worker.stopping and not self.stopping:
                     self.stopping = True
                     log.info("stopping: finishing %d job(s) in hand, then disconnecting", len(self.jobs))
@@ -320,6 +357,8 @@ class Session:
             if link.sock is not None:
                 items.append((link.sock, _POLLIN_OUT if link.outbox else _POLLIN))
         wait = max(0.0, due - now) if due is not None else self.heartbeat
+        if self.pool.waiting and wait > self.pool.stuck_after:
+            wait = self.pool.stuck_after  # to see whether the job threads keep up (JobPool.pace)
         # Round up: waking a hair early would spin through a turn with nothing due.
         for item, events in zmq.zmq_poll(items, int(math.ceil(wait * 1000))):
             if isinstance(item, int):
@@ -368,7 +407,7 @@ class Session:
         number = self.next_job
         self.jobs[number] = (link, link.generation)
         self.by_task.setdefault((link.index, task_id), []).append(number)
-        self.pool.submit(number, task_id, payload, len(self.jobs))
+        self.pool.submit(number, task_id, payload)
 
     def cancel(self, link: Link, task_id: bytes) -> None:
         """CANCEL from `link`'s broker: withdraw the job if no pool thread has taken it

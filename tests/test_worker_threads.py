@@ -1,0 +1,85 @@
+"""How many job threads a fastbroker.Worker runs (both sessions): as many as its jobs
+need, up to its credit. Quick jobs are taken by one thread as they come (more would
+only fight for the GIL); jobs that block (sleep, I/O) get a thread each, up to the
+credit, within milliseconds. A real broker, worker and client over ipc."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator, Tuple
+
+import pytest
+
+from fastbroker import Broker, Client, Worker
+from rigs import wait_until
+
+WAIT = 20.0
+"""Bound of every wait for something that should take well under a second."""
+
+
+class Recorder(Worker):
+    """Notes the thread of every job and how many ran at once; a payload b"sleep"
+    sleeps 0.3 s (a job that blocks), any other is answered at once."""
+
+    lock = threading.Lock()
+    threads: set = set()
+    running = 0
+    peak = 0
+
+    def process(self, data: bytes) -> bytes:
+        with Recorder.lock:
+            Recorder.threads.add(threading.get_ident())
+            Recorder.running += 1
+            Recorder.peak = max(Recorder.peak, Recorder.running)
+        try:
+            if data == b"sleep":
+                time.sleep(0.3)
+            return data
+        finally:
+            with Recorder.lock:
+                Recorder.running -= 1
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[Tuple[Broker, Recorder]]:
+    broker = Broker(None, None, None, *(f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")))
+    bthread = threading.Thread(target=broker.run, name="broker")
+    bthread.start()
+    Recorder.threads, Recorder.running, Recorder.peak = set(), 0, 0
+    worker = Recorder(None, broker.endpoints[1], credit=16)
+    wthread = threading.Thread(target=worker.run, name="worker")
+    wthread.start()
+    try:
+        yield broker, worker
+    finally:
+        worker.stop()
+        wthread.join(WAIT)
+        worker.close()
+        broker.stop()
+        bthread.join(WAIT)
+        broker.close()
+    assert not wthread.is_alive() and not bthread.is_alive()
+
+
+def test_quick_jobs_are_run_by_a_few_threads(served):
+    broker, _ = served
+    payloads = [b"%d" % i for i in range(3000)]
+    with Client(broker.endpoints[0]) as client:
+        assert list(client.map(payloads)) == payloads
+    # Before, every batch of jobs that found the threads busy started more, up to the
+    # credit (16 threads, all fighting for the GIL). A thread is added only when no job
+    # has been taken for a millisecond while some wait: on a loaded machine that may
+    # happen a few times, hence the margin.
+    assert len(Recorder.threads) <= 4, f"{len(Recorder.threads)} job threads for quick jobs"
+
+
+def test_jobs_that_block_get_a_thread_each_up_to_the_credit(served):
+    broker, worker = served
+    with Client(broker.endpoints[0]) as client:
+        futures = client.submit_many([b"sleep"] * 16)
+        # All 16 run at once: each blocks its thread, so the loop adds threads (one, then
+        # twice as many at each millisecond they stay stuck) until the credit.
+        wait_until(lambda: Recorder.peak == 16, timeout=WAIT, message=f"peak {Recorder.peak} of 16")
+        assert [f.result(WAIT) for f in futures] == [b"sleep"] * 16
+    assert len(Recorder.threads) == 16
