@@ -15,14 +15,19 @@ import pytest
 from fastbroker import Broker, Client, Worker
 from fastbroker.protocol import (
     C_STATUS,
+    CMD_ANSWER,
     CMD_DISCONNECT,
     CMD_RETURN,
+    CMD_TASK,
+    MAX_BATCH,
+    MAX_FRAMES,
     OPT_NO_ACK,
     R_OK,
     STATE_QUEUED,
     STATE_RUNNING,
+    WORKER_SIGNATURE_V2 as SIG2,
 )
-from rigs import LONG_TIMEOUT, assert_stats, new_id, opts, reply, status, wait_until
+from rigs import LONG_TIMEOUT, FakeBroker, assert_stats, new_id, opts, reply, status, tid, wait_until
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -177,3 +182,87 @@ def test_one_credit_for_two_brokers(tmp_path, credit):
         for b in brokers:
             b.close()
     wait_until(lambda: not wthread.is_alive(), WAIT)
+
+
+# -- 3. fastbroker.Worker against brokers played by the test -------------------------------
+
+
+class Held(Worker):
+    """Holds each job until the test sets its payload's event in `release`."""
+
+    release: dict = {}
+
+    def process(self, data: bytes) -> bytes:
+        assert Held.release.setdefault(bytes(data), threading.Event()).wait(WAIT)
+        return b"-" + data
+
+
+def _held_worker(ctx, brokers, credit: int = 1):
+    Held.release = {}
+    # The test plays brokers that send no heartbeats: a long liveness keeps the worker on.
+    worker = Held(ctx, [b.address for b in brokers], credit=credit, heartbeat=1.0, liveness=30)
+    thread = threading.Thread(target=worker.run, name="worker")
+    thread.start()
+    for b in brokers:
+        b.expect_ready(credit)
+    return worker, thread
+
+
+def _stop(worker, thread) -> None:
+    for event in Held.release.values():
+        event.set()
+    worker.stop()
+    thread.join(WAIT)
+    worker.close()
+    assert not thread.is_alive()
+
+
+def test_an_idle_worker_offers_its_credit_again_to_every_broker_that_got_jobs_back(ctx):
+    """Three brokers, credit 1: B and C each got a job back while A's ran. When A's
+    ends, each job that leaves offers room to one of them (B); but B may have nothing
+    queued any more, so a worker with nothing in hand tells every broker it gave jobs
+    back to (C too): before, C stayed at credit 0 until another job came through A or B."""
+    a, b, c = (FakeBroker(ctx) for _ in range(3))
+    worker, thread = _held_worker(ctx, [a, b, c])
+    try:
+        a.send(CMD_TASK, tid(1), b"one")
+        wait_until(lambda: b"one" in Held.release, WAIT, message="job one to start")
+        b.send(CMD_TASK, tid(2), b"two")
+        c.send(CMD_TASK, tid(3), b"three")
+        assert b.recv() == [CMD_RETURN, tid(2)]
+        assert c.recv() == [CMD_RETURN, tid(3)]
+        Held.release[b"one"].set()
+        assert a.recv() == [CMD_ANSWER, tid(1), b"-one"]
+        b.expect_ready(1)
+        c.expect_ready(1)
+        assert worker.stats.returned == 2
+    finally:
+        _stop(worker, thread)
+
+
+def test_jobs_given_back_in_returns_within_the_frame_limit(ctx):
+    """More jobs than a message may carry frames (MAX_FRAMES) come while the credit is
+    full: they are given back in as many RETURNs as needed, each within the limit (a
+    longer one the broker drops whole, and the jobs would stay taken until they time
+    out)."""
+    a, b = FakeBroker(ctx), FakeBroker(ctx)
+    worker, thread = _held_worker(ctx, [a, b])
+    try:
+        a.send(CMD_TASK, tid(0), b"held")
+        wait_until(lambda: b"held" in Held.release, WAIT, message="the first job to start")
+        total = 3 * MAX_BATCH + 2 * (MAX_FRAMES - MAX_BATCH)  # > MAX_FRAMES ids, in TASKs of MAX_BATCH
+        ids = [tid(1 + n) for n in range(total)]
+        for at in range(0, total, MAX_BATCH):  # sent at once: they arrive before the worker's turn
+            chunk = ids[at : at + MAX_BATCH]
+            frames = [f for task_id in chunk for f in (b"p",)]
+            header = b"".join(task_id + (1).to_bytes(2, "big") for task_id in chunk)
+            b.sock.send_multipart([b.identity, b"", SIG2, CMD_TASK, *frames, header])
+        returned: list = []
+        while len(returned) < total:
+            message = b.recv()
+            assert message[0] == CMD_RETURN, message[:2]
+            assert len(message) + 2 <= MAX_FRAMES, f"a RETURN of {len(message) - 1} ids"
+            returned.extend(message[1:])
+        assert sorted(returned) == sorted(ids)
+    finally:
+        _stop(worker, thread)

@@ -58,7 +58,7 @@ cdef struct Link:
     uint8_t *returns  # task ids to give back (RETURN), 16 bytes each
     int returns_count, returns_cap
     Ring outbox, unconfirmed
-    uint64_t counters[12]  # C_* in _session.pyx, copied to its WorkerStats by update_stats()
+    uint64_t counters[12]  # N_* in _session.pyx, copied to its WorkerStats by update_stats()
     # Scratch for the message being received (`frames`) and the one being sent (`out`).
     zmsg *frames
     int frames_cap
@@ -78,6 +78,7 @@ cdef class Session:
     cdef int limit  # jobs in hand at most (credit + prefetch), checked with several links
     cdef int has_limit
     cdef Ring blocked  # links that gave jobs back, oldest first (see _wait_for_room)
+    cdef double last_offer  # when a blocked link was last told to offer its credit again
     cdef int wake_fd
     cdef void *poll_items  # zpollitem[2 + link_count], for _poll
     cdef object result_pipe
@@ -129,6 +130,7 @@ cdef class Session:
     cdef void _collect(self) noexcept nogil
     cdef void _wait_for_room(self, Link *k) noexcept nogil
     cdef void _room_made(self) noexcept nogil
+    cdef void _offer_room(self, double now) noexcept nogil
     cdef void _pace_threads(self, double now) noexcept nogil
     cdef void _add_threads(self, int n) noexcept nogil
     cdef int _new_slot(self) noexcept nogil

@@ -1,15 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The compiled twin of ``fastbroker.worker.session.Session``: one DEALER worker's
-connection to one broker, with the I/O loop in C on a thread of its own that never
-takes the GIL to do its work (docs/ARCHITECTURE.md, "The worker's sessions").
+"""The compiled twin of ``fastbroker.worker.session``: one DEALER worker's connections
+to its brokers, with the I/O loop in C on a thread of its own that never takes the GIL
+to do its work (docs/ARCHITECTURE.md, "The compiled worker session").
 
-The loop thread owns the socket: connecting and reconnecting with back-off, READY and
-the credit, heartbeats both ways, TASK (FBW01 and FBW02), CANCEL, DISCONNECT, and the
-outbox of ANSWER, FAILED and EXTEND. Python runs only in the job threads: each takes
-a job from the table (waiting without the GIL), runs the user's ``process()`` and puts
-the outcome back. A ``process()`` that holds the GIL for minutes therefore cannot stop
-the heartbeats: the broker keeps the worker, and the job's own deadline is what
-catches a job that never ends.
+The loop thread owns the sockets (a Link per broker, compiled/link.pxi): connecting and
+reconnecting with back-off, READY and the credit, heartbeats both ways, TASK (FBW01 and
+FBW02), CANCEL, DISCONNECT, and the outbox of ANSWER, FAILED, EXTEND and RETURN. Python
+runs only in the job threads: each takes a job from the table (waiting without the
+GIL), runs the user's ``process()`` and puts the outcome back. A ``process()`` that
+holds the GIL for minutes therefore cannot stop the heartbeats: the broker keeps the
+worker, and the job's own deadline is what catches a job that never ends.
 
 The loop never takes the GIL: its log lines are queued for the spawner thread (the
 Python thread that also starts the job threads) to write. Same behaviour as the pure
@@ -38,7 +38,8 @@ import zmq.backend.cython._zmq as _pyzmq_backend
 
 from fastbroker import protocol
 from fastbroker.worker.running import ANSWER_ZERO_COPY_MIN, run_batch, run_one
-from fastbroker.worker.session import BACKLOG_POLL as _BACKLOG_POLL, CANCELLED_TEXT, CANCELLED_TYPE, _watch_at_exit
+from fastbroker.worker.session import BACKLOG_POLL as _BACKLOG_POLL, OFFER_AGAIN as _OFFER_AGAIN
+from fastbroker.worker.session import CANCELLED_TEXT, CANCELLED_TYPE, _watch_at_exit
 
 from fastbroker._protocol cimport *
 from fastbroker._zmqdl cimport (
@@ -165,6 +166,10 @@ cdef size_t _CANCELLED_TEXT_SIZE = len(_cancelled_text)
 # those of a millisecond together; and it looks whether the threads keep up (_pace_threads).
 cdef double BACKLOG_POLL = _BACKLOG_POLL
 
+# Seconds after the last offer of room to a broker that gave jobs back before the next
+# such broker is offered it, while the room stays free (the pure twin's OFFER_AGAIN).
+cdef double OFFER_AGAIN = _OFFER_AGAIN
+
 JOIN_SLICE = 0.1
 """Seconds run() waits for the loop thread at a time (see run())."""
 
@@ -203,8 +208,7 @@ def open_sessions(worker):
 cdef class Session:
     """Runs one worker's loop until it has stopped and hung up: its connections to its
     brokers (a Link each, compiled/link.pxi), one job table and one pool of job threads
-    for all of them, the credit exact across them. The pure twin runs a Session per
-    broker instead; the same methods."""
+    for all of them, the credit exact across them. The pure Session's methods."""
 
     def __cinit__(self):
         pthread_mutex_init(&self.lock, NULL)
@@ -643,6 +647,7 @@ cdef class Session:
                 return LOOP_NO_CONTEXT
             self._collect()
             self._pace_threads(now)
+            self._offer_room(now)
             if self.stop_requested and not self.stopping:
                 self.stopping = 1
                 self._log(0, L_STOPPING, self.in_hand, 0, NULL)
@@ -711,6 +716,10 @@ cdef class Session:
                 items[n].fd = i  # the link's number: zmq_poll ignores fd when socket is set
                 items[n].events = ZPOLLIN | (ZPOLLOUT if k.outbox.count else 0)
                 n += 1
+        if self.blocked.count and self.in_hand < self.limit:
+            when = self.last_offer + OFFER_AGAIN  # see _offer_room
+            if due < 0 or when < due:
+                due = when
         wait = due - now if due >= 0 else self.heartbeat
         pthread_mutex_lock(&self.lock)
         if self.waiting.count and wait > BACKLOG_POLL:
@@ -954,9 +963,10 @@ cdef class Session:
         """`k` gave jobs back (its broker now takes this worker for full): it offers its
         credit again when there is room, the links that gave back oldest first, one per
         job that leaves (waking them all would have them all send, and all but one give
-        back again)."""
+        back again); see also _offer_room."""
         if self.in_hand < self.limit:
             k.unblocked = 1
+            self.last_offer = _now()
         elif not k.blocked:
             k.blocked = 1
             _ring_push(&self.blocked, k.index)
@@ -968,6 +978,25 @@ cdef class Session:
             index = <int>_ring_pop(&self.blocked)
             self.links[index].blocked = 0
             self.links[index].unblocked = 1
+            self.last_offer = _now()
+
+    cdef void _offer_room(self, double now) noexcept nogil:
+        """Room no broker fills: the link offered it last may have nothing queued any
+        more. With nothing in hand, every blocked link offers its credit again (an idle
+        worker must not leave a broker's jobs waiting); with room left OFFER_AGAIN after
+        the last offer, the next blocked link does."""
+        cdef int index
+        if not self.blocked.count or self.in_hand >= self.limit:
+            return
+        if self.in_hand and now - self.last_offer < OFFER_AGAIN:
+            return
+        while self.blocked.count:
+            index = <int>_ring_pop(&self.blocked)
+            self.links[index].blocked = 0
+            self.links[index].unblocked = 1
+            if self.in_hand:
+                break
+        self.last_offer = now
 
     # -- the slot table (with the lock) ---------------------------------------------------------
 

@@ -24,6 +24,7 @@ from fastbroker.protocol import (
     CMD_READY,
     CMD_RETURN,
     CMD_TASK,
+    MAX_FRAMES,
     RECV_BATCH,
     TASK_ID_SIZE,
     WORKER_SIGNATURE,
@@ -249,12 +250,13 @@ class Link:
             self.offered_v2 = True
 
     def give_back(self, now: float) -> None:
-        """RETURN the jobs that came beyond the credit (several brokers), then wait for
-        room (Session.wait_for_room) before offering the credit to this broker again."""
+        """RETURN the jobs that came beyond the credit (several brokers), in as many
+        messages as MAX_FRAMES needs, then wait for room (Session.wait_for_room) before offering the credit to this broker again."""
         returns, self.returns = self.returns, []
         self.stats.returned += len(returns)
         log.debug("gave %d job(s) back to %s: the credit is full", len(returns), self.address)
-        self.outbox.append((self.generation, self.message(CMD_RETURN, *returns)))
+        for at in range(0, len(returns), MAX_FRAMES - 3):  # a longer message would be dropped whole
+            self.outbox.append((self.generation, self.message(CMD_RETURN, *returns[at : at + MAX_FRAMES - 3])))
         self.flush(now)
         self.session.wait_for_room(self)
 

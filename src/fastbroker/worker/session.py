@@ -90,6 +90,11 @@ lets outcomes come without a wake-up meanwhile), and how long without a job take
 means its threads are stuck (``_pace_threads``); the pure loop's is ``JobPool.stuck_after``."""
 
 
+OFFER_AGAIN = 0.01
+"""Seconds after the last offer of room to a broker that gave jobs back before the next
+such broker is offered it, while the room stays free (``Session._offer_room``)."""
+
+
 class JobPool:
     """Up to ``size`` threads that run jobs, started as they are needed: what the loop
     used a ThreadPoolExecutor for, without its Future, Condition and semaphore per
@@ -278,6 +283,7 @@ class Session:
         self.views_min: Optional[int] = worker.zero_copy_min
         self.links = [Link(self, index, address, one) for index, (address, one) in enumerate(zip(self.addresses, each))]
         self.blocked: Deque[Link] = collections.deque()  # links that gave jobs back, oldest first
+        self.last_offer = 0.0  # when a blocked link was last told to offer its credit again
         self.stopping = False
         self.next_job = 0
         self.jobs: Dict[int, Tuple[Link, int]] = {}  # job number -> its link and that link's generation then
@@ -325,6 +331,7 @@ class Session:
                 self._collect_results()
                 self._collect_extends()
                 self.pool.pace(now)
+                self._offer_room(now)
                 if self.worker.stopping and not self.stopping:
                     self.stopping = True
                     log.info("stopping: finishing %d job(s) in hand, then disconnecting", len(self.jobs))
@@ -356,6 +363,9 @@ class Session:
                 due = when
             if link.sock is not None:
                 items.append((link.sock, _POLLIN_OUT if link.outbox else _POLLIN))
+        if self.blocked and len(self.jobs) < self.limit:
+            when = self.last_offer + OFFER_AGAIN  # see _offer_room
+            due = when if due is None else min(due, when)
         wait = max(0.0, due - now) if due is not None else self.heartbeat
         if self.pool.waiting and wait > self.pool.stuck_after:
             wait = self.pool.stuck_after  # to see whether the job threads keep up (JobPool.pace)
@@ -497,9 +507,10 @@ class Session:
         """`link` gave jobs back (its broker now takes this worker for full): it offers
         its credit again when there is room, the links that gave back oldest first, one
         per job that leaves (waking them all would have them all send, and all but one
-        give back again)."""
+        give back again); see also _offer_room."""
         if len(self.jobs) < self.limit:
             link.unblocked = True
+            self.last_offer = time.monotonic()
         elif not link.blocked:
             link.blocked = True
             self.blocked.append(link)
@@ -510,6 +521,24 @@ class Session:
             link = self.blocked.popleft()
             link.blocked = False
             link.unblocked = True
+            self.last_offer = time.monotonic()
+
+    def _offer_room(self, now: float) -> None:
+        """Room no broker fills: the link offered it last may have nothing queued any
+        more. With nothing in hand, every blocked link offers its credit again (an idle
+        worker must not leave a broker's jobs waiting); with room left OFFER_AGAIN after
+        the last offer, the next blocked link does."""
+        if not self.blocked or len(self.jobs) >= self.limit:
+            return
+        if self.jobs and now - self.last_offer < OFFER_AGAIN:
+            return
+        while self.blocked:
+            link = self.blocked.popleft()
+            link.blocked = False
+            link.unblocked = True
+            if self.jobs:
+                break
+        self.last_offer = now
 
     # -- what the Worker and the job threads call ------------------------------------------
 

@@ -218,31 +218,36 @@ cdef void _link_offer_v2(Session s, Link *k, double now) noexcept nogil:
 
 
 cdef void _link_give_back(Session s, Link *k, double now) noexcept nogil:
-    """RETURN the jobs that came beyond the credit (several brokers), then wait for room
-    (Session._wait_for_room) before offering the credit to this broker again."""
-    cdef int slot, i, n = k.returns_count
+    """RETURN the jobs that came beyond the credit (several brokers), as many messages as
+    MAX_FRAMES needs, then wait for room (Session._wait_for_room) before offering the
+    credit to this broker again."""
+    cdef int slot, i, at = 0, n
     cdef Slot *o
     global _out_of_memory
-    k.returns_count = 0
-    k.counters[N_RETURNED] += n
+    k.counters[N_RETURNED] += k.returns_count
     pthread_mutex_lock(&s.lock)
-    slot = s._new_slot()
-    if slot >= 0:
+    while at < k.returns_count:
+        n = min(k.returns_count - at, MAX_FRAMES - 3)
+        slot = s._new_slot()
+        if slot < 0:
+            break
         o = &s.slots[slot]
         o.frames = <zmsg *>malloc(n * sizeof(zmsg))
         if o.frames == NULL:
             _out_of_memory = 1
             s._free_slot(slot)
-        else:
-            for i in range(n):
-                _put_bytes(&o.frames[i], k.returns + i * 16, 16)
-            o.nframes = n
-            o.kind = K_RETURN
-            o.link = k.index
-            o.generation = k.generation
-            o.state = S_OUTBOX
-            _ring_push(&k.outbox, slot)
+            break
+        for i in range(n):
+            _put_bytes(&o.frames[i], k.returns + (at + i) * 16, 16)
+        o.nframes = n
+        o.kind = K_RETURN
+        o.link = k.index
+        o.generation = k.generation
+        o.state = S_OUTBOX
+        _ring_push(&k.outbox, slot)
+        at += n
     pthread_mutex_unlock(&s.lock)
+    k.returns_count = 0
     _link_flush(s, k, now)
     s._wait_for_room(k)
 
