@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count("credit", MAX_CREDIT),
         default=None,
         metavar="N",
-        help="jobs one Worker process takes at once, each in its own thread (default: 1)",
+        help="jobs one Worker process takes at once, in up to N threads (default: 1)",
     )
     p.add_argument(
         "--prefetch",
