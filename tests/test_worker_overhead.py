@@ -157,7 +157,7 @@ def test_job_pool_starts_threads_as_needed_and_withdraws_only_waiting_jobs():
         pool.submit(2, b"t2", [b"p"])
         pool.submit(3, b"t3", [b"p"])
         assert len(pool.threads) == 1  # more only when pace() sees the jobs wait
-        # Job 1 blocks its thread: once no job has been taken for stuck_after, the
+        # Job 1 blocks its thread: once job 2 has waited stuck_after, the
         # loop's pace() adds a thread, then another (up to the size only).
         for _ in range(3):
             time.sleep(pool.stuck_after * 2)
@@ -179,9 +179,9 @@ def test_job_pool_starts_threads_as_needed_and_withdraws_only_waiting_jobs():
 
 
 def test_job_pool_adds_a_thread_only_when_its_threads_stop_keeping_up():
-    """pace() adds a thread when jobs wait and no thread has taken one for
-    ``stuck_after``; not while a thread took one more recently (quick jobs: one thread
-    takes them as they come, and more would only fight for the GIL)."""
+    """pace() adds a thread when a job has waited ``stuck_after`` for one; not while
+    the oldest waiting job is younger (quick jobs: one thread takes them as they come,
+    and more would only fight for the GIL)."""
     gate = threading.Event()
     ran: List[int] = []
 
@@ -195,11 +195,12 @@ def test_job_pool_adds_a_thread_only_when_its_threads_stop_keeping_up():
         pool.submit(0, b"t0", [])
         wait_until(lambda: ran == [0], WAIT, message="job 0 to start")
         pool.submit(1, b"t1", [])  # waits: the one thread is in job 0
-        pool.pace(pool.last_take + pool.stuck_after / 2)
-        assert len(pool.threads) == 1, "a job was taken less than stuck_after ago"
+        came = pool.waiting[1][2]
+        pool.pace(came + pool.stuck_after / 2)
+        assert len(pool.threads) == 1, "job 1 has waited less than stuck_after"
         pool.last_pace = 0.0  # pace() looks again at once
-        pool.pace(pool.last_take + pool.stuck_after * 2)
-        assert len(pool.threads) == 2, "stuck for stuck_after: one more thread"
+        pool.pace(came + pool.stuck_after * 2)
+        assert len(pool.threads) == 2, "job 1 waited stuck_after: one more thread"
         wait_until(lambda: 1 in ran, WAIT, message="job 1 to run on the new thread")
         pool.last_pace = 0.0
         pool.pace(time.monotonic() + 1.0)

@@ -16,11 +16,12 @@ from rigs import wait_until
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
+CREDIT = 32
 
 
 class Recorder(Worker):
     """Notes the thread of every job and how many ran at once; a payload b"sleep"
-    sleeps 0.3 s (a job that blocks), any other is answered at once."""
+    sleeps 0.3 s (a job that blocks), b"nap" 0.5 ms, any other is answered at once."""
 
     lock = threading.Lock()
     threads: set = set()
@@ -35,6 +36,8 @@ class Recorder(Worker):
         try:
             if data == b"sleep":
                 time.sleep(0.3)
+            elif data == b"nap":
+                time.sleep(0.0005)
             return data
         finally:
             with Recorder.lock:
@@ -47,7 +50,7 @@ def served(tmp_path) -> Iterator[Tuple[Broker, Recorder]]:
     bthread = threading.Thread(target=broker.run, name="broker")
     bthread.start()
     Recorder.threads, Recorder.running, Recorder.peak = set(), 0, 0
-    worker = Recorder(None, broker.endpoints[1], credit=16)
+    worker = Recorder(None, broker.endpoints[1], credit=CREDIT)
     wthread = threading.Thread(target=worker.run, name="worker")
     wthread.start()
     try:
@@ -68,8 +71,8 @@ def test_quick_jobs_are_run_by_a_few_threads(served):
     with Client(broker.endpoints[0]) as client:
         assert list(client.map(payloads)) == payloads
     # Before, every batch of jobs that found the threads busy started more, up to the
-    # credit (16 threads, all fighting for the GIL). A thread is added only when no job
-    # has been taken for a millisecond while some wait: on a loaded machine that may
+    # credit (32 threads, all fighting for the GIL). A thread is added only when no job
+    # has waited a millisecond (10 ms for the pure session) for one: on a loaded machine that may
     # happen a few times, hence the margin.
     assert len(Recorder.threads) <= 4, f"{len(Recorder.threads)} job threads for quick jobs"
 
@@ -77,9 +80,21 @@ def test_quick_jobs_are_run_by_a_few_threads(served):
 def test_jobs_that_block_get_a_thread_each_up_to_the_credit(served):
     broker, worker = served
     with Client(broker.endpoints[0]) as client:
-        futures = client.submit_many([b"sleep"] * 16)
-        # All 16 run at once: each blocks its thread, so the loop adds threads (one, then
-        # twice as many at each millisecond they stay stuck) until the credit.
-        wait_until(lambda: Recorder.peak == 16, timeout=WAIT, message=f"peak {Recorder.peak} of 16")
-        assert [f.result(WAIT) for f in futures] == [b"sleep"] * 16
-    assert len(Recorder.threads) == 16
+        futures = client.submit_many([b"sleep"] * CREDIT)
+        # All run at once: each blocks its thread, so the loop adds threads (one, then
+        # twice as many each time a job has waited again) until the credit.
+        wait_until(lambda: Recorder.peak == CREDIT, timeout=WAIT, message=f"peak {Recorder.peak} of {CREDIT}")
+        assert [f.result(WAIT) for f in futures] == [b"sleep"] * CREDIT
+    assert len(Recorder.threads) == CREDIT
+
+
+def test_short_waits_get_threads_too(served):
+    """Jobs that block for less than the pacing's threshold (0.5 ms each, 400 at once,
+    the credit's worth in hand): one thread would run them one after the other while
+    the others wait (16 ms for the last); the jobs' waiting time, not the threads'
+    pace, is what adds threads."""
+    broker, _ = served
+    with Client(broker.endpoints[0]) as client:
+        futures = client.submit_many([b"nap"] * 400)
+        assert [f.result(WAIT) for f in futures] == [b"nap"] * 400
+    assert Recorder.peak >= 4, f"at most {Recorder.peak} at once"

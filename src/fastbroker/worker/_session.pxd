@@ -21,6 +21,7 @@ cdef struct Slot:
     int link  # the Link (broker) its job came from, and whose outbox sends it
     int generation  # of that link's connection its job came on
     int cancelled  # the broker sent CANCEL while it runs
+    double since  # when it came (while it waits for a thread: see Session._pace_threads)
     uint8_t task_id[16]
     int nframes
     zmsg *frames  # payload (waiting), answer or failure (done), milliseconds (extend)
@@ -112,7 +113,6 @@ cdef class Session:
     cdef Ring free_slots, waiting, done, extends
     cdef int results_pending, idle_threads, thread_count, pool_closed
     cdef int spawn_wanted, starting  # threads the loop asked for, not yet started / not yet waiting
-    cdef double last_take  # when a job thread last took jobs
     cdef double last_pace  # when _pace_threads last looked
     cdef int pace  # threads _pace_threads adds next if the jobs still wait
     cdef object spawner

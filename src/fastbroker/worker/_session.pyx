@@ -577,8 +577,6 @@ cdef class Session:
             self.slots[slot].frames = NULL
             self.slots[slot].nframes = 0
             n += 1
-        if n:
-            self.last_take = _now()  # the threads keep up (see _pace_threads)
         return n
 
     def _finish(self, int number, answer, error):
@@ -792,6 +790,7 @@ cdef class Session:
         s.link = k.index
         s.generation = k.generation
         s.cancelled = 0
+        s.since = k.last_heard  # when its message came
         self.in_hand += 1
         k.in_hand += 1
         k.counters[N_RECEIVED] += 1
@@ -921,10 +920,10 @@ cdef class Session:
     # -- how many job threads ---------------------------------------------------------------
 
     cdef void _pace_threads(self, double now) noexcept nogil:
-        """Jobs wait and no thread has taken one for BACKLOG_POLL: the threads there are
-        are busy (a process() that sleeps, waits on I/O or runs long), so wake or start
-        more: one the first time, twice as many each time they are stuck again before
-        the jobs stop waiting, up to the credit. A process() that is quick gets one
+        """A job has waited BACKLOG_POLL for a thread: the threads there are are busy (a
+        process() that sleeps, waits on I/O or runs for more than microseconds), so wake
+        or start more: one the first time, twice as many each time a job has waited that
+        long again before none waits, up to the credit. A process() that is quick gets one
         thread, which takes every job."""
         cdef int wanted, woken
         if now - self.last_pace < BACKLOG_POLL:
@@ -935,8 +934,8 @@ cdef class Session:
             self.pace = 1  # the threads caught up
             pthread_mutex_unlock(&self.lock)
             return
-        if now - self.last_take < BACKLOG_POLL:
-            pthread_mutex_unlock(&self.lock)
+        if now - self.slots[<int>_ring_at(&self.waiting, 0)].since < BACKLOG_POLL:
+            pthread_mutex_unlock(&self.lock)  # the oldest waiting job is young: they keep up
             return
         wanted = min(self.pace, self.waiting.count)
         woken = min(wanted, self.idle_threads)

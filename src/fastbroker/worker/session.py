@@ -86,8 +86,9 @@ _POLLIN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
 
 BACKLOG_POLL = 0.001
 """Seconds the compiled twin's loop sleeps at most while jobs wait for a thread (it
-lets outcomes come without a wake-up meanwhile), and how long without a job taken
-means its threads are stuck (``_pace_threads``); the pure loop's is ``JobPool.stuck_after``."""
+lets outcomes come without a wake-up meanwhile), and how long a job may wait for one
+before more threads are started (``_pace_threads``); the pure loop's is
+``JobPool.stuck_after``."""
 
 
 OFFER_AGAIN = 0.01
@@ -124,13 +125,13 @@ class JobPool:
         self.batch_max = batch_max
         self.name = name
         self.queue: queue.SimpleQueue[Optional[int]] = queue.SimpleQueue()
-        self.waiting: Dict[int, Tuple[bytes, List[bytes]]] = {}  # job number -> its arguments
+        # job number -> its arguments and when it came (time.monotonic()), oldest first
+        self.waiting: Dict[int, Tuple[bytes, List[bytes], float]] = {}
         self.threads: List[threading.Thread] = []
         self.closed = False
-        self.last_take = 0.0  # when a thread last took a job (time.monotonic())
         self.last_pace = 0.0  # when pace() last looked
         self.next_threads = 1  # threads pace() adds next if the jobs still wait
-        # How long without a take means the threads are stuck: here the loop is Python
+        # How long a job waits before the threads count as stuck: here the loop is Python
         # too, and a thread ready to take a job may wait for the GIL up to a switch
         # interval (5 ms) while the loop reads a batch; longer, and it is not the GIL.
         self.stuck_after = max(BACKLOG_POLL, 2 * sys.getswitchinterval())
@@ -140,25 +141,29 @@ class JobPool:
         """Queue a job (the first one starts a thread; pace() starts the others)."""
         if self.closed:
             raise RuntimeError("cannot run new jobs after the pool was shut down")
-        self.waiting[number] = (task_id, payload)
+        self.waiting[number] = (task_id, payload, time.monotonic())
         if not self.threads:
             self._start(1)
         self.queue.put(number)
 
     def pace(self, now: float) -> None:
-        """From the loop at every turn: jobs wait and no thread has taken one for
-        ``stuck_after``, so the threads there are are busy (a process() that sleeps, waits
-        on I/O or runs long): start more, one the first time, twice as many each time
-        they are stuck again before the jobs stop waiting, up to ``size``. A process() that is quick gets one
-        thread, which takes every job: more would only fight for the GIL."""
+        """From the loop at every turn: a job has waited ``stuck_after`` for a thread, so
+        the threads there are are busy (a process() that sleeps, waits on I/O or runs for
+        more than microseconds): start more, one the first time, twice as many each time
+        a job has waited that long again before none waits, up to ``size``. Quick jobs
+        get one thread, which takes them as they come: more would only fight for the GIL."""
         if now - self.last_pace < self.stuck_after:
             return
         self.last_pace = now
         if self.closed or not self.waiting:
             self.next_threads = 1  # the threads caught up
             return
-        if now - self.last_take < self.stuck_after:
+        try:
+            oldest = next(iter(self.waiting.values()))[2]
+        except (StopIteration, RuntimeError):  # taken meanwhile by a thread
             return
+        if now - oldest < self.stuck_after:
+            return  # the oldest waiting job is young: the threads keep up
         self._start(min(self.next_threads, len(self.waiting)))
         self.next_threads = min(2 * self.next_threads, self.size)
 
@@ -193,11 +198,10 @@ class JobPool:
             job = take(number, None)
             if job is None:
                 continue  # withdrawn before this thread took it
-            self.last_take = time.monotonic()
             try:
                 if self.run_batch is None:
-                    run(number, *job)
-                elif not self._serve_batch((number, *job)):
+                    run(number, job[0], job[1])
+                elif not self._serve_batch((number, job[0], job[1])):
                     return
             except BaseException:  # run() reports the job's own errors: this is a bug
                 log.exception("a job thread failed")
@@ -216,8 +220,7 @@ class JobPool:
                 break
             job = self.waiting.pop(number, None)
             if job is not None:
-                batch.append((number, *job))
-                self.last_take = time.monotonic()
+                batch.append((number, job[0], job[1]))
         assert self.run_batch is not None
         self.run_batch(batch)
         return more
