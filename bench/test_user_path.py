@@ -172,12 +172,36 @@ def _record(benchmark, name: str, walls: List[float], cpu: Dict[str, float]) -> 
         benchmark.extra_info["ratio_to_one_in_flight"] = round(rate / _rates["bare-one-in-flight"], 3)
 
 
-def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
-    benchmark.group = "user-path"
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+def _echo_socket(served: Served) -> zmq.Socket:
+    """A DEALER of this process connected to the echo server."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(served.echo)
+    return sock
+
+
+def _echo_rounds(benchmark, served: Served, sock: zmq.Socket, one_round, jobs: int) -> Dict[str, float]:
+    """Run the rounds against the echo server (then close `sock`): CPU µs per job."""
+    meter = CpuMeter({"echo server": served.pids["echo server"]})
+    try:
+        benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
+        return meter.per_job(jobs * (SIZES.socket_rounds + 1))
+    finally:
+        sock.close()
+
+
+def _percentiles(latencies: List[int]) -> Dict[str, float]:
+    """p50 and p99 in µs of round trips in ns."""
+    latencies.sort()
+    return {
+        "p50_us": round(latencies[len(latencies) // 2] / 1e3, 1),
+        "p99_us": round(latencies[len(latencies) * 99 // 100] / 1e3, 1),
+    }
+
+
+def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
+    benchmark.group = "user-path"
+    sock = _echo_socket(served)
     walls: List[float] = []
 
     def one_round() -> None:
@@ -186,12 +210,7 @@ def test_bare_pyzmq_echo(benchmark, served: Served) -> None:
         walls.append(time.perf_counter() - start)
         assert answers == PAYLOADS
 
-    meter = CpuMeter({"echo server": served.pids["echo server"]})
-    try:
-        benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
-        cpu = meter.per_job(USER_N * (SIZES.socket_rounds + 1))
-    finally:
-        sock.close()
+    cpu = _echo_rounds(benchmark, served, sock, one_round, USER_N)
     _record(benchmark, "bare-echo", walls, cpu)
 
 
@@ -201,10 +220,7 @@ def test_bare_pyzmq_one_in_flight(benchmark, served: Served) -> None:
     processes through libzmq and nothing else. A credit-1 worker needs at least one such
     round trip per job (broker to worker and back), its client's traffic besides."""
     benchmark.group = "user-path"
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(served.echo)
+    sock = _echo_socket(served)
     walls: List[float] = []
     latencies: List[int] = []
     payloads = PAYLOADS[:CALLS]
@@ -220,22 +236,10 @@ def test_bare_pyzmq_one_in_flight(benchmark, served: Served) -> None:
             latencies.append(time.perf_counter_ns() - sent)
         walls.append(time.perf_counter() - start)
 
-    meter = CpuMeter({"echo server": served.pids["echo server"]})
-    try:
-        benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
-        cpu = meter.per_job(CALLS * (SIZES.socket_rounds + 1))
-    finally:
-        sock.close()
+    cpu = _echo_rounds(benchmark, served, sock, one_round, CALLS)
     rate = CALLS / sorted(walls)[len(walls) // 2]
     _rates["bare-one-in-flight"] = rate
-    latencies.sort()
-    benchmark.extra_info.update(
-        jobs=CALLS,
-        jobs_per_s=round(rate),
-        cpu_us_per_job=cpu,
-        p50_us=round(latencies[len(latencies) // 2] / 1e3, 1),
-        p99_us=round(latencies[len(latencies) * 99 // 100] / 1e3, 1),
-    )
+    benchmark.extra_info.update(jobs=CALLS, jobs_per_s=round(rate), cpu_us_per_job=cpu, **_percentiles(latencies))
 
 
 # (name, broker core, client protocol, worker protocol, worker credit, worker session, prefetch)
@@ -304,12 +308,7 @@ def test_one_call_at_a_time(benchmark, served: Served, session: str) -> None:
                 assert answer == payload
 
         benchmark.pedantic(one_round, rounds=SIZES.socket_rounds, iterations=1, warmup_rounds=1)
-    latencies.sort()
-    benchmark.extra_info.update(
-        calls=CALLS,
-        p50_us=round(latencies[len(latencies) // 2] / 1e3, 1),
-        p99_us=round(latencies[len(latencies) * 99 // 100] / 1e3, 1),
-    )
+    benchmark.extra_info.update(calls=CALLS, **_percentiles(latencies))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["_echo"]:
