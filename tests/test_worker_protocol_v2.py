@@ -204,3 +204,26 @@ def test_a_worker_speaks_the_protocol_of_its_last_ready(make_crig):
     worker.command(CMD_ANSWER, message[3], b"re:c")
     got = outcomes(rig, client, 3)
     assert [got[rid] for rid in ids] == [(R_OK, [b"re:a"]), (R_OK, [b"re:b"]), (R_OK, [b"re:c"])]
+
+
+def test_an_answer_batch_at_the_frame_limit_reaches_the_broker(make_crig):
+    """The worker's AnswerBatch (the pure session's; the compiled one packs the same)
+    keeps each ANSWER within MAX_FRAMES as the broker counts it, its ROUTER's identity
+    frame included: 1023 answers of 4 frames made one message of 4096 frames at the
+    worker, 4097 at the broker, which dropped all 1023 outcomes at once."""
+    from fastbroker.worker.wire import AnswerBatch
+
+    n = 1023
+    rig, _client, _ids, worker = queued_for_a_worker(make_crig, [[b"x"]] * n, n)
+    rig.pump(lambda: sum(len(tasks_of(m)) for m in worker.inbox) >= n)
+    jobs = [job for m in worker.inbox for job in tasks_of(m)]
+    worker.inbox.clear()
+    batch = AnswerBatch()
+    for task_id, _ in jobs:
+        batch.add(task_id, protocol.R_OK, [b"a", b"b", b"c", b"d"])
+    messages = batch.close()
+    assert all(len(m) + 1 <= protocol.MAX_FRAMES for m in messages), [len(m) for m in messages]
+    for m in messages:
+        worker.send(*m)
+    rig.pump(lambda: rig.stats()["answered"] == n or rig.stats()["dropped"] > 0)
+    assert rig.stats()["answered"] == n and rig.stats()["dropped"] == 0

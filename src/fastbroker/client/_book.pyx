@@ -76,7 +76,8 @@ def submit_batches(list submits):
         end = start
         while end < total:
             n = len(<list>submits[end]) - _PAYLOAD_AT
-            if count and (count == _MAX_BATCH or payload_frames + n + 3 > _MAX_FRAMES):
+            # [signature, SUBMIT, header] and the identity the broker's ROUTER adds.
+            if count and (count == _MAX_BATCH or payload_frames + n + 4 > _MAX_FRAMES):
                 break
             count += 1
             payload_frames += n

@@ -478,7 +478,8 @@ def submit_batch_messages(records: Iterable[Tuple[bytes, bytes, Sequence[bytes]]
     frames: List[bytes] = []
     count = 0
     for request_id, options, payload in records:
-        if count and (count == MAX_BATCH or len(frames) + len(payload) + 3 > MAX_FRAMES):
+        # [signature, SUBMIT, header] and the identity the broker's ROUTER adds.
+        if count and (count == MAX_BATCH or len(frames) + len(payload) + 4 > MAX_FRAMES):
             messages.append([CLIENT_SIGNATURE_V2, C_SUBMIT, bytes(header), *frames])
             header, frames, count = bytearray(), [], 0
         # A record is the id, the FBC01 options' 9 bytes and the payload's frame count.

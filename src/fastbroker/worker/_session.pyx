@@ -404,8 +404,8 @@ cdef class Session:
     # -- the job threads -----------------------------------------------------------------
 
     def _spawn_threads(self):
-        """Starts the job threads the loop asks for (it cannot: that takes the GIL), as
-        jobs come: one when a job waits and no thread is idle, up to the credit."""
+        """Starts the job threads the loop asks for (it cannot: that takes the GIL): the
+        first when the first job comes, more when jobs wait (_pace_threads)."""
         cdef int wanted, closed
         _main_thread_takes_signals()  # and the job threads, which this one starts
         while True:

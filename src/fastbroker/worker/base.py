@@ -431,7 +431,8 @@ class Worker(WorkerBase):
         thread: its client cancelled it, and whatever it returns now is dropped.
 
         A method, not a property: it answers for the current job at each call, and
-        is cheap enough (a lookup, under a lock held for nanoseconds) to poll in a job's inner loop. Only
+        is cheap enough (a lookup; the compiled session takes its job table's lock for
+        it) to poll in a job's inner loop. Only
         meaningful in the thread running ``process``/``process_multipart`` (threads
         the job starts itself are not its thread); elsewhere it is False. The job
         decides what to do: return early or raise; either way the worker sends

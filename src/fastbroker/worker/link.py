@@ -94,6 +94,7 @@ class Link:
         self.sock.setsockopt(zmq.LINGER, 0)
         security.apply_curve(self.sock, session.worker.curve)
         self.sock.connect(self.address)
+        self.unblock()  # READY on the new connection offers the whole credit
         self.heard = False
         self.offered_v2 = False  # see offer_v2
         self.stats.protocol = 2 if self.v2 else 1
@@ -105,6 +106,12 @@ class Link:
         if self.stats.connects > 1:
             self.stats.reconnects += 1
         log.debug("connecting to %s (connection %d)", self.address, self.generation)
+
+    def unblock(self) -> None:
+        """Out of Session.blocked: this broker is told the credit again anyway."""
+        if self.blocked:
+            self.blocked = False
+            self.session.blocked.remove(self)
 
     def close_socket(self, linger_ms: int) -> None:
         if self.sock is not None:
@@ -122,6 +129,7 @@ class Link:
         self.generation += 1
         self.orphans = self.in_hand
         self.announced = None
+        self.unblock()  # the READY that registers it again offers the whole credit
         self.unconfirmed = []
         log.info("the broker sent DISCONNECT: registering again")
 
@@ -255,8 +263,11 @@ class Link:
         returns, self.returns = self.returns, []
         self.stats.returned += len(returns)
         log.debug("gave %d job(s) back to %s: the credit is full", len(returns), self.address)
-        for at in range(0, len(returns), MAX_FRAMES - 3):  # a longer message would be dropped whole
-            self.outbox.append((self.generation, self.message(CMD_RETURN, *returns[at : at + MAX_FRAMES - 3])))
+        # [b"", signature, RETURN, ids...] and the identity the broker's ROUTER adds: a
+        # longer message would be dropped whole.
+        most = MAX_FRAMES - 4
+        for at in range(0, len(returns), most):
+            self.outbox.append((self.generation, self.message(CMD_RETURN, *returns[at : at + most])))
         self.flush(now)
         self.session.wait_for_room(self)
 

@@ -134,7 +134,11 @@ class JobPool:
         # How long a job waits before the threads count as stuck: here the loop is Python
         # too, and a thread ready to take a job may wait for the GIL up to a switch
         # interval (5 ms) while the loop reads a batch; longer, and it is not the GIL.
-        self.stuck_after = max(BACKLOG_POLL, 2 * sys.getswitchinterval())
+        self.stuck_after = min(0.01, max(BACKLOG_POLL, 2 * sys.getswitchinterval()))
+        # Set when a job spent BACKLOG_POLL / 2 or more off the CPU (it sleeps or waits on
+        # I/O): the GIL is then not what keeps jobs waiting, and BACKLOG_POLL of waiting
+        # is enough to add a thread (see wait_limit).
+        self.blocking = False
         _watch_at_exit(self)
 
     def submit(self, number: int, task_id: bytes, payload: List[bytes]) -> None:
@@ -146,13 +150,19 @@ class JobPool:
             self._start(1)
         self.queue.put(number)
 
+    @property
+    def wait_limit(self) -> float:
+        """How long a job may wait for a thread before pace() adds one."""
+        return BACKLOG_POLL if self.blocking else self.stuck_after
+
     def pace(self, now: float) -> None:
         """From the loop at every turn: a job has waited ``stuck_after`` for a thread, so
         the threads there are are busy (a process() that sleeps, waits on I/O or runs for
         more than microseconds): start more, one the first time, twice as many each time
         a job has waited that long again before none waits, up to ``size``. Quick jobs
         get one thread, which takes them as they come: more would only fight for the GIL."""
-        if now - self.last_pace < self.stuck_after:
+        limit = self.wait_limit
+        if now - self.last_pace < limit:
             return
         self.last_pace = now
         if self.closed or not self.waiting:
@@ -162,7 +172,7 @@ class JobPool:
             oldest = next(iter(self.waiting.values()))[2]
         except (StopIteration, RuntimeError):  # taken meanwhile by a thread
             return
-        if now - oldest < self.stuck_after:
+        if now - oldest < limit:
             return  # the oldest waiting job is young: the threads keep up
         self._start(min(self.next_threads, len(self.waiting)))
         self.next_threads = min(2 * self.next_threads, self.size)
@@ -191,6 +201,7 @@ class JobPool:
 
     def _serve(self) -> None:
         get, take, run = self.queue.get, self.waiting.pop, self.run
+        clock, cpu_clock, off_cpu = time.perf_counter, time.thread_time, BACKLOG_POLL / 2
         while True:
             number = get()
             if number is None:
@@ -200,7 +211,9 @@ class JobPool:
                 continue  # withdrawn before this thread took it
             try:
                 if self.run_batch is None:
+                    start, cpu = clock(), cpu_clock()
                     run(number, job[0], job[1])
+                    self.blocking = (clock() - start) - (cpu_clock() - cpu) >= off_cpu
                 elif not self._serve_batch((number, job[0], job[1])):
                     return
             except BaseException:  # run() reports the job's own errors: this is a bug
@@ -370,8 +383,9 @@ class Session:
             when = self.last_offer + OFFER_AGAIN  # see _offer_room
             due = when if due is None else min(due, when)
         wait = max(0.0, due - now) if due is not None else self.heartbeat
-        if self.pool.waiting and wait > self.pool.stuck_after:
-            wait = self.pool.stuck_after  # to see whether the job threads keep up (JobPool.pace)
+        pool = self.pool
+        if pool.waiting and len(pool.threads) < pool.size and wait > pool.wait_limit:
+            wait = pool.wait_limit  # to see whether the job threads keep up (JobPool.pace)
         # Round up: waking a hair early would spin through a turn with nothing due.
         for item, events in zmq.zmq_poll(items, int(math.ceil(wait * 1000))):
             if isinstance(item, int):

@@ -63,7 +63,8 @@ class AnswerBatch:
         self.messages: List[List[bytes]] = []
 
     def add(self, task_id: bytes, code: bytes, frames: Sequence[bytes]) -> None:
-        if len(self.header) >= MAX_BATCH or len(self.frames) + len(frames) + 4 > MAX_FRAMES:
+        # [b"", signature, ANSWER, header] and the identity the broker's ROUTER adds.
+        if len(self.header) >= MAX_BATCH or len(self.frames) + len(frames) + 5 > MAX_FRAMES:
             self.close()
         self.header.append(task_id + code + len(frames).to_bytes(2, "big"))
         self.frames.extend(frames)

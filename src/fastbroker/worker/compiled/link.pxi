@@ -44,6 +44,7 @@ cdef int _link_open(Session s, Link *k, double now) noexcept nogil:
         zsetsockopt(k.sock, _CURVE_PUBLICKEY, s.curve_public_c, s.curve_sizes[1])
         zsetsockopt(k.sock, _CURVE_SERVERKEY, s.curve_server_c, s.curve_sizes[2])
     zconnect(k.sock, k.address)  # checked by Worker() already
+    _link_unblock(s, k)  # READY on the new connection offers the whole credit
     k.heard = 0
     k.offered_v2 = 0
     k.last_heard = now  # the broker gets `silence` seconds to speak first
@@ -55,6 +56,13 @@ cdef int _link_open(Session s, Link *k, double now) noexcept nogil:
         k.counters[N_RECONNECTS] += 1
     s._log(k.index, L_CONNECTING, k.generation, 0, NULL)
     return 0
+
+
+cdef void _link_unblock(Session s, Link *k) noexcept nogil:
+    """Out of Session.blocked: this broker is told the credit again anyway."""
+    if k.blocked:
+        k.blocked = 0
+        _ring_remove(&s.blocked, k.index)
 
 
 cdef void _link_close_socket(Link *k, int linger_ms) noexcept nogil:
@@ -70,6 +78,7 @@ cdef void _link_register_again(Session s, Link *k) noexcept nogil:
     k.generation += 1
     k.orphans = k.in_hand
     k.announced = -1
+    _link_unblock(s, k)  # the READY that registers it again offers the whole credit
     _link_confirm(s, k)
     s._log(k.index, L_REGISTERING, 0, 0, NULL)
 
@@ -227,7 +236,8 @@ cdef void _link_give_back(Session s, Link *k, double now) noexcept nogil:
     k.counters[N_RETURNED] += k.returns_count
     pthread_mutex_lock(&s.lock)
     while at < k.returns_count:
-        n = min(k.returns_count - at, MAX_FRAMES - 3)
+        # [b"", signature, RETURN, ids...], and the identity the broker's ROUTER adds.
+        n = min(k.returns_count - at, MAX_FRAMES - 4)
         slot = s._new_slot()
         if slot < 0:
             break
@@ -352,7 +362,8 @@ cdef int _link_flush_answers(Session s, Link *k, double now) noexcept nogil:
     global _out_of_memory
     while n < k.outbox.count and n < MAX_BATCH:
         o = &s.slots[<int>_ring_at(&k.outbox, n)]
-        if o.kind != K_ANSWER or (n and frames + o.nframes > MAX_FRAMES):
+        # At the broker, the identity its ROUTER adds counts too.
+        if o.kind != K_ANSWER or (n and frames + o.nframes > MAX_FRAMES - 1):
             break
         frames += o.nframes
         n += 1
