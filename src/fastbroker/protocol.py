@@ -21,6 +21,9 @@ chooses (compiled: slot + generation; pure: a counter). Opaque to workers."""
 SIGNATURE_SIZE = 5
 MAX_FRAMES = 4096
 """A message with more frames than this is dropped as malformed (bounds memory)."""
+PEER_MAX_FRAMES = MAX_FRAMES - 1
+"""Most frames in a message a DEALER client or worker sends: the broker's ROUTER adds
+the peer's identity frame, which MAX_FRAMES counts too."""
 MAX_CREDIT = 1 << 16
 """Most jobs a DEALER worker may ask for at once (READY's credit)."""
 MIN_LIVENESS = 2
@@ -256,6 +259,7 @@ _ENUM_NAMES = (
     "TASK_ID_SIZE",
     "SIGNATURE_SIZE",
     "MAX_FRAMES",
+    "PEER_MAX_FRAMES",
     "MAX_CREDIT",
     "MIN_LIVENESS",
     "MAX_LIVENESS",

@@ -35,7 +35,7 @@ from fastbroker.protocol import (
     CLIENT_SIGNATURE,
     CLIENT_SIGNATURE_V2,
     MAX_BATCH,
-    MAX_FRAMES,
+    PEER_MAX_FRAMES,
     REQUEST_ID_SIZE,
     SUBMIT_RECORD_SIZE,
     R_ACCEPTED,
@@ -59,13 +59,13 @@ cdef Py_ssize_t _RECORD = SUBMIT_RECORD_SIZE
 cdef Py_ssize_t _ID = REQUEST_ID_SIZE
 cdef Py_ssize_t _OPTIONS = SUBMIT_RECORD_SIZE - REQUEST_ID_SIZE - 2  # flags, timeout, tries
 cdef Py_ssize_t _MAX_BATCH = MAX_BATCH
-cdef Py_ssize_t _MAX_FRAMES = MAX_FRAMES
+cdef Py_ssize_t _PEER_MAX_FRAMES = PEER_MAX_FRAMES
 
 
 def submit_batches(list submits):
     """FBC02 SUBMIT messages for FBC01 SUBMIT messages ``[FBC01, SUBMIT, id, options,
     payload...]`` (client/protocol.py's submit_batch_messages, which takes their parts):
-    as few as MAX_BATCH records and MAX_FRAMES frames a message allow, in order. The
+    as few as MAX_BATCH records and PEER_MAX_FRAMES frames a message allow, in order. The
     header is written in place."""
     cdef list messages = [], frames, m
     cdef Py_ssize_t start = 0, end, count, payload_frames, n, i, k, total = len(submits)
@@ -76,8 +76,8 @@ def submit_batches(list submits):
         end = start
         while end < total:
             n = len(<list>submits[end]) - _PAYLOAD_AT
-            # [signature, SUBMIT, header] and the identity the broker's ROUTER adds.
-            if count and (count == _MAX_BATCH or payload_frames + n + 4 > _MAX_FRAMES):
+            # [signature, SUBMIT, header] and the payloads' frames.
+            if count and (count == _MAX_BATCH or payload_frames + n + 3 > _PEER_MAX_FRAMES):
                 break
             count += 1
             payload_frames += n

@@ -42,10 +42,10 @@ from fastbroker.protocol import (
     DEAD_RECORD_SIZE,
     MAX_BATCH,
     MAX_DEAD_LIST,
-    MAX_FRAMES,
     MAX_REQUEST_TIMEOUT_MS,
     MAX_REQUEST_TRIES,
     OPT_NO_ACK,
+    PEER_MAX_FRAMES,
     R_ACCEPTED,
     R_CANCELLED,
     R_DEAD,
@@ -472,14 +472,14 @@ def decode_reply(frames: Sequence[bytes]) -> Optional[Reply]:
 
 def submit_batch_messages(records: Iterable[Tuple[bytes, bytes, Sequence[bytes]]]) -> List[List[bytes]]:
     """FBC02 SUBMIT messages for (id, FBC01 options frame, payload frames) records: as few
-    as MAX_BATCH records and MAX_FRAMES frames a message allow, in order."""
+    as MAX_BATCH records and PEER_MAX_FRAMES frames a message allow, in order."""
     messages: List[List[bytes]] = []
     header = bytearray()
     frames: List[bytes] = []
     count = 0
     for request_id, options, payload in records:
-        # [signature, SUBMIT, header] and the identity the broker's ROUTER adds.
-        if count and (count == MAX_BATCH or len(frames) + len(payload) + 4 > MAX_FRAMES):
+        # [signature, SUBMIT, header] and the payloads' frames.
+        if count and (count == MAX_BATCH or len(frames) + len(payload) + 3 > PEER_MAX_FRAMES):
             messages.append([CLIENT_SIGNATURE_V2, C_SUBMIT, bytes(header), *frames])
             header, frames, count = bytearray(), [], 0
         # A record is the id, the FBC01 options' 9 bytes and the payload's frame count.

@@ -24,7 +24,7 @@ from fastbroker.protocol import (
     CMD_READY,
     CMD_RETURN,
     CMD_TASK,
-    MAX_FRAMES,
+    PEER_MAX_FRAMES,
     RECV_BATCH,
     TASK_ID_SIZE,
     WORKER_SIGNATURE,
@@ -259,13 +259,11 @@ class Link:
 
     def give_back(self, now: float) -> None:
         """RETURN the jobs that came beyond the credit (several brokers), in as many
-        messages as MAX_FRAMES needs, then wait for room (Session.wait_for_room) before offering the credit to this broker again."""
+        messages as PEER_MAX_FRAMES needs, then wait for room (Session.wait_for_room) before offering the credit to this broker again."""
         returns, self.returns = self.returns, []
         self.stats.returned += len(returns)
         log.debug("gave %d job(s) back to %s: the credit is full", len(returns), self.address)
-        # [b"", signature, RETURN, ids...] and the identity the broker's ROUTER adds: a
-        # longer message would be dropped whole.
-        most = MAX_FRAMES - 4
+        most = PEER_MAX_FRAMES - 3  # and [b"", signature, RETURN]: a longer one is dropped whole
         for at in range(0, len(returns), most):
             self.outbox.append((self.generation, self.message(CMD_RETURN, *returns[at : at + most])))
         self.flush(now)

@@ -8,16 +8,16 @@ from __future__ import annotations
 import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
-from fastbroker.protocol import MAX_FRAMES
+from fastbroker.protocol import PEER_MAX_FRAMES
 
 log = logging.getLogger("fastbroker.worker")
 
 FAILED_TEXT_LIMIT = 2000
 """Characters of an exception's message sent in FAILED (the full traceback is logged)."""
 
-MAX_ANSWER_FRAMES = MAX_FRAMES - 5
+MAX_ANSWER_FRAMES = PEER_MAX_FRAMES - 4
 """Frames of one answer: what an ANSWER message can carry besides its own four
-([b"", signature, ANSWER, task id]) and the identity frame the broker's ROUTER adds."""
+([b"", signature, ANSWER, task id])."""
 
 ANSWER_ZERO_COPY_MIN = 65536
 """Answer frames of at least this many bytes are sent from the job's own ``bytes`` object,

@@ -13,7 +13,7 @@ from fastbroker.protocol import (
     CMD_ANSWER,
     CMD_FAILED,
     MAX_BATCH,
-    MAX_FRAMES,
+    PEER_MAX_FRAMES,
     R_FAILED,
     R_OK,
     TASK_ID_SIZE,
@@ -53,7 +53,7 @@ def split_tasks(body: Sequence[bytes]) -> Optional[List[Tuple[bytes, List[bytes]
 
 class AnswerBatch:
     """The outcomes of one turn of the loop, gathered into FBW02 ANSWER messages
-    (at most MAX_BATCH records and MAX_FRAMES frames each)."""
+    (at most MAX_BATCH records and PEER_MAX_FRAMES frames each)."""
 
     __slots__ = ("header", "frames", "messages")
 
@@ -63,8 +63,8 @@ class AnswerBatch:
         self.messages: List[List[bytes]] = []
 
     def add(self, task_id: bytes, code: bytes, frames: Sequence[bytes]) -> None:
-        # [b"", signature, ANSWER, header] and the identity the broker's ROUTER adds.
-        if len(self.header) >= MAX_BATCH or len(self.frames) + len(frames) + 5 > MAX_FRAMES:
+        # [b"", signature, ANSWER, header] and the answers' frames.
+        if len(self.header) >= MAX_BATCH or len(self.frames) + len(frames) + 4 > PEER_MAX_FRAMES:
             self.close()
         self.header.append(task_id + code + len(frames).to_bytes(2, "big"))
         self.frames.extend(frames)

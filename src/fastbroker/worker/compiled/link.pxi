@@ -228,7 +228,7 @@ cdef void _link_offer_v2(Session s, Link *k, double now) noexcept nogil:
 
 cdef void _link_give_back(Session s, Link *k, double now) noexcept nogil:
     """RETURN the jobs that came beyond the credit (several brokers), as many messages as
-    MAX_FRAMES needs, then wait for room (Session._wait_for_room) before offering the
+    PEER_MAX_FRAMES needs, then wait for room (Session._wait_for_room) before offering the
     credit to this broker again."""
     cdef int slot, i, at = 0, n
     cdef Slot *o
@@ -236,8 +236,7 @@ cdef void _link_give_back(Session s, Link *k, double now) noexcept nogil:
     k.counters[N_RETURNED] += k.returns_count
     pthread_mutex_lock(&s.lock)
     while at < k.returns_count:
-        # [b"", signature, RETURN, ids...], and the identity the broker's ROUTER adds.
-        n = min(k.returns_count - at, MAX_FRAMES - 4)
+        n = min(k.returns_count - at, PEER_MAX_FRAMES - 3)  # and [b"", signature, RETURN]
         slot = s._new_slot()
         if slot < 0:
             break
@@ -355,15 +354,14 @@ cdef void _link_flush(Session s, Link *k, double now) noexcept nogil:
 
 cdef int _link_flush_answers(Session s, Link *k, double now) noexcept nogil:
     """The ANSWERs at the head of the outbox as one FBW02 ANSWER (at most MAX_BATCH
-    records and MAX_FRAMES frames); they stay in their slots until confirmed."""
+    records and PEER_MAX_FRAMES frames); they stay in their slots until confirmed."""
     cdef int n = 0, frames = 4, i, j, at, slot, _
     cdef Slot *o
     cdef uint8_t *header
     global _out_of_memory
     while n < k.outbox.count and n < MAX_BATCH:
         o = &s.slots[<int>_ring_at(&k.outbox, n)]
-        # At the broker, the identity its ROUTER adds counts too.
-        if o.kind != K_ANSWER or (n and frames + o.nframes > MAX_FRAMES - 1):
+        if o.kind != K_ANSWER or (n and frames + o.nframes > PEER_MAX_FRAMES):
             break
         frames += o.nframes
         n += 1
