@@ -13,7 +13,7 @@ the jobs/s of all clients together, and the CPU of every process (the shards, th
 clients, the workers) per job. On a machine with fewer cores than processes the gain is
 bounded by the cores: the CPU columns say where they went.
 
-Part 3, the worker. One ``fastbroker worker bench.test_user_path:Echo --credit 64``
+Part 3, the worker. One ``fastbroker worker bench.test_user_path:Echo --credit C``
 process given the list of B brokers (``--worker-brokers``, default 1,4), each broker fed
 by its own compiled FBC02 client at once (``--worker-jobs`` in all): the worker
 process's CPU per job, its jobs/s, the brokers' CPU per job, the jobs it gave back
@@ -157,7 +157,7 @@ def measure_worker(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
         _, endpoints, broker_pids = start_shards(run, brokers)
         worker = run.start(
             ["-m", "fastbroker", "-v", "worker", "bench.test_user_path:Echo", ",".join(w for _, w in endpoints)]
-            + ["--credit", "64"],
+            + ["--credit", str(args.worker_credit)],
             "worker",
         )
         deadline = time.monotonic() + START_WAIT
@@ -184,7 +184,7 @@ def measure_worker(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
         brokers_cpu = sum(cpu_seconds(p) for p in broker_pids) - brokers_cpu0
         jobs = sum(r["n"] for r in results)
         elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
-        returned = dispatched = 0
+        returned = dispatched = ready = 0
         for req, _ in endpoints:
             sock = child_dealer(req)
             try:
@@ -193,6 +193,7 @@ def measure_worker(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
                 sock.close(0)
             returned += figures["returned"] if figures else 0
             dispatched += figures["dispatched"] if figures else 0
+            ready += figures["ready"] if figures else 0
         return {
             "brokers": brokers,
             "rate": jobs / elapsed,
@@ -201,6 +202,7 @@ def measure_worker(args: argparse.Namespace, brokers: int) -> Dict[str, float]:
             "returned": returned / jobs,
             # Of every round's jobs and warm-up; the same for B = 1 and B > 1.
             "dispatched": dispatched / jobs,
+            "ready": ready / jobs,
         }
 
 
@@ -248,12 +250,13 @@ def _ratio_table(results: List[Dict[str, float]], lengths: Sequence[int], column
 
 def report_worker(results: List[Dict[str, float]], args: argparse.Namespace) -> None:
     print(
-        f"part 3: one fastbroker worker (credit 64) serving a list of B brokers, each fed by a compiled client; "
+        f"part 3: one fastbroker worker (credit {args.worker_credit}) serving a list of B brokers, each fed by a compiled client; "
         f"{args.worker_jobs} jobs; median of {args.rounds}"
     )
     columns = [("jobs/s", "rate", "{:,.0f}"), ("worker CPU µs/job", "cpu_us", "{:.1f}")]
     columns += [("brokers' CPU µs/job", "brokers_us", "{:.1f}"), ("given back per job run", "returned", "{:.2f}")]
-    _ratio_table(results, args.worker_brokers, columns + [("sent per job run", "dispatched", "{:.2f}")])
+    columns += [("sent per job run", "dispatched", "{:.2f}"), ("READY per job run", "ready", "{:.3f}")]
+    _ratio_table(results, args.worker_brokers, columns)
 
 
 def report_client(results: List[Dict[str, float]], args: argparse.Namespace) -> None:
@@ -275,6 +278,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--client-jobs", type=int, default=20_000, help="jobs per round of part 2 (default 20000)")
     p.add_argument("--worker-brokers", default="1,4", help="list lengths of part 3 (default 1,4; empty: skip)")
     p.add_argument("--worker-jobs", type=int, default=40_000, help="jobs per round of part 3 (default 40000)")
+    p.add_argument("--worker-credit", type=int, default=64, help="the worker's --credit in part 3 (default 64)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, interleaved; medians reported (default 3)")
     args = p.parse_args(argv)
     args.shards = [int(x) for x in args.shards.split(",") if x.strip()]
@@ -282,7 +286,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.worker_brokers = [int(x) for x in args.worker_brokers.split(",") if x.strip()]
     if _loadgen is None:
         p.error(f"bench._loadgen does not import ({LOADGEN_ERROR}); run `make loadgen`")
-    if min(args.jobs, args.client_jobs, args.worker_jobs, args.rounds) < 1 or any(
+    if min(args.jobs, args.client_jobs, args.worker_jobs, args.worker_credit, args.rounds) < 1 or any(
         s < 1 for s in args.shards + args.client_brokers + args.worker_brokers
     ):
         p.error("counts must be >= 1")

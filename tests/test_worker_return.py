@@ -7,6 +7,7 @@ more jobs at once than its credit."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -141,21 +142,40 @@ def most_at_once(spans: list) -> int:
     return peak
 
 
-@pytest.mark.parametrize("credit", [1, 2])
-def test_one_credit_for_two_brokers(tmp_path, credit):
+@contextlib.contextmanager
+def brokers_and_worker(tmp_path, worker_class, count: int = 2, credit: int = 1):
+    """`count` Brokers in threads (ipc) and a `worker_class` Worker with all of them in
+    its list, in a thread: yields (brokers, worker); all stopped and closed after."""
     brokers = [
         Broker(None, None, None, *(f"ipc://{tmp_path}/{name}{k}" for name in ("req", "wrk", "ans")), heartbeat=0.2)
-        for k in range(2)
+        for k in range(count)
     ]
     threads = [threading.Thread(target=b.run, name=f"broker{k}") for k, b in enumerate(brokers)]
     for t in threads:
         t.start()
-    Timed.spans = []
-    Timed.threads = set()
-    worker = Timed(None, [b.endpoints[1] for b in brokers], credit=credit, heartbeat=0.2)
+    worker = worker_class(None, [b.endpoints[1] for b in brokers], credit=credit, heartbeat=0.2)
     wthread = threading.Thread(target=worker.run, name="worker")
     wthread.start()
     try:
+        yield brokers, worker
+    finally:
+        worker.stop()
+        wthread.join(WAIT)
+        worker.close()
+        for b in brokers:
+            b.stop()
+        for t in threads:
+            t.join(WAIT)
+        for b in brokers:
+            b.close()
+    wait_until(lambda: not wthread.is_alive(), WAIT)
+
+
+@pytest.mark.parametrize("credit", [1, 2])
+def test_one_credit_for_two_brokers(tmp_path, credit):
+    Timed.spans = []
+    Timed.threads = set()
+    with brokers_and_worker(tmp_path, Timed, credit=credit) as (brokers, worker):
         with Client([b.endpoints[0] for b in brokers]) as client:
             futures = client.submit_many([b"%d" % i for i in range(200)])
             assert [f.result(WAIT) for f in futures] == [b"-%d" % i for i in range(200)]
@@ -171,17 +191,50 @@ def test_one_credit_for_two_brokers(tmp_path, credit):
         returned = sum(b.stats()["returned"] for b in brokers)
         assert returned == stats.returned
         print(f"credit {credit}: {stats.returned} job(s) returned, answered per broker {answered}")
-    finally:
-        worker.stop()
-        wthread.join(WAIT)
-        worker.close()
-        for b in brokers:
-            b.stop()
-        for t in threads:
-            t.join(WAIT)
-        for b in brokers:
-            b.close()
-    wait_until(lambda: not wthread.is_alive(), WAIT)
+
+
+class Quick(Worker):
+    """Answers at once, noting (start, end) of each job in `spans`."""
+
+    spans: list = []
+    lock = threading.Lock()
+
+    def process(self, data: bytes) -> bytes:
+        start = time.monotonic()
+        with Quick.lock:
+            Quick.spans.append((start, time.monotonic()))
+        return data
+
+
+def test_brokers_that_all_have_jobs_queued_get_almost_none_given_back(tmp_path):
+    """Each broker of the list is told a share of the credit, the shares together no
+    more than it (Session._share_credit): with both brokers' queues full, jobs given
+    back are the exception (at most one per job, with every broker told the whole
+    credit: 1.2 per job in bench.shards before)."""
+    jobs = 3000
+    Quick.spans = []
+    with brokers_and_worker(tmp_path, Quick, credit=8) as (brokers, worker):
+        with Client([b.endpoints[0] for b in brokers]) as client:
+            assert list(client.map([b"%d" % i for i in range(jobs)], window=1024)) == [b"%d" % i for i in range(jobs)]
+        answered = [b.stats()["answered"] for b in brokers]
+        assert sum(answered) == jobs and min(answered) > 0, answered
+        returned = sum(b.stats()["returned"] for b in brokers)
+        assert returned == worker.stats.returned
+        print(f"{returned} job(s) given back of {jobs}, answered per broker {answered}")
+        assert returned <= jobs // 20, returned
+        assert most_at_once(Quick.spans) <= 8
+
+
+def test_a_broker_alone_with_jobs_gets_the_whole_credit(tmp_path):
+    """A broker whose jobs fill its share gets what another broker, with nothing queued,
+    leaves unused: all of the credit (the idle one's probe of one job is not counted
+    against it)."""
+    Timed.spans = []
+    with brokers_and_worker(tmp_path, Timed, credit=8) as (brokers, _):
+        with Client(brokers[0].endpoints[0]) as client:
+            payloads = [b"%d" % i for i in range(400)]
+            assert list(client.map(payloads)) == [b"-" + p for p in payloads]
+        assert most_at_once(Timed.spans) == 8, most_at_once(Timed.spans)
 
 
 # -- 3. fastbroker.Worker against brokers played by the test -------------------------------

@@ -55,7 +55,12 @@ cdef struct Link:
     int in_hand  # jobs of this broker in hand
     int orphans  # of them, those of an earlier connection (or registration)
     int blocked  # gave jobs back: in Session.blocked until there is room
-    int unblocked  # there is room again: offer the credit again
+    # With several brokers, the credit this one is told (Session._share_credit),
+    # counting the jobs of this connection only, and since when it has left more than
+    # one of them unused (-1: it has not).
+    int share
+    double spare_since
+    int probing  # its broker had nothing queued: it may send one job, not counted
     uint8_t *returns  # task ids to give back (RETURN), 16 bytes each
     int returns_count, returns_cap
     Ring outbox, unconfirmed
@@ -78,8 +83,11 @@ cdef class Session:
     cdef int link_count
     cdef int limit  # jobs in hand at most (credit + prefetch), checked with several links
     cdef int has_limit
+    cdef int fair_share  # with several links: the credit over the links, at least 1
+    cdef int holder  # the hungry link that gets most of the credit (_share_credit)
+    cdef double holder_since
     cdef Ring blocked  # links that gave jobs back, oldest first (see _wait_for_room)
-    cdef double last_offer  # when a blocked link was last told to offer its credit again
+    cdef double last_offer  # when a blocked link was last told a share again
     cdef int wake_fd
     cdef void *poll_items  # zpollitem[2 + link_count], for _poll
     cdef object result_pipe
@@ -128,6 +136,9 @@ cdef class Session:
     cdef void _start_job(self, Link *k, const uint8_t *task_id, int first, int count) noexcept nogil
     cdef void _cancel(self, Link *k, const uint8_t *task_id) noexcept nogil
     cdef void _collect(self) noexcept nogil
+    cdef int _free_room(self) noexcept nogil
+    cdef int _opening_share(self, Link *k) noexcept nogil
+    cdef void _share_credit(self, double now) noexcept nogil
     cdef void _wait_for_room(self, Link *k) noexcept nogil
     cdef void _room_made(self) noexcept nogil
     cdef void _offer_room(self, double now) noexcept nogil

@@ -38,7 +38,12 @@ import zmq.backend.cython._zmq as _pyzmq_backend
 
 from fastbroker import protocol
 from fastbroker.worker.running import ANSWER_ZERO_COPY_MIN, run_batch, run_one
-from fastbroker.worker.session import BACKLOG_POLL as _BACKLOG_POLL, OFFER_AGAIN as _OFFER_AGAIN
+from fastbroker.worker.session import (
+    BACKLOG_POLL as _BACKLOG_POLL,
+    DRY_AFTER as _DRY_AFTER,
+    OFFER_AGAIN as _OFFER_AGAIN,
+    SLICE as _SLICE,
+)
 from fastbroker.worker.session import CANCELLED_TEXT, CANCELLED_TYPE, _watch_at_exit
 
 from fastbroker._protocol cimport *
@@ -170,6 +175,19 @@ cdef double BACKLOG_POLL = _BACKLOG_POLL
 # such broker is offered it, while the room stays free (the pure twin's OFFER_AGAIN).
 cdef double OFFER_AGAIN = _OFFER_AGAIN
 
+# Seconds a broker of several may leave more than one job of its share unused before
+# the rest goes to the others (the pure twin's DRY_AFTER, see _share_credit).
+cdef double DRY_AFTER = _DRY_AFTER
+
+# Seconds the brokers of several that have jobs queued each hold most of the credit in
+# turn (the pure twin's SLICE).
+cdef double SLICE = _SLICE
+
+
+cdef inline int _hungry(Link *k) noexcept nogil:
+    """Its broker sent all it was told (it may have more), and may send again."""
+    return k.sock != NULL and not k.blocked and not k.probing and k.share <= k.in_hand - k.orphans
+
 JOIN_SLICE = 0.1
 """Seconds run() waits for the loop thread at a time (see run())."""
 
@@ -258,12 +276,17 @@ cdef class Session:
         # One broker never sends beyond the credit it was told; several may together.
         self.limit = self.credit + self.prefetch
         self.has_limit = self.link_count > 1
+        # With several brokers, each is told a share of the credit (Link.share).
+        self.fair_share = max(1, self.limit // self.link_count)
+        self.holder = 0
+        self.holder_since = 0.0
         self.batched = worker.batched
         self.views_min = -1 if worker.zero_copy_min is None else max(1, worker.zero_copy_min)
         self.batch_max = self.credit + self.prefetch if self.batched else 1
         self.worker_protocol = worker.protocol
         for i in range(self.link_count):
             self.links[i].v2 = worker.protocol == 2
+            self.links[i].spare_since = -1.0
         self.threads = []
         self.pace = 1
         self.thread_count = 0
@@ -646,6 +669,8 @@ cdef class Session:
             self._collect()
             self._pace_threads(now)
             self._offer_room(now)
+            if self.has_limit and not self.stopping:
+                self._share_credit(now)
             if self.stop_requested and not self.stopping:
                 self.stopping = 1
                 self._log(0, L_STOPPING, self.in_hand, 0, NULL)
@@ -714,6 +739,10 @@ cdef class Session:
                 items[n].fd = i  # the link's number: zmq_poll ignores fd when socket is set
                 items[n].events = ZPOLLIN | (ZPOLLOUT if k.outbox.count else 0)
                 n += 1
+            if k.spare_since >= 0:
+                when = k.spare_since + DRY_AFTER  # see _share_credit
+                if due < 0 or when < due:
+                    due = when
         if self.blocked.count and self.in_hand < self.limit:
             when = self.last_offer + OFFER_AGAIN  # see _offer_room
             if due < 0 or when < due:
@@ -793,6 +822,8 @@ cdef class Session:
         s.since = k.last_heard  # when its message came
         self.in_hand += 1
         k.in_hand += 1
+        k.spare_since = -1.0  # its broker has jobs (see _share_credit)
+        k.probing = 0
         k.counters[N_RECEIVED] += 1
         _ring_push(&self.waiting, slot)
         if self.waiting.count == 1 and self.idle_threads:
@@ -958,32 +989,103 @@ cdef class Session:
 
     # -- the credit across several brokers ----------------------------------------------------
 
+    cdef int _free_room(self) noexcept nogil:
+        """Room in the credit that no broker may fill now (see the pure Session)."""
+        cdef int room = self.limit - self.in_hand, i, spare
+        cdef Link *k
+        for i in range(self.link_count):
+            k = &self.links[i]
+            if k.sock != NULL and not k.probing:
+                spare = k.share - k.in_hand + k.orphans
+                if spare > 0:
+                    room -= spare
+        return room
+
+    cdef int _opening_share(self, Link *k) noexcept nogil:
+        """The share a broker is told on a new connection or when it may send again
+        after giving jobs back (see the pure Session)."""
+        cdef int own = k.in_hand - k.orphans
+        return max(own + 1, min(self.fair_share, own + self._free_room()))
+
+    cdef void _share_credit(self, double now) noexcept nogil:
+        """Split the credit between the brokers so that together they never send more
+        than it: of the hungry ones, the holder gets what the others do not use, in turn
+        every SLICE, and the others 0; a dry one is told 1, not counted (probing). See the
+        pure Session."""
+        cdef int room = self.limit - self.in_hand, told = 0, hungry = 0
+        cdef int i, own, spare, wanted, share
+        cdef Link *k = &self.links[self.holder]
+        cdef int holder_gone = k.sock == NULL or k.blocked or k.probing  # or found dry now
+        for i in range(self.link_count):
+            k = &self.links[i]
+            if k.sock == NULL or k.blocked or k.probing:
+                continue
+            own = k.in_hand - k.orphans
+            spare = k.share - own
+            if spare > 0:
+                if k.spare_since < 0:
+                    k.spare_since = now  # reset by each job that comes (_start_job)
+                elif now - k.spare_since >= DRY_AFTER:
+                    k.share = 1
+                    k.spare_since = -1.0
+                    k.probing = 1
+                    if i == self.holder:
+                        holder_gone = 1
+                    continue
+            else:
+                k.spare_since = -1.0
+            if spare > 0:
+                room -= spare
+                told += k.share
+            else:
+                hungry += 1
+        if not hungry:
+            return
+        if holder_gone or now - self.holder_since >= SLICE:
+            for i in range(1, self.link_count + 1):  # the next hungry one, itself last
+                if _hungry(&self.links[(self.holder + i) % self.link_count]):
+                    self.holder = (self.holder + i) % self.link_count
+                    break
+            self.holder_since = now
+        for i in range(self.link_count):
+            k = &self.links[i]
+            if not _hungry(k):
+                continue
+            wanted = max(1, self.limit - told) if i == self.holder else 0
+            if k.share > wanted:
+                k.share = wanted
+            elif k.share < wanted and room > 0:
+                own = k.in_hand - k.orphans
+                share = min(wanted, max(k.share, own) + room)
+                room -= max(0, share - own)
+                k.share = share
+
     cdef void _wait_for_room(self, Link *k) noexcept nogil:
-        """`k` gave jobs back (its broker now takes this worker for full): it offers its
-        credit again when there is room, the links that gave back oldest first, one per
-        job that leaves (waking them all would have them all send, and all but one give
+        """`k` gave jobs back (its broker now takes this worker for full): it is told a
+        share again when there is room, the links that gave back oldest first, one per
+        job that leaves (telling them all would have them all send, and all but one give
         back again); see also _offer_room."""
         if self.in_hand < self.limit:
-            k.unblocked = 1
+            k.share = self._opening_share(k)
             self.last_offer = _now()
         elif not k.blocked:
             k.blocked = 1
             _ring_push(&self.blocked, k.index)
 
     cdef void _room_made(self) noexcept nogil:
-        """A job left the hand: the link blocked longest may offer its credit again."""
+        """A job left the hand: the link blocked longest may be told a share again."""
         cdef int index
         if self.blocked.count:
             index = <int>_ring_pop(&self.blocked)
             self.links[index].blocked = 0
-            self.links[index].unblocked = 1
+            self.links[index].share = self._opening_share(&self.links[index])
             self.last_offer = _now()
 
     cdef void _offer_room(self, double now) noexcept nogil:
         """Room no broker fills: the link offered it last may have nothing queued any
-        more. With nothing in hand, every blocked link offers its credit again (an idle
+        more. With nothing in hand, every blocked link is told a share again (an idle
         worker must not leave a broker's jobs waiting); with room left OFFER_AGAIN after
-        the last offer, the next blocked link does."""
+        the last offer, the next blocked link is."""
         cdef int index
         if not self.blocked.count or self.in_hand >= self.limit:
             return
@@ -992,7 +1094,7 @@ cdef class Session:
         while self.blocked.count:
             index = <int>_ring_pop(&self.blocked)
             self.links[index].blocked = 0
-            self.links[index].unblocked = 1
+            self.links[index].share = self._opening_share(&self.links[index])
             if self.in_hand:
                 break
         self.last_offer = now

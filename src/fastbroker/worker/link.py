@@ -72,7 +72,14 @@ class Link:
         # at each turn: with a large credit, that search was the loop's longest step).
         self.orphans = 0
         self.blocked = False  # gave jobs back: in Session.blocked until there is room
-        self.unblocked = False  # there is room again: offer the credit again
+        # With several brokers, the credit this one is told (Session._share_credit),
+        # counting the jobs of this connection only, and since when it has left more
+        # than one of them unused (None: it has not).
+        self.share = 0
+        self.spare_since: Optional[float] = None
+        # Its broker was found to have nothing queued: it may send one job (once it
+        # holds none), which the others' shares do not make room for.
+        self.probing = False
         self.returns: List[bytes] = []  # task ids to give back (RETURN) at the next flush
         # (generation, frames): an ANSWER (generation None) is sent on whatever
         # socket comes next; a FAILED, EXTEND or RETURN only on the one its job came on.
@@ -94,7 +101,11 @@ class Link:
         self.sock.setsockopt(zmq.LINGER, 0)
         security.apply_curve(self.sock, session.worker.curve)
         self.sock.connect(self.address)
-        self.unblock()  # READY on the new connection offers the whole credit
+        self.unblock()
+        self.share = 0
+        self.share = session.opening_share(self)  # what READY on the new connection offers
+        self.spare_since = None
+        self.probing = False
         self.heard = False
         self.offered_v2 = False  # see offer_v2
         self.stats.protocol = 2 if self.v2 else 1
@@ -129,7 +140,11 @@ class Link:
         self.generation += 1
         self.orphans = self.in_hand
         self.announced = None
-        self.unblock()  # the READY that registers it again offers the whole credit
+        self.unblock()
+        self.share = 0
+        self.share = self.session.opening_share(self)  # what the READY that registers it again offers
+        self.spare_since = None
+        self.probing = False
         self.unconfirmed = []
         log.info("the broker sent DISCONNECT: registering again")
 
@@ -171,10 +186,6 @@ class Link:
             return
         if self.returns:
             self.give_back(now)
-        if self.unblocked:
-            # The broker took our credit for full when we gave jobs back.
-            self.unblocked = False
-            self.announced = None
         # READY first on a new connection (the broker answers anything else from an
         # unknown worker with DISCONNECT) and READY(0) before the last answers; a
         # raised credit goes after them.
@@ -233,10 +244,16 @@ class Link:
     def announce_credit(self, now: float) -> None:
         """Send READY when the credit the broker should use changes: on connect, on
         stop (0), and when a job taken on an earlier connection finishes (the new
-        connection's credit leaves room for those still running). The broker's credit
-        is the worker's plus its prefetch: jobs it holds beyond those running."""
+        connection's credit leaves room for those still running), and with several
+        brokers when this one's share changes. The broker's credit is the worker's plus
+        its prefetch: jobs it holds beyond those running."""
         session = self.session
-        credit = 0 if session.stopping else max(0, session.credit + session.prefetch - self.orphans)
+        if session.stopping:
+            credit = 0
+        elif session.has_limit:
+            credit = self.share
+        else:
+            credit = max(0, session.limit - self.orphans)
         if credit == self.announced:
             return
         if self.send(now, self.message(CMD_READY, credit.to_bytes(4, "big"))):
@@ -259,7 +276,8 @@ class Link:
 
     def give_back(self, now: float) -> None:
         """RETURN the jobs that came beyond the credit (several brokers), in as many
-        messages as PEER_MAX_FRAMES needs, then wait for room (Session.wait_for_room) before offering the credit to this broker again."""
+        messages as PEER_MAX_FRAMES needs, then wait for room (Session.wait_for_room)
+        before telling this broker a share of the credit again."""
         returns, self.returns = self.returns, []
         self.stats.returned += len(returns)
         log.debug("gave %d job(s) back to %s: the credit is full", len(returns), self.address)
@@ -267,6 +285,10 @@ class Link:
         for at in range(0, len(returns), most):
             self.outbox.append((self.generation, self.message(CMD_RETURN, *returns[at : at + most])))
         self.flush(now)
+        # The broker takes this worker for full now, as after READY(0).
+        self.share = self.announced = 0
+        self.spare_since = None
+        self.probing = False
         self.session.wait_for_room(self)
 
     # -- sending -------------------------------------------------------------------------

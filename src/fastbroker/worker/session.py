@@ -95,6 +95,15 @@ OFFER_AGAIN = 0.01
 """Seconds after the last offer of room to a broker that gave jobs back before the next
 such broker is offered it, while the room stays free (``Session._offer_room``)."""
 
+DRY_AFTER = 0.01
+"""Seconds a broker of several may send no job while it may send some before its
+share of the credit goes to the others (``Session._share_credit``): a broker with
+jobs queued fills its share within a round trip."""
+
+SLICE = 0.01
+"""Seconds the brokers of several that have jobs queued each hold most of the credit in
+turn (``Session._share_credit``)."""
+
 
 class JobPool:
     """Up to ``size`` threads that run jobs, started as they are needed: what the loop
@@ -296,10 +305,14 @@ class Session:
         # One broker never sends beyond the credit it was told; several may together.
         self.limit = self.credit + self.prefetch
         self.has_limit = len(self.addresses) > 1
+        # With several brokers, each is told a share of the credit (Link.share).
+        self.fair_share = max(1, self.limit // len(self.addresses))
+        self.holder = 0  # the hungry link that gets most of the credit (_share_credit)
+        self.holder_since = 0.0
         self.views_min: Optional[int] = worker.zero_copy_min
         self.links = [Link(self, index, address, one) for index, (address, one) in enumerate(zip(self.addresses, each))]
         self.blocked: Deque[Link] = collections.deque()  # links that gave jobs back, oldest first
-        self.last_offer = 0.0  # when a blocked link was last told to offer its credit again
+        self.last_offer = 0.0  # when a blocked link was last told a share again
         self.stopping = False
         self.next_job = 0
         self.jobs: Dict[int, Tuple[Link, int]] = {}  # job number -> its link and that link's generation then
@@ -348,6 +361,8 @@ class Session:
                 self._collect_extends()
                 self.pool.pace(now)
                 self._offer_room(now)
+                if self.has_limit and not self.stopping:
+                    self._share_credit(now)
                 if self.worker.stopping and not self.stopping:
                     self.stopping = True
                     log.info("stopping: finishing %d job(s) in hand, then disconnecting", len(self.jobs))
@@ -379,6 +394,9 @@ class Session:
                 due = when
             if link.sock is not None:
                 items.append((link.sock, _POLLIN_OUT if link.outbox else _POLLIN))
+            if link.spare_since is not None:
+                when = link.spare_since + DRY_AFTER  # see _share_credit
+                due = when if due is None else min(due, when)
         if self.blocked and len(self.jobs) < self.limit:
             when = self.last_offer + OFFER_AGAIN  # see _offer_room
             due = when if due is None else min(due, when)
@@ -430,6 +448,8 @@ class Session:
             return
         link.stats.received += 1
         link.in_hand += 1
+        link.spare_since = None  # its broker has jobs (see _share_credit)
+        link.probing = False
         self.next_job += 1
         number = self.next_job
         self.jobs[number] = (link, link.generation)
@@ -520,31 +540,127 @@ class Session:
 
     # -- the credit across several brokers -------------------------------------------------
 
+    def free_room(self) -> int:
+        """Room in the credit that no broker may fill now: what is not in hand, less
+        what each broker was told it may still send (negative when over-promised)."""
+        room = self.limit - len(self.jobs)
+        for link in self.links:
+            if link.sock is not None and not link.probing:
+                room -= max(0, link.share - link.in_hand + link.orphans)
+        return room
+
+    def opening_share(self, link: Link) -> int:
+        """The share a broker is told on a new connection or when it may send again
+        after giving jobs back: a fair share (the credit over the brokers) of the free
+        room, at least one job (one more than it holds) so that it can say it has some."""
+        own = link.in_hand - link.orphans
+        return max(own + 1, min(self.fair_share, own + self.free_room()))
+
+    def _share_credit(self, now: float) -> None:
+        """Split the credit between the brokers so that together they never send more
+        than it (docs/PROTOCOL.md 4.14). Each is told a share (READY), which it refills
+        by itself as its jobs end: a worker whose brokers all have jobs queued gets no
+        job it must give back, and sends no READY per job.
+
+        Of the brokers that filled their share (hungry: they may have more), one, the
+        holder, gets all the credit the others do not use, and the others are told 0.
+        The holder changes every SLICE, round robin, and at once when it runs dry: the
+        jobs come in large batches from one broker at a time (sixteen jobs in flight
+        from each of four brokers cost the worker 2.5 times the CPU per job of
+        sixty-four from one), and each broker with jobs queued is served in turn.
+
+        A broker that sends nothing for DRY_AFTER while it may send jobs has nothing
+        queued: it is told 1 (probing), so that it can send a job once it holds none,
+        and that job is not counted against the room the others are told
+        (a holder of a worker with credit 8 and one idle broker of two gets 8, not 7):
+        if it comes while the credit is full, it is given back. Lowering a share takes
+        nothing back (the broker sends nothing until fewer are in flight); what it
+        frees as its jobs end goes to the holder. The links that gave jobs back wait in
+        Session.blocked (_room_made, _offer_room)."""
+        room = self.limit - len(self.jobs)
+        told = 0  # the shares of the brokers that are not hungry
+        hungry = 0
+        links = self.links
+        holder = links[self.holder]
+        holder_gone = holder.sock is None or holder.blocked or holder.probing  # or found dry now
+        for link in links:
+            if link.sock is None or link.blocked or link.probing:
+                continue
+            own = link.in_hand - link.orphans
+            spare = link.share - own
+            if spare > 0:
+                if link.spare_since is None:
+                    link.spare_since = now  # reset by each job that comes (start_job)
+                elif now - link.spare_since >= DRY_AFTER:
+                    link.share = 1
+                    link.spare_since = None
+                    link.probing = True
+                    holder_gone = holder_gone or link is holder
+                    continue
+            else:
+                link.spare_since = None
+            if spare > 0:
+                room -= spare
+                told += link.share
+            else:
+                hungry += 1
+        if not hungry:
+            return
+        if holder_gone or now - self.holder_since >= SLICE:
+            count = len(links)
+            for step in range(1, count + 1):  # the next hungry one, itself last
+                link = links[(self.holder + step) % count]
+                if self._hungry(link):
+                    self.holder = link.index
+                    break
+            self.holder_since = now
+        for link in links:
+            if not self._hungry(link):
+                continue
+            wanted = max(1, self.limit - told) if link.index == self.holder else 0
+            if link.share > wanted:
+                link.share = wanted
+            elif link.share < wanted and room > 0:
+                own = link.in_hand - link.orphans
+                share = min(wanted, max(link.share, own) + room)
+                room -= max(0, share - own)
+                link.share = share
+
+    @staticmethod
+    def _hungry(link: Link) -> bool:
+        """Its broker sent all it was told (it may have more), and may send again."""
+        return (
+            link.sock is not None
+            and not link.blocked
+            and not link.probing
+            and link.share <= link.in_hand - link.orphans
+        )
+
     def wait_for_room(self, link: Link) -> None:
-        """`link` gave jobs back (its broker now takes this worker for full): it offers
-        its credit again when there is room, the links that gave back oldest first, one
-        per job that leaves (waking them all would have them all send, and all but one
-        give back again); see also _offer_room."""
+        """`link` gave jobs back (its broker now takes this worker for full): it is
+        told a share again when there is room, the links that gave back oldest first,
+        one per job that leaves (telling them all would have them all send, and all but
+        one give back again); see also _offer_room."""
         if len(self.jobs) < self.limit:
-            link.unblocked = True
+            link.share = self.opening_share(link)
             self.last_offer = time.monotonic()
         elif not link.blocked:
             link.blocked = True
             self.blocked.append(link)
 
     def _room_made(self) -> None:
-        """A job left the hand: the link blocked longest may offer its credit again."""
+        """A job left the hand: the link blocked longest may be told a share again."""
         if self.blocked:
             link = self.blocked.popleft()
             link.blocked = False
-            link.unblocked = True
+            link.share = self.opening_share(link)
             self.last_offer = time.monotonic()
 
     def _offer_room(self, now: float) -> None:
         """Room no broker fills: the link offered it last may have nothing queued any
-        more. With nothing in hand, every blocked link offers its credit again (an idle
+        more. With nothing in hand, every blocked link is told a share again (an idle
         worker must not leave a broker's jobs waiting); with room left OFFER_AGAIN after
-        the last offer, the next blocked link does."""
+        the last offer, the next blocked link is."""
         if not self.blocked or len(self.jobs) >= self.limit:
             return
         if self.jobs and now - self.last_offer < OFFER_AGAIN:
@@ -552,7 +668,7 @@ class Session:
         while self.blocked:
             link = self.blocked.popleft()
             link.blocked = False
-            link.unblocked = True
+            link.share = self.opening_share(link)
             if self.jobs:
                 break
         self.last_offer = now

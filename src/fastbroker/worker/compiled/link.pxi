@@ -44,7 +44,11 @@ cdef int _link_open(Session s, Link *k, double now) noexcept nogil:
         zsetsockopt(k.sock, _CURVE_PUBLICKEY, s.curve_public_c, s.curve_sizes[1])
         zsetsockopt(k.sock, _CURVE_SERVERKEY, s.curve_server_c, s.curve_sizes[2])
     zconnect(k.sock, k.address)  # checked by Worker() already
-    _link_unblock(s, k)  # READY on the new connection offers the whole credit
+    _link_unblock(s, k)
+    k.share = 0
+    k.share = s._opening_share(k)  # what READY on the new connection offers
+    k.spare_since = -1.0
+    k.probing = 0
     k.heard = 0
     k.offered_v2 = 0
     k.last_heard = now  # the broker gets `silence` seconds to speak first
@@ -78,7 +82,11 @@ cdef void _link_register_again(Session s, Link *k) noexcept nogil:
     k.generation += 1
     k.orphans = k.in_hand
     k.announced = -1
-    _link_unblock(s, k)  # the READY that registers it again offers the whole credit
+    _link_unblock(s, k)
+    k.share = 0
+    k.share = s._opening_share(k)  # what the READY that registers it again offers
+    k.spare_since = -1.0
+    k.probing = 0
     _link_confirm(s, k)
     s._log(k.index, L_REGISTERING, 0, 0, NULL)
 
@@ -122,10 +130,6 @@ cdef int _link_turn(Session s, Link *k, double now) noexcept nogil:
         return 0
     if k.returns_count:
         _link_give_back(s, k, now)
-    if k.unblocked:
-        # The broker took our credit for full when we gave jobs back.
-        k.unblocked = 0
-        k.announced = -1
     # READY first on a new connection (the broker answers anything else from an unknown
     # worker with DISCONNECT) and READY(0) before the last answers.
     if s.stopping or k.announced < 0:
@@ -195,8 +199,12 @@ cdef void _link_announce_credit(Session s, Link *k, double now) noexcept nogil:
     """READY when the credit the broker should use changes (see the pure Session)."""
     cdef int credit = 0
     cdef uint8_t body[4]
-    if not s.stopping:
-        credit = s.credit + s.prefetch - k.orphans
+    if s.stopping:
+        credit = 0
+    elif s.has_limit:
+        credit = k.share
+    else:
+        credit = s.limit - k.orphans
         if credit < 0:
             credit = 0
     if credit == k.announced:
@@ -228,8 +236,8 @@ cdef void _link_offer_v2(Session s, Link *k, double now) noexcept nogil:
 
 cdef void _link_give_back(Session s, Link *k, double now) noexcept nogil:
     """RETURN the jobs that came beyond the credit (several brokers), as many messages as
-    PEER_MAX_FRAMES needs, then wait for room (Session._wait_for_room) before offering the
-    credit to this broker again."""
+    PEER_MAX_FRAMES needs, then wait for room (Session._wait_for_room) before telling this
+    broker a share of the credit again."""
     cdef int slot, i, at = 0, n
     cdef Slot *o
     global _out_of_memory
@@ -258,6 +266,11 @@ cdef void _link_give_back(Session s, Link *k, double now) noexcept nogil:
     pthread_mutex_unlock(&s.lock)
     k.returns_count = 0
     _link_flush(s, k, now)
+    # The broker takes this worker for full now, as after READY(0).
+    k.share = 0
+    k.announced = 0
+    k.spare_since = -1.0
+    k.probing = 0
     s._wait_for_room(k)
 
 
