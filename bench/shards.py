@@ -1,8 +1,9 @@
 """Shards (issue 17): 1 vs N brokers under the compiled load generators, and the cost of
-a list of brokers to a Python client.
+a list of brokers to a Python client and to a Python worker.
 
     python -m bench.shards [--shards 1,2] [--jobs N] [--rounds R] [--window W]
                            [--client-jobs N] [--client-brokers 1,4]
+                           [--worker-jobs N] [--worker-brokers 1,4] [--worker-credit C]
                            (from the repository root; needs `make loadgen`)
 
 Part 1, the brokers. For each S of ``--shards`` (rounds interleaved): ``fastbroker broker
@@ -17,8 +18,9 @@ Part 3, the worker. One ``fastbroker worker bench.test_user_path:Echo --credit C
 process given the list of B brokers (``--worker-brokers``, default 1,4), each broker fed
 by its own compiled FBC02 client at once (``--worker-jobs`` in all): the worker
 process's CPU per job, its jobs/s, the brokers' CPU per job, the jobs it gave back
-(RETURN, broker counter ``returned``) and the jobs the brokers sent per job run
-(``dispatched``, the warm-up's included), against B = 1.
+(RETURN, broker counter ``returned``), the jobs the brokers sent per job run
+(``dispatched``, the warm-up's included) and the READYs they read per job run (broker
+counter ``ready``: how often the worker changed a broker's share), against B = 1.
 
 Part 2, the client. ``fastbroker.Client.map`` of ``--client-jobs`` empty jobs in this
 process, against ``fastbroker broker --shards B`` for each B of ``--client-brokers``

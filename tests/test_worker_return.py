@@ -225,6 +225,37 @@ def test_brokers_that_all_have_jobs_queued_get_almost_none_given_back(tmp_path):
         assert most_at_once(Quick.spans) <= 8
 
 
+class Noted(Worker):
+    """Answers at once, noting each payload in `seen`, in the order the jobs ran."""
+
+    seen: list = []
+
+    def process(self, data: bytes) -> bytes:
+        Noted.seen.append(bytes(data[:1]))
+        return data
+
+
+def test_brokers_with_jobs_queued_are_served_in_turn(tmp_path):
+    """The holder of most of the credit changes every SLICE: two brokers whose queues
+    stay full are both served all along, not one after the other."""
+    jobs = 4000
+    Noted.seen = []
+    with brokers_and_worker(tmp_path, Noted, credit=8) as (brokers, _):
+        clients = [Client(b.endpoints[0]) for b in brokers]
+        try:
+            futures = [c.submit_many([name + b"%d" % i for i in range(jobs)]) for c, name in zip(clients, (b"a", b"b"))]
+            for each in futures:
+                for f in each:
+                    f.result(WAIT)
+        finally:
+            for c in clients:
+                c.close()
+    first_half = Noted.seen[:jobs]
+    shares = {name: first_half.count(name) for name in (b"a", b"b")}
+    print(f"of the first {jobs} jobs run: {shares}")
+    assert min(shares.values()) >= jobs // 5, shares
+
+
 def test_a_broker_alone_with_jobs_gets_the_whole_credit(tmp_path):
     """A broker whose jobs fill its share gets what another broker, with nothing queued,
     leaves unused: all of the credit (the idle one's probe of one job is not counted

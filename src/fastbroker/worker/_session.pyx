@@ -1042,11 +1042,19 @@ cdef class Session:
         if not hungry:
             return
         if holder_gone or now - self.holder_since >= SLICE:
+            k = &self.links[self.holder]
             for i in range(1, self.link_count + 1):  # the next hungry one, itself last
                 if _hungry(&self.links[(self.holder + i) % self.link_count]):
                     self.holder = (self.holder + i) % self.link_count
                     break
             self.holder_since = now
+            if k != &self.links[self.holder] and not holder_gone:
+                # Its turn is over even if its jobs in flight leave it room now.
+                spare = k.share - k.in_hand + k.orphans
+                if spare > 0:
+                    room += spare
+                    told -= k.share
+                k.share = 0
         for i in range(self.link_count):
             k = &self.links[i]
             if not _hungry(k):

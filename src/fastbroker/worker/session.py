@@ -614,6 +614,13 @@ class Session:
                     self.holder = link.index
                     break
             self.holder_since = now
+            if self.holder != holder.index and not holder_gone:
+                # Its turn is over even if its jobs in flight leave it room now.
+                spare = holder.share - holder.in_hand + holder.orphans
+                if spare > 0:
+                    room += spare
+                    told -= holder.share
+                holder.share = 0
         for link in links:
             if not self._hungry(link):
                 continue
