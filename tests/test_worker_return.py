@@ -256,6 +256,32 @@ def test_brokers_with_jobs_queued_are_served_in_turn(tmp_path):
     assert min(shares.values()) >= jobs // 5, shares
 
 
+class Slow(Worker):
+    """Each job takes 200 ms, one heartbeat of the test's workers."""
+
+    def process(self, data: bytes) -> bytes:
+        time.sleep(0.2)
+        return data
+
+
+def test_a_broker_with_a_job_is_served_while_another_keeps_the_worker_busy(tmp_path):
+    """Credit 1, jobs of 200 ms, broker A always has jobs queued, broker B gets one at a
+    time: B's job waits for A's job in hand and at most a turn of A's, never for good.
+    (Room appears only as jobs end: when turns passed by time alone, the worker's turn
+    after its heartbeat, one heartbeat after its last ANSWER, gave A's turn back just
+    before A's job ended, and B's job waited 3 to 30 s and more.)"""
+    with brokers_and_worker(tmp_path, Slow, credit=1) as (brokers, worker):
+        with Client(brokers[0].endpoints[0]) as a, Client(brokers[1].endpoints[0]) as b:
+            load = a.submit_many([b"a%d" % i for i in range(60)])
+            wait_until(lambda: worker.stats.answered >= 2, WAIT, message="A's jobs to run")
+            for i in range(6):
+                time.sleep(0.05)
+                assert b.submit(b"b%d" % i).result(5.0) == b"b%d" % i
+                assert not all(f.done() for f in load), "A ran out of jobs: the test proves nothing"
+            for f in load:
+                f.cancel()
+
+
 def test_a_broker_alone_with_jobs_gets_the_whole_credit(tmp_path):
     """A broker whose jobs fill its share gets what another broker, with nothing queued,
     leaves unused: all of the credit (the idle one's probe of one job is not counted
@@ -302,10 +328,11 @@ def _stop(worker, thread) -> None:
 
 
 def test_an_idle_worker_offers_its_credit_again_to_every_broker_that_got_jobs_back(ctx):
-    """Three brokers, credit 1: B and C each got a job back while A's ran. When A's
-    ends, each job that leaves offers room to one of them (B); but B may have nothing
-    queued any more, so a worker with nothing in hand tells every broker it gave jobs
-    back to (C too): before, C stayed at credit 0 until another job came through A or B."""
+    """Three brokers, credit 1: B and C each got a job back while A's ran, so each may
+    have more (hungry, share 0): B's turn comes (A is told 0, before its answer), and
+    when A's job ends B is told 1; B sends nothing (it has nothing queued any more), so
+    after DRY_AFTER C's turn comes: C is told 1 too (once, C stayed at credit 0 until
+    another job came through A or B)."""
     a, b, c = (FakeBroker(ctx) for _ in range(3))
     worker, thread = _held_worker(ctx, [a, b, c])
     try:
@@ -316,10 +343,35 @@ def test_an_idle_worker_offers_its_credit_again_to_every_broker_that_got_jobs_ba
         assert b.recv() == [CMD_RETURN, tid(2)]
         assert c.recv() == [CMD_RETURN, tid(3)]
         Held.release[b"one"].set()
+        a.expect_ready(0)
         assert a.recv() == [CMD_ANSWER, tid(1), b"-one"]
         b.expect_ready(1)
         c.expect_ready(1)
         assert worker.stats.returned == 2
+    finally:
+        _stop(worker, thread)
+
+
+def test_a_broker_keeps_its_turn_until_a_job_of_it_comes(ctx):
+    """Credit 1: S got its job back while A's ran, so its turn comes next (A is told 0)
+    and lasts until S has had a job in it, however long A's job takes: when A's job
+    ends, the room goes to S, not back to A. (When turns passed by time alone, the turn
+    of that job's end went back to A, and S could wait for ever behind long jobs.)"""
+    a, s = FakeBroker(ctx), FakeBroker(ctx)
+    worker, thread = _held_worker(ctx, [a, s])
+    try:
+        a.send(CMD_TASK, tid(1), b"one")
+        wait_until(lambda: b"one" in Held.release, WAIT, message="job one to start")
+        s.send(CMD_TASK, tid(2), b"two")
+        assert s.recv() == [CMD_RETURN, tid(2)]
+        a.expect_ready(0)  # S's turn: it has jobs queued
+        time.sleep(0.1)  # ten turns' worth of time: still S's
+        Held.release[b"one"].set()
+        assert a.recv() == [CMD_ANSWER, tid(1), b"-one"], a.got
+        s.expect_ready(1)
+        s.send(CMD_TASK, tid(2), b"two")
+        wait_until(lambda: b"two" in Held.release, WAIT, message="S's job to start")
+        assert worker.stats.returned == 1
     finally:
         _stop(worker, thread)
 

@@ -54,7 +54,6 @@ cdef struct Link:
     double last_heard, next_heartbeat, reconnect_at, quiet_at
     int in_hand  # jobs of this broker in hand
     int orphans  # of them, those of an earlier connection (or registration)
-    int blocked  # gave jobs back: in Session.blocked until there is room
     # With several brokers, the credit this one is told (Session._share_credit),
     # counting the jobs of this connection only, and since when it has left more than
     # one of them unused (-1: it has not).
@@ -86,8 +85,7 @@ cdef class Session:
     cdef int fair_share  # with several links: the credit over the links, at least 1
     cdef int holder  # the hungry link that gets most of the credit (_share_credit)
     cdef double holder_since
-    cdef Ring blocked  # links that gave jobs back, oldest first (see _wait_for_room)
-    cdef double last_offer  # when a blocked link was last told a share again
+    cdef int holder_jobs  # jobs that came from the holder in its turn
     cdef int wake_fd
     cdef void *poll_items  # zpollitem[2 + link_count], for _poll
     cdef object result_pipe
@@ -139,9 +137,6 @@ cdef class Session:
     cdef int _free_room(self) noexcept nogil
     cdef int _opening_share(self, Link *k) noexcept nogil
     cdef void _share_credit(self, double now) noexcept nogil
-    cdef void _wait_for_room(self, Link *k) noexcept nogil
-    cdef void _room_made(self) noexcept nogil
-    cdef void _offer_room(self, double now) noexcept nogil
     cdef void _pace_threads(self, double now) noexcept nogil
     cdef void _add_threads(self, int n) noexcept nogil
     cdef int _new_slot(self) noexcept nogil

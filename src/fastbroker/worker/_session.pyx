@@ -41,7 +41,6 @@ from fastbroker.worker.running import ANSWER_ZERO_COPY_MIN, run_batch, run_one
 from fastbroker.worker.session import (
     BACKLOG_POLL as _BACKLOG_POLL,
     DRY_AFTER as _DRY_AFTER,
-    OFFER_AGAIN as _OFFER_AGAIN,
     SLICE as _SLICE,
 )
 from fastbroker.worker.session import CANCELLED_TEXT, CANCELLED_TYPE, _watch_at_exit
@@ -171,22 +170,18 @@ cdef size_t _CANCELLED_TEXT_SIZE = len(_cancelled_text)
 # those of a millisecond together; and it looks whether the threads keep up (_pace_threads).
 cdef double BACKLOG_POLL = _BACKLOG_POLL
 
-# Seconds after the last offer of room to a broker that gave jobs back before the next
-# such broker is offered it, while the room stays free (the pure twin's OFFER_AGAIN).
-cdef double OFFER_AGAIN = _OFFER_AGAIN
-
-# Seconds a broker of several may leave more than one job of its share unused before
-# the rest goes to the others (the pure twin's DRY_AFTER, see _share_credit).
+# Seconds a broker of several may send no job while its share allows some before the
+# share goes to the others (the pure twin's DRY_AFTER, see _share_credit).
 cdef double DRY_AFTER = _DRY_AFTER
 
-# Seconds the brokers of several that have jobs queued each hold most of the credit in
-# turn (the pure twin's SLICE).
+# Seconds the brokers of several that have jobs queued each hold most of the credit at
+# least, in turn (the pure twin's SLICE).
 cdef double SLICE = _SLICE
 
 
 cdef inline int _hungry(Link *k) noexcept nogil:
     """Its broker sent all it was told (it may have more), and may send again."""
-    return k.sock != NULL and not k.blocked and not k.probing and k.share <= k.in_hand - k.orphans
+    return k.sock != NULL and not k.probing and k.share <= k.in_hand - k.orphans
 
 JOIN_SLICE = 0.1
 """Seconds run() waits for the loop thread at a time (see run())."""
@@ -306,7 +301,6 @@ cdef class Session:
                 _link_free(&self.links[i])
             free(self.links)
         free(self.poll_items)
-        free(self.blocked.items)
         free(self.free_slots.items)
         free(self.waiting.items)
         free(self.done.items)
@@ -668,7 +662,6 @@ cdef class Session:
                 return LOOP_NO_CONTEXT
             self._collect()
             self._pace_threads(now)
-            self._offer_room(now)
             if self.has_limit and not self.stopping:
                 self._share_credit(now)
             if self.stop_requested and not self.stopping:
@@ -739,14 +732,10 @@ cdef class Session:
                 items[n].fd = i  # the link's number: zmq_poll ignores fd when socket is set
                 items[n].events = ZPOLLIN | (ZPOLLOUT if k.outbox.count else 0)
                 n += 1
-            if k.spare_since >= 0:
+            if k.spare_since >= 0 and not self.stopping:
                 when = k.spare_since + DRY_AFTER  # see _share_credit
                 if due < 0 or when < due:
                     due = when
-        if self.blocked.count and self.in_hand < self.limit:
-            when = self.last_offer + OFFER_AGAIN  # see _offer_room
-            if due < 0 or when < due:
-                due = when
         wait = due - now if due >= 0 else self.heartbeat
         pthread_mutex_lock(&self.lock)
         if self.waiting.count and wait > BACKLOG_POLL:
@@ -824,6 +813,8 @@ cdef class Session:
         k.in_hand += 1
         k.spare_since = -1.0  # its broker has jobs (see _share_credit)
         k.probing = 0
+        if k.index == self.holder:
+            self.holder_jobs += 1
         k.counters[N_RECEIVED] += 1
         _ring_push(&self.waiting, slot)
         if self.waiting.count == 1 and self.idle_threads:
@@ -858,8 +849,6 @@ cdef class Session:
             s.nframes = 0
             self.in_hand -= 1
             k.in_hand -= 1
-            if self.has_limit:
-                self._room_made()
             if s.generation != k.generation:
                 k.orphans -= 1
             # As for any FAILED, only on the connection the job came on.
@@ -904,8 +893,6 @@ cdef class Session:
             k = &self.links[s.link]
             self.in_hand -= 1
             k.in_hand -= 1
-            if self.has_limit:
-                self._room_made()
             if s.generation != k.generation:
                 k.orphans -= 1
             if s.kind == K_ANSWER:
@@ -1002,23 +989,22 @@ cdef class Session:
         return room
 
     cdef int _opening_share(self, Link *k) noexcept nogil:
-        """The share a broker is told on a new connection or when it may send again
-        after giving jobs back (see the pure Session)."""
+        """The share a broker is told on a new connection (see the pure Session)."""
         cdef int own = k.in_hand - k.orphans
         return max(own + 1, min(self.fair_share, own + self._free_room()))
 
     cdef void _share_credit(self, double now) noexcept nogil:
         """Split the credit between the brokers so that together they never send more
         than it: of the hungry ones, the holder gets what the others do not use, in turn
-        every SLICE, and the others 0; a dry one is told 1, not counted (probing). See the
-        pure Session."""
+        once it held the turn SLICE and had a job in it, and the others 0; a dry one is
+        told 1, not counted (probing). See the pure Session."""
         cdef int room = self.limit - self.in_hand, told = 0, hungry = 0
         cdef int i, own, spare, wanted, share
         cdef Link *k = &self.links[self.holder]
-        cdef int holder_gone = k.sock == NULL or k.blocked or k.probing  # or found dry now
+        cdef int holder_gone = k.sock == NULL or k.probing  # or found dry now
         for i in range(self.link_count):
             k = &self.links[i]
-            if k.sock == NULL or k.blocked or k.probing:
+            if k.sock == NULL or k.probing:
                 continue
             own = k.in_hand - k.orphans
             spare = k.share - own
@@ -1041,20 +1027,21 @@ cdef class Session:
                 hungry += 1
         if not hungry:
             return
-        if holder_gone or now - self.holder_since >= SLICE:
+        if holder_gone or (self.holder_jobs and now - self.holder_since >= SLICE):
             k = &self.links[self.holder]
-            for i in range(1, self.link_count + 1):  # the next hungry one, itself last
+            for i in range(1, self.link_count):  # the next hungry one; else the turn goes on
                 if _hungry(&self.links[(self.holder + i) % self.link_count]):
                     self.holder = (self.holder + i) % self.link_count
+                    self.holder_since = now
+                    self.holder_jobs = 0
+                    if not holder_gone:
+                        # Its turn is over even if its jobs in flight leave it room now.
+                        spare = k.share - k.in_hand + k.orphans
+                        if spare > 0:
+                            room += spare
+                            told -= k.share
+                        k.share = 0
                     break
-            self.holder_since = now
-            if k != &self.links[self.holder] and not holder_gone:
-                # Its turn is over even if its jobs in flight leave it room now.
-                spare = k.share - k.in_hand + k.orphans
-                if spare > 0:
-                    room += spare
-                    told -= k.share
-                k.share = 0
         for i in range(self.link_count):
             k = &self.links[i]
             if not _hungry(k):
@@ -1067,45 +1054,6 @@ cdef class Session:
                 share = min(wanted, max(k.share, own) + room)
                 room -= max(0, share - own)
                 k.share = share
-
-    cdef void _wait_for_room(self, Link *k) noexcept nogil:
-        """`k` gave jobs back (its broker now takes this worker for full): it is told a
-        share again when there is room, the links that gave back oldest first, one per
-        job that leaves (telling them all would have them all send, and all but one give
-        back again); see also _offer_room."""
-        if self.in_hand < self.limit:
-            k.share = self._opening_share(k)
-            self.last_offer = _now()
-        elif not k.blocked:
-            k.blocked = 1
-            _ring_push(&self.blocked, k.index)
-
-    cdef void _room_made(self) noexcept nogil:
-        """A job left the hand: the link blocked longest may be told a share again."""
-        cdef int index
-        if self.blocked.count:
-            index = <int>_ring_pop(&self.blocked)
-            self.links[index].blocked = 0
-            self.links[index].share = self._opening_share(&self.links[index])
-            self.last_offer = _now()
-
-    cdef void _offer_room(self, double now) noexcept nogil:
-        """Room no broker fills: the link offered it last may have nothing queued any
-        more. With nothing in hand, every blocked link is told a share again (an idle
-        worker must not leave a broker's jobs waiting); with room left OFFER_AGAIN after
-        the last offer, the next blocked link is."""
-        cdef int index
-        if not self.blocked.count or self.in_hand >= self.limit:
-            return
-        if self.in_hand and now - self.last_offer < OFFER_AGAIN:
-            return
-        while self.blocked.count:
-            index = <int>_ring_pop(&self.blocked)
-            self.links[index].blocked = 0
-            self.links[index].share = self._opening_share(&self.links[index])
-            if self.in_hand:
-                break
-        self.last_offer = now
 
     # -- the slot table (with the lock) ---------------------------------------------------------
 

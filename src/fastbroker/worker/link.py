@@ -71,7 +71,6 @@ class Link:
         # Of them, those that came on an earlier generation (counted, not searched for
         # at each turn: with a large credit, that search was the loop's longest step).
         self.orphans = 0
-        self.blocked = False  # gave jobs back: in Session.blocked until there is room
         # With several brokers, the credit this one is told (Session._share_credit),
         # counting the jobs of this connection only, and since when it has left more
         # than one of them unused (None: it has not).
@@ -101,7 +100,6 @@ class Link:
         self.sock.setsockopt(zmq.LINGER, 0)
         security.apply_curve(self.sock, session.worker.curve)
         self.sock.connect(self.address)
-        self.unblock()
         self.share = 0
         self.share = session.opening_share(self)  # what READY on the new connection offers
         self.spare_since = None
@@ -117,12 +115,6 @@ class Link:
         if self.stats.connects > 1:
             self.stats.reconnects += 1
         log.debug("connecting to %s (connection %d)", self.address, self.generation)
-
-    def unblock(self) -> None:
-        """Out of Session.blocked: this broker is told the credit again anyway."""
-        if self.blocked:
-            self.blocked = False
-            self.session.blocked.remove(self)
 
     def close_socket(self, linger_ms: int) -> None:
         if self.sock is not None:
@@ -140,7 +132,6 @@ class Link:
         self.generation += 1
         self.orphans = self.in_hand
         self.announced = None
-        self.unblock()
         self.share = 0
         self.share = self.session.opening_share(self)  # what the READY that registers it again offers
         self.spare_since = None
@@ -153,6 +144,7 @@ class Link:
         heartbeat/2 doubling up to reconnect_max while the broker stays silent."""
         session = self.session
         self.close_socket(0)
+        self.spare_since = None  # the share is told again on the next connection
         self.outbox.extendleft((None, frames) for frames in reversed(self.unconfirmed))
         self.unconfirmed = []
         delay = (
@@ -187,9 +179,9 @@ class Link:
         if self.returns:
             self.give_back(now)
         # READY first on a new connection (the broker answers anything else from an
-        # unknown worker with DISCONNECT) and READY(0) before the last answers; a
-        # raised credit goes after them.
-        if session.stopping or self.announced is None:
+        # unknown worker with DISCONNECT), and READY(0) or a lowered share before the
+        # answers (else the broker would refill what they free); a raised one after.
+        if session.stopping or self.announced is None or (session.has_limit and self.share < self.announced):
             self.announce_credit(now)
         self.flush(now)
         self.announce_credit(now)
@@ -276,8 +268,9 @@ class Link:
 
     def give_back(self, now: float) -> None:
         """RETURN the jobs that came beyond the credit (several brokers), in as many
-        messages as PEER_MAX_FRAMES needs, then wait for room (Session.wait_for_room)
-        before telling this broker a share of the credit again."""
+        messages as PEER_MAX_FRAMES needs. The broker then takes this worker for full
+        (share 0): it has jobs queued, so it is told a share again in its turn
+        (Session._share_credit)."""
         returns, self.returns = self.returns, []
         self.stats.returned += len(returns)
         log.debug("gave %d job(s) back to %s: the credit is full", len(returns), self.address)
@@ -285,11 +278,9 @@ class Link:
         for at in range(0, len(returns), most):
             self.outbox.append((self.generation, self.message(CMD_RETURN, *returns[at : at + most])))
         self.flush(now)
-        # The broker takes this worker for full now, as after READY(0).
         self.share = self.announced = 0
         self.spare_since = None
         self.probing = False
-        self.session.wait_for_room(self)
 
     # -- sending -------------------------------------------------------------------------
 

@@ -91,18 +91,14 @@ before more threads are started (``_pace_threads``); the pure loop's is
 ``JobPool.stuck_after``."""
 
 
-OFFER_AGAIN = 0.01
-"""Seconds after the last offer of room to a broker that gave jobs back before the next
-such broker is offered it, while the room stays free (``Session._offer_room``)."""
-
 DRY_AFTER = 0.01
 """Seconds a broker of several may send no job while it may send some before its
 share of the credit goes to the others (``Session._share_credit``): a broker with
 jobs queued fills its share within a round trip."""
 
 SLICE = 0.01
-"""Seconds the brokers of several that have jobs queued each hold most of the credit in
-turn (``Session._share_credit``)."""
+"""Seconds the brokers of several that have jobs queued each hold most of the credit at
+least, in turn, and one job (``Session._share_credit``)."""
 
 
 class JobPool:
@@ -309,10 +305,9 @@ class Session:
         self.fair_share = max(1, self.limit // len(self.addresses))
         self.holder = 0  # the hungry link that gets most of the credit (_share_credit)
         self.holder_since = 0.0
+        self.holder_jobs = 0  # jobs that came from the holder in its turn
         self.views_min: Optional[int] = worker.zero_copy_min
         self.links = [Link(self, index, address, one) for index, (address, one) in enumerate(zip(self.addresses, each))]
-        self.blocked: Deque[Link] = collections.deque()  # links that gave jobs back, oldest first
-        self.last_offer = 0.0  # when a blocked link was last told a share again
         self.stopping = False
         self.next_job = 0
         self.jobs: Dict[int, Tuple[Link, int]] = {}  # job number -> its link and that link's generation then
@@ -360,7 +355,6 @@ class Session:
                 self._collect_results()
                 self._collect_extends()
                 self.pool.pace(now)
-                self._offer_room(now)
                 if self.has_limit and not self.stopping:
                     self._share_credit(now)
                 if self.worker.stopping and not self.stopping:
@@ -394,12 +388,9 @@ class Session:
                 due = when
             if link.sock is not None:
                 items.append((link.sock, _POLLIN_OUT if link.outbox else _POLLIN))
-            if link.spare_since is not None:
+            if link.spare_since is not None and not self.stopping:
                 when = link.spare_since + DRY_AFTER  # see _share_credit
                 due = when if due is None else min(due, when)
-        if self.blocked and len(self.jobs) < self.limit:
-            when = self.last_offer + OFFER_AGAIN  # see _offer_room
-            due = when if due is None else min(due, when)
         wait = max(0.0, due - now) if due is not None else self.heartbeat
         pool = self.pool
         if pool.waiting and len(pool.threads) < pool.size and wait > pool.wait_limit:
@@ -450,6 +441,8 @@ class Session:
         link.in_hand += 1
         link.spare_since = None  # its broker has jobs (see _share_credit)
         link.probing = False
+        if link.index == self.holder:
+            self.holder_jobs += 1
         self.next_job += 1
         number = self.next_job
         self.jobs[number] = (link, link.generation)
@@ -486,8 +479,6 @@ class Session:
         """The job is no longer in hand; returns its link and the generation it came on."""
         link, generation = self.jobs.pop(number)
         link.in_hand -= 1
-        if self.has_limit:
-            self._room_made()
         if generation != link.generation:
             link.orphans -= 1
         key = (link.index, task_id)
@@ -550,41 +541,43 @@ class Session:
         return room
 
     def opening_share(self, link: Link) -> int:
-        """The share a broker is told on a new connection or when it may send again
-        after giving jobs back: a fair share (the credit over the brokers) of the free
-        room, at least one job (one more than it holds) so that it can say it has some."""
+        """The share a broker is told on a new connection: a fair share (the credit
+        over the brokers) of the free room, at least one job (one more than it holds)."""
         own = link.in_hand - link.orphans
         return max(own + 1, min(self.fair_share, own + self.free_room()))
 
     def _share_credit(self, now: float) -> None:
         """Split the credit between the brokers so that together they never send more
-        than it (docs/PROTOCOL.md 4.14). Each is told a share (READY), which it refills
+        than it (docs/PROTOCOL.md 4.15). Each is told a share (READY), which it refills
         by itself as its jobs end: a worker whose brokers all have jobs queued gets no
         job it must give back, and sends no READY per job.
 
-        Of the brokers that filled their share (hungry: they may have more), one, the
-        holder, gets all the credit the others do not use, and the others are told 0.
-        The holder changes every SLICE, round robin, and at once when it runs dry: the
-        jobs come in large batches from one broker at a time (sixteen jobs in flight
-        from each of four brokers cost the worker 2.5 times the CPU per job of
-        sixty-four from one), and each broker with jobs queued is served in turn.
+        Of the brokers that sent all their share allows (hungry: they may have more, and
+        a broker that got jobs back is one), one, the holder, is told all the credit the
+        others do not use, and the others 0. The holder changes, round robin, once it
+        has held the turn SLICE and had at least one job in it (room appears only as
+        jobs end: with jobs longer than SLICE, a turn that only time ended could fall
+        between job ends again and again), and at once when it runs dry. So the jobs
+        come in large batches from one broker at a time (sixteen jobs in flight from
+        each of four brokers cost the worker 2.5 times the CPU per job of sixty-four
+        from one), and every broker with jobs queued is served in turn.
 
         A broker that sends nothing for DRY_AFTER while it may send jobs has nothing
         queued: it is told 1 (probing), so that it can send a job once it holds none,
-        and that job is not counted against the room the others are told
-        (a holder of a worker with credit 8 and one idle broker of two gets 8, not 7):
-        if it comes while the credit is full, it is given back. Lowering a share takes
-        nothing back (the broker sends nothing until fewer are in flight); what it
-        frees as its jobs end goes to the holder. The links that gave jobs back wait in
-        Session.blocked (_room_made, _offer_room)."""
+        and that job is not counted against the room the others are told (a holder of a
+        worker with credit 8 and one idle broker of two gets 8, not 7): if it comes
+        while the credit is full, it is given back, and that broker waits for its turn.
+        Lowering a share takes nothing back (the broker sends nothing until fewer are in
+        flight; Link.turn sends a lowered share before the answers); what it frees as
+        its jobs end goes to the holder."""
         room = self.limit - len(self.jobs)
         told = 0  # the shares of the brokers that are not hungry
         hungry = 0
         links = self.links
         holder = links[self.holder]
-        holder_gone = holder.sock is None or holder.blocked or holder.probing  # or found dry now
+        holder_gone = holder.sock is None or holder.probing  # or found dry now
         for link in links:
-            if link.sock is None or link.blocked or link.probing:
+            if link.sock is None or link.probing:
                 continue
             own = link.in_hand - link.orphans
             spare = link.share - own
@@ -606,21 +599,22 @@ class Session:
                 hungry += 1
         if not hungry:
             return
-        if holder_gone or now - self.holder_since >= SLICE:
+        if holder_gone or (self.holder_jobs and now - self.holder_since >= SLICE):
             count = len(links)
-            for step in range(1, count + 1):  # the next hungry one, itself last
+            for step in range(1, count):  # the next hungry one; else the turn goes on
                 link = links[(self.holder + step) % count]
                 if self._hungry(link):
                     self.holder = link.index
+                    self.holder_since = now
+                    self.holder_jobs = 0
+                    if not holder_gone:
+                        # Its turn is over even if its jobs in flight leave it room now.
+                        spare = holder.share - holder.in_hand + holder.orphans
+                        if spare > 0:
+                            room += spare
+                            told -= holder.share
+                        holder.share = 0
                     break
-            self.holder_since = now
-            if self.holder != holder.index and not holder_gone:
-                # Its turn is over even if its jobs in flight leave it room now.
-                spare = holder.share - holder.in_hand + holder.orphans
-                if spare > 0:
-                    room += spare
-                    told -= holder.share
-                holder.share = 0
         for link in links:
             if not self._hungry(link):
                 continue
@@ -636,49 +630,7 @@ class Session:
     @staticmethod
     def _hungry(link: Link) -> bool:
         """Its broker sent all it was told (it may have more), and may send again."""
-        return (
-            link.sock is not None
-            and not link.blocked
-            and not link.probing
-            and link.share <= link.in_hand - link.orphans
-        )
-
-    def wait_for_room(self, link: Link) -> None:
-        """`link` gave jobs back (its broker now takes this worker for full): it is
-        told a share again when there is room, the links that gave back oldest first,
-        one per job that leaves (telling them all would have them all send, and all but
-        one give back again); see also _offer_room."""
-        if len(self.jobs) < self.limit:
-            link.share = self.opening_share(link)
-            self.last_offer = time.monotonic()
-        elif not link.blocked:
-            link.blocked = True
-            self.blocked.append(link)
-
-    def _room_made(self) -> None:
-        """A job left the hand: the link blocked longest may be told a share again."""
-        if self.blocked:
-            link = self.blocked.popleft()
-            link.blocked = False
-            link.share = self.opening_share(link)
-            self.last_offer = time.monotonic()
-
-    def _offer_room(self, now: float) -> None:
-        """Room no broker fills: the link offered it last may have nothing queued any
-        more. With nothing in hand, every blocked link is told a share again (an idle
-        worker must not leave a broker's jobs waiting); with room left OFFER_AGAIN after
-        the last offer, the next blocked link is."""
-        if not self.blocked or len(self.jobs) >= self.limit:
-            return
-        if self.jobs and now - self.last_offer < OFFER_AGAIN:
-            return
-        while self.blocked:
-            link = self.blocked.popleft()
-            link.blocked = False
-            link.share = self.opening_share(link)
-            if self.jobs:
-                break
-        self.last_offer = now
+        return link.sock is not None and not link.probing and link.share <= link.in_hand - link.orphans
 
     # -- what the Worker and the job threads call ------------------------------------------
 

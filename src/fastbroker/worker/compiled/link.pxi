@@ -44,7 +44,6 @@ cdef int _link_open(Session s, Link *k, double now) noexcept nogil:
         zsetsockopt(k.sock, _CURVE_PUBLICKEY, s.curve_public_c, s.curve_sizes[1])
         zsetsockopt(k.sock, _CURVE_SERVERKEY, s.curve_server_c, s.curve_sizes[2])
     zconnect(k.sock, k.address)  # checked by Worker() already
-    _link_unblock(s, k)
     k.share = 0
     k.share = s._opening_share(k)  # what READY on the new connection offers
     k.spare_since = -1.0
@@ -62,13 +61,6 @@ cdef int _link_open(Session s, Link *k, double now) noexcept nogil:
     return 0
 
 
-cdef void _link_unblock(Session s, Link *k) noexcept nogil:
-    """Out of Session.blocked: this broker is told the credit again anyway."""
-    if k.blocked:
-        k.blocked = 0
-        _ring_remove(&s.blocked, k.index)
-
-
 cdef void _link_close_socket(Link *k, int linger_ms) noexcept nogil:
     if k.sock != NULL:
         zsetsockopt(k.sock, _LINGER, &linger_ms, sizeof(int))
@@ -82,7 +74,6 @@ cdef void _link_register_again(Session s, Link *k) noexcept nogil:
     k.generation += 1
     k.orphans = k.in_hand
     k.announced = -1
-    _link_unblock(s, k)
     k.share = 0
     k.share = s._opening_share(k)  # what the READY that registers it again offers
     k.spare_since = -1.0
@@ -97,6 +88,7 @@ cdef void _link_lose(Session s, Link *k, double now) noexcept nogil:
     cdef double delay = 0.0, silent = now - k.last_heard
     cdef int i, slot
     _link_close_socket(k, 0)
+    k.spare_since = -1.0  # the share is told again on the next connection
     # ANSWERs not confirmed may have been discarded with the socket's queue.
     i = k.unconfirmed.count - 1
     while i >= 0:
@@ -131,8 +123,9 @@ cdef int _link_turn(Session s, Link *k, double now) noexcept nogil:
     if k.returns_count:
         _link_give_back(s, k, now)
     # READY first on a new connection (the broker answers anything else from an unknown
-    # worker with DISCONNECT) and READY(0) before the last answers.
-    if s.stopping or k.announced < 0:
+    # worker with DISCONNECT), and READY(0) or a lowered share before the answers (else
+    # the broker would refill what they free); a raised one after.
+    if s.stopping or k.announced < 0 or (s.has_limit and k.share < k.announced):
         _link_announce_credit(s, k, now)
     _link_flush(s, k, now)
     _link_announce_credit(s, k, now)
@@ -236,8 +229,8 @@ cdef void _link_offer_v2(Session s, Link *k, double now) noexcept nogil:
 
 cdef void _link_give_back(Session s, Link *k, double now) noexcept nogil:
     """RETURN the jobs that came beyond the credit (several brokers), as many messages as
-    PEER_MAX_FRAMES needs, then wait for room (Session._wait_for_room) before telling this
-    broker a share of the credit again."""
+    PEER_MAX_FRAMES needs. The broker then takes this worker for full (share 0): it has
+    jobs queued, so it is told a share again in its turn (Session._share_credit)."""
     cdef int slot, i, at = 0, n
     cdef Slot *o
     global _out_of_memory
@@ -266,12 +259,10 @@ cdef void _link_give_back(Session s, Link *k, double now) noexcept nogil:
     pthread_mutex_unlock(&s.lock)
     k.returns_count = 0
     _link_flush(s, k, now)
-    # The broker takes this worker for full now, as after READY(0).
     k.share = 0
     k.announced = 0
     k.spare_since = -1.0
     k.probing = 0
-    s._wait_for_room(k)
 
 
 cdef void _link_drop_outbox(Session s, Link *k) noexcept nogil:
