@@ -786,7 +786,7 @@ cdef class Session:
         cdef Slot *s
         global _out_of_memory
         if self.has_limit and self.in_hand >= self.limit:
-            # Another broker filled the credit meanwhile: this one gets the job back.
+            # Full (a broker sent it before it read a lowered share, or a probe): given back.
             _link_hold_back(k, task_id)
             return
         slot = self._new_slot()

@@ -58,7 +58,7 @@ class WorkerStats:
     cancelled_unstarted: int = 0  # of which withdrawn before a pool thread took them (FAILED at once)
     protocol: int = 0  # what it speaks now: 2 (FBW02) or 1 (FBW01); 0 before its first connection
     ignored: int = 0  # broker messages not acted on: an unknown command, a TASK or CANCEL with the wrong frames
-    returned: int = 0  # jobs given back (RETURN): they came from one broker while others filled the credit
+    returned: int = 0  # jobs given back (RETURN): they came while the credit was full (several brokers)
 
     def as_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -434,7 +434,7 @@ class Session:
     def start_job(self, link: Link, task_id: bytes, payload: List[bytes]) -> None:
         """A job from `link` for the pool; given back (RETURN) if the credit is full."""
         if self.has_limit and len(self.jobs) >= self.limit:
-            # Another broker filled the credit meanwhile: this one gets the job back.
+            # Full (a broker sent it before it read a lowered share, or a probe): given back.
             link.returns.append(task_id)
             return
         link.stats.received += 1
