@@ -134,7 +134,6 @@ cdef class Session:
     cdef void _start_job(self, Link *k, const uint8_t *task_id, int first, int count) noexcept nogil
     cdef void _cancel(self, Link *k, const uint8_t *task_id) noexcept nogil
     cdef void _collect(self) noexcept nogil
-    cdef int _free_room(self) noexcept nogil
     cdef int _opening_share(self, Link *k) noexcept nogil
     cdef void _share_credit(self, double now) noexcept nogil
     cdef void _pace_threads(self, double now) noexcept nogil

@@ -976,22 +976,19 @@ cdef class Session:
 
     # -- the credit across several brokers ----------------------------------------------------
 
-    cdef int _free_room(self) noexcept nogil:
-        """Room in the credit that no broker may fill now (see the pure Session)."""
+    cdef int _opening_share(self, Link *k) noexcept nogil:
+        """The share a broker is told on a new connection: a fair share of the room no
+        other broker may fill, at least one job more than it holds (see the pure Session)."""
         cdef int room = self.limit - self.in_hand, i, spare
-        cdef Link *k
+        cdef int own = k.in_hand - k.orphans
+        cdef Link *other
         for i in range(self.link_count):
-            k = &self.links[i]
-            if k.sock != NULL and not k.probing:
-                spare = k.share - k.in_hand + k.orphans
+            other = &self.links[i]
+            if other != k and other.sock != NULL and not other.probing:
+                spare = other.share - other.in_hand + other.orphans
                 if spare > 0:
                     room -= spare
-        return room
-
-    cdef int _opening_share(self, Link *k) noexcept nogil:
-        """The share a broker is told on a new connection (see the pure Session)."""
-        cdef int own = k.in_hand - k.orphans
-        return max(own + 1, min(self.fair_share, own + self._free_room()))
+        return max(own + 1, min(self.fair_share, own + room))
 
     cdef void _share_credit(self, double now) noexcept nogil:
         """Split the credit between the brokers so that together they never send more
@@ -1018,12 +1015,10 @@ cdef class Session:
                     if i == self.holder:
                         holder_gone = 1
                     continue
-            else:
-                k.spare_since = -1.0
-            if spare > 0:
                 room -= spare
                 told += k.share
             else:
+                k.spare_since = -1.0
                 hungry += 1
         if not hungry:
             return

@@ -100,7 +100,6 @@ class Link:
         self.sock.setsockopt(zmq.LINGER, 0)
         security.apply_curve(self.sock, session.worker.curve)
         self.sock.connect(self.address)
-        self.share = 0
         self.share = session.opening_share(self)  # what READY on the new connection offers
         self.spare_since = None
         self.probing = False
@@ -132,7 +131,6 @@ class Link:
         self.generation += 1
         self.orphans = self.in_hand
         self.announced = None
-        self.share = 0
         self.share = self.session.opening_share(self)  # what the READY that registers it again offers
         self.spare_since = None
         self.probing = False

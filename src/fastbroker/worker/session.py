@@ -531,20 +531,17 @@ class Session:
 
     # -- the credit across several brokers -------------------------------------------------
 
-    def free_room(self) -> int:
-        """Room in the credit that no broker may fill now: what is not in hand, less
-        what each broker was told it may still send (negative when over-promised)."""
-        room = self.limit - len(self.jobs)
-        for link in self.links:
-            if link.sock is not None and not link.probing:
-                room -= max(0, link.share - link.in_hand + link.orphans)
-        return room
-
     def opening_share(self, link: Link) -> int:
         """The share a broker is told on a new connection: a fair share (the credit
-        over the brokers) of the free room, at least one job (one more than it holds)."""
+        over the brokers) of the room no other broker may fill (what is not in hand,
+        less what each other broker may still send), at least one job more than it
+        holds."""
+        room = self.limit - len(self.jobs)
+        for other in self.links:
+            if other is not link and other.sock is not None and not other.probing:
+                room -= max(0, other.share - other.in_hand + other.orphans)
         own = link.in_hand - link.orphans
-        return max(own + 1, min(self.fair_share, own + self.free_room()))
+        return max(own + 1, min(self.fair_share, own + room))
 
     def _share_credit(self, now: float) -> None:
         """Split the credit between the brokers so that together they never send more
@@ -590,12 +587,10 @@ class Session:
                     link.probing = True
                     holder_gone = holder_gone or link is holder
                     continue
-            else:
-                link.spare_since = None
-            if spare > 0:
                 room -= spare
                 told += link.share
             else:
+                link.spare_since = None
                 hungry += 1
         if not hungry:
             return

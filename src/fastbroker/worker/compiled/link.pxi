@@ -44,7 +44,6 @@ cdef int _link_open(Session s, Link *k, double now) noexcept nogil:
         zsetsockopt(k.sock, _CURVE_PUBLICKEY, s.curve_public_c, s.curve_sizes[1])
         zsetsockopt(k.sock, _CURVE_SERVERKEY, s.curve_server_c, s.curve_sizes[2])
     zconnect(k.sock, k.address)  # checked by Worker() already
-    k.share = 0
     k.share = s._opening_share(k)  # what READY on the new connection offers
     k.spare_since = -1.0
     k.probing = 0
@@ -74,7 +73,6 @@ cdef void _link_register_again(Session s, Link *k) noexcept nogil:
     k.generation += 1
     k.orphans = k.in_hand
     k.announced = -1
-    k.share = 0
     k.share = s._opening_share(k)  # what the READY that registers it again offers
     k.spare_since = -1.0
     k.probing = 0
