@@ -43,8 +43,15 @@ client_book = Extension(
     extra_compile_args=["-O2"],
 )
 
+log_index = Extension(
+    "fastbroker.server._log_index",
+    ["src/fastbroker/server/_log_index.pyx"],
+    include_dirs=["src/fastbroker"],
+    extra_compile_args=["-O2"],
+)
+
 setup(
     ext_modules=cythonize(
-        [core, worker_session, client_wire, client_book], language_level=3, compiler_directives={"embedsignature": True}
+        [core, worker_session, client_wire, client_book, log_index], language_level=3, compiler_directives={"embedsignature": True}
     )
 )

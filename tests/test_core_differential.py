@@ -38,6 +38,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from fastbroker import _core_py, protocol
 from fastbroker.client.protocol import decode_dead
+from fastbroker.log_records import decode_entries, encode_entries
 from fastbroker.protocol import (
     C_CANCEL,
     C_RESULT,
@@ -73,6 +74,8 @@ QUIET_TURNS = 3
 """Turns of the core (run with max_wait 0) that change nothing, after which a step is over."""
 MAX_TURNS = 200
 """Bound of the turns of one step (a step that never goes quiet fails)."""
+FINISHED_AT = 1234.5
+"""The time the log records of a finish are stamped with (journal_encode)."""
 SHRINK_SECONDS = 60
 """Bound of the shrinking of a difference found (monkeypatched into hypothesis, which
 documents MAX_SHRINKING_SECONDS as meant for that)."""
@@ -283,11 +286,18 @@ class Side:
         journal: list = []
         quiet = 0
         before = self.stats()
-        for _ in range(MAX_TURNS):
+        for turn in range(MAX_TURNS):
             self.core.run(-1, 0.0)
             changed = 0
             if self.journal:
-                entries = self.core.journal_take()
+                if turn % 2:
+                    entries = self.core.journal_take()
+                else:
+                    # The log store's records of the turn: they must read back as the
+                    # entries and be the bytes log_records writes for them.
+                    blob = self.core.journal_encode(FINISHED_AT)
+                    entries = decode_entries(blob)
+                    assert encode_entries(entries, FINISHED_AT) == blob, f"{self.name} core's records"
                 journal += [self._journal_entry(e) for e in entries]
                 changed += len(entries) + self.core.release_held()
             changed += self._collect(got)

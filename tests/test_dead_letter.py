@@ -44,7 +44,9 @@ from fastbroker.protocol import (
     STATE_QUEUED,
     STATE_RUNNING,
 )
+from fastbroker.server.log_store import LOG_VERSION
 from fastbroker.server.store import APPLICATION_ID, SCHEMA_VERSION, Store, check, encode_frames
+from fastbroker.server.store_files import check_store
 from rigs import LONG_TIMEOUT, BrokerRig, assert_stats, new_id, opts, reply, run_cli, status, wait_until
 
 WAIT = 20.0
@@ -367,8 +369,9 @@ def test_async_client_lists_and_requeues_dead_requests(tmp_path, flaky):
         rig.close()
 
 
-def test_dead_requests_and_requeues_survive_a_broker_restart_with_a_store(tmp_path, flaky):
-    rig = BrokerRig(tmp_path, store=str(tmp_path / "store.db"))
+@pytest.mark.parametrize("store_format", ["log", "sqlite"])
+def test_dead_requests_and_requeues_survive_a_broker_restart_with_a_store(tmp_path, flaky, store_format):
+    rig = BrokerRig(tmp_path, store=str(tmp_path / "store.db"), store_format=store_format)
     try:
         rig.start_broker(timeout=LONG_TIMEOUT, tries=1)
         rig.worker(flaky)
@@ -379,8 +382,9 @@ def test_dead_requests_and_requeues_survive_a_broker_restart_with_a_store(tmp_pa
                 future.result(WAIT)
         rig.stop_workers()
         rig.stop_broker()
-        report = check(str(tmp_path / "store.db"))
-        assert (report.finished, report.dead, report.version) == (2, 2, SCHEMA_VERSION)
+        report = check_store(str(tmp_path / "store.db"))
+        version = SCHEMA_VERSION if store_format == "sqlite" else LOG_VERSION
+        assert (report.finished, report.dead, report.version, report.format) == (2, 2, version, store_format)
 
         rig.start_broker(timeout=LONG_TIMEOUT, tries=1)
         dead = client.dead()
@@ -390,7 +394,7 @@ def test_dead_requests_and_requeues_survive_a_broker_restart_with_a_store(tmp_pa
         assert client.requeue(first.request_id) is True
         assert client.status(first.request_id).state == "queued"
         rig.stop_broker()
-        report = check(str(tmp_path / "store.db"))
+        report = check_store(str(tmp_path / "store.db"))
         assert (report.queued, report.finished, report.dead) == (1, 1, 1)
 
         rig.start_broker(timeout=LONG_TIMEOUT, tries=1)

@@ -1,5 +1,6 @@
 """The durable store (issue 5): fastbroker.server.store's frames, journal entries and
-check(); a Broker with a store restarted in this process (queued requests come back
+check() (the SQLite format; the log format's own are in test_log_store.py); a Broker
+with a store of either format (`store_format`) restarted in this process (queued requests come back
 in order, in-flight ones with their tries counted, outcomes within retention for
 RESULT); and the CLI: a bad store stops `fastbroker broker --store` with exit 2 and
 one line, `fastbroker store check` reports and exits 0 / 1 / 2.
@@ -33,6 +34,7 @@ from fastbroker.server.store import (
     decode_frames,
     encode_frames,
 )
+from fastbroker.server.store_files import check_store, open_store
 from rigs import BrokerRig, read_log, run_cli, runs, wait_until
 
 from workers_for_tests import GATE_ENV, LOG_ENV, DealerEcho, DealerGated
@@ -270,15 +272,20 @@ def test_check_cannot_open_what_is_not_a_store(case, tmp_path):
 # -- a Broker with a store, restarted in this process ---------------------------------------
 
 
-@pytest.fixture
-def store_path(tmp_path) -> Path:
-    return tmp_path / "broker.db"
+@pytest.fixture(params=["log", "sqlite"])
+def store_format(request) -> str:
+    return request.param
 
 
 @pytest.fixture
-def rig(tmp_path, gate, store_path):
+def store_path(tmp_path, store_format) -> Path:
+    return tmp_path / f"broker.{store_format}"
+
+
+@pytest.fixture
+def rig(tmp_path, gate, store_path, store_format):
     """A rigs.BrokerRig whose broker has a store."""
-    r = BrokerRig(tmp_path, store=str(store_path))
+    r = BrokerRig(tmp_path, store=str(store_path), store_format=store_format)
     yield r
     gate.touch()
     r.close()
@@ -296,7 +303,7 @@ def test_queued_requests_survive_a_restart_and_run_in_arrival_order(rig, log_pat
     wait_until(lambda: rig.broker.stats()["queued"] == 30, timeout=WAIT, message="30 requests queued")
     client.close()
     rig.stop_broker()
-    report = check(str(store_path))
+    report = check_store(str(store_path))
     assert (report.queued, report.in_flight, report.finished, report.sound) == (30, 0, 0, True)
 
     broker = rig.start_broker()
@@ -310,8 +317,8 @@ def test_queued_requests_survive_a_restart_and_run_in_arrival_order(rig, log_pat
     stats = broker.stats()
     # Restored, not received: the new broker got no SUBMIT at all.
     assert (stats["requests"], stats["duplicates"], stats["answered"]) == (0, 0, 30)
-    wait_until(lambda: check(str(store_path)).finished == 30, timeout=WAIT, message="the 30 outcomes stored")
-    assert check(str(store_path)).queued == 0
+    wait_until(lambda: check_store(str(store_path)).finished == 30, timeout=WAIT, message="the 30 outcomes stored")
+    assert check_store(str(store_path)).queued == 0
 
 
 def test_in_flight_requests_come_back_with_the_attempt_counted(rig, log_path, store_path, gate, procs):
@@ -332,7 +339,7 @@ def test_in_flight_requests_come_back_with_the_attempt_counted(rig, log_path, st
     rig.stop_broker()
     worker.kill()  # so that it cannot answer the next broker
     worker.wait(WAIT)
-    report = check(str(store_path))
+    report = check_store(str(store_path))
     assert (report.queued, report.in_flight, report.finished) == (0, 2, 0)
 
     rig.start_broker()
@@ -350,10 +357,12 @@ def test_in_flight_requests_come_back_with_the_attempt_counted(rig, log_path, st
     assert len(runs(log_path, "0:gated-last-try")) == 1
     assert len(runs(log_path, "0:gated-one-left")) == 2
     assert rig.broker.stats()["answered"] == 1
-    wait_until(lambda: check(str(store_path)).finished == 2, timeout=WAIT, message="both outcomes stored")
+    wait_until(lambda: check_store(str(store_path)).finished == 2, timeout=WAIT, message="both outcomes stored")
 
 
-def test_outcomes_are_restored_for_result_and_forgotten_past_retention(tmp_path, rig, log_path, store_path):
+def test_outcomes_are_restored_for_result_and_forgotten_past_retention(
+    tmp_path, rig, log_path, store_path, store_format
+):
     rig.start_broker()
     rig.worker(DealerEcho)
     client = rig.client()
@@ -363,9 +372,9 @@ def test_outcomes_are_restored_for_result_and_forgotten_past_retention(tmp_path,
     rig.stop_workers()
     rig.stop_broker()
     # An outcome that finished an hour ago, past the broker's retention (10 minutes).
-    with Store(str(store_path)) as store:
+    with open_store(str(store_path), store_format=store_format) as store:
         store.apply([("finish", rid(99), R_OK, [b"old"], 1, 1, [], None)], now=time.time() - 3600)
-    assert check(str(store_path)).finished == 2
+    assert check_store(str(store_path)).finished == 2
 
     rig.start_broker()
     watcher = rig.client()
@@ -374,7 +383,7 @@ def test_outcomes_are_restored_for_result_and_forgotten_past_retention(tmp_path,
     with pytest.raises(fastbroker.UnknownRequest):
         watcher.result(rid(99)).result(WAIT)
     # Forgotten in the store too, at start.
-    assert check(str(store_path)).finished == 1
+    assert check_store(str(store_path)).finished == 1
     # A re-SUBMIT of a restored id is a duplicate: the stored answer, never a second run.
     again = watcher.submit(b"kept", request_id=kept.request_id)
     assert again.result(WAIT) == b"-kept"
@@ -382,9 +391,9 @@ def test_outcomes_are_restored_for_result_and_forgotten_past_retention(tmp_path,
     assert rig.broker.stats()["duplicates"] == 1
 
 
-def test_retention_restored_counts_from_when_it_finished(tmp_path, rig, store_path):
+def test_retention_restored_counts_from_when_it_finished(tmp_path, rig, store_path, store_format):
     rig.broker_options["retention"] = 30.0
-    with Store(str(store_path)) as store:
+    with open_store(str(store_path), store_format=store_format) as store:
         store.apply([("finish", rid(1), R_OK, [b"recent"], 1, 1, [], None)], now=time.time() - 5)
         store.apply([("finish", rid(2), R_OK, [b"too-old"], 1, 1, [], None)], now=time.time() - 40)
     broker = rig.start_broker()
@@ -423,7 +432,7 @@ def test_a_late_answer_for_a_finished_stored_request_is_dropped(rig, log_path, s
 
     wait_until(lambda: outcomes() == 1, timeout=WAIT, message="the retry's outcome")
     assert replies == [R_ACCEPTED, R_OK]
-    assert check(str(store_path)).finished == 1
+    assert check_store(str(store_path)).finished == 1
     unknown_before = rig.broker.stats()["drops"].get("answer for an unknown or already answered task", 0)
     gate.touch()
     wait_until(
@@ -438,7 +447,7 @@ def test_a_late_answer_for_a_finished_stored_request_is_dropped(rig, log_path, s
     stats = rig.broker.stats()
     assert (stats["answered"], stats["timeouts"], stats["late_answers"]) == (1, 1, 0)
     assert [e.event for e in read_log(log_path) if e.payload == "0:gated-late"].count("done") == 2
-    report = check(str(store_path))
+    report = check_store(str(store_path))
     assert (report.finished, report.queued, report.in_flight) == (1, 0, 0)
 
 
@@ -464,10 +473,17 @@ def test_cancel_and_timed_out_outcomes_are_stored(rig, log_path, store_path):
         watcher.result(timed_out.request_id).result(WAIT)
 
 
-def test_replies_wait_for_the_store(tmp_path, core, ctx, store_path):
+def test_replies_wait_for_the_store(tmp_path, core, ctx, store_path, store_format):
     """Driven by step(): after a turn that accepted a request, its ACCEPTED is out only
     once the request is in the store (read through a second connection)."""
-    broker = Broker(ctx, None, None, *(f"ipc://{tmp_path}/{n}" for n in ("r", "w", "a")), store=str(store_path))
+    broker = Broker(
+        ctx,
+        None,
+        None,
+        *(f"ipc://{tmp_path}/{n}" for n in ("r", "w", "a")),
+        store=str(store_path),
+        store_format=store_format,
+    )
     try:
         client = ctx.socket(zmq.DEALER)
         client.setsockopt(zmq.LINGER, 0)
@@ -481,7 +497,7 @@ def test_replies_wait_for_the_store(tmp_path, core, ctx, store_path):
         reply = decode_reply(client.recv_multipart())
         assert reply.kind == R_ACCEPTED and reply.request_id == request_id
         # Stored before it was sent: visible to another reader at once.
-        assert check(str(store_path)).queued == 1
+        assert check_store(str(store_path)).queued == 1
     finally:
         broker.close()
 
@@ -543,7 +559,7 @@ def test_store_check_command_output_and_exit_codes(tmp_path, subprocess_env):
     result = run_cli(["store", "check", str(good)], subprocess_env, tmp_path, timeout=WAIT)
     assert result.returncode == 0, result
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"store {good}: version {SCHEMA_VERSION}, ")
+    assert lines[0].startswith(f"store {good}: sqlite version {SCHEMA_VERSION}, ")
     assert lines[1:] == [
         "queued: 3 (never sent to a worker)",
         "in flight: 1 (sent at least once, not finished)",
@@ -564,6 +580,8 @@ def test_store_check_command_output_and_exit_codes(tmp_path, subprocess_env):
         "bytes": good.stat().st_size,
         "sound": True,
         "problems": [],
+        "format": "sqlite",
+        "torn": 0,
     }
 
     unsound = make_store(tmp_path / "unsound.db", 2, 10)
@@ -581,11 +599,18 @@ def test_store_check_command_output_and_exit_codes(tmp_path, subprocess_env):
         assert result.stdout == ""
 
 
-def test_store_check_reads_a_store_left_by_a_killed_broker(procs, tmp_path, addrs, core_name, subprocess_env):
-    """SIGKILL leaves the last turns in the WAL: check (read-only) still sees them,
-    and a broker started on the store puts them back."""
+@pytest.mark.parametrize("store_format", ["log", "sqlite"])
+def test_store_check_reads_a_store_left_by_a_killed_broker(
+    procs, tmp_path, addrs, core_name, subprocess_env, store_format
+):
+    """SIGKILL leaves the last turns in SQLite's WAL, or in the OS's cache for the
+    log: check (read-only) still sees them, and a broker started on the store puts
+    them back."""
     path = tmp_path / "s.db"
-    broker = procs.start(["broker", "--core", core_name, "--store", str(path), "--sync", "off", *addrs], "broker")
+    broker = procs.start(
+        ["broker", "--core", core_name, "--store", str(path), "--store-format", store_format, "--sync", "off", *addrs],
+        "broker",
+    )
     with Client(addrs[0], ack=True) as client:
         futures = [client.submit(b"queued-%d" % i) for i in range(10)]
         with Client(addrs[0]) as probe:
@@ -596,7 +621,7 @@ def test_store_check_reads_a_store_left_by_a_killed_broker(procs, tmp_path, addr
             )
         broker.send_signal(signal.SIGKILL)
         broker.wait(WAIT)
-    assert Path(f"{path}-wal").exists()
+    assert Path(f"{path}-wal").exists() == (store_format == "sqlite")
     result = run_cli(["store", "check", "--json", str(path)], subprocess_env, tmp_path, timeout=WAIT)
     assert result.returncode == 0, result
     assert json.loads(result.stdout)["queued"] == 10

@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Set
 
+import pytest
+
 from fastbroker import Client
 from fastbroker.client.protocol import replies_of
-from fastbroker.protocol import R_ACCEPTED
+from fastbroker.log_records import read_log as read_store_log
+from fastbroker.protocol import LOG_MAGIC, R_ACCEPTED
 from rigs import Processes, read_log, wait_until
 
 from workers_for_tests import LOG_ENV
@@ -72,6 +75,9 @@ class Wire:
 
 
 def stored_ids(path: Path) -> Set[bytes]:
+    if path.read_bytes().startswith(LOG_MAGIC):
+        contents = read_store_log(path.read_bytes())
+        return set(contents.requests) | set(contents.outcomes)
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return {bytes(r[0]) for r in db.execute("SELECT id FROM requests UNION ALL SELECT id FROM outcomes")}
@@ -79,7 +85,8 @@ def stored_ids(path: Path) -> Set[bytes]:
         db.close()
 
 
-def test_three_broker_kills_lose_nothing_and_repeat_nothing(procs: Processes, tmp_path, core_name):
+@pytest.mark.parametrize("store_format", ["log", "sqlite"])
+def test_three_broker_kills_lose_nothing_and_repeat_nothing(procs: Processes, tmp_path, core_name, store_format):
     addrs = [f"ipc://{tmp_path}/{name}" for name in ("req", "wrk", "ans")]
     store = tmp_path / "broker.db"
     log_path = tmp_path / "runs.log"
@@ -95,6 +102,8 @@ def test_three_broker_kills_lose_nothing_and_repeat_nothing(procs: Processes, tm
                 core_name,
                 "--store",
                 str(store),
+                "--store-format",
+                store_format,
                 "--sync",
                 "normal",
                 "-T",

@@ -107,7 +107,8 @@ cdef struct JEnt:
     uint32_t attempts
     int32_t tries
     double timeout  # < 0: none
-    zmsg *frames  # payload (submit) or outcome body, then a dead request's payload (finish): shared copies
+    size_t first  # its frames in Journal.frames: payload (submit) or outcome body, then a
+    # dead request's payload (finish); shared copies
     int nframes
     int nbody  # finish: frames[:nbody] are the outcome's body
 
@@ -243,6 +244,8 @@ cdef class Journal:
     cdef bint lost
     cdef JEnt *ents  # changes of this turn
     cdef size_t count, cap
+    cdef zmsg *frames  # the entries' frames, one pool for the turn
+    cdef size_t nframes, frames_cap
     cdef zmsg *held  # FBC01 reply parts held until stored
     cdef uint8_t *held_more
     cdef size_t nheld, held_cap
@@ -255,6 +258,7 @@ cdef class Journal:
                           int npayload, uint32_t attempts, int32_t tries, double timeout) noexcept nogil
     cdef void clear(self) noexcept nogil
     cdef list take(self)
+    cdef bytes encode(self, double now)
     cdef int hold(self, zmsg *part, bint more) noexcept nogil
     cdef int release(self, void *sock, Counters counters) except -1
     cdef void drop_held(self) noexcept nogil

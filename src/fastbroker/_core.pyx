@@ -11,6 +11,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memcmp, memset, strlen
 from libc.errno cimport EINTR, EAGAIN
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import os
@@ -26,6 +27,7 @@ from fastbroker._zmqdl cimport (
     zmsg, zpollitem, ZPOLLIN, ZDONTWAIT, ZSNDMORE, ZETERM, zmsg_init, zmsg_init_size, zmsg_data, zmsg_size,
     zmsg_more, zmsg_close, zmsg_copy, zmsg_move, zmsg_send, zmsg_recv, zpoll, zerrno, fbz_load,
 )
+from fastbroker._crc32 cimport fb_crc32_init, fb_crc32, fb_put_u32, fb_put_i32, fb_put_f64
 
 cdef const char *_load_error = fbz_load(os.fsencode(_pyzmq_backend.__file__))
 if _load_error != NULL:
@@ -34,6 +36,7 @@ if _load_error != NULL:
 # Every protocol constant comes from _protocol.pxd, generated from protocol.py; check
 # that this build was made from the protocol.py it runs with.
 protocol.check_compiled(compiled_values(), compiled_signatures())
+fb_crc32_init()  # the log store's checksums (core/journal.pxi, encode)
 
 # Leaves: no state of their own beyond what they are given.
 include "core/clock.pxi"

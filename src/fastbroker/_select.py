@@ -1,6 +1,6 @@
 """Chooses the compiled parts or their pure twins: the broker core, the worker's
-session, the client's wire and its book, compiled by default, pure Python on request or as a
-fallback.
+session, the client's wire and its book, the log store's index; compiled by default,
+pure Python on request or as a fallback.
 
 This module alone reads FASTBROKER_PURE; everything else asks it.
 """
@@ -71,6 +71,7 @@ TWINS = {
     "worker session": ("fastbroker.worker._session", "fastbroker.worker.session"),
     "client wire": ("fastbroker.client._wire", "fastbroker.client.wire"),
     "client book": ("fastbroker.client._book", "fastbroker.client.book"),
+    "log index": ("fastbroker.server._log_index", "fastbroker.server.log_index"),
 }
 _chosen: Dict[str, tuple[ModuleType, str]] = {}
 
@@ -94,6 +95,11 @@ def worker_session() -> tuple[ModuleType, str]:
 def client_wire() -> tuple[ModuleType, str]:
     """The client's wire module (``recv_messages``, ``send_message``) and its name."""
     return twin("client wire")
+
+
+def log_index() -> tuple[ModuleType, str]:
+    """The log store's index module (its ``LogIndex``) and its name."""
+    return twin("log index")
 
 
 def client_book() -> tuple[ModuleType, str]:

@@ -44,6 +44,7 @@ from fastbroker.protocol import (
 from fastbroker.server.logsetup import LOG_FORMATS, setup_logging
 from fastbroker.server.shards import MAX_SHARDS
 from fastbroker.server.store import DEFAULT_SYNC, SYNC_LEVELS
+from fastbroker.server.store_files import DEFAULT_STORE_FORMAT, STORE_FORMATS
 from fastbroker.signals import install_stop_handlers
 
 if TYPE_CHECKING:  # annotations only; the commands import these where they run
@@ -370,7 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         metavar="PATH",
         default=None,
-        help="keep FBC01 requests and outcomes in this SQLite file: they survive a crash and restart (created if missing)",
+        help="keep requests and outcomes in this file: they survive a crash and restart (created if missing)",
+    )
+    p.add_argument(
+        "--store-format",
+        choices=STORE_FORMATS,
+        default=None,
+        help=f"with --store: a new file's format, an append-only log or SQLite; an existing file keeps its own (default: {DEFAULT_STORE_FORMAT})",
     )
     p.add_argument(
         "--sync",
@@ -697,6 +704,7 @@ def _run_broker(args: argparse.Namespace) -> int:
             authorized_keys=args.authorized_keys,
             store=args.store,
             sync=args.sync,
+            store_format=args.store_format,
             **options,
         )
     except ConfigError as exc:
@@ -1066,20 +1074,22 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from fastbroker.server.store import check
+    from fastbroker.server.store_files import check_store
 
     try:
-        report = check(args.path)
+        report = check_store(args.path)
     except ConfigError as exc:
         return _fail(str(exc))
     if args.json:
         print(json.dumps(report._asdict()))
     else:
-        print(f"store {report.path}: version {report.version}, {report.bytes} bytes")
+        print(f"store {report.path}: {report.format} version {report.version}, {report.bytes} bytes")
         print(f"queued: {report.queued} (never sent to a worker)")
         print(f"in flight: {report.in_flight} (sent at least once, not finished)")
         print(f"finished: {report.finished} (outcomes kept for RESULT)")
         print(f"dead: {report.dead} (of the finished: FAILED or TIMED_OUT, payload kept for requeue)")
+        if report.torn:
+            print(f"left out: {report.torn} byte(s) of an unfinished last write (never acknowledged)")
         print("sound" if report.sound else "NOT SOUND: " + "; ".join(report.problems))
     return 0 if report.sound else 1
 

@@ -248,13 +248,36 @@ EVENT_QUEUE = 4096
 JOURNAL_KINDS = ("submit", "start", "finish", "forget")
 
 
+# -- The store's log (``--store-format log``), docs/ARCHITECTURE.md "The log store" --
+# A file is LOG_MAGIC, then records: [body length: 4, CRC-32 of the body: 4] + body,
+# all integers little-endian. A body is [kind (JOURNAL_KINDS index): 1, reply code: 1,
+# zero: 2, request id: 16] and then, by kind:
+#   submit: [attempts: 4, tries: 4 signed, timeout: f64 (< 0: none), frames: 4], frames
+#   start:  [attempts: 4]
+#   finish: [attempts: 4, tries: 4 signed, timeout: f64, finished: f64 (Unix time),
+#            body frames: 4, payload frames: 4], body frames, then a dead request's payload
+#   forget: nothing more
+# and a frame is [length: 4] + bytes. log_records.py reads and writes them in
+# Python; core/journal.pxi's encode() writes a turn's records in C.
+LOG_MAGIC = b"FBLOG001"
+LOG_RECORD_HEAD = 8  # body length, CRC-32
+LOG_ENTRY_SIZE = 20  # kind, code, zero, request id
+LOG_SUBMIT_SIZE = 40  # LOG_ENTRY_SIZE + attempts, tries, timeout, frames
+LOG_START_SIZE = 24  # LOG_ENTRY_SIZE + attempts
+LOG_FINISH_SIZE = 52  # LOG_ENTRY_SIZE + attempts, tries, timeout, finished, body frames, payload frames
+LOG_FORGET_SIZE = 20
+LOG_FRAME_HEAD = 4
+LOG_MAX_BODY = (1 << 31) - 1
+"""A record longer than this is taken for damage when the log is read."""
+
+
 # -- The generated declarations for compiled code ----------------------------------
 PXD_PATH = Path(__file__).with_name("_protocol.pxd")
 
 _SIGNATURES = ("WORKER_SIGNATURE", "CLIENT_SIGNATURE", "CLIENT_SIGNATURE_V2", "WORKER_SIGNATURE_V2")
 # Integers that do not fit a C int go to C as unsigned macros.
 _UNSIGNED = ("MAX_REQUEST_TIMEOUT_MS",)
-_ENUM_PREFIXES = ("CMD_", "C_", "R_", "OPT_", "STATE_", "REJECT_", "DROP_", "RUN_")
+_ENUM_PREFIXES = ("CMD_", "C_", "R_", "OPT_", "STATE_", "REJECT_", "DROP_", "RUN_", "LOG_")
 _ENUM_NAMES = (
     "TASK_ID_SIZE",
     "SIGNATURE_SIZE",
@@ -295,7 +318,7 @@ def compiled_values() -> Dict[str, int]:
         if (
             name in _UNSIGNED
             or name in _ENUM_NAMES
-            or (name.startswith(_ENUM_PREFIXES) and name not in ("REJECT_REASONS", "DROP_REASONS"))
+            or (name.startswith(_ENUM_PREFIXES) and name not in ("REJECT_REASONS", "DROP_REASONS", "LOG_MAGIC"))
         ):
             if isinstance(value, bytes):
                 assert len(value) == 1, name

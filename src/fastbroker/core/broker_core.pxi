@@ -160,6 +160,12 @@ cdef class BrokerCore:
         MemoryError if changes were lost for lack of memory."""
         return self.store_journal.take()
 
+    def journal_encode(self, double now):
+        """The changes since the last call as the log store's records
+        (fastbroker.log_records), each finish stamped `now` (Unix time): one bytes
+        object, b"" if none. MemoryError as journal_take()."""
+        return self.store_journal.encode(now)
+
     def release_held(self):
         """Send the replies held since the last call; returns how many messages."""
         return self.store_journal.release(self.s_requests, self.counters)

@@ -266,6 +266,12 @@ class BrokerCore:
         payload frames (a dead request's, else []), timeout (s or None)), ("forget", id)."""
         return self.store_journal.take()
 
+    def journal_encode(self, now: float) -> bytes:
+        """The changes since the last call as the log store's records
+        (fastbroker.log_records), each finish stamped `now` (Unix time): one bytes
+        object, b"" if none. MemoryError as journal_take()."""
+        return self.store_journal.encode(now)
+
     def release_held(self) -> int:
         """Send the replies held since the last call; returns how many."""
         return self.store_journal.release(self.s_requests, self.counters)

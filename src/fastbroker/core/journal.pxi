@@ -7,6 +7,63 @@
 # KeptOutcomes and WorkerSide (dispatch); read by BrokerCore.journal_take/release_held.
 
 
+cdef inline size_t log_body_size(JEnt *j, zmsg *frames) noexcept nogil:
+    cdef size_t size
+    cdef int k
+    if j.kind == J_SUBMIT:
+        size = LOG_SUBMIT_SIZE
+    elif j.kind == J_START:
+        size = LOG_START_SIZE
+    elif j.kind == J_FINISH:
+        size = LOG_FINISH_SIZE
+    else:
+        size = LOG_FORGET_SIZE
+    for k in range(j.nframes):
+        size += LOG_FRAME_HEAD + zmsg_size(&frames[k])
+    return size
+
+
+cdef size_t log_record(JEnt *j, zmsg *frames, uint8_t *out, double now) noexcept nogil:
+    """Write j (its frames at `frames`) as one record at out (room for LOG_RECORD_HEAD
+    + log_body_size(j, frames)); returns its size."""
+    cdef uint8_t *body = out + LOG_RECORD_HEAD
+    cdef uint8_t *at = body + LOG_ENTRY_SIZE
+    cdef size_t size, n
+    cdef int k
+    cdef double timeout = j.timeout if j.timeout >= 0 else -1.0
+    body[0] = j.kind
+    body[1] = j.code if j.kind == J_FINISH else 0
+    body[2] = 0
+    body[3] = 0
+    memcpy(body + 4, j.cid, REQUEST_ID_SIZE)
+    if j.kind == J_SUBMIT:
+        fb_put_u32(at, j.attempts)
+        fb_put_i32(at + 4, j.tries)
+        fb_put_f64(at + 8, timeout)
+        fb_put_u32(at + 16, <uint32_t>j.nframes)
+        at += LOG_SUBMIT_SIZE - LOG_ENTRY_SIZE
+    elif j.kind == J_START:
+        fb_put_u32(at, j.attempts)
+        at += LOG_START_SIZE - LOG_ENTRY_SIZE
+    elif j.kind == J_FINISH:
+        fb_put_u32(at, j.attempts)
+        fb_put_i32(at + 4, j.tries)
+        fb_put_f64(at + 8, timeout)
+        fb_put_f64(at + 16, now)
+        fb_put_u32(at + 24, <uint32_t>j.nbody)
+        fb_put_u32(at + 28, <uint32_t>(j.nframes - j.nbody))
+        at += LOG_FINISH_SIZE - LOG_ENTRY_SIZE
+    for k in range(j.nframes):
+        n = zmsg_size(&frames[k])
+        fb_put_u32(at, <uint32_t>n)
+        memcpy(at + LOG_FRAME_HEAD, zmsg_data(&frames[k]), n)
+        at += LOG_FRAME_HEAD + n
+    size = <size_t>(at - body)
+    fb_put_u32(out, <uint32_t>size)
+    fb_put_u32(out + 4, fb_crc32(body, size))
+    return LOG_RECORD_HEAD + size
+
+
 cdef class Journal:
     """Journal on: FBC01 changes are recorded for take(), every FBC01 reply is held
     until release(), and run() returns RUN_JOURNAL after a turn that left either."""
@@ -14,17 +71,30 @@ cdef class Journal:
     def __dealloc__(self):
         self.clear()
         free(self.ents)
+        free(self.frames)
         self.drop_held()
         free(self.held)
         free(self.held_more)
 
     cdef JEnt *add(self, int kind, const uint8_t *cid, int code, int nframes, uint32_t attempts,
                    int32_t tries, double timeout) noexcept nogil:
-        """A new entry with room for nframes frames (to be set up by the caller), or
-        NULL when out of memory (then `lost`: run() says so)."""
+        """A new entry with room for nframes frames at self.frames[j.first] (to be set up
+        by the caller before the next add), or NULL when out of memory (then `lost`:
+        run() says so)."""
         cdef JEnt *grown
         cdef JEnt *j
+        cdef zmsg *more
         cdef size_t ncap
+        if self.nframes + <size_t>nframes > self.frames_cap:
+            # One pool of frames for the turn's entries, not a malloc each. A zmq_msg_t
+            # may be moved as bytes (held parts are too): it holds no pointer to itself.
+            ncap = max(self.frames_cap * 2, self.nframes + <size_t>nframes, 256)
+            more = <zmsg *>realloc(self.frames, ncap * sizeof(zmsg))
+            if more == NULL:
+                self.lost = True
+                return NULL
+            self.frames = more
+            self.frames_cap = ncap
         if self.count == self.cap:
             ncap = self.cap * 2 if self.cap else 256
             grown = <JEnt *>realloc(self.ents, ncap * sizeof(JEnt))
@@ -34,12 +104,8 @@ cdef class Journal:
             self.ents = grown
             self.cap = ncap
         j = &self.ents[self.count]
-        j.frames = NULL
-        if nframes:
-            j.frames = <zmsg *>malloc(nframes * sizeof(zmsg))
-            if j.frames == NULL:
-                self.lost = True
-                return NULL
+        j.first = self.nframes
+        self.nframes += <size_t>nframes
         self.count += 1
         j.kind = <uint8_t>kind
         j.code = <uint8_t>code
@@ -55,11 +121,13 @@ cdef class Journal:
                    uint32_t attempts, int32_t tries, double timeout) noexcept nogil:
         cdef int i
         cdef JEnt *j = self.add(kind, cid, code, nframes, attempts, tries, timeout)
+        cdef zmsg *mine
         if j == NULL:
             return
+        mine = &self.frames[j.first]
         for i in range(nframes):
-            zmsg_init(&j.frames[i])
-            zmsg_copy(&j.frames[i], &frames[i])
+            zmsg_init(&mine[i])
+            zmsg_copy(&mine[i], &frames[i])
 
     cdef void push_finish(self, const uint8_t *cid, int code, zmsg *body, int nbody, zmsg *payload,
                           int npayload, uint32_t attempts, int32_t tries, double timeout) noexcept nogil:
@@ -67,21 +135,21 @@ cdef class Journal:
         (npayload frames; 0 for another outcome)."""
         cdef int i
         cdef JEnt *j = self.add(J_FINISH, cid, code, nbody + npayload, attempts, tries, timeout)
+        cdef zmsg *mine
         if j == NULL:
             return
         j.nbody = nbody
+        mine = &self.frames[j.first]
         for i in range(nbody):
-            zmsg_init(&j.frames[i])
-            zmsg_copy(&j.frames[i], &body[i])
+            zmsg_init(&mine[i])
+            zmsg_copy(&mine[i], &body[i])
         for i in range(npayload):
-            zmsg_init(&j.frames[nbody + i])
-            zmsg_copy(&j.frames[nbody + i], &payload[i])
+            zmsg_init(&mine[nbody + i])
+            zmsg_copy(&mine[nbody + i], &payload[i])
 
     cdef void clear(self) noexcept nogil:
-        cdef size_t i
-        for i in range(self.count):
-            close_msgs(self.ents[i].frames, self.ents[i].nframes)
-            free(self.ents[i].frames)
+        close_msgs(self.frames, <int>self.nframes)
+        self.nframes = 0
         self.count = 0
 
     cdef list take(self):
@@ -92,14 +160,16 @@ cdef class Journal:
         MemoryError if changes were lost for lack of memory."""
         cdef size_t i
         cdef JEnt *j
+        cdef zmsg *mine
         if self.lost:
             self.clear()
             raise MemoryError("fastbroker: journal entries lost for lack of memory")
         result = []
         for i in range(self.count):
             j = &self.ents[i]
+            mine = &self.frames[j.first]
             cid = (<char *>j.cid)[:REQUEST_ID_SIZE]
-            frames = [(<char *>zmsg_data(&j.frames[k]))[:zmsg_size(&j.frames[k])] for k in range(j.nframes)]
+            frames = [(<char *>zmsg_data(&mine[k]))[:zmsg_size(&mine[k])] for k in range(j.nframes)]
             if j.kind == J_SUBMIT:
                 result.append(("submit", cid, frames, None if j.timeout < 0 else j.timeout, j.tries))
             elif j.kind == J_START:
@@ -111,6 +181,27 @@ cdef class Journal:
                 result.append(("forget", cid))
         self.clear()
         return result
+
+    cdef bytes encode(self, double now):
+        """The changes since the last call as the log store's records (protocol.py, "The
+        store's log"), each finish stamped `now` (Unix time); b"" if none. One bytes
+        object a turn, written in C: the same bytes as log_records.encode_entries(take(),
+        now). MemoryError as take()."""
+        cdef size_t i, total = 0
+        cdef uint8_t *out
+        if self.lost:
+            self.clear()
+            raise MemoryError("fastbroker: journal entries lost for lack of memory")
+        if self.count == 0:
+            return b""
+        for i in range(self.count):
+            total += LOG_RECORD_HEAD + log_body_size(&self.ents[i], &self.frames[self.ents[i].first])
+        blob = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>total)
+        out = <uint8_t *>PyBytes_AS_STRING(blob)
+        for i in range(self.count):
+            out += log_record(&self.ents[i], &self.frames[self.ents[i].first], out, now)
+        self.clear()
+        return blob
 
     cdef int hold(self, zmsg *part, bint more) noexcept nogil:
         """Keep one part of a reply until release(). Returns 0, or 1 when out of

@@ -19,6 +19,7 @@ import zmq
 
 from fastbroker.core import cdef
 from fastbroker.core.counters import Counters
+from fastbroker.log_records import encode_entries
 
 
 class Journal:
@@ -65,6 +66,12 @@ class Journal:
         """The entries since the last call, in order."""
         ents, self.ents = self.ents, []
         return ents
+
+    @cdef
+    def encode(self, now: float) -> bytes:
+        """The entries since the last call as the log store's records, each finish
+        stamped `now` (Unix time); b"" if none."""
+        return encode_entries(self.take(), now)
 
     @cdef
     def hold(self, message: list) -> None:

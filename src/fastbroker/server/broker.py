@@ -36,7 +36,9 @@ from fastbroker.protocol import (
     MIN_LIVENESS,
 )
 from fastbroker.server.disconnects import DisconnectWatch
-from fastbroker.server.store import DEFAULT_SYNC, Store
+from fastbroker.server.log_store import LogStore
+from fastbroker.server.store import DEFAULT_SYNC
+from fastbroker.server.store_files import AnyStore, open_store
 from fastbroker.wakepipe import WakePipe
 
 log = logging.getLogger("fastbroker.broker")
@@ -141,10 +143,12 @@ class Broker(Closeable):
     ``curve_secret`` (the broker's secret key file) and ``authorized_keys`` (a
     directory of ``*.key`` public key files), given together, make every endpoint a
     CURVE server that lets in only those keys (fastbroker.security).
-    ``store`` (a file path) keeps FBC01 requests and outcomes in an SQLite database:
-    a request is ACCEPTED, and an outcome sent, only once stored, and on start the
-    broker puts back what the store holds. ``sync`` ("full", "normal", "off") is
-    SQLite's synchronous level (fastbroker.server.store.SYNC_LEVELS says what each promises).
+    ``store`` (a file path) keeps FBC01 and FBC02 requests and outcomes in a file: a
+    request is ACCEPTED, and an outcome sent, only once stored, and on start the broker
+    puts back what the store holds. ``store_format`` is a new file's ("log", the
+    default, or "sqlite"; fastbroker.server.store_files); an existing one keeps its own.
+    ``sync`` ("full", "normal", "off") says when it is synced to disk
+    (fastbroker.server.store.SYNC_LEVELS says what each promises).
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class Broker(Closeable):
         authorized_keys: Optional[security.KeyPath] = None,
         store: Optional[str] = None,
         sync: str = DEFAULT_SYNC,
+        store_format: Optional[str] = None,
     ) -> None:
         timeout = check_timeout(timeout)
         tries = check_tries(tries)
@@ -185,7 +190,7 @@ class Broker(Closeable):
         if authorized_keys is not None:
             security.load_authorized_keys(authorized_keys)
         self._authenticator = None
-        self._store: Optional[Store] = None
+        self._store: Optional[AnyStore] = None
         try:
             core_module = _select.resolve(core)
         except ImportError as exc:
@@ -206,7 +211,7 @@ class Broker(Closeable):
         try:
             if store is not None:
                 # First: a store that cannot be used must stop the broker before it binds.
-                self._store = Store(store, sync)
+                self._store = open_store(store, sync, store_format)
             if authorized_keys is not None:
                 # Before any socket: a handshake must never find no ZAP handler (libzmq
                 # would then let any CURVE key in).
@@ -296,14 +301,20 @@ class Broker(Closeable):
             )
 
     def _persist(self) -> None:
-        """Store this turn's changes in one transaction, then let the held replies go."""
-        entries = self._core.journal_take()
-        if entries:
-            try:
-                self._store.apply(entries)  # type: ignore[union-attr]
-            except sqlite3.Error as exc:
-                # Nothing held is released: no client is told of what was not stored.
-                raise BrokerError(f"store {self._store.path}: cannot write: {exc}") from None  # type: ignore[union-attr]
+        """Store this turn's changes in one write (log) or transaction (SQLite), then
+        let the held replies go."""
+        store = self._store
+        try:
+            if isinstance(store, LogStore):
+                # One bytes object a turn, encoded by the core: no Python object a change.
+                store.append(self._core.journal_encode(time.time()))
+            else:
+                entries = self._core.journal_take()
+                if entries:
+                    store.apply(entries)  # type: ignore[union-attr]
+        except (sqlite3.Error, OSError) as exc:
+            # Nothing held is released: no client is told of what was not stored.
+            raise BrokerError(f"store {store.path}: cannot write: {exc}") from None  # type: ignore[union-attr]
         self._core.release_held()
 
     def _socket(self, kind: int, sndhwm: int, rcvhwm: int) -> zmq.Socket:
@@ -374,7 +385,7 @@ class Broker(Closeable):
                     if now >= next_upkeep:
                         try:
                             self._store.maintain()
-                        except sqlite3.Error as exc:
+                        except (sqlite3.Error, OSError) as exc:
                             # Upkeep only bounds the files' size: nothing promised depends
                             # on it, so it is retried next time rather than stop the broker.
                             log.warning("store %s: upkeep failed: %s", self._store.path, exc)

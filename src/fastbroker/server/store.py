@@ -84,6 +84,8 @@ class StoreReport(NamedTuple):
     bytes: int
     sound: bool
     problems: List[str]
+    format: str = "sqlite"  # or "log" (server/log_store.py)
+    torn: int = 0  # log: bytes of an unfinished last write, left out (not a problem)
 
 
 def encode_frames(frames: Sequence[bytes]) -> bytes:
