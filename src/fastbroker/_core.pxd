@@ -271,6 +271,7 @@ cdef class RequestIds:
 
     cdef const uint8_t *_key(self, bytes key) except NULL
     cdef inline CEnt *entry(self, const uint8_t *key) noexcept nogil
+    cdef inline void prefetch(self, const uint8_t *key) noexcept nogil
     cdef inline int add(self, const uint8_t *key, uint32_t value) noexcept nogil
     cdef inline void remove(self, CEnt *e) noexcept nogil
     cdef void clear(self) noexcept nogil
@@ -491,6 +492,7 @@ cdef class Attempts:
     cdef void *s_requests
 
     cdef int answer(self, zmsg *tid, zmsg *body, int nbody, int from_s) noexcept nogil
+    cdef void prefetch_answer(self, const uint8_t *tid) noexcept nogil
     cdef int answer_id(self, const uint8_t *tid, zmsg *body, int nbody, int from_s) noexcept nogil
     cdef int deliver(self, Req *r, zmsg *body, int nbody) noexcept nogil
     cdef int expire(self, double now) noexcept nogil

@@ -33,6 +33,12 @@ cdef class Attempts:
             return 0
         return self.answer_id(<const uint8_t *>zmsg_data(tid), body, nbody, from_s)
 
+    cdef void prefetch_answer(self, const uint8_t *tid) noexcept nogil:
+        """Start bringing into the cache the id slot that answer_id(tid) will look up."""
+        cdef int s = self.table.find(tid, TASK_ID_SIZE)
+        if s >= 0:
+            self.client.ids.prefetch(self.table.reqs[s].cid)
+
     cdef int answer_id(self, const uint8_t *tid, zmsg *body, int nbody, int from_s) noexcept nogil:
         """answer() for a task id of TASK_ID_SIZE bytes (an FBW02 ANSWER record's)."""
         cdef int s, rc

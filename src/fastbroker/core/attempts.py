@@ -63,6 +63,11 @@ class Attempts:
         self.answer_id(tid, body, from_s)
 
     @cdef
+    def prefetch_answer(self, tid: bytes) -> None:
+        """Compiled: start bringing into the cache the id slot answer_id(tid) will look
+        up. Nothing to do with dicts (and WorkerSide here does not call it)."""
+
+    @cdef
     def answer_id(self, tid: bytes, body: list, from_s: Optional[Sess]) -> None:
         """answer() for a task id of TASK_ID_SIZE bytes (an FBW02 ANSWER record's)."""
         r = self.table.find(tid)

@@ -14,6 +14,49 @@ cdef enum:
     CID_EMPTY = 0
     CID_TOMB = 1
     CID_MOVES_PER_INSERT = 8  # old buckets moved per insert: done long before the next growth
+    HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+    PREFETCH_AHEAD = 8  # batches (SUBMIT, ANSWER) ask for the id slots of the records this far ahead
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *address, size_t length, int advice)
+    int MADV_HUGEPAGE
+
+
+cdef inline size_t cid_table_bytes(size_t cap) noexcept nogil:
+    """What a table of cap entries takes: a big one in whole huge pages."""
+    cdef size_t size = cap * sizeof(CEnt)
+    if size < HUGE_PAGE:
+        return size
+    return (size + HUGE_PAGE - 1) & ~(<size_t>HUGE_PAGE - 1)
+
+
+cdef CEnt *cid_table_alloc(size_t cap) noexcept nogil:
+    """A zeroed table of cap entries, or NULL. One of 2 MiB or more is mapped on its own
+    and asked to live on huge pages (transparent huge pages, where the system offers
+    them on request): its lookups land anywhere in it, and with 4 KiB pages each was a
+    TLB miss besides a cache miss, a page walk that a VM makes longer still. Its pages
+    are zero and come as they are first touched: no pause to clear it."""
+    cdef size_t size = cid_table_bytes(cap)
+    cdef void *table
+    if size < HUGE_PAGE:
+        return <CEnt *>calloc(cap, sizeof(CEnt))
+    table = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if table == MAP_FAILED:
+        return NULL
+    madvise(table, size, MADV_HUGEPAGE)  # advice: without it, ordinary pages
+    return <CEnt *>table
+
+
+cdef void cid_table_free(CEnt *table, size_t cap) noexcept nogil:
+    """Give back a table of cid_table_alloc(cap)."""
+    cdef size_t size = cid_table_bytes(cap)
+    if table == NULL:
+        return
+    if size < HUGE_PAGE:
+        free(table)
+    else:
+        munmap(table, size)
 
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
@@ -49,6 +92,14 @@ cdef inline CEnt *cid_probe(CEnt *ents, size_t cap, const uint8_t *key, uint64_t
     return NULL
 
 
+cdef inline void cidx_prefetch(const CidIndex *m, const uint8_t *key) noexcept nogil:
+    """Ask for the cache line of key's home slot, for a cidx_find to come: with many kept
+    outcomes the table is far larger than the caches and each lookup a miss; asked for
+    a batch at a time, the misses overlap instead of following one another."""
+    if m.cap:
+        prefetch(&m.ents[cid_hash(m, key) & (m.cap - 1)])
+
+
 cdef CEnt *cidx_find(CidIndex *m, const uint8_t *key) noexcept nogil:
     """The entry holding key, or NULL. Valid until the next insert or delete."""
     cdef uint64_t h
@@ -82,7 +133,7 @@ cdef void cid_move_some(CidIndex *m, size_t n) noexcept nogil:
         m.old_next += 1
         n -= 1
         if m.old_next == m.old_cap:
-            free(m.old)
+            cid_table_free(m.old, m.old_cap)
             m.old = NULL
             m.old_cap = m.old_next = 0
 
@@ -95,7 +146,7 @@ cdef int cidx_insert(CidIndex *m, const uint8_t *key, uint32_t value) noexcept n
         if m.old != NULL:
             cid_move_some(m, m.old_cap)  # not reached at the pace below; kept as a bound
         ncap = m.cap * 2 if m.cap else 64
-        nents = <CEnt *>calloc(ncap, sizeof(CEnt))
+        nents = cid_table_alloc(ncap)
         if nents == NULL:
             return -1
         m.old = m.ents
@@ -132,8 +183,8 @@ cdef void cidx_delete(CidIndex *m, CEnt *e) noexcept nogil:
 
 
 cdef void cidx_free(CidIndex *m) noexcept nogil:
-    free(m.ents)
-    free(m.old)
+    cid_table_free(m.ents, m.cap)
+    cid_table_free(m.old, m.old_cap)
     m.ents = m.old = NULL
     m.cap = m.count = m.old_cap = m.old_next = 0
 
@@ -157,6 +208,10 @@ cdef class RequestIds:
     cdef inline CEnt *entry(self, const uint8_t *key) noexcept nogil:
         """The entry holding key, or NULL. Valid until the next add or remove."""
         return cidx_find(&self.m, key)
+
+    cdef inline void prefetch(self, const uint8_t *key) noexcept nogil:
+        """Start bringing key's slot into the cache, for an entry() soon after."""
+        cidx_prefetch(&self.m, key)
 
     cdef inline int add(self, const uint8_t *key, uint32_t value) noexcept nogil:
         """Add key (not present) -> value. -1 when out of memory."""

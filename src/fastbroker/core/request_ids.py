@@ -41,6 +41,11 @@ class RequestIds:
         return self.m.get(key)
 
     @cdef
+    def prefetch(self, key: bytes) -> None:
+        """Compiled: start bringing key's slot into the cache before a batch's lookups.
+        Nothing to do in a dict (and ClientSide here does not call it)."""
+
+    @cdef
     def add(self, key: bytes, value: Any) -> None:
         """Add key (not present) -> value, or point key at a new value."""
         self.m[key] = value

@@ -54,6 +54,15 @@ cdef inline uint64_t ring_front(Ring *r) noexcept nogil:
     return r.head.items[r.head_i]
 
 
+cdef inline bint ring_peek(Ring *r, size_t k, uint64_t *v) noexcept nogil:
+    """The handle k places behind the front into *v, if it is in the front's block
+    (for prefetching: one a block's length ahead is not worth a walk)."""
+    if k >= r.count or r.head_i + k >= RING_BLOCK:
+        return False
+    v[0] = r.head.items[r.head_i + k]
+    return True
+
+
 cdef void ring_next_block(Ring *r) noexcept nogil:
     # The head block is used up and handles remain, so a next block exists.
     cdef RingBlock *old = r.head
