@@ -11,6 +11,7 @@ test_store_crash.py."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fastbroker import ConfigError
-from fastbroker.log_records import HEAD, encode_entries, encode_submit, read_log
+from fastbroker.log_records import HEAD, encode_entries, read_log
 from fastbroker.protocol import LOG_MAGIC, R_FAILED, R_OK, R_TIMED_OUT
 from fastbroker.server.log_store import LOG_VERSION, LogStore, check
 from fastbroker.server.store import Store, StoreError
@@ -155,27 +156,53 @@ def written_store(path: Path) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("tail", ["cut-short", "bad-last-checksum", "zeros"])
+def record_starts(blob: bytes) -> list:
+    starts, at = [], 0
+    while at < len(blob):
+        starts.append(at)
+        at += HEAD.size + HEAD.unpack_from(blob, at)[0]
+    return starts
+
+
+def last_write(n: int) -> bytes:
+    """One turn's records of n submits, as a broker writes them."""
+    return encode_entries([("submit", rid(100 + i), [b"never acknowledged %d" % i], None, 3) for i in range(n)], 0.0)
+
+
+@pytest.mark.parametrize("tail", ["cut-short", "bad-last-checksum", "zeros", "zeros-from-inside-a-record"])
 def test_an_unfinished_last_write_is_left_out_and_counted(tail, tmp_path, caplog):
+    """The whole records of a last write cut short are kept (a turn is applied as far as
+    its records are whole, as a crash in the middle of the turn would leave it); what
+    follows the last whole one is left out, counted, and kept aside."""
     path = tmp_path / "s.log"
     data = written_store(path)
+    write = last_write(50)
+    ends = list(itertools.accumulate(HEAD.size + HEAD.unpack_from(write, at)[0] for at in record_starts(write)))
     if tail == "cut-short":
-        extra = encode_submit(rid(99), [b"never acknowledged"], None, 3)[:-5]
+        extra = write[:-5]
     elif tail == "bad-last-checksum":
-        record = bytearray(encode_submit(rid(99), [b"never acknowledged"], None, 3))
-        record[-1] ^= 0xFF
-        extra = bytes(record)
-    else:
+        damaged = bytearray(write)
+        damaged[-1] ^= 0xFF
+        extra = bytes(damaged)
+    elif tail == "zeros":
         extra = bytes(300)
+    else:
+        # What a power loss leaves: the last write's pages zeroed from some byte inside
+        # one of its records (its head and part of its body there, then zeros).
+        extra = write[:1000] + bytes(len(write) - 1000)
+    whole = 0 if tail == "zeros" else sum(1 for end in ends if end <= len(extra) and extra[:end] == write[:end])
+    kept = ends[whole - 1] if whole else 0
     path.write_bytes(data + extra)
     report = check(str(path))
-    assert (report.sound, report.torn, report.queued) == (True, len(extra), 10)
+    assert (report.sound, report.torn, report.queued) == (True, len(extra) - kept, 10 + whole)
     with caplog.at_level(logging.WARNING, logger="fastbroker.store"):
         with LogStore(str(path)) as store:
             requests, _ = store.load()
-    assert [r.id for r in requests] == [rid(i) for i in range(10)]
-    assert f"{len(extra)} byte(s) of an unfinished last write left out" in caplog.text
-    assert check(str(path)).torn == 0  # started anew without it
+    assert [r.id for r in requests] == [rid(i) for i in range(10)] + [rid(100 + i) for i in range(whole)]
+    assert f"{len(extra) - kept} byte(s) of an unfinished last write left out" in caplog.text
+    assert check(str(path)).torn == 0  # cut off
+    assert (tmp_path / "s.log.torn").read_bytes() == extra[kept:]  # and kept aside
+    assert path.read_bytes() == data + extra[:kept]
 
 
 def test_damage_before_the_end_stops_the_store_naming_it_and_changes_nothing(tmp_path):
@@ -193,6 +220,66 @@ def test_damage_before_the_end_stops_the_store_naming_it_and_changes_nothing(tmp
     assert not report.sound and report.problems == [f"is corrupt: damaged record at byte {second}: checksum mismatch"]
 
 
+@pytest.mark.parametrize("length", ["past-the-end", "too-short", "into-the-next"])
+def test_a_damaged_length_before_the_end_is_damage_not_a_torn_write(length, tmp_path):
+    """A record's length that reads wrong is taken for an unfinished last write only if
+    no whole record follows it: acknowledged records after it are never dropped."""
+    path = tmp_path / "s.log"
+    data = bytearray(written_store(path))
+    second = len(LOG_MAGIC) + HEAD.size + HEAD.unpack_from(data, len(LOG_MAGIC))[0]
+    size = HEAD.unpack_from(data, second)[0]
+    wrong = {"past-the-end": len(data), "too-short": 3, "into-the-next": size + 5}[length]
+    data[second : second + 4] = wrong.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"damaged record at byte {second}"):
+        LogStore(str(path))
+    assert path.read_bytes() == bytes(data) and not (tmp_path / "s.log.torn").exists()
+    report = check(str(path))
+    assert not report.sound and report.torn == 0
+
+
+def test_a_failed_compaction_leaves_the_store_as_it_was(tmp_path, caplog):
+    path = tmp_path / "s.log"
+
+    def turns(first: int, last: int) -> None:
+        for i in range(first, last):
+            store.apply(
+                [
+                    ("submit", rid(i), [b"x" * 40], None, 3),
+                    ("finish", rid(i), R_OK, [b"y"], 1, 3, [], None),
+                    ("forget", rid(i)),
+                ]
+            )
+
+    with LogStore(str(path), compact_min=4096) as store:
+        store.apply([("submit", rid(10_000), [b"kept"], None, 3)])
+        (tmp_path / "s.log.new").mkdir()  # where the new file would go: it cannot be made
+        with caplog.at_level(logging.WARNING, logger="fastbroker.store"):
+            turns(0, 40)
+        assert "cannot compact" in caplog.text and store.compactions == 0
+        assert store.size > 4096
+        (tmp_path / "s.log.new").rmdir()
+        turns(40, 120)  # tried again once the file has doubled, and done
+        assert store.compactions >= 1 and not (tmp_path / "s.log.new").exists()
+    with LogStore(str(path)) as store:
+        assert [r.id for r in store.load()[0]] == [rid(10_000)]
+
+
+def test_opening_indexes_the_file_where_it_is(tmp_path):
+    """A store is not rewritten when it is opened (a full disk must not stop a restart):
+    the same file, its records indexed, and new ones appended after them."""
+    path = tmp_path / "s.log"
+    data = written_store(path)
+    inode = path.stat().st_ino
+    with LogStore(str(path)) as store:
+        assert len(store.load()[0]) == 10 and store.size == len(data)
+        store.apply([("finish", rid(0), R_OK, [b"done"], 1, 3, [], None)])
+    assert path.stat().st_ino == inode and path.read_bytes().startswith(data)
+    with LogStore(str(path)) as store:
+        requests, outcomes = store.load()
+    assert [r.id for r in requests] == [rid(i) for i in range(1, 10)] and [o.id for o in outcomes] == [rid(0)]
+
+
 def test_one_broker_at_a_time(tmp_path):
     path = str(tmp_path / "s.log")
     with LogStore(path):
@@ -200,6 +287,33 @@ def test_one_broker_at_a_time(tmp_path):
             LogStore(path)
     with LogStore(path) as store:  # free again once closed
         assert store.load() == ([], [])
+
+
+def test_a_compaction_between_anothers_open_and_lock_does_not_let_it_in(tmp_path, monkeypatch):
+    """B opens the file, A renames a compacted one over it and lets the old one go, then
+    B locks: B holds the lock of a file that is no longer the store, so it opens the
+    store again and finds A's lock (before: B went on with the old file)."""
+    path = str(tmp_path / "s.log")
+    first = LogStore(path)
+    first.apply([("submit", rid(1), [b"a"], None, 3)])
+    lock = LogStore._lock
+    calls = []
+
+    def compact_first(self, fd):
+        if not calls:
+            first.compact()
+        calls.append(fd)
+        lock(self, fd)
+
+    monkeypatch.setattr(LogStore, "_lock", compact_first)
+    with pytest.raises(StoreError, match="in use by another broker"):
+        LogStore(path)
+    assert len(calls) == 2 and first.compactions == 1
+    first.apply([("submit", rid(2), [b"b"], None, 3)])
+    first.close()
+    monkeypatch.setattr(LogStore, "_lock", lock)
+    with LogStore(path) as store:
+        assert [r.id for r in store.load()[0]] == [rid(1), rid(2)]
 
 
 # -- which format ------------------------------------------------------------------------

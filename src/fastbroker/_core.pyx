@@ -10,7 +10,7 @@ it). ``BrokerCore`` composes them and runs the loop.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memcmp, memset, strlen
-from libc.errno cimport EINTR, EAGAIN
+from libc.errno cimport EINTR, EAGAIN, EFBIG
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED

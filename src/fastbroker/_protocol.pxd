@@ -8,12 +8,14 @@ cdef extern from *:
     #define FB_CLIENT_SIGNATURE_V2 "FBC02"
     #define FB_WORKER_SIGNATURE_V2 "FBW02"
     #define FB_MAX_REQUEST_TIMEOUT_MS 0xfffffffeu
+    #define FB_LOG_MAX_BODY 0xfffffff7u
     """
     const char *WORKER_SIGNATURE "FB_WORKER_SIGNATURE"
     const char *CLIENT_SIGNATURE "FB_CLIENT_SIGNATURE"
     const char *CLIENT_SIGNATURE_V2 "FB_CLIENT_SIGNATURE_V2"
     const char *WORKER_SIGNATURE_V2 "FB_WORKER_SIGNATURE_V2"
     const unsigned int MAX_REQUEST_TIMEOUT_MS "FB_MAX_REQUEST_TIMEOUT_MS"
+    const unsigned int LOG_MAX_BODY "FB_LOG_MAX_BODY"
 
 cdef enum:
     ANSWER_RECORD_SIZE = 19
@@ -92,7 +94,6 @@ cdef enum:
     LOG_FINISH_SIZE = 52
     LOG_FORGET_SIZE = 20
     LOG_FRAME_HEAD = 4
-    LOG_MAX_BODY = 2147483647
     LOG_RECORD_HEAD = 8
     LOG_START_SIZE = 24
     LOG_SUBMIT_SIZE = 40

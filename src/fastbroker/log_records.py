@@ -10,9 +10,12 @@ a store is opened or checked: never on the broker's hot path.
 
 from __future__ import annotations
 
+import errno
+import mmap
+import re
 import zlib
 from struct import Struct
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from fastbroker.protocol import (
     JOURNAL_KINDS,
@@ -60,6 +63,8 @@ class LogDamage(ValueError):
 
 def _record(parts: List[bytes]) -> bytes:
     body = b"".join(parts)
+    if len(body) > LOG_MAX_BODY:
+        raise OSError(errno.EFBIG, "a change of more than 4 GiB cannot be stored")
     return HEAD.pack(len(body), zlib.crc32(body)) + body
 
 
@@ -235,11 +240,43 @@ def _apply(body: memoryview, requests: Dict[bytes, LogRequest], outcomes: Dict[b
         outcomes.pop(rid, None)
 
 
-def read_log(data: bytes) -> LogContents:
-    """What a log holds. An unfinished last write (a record cut short by the end of the
-    file, a last record whose checksum fails, or zeros to the end) is left out and
-    counted in `torn`; any other record that is not as written raises LogDamage, and a
-    file that does not start with LOG_MAGIC ValueError."""
+_BODY_START = re.compile(rb"[\x00-\x03].\x00\x00", re.DOTALL)
+"""What a record's body starts with: a kind (JOURNAL_KINDS), a reply code, two zeros."""
+
+
+def _last_nonzero(view: memoryview, start: int) -> int:
+    """The offset just past the last byte that is not zero, from `start` on (start if none)."""
+    end = len(view)
+    while end > start:
+        begin = max(start, end - (1 << 20))
+        chunk = bytes(view[begin:end]).rstrip(b"\0")
+        if chunk:
+            return begin + len(chunk)
+        end = begin
+    return start
+
+
+def whole_record_after(view: memoryview, start: int) -> Optional[int]:
+    """The offset of a whole record (its length within the file, its checksum right)
+    that starts after `start`, or None. Only where a record does not read as written:
+    a whole record after it means damage, none an unfinished last write."""
+    total = len(view)
+    last = _last_nonzero(view, start + 1)
+    for match in _BODY_START.finditer(view, start + 1 + LOG_RECORD_HEAD, last + LOG_RECORD_HEAD):
+        offset = match.start() - LOG_RECORD_HEAD
+        size, crc = HEAD.unpack_from(view, offset)
+        end = offset + LOG_RECORD_HEAD + size
+        if LOG_ENTRY_SIZE <= size and end <= total and zlib.crc32(view[offset + LOG_RECORD_HEAD : end]) == crc:
+            return offset
+    return None
+
+
+def read_log(data: Union[bytes, mmap.mmap]) -> LogContents:
+    """What a log holds (`data`: bytes, or a map of the file). A record that does not
+    read as written (cut short by the end of the file, too short, its checksum wrong)
+    with no whole record after it is an unfinished last write: left out and counted in
+    `torn`. With a whole record after it, it is damage: LogDamage. A file that does not
+    start with LOG_MAGIC: ValueError."""
     view = memoryview(data)
     if bytes(view[: len(LOG_MAGIC)]) != LOG_MAGIC:
         raise ValueError("not a fastbroker log store")
@@ -247,19 +284,24 @@ def read_log(data: bytes) -> LogContents:
     outcomes: Dict[bytes, LogOutcome] = {}
     offset, total = len(LOG_MAGIC), len(view)
     while offset < total:
+        wrong = ""
         if offset + LOG_RECORD_HEAD > total:
+            wrong = "record head cut short"
+        else:
+            size, crc = HEAD.unpack_from(view, offset)
+            end = offset + LOG_RECORD_HEAD + size
+            if end > total:
+                wrong = "record runs past the end of the file"
+            elif size < LOG_ENTRY_SIZE:
+                wrong = "record too short"
+            elif zlib.crc32(view[offset + LOG_RECORD_HEAD : end]) != crc:
+                wrong = "checksum mismatch"
+        if wrong:
+            if whole_record_after(view, offset) is not None:
+                raise LogDamage(offset, wrong)
             break
-        size, crc = HEAD.unpack_from(view, offset)
-        end = offset + LOG_RECORD_HEAD + size
-        if size > LOG_MAX_BODY or end > total:
-            break  # cut short by the end of the file
-        body = view[offset + LOG_RECORD_HEAD : end]
-        if size < LOG_ENTRY_SIZE or zlib.crc32(body) != crc:
-            if end == total or not any(view[offset:]):
-                break
-            raise LogDamage(offset, "checksum mismatch" if size >= LOG_ENTRY_SIZE else "record too short")
         try:
-            _apply(body, requests, outcomes)
+            _apply(view[offset + LOG_RECORD_HEAD : end], requests, outcomes)
         except ValueError as exc:
             raise LogDamage(offset, str(exc)) from None
         offset = end

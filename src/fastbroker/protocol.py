@@ -267,8 +267,9 @@ LOG_START_SIZE = 24  # LOG_ENTRY_SIZE + attempts
 LOG_FINISH_SIZE = 52  # LOG_ENTRY_SIZE + attempts, tries, timeout, finished, body frames, payload frames
 LOG_FORGET_SIZE = 20
 LOG_FRAME_HEAD = 4
-LOG_MAX_BODY = (1 << 31) - 1
-"""A record longer than this is taken for damage when the log is read."""
+LOG_MAX_BODY = (1 << 32) - 1 - LOG_RECORD_HEAD
+"""The longest body a record's length can say: a change larger than this (a payload of
+4 GiB) cannot be stored, and the broker stops rather than acknowledge it."""
 
 
 # -- The generated declarations for compiled code ----------------------------------
@@ -276,7 +277,7 @@ PXD_PATH = Path(__file__).with_name("_protocol.pxd")
 
 _SIGNATURES = ("WORKER_SIGNATURE", "CLIENT_SIGNATURE", "CLIENT_SIGNATURE_V2", "WORKER_SIGNATURE_V2")
 # Integers that do not fit a C int go to C as unsigned macros.
-_UNSIGNED = ("MAX_REQUEST_TIMEOUT_MS",)
+_UNSIGNED = ("MAX_REQUEST_TIMEOUT_MS", "LOG_MAX_BODY")
 _ENUM_PREFIXES = ("CMD_", "C_", "R_", "OPT_", "STATE_", "REJECT_", "DROP_", "RUN_", "LOG_")
 _ENUM_NAMES = (
     "TASK_ID_SIZE",

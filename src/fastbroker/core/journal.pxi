@@ -187,7 +187,7 @@ cdef class Journal:
         store's log"), each finish stamped `now` (Unix time); b"" if none. One bytes
         object a turn, written in C: the same bytes as log_records.encode_entries(take(),
         now). MemoryError as take()."""
-        cdef size_t i, total = 0
+        cdef size_t i, body, total = 0
         cdef uint8_t *out
         if self.lost:
             self.clear()
@@ -195,7 +195,11 @@ cdef class Journal:
         if self.count == 0:
             return b""
         for i in range(self.count):
-            total += LOG_RECORD_HEAD + log_body_size(&self.ents[i], &self.frames[self.ents[i].first])
+            body = log_body_size(&self.ents[i], &self.frames[self.ents[i].first])
+            if body > LOG_MAX_BODY:
+                self.clear()
+                raise OSError(EFBIG, "a change of more than 4 GiB cannot be stored")
+            total += LOG_RECORD_HEAD + body
         blob = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>total)
         out = <uint8_t *>PyBytes_AS_STRING(blob)
         for i in range(self.count):

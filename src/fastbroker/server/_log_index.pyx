@@ -230,6 +230,30 @@ cdef class LogIndex:
     def outcomes(self) -> int:
         return self.outs.count
 
+    def load(self, uint64_t start) -> None:
+        """Index the records already in the file, from `start` (past its header) to its
+        size: those that log_records.read_log read back whole. Nothing is written."""
+        cdef const uint8_t *data
+        cdef uint64_t at = start
+        cdef uint64_t length
+        cdef size_t mapped = <size_t>self.end
+        if self.end <= start:
+            return
+        data = <const uint8_t *>mmap(NULL, mapped, PROT_READ, MAP_SHARED, self.fd, 0)
+        if <void *>data == MAP_FAILED:
+            raise OSError(errno, "cannot map the log")
+        try:
+            while at < self.end:
+                if self.end - at < LOG_RECORD_HEAD + LOG_ENTRY_SIZE:
+                    raise ValueError("log records cut short")
+                length = LOG_RECORD_HEAD + <uint64_t>fb_get_u32(data + at)
+                if length > self.end - at:
+                    raise ValueError("log records cut short")
+                self.index(data + at + LOG_RECORD_HEAD, at, <uint32_t>length)
+                at += length
+        finally:
+            munmap(<void *>data, mapped)
+
     def append(self, bytes blob) -> None:
         """Write records (encoded by the core's journal or log_records) at the end of the
         file, then index them. OSError if the write fails (nothing is indexed then);

@@ -385,10 +385,14 @@ class Broker(Closeable):
                     if now >= next_upkeep:
                         try:
                             self._store.maintain()
-                        except (sqlite3.Error, OSError) as exc:
-                            # Upkeep only bounds the files' size: nothing promised depends
-                            # on it, so it is retried next time rather than stop the broker.
+                        except sqlite3.Error as exc:
+                            # SQLite's upkeep only bounds the files' size: nothing promised
+                            # depends on it, so it is retried next time rather than stop.
                             log.warning("store %s: upkeep failed: %s", self._store.path, exc)
+                        except OSError as exc:
+                            # The log's is its sync: what failed to reach the disk may never
+                            # (Linux forgets a failed write-back). Stop, as for a failed write.
+                            raise BrokerError(f"store {self._store.path}: cannot sync: {exc}") from None
                         next_upkeep = now + STORE_UPKEEP_INTERVAL
                     wait = next_upkeep - now
                 result = self._core.run(self._wake.read_fd, wait, debug, events)

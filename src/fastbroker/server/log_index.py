@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from fastbroker.log_records import ENTRY, HEAD, K_FINISH, K_FORGET, K_START, K_SUBMIT, START, encode_start
 from fastbroker.protocol import LOG_ENTRY_SIZE, LOG_RECORD_HEAD
@@ -60,6 +60,22 @@ class LogIndex:
     def outcomes(self) -> int:
         return len(self.outs)
 
+    def load(self, start: int) -> None:
+        """Index the records already in the file, from `start` (past its header) to its
+        size: those that log_records.read_log read back whole. Nothing is written."""
+        if self.end <= start:
+            return
+        with mmap.mmap(self.fd, self.end, mmap.MAP_SHARED, mmap.PROT_READ) as data:
+            at = start
+            while at < self.end:
+                if self.end - at < LOG_RECORD_HEAD + LOG_ENTRY_SIZE:
+                    raise ValueError("log records cut short")
+                length = LOG_RECORD_HEAD + HEAD.unpack_from(data, at)[0]
+                if length > self.end - at:
+                    raise ValueError("log records cut short")
+                self.index(data, at + LOG_RECORD_HEAD, at, length)
+                at += length
+
     def append(self, blob: bytes) -> None:
         """Write records (encoded by the core's journal or log_records) at the end of the
         file, then index them. OSError if the write fails (nothing is indexed then);
@@ -78,7 +94,7 @@ class LogIndex:
             self.index(blob, at + LOG_RECORD_HEAD, self.end + at, length)
         self.end += size
 
-    def index(self, blob: bytes, body: int, offset: int, length: int) -> None:
+    def index(self, blob: Any, body: int, offset: int, length: int) -> None:
         """One record's change to the live set, as log_records.read_log makes it."""
         kind, _, _, rid = ENTRY.unpack_from(blob, body)
         if kind == K_SUBMIT:

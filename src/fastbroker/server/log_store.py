@@ -8,7 +8,8 @@ twin), with no Python object per change; only then does the broker release the
 replies the core held back. The index knows which records are still live (queued
 requests, kept outcomes): when the file has grown past COMPACT_RATIO times those (and
 ``compact_min``), they are copied into a new file that replaces it. Opening a store
-reads it all back (fastbroker.log_records) and starts it anew, compacted.
+reads it all back (fastbroker.log_records, for the broker to restore) and indexes it
+where it is; an unfinished last write is cut off (and kept aside in PATH.torn).
 
 Promises by ``sync`` (as the SQLite store's): "full" syncs every turn's write before its
 replies go (an ACCEPTED request survives power loss); "normal" syncs at each upkeep and
@@ -22,13 +23,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import time
 from typing import Iterable, List, Optional, Tuple
 
 from fastbroker._common import Closeable, ConfigError
 from fastbroker._select import log_index
-from fastbroker.log_records import LogContents, LogDamage, encode_entries, encode_finish, encode_submit, read_log
+from fastbroker.log_records import LogContents, LogDamage, encode_entries, read_log
 from fastbroker.protocol import LOG_MAGIC
 from fastbroker.server.store import (
     DEFAULT_SYNC,
@@ -57,16 +59,22 @@ def _fail(path: str, what: str) -> StoreError:
 
 
 def _read(path: str, fd: int) -> LogContents:
+    """What the open log holds, read through a map of it (a file of any size)."""
     size = os.fstat(fd).st_size
-    data = os.pread(fd, size, 0) if size else b""
-    if len(data) < size:
-        raise _fail(path, "changed while it was read")
+    if size == 0:
+        return LogContents({}, {}, 0, 0)
+    data = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
     try:
         return read_log(data)
     except LogDamage as exc:
         raise _fail(path, f"is corrupt: {exc}") from None
     except ValueError:
         raise _fail(path, "not a fastbroker store") from None
+    finally:
+        try:
+            data.close()
+        except BufferError:
+            pass  # a view of it lives on in a traceback: unmapped when that goes
 
 
 def _sync_directory(path: str) -> None:
@@ -89,32 +97,72 @@ class LogStore(Closeable):
         self.sync = sync
         self.compact_min = compact_min
         self.compactions = 0
+        self._retry_at = 0  # after a failed compaction: the size to try again at
+        self._broken = ""  # why appends are refused (a compaction that could not finish)
         self._fd = -1
         self._contents: Optional[LogContents] = None
         if os.path.exists(self.path) and not os.path.isfile(self.path):
             raise _fail(self.path, "not a regular file")
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open_locked()
         except OSError as exc:
-            raise _fail(self.path, f"cannot open: {exc.strerror}") from None
+            raise _fail(self.path, f"cannot open: {exc.strerror or exc}") from None
         try:
-            self._lock(fd)
-            contents = _read(self.path, fd) if os.fstat(fd).st_size else None
-            if contents is not None and contents.torn:
-                log.warning(
-                    "store %s: %d byte(s) of an unfinished last write left out (never acknowledged)",
-                    self.path,
-                    contents.torn,
-                )
-            self._contents = contents
             self._fd = fd
-            self._start_anew(contents)
+            self._open(fd)
         except OSError as exc:
             self._close_fd(fd)
             raise _fail(self.path, f"cannot be used: {exc.strerror or exc}") from None
         except BaseException:
             self._close_fd(fd)
             raise
+
+    def _open_locked(self) -> int:
+        """The store's file, open and locked. A compaction by another broker may rename
+        a new file over it between the open and the lock: then the lock is on a file no
+        longer the store's, so it is opened again (the other broker holds the new one:
+        "in use")."""
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._lock(fd)
+                opened, named = os.fstat(fd), os.stat(self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):
+                return fd
+            os.close(fd)
+        raise _fail(self.path, "keeps being replaced while it is opened")
+
+    def _open(self, fd: int) -> None:
+        """Read what the file holds (for load()), leave out an unfinished last write
+        (kept aside in PATH.torn), index the rest in place, and compact if due."""
+        if os.fstat(fd).st_size == 0:
+            os.pwrite(fd, LOG_MAGIC, 0)
+            self._sync(fd)
+        contents = _read(self.path, fd)
+        if contents.torn:
+            log.warning(
+                "store %s: %d byte(s) of an unfinished last write left out (never acknowledged; kept in %s.torn)",
+                self.path,
+                contents.torn,
+                self.path,
+            )
+            with open(self.path + ".torn", "wb") as aside:
+                aside.write(os.pread(fd, contents.torn, contents.end))
+            os.ftruncate(fd, contents.end)
+            self._sync(fd)
+        self._contents = contents
+        module, _ = log_index()
+        self._index = module.LogIndex(fd, contents.end)
+        self._index.load(len(LOG_MAGIC))
+        if self._compaction_due():
+            self.compact()
+
+    def _sync(self, fd: int) -> None:
+        if self.sync != "off":
+            os.fdatasync(fd)
 
     def _lock(self, fd: int) -> None:
         try:
@@ -129,48 +177,17 @@ class LogStore(Closeable):
         if fd >= 0:
             os.close(fd)
 
-    def _start_anew(self, contents: Optional[LogContents]) -> None:
-        """Write what `contents` holds to a new file that takes the store's place:
-        the outcomes oldest first, then the requests in arrival order."""
-        records: List[bytes] = []
-        if contents is not None:
-            for rid, o in sorted(contents.outcomes.items(), key=lambda item: item[1].finished):
-                records.append(
-                    encode_finish(rid, o.code, o.body, o.attempts, o.tries, o.payload or [], o.timeout, o.finished)
-                )
-            for rid, r in contents.requests.items():
-                records.append(encode_submit(rid, r.payload, r.timeout, r.tries, r.attempts))
-        module, _ = log_index()
-        fd = self._new_file()
-        try:
-            index = module.LogIndex(fd, len(LOG_MAGIC))
-            index.append(b"".join(records))
-            self._replace(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._index = index
-
     def _new_file(self) -> int:
-        """A new file beside the store, locked, with the header written."""
-        fd = os.open(self.path + ".new", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        """A new file beside the store, locked, emptied, with the header written."""
+        fd = os.open(self.path + ".new", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            self._lock(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # before emptying it: it may be another's
+            os.ftruncate(fd, 0)
             os.pwrite(fd, LOG_MAGIC, 0)
         except BaseException:
             os.close(fd)
             raise
         return fd
-
-    def _replace(self, fd: int) -> None:
-        """The new file, complete, takes the store's name; the old one is closed."""
-        if self.sync != "off":
-            os.fsync(fd)
-        os.rename(self.path + ".new", self.path)
-        if self.sync != "off":
-            _sync_directory(self.path)
-        os.close(self._fd)
-        self._fd = fd
 
     # -- what the broker does with it ------------------------------------------------
 
@@ -199,38 +216,63 @@ class LogStore(Closeable):
     def append(self, blob: bytes) -> None:
         """Write one turn's records (BrokerCore.journal_encode) and, with sync "full",
         sync them. OSError if they cannot be written: the broker must stop then."""
+        if self._broken:
+            raise OSError(errno.EIO, self._broken)
         if not blob:
             return
         self._index.append(blob)
         if self.sync == "full":
             os.fdatasync(self._fd)
-        size = self._index.size
-        if size >= self.compact_min and size >= COMPACT_RATIO * self._index.live_bytes:
+        if self._compaction_due():
             self.compact()
+
+    def _compaction_due(self) -> bool:
+        size = self._index.size
+        return size >= max(self.compact_min, COMPACT_RATIO * self._index.live_bytes, self._retry_at)
 
     def compact(self) -> None:
         """Copy the live records into a new file that replaces this one. A failure to
-        write it is logged and leaves the store as it was (retried at the next
-        growth); a failure to rename it raises OSError."""
+        write it is logged, the new file removed and the store left as it was (tried
+        again once the file has doubled); a failure to put it in the store's place
+        raises OSError, and the store refuses every write after (the broker stops)."""
+        size = self._index.size
+        fd = -1
         try:
             fd = self._new_file()
-        except OSError as exc:
-            log.warning("store %s: cannot compact: %s", self.path, exc.strerror or exc)
-            self.compact_min *= 2
-            return
-        try:
             self._index.compact(fd, len(LOG_MAGIC))
         except OSError as exc:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+            self._remove_new()
+            self._retry_at = 2 * size
             log.warning("store %s: cannot compact: %s", self.path, exc.strerror or exc)
-            self.compact_min *= 2
             return
-        self._replace(fd)  # the index writes to fd now: a failure here is the store's
+        # The index writes to fd from now on: it must become the store, or nothing more
+        # may be written (what was acknowledged is all in the old file still).
+        try:
+            self._sync(fd)
+            os.rename(self.path + ".new", self.path)
+            if self.sync != "off":
+                _sync_directory(self.path)
+        except OSError as exc:
+            self._broken = f"a compaction could not take the store's place ({exc.strerror or exc}): restart the broker"
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        self._retry_at = 0
         self.compactions += 1
 
+    def _remove_new(self) -> None:
+        try:
+            os.unlink(self.path + ".new")
+        except OSError:
+            pass
+
     def maintain(self) -> None:
-        """With sync "normal": sync what was written since the last time."""
-        if self.sync == "normal":
+        """With sync "normal": sync what was written since the last time. OSError if
+        that fails: what was written may never reach the disk (Linux forgets a failed
+        write-back), so the broker must stop."""
+        if self.sync == "normal" and self._fd >= 0:
             os.fdatasync(self._fd)
 
     @property
@@ -241,8 +283,7 @@ class LogStore(Closeable):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             try:
-                if self.sync != "off":
-                    os.fdatasync(fd)
+                self._sync(fd)
             finally:
                 os.close(fd)
 
