@@ -1,7 +1,7 @@
 """Broker memory per queued job, beyond its payload (issue 6).
 
     python -m bench.memory [--core compiled|pure] [--jobs N ...] [--payload BYTES ...]
-                           [--protocol req,fbc01] [--compare] [--zero-copy-recv 0|1]
+                           [--protocol req,fbc01,fbc02] [--compare] [--zero-copy-recv 0|1]
 
 For every (protocol, payload, jobs) a fresh server process binds a ROUTER on ipc
 (the broker's HWMs: SNDHWM/RCVHWM 1000) and holds every request it gets, with no
@@ -25,7 +25,9 @@ Servers (``--core`` picks the broker's core; ``--compare`` adds two baselines):
 
 Protocols: ``req`` sends ``[b"", payload]`` (a REQ client's request as a DEALER
 sends it), ``fbc01`` sends ``[FBC01, SUBMIT, 16-byte id, options (OPT_NO_ACK),
-payload]``. The total payload of one run is capped at ``--max-bytes`` (2 GiB): a
+payload]``, ``fbc02`` the same requests FBC02_BATCH to an FBC02 SUBMIT (one header
+frame, then the payloads; the core keeps each payload frame and none of the header).
+Only the brokers' cores speak FBC01 and FBC02: the baselines run ``req`` alone. The total payload of one run is capped at ``--max-bytes`` (2 GiB): a
 capped job count is shown as such. At 10 jobs the figures are mostly page
 granularity and noise (a 4 KiB page is 400 bytes per job); they are shown anyway.
 """
@@ -45,9 +47,12 @@ from typing import Dict, List, Optional, Sequence
 import zmq
 
 from fastbroker import protocol
+from fastbroker.client.protocol import submit_batch_messages
 
 SERVERS = ("compiled", "pure", "frames", "bytes")
-PROTOCOLS = ("req", "fbc01")
+PROTOCOLS = ("req", "fbc01", "fbc02")
+FBC02_BATCH = 256
+"""Requests in one FBC02 SUBMIT of the fbc02 protocol (a client's batch under load)."""
 NO_ACK_OPTIONS = bytes([protocol.OPT_NO_ACK]) + bytes(protocol.OPTIONS_SIZE - 1)
 PING = b"PING"
 HWM = 1000  # the broker's REQUESTS_SNDHWM / REQUESTS_RCVHWM
@@ -250,12 +255,19 @@ def measure(kind: str, wire: str, payload: int, jobs: int, zero_copy: Optional[i
                 if wire == "req":
                     for _ in range(jobs):
                         client.send_multipart([b"", body], copy=payload < 4096)
-                else:
+                elif wire == "fbc01":
                     for i in range(jobs):
                         client.send_multipart(
                             [protocol.CLIENT_SIGNATURE, protocol.C_SUBMIT, b"mem-id%010d" % i, NO_ACK_OPTIONS, body],
                             copy=payload < 4096,
                         )
+                else:
+                    for first in range(0, jobs, FBC02_BATCH):
+                        batch = range(first, min(jobs, first + FBC02_BATCH))
+                        for message in submit_batch_messages(
+                            (b"mem-id%010d" % i, NO_ACK_OPTIONS, [body]) for i in batch
+                        ):
+                            client.send_multipart(message, copy=payload < 4096)
 
             sender = threading.Thread(target=send)
             sender.start()
@@ -324,7 +336,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--servers", help="comma-separated servers (overrides --core/--compare): " + ",".join(SERVERS))
     p.add_argument("--jobs", type=int, nargs="+", default=[10, 10_000, 1_000_000])
     p.add_argument("--payload", type=int, nargs="+", default=[16, 1024, 65536, 1 << 20])
-    p.add_argument("--protocol", default="req,fbc01", help="comma-separated: req, fbc01")
+    p.add_argument("--protocol", default="req,fbc01", help="comma-separated: req, fbc01, fbc02")
     p.add_argument("--max-bytes", type=int, default=2 << 30, help="cap on the total payload of one run")
     p.add_argument(
         "--zero-copy-recv",
@@ -348,6 +360,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in servers:
         if name not in SERVERS:
             raise SystemExit(f"unknown server {name!r}")
+    for wire in protocols:
+        if wire not in PROTOCOLS:
+            raise SystemExit(f"unknown protocol {wire!r}: choose from {', '.join(PROTOCOLS)}")
     rows = []
     for wire in protocols:
         for payload in args.payload:
@@ -358,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     continue
                 seen.add(n)
                 for kind in servers:
-                    if kind in ("frames", "bytes") and wire == "fbc01":
+                    if kind in ("frames", "bytes") and wire != "req":
                         continue  # the baselines keep frames whatever they are: req only
                     row = measure(kind, wire, payload, n, args.zero_copy_recv, args.limit)
                     row["capped"] = n != jobs
