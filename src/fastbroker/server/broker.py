@@ -36,7 +36,6 @@ from fastbroker.protocol import (
     MIN_LIVENESS,
 )
 from fastbroker.server.disconnects import DisconnectWatch
-from fastbroker.server.log_store import LogStore
 from fastbroker.server.store import DEFAULT_SYNC
 from fastbroker.server.store_files import AnyStore, open_store
 from fastbroker.wakepipe import WakePipe
@@ -305,13 +304,7 @@ class Broker(Closeable):
         let the held replies go."""
         store = self._store
         try:
-            if isinstance(store, LogStore):
-                # One bytes object a turn, encoded by the core: no Python object a change.
-                store.append(self._core.journal_encode(time.time()))
-            else:
-                entries = self._core.journal_take()
-                if entries:
-                    store.apply(entries)  # type: ignore[union-attr]
+            store.write_turn(self._core)  # type: ignore[union-attr]
         except (sqlite3.Error, OSError) as exc:
             # Nothing held is released: no client is told of what was not stored.
             raise BrokerError(f"store {store.path}: cannot write: {exc}") from None  # type: ignore[union-attr]

@@ -26,7 +26,7 @@ import logging
 import mmap
 import os
 import time
-from typing import Iterable, List, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 from fastbroker._common import Closeable, ConfigError
 from fastbroker._select import log_index
@@ -212,6 +212,11 @@ class LogStore(Closeable):
         entries = list(entries)
         self.append(encode_entries(entries, time.time() if now is None else now))
         return len(entries)
+
+    def write_turn(self, core: Any) -> None:
+        """Write the core's changes of this turn as one write: the core encodes them
+        (BrokerCore.journal_encode, in C when compiled), no Python object a change."""
+        self.append(core.journal_encode(time.time()))
 
     def append(self, blob: bytes) -> None:
         """Write one turn's records (BrokerCore.journal_encode) and, with sync "full",

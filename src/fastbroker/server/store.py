@@ -14,7 +14,7 @@ import os
 import sqlite3
 import struct
 import time
-from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from fastbroker._common import Closeable, ConfigError
 
@@ -266,6 +266,12 @@ class Store(Closeable):
             db.execute("ROLLBACK")
             raise
         return count
+
+    def write_turn(self, core: Any) -> None:
+        """Write the core's changes of this turn (BrokerCore.journal_take) in one transaction."""
+        entries = core.journal_take()
+        if entries:
+            self.apply(entries)
 
     def maintain(self, pages: int = 256) -> None:
         """Fold the WAL into the database and give back free pages, a little at a time."""

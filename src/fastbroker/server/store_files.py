@@ -25,6 +25,10 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 AnyStore = Union[LogStore, Store]
 
 
+def _not_a_store(path: str) -> StoreError:
+    return StoreError(f"store {path}: not a fastbroker store (neither a log nor an SQLite store)")
+
+
 def file_format(path: str) -> Optional[str]:
     """ "log", "sqlite", "unknown", or None for a file that is missing or empty (or not
     a regular file: the store says what is wrong with it)."""
@@ -51,7 +55,7 @@ def open_store(path: str, sync: str = DEFAULT_SYNC, store_format: Optional[str] 
     path = os.fspath(path)
     found = file_format(path)
     if found == "unknown":
-        raise StoreError(f"store {path}: not a fastbroker store (neither a log nor an SQLite store)")
+        raise _not_a_store(path)
     if found is not None and store_format is not None and found != store_format:
         raise StoreError(f"store {path}: is a {found} store, not {store_format} (--store-format)")
     kind = found or store_format or DEFAULT_STORE_FORMAT
@@ -69,4 +73,4 @@ def check_store(path: str) -> StoreReport:
         return log_store.check(path)
     if found == "sqlite":
         return store.check(path)
-    raise StoreError(f"store {path}: not a fastbroker store (neither a log nor an SQLite store)")
+    raise _not_a_store(path)
