@@ -1061,3 +1061,21 @@ def test_bad_arguments_fail_at_once():
             client.submit("text")  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             client.submit([])
+
+
+def test_a_submit_does_not_overtake_a_command_queued_before_it(rig, procs):
+    """submit() adds to the batch of submits the I/O thread has not taken yet, unless
+    another command was queued after that batch: a cancel(id) then a submit() of that
+    id must reach the broker in that order (the other way round, the CANCEL would cancel
+    the request it was meant to precede)."""
+    rig.start_broker()
+    procs.start(["worker", "workers_for_tests:DealerEcho", rig.addrs[1], "--credit", "8"], "echo")
+    client = rig.client()
+    answers = []
+    for i in range(200):
+        request_id = uuid.uuid4().bytes
+        answers.append(client.submit(b"before-%d" % i))  # opens a batch
+        client.cancel(request_id)  # an id the broker does not know yet
+        answers.append(client.submit(b"after-%d" % i, request_id=request_id))
+    got = [f.result(WAIT) for f in answers]
+    assert got == [b"-" + p for i in range(200) for p in (b"before-%d" % i, b"after-%d" % i)]

@@ -71,6 +71,8 @@ TWINS = {
     "worker session": ("fastbroker.worker._session", "fastbroker.worker.session"),
     "client wire": ("fastbroker.client._wire", "fastbroker.client.wire"),
     "client book": ("fastbroker.client._book", "fastbroker.client.book"),
+    # Compiled inside the book's module (client/_handoff.pxi, included by _book.pyx).
+    "client handoff": ("fastbroker.client._book", "fastbroker.client.handoff"),
     "log index": ("fastbroker.server._log_index", "fastbroker.server.log_index"),
 }
 _chosen: Dict[str, tuple[ModuleType, str]] = {}
@@ -105,3 +107,9 @@ def log_index() -> tuple[ModuleType, str]:
 def client_book() -> tuple[ModuleType, str]:
     """The client's book module (its ``RequestBook``) and its name."""
     return twin("client book")
+
+
+def client_handoff() -> tuple[ModuleType, str]:
+    """The sync client's hand-over between its callers and its I/O thread (``MapSlot``,
+    ``deliver``, ``submit_command``, ``map_commands``) and its name."""
+    return twin("client handoff")

@@ -10,6 +10,8 @@
 
 import logging
 import time
+
+import cython
 from collections import deque
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -25,7 +27,6 @@ from fastbroker.client.protocol import (
     _cancelled_reply,
     cancel_message,
     decode_reply,
-    reply_records,
     result_message,
     stats_message,
     status_message,
@@ -36,12 +37,14 @@ from fastbroker.protocol import (
     CLIENT_SIGNATURE_V2,
     MAX_BATCH,
     PEER_MAX_FRAMES,
+    REPLY_RECORD_SIZE,
     REQUEST_ID_SIZE,
     SUBMIT_RECORD_SIZE,
     R_ACCEPTED,
     R_DEAD,
     R_OK,
     R_REJECTED,
+    R_REPLIES,
     R_REQUEUED,
     R_STATUS,
     R_UNKNOWN,
@@ -52,14 +55,18 @@ log = logging.getLogger("fastbroker.client")
 cdef Py_ssize_t _PAYLOAD_AT = SUBMIT_PAYLOAD_AT
 cdef bytes _SIG_V2 = CLIENT_SIGNATURE_V2
 cdef bytes _SIG = CLIENT_SIGNATURE
-cdef bytes _OK = R_OK
-cdef bytes _ACCEPTED = R_ACCEPTED
 cdef bytes _SUBMIT = C_SUBMIT
 cdef Py_ssize_t _RECORD = SUBMIT_RECORD_SIZE
 cdef Py_ssize_t _ID = REQUEST_ID_SIZE
 cdef Py_ssize_t _OPTIONS = SUBMIT_RECORD_SIZE - REQUEST_ID_SIZE - 2  # flags, timeout, tries
 cdef Py_ssize_t _MAX_BATCH = MAX_BATCH
 cdef Py_ssize_t _PEER_MAX_FRAMES = PEER_MAX_FRAMES
+cdef Py_ssize_t _REPLY_RECORD = REPLY_RECORD_SIZE
+cdef bytes _REPLIES = R_REPLIES
+cdef unsigned char _OK_CODE = R_OK[0]
+cdef unsigned char _ACCEPTED_CODE = R_ACCEPTED[0]
+
+include "_handoff.pxi"
 
 
 def submit_batches(list submits):
@@ -108,6 +115,13 @@ def submit_batches(list submits):
     return messages
 
 
+# _Sink and _Entry stay out of the garbage collector's lists (no_gc): a client holds
+# two of them for each request it waits for, and each pass of the collector walked them
+# all (in a burst of 30,000 submit() calls, the collector cost more than the rest).
+# Without them the collector cannot break a cycle through an entry; the only one is the
+# Client -> book -> entry -> future -> the client's on_cancel, and closing the client
+# (the only way its I/O thread, which holds it, lets it go) empties the book first.
+@cython.no_gc
 cdef class _Sink:
     cdef public object future
     cdef public bint multipart
@@ -126,6 +140,7 @@ cdef Py_ssize_t _payload_size(object message) except -1:
     return size
 
 
+@cython.no_gc
 cdef class _Entry:
     """An id this client waits for an outcome of."""
 
@@ -377,6 +392,15 @@ cdef class RequestBook:
     # -- requests ----------------------------------------------------------------------
 
     def submit(self, bytes request_id, list message, future, bint multipart):
+        self._submit(request_id, message, future, multipart)
+
+    def submit_many(self, list commands):
+        """submit() of each ("submit", request_id, message, future, multipart) command."""
+        cdef tuple command
+        for command in commands:
+            self._submit(command[1], command[2], command[3], command[4])
+
+    cdef void _submit(self, bytes request_id, list message, future, bint multipart) except *:
         cdef _Entry entry = self._entries.get(request_id)
         cdef _Sink sink = _Sink(future, multipart)
         if entry is None:
@@ -488,32 +512,46 @@ cdef class RequestBook:
         return reply
 
     cdef object _on_replies(self, frames):
-        """An FBC02 REPLIES message. The two replies of every request, ACCEPTED and OK,
-        are handled here as on_reply would, without a Reply each (they are most of what
-        a client reads); the others are decoded and go to on_reply."""
-        cdef list records = reply_records(frames)
+        """An FBC02 REPLIES message. Its header is read here, in place (client/protocol.py's
+        reply_records makes a tuple and two bytes a record). The two replies of every
+        request, ACCEPTED and OK, are handled here as on_reply would, without a Reply each
+        (they are most of what a client reads); the others are decoded and go to
+        on_reply. None, and nothing done, when the header does not match the frames."""
         cdef dict entries = self._entries
         cdef _Entry entry
-        cdef Py_ssize_t at = 3, n
-        cdef tuple record
-        cdef bytes request_id, kind
-        if records is None:
+        cdef Py_ssize_t at = 3, n, i, count, size, total = 0, nframes = len(frames)
+        cdef const unsigned char *record
+        cdef bytes header, request_id
+        if nframes < 3 or frames[1] != _REPLIES:
+            return None
+        header = frames[2] if type(frames[2]) is bytes else bytes(frames[2])
+        size = PyBytes_GET_SIZE(header)
+        if size == 0 or size % _REPLY_RECORD:
+            return None
+        count = size // _REPLY_RECORD
+        record = <const unsigned char *>PyBytes_AS_STRING(header)
+        for i in range(count):
+            total += (record[i * _REPLY_RECORD + _ID + 1] << 8) | record[i * _REPLY_RECORD + _ID + 2]
+        if total != nframes - 3:
             return None
         self.heard_v2 = True
         last = None
-        for record in records:
-            request_id, kind, n = record
-            if n and kind == _OK:
+        for i in range(count):
+            record = <const unsigned char *>PyBytes_AS_STRING(header) + i * _REPLY_RECORD
+            n = (record[_ID + 1] << 8) | record[_ID + 2]
+            request_id = PyBytes_FromStringAndSize(<const char *>record, _ID)
+            if n and record[_ID] == _OK_CODE:
                 entry = entries.get(request_id)
                 if entry is not None:
-                    answer = frames[at : at + n]
-                    self._finish_ok(request_id, answer if type(answer) is list else list(answer))
-            elif not n and kind == _ACCEPTED:
+                    self._finish_ok_at(request_id, frames, at, n)
+            elif not n and record[_ID] == _ACCEPTED_CODE:
                 entry = entries.get(request_id)
                 if entry is not None and entry.sent:
                     entry.accepted = True
             else:
-                last = decode_reply([_SIG, kind, request_id, *frames[at : at + n]])
+                last = decode_reply(
+                    [_SIG, PyBytes_FromStringAndSize(<const char *>record + _ID, 1), request_id, *frames[at : at + n]]
+                )
                 if last is not None:
                     self.on_reply(last)
             at += n
@@ -586,6 +624,26 @@ cdef class RequestBook:
         self._leave(request_id, entry)
         for sink in entry.sinks:
             self._deliver((<_Sink>sink).future, None, reply.error)
+
+    cdef void _finish_ok_at(self, bytes request_id, frames, Py_ssize_t at, Py_ssize_t n) except *:
+        """_finish_ok of the answer in frames[at:at + n] (of a REPLIES message): a lone
+        frame goes to the sinks as it is, with no list made for it."""
+        cdef _Entry entry
+        cdef _Sink sink
+        answer = frames[at : at + n] if n > 1 else None
+        if answer is not None:
+            self._finish_ok(request_id, answer if type(answer) is list else list(answer))
+            return
+        frame = frames[at]
+        if type(frame) is not bytes:
+            self._finish_ok(request_id, [frame])
+            return
+        entry = self._entries.pop(request_id)
+        if entry.checked:
+            self.refetched += 1
+        self._leave(request_id, entry)
+        for sink in entry.sinks:
+            self._deliver(sink.future, [frame] if sink.multipart else frame, None)
 
     cdef void _finish_ok(self, bytes request_id, list frames) except *:
         """The answer (its frames) of a request this book waits for."""

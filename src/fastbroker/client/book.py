@@ -328,6 +328,11 @@ class RequestBook:
         # Else submitted already by this client: the broker would only add the same
         # socket as a waiter again; the future waits with the others.
 
+    def submit_many(self, commands: List[tuple]) -> None:
+        """submit() of each ("submit", request_id, message, future, multipart) command."""
+        for command in commands:
+            self.submit(command[1], command[2], command[3], command[4])
+
     def watch(self, request_id: bytes, future: Any, multipart: bool) -> None:
         """RESULT: wait for the outcome of an id (submitted by anyone)."""
         entry = self._entries.get(request_id)

@@ -18,7 +18,10 @@ whoever finds no Condition under it knows that nobody waits and no callback wait
 Nothing is allocated while it is held (the Condition and lists are made before, the
 attributes they go to exist from the start): an allocation can start a pass of the
 collector, whose finalizers may use another of these futures; and it is reentrant for
-what is left (a signal handler's Python code runs between any two instructions).
+what is left (a signal handler's Python code runs between any two instructions). The
+compiled ``deliver`` (client/_handoff.pxi) settles a future with no Condition in C,
+without the lock: there its reads and writes, with no Python code between them, are
+one step under the GIL, which is all the lock gives ``_settle``.
 """
 
 from __future__ import annotations
@@ -51,7 +54,11 @@ class RequestFuture(concurrent.futures.Future):
     _waiters: Any
     _done_callbacks: Any
 
-    def __init__(self) -> None:  # Future.__init__ without its Condition
+    def __init__(
+        self, request_id: bytes = b"", on_cancel: Optional[Callable[[RequestFuture], None]] = None
+    ) -> None:  # Future.__init__ without its Condition
+        self.request_id = request_id
+        self._on_cancel = on_cancel
         self._made: Optional[threading.Condition] = None
         self._state = PENDING
         self._result: Any = None

@@ -142,6 +142,7 @@ class RequestDefaults:
         if protocol not in PROTOCOLS or isinstance(protocol, bool):
             raise ConfigError(f"protocol must be 1 (FBC01) or 2 (FBC02), not {protocol!r}")
         self.protocol = protocol
+        self._made_options: Optional[Tuple[Tuple[Optional[float], Optional[int], bool], bytes]] = None
 
     def _new_books(
         self,
@@ -193,6 +194,17 @@ class RequestDefaults:
         return check_count("window", window, 1, MAX_WINDOW)
 
     def _options(self, timeout: Optional[float], tries: Optional[int]) -> bytes:
+        if timeout is None and tries is None:
+            # The client's defaults, encoded once (encode_options checks its arguments:
+            # a microsecond a submit()); kept with what they were made of, in one
+            # attribute, so that defaults changed since are seen.
+            defaults = (self.timeout, self.tries, self.ack)
+            made = self._made_options
+            if made is not None and made[0] == defaults:
+                return made[1]
+            options = encode_options(*defaults)
+            self._made_options = (defaults, options)
+            return options
         return encode_options(
             self.timeout if timeout is None else timeout, self.tries if tries is None else tries, self.ack
         )

@@ -146,6 +146,11 @@ class ShardedBook:
                 self.placed[request_id] = shard
         self.books[shard].submit(request_id, message, future, multipart)
 
+    def submit_many(self, commands: List[tuple]) -> None:
+        """submit() of each ("submit", request_id, message, future, multipart) command."""
+        for command in commands:
+            self.submit(command[1], command[2], command[3], command[4])
+
     def watch(self, request_id: bytes, future: Any, multipart: bool) -> None:
         shard = self.placed.get(request_id)
         if shard is not None:

@@ -19,7 +19,6 @@ from typing import (
     List,
     Optional,
     Sequence,
-    Tuple,
     TypeVar,
     Union,
     overload,
@@ -45,12 +44,10 @@ from fastbroker.client.protocol import (
     encode_options,
     iter_with_len,
     new_request_id,
-    payload_frames,
     requeue_all_message,
     requeue_all_result,
     requeue_message,
     requeue_result,
-    submit_message,
 )
 from fastbroker.client.shards import merge_dead, search_order
 from fastbroker.protocol import RECV_BATCH
@@ -59,6 +56,9 @@ from fastbroker.wakepipe import WakePipe
 # Whole messages in and out of the I/O thread's sockets: compiled (one call per message)
 # or the pure twin, by the core's rule.
 _wire = _select.client_wire()[0]
+# The hand-over of requests and outcomes between the callers and the I/O thread
+# (MapSlot, deliver, submit_command, map_commands): compiled or the pure twin.
+_handoff = _select.client_handoff()[0]
 # Plain ints: pyzmq's constants are enum flags, whose operators cost microseconds each.
 _POLLIN = int(zmq.POLLIN)
 _POLLIN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
@@ -147,66 +147,6 @@ def connect_dealer(context: zmq.Context[_Socket], address: str, curve: Optional[
     return socket
 
 
-class _MapSlot:
-    """A request of ``Client.map``: what a future does for it, for a fraction of the cost
-    (a concurrent.futures.Future makes a Condition and an RLock, and its result() and
-    set_result() take them: ~20 us a request between the two threads). The I/O thread
-    fills it and wakes the map only when the map waits for this very one."""
-
-    __slots__ = ("request_id", "value", "exc", "done", "waiter")
-
-    def __init__(self, request_id: bytes) -> None:
-        self.request_id = request_id
-        self.value: Any = None
-        self.exc: Optional[BaseException] = None
-        self.done = False
-        self.waiter: Optional[threading.Event] = None
-
-    def resolve(self, value: Any, exc: Optional[BaseException]) -> None:
-        """In the I/O thread. Written before `waiter` is read, as the map writes `waiter`
-        before reading `done`: under the GIL, one of the two sees the other's write."""
-        if self.done:
-            return  # told its outcome once
-        self.value, self.exc = value, exc
-        self.done = True
-        waiter = self.waiter
-        if waiter is not None:
-            waiter.set()
-
-    def result(self, event: threading.Event) -> Any:
-        """In the map's thread: the answer, waiting on `event` (the map's) if need be."""
-        if not self.done:
-            self.waiter = event
-            while not self.done:
-                event.wait()
-                event.clear()  # then `done` is read again: a set() in between is not lost
-        if self.exc is not None:
-            raise self.exc
-        return self.value
-
-
-def _submit(payload: Any, options: bytes, request_id: bytes, sink: Any) -> tuple:
-    """The I/O thread's "submit" command of one request; `sink` (a future or a map slot)
-    gets its outcome."""
-    frames, multipart = payload_frames(payload)
-    return ("submit", request_id, submit_message(request_id, options, frames), sink, multipart)
-
-
-def _deliver(future: Any, value: Any, exc: Optional[BaseException]) -> None:
-    if type(future) is _MapSlot:
-        future.resolve(value, exc)
-        return
-    # Straight from PENDING to FINISHED (no set_running_or_notify_cancel: one lock
-    # round less per request); a future cancelled meanwhile refuses it below.
-    try:
-        if exc is None:
-            future.set_result(value)
-        else:
-            future.set_exception(exc)
-    except (RuntimeError, concurrent.futures.InvalidStateError):
-        pass  # resolved already: a future is told its outcome once
-
-
 _CLOSE = ("close",)
 
 
@@ -285,13 +225,16 @@ class Client(RequestDefaults, Closeable):
         # True from a wake-up until the I/O thread takes the commands: a burst of
         # submits writes the pipe once, not once per request.
         self._wake_pending = False
+        # The "submit_many" command's list that submit() still adds to, until the I/O
+        # thread takes it or another command is queued after it (None: no such list).
+        self._open_batch: Optional[List[tuple]] = None
         # Held while checking `_closed` and queueing, so nothing is queued after
         # the close command (it would never be served).
         self._lock = threading.Lock()
         self._closed = False
         # One outbox and one book per broker; with several, a ShardedBook routes.
         self._outboxes: List[Deque[List[bytes]]] = [deque() for _ in self._sockets]
-        self._book, self._books = self._new_books([o.append for o in self._outboxes], _deliver, failover)
+        self._book, self._books = self._new_books([o.append for o in self._outboxes], _handoff.deliver, failover)
         self._thread = threading.Thread(target=self._loop, name=f"fastbroker-client {self.address}", daemon=True)
         self._thread.start()
 
@@ -309,8 +252,10 @@ class Client(RequestDefaults, Closeable):
         payload, the list of frames for a sequence of frames) or one of TaskFailed,
         TaskTimedOut, TaskCancelled, Rejected. ``future.cancel()`` cancels the request
         at the broker too. ``request_id``: 16 bytes (default: a new uuid4)."""
-        command, future = self._submit_command(payload, self._options(timeout, tries), request_id)
-        self._post(command)
+        command, future = _handoff.submit_request(
+            payload, self._options(timeout, tries), request_id, self._on_request_cancelled
+        )
+        self._post_submit(command)
         return future
 
     def submit_many(
@@ -320,22 +265,14 @@ class Client(RequestDefaults, Closeable):
         the payloads' order. Like submit(), it never blocks."""
         options = self._options(timeout, tries)
         commands, futures = [], []
+        submit_request, on_cancel = _handoff.submit_request, self._on_request_cancelled
         for payload in payloads:
-            command, future = self._submit_command(payload, options, None)
+            command, future = submit_request(payload, options, None, on_cancel)
             commands.append(command)
             futures.append(future)
         if commands:
             self._post(("submit_many", commands))
         return futures
-
-    def _submit_command(
-        self, payload: _Payload, options: bytes, request_id: Optional[bytes]
-    ) -> Tuple[tuple, RequestFuture]:
-        rid = new_request_id() if request_id is None else check_request_id(request_id)
-        future = RequestFuture()
-        future.request_id = rid
-        future._on_cancel = self._on_request_cancelled
-        return _submit(payload, options, rid, future), future
 
     def stats(self) -> Dict[str, int]:
         """This client's flow-control figures (read without a lock: a snapshot that may
@@ -501,27 +438,19 @@ class Client(RequestDefaults, Closeable):
     ) -> Iterator[Any]:
         items, total = iter_with_len(iterable)
         bar = Progress(sys.stderr, total) if progress else None
-        in_flight: Deque[_MapSlot] = deque()
+        in_flight: Deque[Any] = deque()  # the MapSlots of the requests not yet yielded
         source = iter(items)
         options = self._options(timeout, tries)
         event = threading.Event()  # set by the I/O thread when the slot waited for is done
         # Refilled by batches (a quarter of the window at least), each one hand-over
         # to the I/O thread: a submit() per item costs a lock and a queue put each.
         refill_at = window - max(1, window // 4)
+        map_commands = _handoff.map_commands
         try:
             exhausted = False
             while True:
                 if not exhausted and len(in_flight) <= refill_at:
-                    commands = []
-                    while len(in_flight) < window:
-                        try:
-                            payload = next(source)
-                        except StopIteration:
-                            exhausted = True
-                            break
-                        slot = _MapSlot(new_request_id())
-                        commands.append(_submit(payload, options, slot.request_id, slot))
-                        in_flight.append(slot)
+                    commands, exhausted = map_commands(source, window - len(in_flight), options, in_flight)
                     if commands:
                         self._post(("submit_many", commands))
                 if not in_flight:
@@ -563,9 +492,26 @@ class Client(RequestDefaults, Closeable):
             if self._closed:
                 raise BrokerError("client closed")
             self._commands.put(command)
+            self._open_batch = None  # submits from now on go after this command
             if not self._wake_pending:
                 self._wake_pending = True
                 self._wake.wake()
+
+    def _post_submit(self, command: tuple) -> None:
+        """Queue a submit() command: in the batch of submits still waiting for the I/O
+        thread if there is one (the I/O thread then runs them in one compiled call,
+        and this one costs no queue put), else as a new batch."""
+        with self._lock:
+            if self._closed:
+                raise BrokerError("client closed")
+            batch = self._open_batch
+            if batch is None:
+                batch = self._open_batch = []
+                self._commands.put(("submit_many", batch))
+                if not self._wake_pending:
+                    self._wake_pending = True
+                    self._wake.wake()
+            batch.append(command)
 
     def _on_request_cancelled(self, future: RequestFuture) -> None:
         try:
@@ -590,11 +536,12 @@ class Client(RequestDefaults, Closeable):
             except queue.Empty:
                 return True
             kind = command[0]
-            if kind == "submit":
-                book.submit(command[1], command[2], command[3], command[4])
-            elif kind == "submit_many":
-                for one in command[1]:
-                    book.submit(one[1], one[2], one[3], one[4])
+            if kind == "submit_many":  # submit(), submit_many() and map() queue these
+                if command[1] is self._open_batch:
+                    with self._lock:  # closed to submit() before it is read
+                        if command[1] is self._open_batch:
+                            self._open_batch = None
+                book.submit_many(command[1])
             elif kind == "forget":
                 book.forget(command[1], command[2], command[3])
             elif kind == "forget_many":
@@ -673,6 +620,7 @@ class Client(RequestDefaults, Closeable):
 
     def _serve_leftovers(self) -> None:
         closed = BrokerError("client closed")
+        deliver = _handoff.deliver
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -680,8 +628,8 @@ class Client(RequestDefaults, Closeable):
                 return
             if command[0] == "submit_many":
                 for one in command[1]:
-                    _deliver(one[3], None, closed)
-            elif command[0] in ("submit", "query", "watch"):
-                _deliver(command[3] if command[0] == "submit" else command[2], None, closed)
+                    deliver(one[3], None, closed)
+            elif command[0] in ("query", "watch"):
+                deliver(command[2], None, closed)
             elif command[0] == "admin":
-                _deliver(command[4], None, closed)
+                deliver(command[4], None, closed)
