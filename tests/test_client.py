@@ -1079,3 +1079,25 @@ def test_a_submit_does_not_overtake_a_command_queued_before_it(rig, procs):
         answers.append(client.submit(b"after-%d" % i, request_id=request_id))
     got = [f.result(WAIT) for f in answers]
     assert got == [b"-" + p for i in range(200) for p in (b"before-%d" % i, b"after-%d" % i)]
+
+
+def test_a_bad_payload_in_a_map_raises_and_the_client_goes_on(rig, procs):
+    """Both clients' maps make their batches in one call (client/handoff.py): a payload
+    that is not bytes raises from the iteration, and the requests of that batch made
+    before it are not left waiting in the client."""
+    rig.start_broker()
+    procs.start(["worker", "workers_for_tests:DealerEcho", rig.addrs[1], "--credit", "8"], "echo")
+    client = rig.client()
+    with pytest.raises(TypeError, match="not str"):
+        list(client.map([b"a", b"b", "text"]))  # type: ignore[list-item]
+    assert list(client.map([b"c", b"d"])) == [b"-c", b"-d"]
+    assert client.stats()["queued"] == 0
+
+    async def run() -> None:
+        async with AsyncClient(rig.addrs[0]) as aclient:
+            with pytest.raises(TypeError, match="not str"):
+                async for _ in aclient.map([b"a", "text"]):  # type: ignore[list-item]
+                    pass
+            assert [a async for a in aclient.map([b"e"])] == [b"-e"]
+
+    asyncio.run(asyncio.wait_for(run(), WAIT))

@@ -127,19 +127,22 @@ def submit_request(payload, bytes options, request_id, on_cancel):
     return submit_command(payload, options, rid, future), future
 
 
-def map_commands(source, Py_ssize_t room, bytes options, in_flight):
+def map_commands(source, Py_ssize_t room, bytes options, in_flight, slot_type=MapSlot):
     """Up to `room` requests of ``map`` from `source`: their submit commands, each with a
-    new MapSlot appended to `in_flight`, and whether `source` ended."""
+    new slot (a `slot_type` of its id: the AsyncClient's are its own) appended to
+    `in_flight`, and whether `source` ended."""
     cdef list commands = []
-    cdef MapSlot slot
+    cdef bytes request_id
     cdef Py_ssize_t i
+    cdef bint own = slot_type is MapSlot
     append = in_flight.append
     for i in range(room):
         try:
             payload = next(source)
         except StopIteration:
             return commands, True
-        slot = MapSlot(_new_request_id())
-        commands.append(submit_command(payload, options, slot.request_id, slot))
+        request_id = _new_request_id()
+        slot = MapSlot(request_id) if own else slot_type(request_id)
+        commands.append(submit_command(payload, options, request_id, slot))
         append(slot)
     return commands, False

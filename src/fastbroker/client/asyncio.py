@@ -55,7 +55,7 @@ from fastbroker.client.protocol import (
     submit_message,
 )
 from fastbroker.client.shards import merge_dead, search_order
-from fastbroker.client.sync import Client, _wire, connect_dealer
+from fastbroker.client.sync import Client, _handoff, _wire, connect_dealer
 from fastbroker.protocol import RECV_BATCH
 
 log = logging.getLogger("fastbroker.async_client")
@@ -108,6 +108,10 @@ class _MapSlot:
         if not self.finished:
             self.waiter = asyncio.get_running_loop().create_future()
             await self.waiter
+        return self.outcome()
+
+    def outcome(self) -> Any:
+        """The answer of a finished slot, or its exception raised."""
         if self.exc is not None:
             raise self.exc
         return self.value
@@ -443,17 +447,26 @@ class AsyncClient(RequestDefaults):
         in_flight: Deque[_MapSlot] = deque()
         options = self._options(timeout, tries)
         book = self._book
+        map_commands = _handoff.map_commands
         # Refilled by batches (a quarter of the window at least), as Client.map does.
         refill_at = window - max(1, window // 4)
         try:
             exhausted = False
             while True:
-                if not exhausted and len(in_flight) <= refill_at:
+                if not exhausted and not is_async and len(in_flight) <= refill_at:
                     self._start()
-                    while len(in_flight) < window:
+                    # A plain iterable: the batch made in one call (client/handoff.py), as
+                    # Client.map's, and given to the book in one.
+                    commands, exhausted = map_commands(source, window - len(in_flight), options, in_flight, _MapSlot)
+                    if self._closed:  # closed meanwhile (by a payload's iterator)
+                        raise BrokerError("client closed")
+                    book.submit_many(commands)
+                elif not exhausted and len(in_flight) <= refill_at:
+                    self._start()
+                    while len(in_flight) < window:  # an async iterable: one await an item
                         try:
-                            payload = await source.__anext__() if is_async else next(source)
-                        except (StopIteration, StopAsyncIteration):
+                            payload = await source.__anext__()
+                        except StopAsyncIteration:
                             exhausted = True
                             break
                         if self._closed:  # meanwhile (an async iterable's await)
@@ -464,7 +477,9 @@ class AsyncClient(RequestDefaults):
                         in_flight.append(slot)
                 if not in_flight:
                     return
-                answer = await in_flight[0].result()
+                slot = in_flight[0]
+                # An answer already there is taken without a coroutine made to await it.
+                answer = slot.outcome() if slot.finished else await slot.result()
                 in_flight.popleft()
                 if bar is not None:
                     bar.update()

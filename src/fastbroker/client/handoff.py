@@ -95,17 +95,18 @@ def submit_request(
 
 
 def map_commands(
-    source: Iterator[Any], room: int, options: bytes, in_flight: Deque[MapSlot]
+    source: Iterator[Any], room: int, options: bytes, in_flight: Deque[Any], slot_type: Any = MapSlot
 ) -> Tuple[List[tuple], bool]:
     """Up to `room` requests of ``map`` from `source`: their submit commands, each with a
-    new MapSlot appended to `in_flight`, and whether `source` ended."""
+    new slot (a `slot_type` of its id: the AsyncClient's are its own) appended to
+    `in_flight`, and whether `source` ended."""
     commands: List[tuple] = []
     for _ in range(room):
         try:
             payload = next(source)
         except StopIteration:
             return commands, True
-        slot = MapSlot(new_request_id())
+        slot = slot_type(new_request_id())
         commands.append(submit_command(payload, options, slot.request_id, slot))
         in_flight.append(slot)
     return commands, False
