@@ -118,6 +118,7 @@ cdef class Session:
     cdef int slots_cap
     cdef Ring free_slots, waiting, done, extends
     cdef int results_pending, idle_threads, thread_count, pool_closed
+    cdef int flush_at  # outcomes put back that wake the loop even while jobs wait (_finish)
     cdef int spawn_wanted, starting  # threads the loop asked for, not yet started / not yet waiting
     cdef double last_pace  # when _pace_threads last looked
     cdef int pace  # threads _pace_threads adds next if the jobs still wait

@@ -16,6 +16,7 @@ Python thread that also starts the job threads) to write. Same behaviour as the 
 Session, which stays the twin (FASTBROKER_PURE=1) and is run by the same tests.
 """
 
+from libc.limits cimport INT_MAX
 from libc.stdint cimport uint8_t
 from libc.stdlib cimport calloc, malloc, realloc, free
 from libc.string cimport memcpy, memcmp, memset
@@ -278,6 +279,9 @@ cdef class Session:
         self.batched = worker.batched
         self.views_min = -1 if worker.zero_copy_min is None else max(1, worker.zero_copy_min)
         self.batch_max = self.credit + self.prefetch if self.batched else 1
+        # Outcomes that wake the loop while jobs wait (see _finish): half the credit; with
+        # prefetch, none (the prefetched jobs keep the threads busy through a round trip).
+        self.flush_at = max(1, self.credit // 2) if not self.prefetch else INT_MAX
         self.worker_protocol = worker.protocol
         for i in range(self.link_count):
             self.links[i].v2 = worker.protocol == 2
@@ -630,8 +634,10 @@ cdef class Session:
         # While jobs wait for a thread (prefetch), the loop sleeps at most
         # BACKLOG_POLL: an outcome need not wake it, and goes with the others of that
         # moment (one ANSWER, one wake-up, for many). Only the loop adds waiting jobs,
-        # so a loop asleep with none waiting is always woken.
-        wake = not self.results_pending and not self.waiting.count
+        # so a loop asleep with none waiting is always woken. Half the credit's outcomes
+        # wake it all the same: the broker, told, sends the next jobs while the threads
+        # run the rest (else they would run out of jobs and wait a round trip for more).
+        wake = not self.results_pending and (not self.waiting.count or self.done.count >= self.flush_at)
         if wake:
             self.results_pending = 1
         pthread_mutex_unlock(&self.lock)
