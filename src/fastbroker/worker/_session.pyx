@@ -38,7 +38,7 @@ import zmq
 import zmq.backend.cython._zmq as _pyzmq_backend
 
 from fastbroker import protocol
-from fastbroker.worker.running import ANSWER_ZERO_COPY_MIN, run_batch, run_one
+from fastbroker.worker.running import ANSWER_ZERO_COPY_MIN, direct_process, run_batch, run_one
 from fastbroker.worker.session import (
     BACKLOG_POLL as _BACKLOG_POLL,
     DRY_AFTER as _DRY_AFTER,
@@ -476,6 +476,7 @@ cdef class Session:
     def _serve(self):
         worker = self.worker
         local = worker._job_local
+        process = direct_process(worker)  # a Python call less per job, if not None
         first = True
         while True:
             try:
@@ -495,7 +496,7 @@ cdef class Session:
                 number, task_id, payload = jobs[0]
                 local.job = (task_id, self, number)
                 try:
-                    answer, error = run_one(worker, task_id, payload, self, number)
+                    answer, error = run_one(worker, task_id, payload, self, number, process)
                 finally:
                     local.job = None
                 self._finish(number, answer, error)

@@ -6,7 +6,7 @@ job's outcome: shared by both sessions (the pure ``session.Session`` and the com
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from fastbroker.protocol import PEER_MAX_FRAMES
 
@@ -32,12 +32,38 @@ def failure(exc: BaseException) -> Tuple[str, str]:
     return type(exc).__name__, str(exc)[:FAILED_TEXT_LIMIT]
 
 
-def run_one(worker: Any, task_id: bytes, payload: List[bytes], session: Any, number: int) -> Outcome:
+def direct_process(worker: Any) -> Optional[Callable[[Any], Any]]:
+    """The worker's ``process`` when its ``process_multipart`` is the default one (which
+    only joins the frames and calls it): run_one then calls it itself, a Python call and
+    a list less per job. None otherwise."""
+    multipart = getattr(type(worker), "process_multipart", None)
+    if getattr(multipart, "calls_process", False) and "process_multipart" not in vars(worker):
+        process: Callable[[Any], Any] = worker.process
+        return process
+    return None
+
+
+def run_one(
+    worker: Any,
+    task_id: bytes,
+    payload: List[bytes],
+    session: Any,
+    number: int,
+    process: Optional[Callable[[Any], Any]] = None,
+) -> Outcome:
     """``worker.process_multipart(payload)`` as one job's outcome; never raises. `session`
     and `number` say whether it was cancelled (``session.job_cancelled``), asked only
-    when it raised."""
+    when it raised. `process`: direct_process(worker), if not None."""
     try:
-        answer = [bytes(frame) for frame in worker.process_multipart(payload)]
+        if process is not None:
+            # What the default process_multipart does, without its call.
+            result = process(payload[0] if len(payload) == 1 else b"".join(payload))
+            if type(result) is bytes and result:
+                return [result], None  # the common answer: one frame, checked
+            frames: Sequence[Any] = [result]
+        else:
+            frames = worker.process_multipart(payload)
+        answer = [bytes(frame) for frame in frames]
         if not answer:
             raise ValueError("process_multipart returned no frames")
         if len(answer) > MAX_ANSWER_FRAMES:

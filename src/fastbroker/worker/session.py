@@ -34,7 +34,7 @@ import zmq
 from fastbroker.protocol import CMD_ANSWER, CMD_EXTEND, CMD_FAILED, R_OK
 from fastbroker.worker import wire
 from fastbroker.worker.link import Link
-from fastbroker.worker.running import run_batch, run_one
+from fastbroker.worker.running import direct_process, run_batch, run_one
 
 log = logging.getLogger("fastbroker.worker")
 
@@ -286,6 +286,7 @@ class Session:
         stats: Optional[Sequence[WorkerStats]] = None,
     ) -> None:
         self.worker = worker
+        self._process_direct = direct_process(worker)  # a Python call less per job, if not None
         self.addresses: List[str] = list(worker.brokers if addresses is None else addresses)
         self.address = ",".join(self.addresses)  # for names and logs
         self.wake_pipe = worker.wake_pipe if wake_pipe is None else wake_pipe  # stop(), signals, job threads
@@ -643,7 +644,7 @@ class Session:
         # What Worker.cancelled() and Worker.extend() read in this thread while the job runs.
         local.job = (task_id, self, number)
         try:
-            answer, error = run_one(self.worker, task_id, payload, self, number)
+            answer, error = run_one(self.worker, task_id, payload, self, number, self._process_direct)
         finally:
             local.job = None
         self.results.append((number, task_id, answer, error))
