@@ -1101,3 +1101,42 @@ def test_a_bad_payload_in_a_map_raises_and_the_client_goes_on(rig, procs):
             assert [a async for a in aclient.map([b"e"])] == [b"-e"]
 
     asyncio.run(asyncio.wait_for(run(), WAIT))
+
+
+def test_a_default_changed_to_a_bad_value_is_refused_by_the_next_submit():
+    """The client's default options are encoded once; the cache compares the defaults'
+    objects, not their values (True == 1)."""
+    with Client("ipc:///tmp/fb-nobody-listens", timeout=1) as client:
+        assert client._options(None, None) == encode_options(1, None, True)
+        client.timeout = True  # type: ignore[assignment]
+        with pytest.raises(ConfigError, match="timeout"):
+            client.submit(b"x")
+        client.timeout = 2.5
+        assert client._options(None, None) == encode_options(2.5, None, True)
+
+
+@pytest.mark.parametrize("book_module", ["fastbroker.client._book", "fastbroker.client.book"], ids=["compiled", "pure"])
+def test_a_book_left_with_requests_by_an_owner_dropped_is_collected(book_module):
+    """client -> book -> entry -> future -> the client's cancel hook is a cycle: the
+    collector must be able to free it (an AsyncClient never closed leaves one)."""
+    import gc
+    import importlib
+    import weakref
+
+    from fastbroker.client.futures import RequestFuture
+
+    class Owner:
+        def __init__(self) -> None:
+            self.book = importlib.import_module(book_module).RequestBook(lambda m: None, lambda f, v, e: None, 2.0)
+
+        def on_cancel(self, future: RequestFuture) -> None:
+            pass
+
+    owner = Owner()
+    for i in range(3):
+        rid = b"%016d" % i
+        owner.book.submit(rid, [b"s", b"k", rid, b"", b"p"], RequestFuture(rid, owner.on_cancel), False)
+    gone = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert gone() is None

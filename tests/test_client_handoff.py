@@ -184,3 +184,18 @@ def test_a_plain_future_is_resolved_the_futures_way(handoff):
     assert future.result(0) == b"x"
     handoff.deliver(future, b"y", None)  # resolved already: left as it is
     assert future.result(0) == b"x"
+
+
+def test_a_batch_whose_payload_raises_leaves_no_slot_to_cancel(handoff):
+    in_flight: deque = deque()
+    with pytest.raises(TypeError, match="not str"):
+        handoff.map_commands(iter([b"a", b"b", "text", b"d"]), 4, b"", in_flight)
+    assert not in_flight  # the client never got them: nothing for the map to cancel
+
+    def broken():
+        yield b"a"
+        raise KeyError("the source failed")
+
+    with pytest.raises(KeyError):
+        handoff.map_commands(broken(), 4, b"", in_flight)
+    assert not in_flight

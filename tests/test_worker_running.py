@@ -5,6 +5,7 @@ sessions call ``process`` themselves when ``process_multipart`` is the default o
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, List
 
@@ -108,3 +109,25 @@ def test_process_is_given_a_lone_frame_as_it_came():
     view = memoryview(b"lent")
     assert run_one(worker, TASK, [view], _NotCancelled(), 0, direct_process(worker)) == ([b"ok"], None)
     assert seen == [view] and seen[0] is view
+
+
+def test_a_wrapper_of_the_default_process_multipart_is_called():
+    """functools.wraps copies a function's attributes: the default one is known by
+    identity, so a wrapper (tracing, metrics) still runs."""
+    calls = []
+
+    def traced(method: Any) -> Any:
+        @functools.wraps(method)
+        def wrapper(self: Any, frames: List[bytes]) -> Any:
+            calls.append(frames)
+            return method(self, frames)
+
+        return wrapper
+
+    class Traced(Returns):
+        process_multipart = traced(Worker.process_multipart)
+
+    worker = _worker(Traced)
+    assert direct_process(worker) is None
+    assert run_one(worker, TASK, [b"bytes"], _NotCancelled(), 0, direct_process(worker)) == ([b"answer"], None)
+    assert calls == [[b"bytes"]]

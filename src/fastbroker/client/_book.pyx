@@ -10,8 +10,6 @@
 
 import logging
 import time
-
-import cython
 from collections import deque
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -115,13 +113,6 @@ def submit_batches(list submits):
     return messages
 
 
-# _Sink and _Entry stay out of the garbage collector's lists (no_gc): a client holds
-# two of them for each request it waits for, and each pass of the collector walked them
-# all (in a burst of 30,000 submit() calls, the collector cost more than the rest).
-# Without them the collector cannot break a cycle through an entry; the only one is the
-# Client -> book -> entry -> future -> the client's on_cancel, and closing the client
-# (the only way its I/O thread, which holds it, lets it go) empties the book first.
-@cython.no_gc
 cdef class _Sink:
     cdef public object future
     cdef public bint multipart
@@ -140,7 +131,6 @@ cdef Py_ssize_t _payload_size(object message) except -1:
     return size
 
 
-@cython.no_gc
 cdef class _Entry:
     """An id this client waits for an outcome of."""
 
@@ -524,7 +514,11 @@ cdef class RequestBook:
         cdef bytes header, request_id
         if nframes < 3 or frames[1] != _REPLIES:
             return None
-        header = frames[2] if type(frames[2]) is bytes else bytes(frames[2])
+        header = frames[2] if type(frames[2]) is bytes else None
+        if header is None:
+            if not isinstance(frames[2], (bytearray, memoryview)):
+                return None  # as reply_records: not a header
+            header = bytes(frames[2])
         size = PyBytes_GET_SIZE(header)
         if size == 0 or size % _REPLY_RECORD:
             return None

@@ -130,19 +130,22 @@ def submit_request(payload, bytes options, request_id, on_cancel):
 def map_commands(source, Py_ssize_t room, bytes options, in_flight, slot_type=MapSlot):
     """Up to `room` requests of ``map`` from `source`: their submit commands, each with a
     new slot (a `slot_type` of its id: the AsyncClient's are its own) appended to
-    `in_flight`, and whether `source` ended."""
-    cdef list commands = []
+    `in_flight` (none if a payload or the source raises), and whether `source` ended."""
+    cdef list commands = [], slots = []
     cdef bytes request_id
     cdef Py_ssize_t i
     cdef bint own = slot_type is MapSlot
-    append = in_flight.append
     for i in range(room):
         try:
             payload = next(source)
         except StopIteration:
+            in_flight.extend(slots)
             return commands, True
         request_id = _new_request_id()
         slot = MapSlot(request_id) if own else slot_type(request_id)
         commands.append(submit_command(payload, options, request_id, slot))
-        append(slot)
+        slots.append(slot)
+    # Only now: if a payload (or the source) raised, no slot of this batch, which the
+    # client never got, is left for the map to cancel.
+    in_flight.extend(slots)
     return commands, False

@@ -99,14 +99,19 @@ def map_commands(
 ) -> Tuple[List[tuple], bool]:
     """Up to `room` requests of ``map`` from `source`: their submit commands, each with a
     new slot (a `slot_type` of its id: the AsyncClient's are its own) appended to
-    `in_flight`, and whether `source` ended."""
+    `in_flight` (none if a payload or the source raises), and whether `source` ended."""
     commands: List[tuple] = []
+    slots: List[Any] = []
     for _ in range(room):
         try:
             payload = next(source)
         except StopIteration:
+            in_flight.extend(slots)
             return commands, True
         slot = slot_type(new_request_id())
         commands.append(submit_command(payload, options, slot.request_id, slot))
-        in_flight.append(slot)
+        slots.append(slot)
+    # Only now: if a payload (or the source) raised, no slot of this batch, which the
+    # client never got, is left for the map to cancel.
+    in_flight.extend(slots)
     return commands, False

@@ -142,7 +142,7 @@ class RequestDefaults:
         if protocol not in PROTOCOLS or isinstance(protocol, bool):
             raise ConfigError(f"protocol must be 1 (FBC01) or 2 (FBC02), not {protocol!r}")
         self.protocol = protocol
-        self._made_options: Optional[Tuple[Tuple[Optional[float], Optional[int], bool], bytes]] = None
+        self._made_options: Optional[Tuple[Optional[float], Optional[int], bool, bytes]] = None
 
     def _new_books(
         self,
@@ -198,12 +198,14 @@ class RequestDefaults:
             # The client's defaults, encoded once (encode_options checks its arguments:
             # a microsecond a submit()); kept with what they were made of, in one
             # attribute, so that defaults changed since are seen.
-            defaults = (self.timeout, self.tries, self.ack)
+            timeout, tries, ack = self.timeout, self.tries, self.ack
             made = self._made_options
-            if made is not None and made[0] == defaults:
-                return made[1]
-            options = encode_options(*defaults)
-            self._made_options = (defaults, options)
+            # The same objects, not equal ones: True == 1 would skip the check of a
+            # default set to True since.
+            if made is not None and made[0] is timeout and made[1] is tries and made[2] is ack:
+                return made[3]
+            options = encode_options(timeout, tries, ack)
+            self._made_options = (timeout, tries, ack, options)
             return options
         return encode_options(
             self.timeout if timeout is None else timeout, self.tries if tries is None else tries, self.ack

@@ -55,12 +55,9 @@ class WorkerBase(Closeable):
     def process_multipart(self, frames: List[bytes]) -> Sequence[bytes]:
         """Process a job's payload frames; return the answer frames.
         By default, joins the frames and calls ``process`` (a lone frame as it came:
-        ``bytes``, or a ``memoryview`` with ``Worker.zero_copy_min``)."""
+        ``bytes``, or a ``memoryview`` with ``Worker.zero_copy_min``); while this one is
+        the worker's, the sessions call ``process`` themselves (running.direct_process)."""
         return [self.process(frames[0] if len(frames) == 1 else b"".join(frames))]
-
-    # The sessions call ``process`` themselves while this is the worker's process_multipart
-    # (running.direct_process): a Python call less per job.
-    process_multipart.calls_process = True  # type: ignore[attr-defined]
 
     def process(self, data: bytes) -> bytes:
         """Process a job's payload (frames joined); return the answer."""

@@ -36,8 +36,13 @@ def direct_process(worker: Any) -> Optional[Callable[[Any], Any]]:
     """The worker's ``process`` when its ``process_multipart`` is the default one (which
     only joins the frames and calls it): run_one then calls it itself, a Python call and
     a list less per job. None otherwise."""
-    multipart = getattr(type(worker), "process_multipart", None)
-    if getattr(multipart, "calls_process", False) and "process_multipart" not in vars(worker):
+    from fastbroker.worker.base import WorkerBase  # (base builds on this module)
+
+    if getattr(
+        type(worker), "process_multipart", None
+    ) is WorkerBase.process_multipart and "process_multipart" not in vars(worker):
+        # Looked up once: a `process` assigned to the worker after its session started
+        # is not seen (the default process_multipart looked it up at every job).
         process: Callable[[Any], Any] = worker.process
         return process
     return None
