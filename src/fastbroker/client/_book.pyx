@@ -607,15 +607,20 @@ cdef class RequestBook:
                 # It finished but its outcome did not reach this socket.
                 self._send_now(result_message(request_id))
 
+    cdef _Entry _finished_entry(self, bytes request_id):
+        """The entry of a request whose outcome came, out of the book and the window."""
+        cdef _Entry entry = self._entries.pop(request_id)
+        if entry.checked:
+            self.refetched += 1
+        self._leave(request_id, entry)
+        return entry
+
     cdef void _finish(self, bytes request_id, reply) except *:
         cdef _Entry entry
         if reply.kind == R_OK:
             self._finish_ok(request_id, reply.frames)
             return
-        entry = self._entries.pop(request_id)
-        if entry.checked:
-            self.refetched += 1
-        self._leave(request_id, entry)
+        entry = self._finished_entry(request_id)
         for sink in entry.sinks:
             self._deliver((<_Sink>sink).future, None, reply.error)
 
@@ -632,20 +637,14 @@ cdef class RequestBook:
         if type(frame) is not bytes:
             self._finish_ok(request_id, [frame])
             return
-        entry = self._entries.pop(request_id)
-        if entry.checked:
-            self.refetched += 1
-        self._leave(request_id, entry)
+        entry = self._finished_entry(request_id)
         for sink in entry.sinks:
             self._deliver(sink.future, [frame] if sink.multipart else frame, None)
 
     cdef void _finish_ok(self, bytes request_id, list frames) except *:
         """The answer (its frames) of a request this book waits for."""
-        cdef _Entry entry = self._entries.pop(request_id)
+        cdef _Entry entry = self._finished_entry(request_id)
         cdef _Sink sink
-        if entry.checked:
-            self.refetched += 1
-        self._leave(request_id, entry)
         for sink in entry.sinks:
             self._deliver(sink.future, frames if sink.multipart else b"".join(frames), None)
 

@@ -509,23 +509,25 @@ class RequestBook:
                 # It finished but its outcome did not reach this socket.
                 self._send_now(result_message(request_id))
 
-    def _finish(self, request_id: bytes, reply: Reply) -> None:
-        if reply.kind == R_OK:
-            self._finish_ok(request_id, reply.frames)
-            return
+    def _finished_entry(self, request_id: bytes) -> _Entry:
+        """The entry of a request whose outcome came, out of the book and the window."""
         entry = self._entries.pop(request_id)
         if entry.checked:
             self.refetched += 1
         self._leave(request_id, entry)
+        return entry
+
+    def _finish(self, request_id: bytes, reply: Reply) -> None:
+        if reply.kind == R_OK:
+            self._finish_ok(request_id, reply.frames)
+            return
+        entry = self._finished_entry(request_id)
         for sink in entry.sinks:
             self._deliver(sink.future, None, reply.error)
 
     def _finish_ok(self, request_id: bytes, frames: List[bytes]) -> None:
         """The answer (its frames) of a request this book waits for."""
-        entry = self._entries.pop(request_id)
-        if entry.checked:
-            self.refetched += 1
-        self._leave(request_id, entry)
+        entry = self._finished_entry(request_id)
         for sink in entry.sinks:
             self._deliver(sink.future, frames if sink.multipart else b"".join(frames), None)
 
