@@ -8,7 +8,6 @@ import concurrent.futures
 import importlib
 import os
 import threading
-import time
 import uuid
 from collections import deque
 
@@ -17,6 +16,7 @@ import pytest
 from fastbroker import ConfigError
 from fastbroker.client.futures import RequestFuture
 from fastbroker.protocol import C_SUBMIT, CLIENT_SIGNATURE
+from rigs import wait_until
 
 WAIT = 20.0
 """Bound of every wait for something that should take well under a second."""
@@ -51,10 +51,8 @@ def test_a_future_waited_for_in_another_thread_is_woken(handoff):
     got = []
     waiter = threading.Thread(target=lambda: got.append(future.result(WAIT)))
     waiter.start()
-    deadline = time.monotonic() + WAIT
-    while future._made is None:  # the waiter made the Condition to wait on it
-        assert time.monotonic() < deadline, "the waiter did not start waiting"
-        time.sleep(0.001)  # the pace of a bounded poll of another thread's progress
+    # The waiter made the Condition to wait on it.
+    wait_until(lambda: future._made is not None, timeout=WAIT, interval=0.001, message="the waiter to wait")
     handoff.deliver(future, b"late", None)
     waiter.join(WAIT)
     assert got == [b"late"]
