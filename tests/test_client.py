@@ -364,6 +364,52 @@ def test_book_v2_does_not_fall_back_once_the_broker_spoke_fbc02():
     assert b.book.flush_submits() == 1 and b.sent[-1][0] == CLIENT_SIGNATURE_V2
 
 
+@pytest.mark.parametrize("how", ["fbc02-lone-frame", "fbc02-two-frames", "fbc01", "failed"])
+def test_book_an_id_waited_for_by_several_futures_tells_each_the_way_it_asked(how: str):
+    # The first future of an id lives in its entry, the others beside it: each gets the
+    # outcome once, as frames or joined as it asked, whichever of them was forgotten.
+    b = Book()
+    b.book.v2 = True
+    rid = uuid.uuid4().bytes
+    b.book.submit(rid, [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"job"], "first", False)
+    b.book.watch(rid, "frames", True)
+    b.book.submit(rid, [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"job"], "joined", False)
+    b.book.watch(rid, "dropped", True)
+    b.book.forget(rid, "first", False)  # the first one goes: the next takes its place
+    b.book.forget(rid, "dropped", False)
+    assert b.book.pending == 1  # (its SUBMIT went before the first RESULT)
+    body = [b"a"] if how == "fbc02-lone-frame" else [b"a", b"b"]
+    if how == "failed":
+        b.reply(R_FAILED, rid, b"ValueError", b"bad")
+        assert sorted(b.delivered) == ["frames", "joined"]
+        assert all(isinstance(v, fastbroker.TaskFailed) for v in b.delivered.values())
+    elif how == "fbc01":
+        b.reply(R_OK, rid, *body)
+        assert b.delivered == {"frames": body, "joined": b"".join(body)}
+    else:
+        head = rid + R_OK + len(body).to_bytes(2, "big")
+        b.book.on_message([CLIENT_SIGNATURE_V2, R_REPLIES, head, *body])
+        assert b.delivered == {"frames": body, "joined": b"".join(body)}
+    assert b.book.pending == 0 and b.book.in_flight == 0
+    b.reply(R_OK, rid, b"again")  # nobody waits any more
+    assert len(b.delivered) == 2
+
+
+def test_book_forgetting_every_future_of_an_id_drops_it_and_cancels_once():
+    b = Book()
+    rid = _submit(b)
+    b.book.watch(rid, "second", False)
+    b.book.forget(rid, rid, True)  # another still waits: the request stays
+    assert b.book.pending == 1 and b.sent[-1][1] == C_CANCEL  # CANCELLED goes to "second"
+    b.reply(R_CANCELLED, rid)
+    assert isinstance(b.delivered["second"], fastbroker.TaskCancelled) and b.book.pending == 0
+    again = _submit(b)
+    b.book.watch(again, "second", False)
+    b.book.forget(again, "second", False)
+    b.book.forget(again, again, False)
+    assert b.book.pending == 0 and b.book.in_flight == 0 and again not in b.delivered
+
+
 def test_decode_replies_refuses_a_header_that_does_not_match_its_frames():
     rid = uuid.uuid4().bytes
     ok = rid + R_OK + b"\0\1"

@@ -66,6 +66,10 @@ cdef unsigned char _ACCEPTED_CODE = R_ACCEPTED[0]
 
 include "_handoff.pxi"
 
+# The book calls the compiled deliver above directly when it is the one it was given
+# (the sync Client's), not through a Python call.
+cdef object _HANDOFF_DELIVER = deliver
+
 
 def submit_batches(list submits):
     """FBC02 SUBMIT messages for FBC01 SUBMIT messages ``[FBC01, SUBMIT, id, options,
@@ -114,6 +118,8 @@ def submit_batches(list submits):
 
 
 cdef class _Sink:
+    """A further future waiting for an entry's outcome (the first is in the entry)."""
+
     cdef public object future
     cdef public bint multipart
 
@@ -137,7 +143,13 @@ cdef class _Entry:
     # The SUBMIT message, kept to submit it again if the broker loses it; None for an
     # id only watched with RESULT (it cannot be re-submitted).
     cdef public object message
-    cdef public list sinks
+    # The first future waiting for the outcome (None once none waits), and whether it
+    # wants the answer's frames; the others, a _Sink each, in `others` (None while
+    # there are none, as for almost every request: a _Sink and a list more per request
+    # cost the I/O thread and the collector, measured, more than the id's dict entry).
+    cdef public object future
+    cdef public bint multipart
+    cdef public list others
     cdef public bint accepted
     cdef public bint cancelling
     cdef public bint sent  # in the window: its SUBMIT (or RESULT) has gone to the broker
@@ -145,10 +157,40 @@ cdef class _Entry:
     cdef public Py_ssize_t size  # payload bytes it holds in the window
     cdef public bint batched  # its SUBMIT last went in an FBC02 batch
 
-    def __init__(self, message, _Sink sink):
+    def __init__(self, message, future, bint multipart):
         self.message = message
-        self.sinks = [sink]
+        self.future = future
+        self.multipart = multipart
         self.size = _payload_size(message)
+
+    cpdef add(self, future, bint multipart):
+        """One more future waiting for the outcome."""
+        if self.future is None:
+            self.future, self.multipart = future, multipart
+        elif self.others is None:
+            self.others = [_Sink(future, multipart)]
+        else:
+            self.others.append(_Sink(future, multipart))
+
+    cpdef list waiters(self):
+        """[(future, multipart)] of every future waiting, the first first."""
+        cdef list waiting = [] if self.future is None else [(self.future, self.multipart)]
+        if self.others is not None:
+            waiting.extend([((<_Sink>sink).future, (<_Sink>sink).multipart) for sink in self.others])
+        return waiting
+
+    cpdef bint drop(self, future):
+        """`future` waits no more; whether any other still does."""
+        cdef list others = self.others
+        if others is not None:
+            others = [sink for sink in others if (<_Sink>sink).future is not future]
+        if self.future is future:
+            self.future = None
+            if others:
+                sink = others.pop(0)
+                self.future, self.multipart = (<_Sink>sink).future, (<_Sink>sink).multipart
+        self.others = others or None
+        return self.future is not None
 
 
 cdef class RequestBook:
@@ -157,6 +199,7 @@ cdef class RequestBook:
 
     cdef object _send
     cdef object _deliver
+    cdef bint _deliver_here  # _deliver is _handoff.pxi's deliver
     cdef public double check_interval
     cdef object _clock
     cdef Py_ssize_t _check_batch
@@ -199,6 +242,7 @@ cdef class RequestBook:
     ):
         self._send = send
         self._deliver = deliver
+        self._deliver_here = deliver is _HANDOFF_DELIVER
         self.check_interval = check_interval
         self._clock = clock
         self._check_batch = check_batch
@@ -280,12 +324,12 @@ cdef class RequestBook:
         cdef _Entry mine
         if entry.cancelling:
             # Its CANCEL went to the broker it leaves: as cancelled, not run elsewhere.
-            for sink in entry.sinks:
-                self._deliver(sink.future, None, _cancelled_reply(request_id).error)
+            self._fail_entry(entry, _cancelled_reply(request_id).error)
             return
         mine = self._entries.get(request_id)
         if mine is not None:
-            mine.sinks.extend(entry.sinks)
+            for future, multipart in entry.waiters():
+                mine.add(future, multipart)
             return
         entry.sent = entry.accepted = entry.checked = entry.batched = False
         self._enter(request_id, entry)
@@ -392,11 +436,10 @@ cdef class RequestBook:
 
     cdef void _submit(self, bytes request_id, list message, future, bint multipart) except *:
         cdef _Entry entry = self._entries.get(request_id)
-        cdef _Sink sink = _Sink(future, multipart)
         if entry is None:
-            self._enter(request_id, _Entry(message, sink))
+            self._enter(request_id, _Entry(message, future, multipart))
             return
-        entry.sinks.append(sink)
+        entry.add(future, multipart)
         if entry.message is None:
             # Only watched so far: from now on it can be submitted again if lost.
             entry.message = message
@@ -410,11 +453,10 @@ cdef class RequestBook:
     def watch(self, bytes request_id, future, bint multipart):
         """RESULT: wait for the outcome of an id (submitted by anyone)."""
         cdef _Entry entry = self._entries.get(request_id)
-        cdef _Sink sink = _Sink(future, multipart)
         if entry is None:
-            self._enter(request_id, _Entry(None, sink))
+            self._enter(request_id, _Entry(None, future, multipart))
             return
-        entry.sinks.append(sink)
+        entry.add(future, multipart)
         if entry.sent:
             self._send_now(result_message(request_id))
 
@@ -462,8 +504,7 @@ cdef class RequestBook:
         A request still held here never reaches the broker."""
         cdef _Entry entry = self._entries.get(request_id)
         if entry is not None:
-            entry.sinks = [s for s in entry.sinks if (<_Sink>s).future is not future]
-            if not entry.sinks:
+            if not entry.drop(future):
                 del self._entries[request_id]
                 self._leave(request_id, entry)
                 if not entry.sent:
@@ -482,11 +523,10 @@ cdef class RequestBook:
         self._entries, self._queries, self._admin = {}, {}, {}
         self._in_flight, self._held, self.in_flight_bytes, self._pending = {}, deque(), 0, []
         for entry in entries.values():
-            for sink in (<_Entry>entry).sinks:
-                self._deliver((<_Sink>sink).future, None, exc)
+            self._fail_entry(entry, exc)
         for futures in list(queries.values()) + list(admin.values()):
             for future in futures:
-                self._deliver(future, None, exc)
+                self._give(future, None, exc)
 
     # -- from the broker ---------------------------------------------------------------
 
@@ -535,9 +575,10 @@ cdef class RequestBook:
             n = (record[_ID + 1] << 8) | record[_ID + 2]
             request_id = PyBytes_FromStringAndSize(<const char *>record, _ID)
             if n and record[_ID] == _OK_CODE:
-                entry = entries.get(request_id)
+                # Out of the book at once: one lookup of the id, not two.
+                entry = entries.pop(request_id, None)
                 if entry is not None:
-                    self._finish_ok_at(request_id, frames, at, n)
+                    self._finish_ok_at(request_id, entry, frames, at, n)
             elif not n and record[_ID] == _ACCEPTED_CODE:
                 entry = entries.get(request_id)
                 if entry is not None and entry.sent:
@@ -560,7 +601,7 @@ cdef class RequestBook:
             while waiting:
                 future = waiting.popleft()
                 if not future.done():
-                    self._deliver(future, reply, None)
+                    self._give(future, reply, None)
                     break
             if not waiting:
                 del self._admin[request_id]
@@ -571,7 +612,7 @@ cdef class RequestBook:
             while futures:
                 future = futures.popleft()
                 if not future.done():
-                    self._deliver(future, reply.status, None)
+                    self._give(future, reply.status, None)
                     break
             if futures is not None and not futures:
                 del self._queries[request_id]
@@ -610,43 +651,66 @@ cdef class RequestBook:
     cdef _Entry _finished_entry(self, bytes request_id):
         """The entry of a request whose outcome came, out of the book and the window."""
         cdef _Entry entry = self._entries.pop(request_id)
+        self._left(request_id, entry)
+        return entry
+
+    cdef void _left(self, bytes request_id, _Entry entry) except *:
+        """A finished request's entry, taken out of the book, leaves the window."""
         if entry.checked:
             self.refetched += 1
         self._leave(request_id, entry)
-        return entry
+
+    cdef void _give(self, future, value, exc) except *:
+        """deliver(future, value, exc): a C call for the sync Client's."""
+        if self._deliver_here:
+            deliver(future, value, exc)
+        else:
+            self._deliver(future, value, exc)
+
+    cdef void _fail_entry(self, _Entry entry, exc) except *:
+        """Every future waiting for the entry gets `exc`."""
+        if entry.future is not None:
+            self._give(entry.future, None, exc)
+        if entry.others is not None:
+            for sink in entry.others:
+                self._give((<_Sink>sink).future, None, exc)
 
     cdef void _finish(self, bytes request_id, reply) except *:
-        cdef _Entry entry
         if reply.kind == R_OK:
             self._finish_ok(request_id, reply.frames)
             return
-        entry = self._finished_entry(request_id)
-        for sink in entry.sinks:
-            self._deliver((<_Sink>sink).future, None, reply.error)
+        self._fail_entry(self._finished_entry(request_id), reply.error)
 
-    cdef void _finish_ok_at(self, bytes request_id, frames, Py_ssize_t at, Py_ssize_t n) except *:
-        """_finish_ok of the answer in frames[at:at + n] (of a REPLIES message): a lone
-        frame goes to the sinks as it is, with no list made for it."""
-        cdef _Entry entry
-        cdef _Sink sink
+    cdef void _finish_ok_at(self, bytes request_id, _Entry entry, frames, Py_ssize_t at, Py_ssize_t n) except *:
+        """The answer in frames[at:at + n] (of a REPLIES message) of the request whose
+        entry was just taken out of the book: a lone frame goes to the futures as it is,
+        with no list made for it."""
+        self._left(request_id, entry)
         answer = frames[at : at + n] if n > 1 else None
         if answer is not None:
-            self._finish_ok(request_id, answer if type(answer) is list else list(answer))
+            self._answer(entry, answer if type(answer) is list else list(answer))
             return
         frame = frames[at]
         if type(frame) is not bytes:
-            self._finish_ok(request_id, [frame])
+            self._answer(entry, [frame])
             return
-        entry = self._finished_entry(request_id)
-        for sink in entry.sinks:
-            self._deliver(sink.future, [frame] if sink.multipart else frame, None)
+        if entry.future is not None:
+            self._give(entry.future, [frame] if entry.multipart else frame, None)
+        if entry.others is not None:
+            for sink in entry.others:
+                self._give((<_Sink>sink).future, [frame] if (<_Sink>sink).multipart else frame, None)
 
     cdef void _finish_ok(self, bytes request_id, list frames) except *:
         """The answer (its frames) of a request this book waits for."""
-        cdef _Entry entry = self._finished_entry(request_id)
-        cdef _Sink sink
-        for sink in entry.sinks:
-            self._deliver(sink.future, frames if sink.multipart else b"".join(frames), None)
+        self._answer(self._finished_entry(request_id), frames)
+
+    cdef void _answer(self, _Entry entry, list frames) except *:
+        """The answer's frames to every future waiting for the entry."""
+        if entry.future is not None:
+            self._give(entry.future, frames if entry.multipart else b"".join(frames), None)
+        if entry.others is not None:
+            for sink in entry.others:
+                self._give((<_Sink>sink).future, frames if (<_Sink>sink).multipart else b"".join(frames), None)
 
     # -- the lazy pirate ---------------------------------------------------------------
 

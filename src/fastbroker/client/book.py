@@ -51,6 +51,8 @@ Deliver = Callable[[Any, Any, Optional[BaseException]], None]
 
 
 class _Sink:
+    """A further future waiting for an entry's outcome (the first is in the entry)."""
+
     __slots__ = ("future", "multipart")
 
     def __init__(self, future: Any, multipart: bool) -> None:
@@ -65,19 +67,65 @@ def _payload_size(message: Optional[List[bytes]]) -> int:
 class _Entry:
     """An id this client waits for an outcome of."""
 
-    __slots__ = ("message", "sinks", "accepted", "cancelling", "sent", "checked", "size", "batched")
+    __slots__ = (
+        "message",
+        "future",
+        "multipart",
+        "others",
+        "accepted",
+        "cancelling",
+        "sent",
+        "checked",
+        "size",
+        "batched",
+    )
 
-    def __init__(self, message: Optional[List[bytes]], sink: _Sink) -> None:
+    def __init__(self, message: Optional[List[bytes]], future: Any, multipart: bool) -> None:
         # The SUBMIT message, kept to submit it again if the broker loses it;
         # None for an id only watched with RESULT (it cannot be re-submitted).
         self.message = message
-        self.sinks: List[_Sink] = [sink]
+        # The first future waiting for the outcome (None once none waits), and whether
+        # it wants the answer's frames; the others, a _Sink each, in `others` (None
+        # while there are none, as for almost every request: a _Sink and a list more
+        # per request cost the I/O thread and the collector, measured).
+        self.future = future
+        self.multipart = multipart
+        self.others: Optional[List[_Sink]] = None
         self.accepted = False
         self.cancelling = False
         self.sent = False  # in the window: its SUBMIT (or RESULT) has gone to the broker
         self.checked = False  # the lazy pirate asked the broker for it
         self.size = _payload_size(message)  # payload bytes it holds in the window
         self.batched = False  # its SUBMIT last went in an FBC02 batch
+
+    def add(self, future: Any, multipart: bool) -> None:
+        """One more future waiting for the outcome."""
+        if self.future is None:
+            self.future, self.multipart = future, multipart
+        elif self.others is None:
+            self.others = [_Sink(future, multipart)]
+        else:
+            self.others.append(_Sink(future, multipart))
+
+    def waiters(self) -> List[Tuple[Any, bool]]:
+        """[(future, multipart)] of every future waiting, the first first."""
+        waiting = [] if self.future is None else [(self.future, self.multipart)]
+        if self.others is not None:
+            waiting.extend([(sink.future, sink.multipart) for sink in self.others])
+        return waiting
+
+    def drop(self, future: Any) -> bool:
+        """`future` waits no more; whether any other still does."""
+        others = self.others
+        if others is not None:
+            others = [sink for sink in others if sink.future is not future]
+        if self.future is future:
+            self.future = None
+            if others:
+                sink = others.pop(0)
+                self.future, self.multipart = sink.future, sink.multipart
+        self.others = others or None
+        return self.future is not None
 
 
 class RequestBook:
@@ -211,12 +259,12 @@ class RequestBook:
         already gets the futures added to its own entry."""
         if entry.cancelling:
             # Its CANCEL went to the broker it leaves: as cancelled, not run elsewhere.
-            for sink in entry.sinks:
-                self._deliver(sink.future, None, _cancelled_reply(request_id).error)
+            self._fail_entry(entry, _cancelled_reply(request_id).error)
             return
         mine = self._entries.get(request_id)
         if mine is not None:
-            mine.sinks.extend(entry.sinks)
+            for future, multipart in entry.waiters():
+                mine.add(future, multipart)
             return
         entry.sent = entry.accepted = entry.checked = entry.batched = False
         self._enter(request_id, entry)
@@ -313,11 +361,10 @@ class RequestBook:
 
     def submit(self, request_id: bytes, message: List[bytes], future: Any, multipart: bool) -> None:
         entry = self._entries.get(request_id)
-        sink = _Sink(future, multipart)
         if entry is None:
-            self._enter(request_id, _Entry(message, sink))
+            self._enter(request_id, _Entry(message, future, multipart))
             return
-        entry.sinks.append(sink)
+        entry.add(future, multipart)
         if entry.message is None:
             # Only watched so far: from now on it can be submitted again if lost.
             entry.message = message
@@ -336,11 +383,10 @@ class RequestBook:
     def watch(self, request_id: bytes, future: Any, multipart: bool) -> None:
         """RESULT: wait for the outcome of an id (submitted by anyone)."""
         entry = self._entries.get(request_id)
-        sink = _Sink(future, multipart)
         if entry is None:
-            self._enter(request_id, _Entry(None, sink))
+            self._enter(request_id, _Entry(None, future, multipart))
             return
-        entry.sinks.append(sink)
+        entry.add(future, multipart)
         if entry.sent:
             self._send_now(result_message(request_id))
 
@@ -388,8 +434,7 @@ class RequestBook:
         A request still held here never reaches the broker."""
         entry = self._entries.get(request_id)
         if entry is not None:
-            entry.sinks = [s for s in entry.sinks if s.future is not future]
-            if not entry.sinks:
+            if not entry.drop(future):
                 del self._entries[request_id]
                 self._leave(request_id, entry)
                 if not entry.sent:
@@ -408,11 +453,10 @@ class RequestBook:
         self._entries, self._queries, self._admin = {}, {}, {}
         self._in_flight, self._held, self.in_flight_bytes, self._pending = {}, deque(), 0, []
         for entry in entries.values():
-            for sink in entry.sinks:
-                self._deliver(sink.future, None, exc)
+            self._fail_entry(entry, exc)
         for futures in list(queries.values()) + list(admin.values()):
             for future in futures:
-                self._deliver(future, None, exc)
+                self._give(future, None, exc)
 
     # -- from the broker ---------------------------------------------------------------
 
@@ -440,9 +484,10 @@ class RequestBook:
         at = 3
         for request_id, kind, n in records:
             if kind == R_OK and n:
-                entry = entries.get(request_id)
+                # Out of the book at once: one lookup of the id, not two.
+                entry = entries.pop(request_id, None)
                 if entry is not None:
-                    self._finish_ok(request_id, list(frames[at : at + n]))
+                    self._finish_ok_at(request_id, entry, frames, at, n)
             elif kind == R_ACCEPTED and not n:
                 entry = entries.get(request_id)
                 if entry is not None and entry.sent:
@@ -462,7 +507,7 @@ class RequestBook:
             while waiting:
                 future = waiting.popleft()
                 if not future.done():
-                    self._deliver(future, reply, None)
+                    self._give(future, reply, None)
                     break
             if not waiting:
                 del self._admin[request_id]
@@ -473,7 +518,7 @@ class RequestBook:
             while futures:
                 future = futures.popleft()
                 if not future.done():
-                    self._deliver(future, reply.status, None)
+                    self._give(future, reply.status, None)
                     break
             if futures is not None and not futures:
                 del self._queries[request_id]
@@ -512,24 +557,50 @@ class RequestBook:
     def _finished_entry(self, request_id: bytes) -> _Entry:
         """The entry of a request whose outcome came, out of the book and the window."""
         entry = self._entries.pop(request_id)
+        self._left(request_id, entry)
+        return entry
+
+    def _left(self, request_id: bytes, entry: _Entry) -> None:
+        """A finished request's entry, taken out of the book, leaves the window."""
         if entry.checked:
             self.refetched += 1
         self._leave(request_id, entry)
-        return entry
+
+    def _give(self, future: Any, value: Any, exc: Optional[BaseException]) -> None:
+        """deliver(future, value, exc) (the compiled book calls the sync Client's in C)."""
+        self._deliver(future, value, exc)
+
+    def _fail_entry(self, entry: _Entry, exc: Optional[BaseException]) -> None:
+        """Every future waiting for the entry gets `exc`."""
+        if entry.future is not None:
+            self._give(entry.future, None, exc)
+        if entry.others is not None:
+            for sink in entry.others:
+                self._give(sink.future, None, exc)
 
     def _finish(self, request_id: bytes, reply: Reply) -> None:
         if reply.kind == R_OK:
             self._finish_ok(request_id, reply.frames)
             return
-        entry = self._finished_entry(request_id)
-        for sink in entry.sinks:
-            self._deliver(sink.future, None, reply.error)
+        self._fail_entry(self._finished_entry(request_id), reply.error)
+
+    def _finish_ok_at(self, request_id: bytes, entry: _Entry, frames: Sequence[bytes], at: int, n: int) -> None:
+        """The answer in frames[at:at + n] (of a REPLIES message) of the request whose
+        entry was just taken out of the book."""
+        self._left(request_id, entry)
+        self._answer(entry, list(frames[at : at + n]))
 
     def _finish_ok(self, request_id: bytes, frames: List[bytes]) -> None:
         """The answer (its frames) of a request this book waits for."""
-        entry = self._finished_entry(request_id)
-        for sink in entry.sinks:
-            self._deliver(sink.future, frames if sink.multipart else b"".join(frames), None)
+        self._answer(self._finished_entry(request_id), frames)
+
+    def _answer(self, entry: _Entry, frames: List[bytes]) -> None:
+        """The answer's frames to every future waiting for the entry."""
+        if entry.future is not None:
+            self._give(entry.future, frames if entry.multipart else b"".join(frames), None)
+        if entry.others is not None:
+            for sink in entry.others:
+                self._give(sink.future, frames if sink.multipart else b"".join(frames), None)
 
     # -- the lazy pirate ---------------------------------------------------------------
 
