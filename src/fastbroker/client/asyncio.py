@@ -242,6 +242,9 @@ class AsyncClient(RequestDefaults):
         self._book, self._books = self._new_books(sends, _deliver, failover, self._flush_soon)
         self._reader: Optional[asyncio.Task] = None
         self._closed = False
+        # Every submitted future's cancel hook: one bound method for them all (one made
+        # per request was one object more a request for the collector to walk).
+        self._cancel_hook = self._on_request_cancelled
         self._released = False  # close() has closed the sockets (the reader may close the client before)
 
     # -- the API -------------------------------------------------------------------------
@@ -285,7 +288,7 @@ class AsyncClient(RequestDefaults):
         self._start()
         future = AsyncRequestFuture()
         future.request_id = rid
-        future._on_cancel = self._on_request_cancelled
+        future._on_cancel = self._cancel_hook
         self._book.submit(rid, submit_message(rid, options, frames), future, multipart)
         return future
 

@@ -232,6 +232,9 @@ class Client(RequestDefaults, Closeable):
         # the close command (it would never be served).
         self._lock = threading.Lock()
         self._closed = False
+        # Every submitted future's cancel hook: one bound method for them all (one made
+        # per request was one object more a request for the collector to walk).
+        self._cancel_hook = self._on_request_cancelled
         # One outbox and one book per broker; with several, a ShardedBook routes.
         self._outboxes: List[Deque[List[bytes]]] = [deque() for _ in self._sockets]
         self._book, self._books = self._new_books([o.append for o in self._outboxes], _handoff.deliver, failover)
@@ -252,9 +255,7 @@ class Client(RequestDefaults, Closeable):
         payload, the list of frames for a sequence of frames) or one of TaskFailed,
         TaskTimedOut, TaskCancelled, Rejected. ``future.cancel()`` cancels the request
         at the broker too. ``request_id``: 16 bytes (default: a new uuid4)."""
-        command, future = _handoff.submit_request(
-            payload, self._options(timeout, tries), request_id, self._on_request_cancelled
-        )
+        command, future = _handoff.submit_request(payload, self._options(timeout, tries), request_id, self._cancel_hook)
         self._post_submit(command)
         return future
 
@@ -265,7 +266,7 @@ class Client(RequestDefaults, Closeable):
         the payloads' order. Like submit(), it never blocks."""
         options = self._options(timeout, tries)
         commands, futures = [], []
-        submit_request, on_cancel = _handoff.submit_request, self._on_request_cancelled
+        submit_request, on_cancel = _handoff.submit_request, self._cancel_hook
         for payload in payloads:
             command, future = submit_request(payload, options, None, on_cancel)
             commands.append(command)
