@@ -103,8 +103,11 @@ def test_client_threads_bench_measures_each_way_with_right_answers(tmp_path, sub
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("garbage collector off"), result.stdout
-    assert [line.split(":")[0].strip() for line in lines[1:]] == ["map", "submit", "submit_many"], result.stdout
-    assert all("caller's thread" in line and "I/O thread" in line for line in lines[1:]), result.stdout
+    assert [line.split(":")[0].strip() for line in lines[1:4]] == ["map", "submit", "submit_many"], result.stdout
+    assert all("caller's thread" in line and "I/O thread" in line and "collector" in line for line in lines[1:4])
+    # Each pending submit holds its future at least, and the book's objects are counted too.
+    label, _, tracked = lines[4].partition(": ")
+    assert label == "objects tracked per pending submit()" and 1.0 <= float(tracked) < 20, result.stdout
 
 
 def test_client_threads_bench_refuses_bad_arguments_without_a_traceback(tmp_path):
