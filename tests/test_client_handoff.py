@@ -96,33 +96,47 @@ def test_a_map_slot_is_resolved_once_and_wakes_the_map(handoff):
 def test_submit_commands_carry_the_fbc01_submit_message(handoff):
     rid = b"r" * 16
     sink = object()
-    assert handoff.submit_command(b"one", b"opts", rid, sink) == (
-        "submit",
+
+    def fields(command):
+        return command.request_id, command.message, command.future, command.multipart, command.size
+
+    assert fields(handoff.submit_command(b"one", b"opts", rid, sink)) == (
         rid,
         [CLIENT_SIGNATURE, C_SUBMIT, rid, b"opts", b"one"],
         sink,
         False,
+        3,
     )
-    assert handoff.submit_command([b"a", bytearray(b"b")], b"", rid, sink) == (
-        "submit",
+    assert fields(handoff.submit_command([b"a", bytearray(b"bc")], b"", rid, sink)) == (
         rid,
-        [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"a", b"b"],
+        [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"a", b"bc"],
         sink,
         True,
+        3,
     )
-    assert handoff.submit_command(memoryview(b"mv"), b"", rid, sink)[2][-1] == b"mv"
+    assert handoff.submit_command(memoryview(b"mv"), b"", rid, sink).message[-1] == b"mv"
     with pytest.raises(TypeError, match="not str"):
         handoff.submit_command("text", b"", rid, sink)
     with pytest.raises(ValueError, match="at least one"):
         handoff.submit_command([], b"", rid, sink)
 
 
+def test_a_book_takes_only_entries_as_submit_commands(handoff):
+    book = importlib.import_module(handoff.__name__.replace("handoff", "book")).RequestBook(
+        lambda m: None, lambda f, v, e: None, 2.0
+    )
+    good = handoff.submit_command(b"p", b"", b"r" * 16, "sink")
+    with pytest.raises(TypeError):
+        book.submit_many([good, ("submit", b"s" * 16, [], "sink", False)])
+    assert book.holds(b"r" * 16) and not book.holds(b"s" * 16)
+
+
 def test_submit_request_gives_a_future_with_the_id_and_the_cancel_hook(handoff):
     told = []
     given = uuid.UUID(int=7)
     command, future = handoff.submit_request(b"p", b"", str(given), told.append)
-    assert type(future) is RequestFuture and future.request_id == given.bytes == command[1]
-    assert command[3] is future and future._made is None
+    assert type(future) is RequestFuture and future.request_id == given.bytes == command.request_id
+    assert command.future is future and future._made is None
     future.cancel()
     assert told == [future]
     _, fresh = handoff.submit_request(b"p", b"", None, told.append)
@@ -136,11 +150,13 @@ def test_map_commands_take_at_most_room_and_say_when_the_source_ended(handoff):
     in_flight: deque = deque()
     commands, ended = handoff.map_commands(source, 3, b"", in_flight)
     assert not ended and len(commands) == 3 and len(in_flight) == 3
-    assert [c[2][-1] for c in commands] == [b"0", b"1", b"2"]
-    assert [c[3] for c in commands] == list(in_flight)
-    assert all(type(slot) is handoff.MapSlot and c[1] == slot.request_id for c, slot in zip(commands, in_flight))
+    assert [c.message[-1] for c in commands] == [b"0", b"1", b"2"]
+    assert [c.future for c in commands] == list(in_flight)
+    assert all(
+        type(slot) is handoff.MapSlot and c.request_id == slot.request_id for c, slot in zip(commands, in_flight)
+    )
     commands, ended = handoff.map_commands(source, 3, b"", in_flight)
-    assert ended and [c[2][-1] for c in commands] == [b"3", b"4"] and len(in_flight) == 5
+    assert ended and [c.message[-1] for c in commands] == [b"3", b"4"] and len(in_flight) == 5
     ids = [slot.request_id for slot in in_flight]
     assert len(set(ids)) == 5 and all(uuid.UUID(bytes=i).version == 4 for i in ids)
     assert handoff.map_commands(iter(()), 3, b"", in_flight) == ([], True)

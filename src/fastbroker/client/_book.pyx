@@ -64,12 +64,6 @@ cdef bytes _REPLIES = R_REPLIES
 cdef unsigned char _OK_CODE = R_OK[0]
 cdef unsigned char _ACCEPTED_CODE = R_ACCEPTED[0]
 
-include "_handoff.pxi"
-
-# The book calls the compiled deliver above directly when it is the one it was given
-# (the sync Client's), not through a Python call.
-cdef object _HANDOFF_DELIVER = deliver
-
 
 def submit_batches(list submits):
     """FBC02 SUBMIT messages for FBC01 SUBMIT messages ``[FBC01, SUBMIT, id, options,
@@ -137,9 +131,12 @@ cdef Py_ssize_t _payload_size(object message) except -1:
     return size
 
 
-cdef class _Entry:
-    """An id this client waits for an outcome of."""
+cdef class Entry:
+    """An id this client waits for an outcome of. A submit command is one too: made in the
+    caller's thread (_handoff.pxi's submit_command), it is entered in the book as it is,
+    so a request costs no command object besides (client/book.py's Entry)."""
 
+    cdef public bytes request_id
     # The SUBMIT message, kept to submit it again if the broker loses it; None for an
     # id only watched with RESULT (it cannot be re-submitted).
     cdef public object message
@@ -157,7 +154,8 @@ cdef class _Entry:
     cdef public Py_ssize_t size  # payload bytes it holds in the window
     cdef public bint batched  # its SUBMIT last went in an FBC02 batch
 
-    def __init__(self, message, future, bint multipart):
+    def __init__(self, bytes request_id, message, future, bint multipart):
+        self.request_id = request_id
         self.message = message
         self.future = future
         self.multipart = multipart
@@ -191,6 +189,24 @@ cdef class _Entry:
                 self.future, self.multipart = (<_Sink>sink).future, (<_Sink>sink).multipart
         self.others = others or None
         return self.future is not None
+
+
+cdef Entry _new_entry(bytes request_id, message, future, bint multipart):
+    """Entry(request_id, message, future, multipart) without a Python call."""
+    cdef Entry entry = Entry.__new__(Entry)
+    entry.request_id = request_id
+    entry.message = message
+    entry.future = future
+    entry.multipart = multipart
+    entry.size = _payload_size(message)
+    return entry
+
+
+include "_handoff.pxi"
+
+# The book calls the compiled deliver above directly when it is the one it was given
+# (the sync Client's), not through a Python call.
+cdef object _HANDOFF_DELIVER = deliver
 
 
 cdef class RequestBook:
@@ -317,11 +333,11 @@ cdef class RequestBook:
         self._in_flight, self._held, self.in_flight_bytes, self._pending = {}, deque(), 0, []
         return taken
 
-    def adopt(self, request_id, _Entry entry):
+    def adopt(self, request_id, Entry entry):
         """A request that another book surrendered: submitted here (or watched, for an id
         this client never submitted) as if new, with its futures. An id this book has
         already gets the futures added to its own entry."""
-        cdef _Entry mine
+        cdef Entry mine
         if entry.cancelling:
             # Its CANCEL went to the broker it leaves: as cancelled, not run elsewhere.
             self._fail_entry(entry, _cancelled_reply(request_id).error)
@@ -345,7 +361,7 @@ cdef class RequestBook:
         cdef Py_ssize_t n = len(self._in_flight)
         return n == 0 or (n < self.window and self.in_flight_bytes + size <= self.window_bytes)
 
-    cdef void _enter(self, bytes request_id, _Entry entry) except *:
+    cdef void _enter(self, bytes request_id, Entry entry) except *:
         """A new entry, recorded: sent now if the window has room and nothing is held
         before it."""
         self._entries[request_id] = entry
@@ -354,7 +370,7 @@ cdef class RequestBook:
         else:
             self._held.append(request_id)
 
-    cdef void _launch(self, bytes request_id, _Entry entry) except *:
+    cdef void _launch(self, bytes request_id, Entry entry) except *:
         self._start_waiting()
         entry.sent = True
         self._in_flight[request_id] = None
@@ -377,7 +393,7 @@ cdef class RequestBook:
         """Send the FBC02 SUBMITs gathered since the last call (as FBC01 ones if the
         book has fallen back meanwhile); returns how many messages."""
         cdef list pending, taken, messages
-        cdef _Entry entry
+        cdef Entry entry
         cdef bint batched
         if not self._pending:
             return 0
@@ -407,9 +423,9 @@ cdef class RequestBook:
             self.flush_submits()
         self._send(message)
 
-    cdef void _leave(self, bytes request_id, _Entry entry) except *:
+    cdef void _leave(self, bytes request_id, Entry entry) except *:
         """An entry that was removed from _entries leaves the window: held ones move up."""
-        cdef _Entry waiting
+        cdef Entry waiting
         if not entry.sent:
             return  # still in _held: skipped when its turn comes
         del self._in_flight[request_id]
@@ -426,35 +442,35 @@ cdef class RequestBook:
     # -- requests ----------------------------------------------------------------------
 
     def submit(self, bytes request_id, list message, future, bint multipart):
-        self._submit(request_id, message, future, multipart)
+        self._submit(_new_entry(request_id, message, future, multipart))
 
     def submit_many(self, list commands):
-        """submit() of each ("submit", request_id, message, future, multipart) command."""
-        cdef tuple command
+        """Enter each submit command (an Entry, handoff's submit_command)."""
         for command in commands:
-            self._submit(command[1], command[2], command[3], command[4])
+            self._submit(<Entry?>command)
 
-    cdef void _submit(self, bytes request_id, list message, future, bint multipart) except *:
-        cdef _Entry entry = self._entries.get(request_id)
+    cdef void _submit(self, Entry new) except *:
+        cdef bytes request_id = new.request_id
+        cdef Entry entry = self._entries.get(request_id)
         if entry is None:
-            self._enter(request_id, _Entry(message, future, multipart))
+            self._enter(request_id, new)
             return
-        entry.add(future, multipart)
-        if entry.message is None:
+        entry.add(new.future, new.multipart)
+        if entry.message is None and new.message is not None:
             # Only watched so far: from now on it can be submitted again if lost.
-            entry.message = message
+            entry.message = new.message
             if entry.sent:
-                entry.size = _payload_size(message)
+                entry.size = _payload_size(new.message)
                 self.in_flight_bytes += entry.size
-                self._send_submit(request_id, message)
+                self._send_submit(request_id, new.message)
         # Else submitted already by this client: the broker would only add the same
         # socket as a waiter again; the future waits with the others.
 
     def watch(self, bytes request_id, future, bint multipart):
         """RESULT: wait for the outcome of an id (submitted by anyone)."""
-        cdef _Entry entry = self._entries.get(request_id)
+        cdef Entry entry = self._entries.get(request_id)
         if entry is None:
-            self._enter(request_id, _Entry(None, future, multipart))
+            self._enter(request_id, _new_entry(request_id, None, future, multipart))
             return
         entry.add(future, multipart)
         if entry.sent:
@@ -489,7 +505,7 @@ cdef class RequestBook:
     def cancel(self, bytes request_id):
         """CANCEL: the futures waiting for the id get the broker's answer (CANCELLED,
         or the outcome it already had); a request still held here is cancelled here."""
-        cdef _Entry entry = self._entries.get(request_id)
+        cdef Entry entry = self._entries.get(request_id)
         if entry is not None:
             if not entry.sent:
                 self._finish(request_id, _cancelled_reply(request_id))
@@ -502,7 +518,7 @@ cdef class RequestBook:
         """A future cancelled by its owner waits no more; with `cancel`, the request
         is cancelled at the broker too (the other futures waiting for it get CANCELLED).
         A request still held here never reaches the broker."""
-        cdef _Entry entry = self._entries.get(request_id)
+        cdef Entry entry = self._entries.get(request_id)
         if entry is not None:
             if not entry.drop(future):
                 del self._entries[request_id]
@@ -548,7 +564,7 @@ cdef class RequestBook:
         (they are most of what a client reads); the others are decoded and go to
         on_reply. None, and nothing done, when the header does not match the frames."""
         cdef dict entries = self._entries
-        cdef _Entry entry
+        cdef Entry entry
         cdef Py_ssize_t at = 3, n, i, count, size, total = 0, nframes = len(frames)
         cdef const unsigned char *record
         cdef bytes header, request_id
@@ -594,7 +610,7 @@ cdef class RequestBook:
 
     cpdef on_reply(self, reply):
         """Act on one decoded reply."""
-        cdef _Entry entry
+        cdef Entry entry
         request_id, kind = reply.request_id, reply.kind
         if self._admin and kind in ADMIN_KINDS and request_id in self._admin:
             waiting = self._admin[request_id]
@@ -648,13 +664,13 @@ cdef class RequestBook:
                 # It finished but its outcome did not reach this socket.
                 self._send_now(result_message(request_id))
 
-    cdef _Entry _finished_entry(self, bytes request_id):
+    cdef Entry _finished_entry(self, bytes request_id):
         """The entry of a request whose outcome came, out of the book and the window."""
-        cdef _Entry entry = self._entries.pop(request_id)
+        cdef Entry entry = self._entries.pop(request_id)
         self._left(request_id, entry)
         return entry
 
-    cdef void _left(self, bytes request_id, _Entry entry) except *:
+    cdef void _left(self, bytes request_id, Entry entry) except *:
         """A finished request's entry, taken out of the book, leaves the window."""
         if entry.checked:
             self.refetched += 1
@@ -667,7 +683,7 @@ cdef class RequestBook:
         else:
             self._deliver(future, value, exc)
 
-    cdef void _fail_entry(self, _Entry entry, exc) except *:
+    cdef void _fail_entry(self, Entry entry, exc) except *:
         """Every future waiting for the entry gets `exc`."""
         if entry.future is not None:
             self._give(entry.future, None, exc)
@@ -681,7 +697,7 @@ cdef class RequestBook:
             return
         self._fail_entry(self._finished_entry(request_id), reply.error)
 
-    cdef void _finish_ok_at(self, bytes request_id, _Entry entry, frames, Py_ssize_t at, Py_ssize_t n) except *:
+    cdef void _finish_ok_at(self, bytes request_id, Entry entry, frames, Py_ssize_t at, Py_ssize_t n) except *:
         """The answer in frames[at:at + n] (of a REPLIES message) of the request whose
         entry was just taken out of the book: a lone frame goes to the futures as it is,
         with no list made for it."""
@@ -704,7 +720,7 @@ cdef class RequestBook:
         """The answer (its frames) of a request this book waits for."""
         self._answer(self._finished_entry(request_id), frames)
 
-    cdef void _answer(self, _Entry entry, list frames) except *:
+    cdef void _answer(self, Entry entry, list frames) except *:
         """The answer's frames to every future waiting for the entry."""
         if entry.future is not None:
             self._give(entry.future, frames if entry.multipart else b"".join(frames), None)
@@ -738,7 +754,7 @@ cdef class RequestBook:
         for request_id in batch:
             del self._in_flight[request_id]
             self._in_flight[request_id] = None  # to the back
-            (<_Entry>self._entries[request_id]).checked = True
+            (<Entry>self._entries[request_id]).checked = True
             # RESULT rather than STATUS: the same answers (STATUS while it runs,
             # UNKNOWN if lost), but it also makes this socket a waiter, so an outcome
             # still reaches it after its connection or the broker (with a store) changed.

@@ -107,16 +107,16 @@ cpdef deliver(future, value, exc):
         pass  # resolved already: a future is told its outcome once
 
 
-cpdef tuple submit_command(payload, bytes options, bytes request_id, sink):
-    """The I/O thread's "submit" command of one request: ("submit", id, its FBC01 SUBMIT
-    message, `sink` (a future or a map slot: it gets the outcome), multipart)."""
+cpdef Entry submit_command(payload, bytes options, bytes request_id, sink):
+    """The I/O thread's "submit" command of one request: the book's Entry of it, with its
+    FBC01 SUBMIT message and `sink` (a future or a map slot: it gets the outcome)."""
     cdef list message
     if type(payload) is bytes:
-        return ("submit", request_id, [_SIG, _SUBMIT, request_id, options, payload], sink, False)
+        return _new_entry(request_id, [_SIG, _SUBMIT, request_id, options, payload], sink, False)
     frames, multipart = payload_frames(payload)
     message = [_SIG, _SUBMIT, request_id, options]
     message.extend(frames)
-    return ("submit", request_id, message, sink, multipart)
+    return _new_entry(request_id, message, sink, multipart)
 
 
 def submit_request(payload, bytes options, request_id, on_cancel):

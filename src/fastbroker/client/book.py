@@ -64,10 +64,13 @@ def _payload_size(message: Optional[List[bytes]]) -> int:
     return 0 if message is None else sum(map(len, message[SUBMIT_PAYLOAD_AT:]))
 
 
-class _Entry:
-    """An id this client waits for an outcome of."""
+class Entry:
+    """An id this client waits for an outcome of. A submit command is one too: made in the
+    caller's thread (handoff.submit_command), it is entered in the book as it is, so a
+    request costs no command object besides."""
 
     __slots__ = (
+        "request_id",
         "message",
         "future",
         "multipart",
@@ -80,7 +83,8 @@ class _Entry:
         "batched",
     )
 
-    def __init__(self, message: Optional[List[bytes]], future: Any, multipart: bool) -> None:
+    def __init__(self, request_id: bytes, message: Optional[List[bytes]], future: Any, multipart: bool) -> None:
+        self.request_id = request_id
         # The SUBMIT message, kept to submit it again if the broker loses it;
         # None for an id only watched with RESULT (it cannot be re-submitted).
         self.message = message
@@ -171,7 +175,7 @@ class RequestBook:
         self._check_batch = check_batch
         self.window = window
         self.window_bytes = window_bytes
-        self._entries: Dict[bytes, _Entry] = {}
+        self._entries: Dict[bytes, Entry] = {}
         # The ids in flight, insertion-ordered: the lazy pirate checks those at the
         # front and moves them to the back, so every round reaches the next ones.
         self._in_flight: Dict[bytes, None] = {}
@@ -244,7 +248,7 @@ class RequestBook:
         """Whether anything sent waits for the broker's reply."""
         return bool(self._in_flight or self._queries or self._admin)
 
-    def surrender(self) -> List[Tuple[bytes, _Entry]]:
+    def surrender(self) -> List[Tuple[bytes, Entry]]:
         """Take every request out of this book, with their futures, for another book
         (ShardedBook's failover): [(id, entry)], in submission order. The broker of this
         book is not told; queries and dead-letter commands stay (they time out)."""
@@ -253,7 +257,7 @@ class RequestBook:
         self._in_flight, self._held, self.in_flight_bytes, self._pending = {}, deque(), 0, []
         return taken
 
-    def adopt(self, request_id: bytes, entry: _Entry) -> None:
+    def adopt(self, request_id: bytes, entry: Entry) -> None:
         """A request that another book surrendered: submitted here (or watched, for an id
         this client never submitted) as if new, with its futures. An id this book has
         already gets the futures added to its own entry."""
@@ -280,7 +284,7 @@ class RequestBook:
         n = len(self._in_flight)
         return n == 0 or (n < self.window and self.in_flight_bytes + size <= self.window_bytes)
 
-    def _enter(self, request_id: bytes, entry: _Entry) -> None:
+    def _enter(self, request_id: bytes, entry: Entry) -> None:
         """A new entry, recorded: sent now if the window has room and nothing is held
         before it."""
         self._entries[request_id] = entry
@@ -289,7 +293,7 @@ class RequestBook:
         else:
             self._held.append(request_id)
 
-    def _launch(self, request_id: bytes, entry: _Entry) -> None:
+    def _launch(self, request_id: bytes, entry: Entry) -> None:
         self._start_waiting()
         entry.sent = True
         self._in_flight[request_id] = None
@@ -342,7 +346,7 @@ class RequestBook:
             self.flush_submits()
         self._send(message)
 
-    def _leave(self, request_id: bytes, entry: _Entry) -> None:
+    def _leave(self, request_id: bytes, entry: Entry) -> None:
         """An entry that was removed from _entries leaves the window: held ones move up."""
         if not entry.sent:
             return  # still in _held: skipped when its turn comes
@@ -360,31 +364,37 @@ class RequestBook:
     # -- requests ----------------------------------------------------------------------
 
     def submit(self, request_id: bytes, message: List[bytes], future: Any, multipart: bool) -> None:
+        self._submit(Entry(request_id, message, future, multipart))
+
+    def _submit(self, new: Entry) -> None:
+        request_id = new.request_id
         entry = self._entries.get(request_id)
         if entry is None:
-            self._enter(request_id, _Entry(message, future, multipart))
+            self._enter(request_id, new)
             return
-        entry.add(future, multipart)
-        if entry.message is None:
+        entry.add(new.future, new.multipart)
+        if entry.message is None and new.message is not None:
             # Only watched so far: from now on it can be submitted again if lost.
-            entry.message = message
+            entry.message = new.message
             if entry.sent:
-                entry.size = _payload_size(message)
+                entry.size = _payload_size(new.message)
                 self.in_flight_bytes += entry.size
-                self._send_submit(request_id, message)
+                self._send_submit(request_id, new.message)
         # Else submitted already by this client: the broker would only add the same
         # socket as a waiter again; the future waits with the others.
 
-    def submit_many(self, commands: List[tuple]) -> None:
-        """submit() of each ("submit", request_id, message, future, multipart) command."""
+    def submit_many(self, commands: List[Entry]) -> None:
+        """Enter each submit command (an Entry, handoff.submit_command's)."""
         for command in commands:
-            self.submit(command[1], command[2], command[3], command[4])
+            if type(command) is not Entry:
+                raise TypeError(f"a submit command is an Entry, not {type(command).__name__}")
+            self._submit(command)
 
     def watch(self, request_id: bytes, future: Any, multipart: bool) -> None:
         """RESULT: wait for the outcome of an id (submitted by anyone)."""
         entry = self._entries.get(request_id)
         if entry is None:
-            self._enter(request_id, _Entry(None, future, multipart))
+            self._enter(request_id, Entry(request_id, None, future, multipart))
             return
         entry.add(future, multipart)
         if entry.sent:
@@ -554,13 +564,13 @@ class RequestBook:
                 # It finished but its outcome did not reach this socket.
                 self._send_now(result_message(request_id))
 
-    def _finished_entry(self, request_id: bytes) -> _Entry:
+    def _finished_entry(self, request_id: bytes) -> Entry:
         """The entry of a request whose outcome came, out of the book and the window."""
         entry = self._entries.pop(request_id)
         self._left(request_id, entry)
         return entry
 
-    def _left(self, request_id: bytes, entry: _Entry) -> None:
+    def _left(self, request_id: bytes, entry: Entry) -> None:
         """A finished request's entry, taken out of the book, leaves the window."""
         if entry.checked:
             self.refetched += 1
@@ -570,7 +580,7 @@ class RequestBook:
         """deliver(future, value, exc) (the compiled book calls the sync Client's in C)."""
         self._deliver(future, value, exc)
 
-    def _fail_entry(self, entry: _Entry, exc: Optional[BaseException]) -> None:
+    def _fail_entry(self, entry: Entry, exc: Optional[BaseException]) -> None:
         """Every future waiting for the entry gets `exc`."""
         if entry.future is not None:
             self._give(entry.future, None, exc)
@@ -584,7 +594,7 @@ class RequestBook:
             return
         self._fail_entry(self._finished_entry(request_id), reply.error)
 
-    def _finish_ok_at(self, request_id: bytes, entry: _Entry, frames: Sequence[bytes], at: int, n: int) -> None:
+    def _finish_ok_at(self, request_id: bytes, entry: Entry, frames: Sequence[bytes], at: int, n: int) -> None:
         """The answer in frames[at:at + n] (of a REPLIES message) of the request whose
         entry was just taken out of the book."""
         self._left(request_id, entry)
@@ -594,7 +604,7 @@ class RequestBook:
         """The answer (its frames) of a request this book waits for."""
         self._answer(self._finished_entry(request_id), frames)
 
-    def _answer(self, entry: _Entry, frames: List[bytes]) -> None:
+    def _answer(self, entry: Entry, frames: List[bytes]) -> None:
         """The answer's frames to every future waiting for the entry."""
         if entry.future is not None:
             self._give(entry.future, frames if entry.multipart else b"".join(frames), None)
@@ -636,4 +646,4 @@ class RequestBook:
         return len(batch)
 
 
-__all__ = ["Deliver", "RequestBook"]
+__all__ = ["Deliver", "Entry", "RequestBook"]

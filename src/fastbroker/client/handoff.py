@@ -2,7 +2,8 @@
 I/O thread hands the outcomes back (twin of client/_handoff.pxi, which client/_book.pyx
 includes; the book module chosen by _select.client_book() gives these names).
 
-- ``submit_command``: the I/O thread's "submit" command of one request;
+- ``submit_command``: the I/O thread's "submit" command of one request (the book's
+  ``Entry`` of it, entered as it is);
 - ``submit_request``: a ``submit()``'s command and its ``RequestFuture``;
 - ``map_commands``: a batch of ``Client.map``'s requests, each with a ``MapSlot``;
 - ``MapSlot``: what a future does for a request of ``map``, for a fraction of the cost;
@@ -18,6 +19,7 @@ import concurrent.futures
 import threading
 from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
+from fastbroker.client.book import Entry
 from fastbroker.client.futures import RequestFuture
 from fastbroker.client.protocol import check_request_id, new_request_id, payload_frames, submit_message
 
@@ -77,16 +79,16 @@ def deliver(future: Any, value: Any, exc: Optional[BaseException]) -> None:
         pass  # resolved already: a future is told its outcome once
 
 
-def submit_command(payload: Any, options: bytes, request_id: bytes, sink: Any) -> tuple:
-    """The I/O thread's "submit" command of one request: ("submit", id, its FBC01 SUBMIT
-    message, `sink` (a future or a map slot: it gets the outcome), multipart)."""
+def submit_command(payload: Any, options: bytes, request_id: bytes, sink: Any) -> Entry:
+    """The I/O thread's "submit" command of one request: the book's Entry of it, with its
+    FBC01 SUBMIT message and `sink` (a future or a map slot: it gets the outcome)."""
     frames, multipart = payload_frames(payload)
-    return ("submit", request_id, submit_message(request_id, options, frames), sink, multipart)
+    return Entry(request_id, submit_message(request_id, options, frames), sink, multipart)
 
 
 def submit_request(
     payload: Any, options: bytes, request_id: Optional[bytes], on_cancel: Callable[[RequestFuture], None]
-) -> Tuple[tuple, RequestFuture]:
+) -> Tuple[Entry, RequestFuture]:
     """A submit()'s command and its future, whose ``cancel()`` calls `on_cancel`; the id is
     `request_id` checked (check_request_id), or a new one for None."""
     rid = new_request_id() if request_id is None else check_request_id(request_id)
@@ -96,11 +98,11 @@ def submit_request(
 
 def map_commands(
     source: Iterator[Any], room: int, options: bytes, in_flight: Deque[Any], slot_type: Any = MapSlot
-) -> Tuple[List[tuple], bool]:
+) -> Tuple[List[Entry], bool]:
     """Up to `room` requests of ``map`` from `source`: their submit commands, each with a
     new slot (a `slot_type` of its id: the AsyncClient's are its own) appended to
     `in_flight` (none if a payload or the source raises), and whether `source` ended."""
-    commands: List[tuple] = []
+    commands: List[Entry] = []
     slots: List[Any] = []
     for _ in range(room):
         try:

@@ -136,6 +136,15 @@ class ShardedBook:
     # -- the RequestBook interface -------------------------------------------------------
 
     def submit(self, request_id: bytes, message: List[bytes], future: Any, multipart: bool) -> None:
+        self.books[self._submit_shard(request_id)].submit(request_id, message, future, multipart)
+
+    def submit_many(self, commands: List[Any]) -> None:
+        """Each submit command (the books' Entry) to its broker's book."""
+        for command in commands:
+            self.books[self._submit_shard(command.request_id)].submit_many([command])
+
+    def _submit_shard(self, request_id: bytes) -> int:
+        """The book a new request goes to."""
         # The common case first, without building the search order: the home is live
         # and the id was not placed elsewhere.
         shard = zlib.crc32(request_id) % len(self.books)
@@ -144,12 +153,7 @@ class ShardedBook:
             if shard < 0:
                 shard = self._live(request_id)
                 self.placed[request_id] = shard
-        self.books[shard].submit(request_id, message, future, multipart)
-
-    def submit_many(self, commands: List[tuple]) -> None:
-        """submit() of each ("submit", request_id, message, future, multipart) command."""
-        for command in commands:
-            self.submit(command[1], command[2], command[3], command[4])
+        return shard
 
     def watch(self, request_id: bytes, future: Any, multipart: bool) -> None:
         shard = self.placed.get(request_id)

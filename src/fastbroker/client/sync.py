@@ -629,7 +629,7 @@ class Client(RequestDefaults, Closeable):
                 return
             if command[0] == "submit_many":
                 for one in command[1]:
-                    deliver(one[3], None, closed)
+                    deliver(one.future, None, closed)
             elif command[0] in ("query", "watch"):
                 deliver(command[2], None, closed)
             elif command[0] == "admin":
