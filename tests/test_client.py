@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import struct
 import threading
 import time
@@ -393,6 +394,36 @@ def test_book_an_id_waited_for_by_several_futures_tells_each_the_way_it_asked(ho
     assert b.book.pending == 0 and b.book.in_flight == 0
     b.reply(R_OK, rid, b"again")  # nobody waits any more
     assert len(b.delivered) == 2
+
+
+def test_book_a_watched_id_submitted_while_held_counts_its_payload_in_the_window():
+    b = Book(window=1)
+    first = _submit(b)
+    rid = uuid.uuid4().bytes
+    b.book.watch(rid, "watching", False)  # held behind `first`
+    b.book.submit(rid, [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"x" * 1000], "submitted", False)
+    assert b.book.in_flight_bytes == 1
+    b.reply(R_OK, first, b"ok")  # lets it in: its SUBMIT goes, its payload in the window
+    assert b.sent[-1] == [CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"x" * 1000]
+    assert b.book.in_flight_bytes == 1000
+    b.reply(R_OK, rid, b"done")
+    assert b.book.in_flight_bytes == 0 and b.delivered["watching"] == b.delivered["submitted"] == b"done"
+
+
+@pytest.mark.parametrize("module", ["fastbroker.client._book", "fastbroker.client.book"], ids=["compiled", "pure"])
+def test_book_entries_made_by_hand_fail_cleanly(module: str):
+    # Entry is the submit command callers hand the I/O thread: one made by hand with a
+    # tuple message, or a foreign object among its futures, raises (the compiled one
+    # read both unchecked).
+    entry_type = importlib.import_module(module).Entry
+    rid = uuid.uuid4().bytes
+    entry = entry_type(rid, (CLIENT_SIGNATURE, C_SUBMIT, rid, b"", b"payload"), "f", False)
+    assert entry.size == 7 and entry.waiters() == [("f", False)]
+    entry.others = [("g", True)]
+    with pytest.raises((TypeError, AttributeError)):
+        entry.waiters()
+    with pytest.raises((TypeError, AttributeError)):
+        entry.drop("f")
 
 
 def test_book_forgetting_every_future_of_an_id_drops_it_and_cancels_once():

@@ -126,6 +126,8 @@ cdef Py_ssize_t _payload_size(object message) except -1:
     cdef Py_ssize_t size = 0, i
     if message is None:
         return 0
+    if type(message) is not list:  # (an Entry made by hand: as the pure one reads it)
+        return sum(map(len, message[_PAYLOAD_AT:]))
     for i in range(_PAYLOAD_AT, len(<list>message)):
         size += len((<list>message)[i])
     return size
@@ -174,19 +176,19 @@ cdef class Entry:
         """[(future, multipart)] of every future waiting, the first first."""
         cdef list waiting = [] if self.future is None else [(self.future, self.multipart)]
         if self.others is not None:
-            waiting.extend([((<_Sink>sink).future, (<_Sink>sink).multipart) for sink in self.others])
+            waiting.extend([((<_Sink?>sink).future, (<_Sink?>sink).multipart) for sink in self.others])
         return waiting
 
     cpdef bint drop(self, future):
         """`future` waits no more; whether any other still does."""
         cdef list others = self.others
         if others is not None:
-            others = [sink for sink in others if (<_Sink>sink).future is not future]
+            others = [sink for sink in others if (<_Sink?>sink).future is not future]
         if self.future is future:
             self.future = None
             if others:
                 sink = others.pop(0)
-                self.future, self.multipart = (<_Sink>sink).future, (<_Sink>sink).multipart
+                self.future, self.multipart = (<_Sink?>sink).future, (<_Sink?>sink).multipart
         self.others = others or None
         return self.future is not None
 
@@ -457,10 +459,11 @@ cdef class RequestBook:
             return
         entry.add(new.future, new.multipart)
         if entry.message is None and new.message is not None:
-            # Only watched so far: from now on it can be submitted again if lost.
+            # Only watched so far: from now on it can be submitted again if lost. Its
+            # payload counts in the window from now on, or when it is let in if held.
             entry.message = new.message
+            entry.size = new.size
             if entry.sent:
-                entry.size = _payload_size(new.message)
                 self.in_flight_bytes += entry.size
                 self._send_submit(request_id, new.message)
         # Else submitted already by this client: the broker would only add the same
@@ -689,7 +692,7 @@ cdef class RequestBook:
             self._give(entry.future, None, exc)
         if entry.others is not None:
             for sink in entry.others:
-                self._give((<_Sink>sink).future, None, exc)
+                self._give((<_Sink?>sink).future, None, exc)
 
     cdef void _finish(self, bytes request_id, reply) except *:
         if reply.kind == R_OK:
@@ -714,7 +717,7 @@ cdef class RequestBook:
             self._give(entry.future, [frame] if entry.multipart else frame, None)
         if entry.others is not None:
             for sink in entry.others:
-                self._give((<_Sink>sink).future, [frame] if (<_Sink>sink).multipart else frame, None)
+                self._give((<_Sink?>sink).future, [frame] if (<_Sink?>sink).multipart else frame, None)
 
     cdef void _finish_ok(self, bytes request_id, list frames) except *:
         """The answer (its frames) of a request this book waits for."""
@@ -726,7 +729,7 @@ cdef class RequestBook:
             self._give(entry.future, frames if entry.multipart else b"".join(frames), None)
         if entry.others is not None:
             for sink in entry.others:
-                self._give((<_Sink>sink).future, frames if (<_Sink>sink).multipart else b"".join(frames), None)
+                self._give((<_Sink?>sink).future, frames if (<_Sink?>sink).multipart else b"".join(frames), None)
 
     # -- the lazy pirate ---------------------------------------------------------------
 

@@ -374,10 +374,11 @@ class RequestBook:
             return
         entry.add(new.future, new.multipart)
         if entry.message is None and new.message is not None:
-            # Only watched so far: from now on it can be submitted again if lost.
+            # Only watched so far: from now on it can be submitted again if lost. Its
+            # payload counts in the window from now on, or when it is let in if held.
             entry.message = new.message
+            entry.size = new.size
             if entry.sent:
-                entry.size = _payload_size(new.message)
                 self.in_flight_bytes += entry.size
                 self._send_submit(request_id, new.message)
         # Else submitted already by this client: the broker would only add the same

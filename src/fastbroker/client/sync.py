@@ -11,6 +11,7 @@ import sys
 import threading
 from collections import deque
 from typing import (
+    TYPE_CHECKING,
     Any,
     Deque,
     Dict,
@@ -52,6 +53,9 @@ from fastbroker.client.protocol import (
 from fastbroker.client.shards import merge_dead, search_order
 from fastbroker.protocol import RECV_BATCH
 from fastbroker.wakepipe import WakePipe
+
+if TYPE_CHECKING:  # the pure twin's; the compiled Entry has the same fields
+    from fastbroker.client.book import Entry
 
 # Whole messages in and out of the I/O thread's sockets: compiled (one call per message)
 # or the pure twin, by the core's rule.
@@ -227,7 +231,7 @@ class Client(RequestDefaults, Closeable):
         self._wake_pending = False
         # The "submit_many" command's list that submit() still adds to, until the I/O
         # thread takes it or another command is queued after it (None: no such list).
-        self._open_batch: Optional[List[tuple]] = None
+        self._open_batch: Optional[List[Entry]] = None
         # Held while checking `_closed` and queueing, so nothing is queued after
         # the close command (it would never be served).
         self._lock = threading.Lock()
@@ -498,7 +502,7 @@ class Client(RequestDefaults, Closeable):
                 self._wake_pending = True
                 self._wake.wake()
 
-    def _post_submit(self, command: tuple) -> None:
+    def _post_submit(self, command: Entry) -> None:
         """Queue a submit() command: in the batch of submits still waiting for the I/O
         thread if there is one (the I/O thread then runs them in one compiled call,
         and this one costs no queue put), else as a new batch."""
