@@ -145,7 +145,7 @@ cdef class Entry:
     # The first future waiting for the outcome (None once none waits), and whether it
     # wants the answer's frames; the others, a _Sink each, in `others` (None while
     # there are none, as for almost every request: a _Sink and a list more per request
-    # cost the I/O thread and the collector, measured, more than the id's dict entry).
+    # cost the I/O thread and the collector, measured).
     cdef public object future
     cdef public bint multipart
     cdef public list others
